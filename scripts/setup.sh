@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create ./.venv and install adapm with the harness, baselines and test tools.
+# torch is installed first and pinned (constraints.txt), so no other package can pull a CUDA build.
+# Override the interpreter with PYTHON=..., the torch version with TORCH_VERSION=...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
+sed "s/^torch==.*/torch==${TORCH_VERSION}/" scripts/constraints.txt > .venv/constraints.txt
+.venv/bin/python -m pip install -q -c .venv/constraints.txt -e ".[all]"
+.venv/bin/python -c "import torch, adapm; print(f'adapm {adapm.__version__} with torch {torch.__version__} ready in .venv')"

@@ -1,0 +1,13 @@
+"""adapm: memory-efficient LLM training with adaptive partial momentum (AdaPM and AdaPM-mini).
+
+>>> import adapm
+>>> opt = adapm.AdaPM(model, lr=6e-4)          # or adapm.AdaPMMini(model, lr=6e-4)
+>>> print(opt.partition_report())
+"""
+
+from adapm.optim import AdaPM, AdaPMMini, state_bytes
+from adapm.partition import PartitionReport, Rule, partition
+
+__version__ = "0.1.0"
+
+__all__ = ["AdaPM", "AdaPMMini", "PartitionReport", "Rule", "__version__", "partition", "state_bytes"]

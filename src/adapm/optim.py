@@ -1,0 +1,519 @@
+"""The AdaPM optimizer shell: validation, lazy state, dispatch to the pure policies, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from adapm.partition.layout import ParamLayout, build_layout
+from adapm.partition.report import PartitionReport
+from adapm.partition.rules import partition
+from adapm.policies.correction import CORRECTIONS
+from adapm.policies.momentum import MOMENTUM_POLICIES, full_momentum, lowrank_momentum
+from adapm.policies.second_moment import (
+    SECOND_MOMENT_POLICIES,
+    block_second_moment,
+    expand_blocks,
+    full_second_moment,
+)
+from adapm.policies.trackers import TRACKERS
+from adapm.policies.update import apply_update
+
+__all__ = ["AdaPM", "AdaPMMini", "state_bytes"]
+
+STATE_KEYS = ("step", "exp_avg_sq", "exp_avg", "lowrank_L", "lowrank_R")
+
+_GROUP_KEYS = frozenset(
+    {
+        "params",
+        "lr",
+        "betas",
+        "eps",
+        "weight_decay",
+        "momentum",
+        "second_moment",
+        "rank_ratio",
+        "block",
+        "split_dim",
+        "segments",
+        "names",
+        "tied",
+        "role",
+        "family",
+        "matched",
+        "tracker",
+        "refresh_every",
+        "correction",
+        "update_clip",
+    }
+)
+# Keys that LR/momentum schedulers write into param groups.
+_SCHEDULER_KEYS = frozenset({"initial_lr", "base_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
+# Keys whose value must agree between a loaded state dict and this optimizer.
+_POLICY_GROUP_KEYS = ("momentum", "second_moment", "split_dim")
+
+_GOLDEN = 0.6180339887498949
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_hyperparameters(values: Mapping[str, Any], where: str) -> None:
+    """torch-style checks of the scalar hyperparameters; ``where`` locates the culprit."""
+    lr = values["lr"]
+    if isinstance(lr, Tensor) or not _is_number(lr):
+        raise TypeError(f"lr{where} must be a float, got {type(lr).__name__}")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate{where}: {lr}")
+    betas = values["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) for b in betas)):
+        raise TypeError(f"betas{where} must be a pair of floats, got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}{where}: {beta}")
+    if not _is_number(values["eps"]) or not 0.0 <= values["eps"]:
+        raise ValueError(f"Invalid epsilon value{where}: {values['eps']}")
+    if not _is_number(values["weight_decay"]) or not 0.0 <= values["weight_decay"]:
+        raise ValueError(f"Invalid weight_decay value{where}: {values['weight_decay']}")
+    ratio = values["rank_ratio"]
+    if not _is_number(ratio) or not 0.0 < ratio <= 1.0:
+        raise ValueError(f"Invalid rank_ratio{where}: {ratio!r}; expected a number in (0, 1]")
+    if values["momentum"] not in (*MOMENTUM_POLICIES, "mixed"):
+        raise ValueError(f"Invalid momentum policy{where}: {values['momentum']!r}; expected one of {MOMENTUM_POLICIES}")
+    if values["second_moment"] not in SECOND_MOMENT_POLICIES:
+        raise ValueError(
+            f"Invalid second_moment policy{where}: {values['second_moment']!r}; "
+            f"expected one of {SECOND_MOMENT_POLICIES}"
+        )
+    if values["tracker"] not in TRACKERS:
+        raise ValueError(f"Invalid tracker{where}: {values['tracker']!r}; expected one of {TRACKERS}")
+    if values["correction"] not in CORRECTIONS:
+        raise ValueError(f"Invalid correction{where}: {values['correction']!r}; expected one of {CORRECTIONS}")
+    refresh = values["refresh_every"]
+    if not isinstance(refresh, int) or isinstance(refresh, bool) or refresh < 1:
+        raise ValueError(f"Invalid refresh_every{where}: {refresh!r}; expected an integer >= 1")
+    clip = values["update_clip"]
+    if clip is not None and (not _is_number(clip) or not clip > 0.0):
+        raise ValueError(f"Invalid update_clip{where}: {clip!r}; expected a positive float or None")
+
+
+class AdaPM(Optimizer):
+    r"""AdaPM: Adam with momentum only where it pays (adaptive partial momentum).
+
+    Every parameter block has a *momentum policy* (``full``, ``lowrank`` or ``none``) and a
+    *second-moment policy* (``full``, or ``block`` for AdaPM-mini). Built from a model (or its
+    ``named_parameters()``), the paper's partition is applied automatically: embeddings, LM head and
+    attention output projection get no momentum; query, key and MLP matrices a rank-``r`` momentum
+    with residual correction; value and all vectors full momentum. Plain ``params``/param groups
+    work as in :class:`torch.optim.AdamW`; a group may carry ``momentum``, ``second_moment`` and
+    ``rank_ratio`` keys (a group without them is full/full, i.e. AdamW).
+
+    .. math::
+       \begin{aligned}
+       &\textbf{input}: \gamma_t \text{ (lr)}, \beta_1, \beta_2, \epsilon, \lambda \text{ (weight decay)},
+            c \text{ (update clip)}, r, T \text{ (refresh)} \\
+       &\textbf{for } t = 1, 2, \ldots \textbf{ do} \\
+       &\quad g_t \leftarrow \nabla_W f_t(W_{t-1}) \\
+       &\quad v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2)\, g_t^2
+            \quad\text{(block: } v_t[b] \leftarrow \beta_2 v_{t-1}[b] + (1-\beta_2)\,
+            \mathrm{mean}_{i \in b}\, g_t[i]^2 \text{)} \\
+       &\quad \textbf{full: } m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+            \hat m_t \leftarrow m_t / (1-\beta_1^t) \\
+       &\quad \textbf{none: } \hat m_t \leftarrow g_t \\
+       &\quad \textbf{lowrank: } m_t \leftarrow \beta_1 L_{t-1} R_{t-1} + (1-\beta_1) g_t
+            \quad\text{(transient)} \\
+       &\qquad (L_t, R_t) \leftarrow \begin{cases}
+            \mathrm{rsvd}_r(m_t) & t = 1 \text{ or } t \equiv t_0 \pmod T \\
+            Q = \mathrm{qr}(m_t R_{t-1}^\top),\ (Q, Q^\top m_t) & \text{power tracker} \end{cases} \\
+       &\qquad \rho_t \leftarrow m_t - L_t R_t, \qquad
+            c_t \leftarrow \beta_1 (1 - \beta_1^{t-1}) / (1 - \beta_1) \\
+       &\qquad \hat m_t \leftarrow (m_t + c_t \rho_t) / (1 - \beta_1^t) \\
+       &\quad u_t \leftarrow \mathrm{clamp}\big(\hat m_t / (\sqrt{v_t / (1-\beta_2^t)} + \epsilon), -c, c\big) \\
+       &\quad W_t \leftarrow W_{t-1}(1 - \gamma_t \lambda) - \gamma_t u_t \\
+       &\textbf{return } W_t
+       \end{aligned}
+
+    **Why the correction differs from the paper's Algorithm 1.** The gap to the full EMA momentum
+    obeys exactly :math:`e_t = \beta_1 (e_{t-1} + \rho_{t-1})`, so for stationary residuals with mean
+    :math:`\bar\rho` it tends to :math:`\beta_1 \bar\rho / (1-\beta_1)`; :math:`m_t + c_t \rho_t` is
+    unbiased only for the coefficient above (its finite-:math:`t` form is the exact expected gap).
+    The printed line 8, :math:`m_t - \rho_t/(1-\beta_1)`, has bias
+    :math:`-(1+\beta_1)\bar\rho/(1-\beta_1)`, worse than no correction. ``correction="none"`` uses
+    :math:`m_t`; ``correction="paper"`` reproduces the printed formula for ablations only.
+
+    Args:
+        params: an ``nn.Module``, its ``named_parameters()``, an iterable of tensors, or param
+            groups (dicts). Frozen parameters of a module are left out.
+        lr: learning rate (no default: tune it for your model).
+        betas: ``(beta1, beta2)``. Default ``(0.9, 0.95)``.
+        eps: added to the denominator. Default ``1e-8``.
+        weight_decay: decoupled (AdamW) decay; from a model, applied to matrices only. Default ``0.1``.
+        second_moment: ``"full"`` (AdaPM) or ``"block"`` (AdaPM-mini): the default for groups.
+        rank_ratio: rank of low-rank momentum as a fraction of ``min(m, n)``, in ``(0, 1]``.
+        tracker: ``"power"`` (one warm-started power iteration) or ``"gd"`` (the paper's 10 steps
+            of alternating gradient descent).
+        refresh_every: re-seed low-rank factors from a randomized SVD every this many steps
+            (staggered across parameters, deterministic seeds).
+        correction: ``"unbiased"`` (default), ``"none"`` or ``"paper"`` (ablation only).
+        update_clip: clamp of the normalized update (``None`` to disable). Default ``1.0``.
+        rules: user partition rules ``[(regex, policy), ...]`` (``policy`` a momentum name or a dict
+            with ``momentum``/``second_moment``/``rank_ratio``), tried before the presets. Fused
+            segments are matched as ``name[Q]``, ``name[K]``, ``name[V]``.
+
+    A parameter whose gradient contains inf or NaN is skipped for that step (value and state left
+    unchanged) and a ``RuntimeWarning`` names it: one bad batch cannot poison the low-rank factors.
+    Optimizer state is float32 whatever the parameter dtype.
+
+    Example:
+        >>> opt = AdaPM(model, lr=6e-4)
+        >>> print(opt.partition_report())
+    """
+
+    _default_second_moment = "full"
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[Any],
+        lr: float,
+        *,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        second_moment: str | None = None,
+        rank_ratio: float = 0.05,
+        tracker: str = "power",
+        refresh_every: int = 100,
+        correction: str = "unbiased",
+        update_clip: float | None = 1.0,
+        rules: Iterable[Any] | None = None,
+    ) -> None:
+        if second_moment is None:
+            second_moment = self._default_second_moment
+        defaults: dict[str, Any] = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum="full",
+            second_moment=second_moment,
+            rank_ratio=rank_ratio,
+            block="auto",
+            tracker=tracker,
+            refresh_every=refresh_every,
+            correction=correction,
+            update_clip=update_clip,
+        )
+        _check_hyperparameters(defaults, "")
+        self._layouts: dict[Tensor, ParamLayout] = {}
+        self._index: dict[Tensor, int] = {}
+
+        groups = self._make_groups(params, rules, second_moment, rank_ratio, weight_decay)
+        super().__init__(groups, defaults)
+
+    @staticmethod
+    def _make_groups(params: Any, rules: Any, second_moment: str, rank_ratio: float, weight_decay: float) -> list[Any]:
+        model = params if isinstance(params, nn.Module) else None
+        if model is not None:
+            for name, module in model.named_modules():
+                if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+                    raise ValueError(f"AdaPM does not support sparse gradients: module '{name}' has sparse=True")
+            named: list[Any] | None = list(model.named_parameters(remove_duplicate=False))
+        else:
+            if isinstance(params, Tensor):
+                raise TypeError(
+                    "params argument given to the optimizer should be an iterable of Tensors or dicts, "
+                    "or an nn.Module, but got " + torch.typename(params)
+                )
+            items = list(params)
+            is_named = bool(items) and all(
+                isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items
+            )
+            named = items if is_named else None
+            if named is None:
+                if rules is not None:
+                    raise ValueError(
+                        "rules need parameter names: pass the model or model.named_parameters() instead of "
+                        "plain parameters, or put policy keys in param groups"
+                    )
+                return items
+        return partition(
+            named,
+            model=model,
+            rules=rules,
+            second_moment=second_moment,
+            rank_ratio=rank_ratio,
+            weight_decay=weight_decay,
+        )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (validated; its policy keys are resolved per parameter)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        index = len(self.param_groups)
+        unknown = set(param_group) - _GROUP_KEYS - _SCHEDULER_KEYS
+        if unknown:
+            raise ValueError(
+                f"param group {index} has unknown keys {sorted(unknown)}; allowed keys: {sorted(_GROUP_KEYS)}"
+            )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if isinstance(group["betas"], list):
+            group["betas"] = tuple(group["betas"])
+        _check_hyperparameters(group, f" in param group {index}")
+        names = group.get("names")
+        if names is not None and (not isinstance(names, list) or len(names) != len(group["params"])):
+            raise ValueError(f"param group {index}: 'names' must be a list with one name per parameter")
+        start = sum(len(g["params"]) for g in self.param_groups[:-1])
+        try:
+            for j, p in enumerate(group["params"]):
+                name = names[j] if names else f"param_groups[{index}][{j}]"
+                if p.is_complex():
+                    raise ValueError(f"AdaPM does not support complex parameters: '{name}' is {p.dtype}")
+                if not p.is_floating_point():
+                    raise ValueError(f"AdaPM needs floating-point parameters: '{name}' is {p.dtype}")
+                self._layouts[p] = build_layout(name, tuple(p.shape), group)
+                self._index[p] = start + j
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _rebuild_layouts(self) -> None:
+        self._layouts, self._index = {}, {}
+        k = 0
+        for i, group in enumerate(self.param_groups):
+            names = group.get("names")
+            for j, p in enumerate(group["params"]):
+                name = names[j] if names else f"param_groups[{i}][{j}]"
+                self._layouts[p] = build_layout(name, tuple(p.shape), group)
+                self._index[p] = k
+                k += 1
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._rebuild_layouts()
+
+    def layout(self, param: Tensor) -> ParamLayout:
+        """The resolved layout (segments, policies, state shapes) of one parameter."""
+        return self._layouts[param]
+
+    def partition_report(self) -> PartitionReport:
+        """Which block gets which policy and its state bytes (computed without allocating state)."""
+        pairs = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                pairs.append((self._layouts[p], bool(group.get("matched", True))))
+        return PartitionReport.from_layouts(pairs)
+
+    # ----------------------------------------------------------------------------------- step
+
+    def _init_state(self, p: Tensor, layout: ParamLayout, state: dict[str, Any]) -> None:
+        for key, shape in layout.state_shapes().items():
+            if key == "step":
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            else:
+                state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+
+    def _finite_items(self, items: list[tuple[dict[str, Any], Tensor]]) -> list[tuple[dict[str, Any], Tensor]]:
+        """Drop (and name in a warning) parameters whose gradient has inf/NaN."""
+        norms = torch._foreach_norm([p.grad for _, p in items])  # type: ignore[misc]
+        device = norms[0].device
+        finite = torch.isfinite(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]))
+        if bool(finite.all()):
+            return items
+        kept, skipped = [], []
+        for ok, (group, p) in zip(finite.tolist(), items):
+            if ok or bool(torch.isfinite(cast(Tensor, p.grad)).all()):
+                kept.append((group, p))
+            else:
+                skipped.append(self._layouts[p].name)
+        warnings.warn(
+            f"AdaPM skipped {len(skipped)} parameter(s) with non-finite gradients this step "
+            f"(values and state unchanged): {', '.join(skipped)}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return kept
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """Perform a single optimization step.
+
+        Args:
+            closure: a closure that reevaluates the model and returns the loss (optional).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items: list[tuple[dict[str, Any], Tensor]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(
+                        f"AdaPM does not support sparse gradients (parameter '{self._layouts[p].name}'); "
+                        "use a dense embedding (sparse=False)"
+                    )
+                items.append((group, p))
+        if items:
+            for group, p in self._finite_items(items):
+                self._step_param(group, p)
+        return loss
+
+    def _step_param(self, group: dict[str, Any], p: Tensor) -> None:
+        layout = self._layouts[p]
+        state = self.state[p]
+        if not state:
+            self._init_state(p, layout, state)
+        grad = cast(Tensor, p.grad)
+        g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
+        state["step"] += 1
+        t = int(state["step"].item())
+        beta1, beta2 = group["betas"]
+        lr, eps, clip = group["lr"], group["eps"], group["update_clip"]
+        bias_correction1 = 1 - beta1**t
+        bias_correction2_sqrt = math.sqrt(1 - beta2**t)
+
+        target = p if p.dtype == torch.float32 else p.detach().to(torch.float32)
+        if group["weight_decay"] != 0:
+            target.mul_(1 - lr * group["weight_decay"])
+        v = state["exp_avg_sq"]
+        for seg in layout.segments:
+            gs = seg.view(g)
+            if layout.second_moment == "full":
+                vs = full_second_moment(seg.view(v), gs, beta2)
+                denom = (vs.sqrt() / bias_correction2_sqrt).add_(eps)
+            else:
+                vb = block_second_moment(v.narrow(0, seg.block_offset, seg.n_blocks), gs, beta2, *seg.block)
+                denom = expand_blocks((vb.sqrt() / bias_correction2_sqrt).add_(eps), seg.shape, *seg.block)
+            if seg.momentum == "full":
+                m = state["exp_avg"][seg.slot] if layout.fused else state["exp_avg"]
+                numerator, bc1 = full_momentum(m, gs, beta1), bias_correction1
+            elif seg.momentum == "none":
+                numerator, bc1 = gs, 1.0
+            else:
+                numerator, bc1 = self._lowrank(group, p, layout, seg.slot, state, gs, t), bias_correction1
+            apply_update(seg.view(target), numerator, denom, lr=lr, bias_correction1=bc1, update_clip=clip)
+        if target is not p:
+            p.copy_(target)
+
+    def _lowrank(
+        self, group: dict[str, Any], p: Tensor, layout: ParamLayout, slot: int, state: dict[str, Any], g: Tensor, t: int
+    ) -> Tensor:
+        left = state["lowrank_L"][slot] if layout.fused else state["lowrank_L"]
+        right = state["lowrank_R"][slot] if layout.fused else state["lowrank_R"]
+        period = group["refresh_every"]
+        index = self._index[p]
+        # Golden-ratio offsets spread refreshes evenly over the period whatever the parameter count.
+        offset = int(((index + 1) * _GOLDEN) % 1.0 * period)
+        refresh = t == 1 or (t - offset) % period == 0
+        generator = None
+        if refresh:
+            generator = torch.Generator(device=p.device)
+            generator.manual_seed(index * 1_000_003 + slot * 7_919 + t)
+        corrected, new_left, new_right = lowrank_momentum(
+            left,
+            right,
+            g,
+            group["betas"][0],
+            t,
+            tracker=group["tracker"],
+            correction=group["correction"],
+            refresh=refresh,
+            generator=generator,
+        )
+        left.copy_(new_left)
+        right.copy_(new_right)
+        return corrected
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, first checking that its partition and state shapes match this optimizer.
+
+        Raises:
+            ValueError: naming the first parameter whose policy or state shapes differ.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
+        saved_state = state_dict["state"]
+        for i, (ours, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(ours["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"loaded param group {i} has {len(saved['params'])} parameters, this optimizer's has "
+                    f"{len(ours['params'])}"
+                )
+            for p, pid in zip(ours["params"], saved["params"]):
+                layout = self._layouts[p]
+                for key in _POLICY_GROUP_KEYS:
+                    if saved.get(key) != ours.get(key):
+                        raise ValueError(
+                            f"loaded state dict does not match parameter '{layout.name}': {key} is "
+                            f"{saved.get(key)!r} in the checkpoint but {ours.get(key)!r} here"
+                        )
+                merged = {**ours, **{k: v for k, v in saved.items() if k != "params"}}
+                saved_layout = build_layout(layout.name, layout.shape, merged)
+                if saved_layout.state_shapes() != layout.state_shapes() or [
+                    s.momentum for s in saved_layout.segments
+                ] != [s.momentum for s in layout.segments]:
+                    raise ValueError(
+                        f"loaded state dict does not match parameter '{layout.name}': its partition differs "
+                        f"({[s.momentum for s in saved_layout.segments]} vs {[s.momentum for s in layout.segments]})"
+                    )
+                entry = saved_state.get(pid)
+                if entry is None:
+                    continue
+                expected = layout.state_shapes()
+                got = {k: tuple(v.shape) for k, v in entry.items() if isinstance(v, Tensor)}
+                if got != expected:
+                    raise ValueError(
+                        f"loaded state dict does not match parameter '{layout.name}' of shape {layout.shape}: "
+                        f"state shapes {got} but expected {expected}"
+                    )
+        super().load_state_dict(state_dict)
+        self._rebuild_layouts()
+        # torch casts floating state to the parameter dtype; AdaPM state stays float32.
+        for group, saved in zip(self.param_groups, saved_groups):
+            for p, pid in zip(group["params"], saved["params"]):
+                if pid in saved_state:
+                    for key, value in saved_state[pid].items():
+                        if isinstance(value, Tensor):
+                            device = "cpu" if key == "step" else p.device
+                            self.state[p][key] = value.to(device=device, dtype=torch.float32)
+
+
+class AdaPMMini(AdaPM):
+    r"""AdaPM-mini: :class:`AdaPM` with Adam-mini's block-wise second moments by default.
+
+    Same signature as :class:`AdaPM`; ``second_moment`` defaults to ``"block"``: one second-moment
+    value per attention head (query, key), per output neuron (value, attention output, MLP), per token
+    (embeddings, LM head) and per tensor (norms, biases).
+    """
+
+    _default_second_moment = "block"
+
+
+def state_bytes(optimizer: Optimizer) -> int:
+    """Bytes of every tensor held in ``optimizer.state`` (any torch optimizer)."""
+
+    def count(value: Any) -> int:
+        if isinstance(value, Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, Mapping):
+            return sum(count(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(count(v) for v in value)
+        return 0
+
+    return sum(count(s) for s in optimizer.state.values())

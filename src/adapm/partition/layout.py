@@ -1,0 +1,212 @@
+"""Resolve a param group's policy keys into a concrete per-parameter layout and its state shapes.
+
+The optimizer allocates state from :meth:`ParamLayout.state_shapes`, and the partition report and the
+meta-device memory count read the same method, so the counted bytes are the allocated bytes.
+
+Group keys read here (all optional except ``params``): ``momentum`` (``full``, ``lowrank``, ``none``, or
+``mixed`` with ``segments``), ``second_moment`` (``full`` or ``block``), ``rank_ratio``, ``block``
+(``"auto"``, ``"tensor"`` or ``(dim, size)``), and for fused weights ``split_dim`` plus ``segments``, a
+list of dicts with ``name``, ``momentum``, ``block`` and optionally ``role`` and ``rank_ratio``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapm.policies.momentum import MOMENTUM_POLICIES
+from adapm.policies.second_moment import SECOND_MOMENT_POLICIES, block_count
+
+BlockLayout = tuple[int | None, int]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One independently-treated slice of a parameter (the whole parameter unless it is fused)."""
+
+    name: str
+    role: str
+    dim: int | None
+    start: int
+    length: int
+    shape: tuple[int, ...]
+    momentum: str
+    block: BlockLayout
+    rank: int
+    slot: int
+    """Index of this segment in the stacked state of its momentum policy (fused parameters only)."""
+    block_offset: int
+    n_blocks: int
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The part of ``tensor`` (shaped like the parameter) that belongs to this segment."""
+        return tensor if self.dim is None else tensor.narrow(self.dim, self.start, self.length)
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """How one parameter is optimized: its segments, second-moment policy and state shapes."""
+
+    name: str
+    shape: tuple[int, ...]
+    second_moment: str
+    segments: tuple[Segment, ...]
+    fused: bool
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of every float32 state tensor this parameter needs (keys as in the optimizer state)."""
+        shapes: dict[str, tuple[int, ...]] = {"step": ()}
+        if self.second_moment == "full":
+            shapes["exp_avg_sq"] = self.shape
+        else:
+            shapes["exp_avg_sq"] = (sum(s.n_blocks for s in self.segments),)
+        full = [s for s in self.segments if s.momentum == "full"]
+        low = [s for s in self.segments if s.momentum == "lowrank"]
+        if full:
+            shapes["exp_avg"] = (len(full), *full[0].shape) if self.fused else self.shape
+        if low:
+            rows, cols = low[0].shape
+            rank = low[0].rank
+            if self.fused:
+                shapes["lowrank_L"] = (len(low), rows, rank)
+                shapes["lowrank_R"] = (len(low), rank, cols)
+            else:
+                shapes["lowrank_L"] = (rows, rank)
+                shapes["lowrank_R"] = (rank, cols)
+        return shapes
+
+    def state_bytes(self) -> int:
+        """Bytes of this parameter's float32 state."""
+        return 4 * sum(math.prod(s) for s in self.state_shapes().values())
+
+    def segment_state_bytes(self, segment: Segment) -> int:
+        """Bytes of the state attributable to one segment (the shared step counter goes to the first)."""
+        total = 4 if segment is self.segments[0] else 0
+        numel = math.prod(segment.shape)
+        total += 4 * (numel if self.second_moment == "full" else segment.n_blocks)
+        if segment.momentum == "full":
+            total += 4 * numel
+        elif segment.momentum == "lowrank":
+            rows, cols = segment.shape
+            total += 4 * segment.rank * (rows + cols)
+        return total
+
+
+def lowrank_rank(shape: Sequence[int], rank_ratio: float) -> int:
+    """``r = max(1, ceil(rank_ratio * min(m, n)))``."""
+    return max(1, math.ceil(rank_ratio * min(shape[0], shape[1]) - 1e-9))
+
+
+def resolve_block(block: Any, shape: tuple[int, ...], what: str) -> BlockLayout:
+    """Turn a ``block`` group value into ``(dim, size)``; ``"auto"`` is per row for matrices."""
+    if block == "auto":
+        return (0, 1) if len(shape) >= 2 else (None, 1)
+    if block == "tensor" or block is None:
+        return (None, 1)
+    if isinstance(block, (tuple, list)) and len(block) == 2:
+        dim, size = block
+        dim_ok = dim is None or (isinstance(dim, int) and 0 <= dim < len(shape))
+        if dim_ok and isinstance(size, int) and size >= 1 and (dim is None or shape[dim] % size == 0):
+            return (dim, size)
+    raise ValueError(
+        f"Invalid block for {what} of shape {tuple(shape)}: {block!r}; expected 'auto', 'tensor' or "
+        "(dim, size) with size dividing shape[dim]"
+    )
+
+
+def _check_momentum(momentum: Any, shape: tuple[int, ...], what: str) -> str:
+    if momentum not in MOMENTUM_POLICIES:
+        raise ValueError(f"Invalid momentum policy for {what}: {momentum!r}; expected one of {MOMENTUM_POLICIES}")
+    if momentum == "lowrank" and len(shape) != 2:
+        raise ValueError(
+            f"momentum='lowrank' needs a matrix, but {what} has shape {tuple(shape)}; use 'full' or 'none' for it"
+        )
+    return momentum
+
+
+def check_rank_ratio(rank_ratio: Any, what: str) -> float:
+    """Validate ``rank_ratio`` in (0, 1]."""
+    if isinstance(rank_ratio, bool) or not isinstance(rank_ratio, (int, float)) or not 0.0 < rank_ratio <= 1.0:
+        raise ValueError(f"Invalid rank_ratio for {what}: {rank_ratio!r}; expected a number in (0, 1]")
+    return float(rank_ratio)
+
+
+def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> ParamLayout:
+    """Resolve ``group``'s policy keys for one parameter of ``shape`` (errors name the parameter)."""
+    shape = tuple(int(s) for s in shape)
+    what = f"parameter '{name}'"
+    second_moment = group["second_moment"]
+    if second_moment not in SECOND_MOMENT_POLICIES:
+        raise ValueError(
+            f"Invalid second_moment policy for {what}: {second_moment!r}; expected one of {SECOND_MOMENT_POLICIES}"
+        )
+    rank_ratio = check_rank_ratio(group["rank_ratio"], what)
+    seg_specs = group.get("segments")
+    if not seg_specs:
+        momentum = _check_momentum(group["momentum"], shape, what)
+        block = resolve_block(group.get("block", "auto"), shape, what)
+        rank = lowrank_rank(shape, rank_ratio) if momentum == "lowrank" else 0
+        seg = Segment(
+            name=name,
+            role=str(group.get("role", "")),
+            dim=None,
+            start=0,
+            length=shape[0] if shape else 1,
+            shape=shape,
+            momentum=momentum,
+            block=block,
+            rank=rank,
+            slot=0,
+            block_offset=0,
+            n_blocks=block_count(shape, *block),
+        )
+        return ParamLayout(name, shape, second_moment, (seg,), fused=False)
+
+    if group.get("momentum") != "mixed":
+        raise ValueError(f"A group with 'segments' must have momentum='mixed' ({what})")
+    dim = group.get("split_dim")
+    if not isinstance(dim, int) or not 0 <= dim < len(shape):
+        raise ValueError(f"Invalid split_dim for fused {what} of shape {shape}: {dim!r}")
+    count = len(seg_specs)
+    if shape[dim] % count != 0:
+        raise ValueError(
+            f"Fused {what}: dimension {dim} of size {shape[dim]} does not split into {count} equal segments"
+        )
+    length = shape[dim] // count
+    seg_shape = tuple(length if i == dim else s for i, s in enumerate(shape))
+    segments = []
+    slots: dict[str, int] = {}
+    block_offset = 0
+    for i, spec in enumerate(seg_specs):
+        seg_name = f"{name}[{spec['name']}]"
+        seg_what = f"segment '{seg_name}'"
+        momentum = _check_momentum(spec["momentum"], seg_shape, seg_what)
+        block = resolve_block(spec.get("block", "auto"), seg_shape, seg_what)
+        ratio = check_rank_ratio(spec.get("rank_ratio", rank_ratio), seg_what)
+        n_blocks = block_count(seg_shape, *block)
+        segments.append(
+            Segment(
+                name=seg_name,
+                role=str(spec.get("role", "")),
+                dim=dim,
+                start=i * length,
+                length=length,
+                shape=seg_shape,
+                momentum=momentum,
+                block=block,
+                rank=lowrank_rank(seg_shape, ratio) if momentum == "lowrank" else 0,
+                slot=slots.get(momentum, 0),
+                block_offset=block_offset,
+                n_blocks=n_blocks,
+            )
+        )
+        slots[momentum] = slots.get(momentum, 0) + 1
+        block_offset += n_blocks
+    ranks = {s.rank for s in segments if s.momentum == "lowrank"}
+    if len(ranks) > 1:
+        raise ValueError(f"Low-rank segments of fused {what} must share one rank_ratio, got ranks {sorted(ranks)}")
+    return ParamLayout(name, shape, second_moment, tuple(segments), fused=True)

@@ -1,0 +1,79 @@
+"""Partition presets: every model-specific parameter name in adapm lives in this module.
+
+A preset rule maps a parameter name (regular expression, searched) to a *role*; a fused weight maps
+to a tuple of roles, one per equal segment. Roles then map to the paper's momentum split (Table 1)
+and to Adam-mini's second-moment blocks. First match wins; 1-D parameters (norms, biases) are
+recognised by shape before any rule is tried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = ("embedding", "output", "query", "key", "value", "attn_out", "mlp", "vector", "other")
+"""Every role a parameter (or a segment of a fused parameter) can have."""
+
+PAPER_MOMENTUM: dict[str, str] = {
+    "embedding": "none",
+    "output": "none",
+    "attn_out": "none",
+    "query": "lowrank",
+    "key": "lowrank",
+    "mlp": "lowrank",
+    "value": "full",
+    "vector": "full",
+    "other": "full",
+}
+"""The paper's momentum policy per role (its Table 1); ``other`` is an unrecognised matrix."""
+
+
+@dataclass(frozen=True)
+class PresetRule:
+    """One preset rule.
+
+    Attributes:
+        family: the model family the rule belongs to (shown in the partition report).
+        pattern: a regular expression searched in the parameter name.
+        roles: one role, or one role per segment for a fused weight (segments of equal size).
+    """
+
+    family: str
+    pattern: str
+    roles: tuple[str, ...]
+
+
+PRESET_RULES: tuple[PresetRule, ...] = (
+    # HF GPT-2 (Conv1D, weight is (in, out)) and nanoGPT (nn.Linear, weight is (out, in)).
+    PresetRule("gpt2", r"(^|\.)(wte|wpe)\.weight$", ("embedding",)),
+    PresetRule("gpt2", r"(^|\.)attn\.c_attn\.weight$", ("query", "key", "value")),
+    PresetRule("gpt2", r"(^|\.)attn\.c_proj\.weight$", ("attn_out",)),
+    PresetRule("gpt2", r"(^|\.)mlp\.c_(fc|proj)\.weight$", ("mlp",)),
+    # Llama, Mistral, Qwen2 and their relatives.
+    PresetRule("llama", r"(^|\.)embed_tokens\.weight$", ("embedding",)),
+    PresetRule("llama", r"(^|\.)q_proj\.weight$", ("query",)),
+    PresetRule("llama", r"(^|\.)k_proj\.weight$", ("key",)),
+    PresetRule("llama", r"(^|\.)v_proj\.weight$", ("value",)),
+    PresetRule("llama", r"(^|\.)o_proj\.weight$", ("attn_out",)),
+    PresetRule("llama", r"(^|\.)(gate|up|down)_proj\.weight$", ("mlp",)),
+    PresetRule("llama", r"(^|\.)lm_head\.weight$", ("output",)),
+    # BERT-style encoders (BERT, RoBERTa, ...). attention.output must come before output.
+    PresetRule("bert", r"(^|\.)embeddings\.(word|position|token_type)_embeddings\.weight$", ("embedding",)),
+    PresetRule("bert", r"(^|\.)attention\.self\.query\.weight$", ("query",)),
+    PresetRule("bert", r"(^|\.)attention\.self\.key\.weight$", ("key",)),
+    PresetRule("bert", r"(^|\.)attention\.self\.value\.weight$", ("value",)),
+    PresetRule("bert", r"(^|\.)attention\.output\.dense\.weight$", ("attn_out",)),
+    PresetRule("bert", r"(^|\.)(intermediate|output)\.dense\.weight$", ("mlp",)),
+)
+
+SEGMENT_NAMES: dict[str, str] = {"query": "Q", "key": "K", "value": "V"}
+"""Short names of fused segments, as they appear in names such as ``h.0.attn.c_attn.weight[V]``."""
+
+CONV1D_CLASS_NAMES = ("Conv1D",)
+"""Module classes that store weights as (in, out), as HF GPT-2's ``Conv1D`` does."""
+
+FUSED_QKV_PATTERN = r"(^|\.)attn\.c_attn\.weight$"
+"""Used, when only names are known, to tell HF GPT-2's (in, 3*in) layout from nanoGPT's (3*in, in)."""
+
+HEAD_COUNT_KEYS = ("num_attention_heads", "n_head", "n_heads")
+KV_HEAD_COUNT_KEYS = ("num_key_value_heads", "n_kv_heads", "n_query_groups")
+HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "dim", "d_model")

@@ -1,0 +1,265 @@
+"""Build AdaPM param groups from a model: presets first recognise each block, user rules override.
+
+:func:`partition` returns one param group per trainable parameter (as Adam-mini does), each carrying
+its policy keys, so the policy travels with the parameter into ``state_dict`` and the report.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapm.partition.layout import check_rank_ratio
+from adapm.partition.presets import (
+    CONV1D_CLASS_NAMES,
+    FUSED_QKV_PATTERN,
+    HEAD_COUNT_KEYS,
+    HIDDEN_SIZE_KEYS,
+    PAPER_MOMENTUM,
+    PRESET_RULES,
+    SEGMENT_NAMES,
+    PresetRule,
+)
+from adapm.policies.momentum import MOMENTUM_POLICIES
+from adapm.policies.second_moment import SECOND_MOMENT_POLICIES
+
+_POLICY_KEYS = ("momentum", "second_moment", "rank_ratio")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A user rule: parameters (or fused segments, named like ``...c_attn.weight[V]``) whose name
+    matches ``pattern`` (a regular expression, searched) get the given policies; ``None`` keeps the
+    preset's choice. User rules are tried in order before the presets' policies apply.
+    """
+
+    pattern: str
+    momentum: str | None = None
+    second_moment: str | None = None
+    rank_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise ValueError(f"Invalid rule pattern {self.pattern!r}: {exc}") from exc
+        if self.momentum is not None and self.momentum not in MOMENTUM_POLICIES:
+            raise ValueError(
+                f"Invalid momentum policy in rule {self.pattern!r}: {self.momentum!r}; "
+                f"expected one of {MOMENTUM_POLICIES}"
+            )
+        if self.second_moment is not None and self.second_moment not in SECOND_MOMENT_POLICIES:
+            raise ValueError(
+                f"Invalid second_moment policy in rule {self.pattern!r}: {self.second_moment!r}; "
+                f"expected one of {SECOND_MOMENT_POLICIES}"
+            )
+        if self.rank_ratio is not None:
+            check_rank_ratio(self.rank_ratio, f"rule {self.pattern!r}")
+
+
+def parse_rules(rules: Iterable[Any] | None) -> list[Rule]:
+    """Accept ``Rule`` objects or ``(pattern, policy)`` pairs, where ``policy`` is a momentum name or a
+    dict with any of ``momentum``, ``second_moment``, ``rank_ratio``."""
+    if rules is None:
+        return []
+    if isinstance(rules, (str, bytes, Mapping)):
+        raise TypeError("rules must be a list of (pattern, policy) pairs or adapm.Rule objects")
+    parsed = []
+    for i, rule in enumerate(rules):
+        if isinstance(rule, Rule):
+            parsed.append(rule)
+            continue
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise TypeError(f"rules[{i}] must be a (pattern, policy) pair or an adapm.Rule, got {rule!r}")
+        pattern, policy = rule
+        if isinstance(policy, str):
+            parsed.append(Rule(pattern, momentum=policy))
+        elif isinstance(policy, Mapping):
+            unknown = set(policy) - set(_POLICY_KEYS)
+            if unknown:
+                raise ValueError(f"rules[{i}] has unknown policy keys {sorted(unknown)}; allowed: {_POLICY_KEYS}")
+            parsed.append(Rule(pattern, **policy))
+        else:
+            raise TypeError(f"rules[{i}]: policy must be a momentum name or a dict, got {policy!r}")
+    return parsed
+
+
+def _config_value(config: Any, keys: Sequence[str]) -> int | None:
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def head_dim_of(model: nn.Module | None) -> int | None:
+    """Attention head size from ``model.config`` (HF and nanoGPT-style configs), or None if unknown."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    head_dim = getattr(config, "head_dim", None)
+    if isinstance(head_dim, int) and head_dim > 0:
+        return head_dim
+    heads = _config_value(config, HEAD_COUNT_KEYS)
+    hidden = _config_value(config, HIDDEN_SIZE_KEYS)
+    if heads and hidden and hidden % heads == 0:
+        return hidden // heads
+    return None
+
+
+def _match_preset(name: str) -> PresetRule | None:
+    for rule in PRESET_RULES:
+        if re.search(rule.pattern, name):
+            return rule
+    return None
+
+
+def _match_user(rules: Sequence[Rule], name: str) -> Rule | None:
+    for rule in rules:
+        if re.search(rule.pattern, name):
+            return rule
+    return None
+
+
+def _out_dim(name: str, model: nn.Module | None, conv1d_default: bool) -> int:
+    """The output-neuron axis of a weight: 1 for Conv1D's (in, out) layout, else 0."""
+    if model is not None and "." in name:
+        try:
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+        except AttributeError:
+            owner = None
+        if owner is not None:
+            return 1 if type(owner).__name__ in CONV1D_CLASS_NAMES else 0
+    return 1 if conv1d_default else 0
+
+
+def _role_block(role: str, out_dim: int, head_dim: int | None, shape: tuple[int, ...]) -> Any:
+    """Adam-mini's block for a role: per token, per head, per output neuron or per tensor."""
+    if role in ("embedding", "output"):
+        return (0, 1)
+    if role in ("query", "key"):
+        size = head_dim if head_dim and shape[out_dim] % head_dim == 0 else 1
+        return (out_dim, size)
+    if role in ("value", "attn_out", "mlp"):
+        return (out_dim, 1)
+    if role == "vector":
+        return "tensor"
+    return "auto"
+
+
+def partition(
+    named_parameters: Iterable[tuple[str, torch.Tensor]],
+    *,
+    model: nn.Module | None = None,
+    rules: Iterable[Any] | None = None,
+    second_moment: str = "full",
+    rank_ratio: float = 0.05,
+    weight_decay: float = 0.1,
+) -> list[dict[str, Any]]:
+    """Split named parameters into AdaPM param groups (one per trainable parameter).
+
+    Args:
+        named_parameters: ``(name, parameter)`` pairs; a parameter seen under several names (tied
+            weights) is optimized once and reported under all of them.
+        model: the module, if known: used to read head sizes from ``model.config`` and to tell
+            Conv1D (in, out) weights from ``nn.Linear`` (out, in) ones.
+        rules: user rules (see :func:`parse_rules`), tried before the presets' policies.
+        second_moment: ``"full"`` (AdaPM) or ``"block"`` (AdaPM-mini) for recognised blocks;
+            unrecognised matrices keep Adam's full second moment unless a rule says otherwise.
+        rank_ratio: default rank ratio of low-rank blocks.
+        weight_decay: applied to matrices; vectors get none.
+    """
+    user_rules = parse_rules(rules)
+    seen: dict[int, int] = {}
+    entries: list[tuple[list[str], torch.Tensor]] = []
+    for name, param in named_parameters:
+        if not isinstance(name, str) or not isinstance(param, torch.Tensor):
+            raise TypeError(f"expected (name, tensor) pairs, got ({type(name).__name__}, {type(param).__name__})")
+        if id(param) in seen:
+            entries[seen[id(param)]][0].append(name)
+            continue
+        seen[id(param)] = len(entries)
+        entries.append(([name], param))
+
+    conv1d_default = any(
+        re.search(FUSED_QKV_PATTERN, names[0]) and p.dim() == 2 and p.shape[1] == 3 * p.shape[0] for names, p in entries
+    )
+    head_dim = head_dim_of(model)
+    groups: list[dict[str, Any]] = []
+    for names, param in entries:
+        if not param.requires_grad:
+            continue
+        name = names[0]
+        shape = tuple(param.shape)
+        preset = None if param.dim() < 2 else _match_preset(name)
+        roles = ("vector",) if param.dim() < 2 else (preset.roles if preset else ("other",))
+        out_dim = _out_dim(name, model, conv1d_default) if param.dim() == 2 else 0
+        group: dict[str, Any] = {
+            "params": [param],
+            "names": [name],
+            "tied": names[1:],
+            "weight_decay": weight_decay if param.dim() >= 2 else 0.0,
+            "rank_ratio": rank_ratio,
+            "family": preset.family if preset else "",
+            "matched": param.dim() < 2 or preset is not None,
+        }
+        if len(roles) == 1:
+            role = roles[0]
+            policy = _resolve(role, name, user_rules, second_moment)
+            group.update(
+                role=role,
+                momentum=policy["momentum"],
+                second_moment=policy["second_moment"],
+                block=_role_block(role, out_dim, head_dim, shape),
+            )
+            if "rank_ratio" in policy:
+                group["rank_ratio"] = policy["rank_ratio"]
+        else:
+            seg_len = shape[out_dim] // len(roles)
+            seg_shape = tuple(seg_len if i == out_dim else s for i, s in enumerate(shape))
+            segments = []
+            sms = set()
+            for role in roles:
+                seg_name = SEGMENT_NAMES.get(role, role)
+                policy = _resolve(role, f"{name}[{seg_name}]", user_rules, second_moment)
+                sms.add(policy["second_moment"])
+                seg: dict[str, Any] = {
+                    "name": seg_name,
+                    "role": role,
+                    "momentum": policy["momentum"],
+                    "block": _role_block(role, out_dim, head_dim, seg_shape),
+                }
+                if "rank_ratio" in policy:
+                    seg["rank_ratio"] = policy["rank_ratio"]
+                segments.append(seg)
+            if len(sms) > 1:
+                raise ValueError(f"Fused parameter '{name}': all segments must share one second_moment policy")
+            group.update(
+                role="fused",
+                momentum="mixed",
+                second_moment=sms.pop(),
+                split_dim=out_dim,
+                segments=segments,
+                block="auto",
+            )
+        groups.append(group)
+    return groups
+
+
+def _resolve(role: str, name: str, user_rules: Sequence[Rule], second_moment: str) -> dict[str, Any]:
+    momentum = PAPER_MOMENTUM[role]
+    sm = "full" if role == "other" else second_moment
+    policy: dict[str, Any] = {}
+    rule = _match_user(user_rules, name)
+    if rule is not None:
+        momentum = rule.momentum or momentum
+        sm = rule.second_moment or sm
+        if rule.rank_ratio is not None:
+            policy["rank_ratio"] = rule.rank_ratio
+    policy.update(momentum=momentum, second_moment=sm)
+    return policy

@@ -1,0 +1,64 @@
+"""Momentum policies: ``full`` (an EMA, as Adam), ``none`` (the raw gradient) and ``lowrank``.
+
+``lowrank`` keeps only factors ``L (m x r)`` and ``R (r x n)`` between steps. Each step it rebuilds the
+momentum ``m_t = b1 L R + (1 - b1) g_t`` in a transient buffer, re-fits the factors to it with a
+tracker, and returns the residual-corrected momentum ``m_t + c_t (m_t - L_t R_t)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from adapm.policies.correction import correction_coefficient
+from adapm.policies.trackers import gd_track, power_track, randomized_factors
+
+MOMENTUM_POLICIES = ("full", "lowrank", "none")
+
+
+def full_momentum(m: Tensor, grad: Tensor, beta1: float) -> Tensor:
+    """``m <- b1 m + (1 - b1) g`` in place; returns ``m``."""
+    return m.lerp_(grad, 1.0 - beta1)
+
+
+def lowrank_momentum(
+    left: Tensor,
+    right: Tensor,
+    grad: Tensor,
+    beta1: float,
+    step: int,
+    *,
+    tracker: str,
+    correction: str,
+    refresh: bool,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One low-rank momentum step. Returns ``(corrected momentum, L_t, R_t)``; inputs are untouched.
+
+    Args:
+        left, right: the factors ``L_{t-1}``, ``R_{t-1}``.
+        grad: the gradient ``g_t`` (float32, same shape as ``L @ R``).
+        beta1: momentum decay.
+        step: the 1-based step ``t``.
+        tracker: ``"power"`` or ``"gd"``.
+        correction: ``"unbiased"``, ``"none"`` or ``"paper"`` (see :mod:`adapm.policies.correction`).
+        refresh: re-seed the factors from a randomized SVD of ``m_t`` instead of tracking.
+        generator: the random source for the refresh (required when ``refresh``).
+    """
+    m = torch.addmm(grad, left, right, beta=1.0 - beta1, alpha=beta1)
+    rank = left.shape[-1]
+    if refresh:
+        if generator is None:
+            raise ValueError("lowrank_momentum: a generator is required when refresh=True")
+        left, right = randomized_factors(m, rank, generator, balanced=tracker == "gd")
+    elif tracker == "power":
+        left, right = power_track(m, right)
+    elif tracker == "gd":
+        left, right = gd_track(m, left, right)
+    else:
+        raise ValueError(f"Invalid tracker: {tracker!r}")
+    c = correction_coefficient(correction, beta1, step)
+    if c == 0.0:
+        return m, left, right
+    # m + c (m - L R) without materializing the residual.
+    return torch.addmm(m, left, right, beta=1.0 + c, alpha=-c), left, right

@@ -1,0 +1,54 @@
+"""Second-moment policies: ``full`` (one value per entry, as Adam) and ``block`` (one per block).
+
+A block layout is ``(block_dim, block_size)``: blocks are runs of ``block_size`` consecutive indices
+along ``block_dim`` (each run spanning all other dimensions), so ``(0, 1)`` is one value per row,
+``(0, head_dim)`` one value per attention head of an ``nn.Linear`` weight, and ``(None, 1)`` one value for
+the whole tensor. Block values are stored as a 1-D tensor of ``block_count`` entries.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+SECOND_MOMENT_POLICIES = ("full", "block")
+
+
+def _block_shape(shape: tuple[int, ...], block_dim: int | None, block_size: int) -> tuple[int, int, int]:
+    """Return ``(pre, n_blocks, post)`` so that a tensor of ``shape`` views as blocks in the middle dim."""
+    numel = math.prod(shape)
+    if block_dim is None:
+        return 1, 1, numel
+    size = shape[block_dim]
+    if block_size < 1 or size % block_size != 0:
+        raise ValueError(
+            f"Invalid block_size {block_size} for dimension {block_dim} of size {size}: "
+            "the dimension must be a multiple of the block size"
+        )
+    pre = math.prod(shape[:block_dim])
+    post = block_size * math.prod(shape[block_dim + 1 :])
+    return pre, size // block_size, post
+
+
+def block_count(shape: tuple[int, ...], block_dim: int | None, block_size: int) -> int:
+    """Number of second-moment values a tensor of ``shape`` needs under the given block layout."""
+    return _block_shape(tuple(shape), block_dim, block_size)[1]
+
+
+def full_second_moment(v: Tensor, grad: Tensor, beta2: float) -> Tensor:
+    """``v <- b2 v + (1 - b2) g^2`` in place; returns ``v``."""
+    return v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+
+
+def block_second_moment(v: Tensor, grad: Tensor, beta2: float, block_dim: int | None, block_size: int) -> Tensor:
+    """``v[b] <- b2 v[b] + (1 - b2) mean_{i in b} g_i^2`` in place; returns ``v`` (1-D)."""
+    pre, n_blocks, post = _block_shape(tuple(grad.shape), block_dim, block_size)
+    sq_mean = grad.square().reshape(pre, n_blocks, post).mean(dim=(0, 2))
+    return v.mul_(beta2).add_(sq_mean, alpha=1.0 - beta2)
+
+
+def expand_blocks(values: Tensor, shape: tuple[int, ...], block_dim: int | None, block_size: int) -> Tensor:
+    """Broadcast per-block ``values`` (1-D) to a dense tensor of ``shape``."""
+    pre, n_blocks, post = _block_shape(tuple(shape), block_dim, block_size)
+    return values.view(1, n_blocks, 1).expand(pre, n_blocks, post).reshape(shape)

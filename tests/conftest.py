@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny real Hugging Face models built from configs (no downloads), seeded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(1)
+
+
+def tiny_gpt2(n_layer: int = 2, n_embd: int = 32, n_head: int = 4, vocab: int = 96, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=vocab,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama(n_layer: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2, vocab: int = 96, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        num_hidden_layers=n_layer,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 8,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def batches(vocab: int, n: int, batch: int = 4, seq: int = 16, seed: int = 1) -> list[torch.Tensor]:
+    """Learnable token streams: each row counts up modulo ``vocab`` from a random start by 1, 2 or 3."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        start = torch.randint(0, vocab, (batch, 1), generator=g)
+        stride = torch.randint(1, 4, (batch, 1), generator=g)
+        out.append((start + stride * torch.arange(seq)) % vocab)
+    return out
+
+
+def train(model, opt, data, scheduler=None) -> list[float]:
+    losses = []
+    for x in data:
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()

@@ -1,0 +1,85 @@
+"""Low-rank trackers: accuracy against the best rank-r approximation, robustness, determinism."""
+
+from __future__ import annotations
+
+import torch
+
+from adapm.policies import gd_track, lowrank_momentum, power_track, randomized_factors
+
+
+def _rotating_stream(steps: int, rows: int = 64, cols: int = 48, rank: int = 4, seed: int = 0):
+    """M_t = U_t S V^T + noise, with U_t rotating slowly (a fixed skew-symmetric generator)."""
+    gen = torch.Generator().manual_seed(seed)
+    u0, _ = torch.linalg.qr(torch.randn(rows, rank, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(cols, rank, generator=gen))
+    skew = torch.randn(rows, rows, generator=gen)
+    rotation = torch.linalg.matrix_exp(0.01 * (skew - skew.T))
+    s = torch.diag(torch.tensor([10.0, 8.0, 6.0, 5.0]))
+    u = u0
+    for _ in range(steps):
+        u = rotation @ u
+        yield u @ s @ v.T + 0.1 * torch.randn(rows, cols, generator=gen)
+
+
+def _best_error(m: torch.Tensor, rank: int) -> float:
+    s = torch.linalg.svdvals(m.double())
+    return float(s[rank:].square().sum().sqrt())
+
+
+def test_power_tracker_within_one_percent_of_best_rank_r() -> None:
+    rank = 4
+    stream = _rotating_stream(200)
+    first = next(stream)
+    left, right = randomized_factors(first, rank, torch.Generator().manual_seed(1))
+    worst = 0.0
+    for m in stream:
+        left, right = power_track(m, right)
+        err = float((m - left @ right).norm())
+        worst = max(worst, err / _best_error(m, rank))
+        assert torch.allclose(left.T @ left, torch.eye(rank), atol=1e-5)
+    assert worst < 1.01, worst
+
+
+def test_gd_tracker_close_to_best_rank_r() -> None:
+    rank = 4
+    stream = _rotating_stream(100)
+    left, right = randomized_factors(next(stream), rank, torch.Generator().manual_seed(1), balanced=True)
+    ratios = []
+    for m in stream:
+        left, right = gd_track(m, left, right)
+        ratios.append(float((m - left @ right).norm()) / _best_error(m, rank))
+    assert max(ratios) < 1.05, max(ratios)
+
+
+def test_trackers_never_nan_on_zero_or_rank_deficient_momenta() -> None:
+    gen = torch.Generator().manual_seed(0)
+    zero = torch.zeros(20, 12)
+    for balanced in (False, True):
+        left, right = randomized_factors(zero, 3, gen, balanced=balanced)
+        assert torch.isfinite(left).all() and torch.isfinite(right).all()
+    left, right = power_track(zero, torch.zeros(3, 12))
+    assert torch.isfinite(left).all() and torch.isfinite(right).all()
+    left, right = gd_track(zero, torch.zeros(20, 3), torch.zeros(3, 12))
+    assert torch.isfinite(left).all() and torch.isfinite(right).all()
+    # Embedding-like gradient: only two rows ever receive gradient (rank 2 < r = 3).
+    grad = torch.zeros(20, 12)
+    grad[[3, 7]] = torch.randn(2, 12, generator=gen)
+    for tracker in ("power", "gd"):
+        left, right = torch.zeros(20, 3), torch.zeros(3, 12)
+        for t in range(1, 30):
+            g = grad if t % 3 else torch.zeros_like(grad)
+            out, left, right = lowrank_momentum(
+                left, right, g, 0.9, t, tracker=tracker, correction="unbiased", refresh=t in (1, 10), generator=gen
+            )
+            assert torch.isfinite(out).all() and torch.isfinite(left).all() and torch.isfinite(right).all()
+        # Rows that never had a gradient keep zero momentum.
+        assert out[0].abs().max() < 1e-5
+
+
+def test_randomized_factors_are_seeded() -> None:
+    m = torch.randn(30, 20, generator=torch.Generator().manual_seed(3))
+    a = randomized_factors(m, 4, torch.Generator().manual_seed(7))
+    b = randomized_factors(m, 4, torch.Generator().manual_seed(7))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    best = _best_error(m, 4)
+    assert float((m - a[0] @ a[1]).norm()) / best < 1.01

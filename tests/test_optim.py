@@ -1,0 +1,273 @@
+"""The AdaPM optimizer shell: equivalences, torch.optim behaviour, checkpoints and bad input."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import adapm
+
+from conftest import batches, tiny_gpt2, tiny_llama, train
+
+
+def _decay_groups(model: nn.Module) -> list[dict]:
+    return [
+        {"params": [p for p in model.parameters() if p.dim() >= 2]},
+        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def _max_rel_diff(a: nn.Module, b: nn.Module) -> float:
+    return max(
+        float((x - y).abs().max() / x.abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values())
+    )
+
+
+def test_full_full_groups_reproduce_torch_adamw_over_100_steps() -> None:
+    data = batches(96, 100)
+    ref, ours = tiny_gpt2(), tiny_gpt2()
+    adamw = torch.optim.AdamW(_decay_groups(ref), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = adapm.AdaPM(_decay_groups(ours), lr=3e-3, update_clip=None)
+    assert all(g["momentum"] == "full" and g["second_moment"] == "full" for g in opt.param_groups)
+    losses_ref, losses = train(ref, adamw, data), train(ours, opt, data)
+    assert losses[-1] < losses[0] - 0.5
+    assert max(abs(a - b) for a, b in zip(losses_ref, losses)) < 1e-5
+    assert _max_rel_diff(ref, ours) < 1e-5
+
+
+def test_model_with_full_rules_reproduces_adamw_with_matrix_decay() -> None:
+    data = batches(96, 30)
+    ref, ours = tiny_llama(), tiny_llama()
+    adamw = torch.optim.AdamW(_decay_groups(ref), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = adapm.AdaPM(ours, lr=3e-3, update_clip=None, rules=[(".", "full")])
+    train(ref, adamw, data)
+    train(ours, opt, data)
+    assert _max_rel_diff(ref, ours) < 1e-5
+
+
+def test_block_second_moment_matches_official_adam_mini_on_llama() -> None:
+    from adam_mini import Adam_mini
+
+    data = batches(96, 30)
+    ref, ours = tiny_llama(), tiny_llama()
+    c = ref.config
+    official = Adam_mini(
+        ref.named_parameters(),
+        lr=3e-3,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.1,
+        dim=c.hidden_size,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=c.num_key_value_heads,
+        verbose=False,
+    )
+    # Full momentum everywhere so that both partition alike; block second moments as Adam-mini.
+    opt = adapm.AdaPMMini(ours, lr=3e-3, update_clip=None, rules=[(".", "full")])
+    losses_ref, losses = train(ref, official, data), train(ours, opt, data)
+    assert max(abs(a - b) for a, b in zip(losses_ref, losses)) < 1e-5
+    assert _max_rel_diff(ref, ours) < 1e-5
+
+
+@pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
+@pytest.mark.parametrize("tracker", ["power", "gd"])
+def test_adapm_trains_real_models(cls: type[adapm.AdaPM], tracker: str) -> None:
+    for make in (tiny_gpt2, tiny_llama):
+        model = make()
+        opt = cls(model, lr=3e-3, tracker=tracker, refresh_every=5)
+        losses = train(model, opt, batches(96, 40))
+        assert losses[-1] < losses[0] - 0.3, losses
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lr_scheduler_set_to_none_and_missing_grads() -> None:
+    model = tiny_gpt2()
+    opt = adapm.AdaPM(model, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    train(model, opt, batches(96, 3), scheduler=sched)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 4)
+    # A parameter without gradient is skipped and gets no state.
+    model.transformer.wpe.weight.grad = None
+    before = model.transformer.wpe.weight.clone()
+    loss = model(input_ids=batches(96, 1)[0]).logits.sum()
+    loss.backward()
+    model.transformer.wpe.weight.grad = None
+    opt.step()
+    assert torch.equal(before, model.transformer.wpe.weight)
+    fresh = tiny_gpt2()
+    opt2 = adapm.AdaPM(fresh, lr=1e-3)
+    fresh.transformer.h[0].attn.c_attn.weight.grad = torch.ones_like(fresh.transformer.h[0].attn.c_attn.weight)
+    opt2.step()
+    assert len(opt2.state) == 1
+
+
+def test_bf16_parameters_keep_float32_state() -> None:
+    model = tiny_gpt2().to(torch.bfloat16)
+    before = model.transformer.h[0].mlp.c_fc.weight.clone()
+    opt = adapm.AdaPMMini(model, lr=1e-2)
+    for x in batches(96, 3):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(before, model.transformer.h[0].mlp.c_fc.weight)
+    assert model.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    for state in opt.state.values():
+        assert all(v.dtype == torch.float32 for v in state.values())
+    # ... and stays float32 through a checkpoint round trip (torch would cast it to bf16).
+    opt2 = adapm.AdaPMMini(model, lr=1e-2)
+    opt2.load_state_dict(opt.state_dict())
+    assert all(v.dtype == torch.float32 for s in opt2.state.values() for v in s.values())
+
+
+def test_add_param_group_with_policy_keys() -> None:
+    model = tiny_gpt2()
+    extra = nn.Linear(16, 12)
+    opt = adapm.AdaPM(model, lr=1e-3)
+    opt.add_param_group({"params": [extra.weight], "momentum": "lowrank", "rank_ratio": 0.25, "names": ["extra"]})
+    assert opt.layout(extra.weight).segments[0].rank == 3
+    extra.weight.grad = torch.randn_like(extra.weight)
+    opt.step()
+    assert opt.state[extra.weight]["lowrank_L"].shape == (12, 3)
+    with pytest.raises(ValueError, match="unknown keys \\['momentun'\\]"):
+        opt.add_param_group({"params": [extra.bias], "momentun": "full"})
+
+
+def _state_bytes_io(obj: object) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
+def test_resume_is_bit_identical_and_weights_only_loadable(cls: type[adapm.AdaPM]) -> None:
+    data = batches(96, 12)
+    kwargs = dict(lr=3e-3, refresh_every=4)
+    straight = tiny_gpt2()
+    opt = cls(straight, **kwargs)
+    train(straight, opt, data)
+
+    first = tiny_gpt2()
+    opt_a = cls(first, **kwargs)
+    train(first, opt_a, data[:6])
+    ckpt = torch.load(_state_bytes_io({"model": first.state_dict(), "optim": opt_a.state_dict()}), weights_only=True)
+
+    resumed = tiny_gpt2(seed=123)
+    resumed.load_state_dict(ckpt["model"])
+    opt_b = cls(resumed, **kwargs)
+    opt_b.load_state_dict(ckpt["optim"])
+    train(resumed, opt_b, data[6:])
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_loading_a_mismatched_partition_names_the_parameter() -> None:
+    model = tiny_gpt2()
+    opt = adapm.AdaPM(model, lr=1e-3)
+    train(model, opt, batches(96, 1))
+    sd = opt.state_dict()
+    other = adapm.AdaPM(model, lr=1e-3, rules=[(r"c_attn", "full")])
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn\.weight"):
+        other.load_state_dict(sd)
+    other_rank = adapm.AdaPM(model, lr=1e-3, rank_ratio=0.5)
+    with pytest.raises(ValueError, match=r"does not match parameter 'transformer\.h\.0\.attn\.c_attn\.weight'"):
+        other_rank.load_state_dict(sd)
+    bigger = adapm.AdaPM(tiny_gpt2(n_embd=64), lr=1e-3)
+    with pytest.raises(ValueError, match=r"does not match parameter 'transformer\.wte\.weight'"):
+        bigger.load_state_dict(sd)
+    fewer = adapm.AdaPM(tiny_gpt2(n_layer=1), lr=1e-3)
+    with pytest.raises(ValueError, match="param groups"):
+        fewer.load_state_dict(sd)
+
+
+def test_nonfinite_gradient_is_skipped_with_a_warning_and_does_not_poison_state() -> None:
+    model = tiny_gpt2()
+    opt = adapm.AdaPM(model, lr=3e-3)
+    data = batches(96, 6)
+    train(model, opt, data[:2])
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    loss = model(input_ids=data[2], labels=data[2]).loss
+    loss.backward()
+    weight.grad[0, 0] = float("nan")
+    before = weight.clone()
+    state_before = {k: v.clone() for k, v in opt.state[weight].items()}
+    other_before = model.transformer.h[1].mlp.c_fc.weight.clone()
+    with pytest.warns(RuntimeWarning, match=r"transformer\.h\.0\.mlp\.c_fc\.weight"):
+        opt.step()
+    opt.zero_grad()
+    assert torch.equal(before, weight)
+    assert all(torch.equal(state_before[k], v) for k, v in opt.state[weight].items())
+    assert not torch.equal(other_before, model.transformer.h[1].mlp.c_fc.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, opt, data[3:])
+    assert all(torch.isfinite(v).all() for s in opt.state.values() for v in s.values())
+
+
+def _param_list() -> list[nn.Parameter]:
+    return list(nn.Linear(4, 3).parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(lr=-1.0), ValueError, "Invalid learning rate: -1.0"),
+        (dict(betas=(1.0, 0.95)), ValueError, "Invalid beta parameter at index 0: 1.0"),
+        (dict(betas=(0.9, -0.1)), ValueError, "Invalid beta parameter at index 1"),
+        (dict(eps=-1e-8), ValueError, "Invalid epsilon value"),
+        (dict(weight_decay=-0.1), ValueError, "Invalid weight_decay value"),
+        (dict(rank_ratio=0.0), ValueError, "Invalid rank_ratio"),
+        (dict(rank_ratio=1.5), ValueError, "Invalid rank_ratio"),
+        (dict(second_moment="diag"), ValueError, "Invalid second_moment policy: 'diag'"),
+        (dict(tracker="svd"), ValueError, "Invalid tracker: 'svd'"),
+        (dict(correction="yes"), ValueError, "Invalid correction: 'yes'"),
+        (dict(refresh_every=0), ValueError, "Invalid refresh_every"),
+        (dict(update_clip=-1.0), ValueError, "Invalid update_clip"),
+        (dict(momentum=0.9), TypeError, "unexpected keyword argument 'momentum'"),
+        (dict(rules=[(".", "full")]), ValueError, "rules need parameter names"),
+        (dict(lr="1e-3"), TypeError, "lr must be a float"),
+    ],
+)
+def test_bad_hyperparameters(kwargs: dict, error: type[Exception], match: str) -> None:
+    kwargs = {"lr": 1e-3, **kwargs}
+    with pytest.raises(error, match=match):
+        adapm.AdaPM(_param_list(), **kwargs)
+
+
+def test_bad_groups_and_rules() -> None:
+    layer = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"Invalid momentum policy in param group 0: 'half'"):
+        adapm.AdaPM([{"params": [layer.weight], "momentum": "half"}], lr=1e-3)
+    with pytest.raises(ValueError, match=r"lowrank' needs a matrix, but parameter 'bias'"):
+        adapm.AdaPM([{"params": [layer.bias], "momentum": "lowrank", "names": ["bias"]}], lr=1e-3)
+    with pytest.raises(ValueError, match=r"lowrank' needs a matrix, but parameter 'transformer.h.0.ln_1.weight'"):
+        adapm.AdaPM(tiny_gpt2(), lr=1e-3, rules=[(r"ln_1", "lowrank")])
+    with pytest.raises(ValueError, match="unknown keys"):
+        adapm.AdaPM([{"params": [layer.weight], "lr_scale": 2.0}], lr=1e-3)
+    with pytest.raises(ValueError, match="Invalid rule pattern"):
+        adapm.AdaPM(tiny_gpt2(), lr=1e-3, rules=[("(", "full")])
+    with pytest.raises(ValueError, match="Invalid momentum policy in rule"):
+        adapm.AdaPM(tiny_gpt2(), lr=1e-3, rules=[("wte", "some")])
+    with pytest.raises(ValueError, match="unknown policy keys"):
+        adapm.AdaPM(tiny_gpt2(), lr=1e-3, rules=[("wte", {"rank": 3})])
+    with pytest.raises(TypeError, match="rules must be a list"):
+        adapm.AdaPM(tiny_gpt2(), lr=1e-3, rules="wte")
+    with pytest.raises(ValueError, match="Invalid rank_ratio in param group 0"):
+        adapm.AdaPM([{"params": [layer.weight], "rank_ratio": 2}], lr=1e-3)
+
+
+def test_sparse_and_complex_are_rejected() -> None:
+    emb = nn.Embedding(10, 4, sparse=True)
+    with pytest.raises(ValueError, match="sparse=True"):
+        adapm.AdaPM(emb, lr=1e-3)
+    opt = adapm.AdaPM(emb.parameters(), lr=1e-3)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match=r"sparse gradients \(parameter 'param_groups\[0\]\[0\]'\)"):
+        opt.step()
+    z = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="complex parameters"):
+        adapm.AdaPM([z], lr=1e-3)
