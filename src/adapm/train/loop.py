@@ -1,0 +1,238 @@
+"""The pretraining loop: warmup + cosine schedule, grad clipping and accumulation, optional bf16
+autocast, periodic validation, atomic checkpoints with exact resume, a progress bar, and a run
+directory with the resolved config, metrics as JSONL and a summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import adapm
+from adapm.train.checkpoint import load_checkpoint, save_checkpoint
+from adapm.train.config import PretrainConfig
+from adapm.train.data import TokenData, get_batch, prepare_data
+from adapm.train.models import build_model, count_parameters, load_pretrained
+from adapm.train.optimizers import DEFAULT_LR, build_optimizer
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
+class WarmupCosine:
+    """Learning-rate factor: linear warmup, then cosine decay to ``min_ratio`` at ``total`` steps.
+
+    A callable object (not a lambda) so that ``LambdaLR.state_dict`` records it and checkpoints stay
+    loadable with ``weights_only=True``.
+    """
+
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def default_threads() -> int:
+    """All cores, or one per process under torchrun (as torchrun's OMP_NUM_THREADS=1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 1
+    return os.cpu_count() or 1
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TokenData, cfg: PretrainConfig) -> float:
+    """Mean loss over ``eval_batches`` fixed validation batches (the same for every run and optimizer)."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i in range(cfg.train.eval_batches):
+        x = get_batch(data.val, cfg.train.batch_size, cfg.data.seq_len, cfg.train.seed, -1, i)
+        with _autocast(cfg):
+            losses.append(model(input_ids=x, labels=x).loss.item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def _autocast(cfg: PretrainConfig) -> Any:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.bf16 else nullcontext()
+
+
+def _build_model(cfg: PretrainConfig, data: TokenData) -> nn.Module:
+    if cfg.model.init_from is not None:
+        model = load_pretrained(cfg.model.init_from)
+        n_vocab = model.get_input_embeddings().weight.shape[0]
+        if n_vocab < data.vocab_size:
+            raise ValueError(
+                f"--init-from model has {n_vocab} embeddings but the tokenizer has {data.vocab_size} tokens; "
+                "pass the model's own tokenizer with --tokenizer"
+            )
+        return model
+    return build_model(cfg.model.model, data.vocab_size, cfg.data.seq_len, eos_token_id=data.tokenizer.eos_token_id)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after ``step`` (by a run that died after its last checkpoint)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.data`` with ``cfg.optim``; returns (and writes) the run summary."""
+    tc = cfg.train
+    torch.set_num_threads(tc.threads or default_threads())
+    out = Path(tc.out_dir)
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists() and not tc.resume:
+        raise FileExistsError(
+            f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out-dir "
+            "(nothing was overwritten)"
+        )
+    data = prepare_data(cfg.data)
+    torch.manual_seed(tc.seed)
+    model = _build_model(cfg, data)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim)
+    warmup = tc.warmup_steps if tc.warmup_steps is not None else max(1, tc.steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, tc.steps, tc.min_lr_ratio))
+
+    start, elapsed = 0, 0.0
+    if tc.resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        start, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+        _truncate_metrics(out / METRICS, start)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = cfg.to_dict()
+    resolved["optim"]["lr"] = cfg.optim.lr if cfg.optim.lr is not None else DEFAULT_LR[cfg.optim.optimizer]
+    resolved["derived"] = {
+        "parameters": count_parameters(model),
+        "vocab_size": data.vocab_size,
+        "unigram_val_loss": data.unigram_loss(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    (out / "config.json").write_text(json.dumps(resolved, indent=2))
+
+    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len
+    stop = min(tc.steps, tc.stop_at) if tc.stop_at is not None else tc.steps
+    rates: list[float] = []
+    train_loss = float("nan")
+    window_start, window_tokens = time.perf_counter(), 0
+    progress = _progress_bar(tc.steps, start, tc.progress, cfg.optim.optimizer)
+    with open(out / METRICS, "a") as metrics:
+        for step in range(start, stop):
+            t0 = time.perf_counter()
+            total = 0.0
+            for micro in range(tc.grad_accum):
+                x = get_batch(data.train, tc.batch_size, cfg.data.seq_len, tc.seed, step, micro)
+                with _autocast(cfg):
+                    loss = model(input_ids=x, labels=x).loss / tc.grad_accum
+                loss.backward()
+                total += loss.item()
+            if tc.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed += time.perf_counter() - t0
+            train_loss = total
+            window_tokens += tokens_per_step
+            done = step + 1
+            record: dict[str, Any] = {}
+            if done % tc.log_every == 0 or done == tc.steps:
+                now = time.perf_counter()
+                rate = window_tokens / max(now - window_start, 1e-9)
+                rates.append(rate)
+                record.update(tokens_per_s=rate)
+                window_start, window_tokens = now, 0
+            if done % tc.eval_every == 0 or done == tc.steps:
+                t_eval = time.perf_counter()
+                record["val_loss"] = evaluate(model, data, cfg)
+                window_start += time.perf_counter() - t_eval
+            if record:
+                record = {
+                    "step": done,
+                    "train_loss": train_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": done * tokens_per_step,
+                    "elapsed_s": elapsed,
+                    "state_bytes": adapm.state_bytes(optimizer),
+                    "peak_rss_bytes": peak_rss_bytes(),
+                    **record,
+                }
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if done % tc.checkpoint_every == 0 or done == stop:
+                t_ckpt = time.perf_counter()
+                save_checkpoint(
+                    ckpt_path,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "step": done,
+                        "elapsed": elapsed,
+                    },
+                )
+                window_start += time.perf_counter() - t_ckpt
+            progress.update(1)
+            progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rates[-1]:.0f}" if rates else "-")
+    progress.close()
+
+    if stop < tc.steps:
+        return {"stopped_at": stop}
+    final_val = evaluate(model, data, cfg)
+    if tc.save_model:
+        model.save_pretrained(str(out / "model"))
+        data.tokenizer.save_pretrained(str(out / "model"))
+    summary = {
+        "optimizer": cfg.optim.optimizer,
+        "model": cfg.model.init_from or cfg.model.model,
+        "parameters": resolved["derived"]["parameters"],
+        "steps": tc.steps,
+        "tokens": tc.steps * tokens_per_step,
+        "lr": resolved["optim"]["lr"],
+        "final_train_loss": train_loss,
+        "final_val_loss": final_val,
+        "unigram_val_loss": resolved["derived"]["unigram_val_loss"],
+        "tokens_per_s": statistics.median(rates) if rates else None,
+        "train_seconds": elapsed,
+        "state_bytes": adapm.state_bytes(optimizer),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "threads": torch.get_num_threads(),
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _progress_bar(total: int, initial: int, enabled: bool, label: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=label, unit="step", dynamic_ncols=True)

@@ -1,0 +1,121 @@
+"""Model size presets (HF GPT2LMHeadModel and LlamaForCausalLM) and loading local checkpoints.
+
+Tiny presets (about 1M, 5M and 20M parameters at a 2048-token vocabulary) train on a CPU; the paper's
+sizes (GPT-2 124M-1.5B with its 50257-token vocabulary, Llama 60M-350M and 7B with 32000 tokens) are
+for memory accounting on the meta device and for real hardware.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A named model size: the HF family and the config fields that define it."""
+
+    family: str
+    """'gpt2' or 'llama'."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Config fields (layers, widths, heads)."""
+    paper_vocab: int | None = None
+    """The vocabulary of the paper's model of this size (used when no tokenizer decides it)."""
+
+
+def _gpt2(n_layer: int, n_embd: int, n_head: int, paper: bool = False) -> ModelPreset:
+    return ModelPreset("gpt2", dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head), 50257 if paper else None)
+
+
+def _llama(layers: int, hidden: int, inter: int, heads: int, paper: bool = False) -> ModelPreset:
+    return ModelPreset(
+        "llama",
+        dict(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads),
+        32000 if paper else None,
+    )
+
+
+MODEL_PRESETS: dict[str, ModelPreset] = {
+    "gpt2-1m": _gpt2(2, 160, 4),
+    "gpt2-5m": _gpt2(6, 256, 4),
+    "gpt2-20m": _gpt2(6, 512, 8),
+    "gpt2-124m": _gpt2(12, 768, 12, paper=True),
+    "gpt2-350m": _gpt2(24, 1024, 16, paper=True),
+    "gpt2-774m": _gpt2(36, 1280, 20, paper=True),
+    "gpt2-1.5b": _gpt2(48, 1600, 25, paper=True),
+    "llama-1m": _llama(2, 128, 352, 4),
+    "llama-5m": _llama(4, 256, 688, 4),
+    "llama-20m": _llama(6, 512, 1376, 8),
+    "llama-60m": _llama(8, 512, 1376, 8, paper=True),
+    "llama-130m": _llama(12, 768, 2048, 12, paper=True),
+    "llama-350m": _llama(24, 1024, 2736, 16, paper=True),
+    "llama-7b": _llama(32, 4096, 11008, 32, paper=True),
+}
+"""Every model size by name; the Llama sizes follow GaLore's and Adam-mini's configs."""
+
+
+def hf_config(name: str, vocab_size: int | None = None, seq_len: int = 1024) -> Any:
+    """The transformers config of a preset (``vocab_size`` defaults to the paper's)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"Invalid model preset: {name!r}; expected one of {sorted(MODEL_PRESETS)}")
+    preset = MODEL_PRESETS[name]
+    vocab = vocab_size or preset.paper_vocab or 2048
+    if preset.family == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab,
+            n_positions=max(seq_len, 1024 if preset.paper_vocab else seq_len),
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=vocab - 1 if vocab < 50257 else 50256,
+            eos_token_id=vocab - 1 if vocab < 50257 else 50256,
+            **preset.config,
+        )
+    return LlamaConfig(
+        vocab_size=vocab,
+        max_position_embeddings=max(seq_len, 2048 if preset.paper_vocab else seq_len),
+        bos_token_id=1 if vocab > 2 else 0,
+        eos_token_id=2 if vocab > 2 else 0,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+        **preset.config,
+    )
+
+
+def build_model(
+    name: str,
+    vocab_size: int | None = None,
+    seq_len: int = 1024,
+    *,
+    eos_token_id: int | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """A freshly initialised causal LM of preset ``name`` (on ``device``, e.g. ``"meta"``)."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(name, vocab_size, seq_len)
+    if eos_token_id is not None:
+        config.eos_token_id = config.bos_token_id = eos_token_id
+    with torch.device(device or "cpu"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_pretrained(path: str | Path) -> nn.Module:
+    """A causal LM from a local Hugging Face checkpoint directory (never downloads)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--init-from: {path} is not a Hugging Face checkpoint directory (no config.json)")
+    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters counted once (tied weights once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,74 @@
+"""The command line: help for every subcommand, config files, and clean errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapm.cli import build_parser, main
+
+
+@pytest.mark.parametrize("command", ["pretrain", "compare", "memory"])
+def test_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out
+    if command != "memory":
+        assert "Peak learning rate" in out and "gpt2-20m" in out
+
+
+def test_console_script_is_installed() -> None:
+    proc = subprocess.run([sys.executable, "-m", "adapm.cli", "--help"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and "pretrain" in proc.stdout
+
+
+def test_memory_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["memory", "--model", "gpt2-124m", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["optimizer"] for r in rows] == ["adamw", "adam-mini", "adafactor", "galore", "adapm", "adapm-mini"]
+    assert all(set(r) == {"optimizer", "state_bytes", "ratio_to_adamw"} for r in rows)
+
+
+def test_config_file_then_flags(tmp_path: Path, play_text: Path, cache_dir: Path) -> None:
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(
+        f"data: {{data: '{play_text}', vocab_size: 300, seq_len: 32, cache_dir: '{cache_dir}'}}\n"
+        "train: {steps: 50, batch_size: 2, eval_batches: 1, progress: false, save_model: false, threads: 1}\n"
+        "optim: {optimizer: adamw}\n"
+    )
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", str(cfg_file), "--steps", "3", "--out-dir", str(out), "--lr", "0.001"]) == 0
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["train"]["steps"] == 3 and resolved["optim"]["optimizer"] == "adamw"
+    assert resolved["optim"]["lr"] == 0.001 and resolved["data"]["vocab_size"] == 300
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["pretrain", "--steps", "0"], "Invalid steps: 0"),
+        (["pretrain", "--data", "/nonexistent/corpus.txt", "--out-dir", "/tmp/x"], "no such file or directory"),
+        (["pretrain", "--config", "/nonexistent.yaml"], "config file not found"),
+        (["compare", "--optimizers", "adamw,sgd"], "Invalid optimizers: 'sgd'"),
+        (["memory", "--model", "gpt9"], "Invalid model: 'gpt9'"),
+        (["memory", "--model", "gpt2-124m", "--optimizers", "lion"], "Invalid optimizer in --optimizers"),
+    ],
+)
+def test_bad_input_is_a_clean_error(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_flag_and_choices() -> None:
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pretrain", "--optimizer", "sgd"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pretrain", "--learning-rate", "1"])

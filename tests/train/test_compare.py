@@ -1,0 +1,42 @@
+"""`adapm compare` end to end on a tiny config: one fresh process per optimizer, summary and plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from adapm.train.compare import compare
+from adapm.train.config import CompareConfig
+
+from conftest import tiny_config
+
+
+def test_compare_two_optimizers(play_text: Path, cache_dir: Path, tmp_path: Path) -> None:
+    base = tiny_config(play_text, cache_dir, tmp_path / "unused", steps=6)
+    cfg = CompareConfig(
+        optimizers="adamw,adapm-mini",
+        out=str(tmp_path / "cmp"),
+        data=base.data,
+        model=base.model,
+        train=dataclasses.replace(base.train, save_model=False),
+    )
+    rows = compare(cfg)
+    out = tmp_path / "cmp"
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == rows
+    assert [r["optimizer"] for r in rows] == ["adamw", "adapm-mini"]
+    for r in rows:
+        assert {
+            "optimizer",
+            "final_val_loss",
+            "tokens_per_s",
+            "state_bytes",
+            "ratio_to_adamw",
+            "peak_rss_bytes",
+        } <= set(r)
+        assert r["peak_rss_bytes"] > 0 and r["tokens_per_s"] > 0
+    assert rows[0]["ratio_to_adamw"] == 1.0 and rows[1]["ratio_to_adamw"] < 0.1
+    assert "| adapm-mini |" in (out / "summary.md").read_text()
+    for png in ("loss_vs_step.png", "loss_vs_time.png", "state_bytes.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,105 @@
+"""Data: every input format, clear errors, the cached tokenizer and token ids, deterministic batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapm.train.config import DataConfig
+from adapm.train.data import get_batch, load_texts, load_tokenizer, prepare_data
+
+
+def test_embedded_corpus_is_the_shakespeare_plays() -> None:
+    texts = load_texts(None)
+    assert len(texts) == 38
+    assert sum(len(t) for t in texts) > 4_000_000
+    assert any(t.startswith("# Hamlet") for t in texts)
+
+
+def test_local_formats(tmp_path: Path, play_text: Path) -> None:
+    lines = play_text.read_text().split("\n\n")[:50]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text(lines[0])
+    (folder / "b.md").write_text(lines[1])
+    (folder / "skip.bin").write_bytes(b"\x00\x01")
+    assert load_texts(folder) == [lines[0], lines[1]]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(lines)) + "\n\n")
+    assert load_texts(jsonl) == [t for t in lines if t.strip()]
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": lines}), tmp_path / "d.parquet")
+    assert load_texts(tmp_path / "d.parquet") == [t for t in lines if t.strip()]
+
+    import datasets
+
+    datasets.Dataset.from_dict({"text": lines}).save_to_disk(str(tmp_path / "saved"))
+    assert load_texts(tmp_path / "saved") == [t for t in lines if t.strip()]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": lines[:3]})}).save_to_disk(
+        str(tmp_path / "saved_dict")
+    )
+    assert load_texts(tmp_path / "saved_dict") == [t for t in lines[:3] if t.strip()]
+
+
+def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        load_texts(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match=r"empty\.txt contains no text"):
+        load_texts(tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: not valid UTF-8 at byte 3"):
+        load_texts(tmp_path / "latin1.txt")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: each line must be an object with a string field 'text'"):
+        load_texts(tmp_path / "bad.jsonl")
+    (tmp_path / "broken.jsonl").write_text('{"text": \n')
+    with pytest.raises(ValueError, match=r"broken.jsonl:1: invalid JSON"):
+        load_texts(tmp_path / "broken.jsonl")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="holds no"):
+        load_texts(tmp_path / "nothing")
+
+
+def test_tokenizer_is_trained_once_and_cached(play_text: Path, tmp_path: Path) -> None:
+    cfg = DataConfig(data=str(play_text), vocab_size=300, cache_dir=str(tmp_path))
+    texts = load_texts(play_text)
+    tok, key = load_tokenizer(cfg, texts)
+    assert len(tok) == 300
+    assert tok.decode(tok("To be, or not to be")["input_ids"]) == "To be, or not to be"
+    again, key2 = load_tokenizer(cfg, texts)
+    assert key == key2 and again.get_vocab() == tok.get_vocab()
+    # A user tokenizer directory is used as is.
+    user = DataConfig(data=str(play_text), tokenizer=str(tmp_path / "tokenizers" / key), cache_dir=str(tmp_path))
+    theirs, _ = load_tokenizer(user, texts)
+    assert theirs.get_vocab() == tok.get_vocab()
+    with pytest.raises(FileNotFoundError, match="--tokenizer: no such directory"):
+        load_tokenizer(DataConfig(tokenizer=str(tmp_path / "nope")), texts)
+
+
+def test_prepare_data_split_cache_and_batches(play_text: Path, tmp_path: Path) -> None:
+    cfg = DataConfig(data=str(play_text), vocab_size=300, seq_len=32, cache_dir=str(tmp_path))
+    data = prepare_data(cfg)
+    assert isinstance(data.train, np.memmap) and data.train.dtype == np.uint16
+    n = len(data.train) + len(data.val)
+    assert abs(len(data.val) - 0.05 * n) <= 1
+    assert data.val.max() < 300
+    assert 3.0 < data.unigram_loss() < np.log(300)
+    cached = prepare_data(cfg)
+    assert cached.cache_dir == data.cache_dir and np.array_equal(cached.train, data.train)
+    a = get_batch(data.train, 4, 32, 0, 5, 0)
+    assert a.shape == (4, 32) and a.dtype.is_floating_point is False
+    assert np.array_equal(a, get_batch(data.train, 4, 32, 0, 5, 0))
+    assert not np.array_equal(a, get_batch(data.train, 4, 32, 0, 6, 0))
+
+
+def test_too_little_text(tmp_path: Path) -> None:
+    (tmp_path / "short.txt").write_text("to be or not to be " * 20)
+    with pytest.raises(ValueError, match=r"only \d+ tokens; need at least"):
+        prepare_data(DataConfig(data=str(tmp_path / "short.txt"), vocab_size=300, seq_len=128, cache_dir=str(tmp_path)))
