@@ -34,6 +34,7 @@ def main() -> None:
     print("\n## Totals at real sizes (counted on the meta device, nothing allocated)\n")
     sizes = {
         "GPT-2 124M": lambda: GPT2LMHeadModel(GPT2Config()),
+        "GPT-2 1.5B": lambda: GPT2LMHeadModel(GPT2Config(n_layer=48, n_embd=1600, n_head=25)),
         "Llama 350M (hidden 1024, 24 layers)": lambda: LlamaForCausalLM(
             LlamaConfig(
                 hidden_size=1024,
@@ -50,9 +51,11 @@ def main() -> None:
             model = build()
         for cls in (adapm.AdaPM, adapm.AdaPMMini):
             report = cls(model, lr=6e-4).partition_report()
+            by_policy = ", ".join(f"{k} {v / 1e9:.3f}" for k, v in sorted(report.by_momentum().items()))
             print(
                 f"{label:<36} {cls.__name__:<10} {report.state_bytes / 1e9:6.3f} GB = "
                 f"{100 * report.ratio_to_adamw:5.1f}% of AdamW's {report.adamw_state_bytes / 1e9:.3f} GB"
+                f"\n{'':<47}by momentum policy: {by_policy} GB"
             )
 
 
