@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from adapm.distributed import ShardInfo, agree_all, local, make_state, shard_info
 from adapm.partition.layout import ParamLayout, build_layout
 from adapm.partition.report import PartitionReport
 from adapm.partition.rules import partition
@@ -18,9 +19,12 @@ from adapm.policies.correction import CORRECTIONS
 from adapm.policies.momentum import MOMENTUM_POLICIES, full_momentum, lowrank_momentum
 from adapm.policies.second_moment import (
     SECOND_MOMENT_POLICIES,
+    block_entries,
     block_second_moment,
     expand_blocks,
+    expand_local_blocks,
     full_second_moment,
+    local_block_sums,
 )
 from adapm.policies.trackers import TRACKERS
 from adapm.policies.update import apply_update
@@ -213,6 +217,7 @@ class AdaPM(Optimizer):
         _check_hyperparameters(defaults, "")
         self._layouts: dict[Tensor, ParamLayout] = {}
         self._index: dict[Tensor, int] = {}
+        self._shards: dict[Tensor, ShardInfo] = {}
 
         groups = self._make_groups(params, rules, second_moment, rank_ratio, weight_decay)
         super().__init__(groups, defaults)
@@ -285,7 +290,7 @@ class AdaPM(Optimizer):
             raise
 
     def _rebuild_layouts(self) -> None:
-        self._layouts, self._index = {}, {}
+        self._layouts, self._index, self._shards = {}, {}, {}
         k = 0
         for i, group in enumerate(self.param_groups):
             names = group.get("names")
@@ -326,28 +331,47 @@ class AdaPM(Optimizer):
     # ----------------------------------------------------------------------------------- step
 
     def _init_state(self, p: Tensor, layout: ParamLayout, state: dict[str, Any]) -> None:
+        info = self._shard(p)
+        row_dims = layout.state_row_dims()
         for key, shape in layout.state_shapes().items():
             if key == "step":
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
             else:
-                state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                state[key] = make_state(p, shape, row_dims[key], info)
+
+    def _shard(self, p: Tensor) -> ShardInfo:
+        info = self._shards.get(p)
+        if info is None:
+            layout = self._layouts[p]
+            info = shard_info(p, layout.name)
+            if info.sharded and layout.fused and layout.segments[0].dim == 0:
+                raise NotImplementedError(
+                    f"AdaPM: fused parameter '{layout.name}' is split into segments along dim 0, which FSDP2 "
+                    "shards; use separate q/k/v projections (or HF GPT-2's Conv1D layout), or DDP"
+                )
+            self._shards[p] = info
+        return info
 
     def _finite_items(self, items: list[tuple[dict[str, Any], Tensor]]) -> list[tuple[dict[str, Any], Tensor]]:
-        """Drop (and name in a warning) parameters whose gradient has inf/NaN."""
-        norms = torch._foreach_norm([p.grad for _, p in items])  # type: ignore[misc]
+        """Drop (and name in a warning) parameters whose gradient has inf/NaN on any rank."""
+        grads = [local(cast(Tensor, p.grad)) for _, p in items]
+        norms = torch._foreach_norm(grads)  # type: ignore[misc]
         device = norms[0].device
         finite = torch.isfinite(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]))
+        for i, ok in enumerate(finite.tolist()):
+            if not ok:  # a norm can overflow for finite entries; look closer
+                finite[i] = bool(torch.isfinite(grads[i]).all())
+        groups = {self._shard(p).group for _, p in items} - {None}
+        for group in groups:
+            finite = agree_all(finite, group)
         if bool(finite.all()):
             return items
         kept, skipped = [], []
         for ok, (group, p) in zip(finite.tolist(), items):
-            if ok or bool(torch.isfinite(cast(Tensor, p.grad)).all()):
-                kept.append((group, p))
-            else:
-                skipped.append(self._layouts[p].name)
+            (kept if ok else skipped).append((group, p))
         warnings.warn(
             f"AdaPM skipped {len(skipped)} parameter(s) with non-finite gradients this step "
-            f"(values and state unchanged): {', '.join(skipped)}",
+            f"(values and state unchanged): {', '.join(self._layouts[p].name for _, p in skipped)}",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -382,10 +406,11 @@ class AdaPM(Optimizer):
 
     def _step_param(self, group: dict[str, Any], p: Tensor) -> None:
         layout = self._layouts[p]
+        info = self._shard(p)
         state = self.state[p]
         if not state:
             self._init_state(p, layout, state)
-        grad = cast(Tensor, p.grad)
+        grad = local(cast(Tensor, p.grad))
         g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
         state["step"] += 1
         t = int(state["step"].item())
@@ -394,34 +419,52 @@ class AdaPM(Optimizer):
         bias_correction1 = 1 - beta1**t
         bias_correction2_sqrt = math.sqrt(1 - beta2**t)
 
-        target = p if p.dtype == torch.float32 else p.detach().to(torch.float32)
+        p_local = local(p)
+        target = p_local if p_local.dtype == torch.float32 else p_local.detach().to(torch.float32)
         if group["weight_decay"] != 0:
             target.mul_(1 - lr * group["weight_decay"])
-        v = state["exp_avg_sq"]
+        v = local(state["exp_avg_sq"])
         for seg in layout.segments:
             gs = seg.view(g)
             if layout.second_moment == "full":
                 vs = full_second_moment(seg.view(v), gs, beta2)
                 denom = (vs.sqrt() / bias_correction2_sqrt).add_(eps)
-            else:
+            elif not info.sharded:
                 vb = block_second_moment(v.narrow(0, seg.block_offset, seg.n_blocks), gs, beta2, *seg.block)
                 denom = expand_blocks((vb.sqrt() / bias_correction2_sqrt).add_(eps), seg.shape, *seg.block)
+            else:
+                sums = info.reduce(local_block_sums(gs, *seg.block, seg.n_blocks, info.offset))
+                vb = v.narrow(0, seg.block_offset, seg.n_blocks)
+                vb.mul_(beta2).add_(sums / block_entries(seg.shape, *seg.block), alpha=1.0 - beta2)
+                denom = expand_local_blocks(
+                    (vb.sqrt() / bias_correction2_sqrt).add_(eps), tuple(gs.shape), *seg.block, info.offset
+                )
             if seg.momentum == "full":
-                m = state["exp_avg"][seg.slot] if layout.fused else state["exp_avg"]
-                numerator, bc1 = full_momentum(m, gs, beta1), bias_correction1
+                m = local(state["exp_avg"])
+                numerator, bc1 = full_momentum(m[seg.slot] if layout.fused else m, gs, beta1), bias_correction1
             elif seg.momentum == "none":
                 numerator, bc1 = gs, 1.0
             else:
-                numerator, bc1 = self._lowrank(group, p, layout, seg.slot, state, gs, t), bias_correction1
+                numerator = self._lowrank(group, p, layout, seg.slot, state, gs, t, info)
+                bc1 = bias_correction1
             apply_update(seg.view(target), numerator, denom, lr=lr, bias_correction1=bc1, update_clip=clip)
-        if target is not p:
-            p.copy_(target)
+        if target is not p_local:
+            p_local.copy_(target)
 
     def _lowrank(
-        self, group: dict[str, Any], p: Tensor, layout: ParamLayout, slot: int, state: dict[str, Any], g: Tensor, t: int
+        self,
+        group: dict[str, Any],
+        p: Tensor,
+        layout: ParamLayout,
+        slot: int,
+        state: dict[str, Any],
+        g: Tensor,
+        t: int,
+        info: ShardInfo,
     ) -> Tensor:
-        left = state["lowrank_L"][slot] if layout.fused else state["lowrank_L"]
-        right = state["lowrank_R"][slot] if layout.fused else state["lowrank_R"]
+        left_all, right_all = local(state["lowrank_L"]), state["lowrank_R"]
+        left = left_all[slot] if layout.fused else left_all
+        right = right_all[slot] if layout.fused else right_all
         period = group["refresh_every"]
         index = self._index[p]
         # Golden-ratio offsets spread refreshes evenly over the period whatever the parameter count.
@@ -429,7 +472,7 @@ class AdaPM(Optimizer):
         refresh = t == 1 or (t - offset) % period == 0
         generator = None
         if refresh:
-            generator = torch.Generator(device=p.device)
+            generator = torch.Generator(device=g.device)
             generator.manual_seed(index * 1_000_003 + slot * 7_919 + t)
         corrected, new_left, new_right = lowrank_momentum(
             left,
@@ -441,6 +484,7 @@ class AdaPM(Optimizer):
             correction=group["correction"],
             refresh=refresh,
             generator=generator,
+            reduce=info.reduce if info.sharded else None,
         )
         left.copy_(new_left)
         right.copy_(new_right)
@@ -517,11 +561,13 @@ class AdaPMMini(AdaPM):
 
 
 def state_bytes(optimizer: Optimizer) -> int:
-    """Bytes of every tensor held in ``optimizer.state`` (any torch optimizer; tensors inside lists,
-    dicts and plain objects such as GaLore's projectors count too)."""
+    """Bytes of every tensor held in ``optimizer.state`` by this process (any torch optimizer; tensors
+    inside lists, dicts and plain objects such as GaLore's projectors count too; a sharded DTensor
+    counts its local shard)."""
 
     def count(value: Any) -> int:
         if isinstance(value, Tensor):
+            value = local(value)
             return value.numel() * value.element_size()
         if isinstance(value, Mapping):
             return sum(count(v) for v in value.values())

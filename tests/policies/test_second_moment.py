@@ -47,3 +47,20 @@ def test_block_second_moment_on_non_contiguous_view() -> None:
 def test_block_size_must_divide() -> None:
     with pytest.raises(ValueError, match="multiple of the block size"):
         block_count((6, 8), 0, 4)
+
+
+@pytest.mark.parametrize("block", [(0, 1), (0, 3), (1, 2), (None, 1)])
+def test_local_block_sums_over_row_shards_equal_the_block_mean(block: tuple[int | None, int]) -> None:
+    from adapm.policies.second_moment import block_entries, expand_local_blocks, local_block_sums
+
+    g = torch.randn(9, 4, generator=torch.Generator().manual_seed(1))
+    n = block_count((9, 4), *block)
+    expected = torch.zeros(n)
+    block_second_moment(expected, g, 0.0, *block)
+    parts = [(0, g[:5]), (5, g[5:])]  # 5 + 4 rows: the 3-row blocks straddle the split
+    total = sum(local_block_sums(part, *block, n, offset) for offset, part in parts)
+    assert torch.allclose(total / block_entries((9, 4), *block), expected)
+    dense = expand_blocks(expected, (9, 4), *block)
+    for offset, part in parts:
+        local = expand_local_blocks(expected, tuple(part.shape), *block, offset)
+        assert torch.equal(local, dense[offset : offset + part.shape[0]])

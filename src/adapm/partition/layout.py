@@ -79,6 +79,20 @@ class ParamLayout:
                 shapes["lowrank_R"] = (rank, cols)
         return shapes
 
+    def state_row_dims(self) -> dict[str, int | None]:
+        """For each state key, the dimension that runs over the parameter's rows (dim 0), if any.
+
+        Under FSDP2 these dimensions are sharded like the parameter; the others are replicated.
+        """
+        stacked = 1 if self.fused else 0
+        return {
+            "step": None,
+            "exp_avg_sq": 0 if self.second_moment == "full" else None,
+            "exp_avg": stacked,
+            "lowrank_L": stacked,
+            "lowrank_R": None,
+        }
+
     def state_bytes(self) -> int:
         """Bytes of this parameter's float32 state."""
         return 4 * sum(math.prod(s) for s in self.state_shapes().values())

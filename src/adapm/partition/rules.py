@@ -98,7 +98,15 @@ def _config_value(config: Any, keys: Sequence[str]) -> int | None:
 
 
 def head_dim_of(model: nn.Module | None) -> int | None:
-    """Attention head size from ``model.config`` (HF and nanoGPT-style configs), or None if unknown."""
+    """Attention head size from ``model.config`` (HF and nanoGPT-style configs), or None if unknown.
+
+    Wrappers that keep the model in ``.module`` (DDP) or ``._orig_mod`` (torch.compile) are looked through.
+    """
+    while model is not None and getattr(model, "config", None) is None:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
     config = getattr(model, "config", None)
     if config is None:
         return None

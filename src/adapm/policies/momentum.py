@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from adapm.policies.correction import correction_coefficient
-from adapm.policies.trackers import gd_track, power_track, randomized_factors
+from adapm.policies.trackers import Reduce, gd_track, power_track, randomized_factors
 
 MOMENTUM_POLICIES = ("full", "lowrank", "none")
 
@@ -32,6 +32,7 @@ def lowrank_momentum(
     correction: str,
     refresh: bool,
     generator: torch.Generator | None,
+    reduce: Reduce | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One low-rank momentum step. Returns ``(corrected momentum, L_t, R_t)``; inputs are untouched.
 
@@ -44,17 +45,18 @@ def lowrank_momentum(
         correction: ``"unbiased"``, ``"none"`` or ``"paper"`` (see :mod:`adapm.policies.correction`).
         refresh: re-seed the factors from a randomized SVD of ``m_t`` instead of tracking.
         generator: the random source for the refresh (required when ``refresh``).
+        reduce: for a row-sharded matrix, the sum over ranks (see :mod:`adapm.policies.trackers`).
     """
     m = torch.addmm(grad, left, right, beta=1.0 - beta1, alpha=beta1)
     rank = left.shape[-1]
     if refresh:
         if generator is None:
             raise ValueError("lowrank_momentum: a generator is required when refresh=True")
-        left, right = randomized_factors(m, rank, generator, balanced=tracker == "gd")
+        left, right = randomized_factors(m, rank, generator, balanced=tracker == "gd", reduce=reduce)
     elif tracker == "power":
-        left, right = power_track(m, right)
+        left, right = power_track(m, right, reduce)
     elif tracker == "gd":
-        left, right = gd_track(m, left, right)
+        left, right = gd_track(m, left, right, reduce=reduce)
     else:
         raise ValueError(f"Invalid tracker: {tracker!r}")
     c = correction_coefficient(correction, beta1, step)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 SECOND_MOMENT_POLICIES = ("full", "block")
@@ -52,3 +53,40 @@ def expand_blocks(values: Tensor, shape: tuple[int, ...], block_dim: int | None,
     """Broadcast per-block ``values`` (1-D) to a dense tensor of ``shape``."""
     pre, n_blocks, post = _block_shape(tuple(shape), block_dim, block_size)
     return values.view(1, n_blocks, 1).expand(pre, n_blocks, post).reshape(shape)
+
+
+def block_entries(shape: tuple[int, ...], block_dim: int | None, block_size: int) -> int:
+    """Entries per block of a tensor of (global) ``shape``."""
+    pre, _, post = _block_shape(tuple(shape), block_dim, block_size)
+    return pre * post
+
+
+def local_block_sums(
+    grad: Tensor, block_dim: int | None, block_size: int, n_blocks: int, row_offset: int
+) -> Tensor:
+    """Per-block sums of ``g^2`` over the rows this rank holds (global rows from ``row_offset``).
+
+    Summed over all ranks and divided by :func:`block_entries` this is the block mean of
+    :func:`block_second_moment`; blocks along dim 0 may straddle ranks.
+    """
+    sq = grad.square()
+    if block_dim is None:
+        return sq.sum().reshape(1)
+    if block_dim == 0:
+        rows = grad.shape[0]
+        ids = torch.div(torch.arange(rows, device=grad.device) + row_offset, block_size, rounding_mode="floor")
+        sums = torch.zeros(n_blocks, dtype=sq.dtype, device=grad.device)
+        return sums.index_add_(0, ids, sq.reshape(rows, -1).sum(1))
+    pre, nb, post = _block_shape(tuple(grad.shape), block_dim, block_size)
+    return sq.reshape(pre, nb, post).sum(dim=(0, 2))
+
+
+def expand_local_blocks(
+    values: Tensor, shape: tuple[int, ...], block_dim: int | None, block_size: int, row_offset: int
+) -> Tensor:
+    """Broadcast per-block ``values`` to the local rows (of ``shape``) starting at global ``row_offset``."""
+    if block_dim != 0:
+        return expand_blocks(values, shape, block_dim, block_size)
+    rows = shape[0]
+    ids = torch.div(torch.arange(rows, device=values.device) + row_offset, block_size, rounding_mode="floor")
+    return values[ids].reshape(rows, *([1] * (len(shape) - 1))).expand(shape).contiguous()

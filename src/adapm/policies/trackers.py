@@ -7,13 +7,23 @@
   refresh them every ``refresh_every`` steps. It draws from an explicit generator so that a run is
   reproducible and a resumed run continues bit-identically.
 
-All functions are pure: they return new factors and leave their inputs untouched.
+All functions are pure: they return new factors and leave their inputs untouched. Each accepts an
+optional ``reduce``: then ``m`` and ``L`` are this rank's rows of a row-sharded matrix, the
+orthonormalization uses the all-reduced r x r Gram matrix, and ``R`` is all-reduced. Only the span
+of ``L`` matters for ``L R`` and for the next step, so the sharded and the whole computation agree to
+round-off even though their bases may differ by a rotation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+Reduce = Callable[[Tensor], Tensor]
+"""Sums a tensor over the ranks that hold the other rows of a row-sharded matrix (see
+:mod:`adapm.distributed`). ``None`` means the matrix is whole on this rank."""
 
 TRACKERS = ("power", "gd")
 
@@ -24,14 +34,38 @@ RSVD_OVERSAMPLING = 8
 RSVD_POWER_ITERATIONS = 2
 
 
-def power_track(m: Tensor, r_prev: Tensor) -> tuple[Tensor, Tensor]:
+def orthonormalize(y: Tensor, reduce: Reduce | None = None) -> Tensor:
+    """An orthonormal basis of the column span of ``y`` (rows possibly sharded).
+
+    Whole: Householder QR. Sharded: two passes of ``Y V diag(lambda)^-1/2`` from the eigen-
+    decomposition of the all-reduced float64 Gram matrix ``Y^T Y``; directions with negligible
+    eigenvalues (rank-deficient ``Y``) become zero columns instead of NaN.
+    """
+    if reduce is None:
+        return torch.linalg.qr(y).Q
+    q = y.double()
+    for _ in range(2):
+        evals, evecs = torch.linalg.eigh(reduce(q.mT @ q))
+        keep = evals > evals.max().clamp_min(0) * 1e-10
+        scale = torch.where(keep, evals.clamp_min(torch.finfo(evals.dtype).tiny).rsqrt(), torch.zeros_like(evals))
+        q = q @ (evecs * scale)
+    return q.to(y.dtype)
+
+
+def _project(q: Tensor, m: Tensor, reduce: Reduce | None) -> Tensor:
+    """``Q^T m``, summed over ranks when rows are sharded."""
+    r = q.mT @ m
+    return r if reduce is None else reduce(r)
+
+
+def power_track(m: Tensor, r_prev: Tensor, reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
     """One block power iteration warm-started from ``R_{t-1}``: ``Q = qr(m R^T)``, ``R = Q^T m``.
 
     ``Q`` has orthonormal columns even when ``m R^T`` is rank-deficient (Householder QR), so a zero
     or rank-deficient momentum never produces NaN.
     """
-    q = torch.linalg.qr(m @ r_prev.mT).Q
-    return q, q.mT @ m
+    q = orthonormalize(m @ r_prev.mT, reduce)
+    return q, _project(q, m, reduce)
 
 
 def _lipschitz(gram: Tensor) -> Tensor:
@@ -39,7 +73,9 @@ def _lipschitz(gram: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(gram)[-1].clamp_min(torch.finfo(gram.dtype).tiny)
 
 
-def gd_track(m: Tensor, left: Tensor, right: Tensor, iterations: int = GD_ITERATIONS) -> tuple[Tensor, Tensor]:
+def gd_track(
+    m: Tensor, left: Tensor, right: Tensor, iterations: int = GD_ITERATIONS, reduce: Reduce | None = None
+) -> tuple[Tensor, Tensor]:
     """Alternating gradient steps on ``f(L, R) = ||L R - m||_F^2 / 2`` warm-started from ``(L, R)``.
 
     The step sizes are the exact block Lipschitz constants ``1 / ||R||_2^2`` and ``1 / ||L||_2^2``.
@@ -49,13 +85,13 @@ def gd_track(m: Tensor, left: Tensor, right: Tensor, iterations: int = GD_ITERAT
     for _ in range(iterations):
         rrt = right @ right.mT
         left = left - (left @ rrt - m @ right.mT) / _lipschitz(rrt)
-        ltl = left.mT @ left
-        right = right - (ltl @ right - left.mT @ m) / _lipschitz(ltl)
+        ltl = left.mT @ left if reduce is None else reduce(left.mT @ left)
+        right = right - (ltl @ right - _project(left, m, reduce)) / _lipschitz(ltl)
     return left, right
 
 
 def randomized_factors(
-    m: Tensor, rank: int, generator: torch.Generator, *, balanced: bool = False
+    m: Tensor, rank: int, generator: torch.Generator, *, balanced: bool = False, reduce: Reduce | None = None
 ) -> tuple[Tensor, Tensor]:
     """Rank-``rank`` factors of ``m`` from a randomized SVD (Halko et al.), drawn from ``generator``.
 
@@ -63,15 +99,16 @@ def randomized_factors(
     ``balanced=True``, ``(U S^1/2, S^1/2 V^T)`` (better conditioned for :func:`gd_track`).
     """
     rows, cols = m.shape
-    width = min(rank + RSVD_OVERSAMPLING, rows, cols)
+    global_rows = rows if reduce is None else int(reduce(torch.tensor([rows], device=m.device)).item())
+    width = min(rank + RSVD_OVERSAMPLING, global_rows, cols)
     omega = torch.randn(cols, width, generator=generator, dtype=m.dtype, device=m.device)
-    q = torch.linalg.qr(m @ omega).Q
+    q = orthonormalize(m @ omega, reduce)
     for _ in range(RSVD_POWER_ITERATIONS):
-        z = torch.linalg.qr(m.mT @ q).Q
-        q = torch.linalg.qr(m @ z).Q
-    u_small, s, vh = torch.linalg.svd(q.mT @ m, full_matrices=False)
+        z = torch.linalg.qr(_project(m, q, reduce)).Q  # (m^T Q): n x width, the same on every rank
+        q = orthonormalize(m @ z, reduce)
+    u_small, s, vh = torch.linalg.svd(_project(q, m, reduce), full_matrices=False)
     u = q @ u_small[:, :rank]
     if balanced:
         root = s[:rank].sqrt()
         return u * root, root[:, None] * vh[:rank]
-    return u, u.mT @ m
+    return u, _project(u, m, reduce)

@@ -1,0 +1,244 @@
+"""Run under torchrun by tests/distributed/test_scaleout.py: AdaPM under DDP and FSDP2 against a
+single-process run, and torch.distributed.checkpoint save / resume / reshard.
+
+    torchrun --standalone --nproc_per_node=2 tests/distributed/worker.py equivalence OUT.json
+    torchrun --standalone --nproc_per_node=2 tests/distributed/worker.py checkpoint OUT.json CKPT_DIR
+    torchrun --standalone --nproc_per_node=1 tests/distributed/worker.py reshard OUT.json CKPT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+import adapm
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+STEPS = 20
+GLOBAL_BATCH = 4
+
+
+def make_model(kind: str) -> nn.Module:
+    """Shapes chosen so that shards split heads and vocabularies unevenly (world size 2)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = GPT2Config(
+            n_layer=2,
+            n_embd=36,
+            n_head=4,
+            vocab_size=99,
+            n_positions=32,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        return GPT2LMHeadModel(cfg)
+    cfg = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=36,
+        intermediate_size=80,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        vocab_size=99,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def batches(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        start = torch.randint(0, 99, (GLOBAL_BATCH, 1), generator=g)
+        stride = torch.randint(1, 4, (GLOBAL_BATCH, 1), generator=g)
+        out.append((start + stride * torch.arange(16)) % 99)
+    return out
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+def shard(model: nn.Module) -> nn.Module:
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.Tensor], rank: int, world: int) -> list[float]:
+    per_rank = GLOBAL_BATCH // world
+    losses = []
+    for x in data:
+        xs = x[rank * per_rank : (rank + 1) * per_rank]
+        loss = model(input_ids=xs, labels=xs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(value)
+            value /= world
+        losses.append(value.item())
+    return losses
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        name = name.removeprefix("module.")
+        out[name] = p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach()
+    return out
+
+
+ROUNDOFF_ONLY = ("attn.c_attn.bias",)
+"""GPT-2's fused QKV bias holds the key bias, whose gradient is exactly zero in exact arithmetic
+(softmax ignores a constant shift of the scores): every Adam-type optimizer normalizes its round-off
+into full-size steps, so it differs between any two summation orders (torch AdamW included)."""
+
+
+def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> float:
+    """||a - b|| / ||a|| over all parameters together (except names containing a ``skip`` entry)."""
+    assert a.keys() == b.keys(), (sorted(a)[:3], sorted(b)[:3])
+    keys = [k for k in a if not any(s in k for s in skip)]
+    num = sum(float((a[k] - b[k]).double().square().sum()) for k in keys)
+    den = sum(float(a[k].double().square().sum()) for k in keys)
+    return (num / den) ** 0.5
+
+
+def worst_tensor(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[str, float]:
+    """The parameter with the largest ||a - b|| / ||a||."""
+    return max(((k, float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12))) for k in a), key=lambda kv: kv[1])
+
+
+def make_opt(cls_name: str, model: nn.Module, tracker: str) -> torch.optim.Optimizer:
+    if cls_name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    cls = adapm.AdaPMMini if cls_name == "adapm-mini" else adapm.AdaPM
+    return cls(model, lr=3e-3, tracker=tracker, refresh_every=7)
+
+
+def equivalence(out_file: str) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    data = batches(STEPS)
+    results = []
+    for kind in ("gpt2", "llama"):
+        for opt_name, tracker in (("adamw", "-"), ("adapm", "power"), ("adapm-mini", "power"), ("adapm", "gd")):
+            ref = make_model(kind)
+            ref_losses = train(ref, make_opt(opt_name, ref, tracker), data, 0, 1)
+            ref_params = full_params(ref)
+            row = {"model": kind, "optimizer": opt_name, "tracker": tracker, "ref_final_loss": ref_losses[-1]}
+            ddp = DistributedDataParallel(make_model(kind))
+            ddp_losses = train(ddp, make_opt(opt_name, ddp, tracker), data, rank, world)
+            row["ddp_loss_rel"] = max(abs(a - b) / abs(a) for a, b in zip(ref_losses, ddp_losses))
+            row["ddp_param_rel"] = rel_diff(ref_params, full_params(ddp))
+            row["ddp_param_rel_excl"] = rel_diff(ref_params, full_params(ddp), ROUNDOFF_ONLY)
+            row["ddp_worst_tensor"] = worst_tensor(ref_params, full_params(ddp))
+            fsdp = shard(make_model(kind))
+            fsdp_opt = make_opt(opt_name, fsdp, tracker)
+            fsdp_losses = train(fsdp, fsdp_opt, data, rank, world)
+            row["fsdp_loss_rel"] = max(abs(a - b) / abs(a) for a, b in zip(ref_losses, fsdp_losses))
+            row["fsdp_param_rel"] = rel_diff(ref_params, full_params(fsdp))
+            row["fsdp_param_rel_excl"] = rel_diff(ref_params, full_params(fsdp), ROUNDOFF_ONLY)
+            row["fsdp_worst_tensor"] = worst_tensor(ref_params, full_params(fsdp))
+            row["fsdp_state_bytes_this_rank"] = adapm.state_bytes(fsdp_opt)
+            results.append(row)
+    results.append({"unsupported": unsupported_fused_rows()})
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def unsupported_fused_rows() -> str:
+    """A nanoGPT-style fused QKV nn.Linear (segments along the sharded dim 0) must fail clearly."""
+    torch.manual_seed(0)
+    attn = nn.Module()
+    attn.c_attn = nn.Linear(8, 24)
+    model = nn.Module()
+    model.attn = attn
+    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    opt = adapm.AdaPM(model.named_parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    try:
+        opt.step()
+    except NotImplementedError as exc:
+        return str(exc)
+    return "no error"
+
+
+def _fsdp_run(kind: str, data: list[torch.Tensor], ckpt: str | None = None, load: str | None = None):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = shard(make_model(kind))
+    opt = make_opt("adapm-mini", model, "power")
+    if load is not None:
+        model_sd, opt_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": opt_sd}
+        dcp.load(state, checkpoint_id=load)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    losses = train(model, opt, data[:10], rank, world) if load is None else []
+    if ckpt is not None:
+        model_sd, opt_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=ckpt)
+    losses += train(model, opt, data[10:], rank, world)
+    return losses, full_params(model)
+
+
+def checkpoint(out_file: str, ckpt_dir: str) -> None:
+    data = batches(STEPS)
+    straight_losses, straight = _fsdp_run("llama", data, ckpt=ckpt_dir)
+    resumed_losses, resumed = _fsdp_run("llama", data, load=ckpt_dir)
+    if dist.get_rank() == 0:
+        torch.save(straight, ckpt_dir + ".final.pt")
+        with open(out_file, "w") as f:
+            json.dump(
+                {
+                    "resume_param_rel": rel_diff(straight, resumed),
+                    "resume_bit_identical": all(torch.equal(straight[k], resumed[k]) for k in straight),
+                    "resume_losses": resumed_losses,
+                    "straight_losses": straight_losses[10:],
+                },
+                f,
+                indent=2,
+            )
+
+
+def reshard(out_file: str, ckpt_dir: str) -> None:
+    data = batches(STEPS)
+    _, resumed = _fsdp_run("llama", data, load=ckpt_dir)
+    straight = torch.load(ckpt_dir + ".final.pt", weights_only=True)
+    with open(out_file, "w") as f:
+        json.dump({"world_size": dist.get_world_size(), "reshard_param_rel": rel_diff(straight, resumed)}, f)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        command, out_file, *rest = sys.argv[1:]
+        {"equivalence": equivalence, "checkpoint": checkpoint, "reshard": reshard}[command](out_file, *rest)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
