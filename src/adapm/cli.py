@@ -110,6 +110,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = from_dict(PretrainConfig, _merge(_config_values(args), args))
     summary = pretrain(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if "stopped_at" in summary:
         print(f"stopped at step {summary['stopped_at']} with a checkpoint in {cfg.train.out_dir}; rerun with --resume")
         return 0

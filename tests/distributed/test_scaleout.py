@@ -14,11 +14,12 @@ import pytest
 WORKER = Path(__file__).with_name("worker.py")
 
 
-def _torchrun(nproc: int, *args: str) -> None:
+def _torchrun(nproc: int, *args: str, script: tuple[str, ...] = (str(WORKER),)) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script]
     proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +63,37 @@ def test_dcp_resume_is_exact_and_reshards_to_one_process(tmp_path: Path) -> None
     _torchrun(1, "reshard", str(tmp_path / "rs.json"), str(ckpt))
     reshard = json.loads((tmp_path / "rs.json").read_text())
     assert reshard["world_size"] == 1 and reshard["reshard_param_rel"] < 1e-5
+
+
+def _pretrain_args(play_text: Path, cache_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "pretrain", "--data", str(play_text), "--vocab-size", "300", "--seq-len", "32", "--cache-dir", str(cache_dir),
+        "--model", "llama-1m", "--steps", "8", "--batch-size", "2", "--eval-every", "4", "--eval-batches", "2",
+        "--log-every", "2", "--checkpoint-every", "4", "--no-progress", "--out-dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_adapm_pretrain_under_torchrun_resumes_exactly(
+    mode: str, play_text: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    cli = ("-m", "adapm.cli")
+    flags = ("--fsdp",) if mode == "fsdp" else ()
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    stdout = _torchrun(2, *_pretrain_args(play_text, cache_dir, straight, *flags), script=cli)
+    assert stdout.count("final val loss") == 1  # only rank 0 reports
+    _torchrun(2, *_pretrain_args(play_text, cache_dir, broken, *flags, "--stop-at", "4"), script=cli)
+    _torchrun(2, *_pretrain_args(play_text, cache_dir, broken, *flags, "--resume"), script=cli)
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((broken / "summary.json").read_text())
+    assert a["parallel"] == ("fsdp2" if mode == "fsdp" else "ddp") and a["world_size"] == 2
+    assert a["final_val_loss"] == b["final_val_loss"]
+    losses = [[json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (straight, broken)]  # fmt: skip
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert ((straight / "checkpoint_dcp") if mode == "fsdp" else (straight / "checkpoint.pt")).exists()
+
+    from adapm.train.models import load_pretrained
+
+    model = load_pretrained(straight / "model")  # the gathered full model loads in one process
+    assert sum(p.numel() for p in model.parameters()) == a["parameters"]

@@ -61,9 +61,7 @@ def block_entries(shape: tuple[int, ...], block_dim: int | None, block_size: int
     return pre * post
 
 
-def local_block_sums(
-    grad: Tensor, block_dim: int | None, block_size: int, n_blocks: int, row_offset: int
-) -> Tensor:
+def local_block_sums(grad: Tensor, block_dim: int | None, block_size: int, n_blocks: int, row_offset: int) -> Tensor:
     """Per-block sums of ``g^2`` over the rows this rank holds (global rows from ``row_offset``).
 
     Summed over all ranks and divided by :func:`block_entries` this is the block mean of

@@ -117,7 +117,7 @@ class TrainConfig:
     steps: int = 300
     """Optimizer steps."""
     batch_size: int = 16
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch (per process under torchrun)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     warmup_steps: int | None = None
@@ -140,6 +140,9 @@ class TrainConfig:
     """Run forward and backward under bf16 autocast (master weights and optimizer state stay float32)."""
     threads: int | None = None
     """torch threads. Default: all cores, or 1 per process under torchrun."""
+    fsdp: bool = False
+    """Under torchrun, shard the model with FSDP2 (fully_shard per block) instead of DDP; checkpoints
+    then use torch.distributed.checkpoint (out_dir/checkpoint_dcp)."""
     stop_at: int | None = None
     """Stop (after writing a checkpoint) once this step is reached; the schedule still spans `steps`.
     For time-limited jobs: run again with --resume to continue."""

@@ -1,6 +1,7 @@
 """The pretraining loop: warmup + cosine schedule, grad clipping and accumulation, optional bf16
 autocast, periodic validation, atomic checkpoints with exact resume, a progress bar, and a run
-directory with the resolved config, metrics as JSONL and a summary."""
+directory with the resolved config, metrics as JSONL and a summary. Runs alone or under torchrun
+(DDP, or FSDP2 with ``--fsdp``; see :mod:`adapm.train.parallel`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 import adapm
+from adapm.train import parallel
 from adapm.train.checkpoint import load_checkpoint, save_checkpoint
 from adapm.train.config import PretrainConfig
 from adapm.train.data import TokenData, get_batch, prepare_data
@@ -25,6 +27,7 @@ from adapm.train.models import build_model, count_parameters, load_pretrained
 from adapm.train.optimizers import DEFAULT_LR, build_optimizer
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_DCP = "checkpoint_dcp"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 
@@ -59,21 +62,24 @@ def default_threads() -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TokenData, cfg: PretrainConfig) -> float:
-    """Mean loss over ``eval_batches`` fixed validation batches (the same for every run and optimizer)."""
+def evaluate(model: nn.Module, data: TokenData, cfg: PretrainConfig, device: torch.device | None = None) -> float:
+    """Mean loss over ``eval_batches`` fixed validation batches (the same for every run, optimizer and rank)."""
     was_training = model.training
     model.eval()
     losses = []
     for i in range(cfg.train.eval_batches):
         x = get_batch(data.val, cfg.train.batch_size, cfg.data.seq_len, cfg.train.seed, -1, i)
-        with _autocast(cfg):
+        if device is not None:
+            x = x.to(device)
+        with _autocast(cfg, device):
             losses.append(model(input_ids=x, labels=x).loss.item())
     model.train(was_training)
     return sum(losses) / len(losses)
 
 
-def _autocast(cfg: PretrainConfig) -> Any:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.bf16 else nullcontext()
+def _autocast(cfg: PretrainConfig, device: torch.device | None = None) -> Any:
+    device_type = device.type if device is not None else "cpu"
+    return torch.autocast(device_type, dtype=torch.bfloat16) if cfg.train.bf16 else nullcontext()
 
 
 def _build_model(cfg: PretrainConfig, data: TokenData) -> nn.Module:
@@ -100,58 +106,87 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Train ``cfg.model`` on ``cfg.data`` with ``cfg.optim``; returns (and writes) the run summary."""
+    """Train ``cfg.model`` on ``cfg.data`` with ``cfg.optim``; returns (and writes) the run summary.
+
+    Under torchrun every rank calls this; the model is wrapped in DDP, or sharded with FSDP2 when
+    ``cfg.train.fsdp``; rank 0 writes the run directory.
+    """
+    par = parallel.setup()
+    try:
+        return _pretrain(cfg, par)
+    finally:
+        parallel.teardown(par)
+
+
+def _pretrain(cfg: PretrainConfig, par: parallel.Parallel) -> dict[str, Any]:
     tc = cfg.train
     torch.set_num_threads(tc.threads or default_threads())
     out = Path(tc.out_dir)
-    ckpt_path = out / CHECKPOINT
+    sharded = par.enabled and tc.fsdp
+    ckpt_path = out / (CHECKPOINT_DCP if sharded else CHECKPOINT)
     if ckpt_path.exists() and not tc.resume:
         raise FileExistsError(
             f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out-dir "
             "(nothing was overwritten)"
         )
+    if not par.is_main:
+        par.barrier()  # rank 0 tokenizes and fills the cache first
     data = prepare_data(cfg.data)
+    if par.is_main:
+        par.barrier()
     torch.manual_seed(tc.seed)
-    model = _build_model(cfg, data)
-    model.train()
-    optimizer = build_optimizer(model, cfg.optim)
+    base = _build_model(cfg, data).to(par.device)
+    n_params = count_parameters(base)
+    base.train()
+    model = parallel.wrap(base, par, tc.fsdp)
+    optimizer = build_optimizer(parallel.unwrap(model), cfg.optim)
     warmup = tc.warmup_steps if tc.warmup_steps is not None else max(1, tc.steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, tc.steps, tc.min_lr_ratio))
 
     start, elapsed = 0, 0.0
     if tc.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
-        start, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
-        _truncate_metrics(out / METRICS, start)
-    out.mkdir(parents=True, exist_ok=True)
+        if sharded:
+            extra = parallel.dcp_load(ckpt_path, model, optimizer, _extra_template(scheduler))
+            scheduler.load_state_dict(extra["scheduler"])
+        else:
+            extra = load_checkpoint(ckpt_path)
+            parallel.unwrap(model).load_state_dict(extra["model"])
+            optimizer.load_state_dict(extra["optimizer"])
+            scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["rng"])
+        start, elapsed = int(extra["step"]), float(extra["elapsed"])
+        if par.is_main:
+            _truncate_metrics(out / METRICS, start)
     resolved = cfg.to_dict()
     resolved["optim"]["lr"] = cfg.optim.lr if cfg.optim.lr is not None else DEFAULT_LR[cfg.optim.optimizer]
     resolved["derived"] = {
-        "parameters": count_parameters(model),
+        "parameters": n_params,
         "vocab_size": data.vocab_size,
         "unigram_val_loss": data.unigram_loss(),
         "threads": torch.get_num_threads(),
+        "world_size": par.world,
+        "parallel": ("fsdp2" if tc.fsdp else "ddp") if par.enabled else "none",
         "torch": torch.__version__,
     }
-    (out / "config.json").write_text(json.dumps(resolved, indent=2))
+    if par.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(resolved, indent=2))
 
-    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len
+    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len * par.world
     stop = min(tc.steps, tc.stop_at) if tc.stop_at is not None else tc.steps
     rates: list[float] = []
     train_loss = float("nan")
     window_start, window_tokens = time.perf_counter(), 0
-    progress = _progress_bar(tc.steps, start, tc.progress, cfg.optim.optimizer)
-    with open(out / METRICS, "a") as metrics:
+    progress = _progress_bar(tc.steps, start, tc.progress and par.is_main, cfg.optim.optimizer)
+    metrics = open(out / METRICS, "a") if par.is_main else None  # noqa: SIM115 - closed below
+    try:
         for step in range(start, stop):
             t0 = time.perf_counter()
             total = 0.0
             for micro in range(tc.grad_accum):
-                x = get_batch(data.train, tc.batch_size, cfg.data.seq_len, tc.seed, step, micro)
-                with _autocast(cfg):
+                key = (step, micro) if not par.enabled else (step, micro, par.rank)
+                x = get_batch(data.train, tc.batch_size, cfg.data.seq_len, tc.seed, *key).to(par.device)
+                with _autocast(cfg, par.device):
                     loss = model(input_ids=x, labels=x).loss / tc.grad_accum
                 loss.backward()
                 total += loss.item()
@@ -161,7 +196,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed += time.perf_counter() - t0
-            train_loss = total
+            train_loss = par.mean(total)
             window_tokens += tokens_per_step
             done = step + 1
             record: dict[str, Any] = {}
@@ -173,7 +208,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 window_start, window_tokens = now, 0
             if done % tc.eval_every == 0 or done == tc.steps:
                 t_eval = time.perf_counter()
-                record["val_loss"] = evaluate(model, data, cfg)
+                record["val_loss"] = evaluate(model, data, cfg, par.device)
                 window_start += time.perf_counter() - t_eval
             if record:
                 record = {
@@ -183,39 +218,49 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                     "tokens": done * tokens_per_step,
                     "elapsed_s": elapsed,
                     "state_bytes": adapm.state_bytes(optimizer),
-                    "peak_rss_bytes": peak_rss_bytes(),
+                    "peak_rss_bytes": par.max(peak_rss_bytes()),
                     **record,
                 }
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                if metrics is not None:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
             if done % tc.checkpoint_every == 0 or done == stop:
                 t_ckpt = time.perf_counter()
-                save_checkpoint(
-                    ckpt_path,
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state(),
-                        "step": done,
-                        "elapsed": elapsed,
-                    },
-                )
+                extra = {"rng": torch.get_rng_state(), "step": done, "elapsed": elapsed}
+                if sharded:
+                    parallel.dcp_save(ckpt_path, model, optimizer, {**extra, "scheduler": scheduler.state_dict()}, par)
+                elif par.is_main:
+                    save_checkpoint(
+                        ckpt_path,
+                        {
+                            "model": parallel.unwrap(model).state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            **extra,
+                        },
+                    )
+                par.barrier()
                 window_start += time.perf_counter() - t_ckpt
             progress.update(1)
             progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rates[-1]:.0f}" if rates else "-")
-    progress.close()
+    finally:
+        progress.close()
+        if metrics is not None:
+            metrics.close()
 
     if stop < tc.steps:
         return {"stopped_at": stop}
-    final_val = evaluate(model, data, cfg)
+    final_val = evaluate(model, data, cfg, par.device)
     if tc.save_model:
-        model.save_pretrained(str(out / "model"))
-        data.tokenizer.save_pretrained(str(out / "model"))
+        full = parallel.full_state_dict(model) if sharded else None
+        if par.is_main:
+            target = parallel.unwrap(model)
+            target.save_pretrained(str(out / "model"), state_dict=full)
+            data.tokenizer.save_pretrained(str(out / "model"))
     summary = {
         "optimizer": cfg.optim.optimizer,
         "model": cfg.model.init_from or cfg.model.model,
-        "parameters": resolved["derived"]["parameters"],
+        "parameters": n_params,
         "steps": tc.steps,
         "tokens": tc.steps * tokens_per_step,
         "lr": resolved["optim"]["lr"],
@@ -225,11 +270,19 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         "tokens_per_s": statistics.median(rates) if rates else None,
         "train_seconds": elapsed,
         "state_bytes": adapm.state_bytes(optimizer),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": par.max(peak_rss_bytes()),
         "threads": torch.get_num_threads(),
+        "world_size": par.world,
+        "parallel": resolved["derived"]["parallel"],
     }
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    if par.is_main:
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    par.barrier()
     return summary
+
+
+def _extra_template(scheduler: Any) -> dict[str, Any]:
+    return {"rng": torch.get_rng_state(), "step": 0, "elapsed": 0.0, "scheduler": scheduler.state_dict()}
 
 
 def _progress_bar(total: int, initial: int, enabled: bool, label: str) -> Any:
