@@ -16,18 +16,16 @@ from adapm.partition.layout import ParamLayout, build_layout
 from adapm.partition.report import PartitionReport
 from adapm.partition.rules import partition
 from adapm.policies.correction import CORRECTIONS
-from adapm.policies.momentum import MOMENTUM_POLICIES, full_momentum, lowrank_momentum
+from adapm.policies.momentum import MOMENTUM_POLICIES, lowrank_momentum
 from adapm.policies.second_moment import (
     SECOND_MOMENT_POLICIES,
     block_entries,
     block_second_moment,
-    expand_blocks,
-    expand_local_blocks,
-    full_second_moment,
+    broadcast_blocks,
     local_block_sums,
 )
 from adapm.policies.trackers import TRACKERS
-from adapm.policies.update import apply_update
+from adapm.policies.update import elementwise_update
 
 __all__ = ["AdaPM", "AdaPMMini", "state_bytes"]
 
@@ -63,6 +61,7 @@ _SCHEDULER_KEYS = frozenset({"initial_lr", "base_lr", "max_lr", "min_lr", "base_
 _POLICY_GROUP_KEYS = ("momentum", "second_moment", "split_dim")
 
 _GOLDEN = 0.6180339887498949
+_CHUNK_ELEMENTS = 1 << 16
 
 
 def _is_number(x: Any) -> bool:
@@ -106,6 +105,13 @@ def _check_hyperparameters(values: Mapping[str, Any], where: str) -> None:
     clip = values["update_clip"]
     if clip is not None and (not _is_number(clip) or not clip > 0.0):
         raise ValueError(f"Invalid update_clip{where}: {clip!r}; expected a positive float or None")
+
+
+def _rows(x: Tensor | None, r0: int, r1: int, rows: int) -> Tensor | None:
+    """Rows ``[r0, r1)`` of ``x``; tensors that broadcast along dim 0 (or scalars) are returned whole."""
+    if x is None or x.dim() == 0 or (x.shape[0] == 1 and rows > 1):
+        return x
+    return x[r0:r1]
 
 
 class AdaPM(Optimizer):
@@ -218,6 +224,7 @@ class AdaPM(Optimizer):
         self._layouts: dict[Tensor, ParamLayout] = {}
         self._index: dict[Tensor, int] = {}
         self._shards: dict[Tensor, ShardInfo] = {}
+        self._buffers: dict[tuple[Any, ...], Tensor] = {}
 
         groups = self._make_groups(params, rules, second_moment, rank_ratio, weight_decay)
         super().__init__(groups, defaults)
@@ -302,6 +309,7 @@ class AdaPM(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._buffers = {}
         self._rebuild_layouts()
 
     def layout(self, param: Tensor) -> ParamLayout:
@@ -421,35 +429,71 @@ class AdaPM(Optimizer):
 
         p_local = local(p)
         target = p_local if p_local.dtype == torch.float32 else p_local.detach().to(torch.float32)
-        if group["weight_decay"] != 0:
-            target.mul_(1 - lr * group["weight_decay"])
+        decay = 1 - lr * group["weight_decay"]
         v = local(state["exp_avg_sq"])
         for seg in layout.segments:
             gs = seg.view(g)
+            if seg.momentum == "lowrank":
+                numerator: Tensor | None = self._lowrank(group, p, layout, seg.slot, state, gs, t, info)
+                m = None
+            else:
+                numerator = None
+                m = local(state["exp_avg"]) if seg.momentum == "full" else None
+                if m is not None and layout.fused:
+                    m = m[seg.slot]
             if layout.second_moment == "full":
-                vs = full_second_moment(seg.view(v), gs, beta2)
-                denom = (vs.sqrt() / bias_correction2_sqrt).add_(eps)
-            elif not info.sharded:
-                vb = block_second_moment(v.narrow(0, seg.block_offset, seg.n_blocks), gs, beta2, *seg.block)
-                denom = expand_blocks((vb.sqrt() / bias_correction2_sqrt).add_(eps), seg.shape, *seg.block)
+                v_seg, denom = seg.view(v), None
             else:
-                sums = info.reduce(local_block_sums(gs, *seg.block, seg.n_blocks, info.offset))
-                vb = v.narrow(0, seg.block_offset, seg.n_blocks)
-                vb.mul_(beta2).add_(sums / block_entries(seg.shape, *seg.block), alpha=1.0 - beta2)
-                denom = expand_local_blocks(
-                    (vb.sqrt() / bias_correction2_sqrt).add_(eps), tuple(gs.shape), *seg.block, info.offset
+                v_seg, denom = None, self._block_denominator(seg, gs, v, info, beta2, bias_correction2_sqrt, eps)
+            bc1 = 1.0 if seg.momentum == "none" else bias_correction1
+            target_seg = seg.view(target)
+            # Row chunks keep temporaries small and cache-resident: fresh multi-MB temporaries per
+            # elementwise op (page faults on every allocation) cost more than the arithmetic.
+            rows = target_seg.shape[0] if target_seg.dim() else 1
+            step_rows = max(1, _CHUNK_ELEMENTS // max(1, target_seg[0].numel() if target_seg.dim() else 1))
+            for r0 in range(0, rows, step_rows):
+                r1 = r0 + step_rows
+                elementwise_update(
+                    cast(Tensor, _rows(target_seg, r0, r1, rows)),
+                    cast(Tensor, _rows(gs, r0, r1, rows)),
+                    v=_rows(v_seg, r0, r1, rows),
+                    m=_rows(m, r0, r1, rows),
+                    numerator=_rows(numerator, r0, r1, rows),
+                    denom=_rows(denom, r0, r1, rows),
+                    beta1=beta1,
+                    beta2=beta2,
+                    lr=lr,
+                    decay=decay,
+                    bias_correction1=bc1,
+                    bias_correction2_sqrt=bias_correction2_sqrt,
+                    eps=eps,
+                    update_clip=clip,
                 )
-            if seg.momentum == "full":
-                m = local(state["exp_avg"])
-                numerator, bc1 = full_momentum(m[seg.slot] if layout.fused else m, gs, beta1), bias_correction1
-            elif seg.momentum == "none":
-                numerator, bc1 = gs, 1.0
-            else:
-                numerator = self._lowrank(group, p, layout, seg.slot, state, gs, t, info)
-                bc1 = bias_correction1
-            apply_update(seg.view(target), numerator, denom, lr=lr, bias_correction1=bc1, update_clip=clip)
         if target is not p_local:
             p_local.copy_(target)
+
+    def _workspace(self, like: Tensor) -> Tensor:
+        """A float32 buffer shaped like ``like``, reused across parameters and steps."""
+        key = (tuple(like.shape), like.device)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+        return buf
+
+    @staticmethod
+    def _block_denominator(
+        seg: Any, g: Tensor, v: Tensor, info: ShardInfo, beta2: float, bc2_sqrt: float, eps: float
+    ) -> Tensor:
+        """Update the segment's block second moments; return ``sqrt(vhat) + eps`` as a small tensor that
+        broadcasts to the segment's (local) shape."""
+        vb = v.narrow(0, seg.block_offset, seg.n_blocks)
+        if not info.sharded:
+            block_second_moment(vb, g, beta2, *seg.block)
+        else:
+            sums = info.reduce(local_block_sums(g, *seg.block, seg.n_blocks, info.offset))
+            vb.mul_(beta2).add_(sums / block_entries(seg.shape, *seg.block), alpha=1.0 - beta2)
+        values = (vb.sqrt() / bc2_sqrt).add_(eps)
+        return broadcast_blocks(values, tuple(g.shape), *seg.block, info.offset)
 
     def _lowrank(
         self,
@@ -485,6 +529,7 @@ class AdaPM(Optimizer):
             refresh=refresh,
             generator=generator,
             reduce=info.reduce if info.sharded else None,
+            out=self._workspace(g),
         )
         left.copy_(new_left)
         right.copy_(new_right)

@@ -15,7 +15,7 @@ from adapm.policies.second_moment import (
     full_second_moment,
 )
 from adapm.policies.trackers import TRACKERS, gd_track, power_track, randomized_factors
-from adapm.policies.update import apply_update
+from adapm.policies.update import apply_update, elementwise_update
 
 __all__ = [
     "CORRECTIONS",
@@ -26,6 +26,7 @@ __all__ = [
     "block_count",
     "block_second_moment",
     "correction_coefficient",
+    "elementwise_update",
     "expand_blocks",
     "full_momentum",
     "full_second_moment",

@@ -33,6 +33,7 @@ def lowrank_momentum(
     refresh: bool,
     generator: torch.Generator | None,
     reduce: Reduce | None = None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One low-rank momentum step. Returns ``(corrected momentum, L_t, R_t)``; inputs are untouched.
 
@@ -46,8 +47,13 @@ def lowrank_momentum(
         refresh: re-seed the factors from a randomized SVD of ``m_t`` instead of tracking.
         generator: the random source for the refresh (required when ``refresh``).
         reduce: for a row-sharded matrix, the sum over ranks (see :mod:`adapm.policies.trackers`).
+        out: a reusable buffer shaped like ``grad`` for the transient momentum; the result is then
+            computed in it (large fresh allocations are slow: every new page faults).
     """
-    m = torch.addmm(grad, left, right, beta=1.0 - beta1, alpha=beta1)
+    if out is None:
+        m = torch.addmm(grad, left, right, beta=1.0 - beta1, alpha=beta1)
+    else:
+        m = out.copy_(grad).addmm_(left, right, beta=1.0 - beta1, alpha=beta1)
     rank = left.shape[-1]
     if refresh:
         if generator is None:
@@ -63,4 +69,4 @@ def lowrank_momentum(
     if c == 0.0:
         return m, left, right
     # m + c (m - L R) without materializing the residual.
-    return torch.addmm(m, left, right, beta=1.0 + c, alpha=-c), left, right
+    return m.addmm_(left, right, beta=1.0 + c, alpha=-c), left, right

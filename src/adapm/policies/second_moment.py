@@ -88,3 +88,21 @@ def expand_local_blocks(
     rows = shape[0]
     ids = torch.div(torch.arange(rows, device=values.device) + row_offset, block_size, rounding_mode="floor")
     return values[ids].reshape(rows, *([1] * (len(shape) - 1))).expand(shape).contiguous()
+
+
+def broadcast_blocks(
+    values: Tensor, shape: tuple[int, ...], block_dim: int | None, block_size: int, row_offset: int = 0
+) -> Tensor:
+    """Per-block ``values`` as a small tensor that broadcasts to ``shape`` (local rows from ``row_offset``)."""
+    ndim = len(shape)
+    if block_dim is None:
+        return values.reshape([1] * ndim)
+    if block_dim == 0:
+        rows = shape[0]
+        ids = torch.div(torch.arange(rows, device=values.device) + row_offset, block_size, rounding_mode="floor")
+        return values[ids].reshape(rows, *([1] * (ndim - 1)))
+    per_index = values.repeat_interleave(block_size)
+    if block_dim == ndim - 1:
+        return per_index.reshape(*([1] * (ndim - 1)), shape[-1])
+    # Blocks along a middle dimension span the trailing ones: give them explicitly.
+    return expand_blocks(values, shape, block_dim, block_size)
