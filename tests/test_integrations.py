@@ -1,0 +1,103 @@
+"""Drop-in use with Hugging Face's Trainer and TRL's SFTTrainer: train, checkpoint, resume with the
+optimizer state restored (the resumed run ends where the uninterrupted one does)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import adapm
+
+from conftest import tiny_llama
+
+pytest.importorskip("accelerate")
+
+
+class _Counting(torch.utils.data.Dataset):
+    """Learnable sequences (counting modulo the vocabulary), as dicts the Trainer understands."""
+
+    def __init__(self, n: int = 48, seq: int = 16) -> None:
+        g = torch.Generator().manual_seed(0)
+        start = torch.randint(0, 96, (n, 1), generator=g)
+        self.data = (start + torch.arange(seq)) % 96
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.data[i], "labels": self.data[i]}
+
+
+def _args(out: Path, **kw: object):
+    from transformers import TrainingArguments
+
+    base = dict(
+        output_dir=str(out),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        save_steps=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def test_hf_trainer_trains_saves_and_resumes(tmp_path: Path) -> None:
+    from transformers import Trainer
+
+    straight = tiny_llama()
+    trainer = Trainer(model=straight, args=_args(tmp_path / "a"), train_dataset=_Counting(),
+                      optimizers=(adapm.AdaPM(straight, lr=3e-3), None))  # fmt: skip
+    result = trainer.train()
+    assert result.training_loss < 4.5
+    checkpoint = tmp_path / "a" / "checkpoint-4"
+    assert (checkpoint / "optimizer.pt").exists()
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert any("lowrank_L" in s for s in saved["state"].values())
+
+    resumed = tiny_llama(seed=7)
+    trainer2 = Trainer(model=resumed, args=_args(tmp_path / "b"), train_dataset=_Counting(),
+                       optimizers=(adapm.AdaPM(resumed, lr=3e-3), None))  # fmt: skip
+    trainer2.train(resume_from_checkpoint=str(checkpoint))
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_trl_sft_trainer(tmp_path: Path, play_text: Path, cache_dir: Path) -> None:
+    pytest.importorskip("trl")
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from adapm.train.config import DataConfig
+    from adapm.train.data import load_texts, load_tokenizer
+
+    texts = load_texts(play_text)
+    tokenizer, _ = load_tokenizer(DataConfig(data=str(play_text), vocab_size=300, cache_dir=str(cache_dir)), texts)
+    tokenizer.pad_token = tokenizer.eos_token
+    lines = [line.strip() for line in texts[0].splitlines() if len(line.strip()) > 30][:64]
+    train = datasets.Dataset.from_dict({"text": lines})
+    model = tiny_llama(vocab=len(tokenizer))
+    opt = adapm.AdaPMMini(model, lr=3e-3)
+    config = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=6, per_device_train_batch_size=4, max_length=32,
+                       logging_steps=1, save_steps=3, report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
+                         optimizers=(opt, None))  # fmt: skip
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "sft" / "checkpoint-6" / "optimizer.pt").exists()
+    resumed = tiny_llama(vocab=len(tokenizer), seed=3)
+    trainer2 = SFTTrainer(model=resumed, args=config, train_dataset=train, processing_class=tokenizer,
+                          optimizers=(adapm.AdaPMMini(resumed, lr=3e-3), None))  # fmt: skip
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "sft" / "checkpoint-3"))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
