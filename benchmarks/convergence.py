@@ -1,0 +1,122 @@
+"""Final validation loss at equal steps and tokens: all six optimizers on a GPT-2 and a Llama preset,
+each at the learning rate a small recorded sweep picked, then several seeds.
+
+Protocol (DESIGN.md section 8): for each model and optimizer, train at lr x {1/3, 1, 3} of the
+optimizer's default with seed 0 and keep the lr with the lowest final validation loss; then train
+the remaining seeds at that lr. Same data (the embedded Shakespeare corpus), batches, schedule and
+steps for everyone. Every run is recorded.
+
+    python benchmarks/convergence.py --json runs/bench/convergence.json      # gpt2-5m and llama-5m, 3 seeds
+    python benchmarks/convergence.py --quick                                  # gpt2-1m, 2 optimizers, 20 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, markdown_table
+
+from adapm.train.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
+from adapm.train.loop import pretrain
+from adapm.train.optimizers import DEFAULT_LR
+
+OPTIMIZERS = ("adamw", "adam-mini", "adafactor", "galore", "adapm", "adapm-mini")
+LR_FACTORS = (1 / 3, 1.0, 3.0)
+
+
+def one_run(model: str, optimizer: str, lr: float, seed: int, steps: int, threads: int, out: Path) -> dict[str, Any]:
+    cfg = PretrainConfig(
+        data=DataConfig(),
+        model=ModelConfig(model=model),
+        optim=OptimConfig(optimizer=optimizer, lr=lr),
+        train=TrainConfig(
+            out_dir=str(out / f"{model}-{optimizer}-lr{lr:g}-seed{seed}"),
+            steps=steps,
+            batch_size=16,
+            eval_every=max(1, steps // 4),
+            eval_batches=16,
+            log_every=max(1, steps // 10),
+            checkpoint_every=steps,
+            seed=seed,
+            threads=threads,
+            progress=False,
+            save_model=False,
+        ),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = pretrain(cfg)
+    print(f"{model} {optimizer} lr {lr:g} seed {seed}: val {summary['final_val_loss']:.4f}", flush=True)
+    return {"model": model, "optimizer": optimizer, "lr": lr, "seed": seed, **summary}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="gpt2-5m,llama-5m")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="gpt2-1m, adamw and adapm, 20 steps, 1 seed, no sweep")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    models = ["gpt2-1m"] if args.quick else args.models.split(",")
+    optimizers = ["adamw", "adapm"] if args.quick else args.optimizers.split(",")
+    steps, seeds = (20, 1) if args.quick else (args.steps, args.seeds)
+    factors = (1.0,) if args.quick else LR_FACTORS
+    runs: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            for opt in optimizers:
+                sweep = [one_run(model, opt, DEFAULT_LR[opt] * f, 0, steps, args.threads, Path(tmp)) for f in factors]
+                runs += sweep
+                best = min(sweep, key=lambda r: r["final_val_loss"])
+                finals = [best["final_val_loss"]]
+                for seed in range(1, seeds):
+                    r = one_run(model, opt, best["lr"], seed, steps, args.threads, Path(tmp))
+                    runs.append(r)
+                    finals.append(r["final_val_loss"])
+                summary.append(
+                    {
+                        "model": model,
+                        "optimizer": opt,
+                        "lr": best["lr"],
+                        "mean_val_loss": statistics.mean(finals),
+                        "std_val_loss": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                        "seeds": len(finals),
+                        "tokens": best["tokens"],
+                        "state_bytes": best["state_bytes"],
+                    }
+                )
+    for row in summary:
+        ref = next((r for r in summary if r["model"] == row["model"] and r["optimizer"] == "adamw"), None)
+        row["minus_adamw"] = row["mean_val_loss"] - ref["mean_val_loss"] if ref else None
+    columns = [
+        ("model", "{}"),
+        ("optimizer", "{}"),
+        ("lr", "{:.2g}"),
+        ("mean_val_loss", "{:.4f}"),
+        ("std_val_loss", "{:.4f}"),
+        ("minus_adamw", "{:+.4f}"),
+        ("seeds", "{}"),
+        ("tokens", "{:,}"),
+    ]
+    print(markdown_table(summary, columns))
+    info = machine_info()
+    info.update(steps=steps, seeds=seeds, threads=args.threads, lr_factors=list(factors), command=" ".join(sys.argv))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": info, "summary": summary, "runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Peak process memory of full training steps (forward, backward, optimizer step) of GPT-2 124M at a
+small batch, one fresh subprocess per optimizer, and whether each saving against AdamW is the
+saving in optimizer-state bytes (Adam-mini's users saw savings only in checkpoints; this shows
+whether they are real in a running process).
+
+    python benchmarks/peak_memory.py --json runs/bench/peak_memory.json
+    python benchmarks/peak_memory.py --quick          # GPT-2 20M shapes, within a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, markdown_table
+
+OPTIMIZERS = ("adamw", "adam-mini", "adafactor", "galore", "adapm", "adapm-mini")
+
+
+def worker(optimizer: str, model_name: str, steps: int, batch: int, seq: int) -> dict[str, float]:
+    """Runs in the subprocess: build, train ``steps`` steps, report peak RSS and state bytes."""
+    import torch
+
+    import adapm
+    from adapm.train.config import OptimConfig
+    from adapm.train.models import build_model
+    from adapm.train.optimizers import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(model_name, device="cpu")
+    x = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    model(input_ids=x, labels=x).loss.backward()  # gradients exist before the optimizer: same base for all
+    model.zero_grad(set_to_none=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    opt = build_optimizer(model, OptimConfig(optimizer=optimizer, lr=1e-5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return {
+        "optimizer": optimizer,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_before_optimizer_bytes": before,
+        "state_bytes": adapm.state_bytes(opt),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gpt2-124m")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--quick", action="store_true", help="GPT-2 20M shapes, 1 step")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.model, args.steps = "gpt2-20m", 1
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(worker(args.worker, args.model, args.steps, args.batch, args.seq)))
+        return
+    rows = []
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    for name in args.optimizers.split(","):
+        if name not in OPTIMIZERS:
+            parser.error(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+        cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--steps", str(args.steps),
+               "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    base = next((r for r in rows if r["optimizer"] == "adamw"), None)
+    for r in rows:
+        if base is not None:
+            r["rss_saving_vs_adamw_bytes"] = base["peak_rss_bytes"] - r["peak_rss_bytes"]
+            r["state_saving_vs_adamw_bytes"] = base["state_bytes"] - r["state_bytes"]
+            state_saving = r["state_saving_vs_adamw_bytes"]
+            r["saving_realized"] = r["rss_saving_vs_adamw_bytes"] / state_saving if state_saving > 0 else None
+    mb = "{:,.0f} MB"
+    for r in rows:
+        for key in list(r):
+            if key.endswith("_bytes"):
+                r[key.replace("_bytes", "_mb")] = r[key] / 1e6
+    columns = [
+        ("optimizer", "{}"),
+        ("peak_rss_mb", mb),
+        ("state_mb", mb),
+        ("rss_saving_vs_adamw_mb", mb),
+        ("state_saving_vs_adamw_mb", mb),
+        ("saving_realized", "{:.2f}"),
+    ]
+    print(markdown_table(rows, columns))
+    info = machine_info()
+    info.update(model=args.model, steps=args.steps, batch=args.batch, seq=args.seq, threads=args.threads,
+                command=" ".join(sys.argv))  # fmt: skip
+    print(f"\n{args.model}, batch {args.batch} x {args.seq}, {args.steps} steps, {args.threads} threads; "
+          f"{info['processor']}, torch {info['torch']}, git {info['git_sha']}")  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

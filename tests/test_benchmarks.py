@@ -1,0 +1,46 @@
+"""Smoke tests: every benchmark script runs in its --quick mode and writes the promised JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(script: str, out: Path, *extra: str) -> dict:
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    cmd = [sys.executable, str(BENCH / script), "--quick", "--json", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "|" in proc.stdout  # the Markdown table
+    return json.loads(out.read_text())
+
+
+def test_step_time_quick(tmp_path: Path) -> None:
+    result = _run("step_time.py", tmp_path / "st.json", "--optimizers", "adamw-fused,adamw-foreach,adapm,adapm-mini")
+    rows = result["rows"]
+    assert {r["optimizer"] for r in rows} == {"adamw-fused", "adamw-foreach", "adapm", "adapm-mini"}
+    for r in rows:
+        assert {"optimizer", "model", "threads", "median_ms", "ratio_to_adamw"} <= set(r)
+        assert r["median_ms"] > 0 and r["lower_bound_ms"] > 0
+    assert next(r for r in rows if r["optimizer"] == "adamw-fused")["ratio_to_adamw"] == 1.0
+    assert result["machine"]["torch"]
+
+
+def test_peak_memory_quick(tmp_path: Path) -> None:
+    rows = _run("peak_memory.py", tmp_path / "pm.json", "--optimizers", "adamw,adapm-mini")["rows"]
+    mini = next(r for r in rows if r["optimizer"] == "adapm-mini")
+    assert mini["state_saving_vs_adamw_bytes"] > 0 and mini["peak_rss_bytes"] > 0
+
+
+@pytest.mark.parametrize("script", ["convergence.py"])
+def test_convergence_quick(tmp_path: Path, script: str) -> None:
+    summary = _run(script, tmp_path / "cv.json")["summary"]
+    assert [r["optimizer"] for r in summary] == ["adamw", "adapm"]
+    assert all(r["mean_val_loss"] > 0 for r in summary)
