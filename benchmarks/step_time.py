@@ -62,28 +62,17 @@ def measure_bandwidth(threads: int) -> float:
     return 3 * 4 * a.numel() / statistics.median(times[1:])
 
 
-def measure_matmul(threads: int) -> float:
-    """FLOP/s of the skinny matmuls of low-rank tracking (768 x 3072 by rank 39), median of 9."""
+def measure_matmul(threads: int, rank: int = 39) -> float:
+    """FLOP/s of a 768 x 3072 matrix times a rank-``rank`` factor, median of 9: rank 39 is low-rank
+    tracking's skinny matmul, rank 384 GaLore's projection."""
     torch.set_num_threads(threads)
-    m, r = torch.randn(768, 3072), torch.randn(39, 3072)
+    m, r = torch.randn(768, 3072), torch.randn(rank, 3072)
     times = []
     for _ in range(10):
         t = time.perf_counter()
         m @ r.T
         times.append(time.perf_counter() - t)
-    return 2 * 768 * 3072 * 39 / statistics.median(times[1:])
-
-
-def measure_wide_matmul(threads: int) -> float:
-    """FLOP/s of GaLore-sized projections (768 x 3072 by rank 384), median of 9."""
-    torch.set_num_threads(threads)
-    m, r = torch.randn(768, 3072), torch.randn(384, 3072)
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        m @ r.T
-        times.append(time.perf_counter() - t)
-    return 2 * 768 * 3072 * 384 / statistics.median(times[1:])
+    return 2 * 768 * 3072 * rank / statistics.median(times[1:])
 
 
 def cost_model(name: str, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[float, float]:
@@ -150,7 +139,7 @@ def run(model_name: str, threads_list: list[int], rounds: int, optimizers: list[
     for threads in threads_list:
         torch.set_num_threads(threads)
         bandwidth, matmul = measure_bandwidth(threads), measure_matmul(threads)
-        wide = measure_wide_matmul(threads)
+        wide = measure_matmul(threads, rank=384)
         torch.set_num_threads(threads)
         times: dict[str, list[float]] = {name: [] for name in opts}
         for _ in range(rounds):
