@@ -1,8 +1,8 @@
 """Final validation loss at equal steps and tokens: all six optimizers on a GPT-2 and a Llama preset,
 each at the learning rate a small recorded sweep picked, then several seeds.
 
-Protocol (DESIGN.md section 8): for each model and optimizer, train at lr x {1/3, 1, 3} of the
-optimizer's default with seed 0 and keep the lr with the lowest final validation loss; then train
+Protocol (DESIGN.md section 8): for each model and optimizer, train at lr x {1/3, 1, 3} (``--lr-factors``)
+of the optimizer's default with seed 0 and keep the lr with the lowest final validation loss; then train
 the remaining seeds at that lr. Same data (the embedded Shakespeare corpus), batches, schedule and
 steps for everyone. Every run is recorded.
 
@@ -29,7 +29,6 @@ from adapm.train.loop import pretrain
 from adapm.train.optimizers import DEFAULT_LR
 
 OPTIMIZERS = ("adamw", "adam-mini", "adafactor", "galore", "adapm", "adapm-mini")
-LR_FACTORS = (1 / 3, 1.0, 3.0)
 
 
 def one_run(model: str, optimizer: str, lr: float, seed: int, steps: int, threads: int, out: Path) -> dict[str, Any]:
@@ -65,13 +64,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr-factors", default="0.333,1,3", help="multiples of each optimizer's default lr to sweep")
     parser.add_argument("--quick", action="store_true", help="gpt2-1m, adamw and adapm, 20 steps, 1 seed, no sweep")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     models = ["gpt2-1m"] if args.quick else args.models.split(",")
     optimizers = ["adamw", "adapm"] if args.quick else args.optimizers.split(",")
     steps, seeds = (20, 1) if args.quick else (args.steps, args.seeds)
-    factors = (1.0,) if args.quick else LR_FACTORS
+    factors = (1.0,) if args.quick else tuple(float(f) for f in args.lr_factors.split(","))
     runs: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,6 +97,9 @@ def main() -> None:
                         "state_bytes": best["state_bytes"],
                     }
                 )
+                if args.json:  # after every optimizer, so an interrupted run keeps what it measured
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps({"partial": True, "summary": summary, "runs": runs}, indent=2))
     for row in summary:
         ref = next((r for r in summary if r["model"] == row["model"] and r["optimizer"] == "adamw"), None)
         row["minus_adamw"] = row["mean_val_loss"] - ref["mean_val_loss"] if ref else None
