@@ -51,7 +51,7 @@ def test_block_size_must_divide() -> None:
 
 @pytest.mark.parametrize("block", [(0, 1), (0, 3), (1, 2), (None, 1)])
 def test_local_block_sums_over_row_shards_equal_the_block_mean(block: tuple[int | None, int]) -> None:
-    from adapm.policies.second_moment import block_entries, expand_local_blocks, local_block_sums
+    from adapm.policies.second_moment import block_entries, broadcast_blocks, local_block_sums
 
     g = torch.randn(9, 4, generator=torch.Generator().manual_seed(1))
     n = block_count((9, 4), *block)
@@ -62,5 +62,5 @@ def test_local_block_sums_over_row_shards_equal_the_block_mean(block: tuple[int 
     assert torch.allclose(total / block_entries((9, 4), *block), expected)
     dense = expand_blocks(expected, (9, 4), *block)
     for offset, part in parts:
-        local = expand_local_blocks(expected, tuple(part.shape), *block, offset)
+        local = broadcast_blocks(expected, tuple(part.shape), *block, offset).expand(part.shape)
         assert torch.equal(local, dense[offset : offset + part.shape[0]])

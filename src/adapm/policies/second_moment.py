@@ -79,17 +79,6 @@ def local_block_sums(grad: Tensor, block_dim: int | None, block_size: int, n_blo
     return sq.reshape(pre, nb, post).sum(dim=(0, 2))
 
 
-def expand_local_blocks(
-    values: Tensor, shape: tuple[int, ...], block_dim: int | None, block_size: int, row_offset: int
-) -> Tensor:
-    """Broadcast per-block ``values`` to the local rows (of ``shape``) starting at global ``row_offset``."""
-    if block_dim != 0:
-        return expand_blocks(values, shape, block_dim, block_size)
-    rows = shape[0]
-    ids = torch.div(torch.arange(rows, device=values.device) + row_offset, block_size, rounding_mode="floor")
-    return values[ids].reshape(rows, *([1] * (len(shape) - 1))).expand(shape).contiguous()
-
-
 def broadcast_blocks(
     values: Tensor, shape: tuple[int, ...], block_dim: int | None, block_size: int, row_offset: int = 0
 ) -> Tensor:

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,15 +48,21 @@ def _decode(path: Path, raw: bytes) -> str:
         ) from exc
 
 
-def _texts_from_jsonl(path: Path) -> list[str]:
-    texts = []
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for every non-blank line of a UTF-8 JSONL file (errors name the
+    file and line)."""
     for lineno, line in enumerate(_decode(path, path.read_bytes()).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+
+
+def _texts_from_jsonl(path: Path) -> list[str]:
+    texts = []
+    for lineno, record in read_jsonl(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f"{path}:{lineno}: each line must be an object with a string field 'text'")
         texts.append(record["text"])

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from adapm.train.data import read_jsonl
 
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss (the prompt), as Hugging Face models expect."""
@@ -68,13 +69,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"--data: no such file: {path}")
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+    for lineno, record in read_jsonl(path):
         if (
             isinstance(record, dict)
             and isinstance(record.get("prompt"), str)
