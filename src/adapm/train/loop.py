@@ -5,13 +5,16 @@ directory with the resolved config, metrics as JSONL and a summary. Runs alone o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from torch import nn
 import adapm
 from adapm.train import parallel
 from adapm.train.checkpoint import load_checkpoint, save_checkpoint
-from adapm.train.config import PretrainConfig
+from adapm.train.config import OptimConfig, PretrainConfig, TrainConfig
 from adapm.train.data import TokenData, get_batch, prepare_data
 from adapm.train.models import build_model, count_parameters, load_pretrained
 from adapm.train.optimizers import DEFAULT_LR, build_optimizer
@@ -71,15 +74,16 @@ def evaluate(model: nn.Module, data: TokenData, cfg: PretrainConfig, device: tor
         x = get_batch(data.val, cfg.train.batch_size, cfg.data.seq_len, cfg.train.seed, -1, i)
         if device is not None:
             x = x.to(device)
-        with _autocast(cfg, device):
+        with autocast(cfg.train.bf16, device):
             losses.append(model(input_ids=x, labels=x).loss.item())
     model.train(was_training)
     return sum(losses) / len(losses)
 
 
-def _autocast(cfg: PretrainConfig, device: torch.device | None = None) -> Any:
+def autocast(bf16: bool, device: torch.device | None = None) -> Any:
+    """bf16 autocast when ``bf16``, else nothing."""
     device_type = device.type if device is not None else "cpu"
-    return torch.autocast(device_type, dtype=torch.bfloat16) if cfg.train.bf16 else nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def _build_model(cfg: PretrainConfig, data: TokenData) -> nn.Module:
@@ -105,6 +109,48 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class StepResult:
+    """What one micro-batch of a task gives the loop."""
+
+    loss: torch.Tensor
+    """The loss to differentiate (the loop divides it by ``grad_accum``)."""
+    tokens: int
+    """Tokens this micro-batch trained on (for tokens/s)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Extra per-step numbers to log (averaged over micro-batches and ranks), e.g. RLHF's reward."""
+
+
+@dataclass
+class Task:
+    """One kind of training (pretraining, fine-tuning, RLHF) as the shared loop sees it.
+
+    The loop owns everything else: seeding, DDP/FSDP2 wrapping, the optimizer and schedule, gradient
+    accumulation and clipping, metrics, checkpoints with exact resume, the progress bar and the summary.
+    """
+
+    kind: str
+    """"pretrain", "sft" or "rlhf" (recorded in the summary)."""
+    model_name: str
+    """What the summary calls the model (a preset or a directory)."""
+    build_model: Callable[[], nn.Module]
+    """Builds the model to train (called after the seed is set)."""
+    step: Callable[[nn.Module, int, int], StepResult]
+    """``step(model, step, micro)``: forward one micro-batch of training step ``step``."""
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    """Held-out metrics of the current model; must contain ``primary``."""
+    primary: str = "val_loss"
+    """The headline held-out metric."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The resolved config, written to config.json (the loop adds ``derived`` facts)."""
+    derived: dict[str, Any] = field(default_factory=dict)
+    """Facts about the run to record in config.json and the summary (vocabulary, baselines...)."""
+    save_extra: Callable[[Path], None] | None = None
+    """Writes what belongs beside the saved model (the tokenizer)."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step (fine-tuning: the starting point is the baseline)."""
+
+
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data`` with ``cfg.optim``; returns (and writes) the run summary.
 
@@ -113,40 +159,72 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """
     par = parallel.setup()
     try:
-        return _pretrain(cfg, par)
+        torch.set_num_threads(cfg.train.threads or default_threads())
+        refuse_overwrite(cfg.train, par)
+        if not par.is_main:
+            par.barrier()  # rank 0 tokenizes and fills the cache first
+        data = prepare_data(cfg.data)
+        if par.is_main:
+            par.barrier()
+        return run(pretrain_task(cfg, data, par), cfg.optim, cfg.train, par)
     finally:
         parallel.teardown(par)
 
 
-def _pretrain(cfg: PretrainConfig, par: parallel.Parallel) -> dict[str, Any]:
+def pretrain_task(cfg: PretrainConfig, data: TokenData, par: parallel.Parallel) -> Task:
+    """Pretraining as a :class:`Task`: random token windows of the corpus."""
     tc = cfg.train
-    torch.set_num_threads(tc.threads or default_threads())
-    out = Path(tc.out_dir)
-    sharded = par.enabled and tc.fsdp
-    ckpt_path = out / (CHECKPOINT_DCP if sharded else CHECKPOINT)
+
+    def step(model: nn.Module, step: int, micro: int) -> StepResult:
+        key = (step, micro) if not par.enabled else (step, micro, par.rank)
+        x = get_batch(data.train, tc.batch_size, cfg.data.seq_len, tc.seed, *key).to(par.device)
+        with autocast(tc.bf16, par.device):
+            loss = model(input_ids=x, labels=x).loss
+        return StepResult(loss, x.numel())
+
+    return Task(
+        kind="pretrain",
+        model_name=cfg.model.init_from or cfg.model.model,
+        build_model=lambda: _build_model(cfg, data),
+        step=step,
+        evaluate=lambda model: {"val_loss": evaluate(model, data, cfg, par.device)},
+        config=cfg.to_dict(),
+        derived={"vocab_size": data.vocab_size, "unigram_val_loss": data.unigram_loss()},
+        save_extra=data.tokenizer.save_pretrained,
+    )
+
+
+def refuse_overwrite(tc: TrainConfig, par: parallel.Parallel) -> None:
+    """An existing checkpoint without ``resume`` is an error (nothing gets overwritten)."""
+    ckpt_path = Path(tc.out_dir) / (CHECKPOINT_DCP if par.enabled and tc.fsdp else CHECKPOINT)
     if ckpt_path.exists() and not tc.resume:
         raise FileExistsError(
             f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out-dir "
             "(nothing was overwritten)"
         )
-    if not par.is_main:
-        par.barrier()  # rank 0 tokenizes and fills the cache first
-    data = prepare_data(cfg.data)
-    if par.is_main:
-        par.barrier()
+
+
+def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel) -> dict[str, Any]:
+    """The shared training loop: train ``task`` with ``optim`` for ``tc.steps``; returns the summary
+    (also written to ``tc.out_dir/summary.json`` by rank 0), or ``{"stopped_at": step}`` at ``tc.stop_at``."""
+    out = Path(tc.out_dir)
+    sharded = par.enabled and tc.fsdp
+    ckpt_path = out / (CHECKPOINT_DCP if sharded else CHECKPOINT)
+    refuse_overwrite(tc, par)
     torch.manual_seed(tc.seed)
-    base = _build_model(cfg, data).to(par.device)
+    base = task.build_model().to(par.device)
     n_params = count_parameters(base)
     base.train()
     model = parallel.wrap(base, par, tc.fsdp)
-    optimizer = build_optimizer(parallel.unwrap(model), cfg.optim)
+    optim = dataclasses.replace(optim, lr=optim.lr if optim.lr is not None else default_lr(task, optim))
+    optimizer = build_optimizer(parallel.unwrap(model), optim)
     warmup = tc.warmup_steps if tc.warmup_steps is not None else max(1, tc.steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, tc.steps, tc.min_lr_ratio))
 
-    start, elapsed = 0, 0.0
+    start, elapsed, initial, extra = 0, 0.0, {}, {}
     if tc.resume and ckpt_path.exists():
         if sharded:
-            extra = parallel.dcp_load(ckpt_path, model, optimizer, _extra_template(scheduler))
+            extra = parallel.dcp_load(ckpt_path, model, optimizer, _extra_template(scheduler, task))
             scheduler.load_state_dict(extra["scheduler"])
         else:
             extra = load_checkpoint(ckpt_path)
@@ -155,14 +233,17 @@ def _pretrain(cfg: PretrainConfig, par: parallel.Parallel) -> dict[str, Any]:
             scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"])
         start, elapsed = int(extra["step"]), float(extra["elapsed"])
+        initial = json.loads(extra.get("initial", "{}"))
         if par.is_main:
             _truncate_metrics(out / METRICS, start)
-    resolved = cfg.to_dict()
-    resolved["optim"]["lr"] = cfg.optim.lr if cfg.optim.lr is not None else DEFAULT_LR[cfg.optim.optimizer]
+    resolved = dict(task.config)
+    resolved["optim"] = {
+        **resolved.get("optim", {}),
+        "lr": optim.lr if optim.lr is not None else default_lr(task, optim),
+    }
     resolved["derived"] = {
         "parameters": n_params,
-        "vocab_size": data.vocab_size,
-        "unigram_val_loss": data.unigram_loss(),
+        **task.derived,
         "threads": torch.get_num_threads(),
         "world_size": par.world,
         "parallel": ("fsdp2" if tc.fsdp else "ddp") if par.enabled else "none",
@@ -171,25 +252,35 @@ def _pretrain(cfg: PretrainConfig, par: parallel.Parallel) -> dict[str, Any]:
     if par.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(resolved, indent=2))
+    metrics = open(out / METRICS, "a") if par.is_main else None  # noqa: SIM115 - closed below
 
-    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len * par.world
+    def log(record: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    if task.eval_at_start and start == 0:
+        initial = task.evaluate(model)
+        log({"step": 0, "tokens": 0, "elapsed_s": 0.0, **initial})
+
     stop = min(tc.steps, tc.stop_at) if tc.stop_at is not None else tc.steps
     rates: list[float] = []
-    train_loss = float("nan")
+    train_loss, step_metrics = float("nan"), {}
+    tokens_seen = int(extra.get("tokens", 0)) if start > 0 else 0
     window_start, window_tokens = time.perf_counter(), 0
-    progress = _progress_bar(tc.steps, start, tc.progress and par.is_main, cfg.optim.optimizer)
-    metrics = open(out / METRICS, "a") if par.is_main else None  # noqa: SIM115 - closed below
+    progress = _progress_bar(tc.steps, start, tc.progress and par.is_main, optim.optimizer)
     try:
         for step in range(start, stop):
             t0 = time.perf_counter()
-            total = 0.0
+            total, tokens, sums = 0.0, 0, {}
             for micro in range(tc.grad_accum):
-                key = (step, micro) if not par.enabled else (step, micro, par.rank)
-                x = get_batch(data.train, tc.batch_size, cfg.data.seq_len, tc.seed, *key).to(par.device)
-                with _autocast(cfg, par.device):
-                    loss = model(input_ids=x, labels=x).loss / tc.grad_accum
+                result = task.step(model, step, micro)
+                loss = result.loss / tc.grad_accum
                 loss.backward()
                 total += loss.item()
+                tokens += result.tokens
+                for k, v in result.metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v / tc.grad_accum
             if tc.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
@@ -197,7 +288,10 @@ def _pretrain(cfg: PretrainConfig, par: parallel.Parallel) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             elapsed += time.perf_counter() - t0
             train_loss = par.mean(total)
-            window_tokens += tokens_per_step
+            step_metrics = {k: par.mean(v) for k, v in sums.items()}
+            step_tokens = round(par.mean(tokens) * par.world)
+            tokens_seen += step_tokens
+            window_tokens += step_tokens
             done = step + 1
             record: dict[str, Any] = {}
             if done % tc.log_every == 0 or done == tc.steps:
@@ -208,25 +302,31 @@ def _pretrain(cfg: PretrainConfig, par: parallel.Parallel) -> dict[str, Any]:
                 window_start, window_tokens = now, 0
             if done % tc.eval_every == 0 or done == tc.steps:
                 t_eval = time.perf_counter()
-                record["val_loss"] = evaluate(model, data, cfg, par.device)
+                record.update(task.evaluate(model))
                 window_start += time.perf_counter() - t_eval
             if record:
-                record = {
-                    "step": done,
-                    "train_loss": train_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens": done * tokens_per_step,
-                    "elapsed_s": elapsed,
-                    "state_bytes": adapm.state_bytes(optimizer),
-                    "peak_rss_bytes": par.max(peak_rss_bytes()),
-                    **record,
-                }
-                if metrics is not None:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
+                log(
+                    {
+                        "step": done,
+                        "train_loss": train_loss,
+                        **step_metrics,
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens": tokens_seen,
+                        "elapsed_s": elapsed,
+                        "state_bytes": adapm.state_bytes(optimizer),
+                        "peak_rss_bytes": par.max(peak_rss_bytes()),
+                        **record,
+                    }
+                )
             if done % tc.checkpoint_every == 0 or done == stop:
                 t_ckpt = time.perf_counter()
-                extra = {"rng": torch.get_rng_state(), "step": done, "elapsed": elapsed}
+                extra = {
+                    "rng": torch.get_rng_state(),
+                    "step": done,
+                    "elapsed": elapsed,
+                    "tokens": tokens_seen,
+                    "initial": json.dumps(initial),
+                }
                 if sharded:
                     parallel.dcp_save(ckpt_path, model, optimizer, {**extra, "scheduler": scheduler.state_dict()}, par)
                 elif par.is_main:
@@ -250,23 +350,27 @@ def _pretrain(cfg: PretrainConfig, par: parallel.Parallel) -> dict[str, Any]:
 
     if stop < tc.steps:
         return {"stopped_at": stop}
-    final_val = evaluate(model, data, cfg, par.device)
+    final = task.evaluate(model)
     if tc.save_model:
         full = parallel.full_state_dict(model) if sharded else None
         if par.is_main:
-            target = parallel.unwrap(model)
-            target.save_pretrained(str(out / "model"), state_dict=full)
-            data.tokenizer.save_pretrained(str(out / "model"))
+            parallel.unwrap(model).save_pretrained(str(out / "model"), state_dict=full)
+            if task.save_extra is not None:
+                task.save_extra(out / "model")
     summary = {
-        "optimizer": cfg.optim.optimizer,
-        "model": cfg.model.init_from or cfg.model.model,
+        "task": task.kind,
+        "optimizer": optim.optimizer,
+        "model": task.model_name,
         "parameters": n_params,
         "steps": tc.steps,
-        "tokens": tc.steps * tokens_per_step,
+        "tokens": tokens_seen,
         "lr": resolved["optim"]["lr"],
         "final_train_loss": train_loss,
-        "final_val_loss": final_val,
-        "unigram_val_loss": resolved["derived"]["unigram_val_loss"],
+        **{f"final_{k}": v for k, v in step_metrics.items()},
+        "primary": task.primary,
+        **{f"final_{k}": v for k, v in final.items()},
+        **{f"initial_{k}": v for k, v in initial.items()},
+        **{k: v for k, v in task.derived.items() if isinstance(v, (int, float, str))},
         "tokens_per_s": statistics.median(rates) if rates else None,
         "train_seconds": elapsed,
         "state_bytes": adapm.state_bytes(optimizer),
@@ -281,8 +385,22 @@ def _pretrain(cfg: PretrainConfig, par: parallel.Parallel) -> dict[str, Any]:
     return summary
 
 
-def _extra_template(scheduler: Any) -> dict[str, Any]:
-    return {"rng": torch.get_rng_state(), "step": 0, "elapsed": 0.0, "scheduler": scheduler.state_dict()}
+def default_lr(task: Task, optim: OptimConfig) -> float:
+    """The learning rate used when ``optim.lr`` is unset (fine-tuning uses smaller ones)."""
+    from adapm.train.optimizers import FINETUNE_LR
+
+    return (DEFAULT_LR if task.kind == "pretrain" else FINETUNE_LR)[optim.optimizer]
+
+
+def _extra_template(scheduler: Any, task: Task) -> dict[str, Any]:
+    return {
+        "rng": torch.get_rng_state(),
+        "step": 0,
+        "elapsed": 0.0,
+        "tokens": 0,
+        "initial": "{}",
+        "scheduler": scheduler.state_dict(),
+    }
 
 
 def _progress_bar(total: int, initial: int, enabled: bool, label: str) -> Any:

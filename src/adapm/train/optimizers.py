@@ -31,6 +31,16 @@ DEFAULT_LR: dict[str, float] = {
 """Default peak learning rates for the tiny CPU presets (the paper's Adafactor lr is 0.01; GaLore's
 scale 0.25 shrinks its steps, so it gets a larger lr as in the GaLore paper)."""
 
+FINETUNE_LR: dict[str, float] = {
+    "adamw": 2e-5,
+    "adam-mini": 2e-5,
+    "adafactor": 1e-4,
+    "galore": 1e-4,
+    "adapm": 2e-5,
+    "adapm-mini": 2e-5,
+}
+"""Default peak learning rates for fine-tuning a pretrained model (`adapm sft`, `adapm rlhf`)."""
+
 GALORE_MATRIX_PATTERN = r"(attn|attention|mlp)"
 """GaLore applies to 2-D parameters whose name matches this (attention and MLP matrices)."""
 

@@ -53,6 +53,16 @@ class Parallel:
         return int(t.item())
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several started by torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank_from_env() -> int:
+    """This process's rank as torchrun set it (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup() -> Parallel:
     """Join the torchrun job if there is one (gloo on CPU, NCCL on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

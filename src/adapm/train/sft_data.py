@@ -113,7 +113,7 @@ def tokenize(tokenizer: Any, record: dict[str, Any], max_length: int) -> dict[st
     prompt_messages, answer = messages[:-1], messages[-1]["content"]
     if getattr(tokenizer, "chat_template", None):
         prompt_ids = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(prompt_ids, dict):
+        if hasattr(prompt_ids, "keys"):  # transformers 5 returns a BatchEncoding
             prompt_ids = prompt_ids["input_ids"]
     else:
         text = "".join(f"{'Question' if m['role'] == 'user' else m['role'].title()}: {m['content']}\n"
