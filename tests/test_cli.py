@@ -72,3 +72,34 @@ def test_unknown_flag_and_choices() -> None:
         parser.parse_args(["pretrain", "--optimizer", "sgd"])
     with pytest.raises(SystemExit):
         parser.parse_args(["pretrain", "--learning-rate", "1"])
+
+
+@pytest.mark.parametrize("command", ["sft", "rlhf"])
+def test_finetune_help_shows_finetuning_defaults(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "SmolLM2-135M-Instruct" in out and "adamw 2e-05" in out and "--optimizers" in out
+    steps = "(default: 30)" if command == "sft" else "(default: 20)"
+    assert f"Optimizer steps. {steps}" in out
+
+
+def test_finetune_errors_name_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sft", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--model:" in capsys.readouterr().err
+    assert main(["rlhf", "--reward", str(tmp_path / "rm"), "--out", str(tmp_path / "o")]) == 2
+    assert "--reward:" in capsys.readouterr().err
+    assert main(["sft", "--optimizers", "adamw,sgd"]) == 2
+    assert "Invalid optimizers: 'sgd'" in capsys.readouterr().err
+
+
+def test_sft_from_the_command_line(tiny_lm_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sft"
+    args = ["--model", str(tiny_lm_dir), "--out", str(out), "--steps", "2", "--batch-size", "2", "--max-length",
+            "96", "--eval-every", "2", "--threads", "1", "--no-progress", "--no-save-model",
+            "--optimizers", "adamw,adapm"]  # fmt: skip
+    assert main(["sft", *args]) == 0
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["optimizer"] for r in rows] == ["adamw", "adapm"] and rows[1]["ratio_to_adamw"] < 0.7
+    assert "eval loss before fine-tuning" in (out / "summary.md").read_text()

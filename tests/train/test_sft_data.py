@@ -49,3 +49,18 @@ def test_loss_only_on_response_tokens(play_text: Path, cache_dir: Path) -> None:
     assert tokenizer.decode(response_ids[:-1]) == record["response"]
     assert "Question: Who is the Prince" in tokenizer.decode(out["input_ids"][:n_prompt])
     assert len(tokenize(tokenizer, record, max_length=10)["input_ids"]) == 10
+
+
+def test_chat_template_is_applied_and_masked(play_text: Path, cache_dir: Path) -> None:
+    cfg = DataConfig(data=str(play_text), vocab_size=300, cache_dir=str(cache_dir))
+    tokenizer, _ = load_tokenizer(cfg, load_texts(play_text))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who?"},
+                           {"role": "assistant", "content": "Hamlet."}]}  # fmt: skip
+    out = tokenize(tokenizer, record, max_length=512)
+    n_prompt = sum(1 for label in out["labels"] if label == IGNORE_INDEX)
+    assert tokenizer.decode(out["input_ids"][:n_prompt]) == "<system>Be brief.\n<user>Who?\n<assistant>"
+    assert tokenizer.decode([t for t in out["labels"] if t != IGNORE_INDEX][:-1]) == "Hamlet."

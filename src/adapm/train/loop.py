@@ -266,6 +266,7 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
     stop = min(tc.steps, tc.stop_at) if tc.stop_at is not None else tc.steps
     rates: list[float] = []
     train_loss, step_metrics = float("nan"), {}
+    last_eval: tuple[int, dict[str, float]] = (-1, {})
     tokens_seen = int(extra.get("tokens", 0)) if start > 0 else 0
     window_start, window_tokens = time.perf_counter(), 0
     progress = _progress_bar(tc.steps, start, tc.progress and par.is_main, optim.optimizer)
@@ -302,7 +303,8 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
                 window_start, window_tokens = now, 0
             if done % tc.eval_every == 0 or done == tc.steps:
                 t_eval = time.perf_counter()
-                record.update(task.evaluate(model))
+                last_eval = (done, task.evaluate(model))
+                record.update(last_eval[1])
                 window_start += time.perf_counter() - t_eval
             if record:
                 log(
@@ -350,7 +352,7 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
 
     if stop < tc.steps:
         return {"stopped_at": stop}
-    final = task.evaluate(model)
+    final = last_eval[1] if last_eval[0] == tc.steps else task.evaluate(model)
     if tc.save_model:
         full = parallel.full_state_dict(model) if sharded else None
         if par.is_main:

@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +112,25 @@ def load_tokenizer(path: Path) -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def position_limit(path: Path) -> int | None:
+    """How many positions the model in ``path`` can attend over, if it has a hard limit (learned
+    absolute position embeddings, as GPT-2's ``n_positions``); rotary models have none."""
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    value = config.get("n_positions") if config.get("model_type") == "gpt2" else None
+    return int(value) if value else None
+
+
+def clamp_length(path: Path, requested: int, flag: str) -> int:
+    """``requested`` or the model's position limit when that is smaller (with a warning naming ``flag``)."""
+    limit = position_limit(path)
+    if limit is not None and requested > limit:
+        warnings.warn(
+            f"{flag} {requested} exceeds the {limit} positions of the model in {path}; using {limit}",
+            stacklevel=2,
+        )
+        return limit
+    return requested

@@ -34,7 +34,7 @@ from adapm.train import parallel
 from adapm.train.config import RLHFConfig
 from adapm.train.data import embedded_corpus_files, read_jsonl
 from adapm.train.loop import StepResult, Task, default_threads, run
-from adapm.train.pretrained import load_causal_lm, load_tokenizer, resolve_model_dir
+from adapm.train.pretrained import clamp_length, load_causal_lm, load_tokenizer, resolve_model_dir
 
 PROMPT_INSTRUCTION = "Continue this text: "
 """Put before each built-in prompt (the task of the built-in VADER reward: continue positively)."""
@@ -306,6 +306,13 @@ class ReMax:
 def rlhf_task(cfg: RLHFConfig, model_dir: Path, par: parallel.Parallel) -> Task:
     """ReMax as a :class:`adapm.train.loop.Task` (the reference model is loaded here, frozen)."""
     tokenizer = load_tokenizer(model_dir)
+    total = clamp_length(
+        model_dir, cfg.max_prompt_length + cfg.max_new_tokens, "--max-prompt-length + --max-new-tokens"
+    )
+    if total < cfg.max_prompt_length + cfg.max_new_tokens:
+        if total - cfg.max_new_tokens < 4:
+            raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in {total} positions")
+        cfg = dataclasses.replace(cfg, max_prompt_length=total - cfg.max_new_tokens)
     reference = load_causal_lm(model_dir).to(par.device).eval().requires_grad_(False)
     prompts = builtin_prompts() if cfg.prompts is None else load_prompts(cfg.prompts)
     remax = ReMax(cfg, tokenizer, reference, make_reward(cfg.reward, par.device), prompts, par.device)

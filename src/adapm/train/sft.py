@@ -23,7 +23,7 @@ from torch import nn
 from adapm.train import parallel
 from adapm.train.config import SFTConfig, SFTDataConfig
 from adapm.train.loop import StepResult, Task, autocast, default_threads, run
-from adapm.train.pretrained import load_causal_lm, load_tokenizer, resolve_model_dir
+from adapm.train.pretrained import clamp_length, load_causal_lm, load_tokenizer, resolve_model_dir
 from adapm.train.sft_data import IGNORE_INDEX, builtin_examples, load_records, tokenize
 
 SPLIT_SEED = 1234
@@ -170,7 +170,8 @@ def finetune_one(cfg: SFTConfig) -> dict[str, Any]:
         if par.is_main:
             par.barrier()
         tokenizer = load_tokenizer(model_dir)
-        data = prepare_sft_data(cfg.data, tokenizer)
+        max_length = clamp_length(model_dir, cfg.data.max_length, "--max-length")
+        data = prepare_sft_data(dataclasses.replace(cfg.data, max_length=max_length), tokenizer)
         return run(sft_task(cfg, model_dir, tokenizer, data, par), cfg.optim, cfg.train, par)
     finally:
         parallel.teardown(par)
