@@ -32,7 +32,7 @@ def main() -> None:
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        name = r["optimizer"] + (f" ({r['tracker']})" if r["tracker"] == "gd" else "")
+        name = r["optimizer"] + (f" ({r['tracker']})" if r["tracker"] in ("gd", "fixed") else "")
         worst, worst_rel = r["fsdp_worst_tensor"]
         print(
             f"| {r['model']} | {name} | {r['ddp_loss_rel']:.1e} | {r['ddp_param_rel']:.1e} | "

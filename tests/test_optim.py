@@ -75,7 +75,7 @@ def test_block_second_moment_matches_official_adam_mini_on_llama() -> None:
 
 
 @pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
-@pytest.mark.parametrize("tracker", ["power", "gd"])
+@pytest.mark.parametrize("tracker", ["power", "gd", "fixed"])
 def test_adapm_trains_real_models(cls: type[adapm.AdaPM], tracker: str) -> None:
     for make in (tiny_gpt2, tiny_llama):
         model = make()

@@ -141,7 +141,8 @@ class AdaPM(Optimizer):
             \quad\text{(transient)} \\
        &\qquad (L_t, R_t) \leftarrow \begin{cases}
             \mathrm{rsvd}_r(m_t) & t = 1 \text{ or } t \equiv t_0 \pmod T \\
-            Q = \mathrm{qr}(m_t R_{t-1}^\top),\ (Q, Q^\top m_t) & \text{power tracker} \end{cases} \\
+            Q = \mathrm{qr}(m_t R_{t-1}^\top),\ (Q, Q^\top m_t) & \text{power tracker} \\
+            (L_{t-1}, L_{t-1}^\top m_t) & \text{fixed tracker} \end{cases} \\
        &\qquad \rho_t \leftarrow m_t - L_t R_t, \qquad
             c_t \leftarrow \beta_1 (1 - \beta_1^{t-1}) / (1 - \beta_1) \\
        &\qquad \hat m_t \leftarrow (m_t + c_t \rho_t) / (1 - \beta_1^t) \\
@@ -167,8 +168,9 @@ class AdaPM(Optimizer):
         weight_decay: decoupled (AdamW) decay; from a model, applied to matrices only. Default ``0.1``.
         second_moment: ``"full"`` (AdaPM) or ``"block"`` (AdaPM-mini): the default for groups.
         rank_ratio: rank of low-rank momentum as a fraction of ``min(m, n)``, in ``(0, 1]``.
-        tracker: ``"power"`` (one warm-started power iteration) or ``"gd"`` (the paper's 10 steps
-            of alternating gradient descent).
+        tracker: ``"power"`` (one warm-started power iteration), ``"gd"`` (the paper's 10 steps
+            of alternating gradient descent) or ``"fixed"`` (the basis of the last refresh is kept:
+            two skinny matmuls per step instead of four; the subspace adapts only at refreshes).
         refresh_every: re-seed low-rank factors from a randomized SVD every this many steps
             (staggered across parameters, deterministic seeds).
         correction: ``"unbiased"`` (default), ``"none"`` or ``"paper"`` (ablation only).

@@ -142,7 +142,13 @@ def equivalence(out_file: str) -> None:
     data = batches(STEPS)
     results = []
     for kind in ("gpt2", "llama"):
-        for opt_name, tracker in (("adamw", "-"), ("adapm", "power"), ("adapm-mini", "power"), ("adapm", "gd")):
+        for opt_name, tracker in (
+            ("adamw", "-"),
+            ("adapm", "power"),
+            ("adapm-mini", "power"),
+            ("adapm", "gd"),
+            ("adapm", "fixed"),
+        ):
             ref = make_model(kind)
             ref_losses = train(ref, make_opt(opt_name, ref, tracker), data, 0, 1)
             ref_params = full_params(ref)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from adapm.policies import gd_track, lowrank_momentum, power_track, randomized_factors
+from adapm.policies import correction_coefficient, gd_track, lowrank_momentum, power_track, randomized_factors
 
 
 def _rotating_stream(steps: int, rows: int = 64, cols: int = 48, rank: int = 4, seed: int = 0):
@@ -64,7 +65,7 @@ def test_trackers_never_nan_on_zero_or_rank_deficient_momenta() -> None:
     # Embedding-like gradient: only two rows ever receive gradient (rank 2 < r = 3).
     grad = torch.zeros(20, 12)
     grad[[3, 7]] = torch.randn(2, 12, generator=gen)
-    for tracker in ("power", "gd"):
+    for tracker in ("power", "gd", "fixed"):
         left, right = torch.zeros(20, 3), torch.zeros(3, 12)
         for t in range(1, 30):
             g = grad if t % 3 else torch.zeros_like(grad)
@@ -83,3 +84,24 @@ def test_randomized_factors_are_seeded() -> None:
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     best = _best_error(m, 4)
     assert float((m - a[0] @ a[1]).norm()) / best < 1.01
+
+
+@pytest.mark.parametrize("correction", ["unbiased", "none", "paper"])
+def test_fixed_tracker_is_the_exact_projection_with_two_matmuls(correction: str) -> None:
+    """Between refreshes the fixed tracker keeps L = Q and sets L R_t = Q Q^T m_t; its corrected
+    momentum must equal m_t + c_t (m_t - Q Q^T m_t) computed the long way."""
+    gen = torch.Generator().manual_seed(5)
+    q, right = randomized_factors(torch.randn(40, 24, generator=gen), 4, gen)
+    beta1 = 0.9
+    for t in (2, 7, 50):
+        g = torch.randn(40, 24, generator=gen)
+        m = beta1 * q @ right + (1 - beta1) * g
+        expected = m + correction_coefficient(correction, beta1, t) * (m - q @ (q.T @ m))
+        out, left, new_right = lowrank_momentum(
+            q, right, g, beta1, t, tracker="fixed", correction=correction, refresh=False, generator=None,
+            out=torch.empty_like(g),
+        )  # fmt: skip
+        assert left is q
+        torch.testing.assert_close(new_right, q.T @ m, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)  # c = -10 for "paper"
+        right = new_right

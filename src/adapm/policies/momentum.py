@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from adapm.policies.correction import correction_coefficient
-from adapm.policies.trackers import Reduce, gd_track, power_track, randomized_factors
+from adapm.policies.trackers import TRACKERS, Reduce, gd_track, power_track, randomized_factors
 
 MOMENTUM_POLICIES = ("full", "lowrank", "none")
 
@@ -50,6 +50,9 @@ def lowrank_momentum(
         out: a reusable buffer shaped like ``grad`` for the transient momentum; the result is then
             computed in it (large fresh allocations are slow: every new page faults).
     """
+    if tracker == "fixed" and not refresh:
+        return _fixed_basis_momentum(left, right, grad, beta1, correction_coefficient(correction, beta1, step),
+                                     reduce, out)  # fmt: skip
     if out is None:
         m = torch.addmm(grad, left, right, beta=1.0 - beta1, alpha=beta1)
     else:
@@ -58,6 +61,8 @@ def lowrank_momentum(
     if refresh:
         if generator is None:
             raise ValueError("lowrank_momentum: a generator is required when refresh=True")
+        if tracker not in TRACKERS:
+            raise ValueError(f"Invalid tracker: {tracker!r}")
         left, right = randomized_factors(m, rank, generator, balanced=tracker == "gd", reduce=reduce)
     elif tracker == "power":
         left, right = power_track(m, right, reduce)
@@ -70,3 +75,25 @@ def lowrank_momentum(
         return m, left, right
     # m + c (m - L R) without materializing the residual.
     return m.addmm_(left, right, beta=1.0 + c, alpha=-c), left, right
+
+
+def _fixed_basis_momentum(
+    q: Tensor, right: Tensor, grad: Tensor, beta1: float, c: float, reduce: Reduce | None, out: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``fixed`` tracker between refreshes: the basis ``Q = L`` (orthonormal columns, from the
+    last randomized SVD) is kept, so ``L_t R_t = Q Q^T m_t`` needs only ``P = Q^T g``:
+
+    ``R_t = b1 R_{t-1} + (1 - b1) P`` and ``m_t - Q R_t = (1 - b1)(g - Q P)``, hence the corrected
+    momentum ``m_t + c (m_t - Q R_t) = a g + Q (R_t - a P)`` with ``a = (1 + c)(1 - b1)``: two skinny
+    matmuls instead of the power tracker's four. (For ``unbiased``, ``a -> 1``: the gradient outside
+    the subspace plus the momentum inside it.)
+    """
+    p = q.mT @ grad
+    if reduce is not None:
+        p = reduce(p)
+    right_t = torch.lerp(right, p, 1.0 - beta1)
+    a = (1.0 + c) * (1.0 - beta1)
+    coef = torch.add(right_t, p, alpha=-a)
+    if out is None:
+        return torch.addmm(grad, q, coef, beta=a), q, right_t
+    return out.copy_(grad).addmm_(q, coef, beta=a), q, right_t

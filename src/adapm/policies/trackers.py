@@ -3,6 +3,8 @@
 * :func:`power_track` (default): one warm-started block power iteration with a Householder QR.
 * :func:`gd_track`: the paper's alternating gradient descent on ``||L R - m||_F^2`` with exact block
   Lipschitz step sizes.
+* ``fixed``: no tracking between refreshes: the basis from the last randomized SVD is kept and only
+  ``R`` is updated (see :func:`adapm.policies.momentum.lowrank_momentum`); half the matmuls of ``power``.
 * :func:`randomized_factors`: a randomized SVD used to seed the factors at the first step and to
   refresh them every ``refresh_every`` steps. It draws from an explicit generator so that a run is
   reproducible and a resumed run continues bit-identically.
@@ -25,7 +27,7 @@ Reduce = Callable[[Tensor], Tensor]
 """Sums a tensor over the ranks that hold the other rows of a row-sharded matrix (see
 :mod:`adapm.distributed`). ``None`` means the matrix is whole on this rank."""
 
-TRACKERS = ("power", "gd")
+TRACKERS = ("power", "gd", "fixed")
 
 GD_ITERATIONS = 10
 """Alternating gradient steps per optimizer step for the ``gd`` tracker (the paper's value)."""

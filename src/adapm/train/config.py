@@ -87,7 +87,8 @@ class OptimConfig:
     refresh_every: int = 100
     """AdaPM: randomized-SVD refresh period of the low-rank factors."""
     tracker: str = "power"
-    """AdaPM: low-rank tracker, power or gd."""
+    """AdaPM: low-rank tracker: power (one power iteration per step), gd (the paper's 10 gradient
+    steps) or fixed (basis kept between refreshes: half the matmuls of power)."""
     correction: str = "unbiased"
     """AdaPM: residual correction, unbiased, none or paper."""
     update_clip: float | None = 1.0
@@ -103,7 +104,7 @@ class OptimConfig:
         _check(0 <= self.beta2 < 1, "beta2", self.beta2, "a number in [0, 1)")
         _check(0 < self.rank_ratio <= 1, "rank_ratio", self.rank_ratio, "a number in (0, 1]")
         _check(self.refresh_every >= 1, "refresh_every", self.refresh_every, "an integer >= 1")
-        _check(self.tracker in ("power", "gd"), "tracker", self.tracker, "power or gd")
+        _check(self.tracker in ("power", "gd", "fixed"), "tracker", self.tracker, "power, gd or fixed")
         _check(self.correction in ("unbiased", "none", "paper"), "correction", self.correction, "unbiased/none/paper")
         _check(self.update_clip is None or self.update_clip > 0, "update_clip", self.update_clip, "> 0 or null")
 
