@@ -34,7 +34,19 @@ from adapm.train.config import OptimConfig
 from adapm.train.models import build_model
 from adapm.train.optimizers import build_optimizer
 
-OPTIMIZERS = ("adamw-fused", "adamw-foreach", "adamw-loop", "adam-mini", "adafactor", "galore", "adapm", "adapm-mini")
+OPTIMIZERS = (
+    "adamw-fused",
+    "adamw-foreach",
+    "adamw-loop",
+    "adam-mini",
+    "adafactor",
+    "galore",
+    "adapm",
+    "adapm-mini",
+    "adapm-fixed",
+    "adapm-mini-fixed",
+)
+"""``*-fixed``: AdaPM with ``tracker="fixed"`` (two skinny matmuls per low-rank block instead of four)."""
 MODELS = {"gpt2-124m": "gpt2-124m", "llama-350m": "llama-350m", "quick": "gpt2-20m"}
 
 
@@ -47,6 +59,8 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
             "adamw-loop": dict(foreach=False),
         }
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, **flags[name])
+    if name.endswith("-fixed"):
+        return build_optimizer(model, OptimConfig(optimizer=name.removesuffix("-fixed"), lr=lr, tracker="fixed"))
     return build_optimizer(model, OptimConfig(optimizer=name, lr=lr))
 
 
@@ -105,7 +119,7 @@ def cost_model(name: str, model: nn.Module, opt: torch.optim.Optimizer) -> tuple
                 per += {"full": 8.0, "none": 0.0, "lowrank": 8.0}[seg.momentum]  # m, or the transient buffer
                 total += per * numel
                 if seg.momentum == "lowrank":
-                    flops += 4 * 2 * numel * seg.rank
+                    flops += (2 if group["tracker"] == "fixed" else 4) * 2 * numel * seg.rank
     return total, flops
 
 

@@ -1,7 +1,7 @@
 """Paper Figure 4a: does the residual correction matter? AdaPM with the `unbiased` correction (ours,
 DESIGN.md section 2), with `none` (plain low-rank momentum), and with the formula printed in the paper's
 Algorithm 1 (`paper`, an experiment-only option), at low-rank ratios 5% and 50%; plus the `gd` tracker
-against the default `power` tracker. AdamW is the reference.
+(the paper's) and our cheaper `fixed` tracker against the default `power` tracker. AdamW is the reference.
 
     python experiments/fig4a_correction.py --out docs/results   # gpt2-1m, 300 steps, 2 seeds
     python experiments/fig4a_correction.py --quick
@@ -20,6 +20,7 @@ for _ratio in (0.05, 0.5):
     for _correction in ("unbiased", "none", "paper"):
         ARMS.append(Arm(f"{_correction} r={_ratio:.0%}", options={"correction": _correction, "rank_ratio": _ratio}))
     ARMS.append(Arm(f"unbiased gd r={_ratio:.0%}", options={"tracker": "gd", "rank_ratio": _ratio}))
+    ARMS.append(Arm(f"unbiased fixed r={_ratio:.0%}", options={"tracker": "fixed", "rank_ratio": _ratio}))
 
 
 def main() -> None:
