@@ -1,7 +1,8 @@
 """Paper Figure 5a: does AdaPM keep up with AdamW as models grow? AdamW, AdaPM and AdaPM-mini on four
-Llama sizes at equal steps and tokens, final validation loss against parameter count.
+Llama sizes (0.9M to 10M parameters, 2048-token vocabulary: the largest whose runs fit this 2-core
+machine's time budget) at equal steps and tokens, final validation loss against parameter count.
 
-    python experiments/fig5a_scaling.py --out docs/results   # llama-1m/5m/20m/60m, 300 steps, 1 seed
+    python experiments/fig5a_scaling.py --out docs/results   # llama-1m/2m/5m/10m, 150 steps, 1 seed
     python experiments/fig5a_scaling.py --quick
 """
 
@@ -17,7 +18,7 @@ ARMS = [Arm("adamw", optimizer="adamw"), Arm("adapm", optimizer="adapm"), Arm("a
 
 
 def main() -> None:
-    args = parser(__doc__, "fig5a_scaling", "llama-1m,llama-5m,llama-20m,llama-60m", seeds=1).parse_args()
+    args = parser(__doc__, "fig5a_scaling", "llama-1m,llama-2m,llama-5m,llama-10m", steps=150, seeds=1).parse_args()
     s = settings(args)
     runs = run_grid(s["models"], ARMS, s["seeds"], s["steps"], s["batch_size"], s["jobs"], s["threads"])
     rows = aggregate(runs, reference_arm="adamw")
