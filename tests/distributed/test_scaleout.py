@@ -97,3 +97,22 @@ def test_adapm_pretrain_under_torchrun_resumes_exactly(
 
     model = load_pretrained(straight / "model")  # the gathered full model loads in one process
     assert sum(p.numel() for p in model.parameters()) == a["parameters"]
+
+
+@pytest.mark.parametrize("command", ["sft", "rlhf"])
+def test_finetuning_under_torchrun_fsdp2_resumes_exactly(command: str, tiny_lm_dir: Path, tmp_path: Path) -> None:
+    """`adapm sft` and `adapm rlhf` on the shared loop: FSDP2 over 2 ranks (RLHF generation on the
+    sharded model), stopped and resumed from the DCP checkpoint, ends where the uninterrupted run does."""
+    common = ["--model", str(tiny_lm_dir), "--optimizers", "adapm", "--steps", "4", "--batch-size", "2",
+              "--eval-every", "2", "--checkpoint-every", "2", "--fsdp", "--no-progress", "--no-save-model"]  # fmt: skip
+    common += ["--max-length", "96"] if command == "sft" else ["--max-new-tokens", "6", "--val-prompts", "2"]
+    cli = ("-m", "adapm.cli", command)
+    _torchrun(2, *common, "--out", str(tmp_path / "a"), script=cli)
+    _torchrun(2, *common, "--out", str(tmp_path / "b"), "--stop-at", "2", script=cli)
+    _torchrun(2, *common, "--out", str(tmp_path / "b"), "--resume", script=cli)
+    a = json.loads((tmp_path / "a" / "adapm" / "summary.json").read_text())
+    b = json.loads((tmp_path / "b" / "adapm" / "summary.json").read_text())
+    assert a["parallel"] == "fsdp2" and a["world_size"] == 2 and a["task"] == command
+    primary = a["primary"]
+    assert a[f"final_{primary}"] == b[f"final_{primary}"] and a[f"initial_{primary}"] == b[f"initial_{primary}"]
+    assert a["final_train_loss"] == b["final_train_loss"]
