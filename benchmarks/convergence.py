@@ -13,7 +13,9 @@ steps for everyone. Every run is recorded.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, markdown_table
 
 from adapm.train.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
+from adapm.train.data import prepare_data
 from adapm.train.loop import pretrain
 from adapm.train.optimizers import DEFAULT_LR
 
@@ -57,49 +60,90 @@ def one_run(model: str, optimizer: str, lr: float, seed: int, steps: int, thread
     return {"model": model, "optimizer": optimizer, "lr": lr, "seed": seed, **summary}
 
 
+def run_many(
+    tasks: list[tuple[str, str, float, int]], steps: int, threads: int, jobs: int, out: Path, done: Any
+) -> list[dict[str, Any]]:
+    """Every (model, optimizer, lr, seed) run, ``jobs`` at a time in spawned processes; ``done(run)`` after each."""
+    results: list[dict[str, Any]] = []
+    if jobs == 1:
+        for model, opt, lr, seed in tasks:
+            results.append(one_run(model, opt, lr, seed, steps, threads, out))
+            done(results[-1])
+        return results
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(one_run, model, opt, lr, seed, steps, threads, out) for model, opt, lr, seed in tasks]
+        for fut in concurrent.futures.as_completed(futures):
+            results.append(fut.result())
+            done(results[-1])
+    order = {task: i for i, task in enumerate(tasks)}
+    return sorted(results, key=lambda r: order[(r["model"], r["optimizer"], r["lr"], r["seed"])])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gpt2-5m,llama-5m")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs in parallel (spawned processes); use --threads 1 with --jobs 2"
+    )
     parser.add_argument("--lr-factors", default="0.333,1,3", help="multiples of each optimizer's default lr to sweep")
     parser.add_argument("--quick", action="store_true", help="gpt2-1m, adamw and adapm, 20 steps, 1 seed, no sweep")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.jobs < 1 or args.threads < 1:
+        parser.error("--jobs and --threads must be at least 1")
     models = ["gpt2-1m"] if args.quick else args.models.split(",")
     optimizers = ["adamw", "adapm"] if args.quick else args.optimizers.split(",")
+    for opt in optimizers:
+        if opt not in DEFAULT_LR:
+            parser.error(f"--optimizers: unknown optimizer {opt!r}; choose from {', '.join(OPTIMIZERS)}")
     steps, seeds = (20, 1) if args.quick else (args.steps, args.seeds)
     factors = (1.0,) if args.quick else tuple(float(f) for f in args.lr_factors.split(","))
     runs: list[dict[str, Any]] = []
-    summary: list[dict[str, Any]] = []
+
+    def done(run: dict[str, Any]) -> None:  # keep what was measured if the job is interrupted
+        runs.append(run)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"partial": True, "runs": runs}, indent=2))
+
+    prepare_data(DataConfig())  # tokenize once, before parallel workers share the cache
     with tempfile.TemporaryDirectory() as tmp:
-        for model in models:
-            for opt in optimizers:
-                sweep = [one_run(model, opt, DEFAULT_LR[opt] * f, 0, steps, args.threads, Path(tmp)) for f in factors]
-                runs += sweep
-                best = min(sweep, key=lambda r: r["final_val_loss"])
-                finals = [best["final_val_loss"]]
-                for seed in range(1, seeds):
-                    r = one_run(model, opt, best["lr"], seed, steps, args.threads, Path(tmp))
-                    runs.append(r)
-                    finals.append(r["final_val_loss"])
-                summary.append(
-                    {
-                        "model": model,
-                        "optimizer": opt,
-                        "lr": best["lr"],
-                        "mean_val_loss": statistics.mean(finals),
-                        "std_val_loss": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                        "seeds": len(finals),
-                        "tokens": best["tokens"],
-                        "state_bytes": best["state_bytes"],
-                    }
-                )
-                if args.json:  # after every optimizer, so an interrupted run keeps what it measured
-                    args.json.parent.mkdir(parents=True, exist_ok=True)
-                    args.json.write_text(json.dumps({"partial": True, "summary": summary, "runs": runs}, indent=2))
+        sweep_tasks = [(m, o, DEFAULT_LR[o] * f, 0) for m in models for o in optimizers for f in factors]
+        sweep = run_many(sweep_tasks, steps, args.threads, args.jobs, Path(tmp), done)
+        best = {
+            (m, o): min(
+                (r for r in sweep if r["model"] == m and r["optimizer"] == o), key=lambda r: r["final_val_loss"]
+            )
+            for m in models
+            for o in optimizers
+        }
+        seed_tasks = [(m, o, best[m, o]["lr"], s) for m in models for o in optimizers for s in range(1, seeds)]
+        extra = run_many(seed_tasks, steps, args.threads, args.jobs, Path(tmp), done)
+    runs = sweep + extra
+    summary: list[dict[str, Any]] = []
+    for m in models:
+        for o in optimizers:
+            b = best[m, o]
+            finals = [b["final_val_loss"]] + [
+                r["final_val_loss"] for r in extra if r["model"] == m and r["optimizer"] == o
+            ]
+            summary.append(
+                {
+                    "model": m,
+                    "optimizer": o,
+                    "lr": b["lr"],
+                    "mean_val_loss": statistics.mean(finals),
+                    "std_val_loss": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                    "seeds": len(finals),
+                    "tokens": b["tokens"],
+                    "state_bytes": b["state_bytes"],
+                }
+            )
     for row in summary:
         ref = next((r for r in summary if r["model"] == row["model"] and r["optimizer"] == "adamw"), None)
         row["minus_adamw"] = row["mean_val_loss"] - ref["mean_val_loss"] if ref else None
@@ -115,7 +159,14 @@ def main() -> None:
     ]
     print(markdown_table(summary, columns))
     info = machine_info()
-    info.update(steps=steps, seeds=seeds, threads=args.threads, lr_factors=list(factors), command=" ".join(sys.argv))
+    info.update(
+        steps=steps,
+        seeds=seeds,
+        threads=args.threads,
+        jobs=args.jobs,
+        lr_factors=list(factors),
+        command=" ".join(sys.argv),
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": info, "summary": summary, "runs": runs}, indent=2))
