@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +88,51 @@ def test_adapm_trains_real_models(cls: type[adapm.AdaPM], tracker: str) -> None:
         losses = train(model, opt, batches(96, 40))
         assert losses[-1] < losses[0] - 0.3, losses
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
+@pytest.mark.parametrize("tracker", ["power", "fixed"])
+def test_fused_matches_eager_on_real_models(cls: type[adapm.AdaPM], tracker: str) -> None:
+    """fused=True (compiled elementwise tail) follows the eager trajectory to float32 rounding, on
+    GPT-2 (fused QKV segments, non-contiguous) and Llama, with every momentum policy present."""
+    for make in (tiny_gpt2, tiny_llama):
+        eager_model, fused_model = make(), make()
+        eager = cls(eager_model, lr=3e-3, tracker=tracker, refresh_every=4)
+        fused = cls(fused_model, lr=3e-3, tracker=tracker, refresh_every=4, fused=True)
+        data = batches(96, 8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no silent fallback to eager
+            losses_fused = train(fused_model, fused, data)
+        losses_eager = train(eager_model, eager, data)
+        assert fused.fused
+        assert losses_fused == pytest.approx(losses_eager, abs=1e-4)
+        assert _max_rel_diff(eager_model, fused_model) < 1e-3
+
+
+def test_fused_falls_back_to_eager_when_no_compiler(tmp_path) -> None:
+    """A machine without a working C++ compiler: a clear warning, then the eager update, unchanged."""
+    script = """
+import warnings, json, torch, adapm, sys
+sys.path.insert(0, sys.argv[1])
+from conftest import batches, tiny_gpt2, train
+a, b = tiny_gpt2(), tiny_gpt2()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    opt = adapm.AdaPM(a, lr=3e-3, fused=True)
+    train(a, opt, batches(96, 3))
+train(b, adapm.AdaPM(b, lr=3e-3), batches(96, 3))
+same = all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+print(json.dumps({"same": same, "fused": opt.fused, "messages": messages}))
+"""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c")}
+    proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], capture_output=True,
+                          text=True, env=env, timeout=600, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["same"] and not result["fused"]
+    assert len(result["messages"]) == 1 and "AdaPM(fused=True)" in result["messages"][0]
+    assert "falling back to the eager update" in result["messages"][0]
 
 
 def test_lr_scheduler_set_to_none_and_missing_grads() -> None:
@@ -231,6 +281,7 @@ def _param_list() -> list[nn.Parameter]:
         (dict(momentum=0.9), TypeError, "unexpected keyword argument 'momentum'"),
         (dict(rules=[(".", "full")]), ValueError, "rules need parameter names"),
         (dict(lr="1e-3"), TypeError, "lr must be a float"),
+        (dict(fused="yes"), TypeError, "Invalid fused: 'yes'"),
     ],
 )
 def test_bad_hyperparameters(kwargs: dict, error: type[Exception], match: str) -> None:

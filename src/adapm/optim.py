@@ -25,7 +25,7 @@ from adapm.policies.second_moment import (
     local_block_sums,
 )
 from adapm.policies.trackers import TRACKERS
-from adapm.policies.update import elementwise_update
+from adapm.policies.update import elementwise_update, fused_elementwise_update, fused_scalars
 
 __all__ = ["AdaPM", "AdaPMMini", "state_bytes"]
 
@@ -178,6 +178,11 @@ class AdaPM(Optimizer):
         rules: user partition rules ``[(regex, policy), ...]`` (``policy`` a momentum name or a dict
             with ``momentum``/``second_moment``/``rank_ratio``), tried before the presets. Fused
             segments are matched as ``name[Q]``, ``name[K]``, ``name[V]``.
+        fused: run the elementwise tail of each block (momentum and second-moment EMAs, the update)
+            as one ``torch.compile``d kernel instead of eager PyTorch ops: several times faster on
+            CPU, equal up to float32 rounding. The first step compiles (seconds; cached on disk
+            afterwards); needs a C++ compiler on CPU, and falls back to the eager path with a
+            ``RuntimeWarning`` if compilation fails. Default ``False``.
 
     A parameter whose gradient contains inf or NaN is skipped for that step (value and state left
     unchanged) and a ``RuntimeWarning`` names it: one bad batch cannot poison the low-rank factors.
@@ -205,7 +210,10 @@ class AdaPM(Optimizer):
         correction: str = "unbiased",
         update_clip: float | None = 1.0,
         rules: Iterable[Any] | None = None,
+        fused: bool = False,
     ) -> None:
+        if not isinstance(fused, bool):
+            raise TypeError(f"Invalid fused: {fused!r}; expected True or False")
         if second_moment is None:
             second_moment = self._default_second_moment
         defaults: dict[str, Any] = dict(
@@ -227,6 +235,7 @@ class AdaPM(Optimizer):
         self._index: dict[Tensor, int] = {}
         self._shards: dict[Tensor, ShardInfo] = {}
         self._buffers: dict[tuple[Any, ...], Tensor] = {}
+        self.fused = fused
 
         groups = self._make_groups(params, rules, second_moment, rank_ratio, weight_decay)
         super().__init__(groups, defaults)
@@ -449,6 +458,12 @@ class AdaPM(Optimizer):
                 v_seg, denom = None, self._block_denominator(seg, gs, v, info, beta2, bias_correction2_sqrt, eps)
             bc1 = 1.0 if seg.momentum == "none" else bias_correction1
             target_seg = seg.view(target)
+            if self.fused and self._fused_tail(
+                target_seg, gs, v_seg, m, numerator, denom,
+                fused_scalars(lr=lr, decay=decay, bias_correction1=bc1, bias_correction2_sqrt=bias_correction2_sqrt,
+                              eps=eps, update_clip=clip, beta1=beta1, beta2=beta2, device=target.device),
+            ):  # fmt: skip
+                continue
             # Row chunks keep temporaries small and cache-resident: fresh multi-MB temporaries per
             # elementwise op (page faults on every allocation) cost more than the arithmetic.
             rows = target_seg.shape[0] if target_seg.dim() else 1
@@ -473,6 +488,32 @@ class AdaPM(Optimizer):
                 )
         if target is not p_local:
             p_local.copy_(target)
+
+    def _fused_tail(
+        self,
+        target: Tensor,
+        grad: Tensor,
+        v: Tensor | None,
+        m: Tensor | None,
+        numerator: Tensor | None,
+        denom: Tensor | None,
+        scalars: Tensor,
+    ) -> bool:
+        """The compiled elementwise tail; False (and ``fused`` switched off, with a warning) if
+        ``torch.compile`` cannot build it here, so the caller runs the eager tail instead."""
+        try:
+            fused_elementwise_update(target, grad, v=v, m=m, numerator=numerator, denom=denom, scalars=scalars)
+        except Exception as err:  # compilation failures surface as many exception types
+            self.fused = False
+            warnings.warn(
+                f"AdaPM(fused=True): torch.compile could not build the fused update ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); falling back to the eager update. "
+                "On CPU a C++ compiler (g++) is needed; pass fused=False to silence this.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return False
+        return True
 
     def _workspace(self, like: Tensor) -> Tensor:
         """A float32 buffer shaped like ``like``, reused across parameters and steps."""

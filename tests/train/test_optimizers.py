@@ -50,3 +50,11 @@ def test_galore_and_adafactor_use_the_paper_settings() -> None:
     g = adafactor.param_groups[0]
     assert (g["beta1"], g["clip_threshold"], g["decay_rate"], g["eps"]) == (0.9, 1.0, -0.8, (1e-30, 1e-3))
     assert g["relative_step"] is False
+
+
+@pytest.mark.parametrize("name", ["adapm", "adapm-mini"])
+def test_adapm_options_reach_the_optimizer(name: str) -> None:
+    model = build_model("gpt2-1m", vocab_size=64, seq_len=16)
+    opt = build_optimizer(model, OptimConfig(optimizer=name, lr=1e-3, tracker="fixed", fused=True))
+    assert opt.fused and {g["tracker"] for g in opt.param_groups} == {"fixed"}
+    assert not build_optimizer(model, OptimConfig(optimizer=name, lr=1e-3)).fused

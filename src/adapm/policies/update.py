@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -80,3 +84,110 @@ def elementwise_update(
         work = (denom * bias_correction1).expand_as(numerator).contiguous()
     torch.div(numerator, work, out=work)
     target.add_(work.clamp_(-update_clip, update_clip), alpha=-lr)
+
+
+# ----------------------------------------------------------------------------- fused (compiled) tail
+#
+# The same update as ``elementwise_update`` written as one pure function per (momentum source, second
+# moment) pair, for ``torch.compile``: Inductor fuses each into a single pass over memory (a C++/OpenMP
+# kernel on CPU) instead of the eager sequence of 5-8 passes. Scalars are 0-d tensors so that a changing
+# learning rate or step count does not trigger recompilation; ``update_clip=None`` is passed as ``inf``.
+
+
+def _fused_ema_full(target: Tensor, grad: Tensor, m: Tensor, v: Tensor, s: Tensor) -> None:
+    lr, decay, bc1, bc2s, eps, clip, beta1, beta2 = s.unbind()
+    m.lerp_(grad, 1.0 - beta1)
+    v.mul_(beta2).add_(grad * grad * (1.0 - beta2))
+    update = (m / bc1) / (v.sqrt() / bc2s + eps)
+    target.mul_(decay).sub_(lr * update.clamp(-clip, clip))
+
+
+def _fused_given_full(target: Tensor, grad: Tensor, numerator: Tensor, v: Tensor, s: Tensor) -> None:
+    lr, decay, bc1, bc2s, eps, clip, _beta1, beta2 = s.unbind()
+    v.mul_(beta2).add_(grad * grad * (1.0 - beta2))
+    update = (numerator / bc1) / (v.sqrt() / bc2s + eps)
+    target.mul_(decay).sub_(lr * update.clamp(-clip, clip))
+
+
+def _fused_ema_block(target: Tensor, grad: Tensor, m: Tensor, denom: Tensor, s: Tensor) -> None:
+    lr, decay, bc1, _bc2s, _eps, clip, beta1, _beta2 = s.unbind()
+    m.lerp_(grad, 1.0 - beta1)
+    update = (m / bc1) / denom
+    target.mul_(decay).sub_(lr * update.clamp(-clip, clip))
+
+
+def _fused_given_block(target: Tensor, grad: Tensor, numerator: Tensor, denom: Tensor, s: Tensor) -> None:
+    lr, decay, bc1, _bc2s, _eps, clip, _beta1, _beta2 = s.unbind()
+    update = (numerator / bc1) / denom
+    target.mul_(decay).sub_(lr * update.clamp(-clip, clip))
+
+
+_FUSED_KERNELS = {
+    (True, True): _fused_ema_full,
+    (False, True): _fused_given_full,
+    (True, False): _fused_ema_block,
+    (False, False): _fused_given_block,
+}
+
+
+@functools.cache
+def _compiled(ema: bool, full: bool, threads: int) -> Any:
+    """The compiled kernel for one (momentum source, second moment) pair; ``threads`` is part of the key
+    because Inductor fixes a kernel's OpenMP thread count when it generates it."""
+    del threads
+    return torch.compile(_FUSED_KERNELS[ema, full], dynamic=True, fullgraph=True)
+
+
+def fused_scalars(
+    *,
+    lr: float,
+    decay: float,
+    bias_correction1: float,
+    bias_correction2_sqrt: float,
+    eps: float,
+    update_clip: float | None,
+    beta1: float,
+    beta2: float,
+    device: torch.device,
+) -> Tensor:
+    """The scalars of one step for :func:`fused_elementwise_update`, as one small float32 tensor."""
+    clip = math.inf if update_clip is None else update_clip
+    values = [lr, decay, bias_correction1, bias_correction2_sqrt, eps, clip, beta1, beta2]
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def fused_elementwise_update(
+    target: Tensor,
+    grad: Tensor,
+    *,
+    v: Tensor | None,
+    m: Tensor | None,
+    numerator: Tensor | None,
+    denom: Tensor | None,
+    scalars: Tensor,
+) -> None:
+    """:func:`elementwise_update` as one compiled kernel (same arguments; the scalars from
+    :func:`fused_scalars`). Equal to the eager form up to float32 rounding (the order of the
+    operations differs slightly). Raises whatever ``torch.compile`` raises if no kernel can be built
+    (e.g. no C++ compiler); callers fall back to :func:`elementwise_update`."""
+    ema = m is not None
+    second = v if v is not None else denom
+    if second is None:
+        raise ValueError("fused_elementwise_update: one of v (full) or denom (block) is required")
+    source = m if ema else (numerator if numerator is not None else grad)
+    kernel = _compiled(ema, v is not None, torch.get_num_threads())
+    # Plain 2-D tensors (detached views of the same storage) keep the number of compiled variants
+    # small: parameters would get static shapes, and every rank and size-1 pattern its own graph.
+    args = [_as_2d(x) for x in (target, grad, source, second)]
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        kernel(*args, scalars)
+
+
+_RECOMPILE_LIMIT = 64
+"""Variants per kernel (layouts: contiguous or strided, vectors, broadcast patterns of the block
+denominators); each compiles once per process and is cached on disk."""
+
+
+def _as_2d(x: Tensor) -> Tensor:
+    x = x.detach()
+    return x.reshape(1, -1) if x.dim() < 2 else x

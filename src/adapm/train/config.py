@@ -95,6 +95,8 @@ class OptimConfig:
     """AdaPM: clamp of the normalized update (null to disable)."""
     rules: list[list[Any]] | None = None
     """AdaPM: partition rules as [[regex, policy], ...] (policy a momentum name or a dict)."""
+    fused: bool = False
+    """AdaPM: run the elementwise update as one torch.compile'd kernel (faster; compiles on the first step)."""
 
     def __post_init__(self) -> None:
         _check(self.optimizer in OPTIMIZER_NAMES, "optimizer", self.optimizer, f"one of {OPTIMIZER_NAMES}")

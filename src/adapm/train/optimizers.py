@@ -84,6 +84,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
             correction=cfg.correction,
             update_clip=cfg.update_clip,
             rules=[tuple(r) for r in cfg.rules] if cfg.rules else None,
+            fused=cfg.fused,
         )
     if name == "adam-mini":
         from adam_mini import Adam_mini
