@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -90,6 +91,7 @@ def test_adapm_trains_real_models(cls: type[adapm.AdaPM], tracker: str) -> None:
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs g++")
 @pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
 @pytest.mark.parametrize("tracker", ["power", "fixed"])
 def test_fused_matches_eager_on_real_models(cls: type[adapm.AdaPM], tracker: str) -> None:
