@@ -523,15 +523,24 @@ class AdaPM(Optimizer):
             buf = self._buffers[key] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
         return buf
 
-    @staticmethod
+    def _flat_workspace(self, like: Tensor) -> Tensor:
+        """A flat float32 buffer of at least ``like.numel()`` entries, grown as needed, reused."""
+        key = ("flat", like.device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            buf = self._buffers[key] = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+        return buf
+
     def _block_denominator(
-        seg: Any, g: Tensor, v: Tensor, info: ShardInfo, beta2: float, bc2_sqrt: float, eps: float
+        self, seg: Any, g: Tensor, v: Tensor, info: ShardInfo, beta2: float, bc2_sqrt: float, eps: float
     ) -> Tensor:
         """Update the segment's block second moments; return ``sqrt(vhat) + eps`` as a small tensor that
         broadcasts to the segment's (local) shape."""
         vb = v.narrow(0, seg.block_offset, seg.n_blocks)
         if not info.sharded:
-            block_second_moment(vb, g, beta2, *seg.block)
+            # g^2 needs a buffer only when blocks span a leading dimension (per-column or per-head blocks).
+            spans_leading = seg.block[0] not in (None, 0)
+            block_second_moment(vb, g, beta2, *seg.block, workspace=self._flat_workspace(g) if spans_leading else None)
         else:
             sums = info.reduce(local_block_sums(g, *seg.block, seg.n_blocks, info.offset))
             vb.mul_(beta2).add_(sums / block_entries(seg.shape, *seg.block), alpha=1.0 - beta2)

@@ -42,11 +42,36 @@ def full_second_moment(v: Tensor, grad: Tensor, beta2: float) -> Tensor:
     return v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
 
 
-def block_second_moment(v: Tensor, grad: Tensor, beta2: float, block_dim: int | None, block_size: int) -> Tensor:
-    """``v[b] <- b2 v[b] + (1 - b2) mean_{i in b} g_i^2`` in place; returns ``v`` (1-D)."""
+def block_second_moment(
+    v: Tensor,
+    grad: Tensor,
+    beta2: float,
+    block_dim: int | None,
+    block_size: int,
+    workspace: Tensor | None = None,
+) -> Tensor:
+    """``v[b] <- b2 v[b] + (1 - b2) mean_{i in b} g_i^2`` in place; returns ``v`` (1-D).
+
+    ``workspace``: an optional flat float32 buffer of at least ``grad.numel()`` entries for ``g^2``
+    when blocks span a leading dimension (e.g. one value per column); without it a fresh temporary is
+    allocated (slow for large tensors: every new page faults). Blocks of whole trailing dimensions
+    (rows, or the whole tensor) are reduced in one pass without any temporary.
+    """
     pre, n_blocks, post = _block_shape(tuple(grad.shape), block_dim, block_size)
-    sq_mean = grad.square().reshape(pre, n_blocks, post).mean(dim=(0, 2))
+    if pre == 1:
+        sq_mean = _sum_of_squares(grad.reshape(n_blocks, post), 1).div_(post)
+    else:
+        if workspace is not None and workspace.numel() >= grad.numel():
+            sq = torch.mul(grad, grad, out=workspace[: grad.numel()].view(grad.shape))
+        else:
+            sq = grad.square()
+        sq_mean = sq.reshape(pre, n_blocks, post).mean(dim=(0, 2))
     return v.mul_(beta2).add_(sq_mean, alpha=1.0 - beta2)
+
+
+def _sum_of_squares(x: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """``(x * x).sum(dim)`` without a full-size temporary (a reduction kernel reads ``x`` once)."""
+    return torch.linalg.vector_norm(x, dim=dim).square_()
 
 
 def expand_blocks(values: Tensor, shape: tuple[int, ...], block_dim: int | None, block_size: int) -> Tensor:
@@ -67,16 +92,15 @@ def local_block_sums(grad: Tensor, block_dim: int | None, block_size: int, n_blo
     Summed over all ranks and divided by :func:`block_entries` this is the block mean of
     :func:`block_second_moment`; blocks along dim 0 may straddle ranks.
     """
-    sq = grad.square()
     if block_dim is None:
-        return sq.sum().reshape(1)
+        return _sum_of_squares(grad).reshape(1)
     if block_dim == 0:
         rows = grad.shape[0]
         ids = torch.div(torch.arange(rows, device=grad.device) + row_offset, block_size, rounding_mode="floor")
-        sums = torch.zeros(n_blocks, dtype=sq.dtype, device=grad.device)
-        return sums.index_add_(0, ids, sq.reshape(rows, -1).sum(1))
+        sums = torch.zeros(n_blocks, dtype=grad.dtype, device=grad.device)
+        return sums.index_add_(0, ids, _sum_of_squares(grad.reshape(rows, -1), 1))
     pre, nb, post = _block_shape(tuple(grad.shape), block_dim, block_size)
-    return sq.reshape(pre, nb, post).sum(dim=(0, 2))
+    return grad.square().reshape(pre, nb, post).sum(dim=(0, 2))  # a strided reduction: square first
 
 
 def broadcast_blocks(
