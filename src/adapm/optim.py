@@ -23,6 +23,7 @@ from adapm.policies.second_moment import (
     block_second_moment,
     broadcast_blocks,
     local_block_sums,
+    needs_square_buffer,
 )
 from adapm.policies.trackers import TRACKERS
 from adapm.policies.update import elementwise_update, fused_elementwise_update, fused_scalars
@@ -538,9 +539,8 @@ class AdaPM(Optimizer):
         broadcasts to the segment's (local) shape."""
         vb = v.narrow(0, seg.block_offset, seg.n_blocks)
         if not info.sharded:
-            # g^2 needs a buffer only when blocks span a leading dimension (per-column or per-head blocks).
-            spans_leading = seg.block[0] not in (None, 0)
-            block_second_moment(vb, g, beta2, *seg.block, workspace=self._flat_workspace(g) if spans_leading else None)
+            buffer = self._flat_workspace(g) if needs_square_buffer(tuple(g.shape), *seg.block) else None
+            block_second_moment(vb, g, beta2, *seg.block, workspace=buffer)
         else:
             sums = info.reduce(local_block_sums(g, *seg.block, seg.n_blocks, info.offset))
             vb.mul_(beta2).add_(sums / block_entries(seg.shape, *seg.block), alpha=1.0 - beta2)

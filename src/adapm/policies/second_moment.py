@@ -58,7 +58,7 @@ def block_second_moment(
     (rows, or the whole tensor) are reduced in one pass without any temporary.
     """
     pre, n_blocks, post = _block_shape(tuple(grad.shape), block_dim, block_size)
-    if pre == 1:
+    if pre == 1:  # see needs_square_buffer
         sq_mean = _sum_of_squares(grad.reshape(n_blocks, post), 1).div_(post)
     else:
         if workspace is not None and workspace.numel() >= grad.numel():
@@ -67,6 +67,12 @@ def block_second_moment(
             sq = grad.square()
         sq_mean = sq.reshape(pre, n_blocks, post).mean(dim=(0, 2))
     return v.mul_(beta2).add_(sq_mean, alpha=1.0 - beta2)
+
+
+def needs_square_buffer(shape: tuple[int, ...], block_dim: int | None, block_size: int) -> bool:
+    """Whether :func:`block_second_moment` uses its ``workspace`` for this layout (blocks that span
+    a leading dimension, e.g. one value per column or per head of a Conv1D weight)."""
+    return _block_shape(tuple(shape), block_dim, block_size)[0] > 1
 
 
 def _sum_of_squares(x: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
