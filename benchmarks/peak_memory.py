@@ -5,6 +5,10 @@ whether they are real in a running process).
 
     python benchmarks/peak_memory.py --json runs/bench/peak_memory.json
     python benchmarks/peak_memory.py --quick          # GPT-2 20M shapes, within a minute
+
+Peak RSS of one process moves by tens of MB from run to run (allocator arenas, page timing), so
+each optimizer runs ``--repeats`` times, rounds interleaved, and the table shows the median with
+the min-max range.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import warnings
@@ -62,27 +67,47 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
-    parser.add_argument("--quick", action="store_true", help="GPT-2 20M shapes, 1 step")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh subprocesses per optimizer (median)")
+    parser.add_argument("--quick", action="store_true", help="GPT-2 20M shapes, 1 step, 1 repeat")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.model, args.steps = "gpt2-20m", 1
+        args.model, args.steps, args.repeats = "gpt2-20m", 1, 1
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.worker:
         import torch
 
         torch.set_num_threads(args.threads)
         print(json.dumps(worker(args.worker, args.model, args.steps, args.batch, args.seq)))
         return
-    rows = []
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-    for name in args.optimizers.split(","):
+    names = args.optimizers.split(",")
+    for name in names:
         if name not in OPTIMIZERS:
             parser.error(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
-        cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.repeats):  # rounds interleaved: drift on the machine hits every optimizer alike
+        for name in names:
+            cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--steps", str(args.steps),
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            if proc.returncode != 0:
+                sys.exit(f"peak_memory worker for {name!r} failed:\n{proc.stderr[-3000:]}")
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    rows = []
+    for name in names:
+        peaks = [r["peak_rss_bytes"] for r in runs[name]]
+        row = dict(runs[name][0])
+        row.update(
+            peak_rss_bytes=statistics.median(peaks),
+            peak_rss_min_bytes=min(peaks),
+            peak_rss_max_bytes=max(peaks),
+            peak_rss_before_optimizer_bytes=statistics.median(r["peak_rss_before_optimizer_bytes"] for r in runs[name]),
+            repeats=len(peaks),
+        )
+        rows.append(row)
     base = next((r for r in rows if r["optimizer"] == "adamw"), None)
     for r in rows:
         if base is not None:
@@ -98,6 +123,8 @@ def main() -> None:
     columns = [
         ("optimizer", "{}"),
         ("peak_rss_mb", mb),
+        ("peak_rss_min_mb", "{:,.0f}"),
+        ("peak_rss_max_mb", "{:,.0f}"),
         ("state_mb", mb),
         ("rss_saving_vs_adamw_mb", mb),
         ("state_saving_vs_adamw_mb", mb),
@@ -106,8 +133,9 @@ def main() -> None:
     print(markdown_table(rows, columns))
     info = machine_info()
     info.update(model=args.model, steps=args.steps, batch=args.batch, seq=args.seq, threads=args.threads,
-                command=" ".join(sys.argv))  # fmt: skip
-    print(f"\n{args.model}, batch {args.batch} x {args.seq}, {args.steps} steps, {args.threads} threads; "
+                repeats=args.repeats, command=" ".join(sys.argv))  # fmt: skip
+    print(f"\n{args.model}, batch {args.batch} x {args.seq}, {args.steps} steps, {args.threads} threads, "
+          f"median of {args.repeats} processes; "
           f"{info['processor']}, torch {info['torch']}, git {info['git_sha']}")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
