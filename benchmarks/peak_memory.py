@@ -67,13 +67,17 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
-    parser.add_argument("--repeats", type=int, default=3, help="fresh subprocesses per optimizer (median)")
-    parser.add_argument("--quick", action="store_true", help="GPT-2 20M shapes, 1 step, 1 repeat")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="fresh processes per optimizer, median (default 3; 1 with --quick)"
+    )
+    parser.add_argument("--quick", action="store_true", help="GPT-2 20M shapes, 1 step")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.model, args.steps, args.repeats = "gpt2-20m", 1, 1
+        args.model, args.steps = "gpt2-20m", 1
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.worker:

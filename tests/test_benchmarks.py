@@ -34,9 +34,18 @@ def test_step_time_quick(tmp_path: Path) -> None:
 
 
 def test_peak_memory_quick(tmp_path: Path) -> None:
-    rows = _run("peak_memory.py", tmp_path / "pm.json", "--optimizers", "adamw,adapm-mini")["rows"]
+    rows = _run("peak_memory.py", tmp_path / "pm.json", "--optimizers", "adamw,adapm-mini", "--repeats", "2")["rows"]
     mini = next(r for r in rows if r["optimizer"] == "adapm-mini")
     assert mini["state_saving_vs_adamw_bytes"] > 0 and mini["peak_rss_bytes"] > 0
+    for r in rows:
+        assert r["repeats"] == 2
+        assert r["peak_rss_min_bytes"] <= r["peak_rss_bytes"] <= r["peak_rss_max_bytes"]
+
+
+def test_peak_memory_rejects_bad_repeats(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(BENCH / "peak_memory.py"), "--quick", "--repeats", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0 and "--repeats must be at least 1" in proc.stderr
 
 
 def test_convergence_parallel_equals_sequential(tmp_path: Path) -> None:
