@@ -8,12 +8,17 @@ steps for everyone. Every run is recorded.
 
     python benchmarks/convergence.py --json runs/bench/convergence.json      # gpt2-5m and llama-5m, 3 seeds
     python benchmarks/convergence.py --quick                                  # gpt2-1m, 2 optimizers, 20 steps
+
+An optimizer may carry settings after colons, ``name:key=value:...`` with keys of ``OptimConfig``
+(``none`` for None), e.g. ``--optimizers adapm-mini,adapm-mini:update_clip=none:rank_ratio=0.1``:
+each spec is swept and reported as its own row.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import multiprocessing
 import statistics
@@ -34,13 +39,48 @@ from adapm.train.optimizers import DEFAULT_LR
 OPTIMIZERS = ("adamw", "adam-mini", "adafactor", "galore", "adapm", "adapm-mini")
 
 
+_SPEC_FIELDS = {f.name for f in dataclasses.fields(OptimConfig)} - {"optimizer", "lr"}
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"adapm-mini:update_clip=none:rank_ratio=0.1"`` -> ``("adapm-mini", {"update_clip": None,
+    "rank_ratio": 0.1})``; raises ValueError naming the bad part."""
+    name, *settings = spec.split(":")
+    if name not in DEFAULT_LR:
+        raise ValueError(f"--optimizers: unknown optimizer {name!r} in {spec!r}; choose from {', '.join(OPTIMIZERS)}")
+    options: dict[str, Any] = {}
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in _SPEC_FIELDS:
+            raise ValueError(
+                f"--optimizers: bad setting {item!r} in {spec!r}; "
+                f"write key=value with key one of {', '.join(sorted(_SPEC_FIELDS))}"
+            )
+        value: Any = raw
+        if raw.lower() in ("none", "null"):
+            value = None
+        elif raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    pass
+        options[key] = value
+    OptimConfig(optimizer=name, **options)  # validates the values, naming the bad one
+    return name, options
+
+
 def one_run(model: str, optimizer: str, lr: float, seed: int, steps: int, threads: int, out: Path) -> dict[str, Any]:
+    name, options = parse_spec(optimizer)
     cfg = PretrainConfig(
         data=DataConfig(),
         model=ModelConfig(model=model),
-        optim=OptimConfig(optimizer=optimizer, lr=lr),
+        optim=OptimConfig(optimizer=name, lr=lr, **options),
         train=TrainConfig(
-            out_dir=str(out / f"{model}-{optimizer}-lr{lr:g}-seed{seed}"),
+            out_dir=str(out / f"{model}-{optimizer.replace(':', '_')}-lr{lr:g}-seed{seed}"),
             steps=steps,
             batch_size=16,
             eval_every=max(1, steps // 4),
@@ -57,7 +97,7 @@ def one_run(model: str, optimizer: str, lr: float, seed: int, steps: int, thread
         warnings.simplefilter("ignore")
         summary = pretrain(cfg)
     print(f"{model} {optimizer} lr {lr:g} seed {seed}: val {summary['final_val_loss']:.4f}", flush=True)
-    return {"model": model, "optimizer": optimizer, "lr": lr, "seed": seed, **summary}
+    return {**summary, "model": model, "optimizer": optimizer, "lr": lr, "seed": seed}  # the spec, not only the name
 
 
 def run_many(
@@ -99,8 +139,10 @@ def main() -> None:
     models = ["gpt2-1m"] if args.quick else args.models.split(",")
     optimizers = ["adamw", "adapm"] if args.quick else args.optimizers.split(",")
     for opt in optimizers:
-        if opt not in DEFAULT_LR:
-            parser.error(f"--optimizers: unknown optimizer {opt!r}; choose from {', '.join(OPTIMIZERS)}")
+        try:
+            parse_spec(opt)
+        except (ValueError, TypeError) as err:
+            parser.error(str(err))
     steps, seeds = (20, 1) if args.quick else (args.steps, args.seeds)
     factors = (1.0,) if args.quick else tuple(float(f) for f in args.lr_factors.split(","))
     runs: list[dict[str, Any]] = []
@@ -113,7 +155,7 @@ def main() -> None:
 
     prepare_data(DataConfig())  # tokenize once, before parallel workers share the cache
     with tempfile.TemporaryDirectory() as tmp:
-        sweep_tasks = [(m, o, DEFAULT_LR[o] * f, 0) for m in models for o in optimizers for f in factors]
+        sweep_tasks = [(m, o, DEFAULT_LR[parse_spec(o)[0]] * f, 0) for m in models for o in optimizers for f in factors]
         sweep = run_many(sweep_tasks, steps, args.threads, args.jobs, Path(tmp), done)
         best = {
             (m, o): min(

@@ -54,3 +54,43 @@ def test_convergence_parallel_equals_sequential(tmp_path: Path) -> None:
     assert [r["optimizer"] for r in one] == ["adamw", "adapm"]
     two = _run("convergence.py", tmp_path / "b.json", "--jobs", "2", "--threads", "1")["summary"]
     assert [r["mean_val_loss"] for r in one] == pytest.approx([r["mean_val_loss"] for r in two], abs=1e-6)
+
+
+def _convergence_module():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import convergence
+    finally:
+        sys.path.remove(str(BENCH))
+    return convergence
+
+
+def test_convergence_optimizer_spec_parsing() -> None:
+    conv = _convergence_module()
+    assert conv.parse_spec("adamw") == ("adamw", {})
+    assert conv.parse_spec("adapm-mini:update_clip=none:rank_ratio=0.1:tracker=fixed:fused=false") == (
+        "adapm-mini",
+        {"update_clip": None, "rank_ratio": 0.1, "tracker": "fixed", "fused": False},
+    )
+    with pytest.raises(ValueError, match="unknown optimizer 'adamx'"):
+        conv.parse_spec("adamx:rank_ratio=0.1")
+    with pytest.raises(ValueError, match=r"bad setting 'rank=0\.1'.*rank_ratio"):
+        conv.parse_spec("adapm:rank=0.1")
+    with pytest.raises(ValueError, match="Invalid rank_ratio: 2"):
+        conv.parse_spec("adapm:rank_ratio=2")
+
+
+def test_convergence_spec_reaches_the_run(tmp_path: Path) -> None:
+    """A spec's settings are what the run trains with (read back from the run's config.json)."""
+    conv = _convergence_module()
+    run = conv.one_run("gpt2-1m", "adapm-mini:update_clip=none:tracker=fixed", 3e-3, 0, 4, 1, tmp_path)
+    assert run["optimizer"] == "adapm-mini:update_clip=none:tracker=fixed" and run["final_val_loss"] > 0
+    (config,) = tmp_path.glob("*/config.json")
+    optim = json.loads(config.read_text())["optim"]
+    assert optim["optimizer"] == "adapm-mini" and optim["update_clip"] is None and optim["tracker"] == "fixed"
+
+
+def test_convergence_rejects_bad_spec() -> None:
+    cmd = [sys.executable, str(BENCH / "convergence.py"), "--optimizers", "adapm:beta9=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0 and "bad setting 'beta9=1'" in proc.stderr
