@@ -9,6 +9,7 @@ optimizer step's share of a forward+backward pass of the model at batch 4 x 512 
 
     python benchmarks/step_time.py --json runs/bench/step_time.json      # GPT-2 124M and Llama 350M, 1 and 2 threads
     python benchmarks/step_time.py --quick                                # a small model, within a minute
+    python benchmarks/step_time.py --cost-model                           # the cost model only, no timing
 """
 
 from __future__ import annotations
@@ -208,6 +209,29 @@ def run(model_name: str, threads_list: list[int], rounds: int, optimizers: list[
     return rows
 
 
+def cost_table(model_name: str) -> dict[str, Any]:
+    """The static cost of AdaPM's low-rank work on ``model_name`` (built on the meta device): the share
+    of parameters in low-rank blocks, the ranks, and the matmul flops per step of each tracker against
+    AdamW's bytes per step."""
+    model = build_model(MODELS[model_name], device="meta")
+    row: dict[str, Any] = {"model": model_name, "parameters": sum(p.numel() for p in model.parameters())}
+    for tracker in ("power", "fixed"):
+        opt = adapm.AdaPM(model, lr=1e-3, tracker=tracker)
+        _, flops = cost_model("adapm", model, opt)
+        row[f"gflop_per_step_{tracker}"] = flops / 1e9
+        row[f"flops_per_parameter_{tracker}"] = flops / row["parameters"]
+    lowrank, shapes = 0, set()
+    for p in model.parameters():
+        for seg in opt.layout(p).segments:
+            if seg.momentum == "lowrank":
+                lowrank += seg.shape[0] * seg.shape[1]
+                shapes.add(f"{seg.shape[0]}x{seg.shape[1]} r{seg.rank}")
+    row["lowrank_share"] = lowrank / row["parameters"]
+    row["lowrank_shapes"] = ", ".join(sorted(shapes))
+    row["adamw_bytes_per_step"] = cost_model("adamw-fused", model, opt)[0]
+    return row
+
+
 def optimizer_groups(model: str, optimizers: list[str], group_size: int | None) -> list[list[str]]:
     """Split the optimizers into groups that are timed together, each with ``adamw-fused`` as the
     reference, so that every optimizer's state fits in memory at once (Llama 350M: 8 AdamW-sized
@@ -232,8 +256,20 @@ def main() -> None:
         type=int,
         help="optimizers timed together besides adamw-fused (default: all; 3 for llama-350m, to fit in memory)",
     )
+    parser.add_argument("--cost-model", action="store_true", help="print the low-rank cost of each model; no timing")
     parser.add_argument("--json", type=Path, help="write the rows (and machine info) here")
     args = parser.parse_args()
+    if args.cost_model:
+        cost_rows = [cost_table(m) for m in (["quick"] if args.quick else args.models.split(","))]
+        print(markdown_table(cost_rows, [
+            ("model", "{}"), ("parameters", "{:,}"), ("lowrank_share", "{:.1%}"), ("lowrank_shapes", "{}"),
+            ("gflop_per_step_power", "{:.1f}"), ("gflop_per_step_fixed", "{:.1f}"),
+            ("flops_per_parameter_fixed", "{:.0f}"), ("adamw_bytes_per_step", "{:,.0f}"),
+        ]))  # fmt: skip
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"machine": machine_info(), "rows": cost_rows}, indent=2))
+        return
     models = ["quick"] if args.quick else args.models.split(",")
     threads = [1] if args.quick else [int(t) for t in args.threads.split(",")]
     rounds = 3 if args.quick else args.rounds

@@ -94,3 +94,11 @@ def test_convergence_rejects_bad_spec() -> None:
     cmd = [sys.executable, str(BENCH / "convergence.py"), "--optimizers", "adapm:beta9=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode != 0 and "bad setting 'beta9=1'" in proc.stderr
+
+
+def test_step_time_cost_model(tmp_path: Path) -> None:
+    """The cost model (no timing): fixed does half of power's matmul flops; AdamW moves 28 bytes/param."""
+    (row,) = _run("step_time.py", tmp_path / "cost.json", "--cost-model")["rows"]
+    assert row["model"] == "quick" and 0 < row["lowrank_share"] < 1
+    assert row["gflop_per_step_power"] == pytest.approx(2 * row["gflop_per_step_fixed"])
+    assert row["adamw_bytes_per_step"] == 28 * row["parameters"]
