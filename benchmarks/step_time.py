@@ -10,6 +10,13 @@ optimizer step's share of a forward+backward pass of the model at batch 4 x 512 
     python benchmarks/step_time.py --json runs/bench/step_time.json      # GPT-2 124M and Llama 350M, 1 and 2 threads
     python benchmarks/step_time.py --quick                                # a small model, within a minute
     python benchmarks/step_time.py --cost-model                           # the cost model only, no timing
+    python benchmarks/step_time.py --from-json runs/bench/step_time.json   # the tables of a saved run
+
+Two ratios: ``ratio_to_adamw`` against ``adamw-fused`` and ``ratio_to_adamw_foreach`` against
+``torch.optim.AdamW(foreach=True)`` (DESIGN.md section 8's reference), both from the same rounds. Where
+a group of optimizers was timed without ``adamw-foreach`` (Llama 350M is timed in groups to fit in
+memory), the foreach ratio is chained through the ``adamw-fused`` row every group has and flagged
+``foreach_ratio_chained``.
 """
 
 from __future__ import annotations
@@ -209,6 +216,71 @@ def run(model_name: str, threads_list: list[int], rounds: int, optimizers: list[
     return rows
 
 
+def add_foreach_ratios(rows: list[dict[str, Any]]) -> None:
+    """Set ``ratio_to_adamw_foreach`` on every row. Rows come in blocks (one timed group at one thread
+    count) that each start with ``adamw-fused``; inside a block with ``adamw-foreach`` the ratio is
+    direct, elsewhere it is ``ratio_to_adamw`` times fused/foreach of a block of the same model and
+    thread count that has both."""
+    blocks: list[list[dict[str, Any]]] = []
+    for r in rows:
+        if r["optimizer"] == "adamw-fused" or not blocks:
+            blocks.append([])
+        blocks[-1].append(r)
+    fused_over_foreach: dict[tuple[str, int], float] = {}
+    for block in blocks:
+        names = {r["optimizer"]: r for r in block}
+        if "adamw-fused" in names and "adamw-foreach" in names:
+            key = (block[0]["model"], block[0]["threads"])
+            fused_over_foreach.setdefault(key, names["adamw-fused"]["median_ms"] / names["adamw-foreach"]["median_ms"])
+    for block in blocks:
+        foreach = next((r for r in block if r["optimizer"] == "adamw-foreach"), None)
+        link = fused_over_foreach.get((block[0]["model"], block[0]["threads"]))
+        for r in block:
+            if foreach is not None:
+                r["ratio_to_adamw_foreach"], r["foreach_ratio_chained"] = r["median_ms"] / foreach["median_ms"], False
+            elif link is not None and r.get("ratio_to_adamw") is not None:
+                r["ratio_to_adamw_foreach"], r["foreach_ratio_chained"] = r["ratio_to_adamw"] * link, True
+            else:
+                r["ratio_to_adamw_foreach"], r["foreach_ratio_chained"] = None, False
+
+
+def print_tables(rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
+    """The Markdown table of a run (as in docs/benchmarks.md) and its measured machine rates."""
+    add_foreach_ratios(rows)
+    for r in rows:
+        r["ratio_to_adamw_foreach_shown"] = (
+            None if r["ratio_to_adamw_foreach"] is None
+            else f"{r['ratio_to_adamw_foreach']:.2f}" + ("*" if r["foreach_ratio_chained"] else "")
+        )  # fmt: skip
+    columns = [
+        ("model", "{}"),
+        ("threads", "{}"),
+        ("optimizer", "{}"),
+        ("median_ms", "{:.0f}"),
+        ("iqr_ms", "{:.0f}"),
+        ("ratio_to_adamw", "{:.2f}"),
+        ("ratio_to_adamw_foreach_shown", "{}"),
+        ("lower_bound_ms", "{:.0f}"),
+        ("percent_of_lower_bound", "{:.0f}%"),
+        ("step_share_of_fwd_bwd", "{:.3f}"),
+        ("first_step_ms", "{:.0f}"),
+    ]
+    print(markdown_table(rows, columns).replace("ratio_to_adamw_foreach_shown", "ratio_to_adamw_foreach"))
+    for r in rows:
+        del r["ratio_to_adamw_foreach_shown"]
+    if any(r["foreach_ratio_chained"] for r in rows):
+        print("* chained through adamw-fused: this group was timed without adamw-foreach")
+    for threads in sorted({r["threads"] for r in rows}):
+        sub = [r for r in rows if r["threads"] == threads]
+        print(
+            f"{threads} thread(s), medians over the run: bandwidth "
+            f"{statistics.median(r['bandwidth_gb_s'] for r in sub):.0f} GB/s, skinny matmul "
+            f"{statistics.median(r['matmul_gflop_s'] for r in sub):.0f} GFLOP/s, GaLore-sized matmul "
+            f"{statistics.median(r['wide_matmul_gflop_s'] for r in sub):.0f} GFLOP/s"
+        )
+    print(f"machine: {info['processor']}, {info['cpus']} CPUs, torch {info['torch']}, git {info['git_sha']}")
+
+
 def cost_table(model_name: str) -> dict[str, Any]:
     """The static cost of AdaPM's low-rank work on ``model_name`` (built on the meta device): the share
     of parameters in low-rank blocks, the ranks, and the matmul flops per step of each tracker against
@@ -257,8 +329,16 @@ def main() -> None:
         help="optimizers timed together besides adamw-fused (default: all; 3 for llama-350m, to fit in memory)",
     )
     parser.add_argument("--cost-model", action="store_true", help="print the low-rank cost of each model; no timing")
+    parser.add_argument("--from-json", type=Path, help="print the tables of a run saved with --json; no timing")
     parser.add_argument("--json", type=Path, help="write the rows (and machine info) here")
     args = parser.parse_args()
+    if args.from_json:
+        try:
+            saved = json.loads(args.from_json.read_text())
+            print_tables(saved["rows"], saved["machine"])
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--from-json {args.from_json}: not a step_time.py --json file ({type(err).__name__}: {err})")
+        return
     if args.cost_model:
         cost_rows = [cost_table(m) for m in (["quick"] if args.quick else args.models.split(","))]
         print(markdown_table(cost_rows, [
@@ -288,28 +368,7 @@ def main() -> None:
                 args.json.write_text(json.dumps({"partial": True, "rows": rows}, indent=2))
     info = machine_info()
     info.update(seed=0, rounds=rounds, command=" ".join(sys.argv))
-    columns = [
-        ("model", "{}"),
-        ("threads", "{}"),
-        ("optimizer", "{}"),
-        ("median_ms", "{:.0f}"),
-        ("iqr_ms", "{:.0f}"),
-        ("ratio_to_adamw", "{:.2f}"),
-        ("lower_bound_ms", "{:.0f}"),
-        ("percent_of_lower_bound", "{:.0f}%"),
-        ("step_share_of_fwd_bwd", "{:.2f}"),
-        ("first_step_ms", "{:.0f}"),
-    ]
-    print(markdown_table(rows, columns))
-    for threads in sorted({r["threads"] for r in rows}):
-        sub = [r for r in rows if r["threads"] == threads]
-        print(
-            f"{threads} thread(s), medians over the run: bandwidth "
-            f"{statistics.median(r['bandwidth_gb_s'] for r in sub):.0f} GB/s, skinny matmul "
-            f"{statistics.median(r['matmul_gflop_s'] for r in sub):.0f} GFLOP/s, GaLore-sized matmul "
-            f"{statistics.median(r['wide_matmul_gflop_s'] for r in sub):.0f} GFLOP/s"
-        )
-    print(f"machine: {info['processor']}, {info['cpus']} CPUs, torch {info['torch']}, git {info['git_sha']}")
+    print_tables(rows, info)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))

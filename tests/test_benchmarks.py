@@ -27,9 +27,10 @@ def test_step_time_quick(tmp_path: Path) -> None:
     rows = result["rows"]
     assert {r["optimizer"] for r in rows} == {"adamw-fused", "adamw-foreach", "adapm", "adapm-mini"}
     for r in rows:
-        assert {"optimizer", "model", "threads", "median_ms", "ratio_to_adamw"} <= set(r)
+        assert {"optimizer", "model", "threads", "median_ms", "ratio_to_adamw", "ratio_to_adamw_foreach"} <= set(r)
         assert r["median_ms"] > 0 and r["lower_bound_ms"] > 0
     assert next(r for r in rows if r["optimizer"] == "adamw-fused")["ratio_to_adamw"] == 1.0
+    assert next(r for r in rows if r["optimizer"] == "adamw-foreach")["ratio_to_adamw_foreach"] == 1.0
     assert result["machine"]["torch"]
 
 
@@ -102,3 +103,40 @@ def test_step_time_cost_model(tmp_path: Path) -> None:
     assert row["model"] == "quick" and 0 < row["lowrank_share"] < 1
     assert row["gflop_per_step_power"] == pytest.approx(2 * row["gflop_per_step_fixed"])
     assert row["adamw_bytes_per_step"] == 28 * row["parameters"]
+
+
+def _step_time_module():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import step_time
+    finally:
+        sys.path.remove(str(BENCH))
+    return step_time
+
+
+def test_foreach_ratios_direct_and_chained() -> None:
+    """In a group with adamw-foreach the ratio is direct; other groups chain through adamw-fused."""
+    st = _step_time_module()
+
+    def row(name: str, ms: float, fused_ms: float) -> dict:
+        return {"model": "m", "threads": 1, "optimizer": name, "median_ms": ms, "ratio_to_adamw": ms / fused_ms}
+
+    rows = [row("adamw-fused", 10, 10), row("adamw-foreach", 40, 10), row("adapm", 80, 10)]
+    rows += [row("adamw-fused", 20, 20), row("adafactor", 60, 20)]  # a slower group: same fused/foreach link
+    st.add_foreach_ratios(rows)
+    assert [r["ratio_to_adamw_foreach"] for r in rows] == pytest.approx([0.25, 1.0, 2.0, 0.25, 0.75])
+    assert [r["foreach_ratio_chained"] for r in rows] == [False, False, False, True, True]
+
+
+def test_step_time_from_json(tmp_path: Path) -> None:
+    saved = tmp_path / "st.json"
+    _run("step_time.py", saved, "--optimizers", "adamw-fused,adamw-foreach,adapm")
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--from-json", str(saved)],
+                          capture_output=True, text=True, env=env, timeout=300, check=True)  # fmt: skip
+    assert "ratio_to_adamw_foreach" in proc.stdout and "| quick | 1 | adamw-foreach |" in proc.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    proc = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--from-json", str(bad)],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)  # fmt: skip
+    assert proc.returncode != 0 and f"--from-json {bad}" in proc.stderr
