@@ -140,3 +140,12 @@ def test_step_time_from_json(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--from-json", str(bad)],
                           capture_output=True, text=True, env=env, timeout=300, check=False)  # fmt: skip
     assert proc.returncode != 0 and f"--from-json {bad}" in proc.stderr
+
+
+def test_profile_step_quick(tmp_path: Path) -> None:
+    """The profile's parts add up to the profiled step, and the low-rank matmuls show up as matmuls."""
+    result = _run("profile_step.py", tmp_path / "prof.json", "--optimizer", "adapm-fixed")
+    parts = {p["part"]: p["ms_per_step"] for p in result["parts"]}
+    assert sum(parts.values()) == pytest.approx(result["profiled_ms_per_step"])
+    assert parts["matmuls"] > 0 and result["median_ms"] > 0
+    assert sum(p["share"] for p in result["parts"]) == pytest.approx(1.0)
