@@ -120,6 +120,59 @@ def run_many(
     return sorted(results, key=lambda r: order[(r["model"], r["optimizer"], r["lr"], r["seed"])])
 
 
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, optimizer) from every recorded run: the lr whose seed-0 run has the lowest
+    final validation loss, and the mean/std over the seeds run at that lr. ``minus_adamw`` is the
+    difference of means to AdamW; ``paired_std`` the std of the per-seed differences (the same seed
+    means the same initialization and batches for every optimizer, so pairing removes that spread)."""
+    keys = list(dict.fromkeys((r["model"], r["optimizer"]) for r in runs))
+    summary: list[dict[str, Any]] = []
+    finals: dict[tuple[str, str], dict[int, float]] = {}
+    for m, o in keys:
+        mine = [r for r in runs if r["model"] == m and r["optimizer"] == o]
+        best = min((r for r in mine if r["seed"] == 0), key=lambda r: r["final_val_loss"])
+        by_seed = {r["seed"]: r["final_val_loss"] for r in mine if r["lr"] == best["lr"]}
+        finals[m, o] = by_seed
+        values = list(by_seed.values())
+        summary.append(
+            {
+                "model": m,
+                "optimizer": o,
+                "lr": best["lr"],
+                "mean_val_loss": statistics.mean(values),
+                "std_val_loss": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "seeds": len(values),
+                "tokens": best["tokens"],
+                "state_bytes": best["state_bytes"],
+            }
+        )
+    for row in summary:
+        ref = finals.get((row["model"], "adamw"))
+        row["minus_adamw"] = row["paired_std"] = None
+        if ref is None:
+            continue
+        row["minus_adamw"] = row["mean_val_loss"] - statistics.mean(ref.values())
+        mine = finals[row["model"], row["optimizer"]]
+        diffs = [mine[s] - ref[s] for s in sorted(mine.keys() & ref.keys())]
+        row["paired_std"] = statistics.stdev(diffs) if len(diffs) > 1 else None
+    return summary
+
+
+def print_summary(summary: list[dict[str, Any]]) -> None:
+    columns = [
+        ("model", "{}"),
+        ("optimizer", "{}"),
+        ("lr", "{:.2g}"),
+        ("mean_val_loss", "{:.4f}"),
+        ("std_val_loss", "{:.4f}"),
+        ("minus_adamw", "{:+.4f}"),
+        ("paired_std", "{:.4f}"),
+        ("seeds", "{}"),
+        ("tokens", "{:,}"),
+    ]
+    print(markdown_table(summary, columns))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gpt2-5m,llama-5m")
@@ -133,7 +186,14 @@ def main() -> None:
     parser.add_argument("--lr-factors", default="0.333,1,3", help="multiples of each optimizer's default lr to sweep")
     parser.add_argument("--quick", action="store_true", help="gpt2-1m, adamw and adapm, 20 steps, 1 seed, no sweep")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--from-json", type=Path, help="print the summary of a run saved with --json; no training")
     args = parser.parse_args()
+    if args.from_json:
+        try:
+            print_summary(summarize(json.loads(args.from_json.read_text())["runs"]))
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--from-json {args.from_json}: not a convergence.py --json file ({type(err).__name__})")
+        return
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be at least 1")
     models = ["gpt2-1m"] if args.quick else args.models.split(",")
@@ -167,39 +227,8 @@ def main() -> None:
         seed_tasks = [(m, o, best[m, o]["lr"], s) for m in models for o in optimizers for s in range(1, seeds)]
         extra = run_many(seed_tasks, steps, args.threads, args.jobs, Path(tmp), done)
     runs = sweep + extra
-    summary: list[dict[str, Any]] = []
-    for m in models:
-        for o in optimizers:
-            b = best[m, o]
-            finals = [b["final_val_loss"]] + [
-                r["final_val_loss"] for r in extra if r["model"] == m and r["optimizer"] == o
-            ]
-            summary.append(
-                {
-                    "model": m,
-                    "optimizer": o,
-                    "lr": b["lr"],
-                    "mean_val_loss": statistics.mean(finals),
-                    "std_val_loss": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                    "seeds": len(finals),
-                    "tokens": b["tokens"],
-                    "state_bytes": b["state_bytes"],
-                }
-            )
-    for row in summary:
-        ref = next((r for r in summary if r["model"] == row["model"] and r["optimizer"] == "adamw"), None)
-        row["minus_adamw"] = row["mean_val_loss"] - ref["mean_val_loss"] if ref else None
-    columns = [
-        ("model", "{}"),
-        ("optimizer", "{}"),
-        ("lr", "{:.2g}"),
-        ("mean_val_loss", "{:.4f}"),
-        ("std_val_loss", "{:.4f}"),
-        ("minus_adamw", "{:+.4f}"),
-        ("seeds", "{}"),
-        ("tokens", "{:,}"),
-    ]
-    print(markdown_table(summary, columns))
+    summary = summarize(runs)
+    print_summary(summary)
     info = machine_info()
     info.update(
         steps=steps,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,20 @@ def test_profile_step_quick(tmp_path: Path) -> None:
     assert sum(parts.values()) == pytest.approx(result["profiled_ms_per_step"])
     assert parts["matmuls"] > 0 and result["median_ms"] > 0
     assert sum(p["share"] for p in result["parts"]) == pytest.approx(1.0)
+
+
+def test_convergence_summary_picks_lr_and_pairs_seeds() -> None:
+    conv = _convergence_module()
+
+    def run(opt: str, lr: float, seed: int, loss: float) -> dict:
+        return {"model": "m", "optimizer": opt, "lr": lr, "seed": seed, "final_val_loss": loss, "tokens": 1,
+                "state_bytes": 1}  # fmt: skip
+
+    runs = [run("adamw", 1.0, 0, 4.0), run("adamw", 3.0, 0, 4.2), run("adamw", 1.0, 1, 4.4)]
+    runs += [run("adapm", 1.0, 0, 4.3), run("adapm", 3.0, 0, 4.1), run("adapm", 3.0, 1, 4.6)]
+    adamw, adapm = conv.summarize(runs)
+    assert (adamw["lr"], adapm["lr"]) == (1.0, 3.0)  # the lr of the best seed-0 run
+    assert adamw["mean_val_loss"] == pytest.approx(4.2) and adapm["mean_val_loss"] == pytest.approx(4.35)
+    assert adapm["minus_adamw"] == pytest.approx(0.15)
+    assert adapm["paired_std"] == pytest.approx(statistics.stdev([0.1, 0.2]))  # per-seed differences
+    assert adamw["seeds"] == adapm["seeds"] == 2
