@@ -98,6 +98,14 @@ def test_convergence_rejects_bad_spec() -> None:
     assert proc.returncode != 0 and "bad setting 'beta9=1'" in proc.stderr
 
 
+def test_convergence_from_json_rejects_other_files(tmp_path: Path) -> None:
+    bad = tmp_path / "peak.json"
+    bad.write_text('{"rows": []}')
+    cmd = [sys.executable, str(BENCH / "convergence.py"), "--from-json", str(bad)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0 and f"--from-json {bad}: not a convergence.py --json file" in proc.stderr
+
+
 def test_step_time_cost_model(tmp_path: Path) -> None:
     """The cost model (no timing): fixed does half of power's matmul flops; AdamW moves 28 bytes/param."""
     (row,) = _run("step_time.py", tmp_path / "cost.json", "--cost-model")["rows"]
