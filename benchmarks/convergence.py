@@ -186,13 +186,21 @@ def main() -> None:
     parser.add_argument("--lr-factors", default="0.333,1,3", help="multiples of each optimizer's default lr to sweep")
     parser.add_argument("--quick", action="store_true", help="gpt2-1m, adamw and adapm, 20 steps, 1 seed, no sweep")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--from-json", type=Path, help="print the summary of a run saved with --json; no training")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        help="print the summary of runs saved with --json (several: merged); no training",
+    )
     args = parser.parse_args()
     if args.from_json:
-        try:
-            print_summary(summarize(json.loads(args.from_json.read_text())["runs"]))
-        except (OSError, ValueError, KeyError) as err:
-            parser.error(f"--from-json {args.from_json}: not a convergence.py --json file ({type(err).__name__})")
+        runs_saved: list[dict[str, Any]] = []
+        for path in args.from_json:
+            try:
+                runs_saved += json.loads(path.read_text())["runs"]
+            except (OSError, ValueError, KeyError) as err:
+                parser.error(f"--from-json {path}: not a convergence.py --json file ({type(err).__name__})")
+        print_summary(summarize(runs_saved))
         return
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be at least 1")
