@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,17 +60,17 @@ def test_convergence_parallel_equals_sequential(tmp_path: Path) -> None:
     assert [r["mean_val_loss"] for r in one] == pytest.approx([r["mean_val_loss"] for r in two], abs=1e-6)
 
 
-def _convergence_module():
+def _bench_module(name: str) -> Any:
+    """Import a benchmark script (``benchmarks/`` is not a package) to test its functions directly."""
     sys.path.insert(0, str(BENCH))
     try:
-        import convergence
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
-    return convergence
 
 
 def test_convergence_optimizer_spec_parsing() -> None:
-    conv = _convergence_module()
+    conv = _bench_module("convergence")
     assert conv.parse_spec("adamw") == ("adamw", {})
     assert conv.parse_spec("adapm-mini:update_clip=none:rank_ratio=0.1:tracker=fixed:fused=false") == (
         "adapm-mini",
@@ -84,7 +86,7 @@ def test_convergence_optimizer_spec_parsing() -> None:
 
 def test_convergence_spec_reaches_the_run(tmp_path: Path) -> None:
     """A spec's settings are what the run trains with (read back from the run's config.json)."""
-    conv = _convergence_module()
+    conv = _bench_module("convergence")
     run = conv.one_run("gpt2-1m", "adapm-mini:update_clip=none:tracker=fixed", 3e-3, 0, 4, 1, tmp_path)
     assert run["optimizer"] == "adapm-mini:update_clip=none:tracker=fixed" and run["final_val_loss"] > 0
     (config,) = tmp_path.glob("*/config.json")
@@ -114,18 +116,9 @@ def test_step_time_cost_model(tmp_path: Path) -> None:
     assert row["adamw_bytes_per_step"] == 28 * row["parameters"]
 
 
-def _step_time_module():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import step_time
-    finally:
-        sys.path.remove(str(BENCH))
-    return step_time
-
-
 def test_foreach_ratios_direct_and_chained() -> None:
     """In a group with adamw-foreach the ratio is direct; other groups chain through adamw-fused."""
-    st = _step_time_module()
+    st = _bench_module("step_time")
 
     def row(name: str, ms: float, fused_ms: float) -> dict:
         return {"model": "m", "threads": 1, "optimizer": name, "median_ms": ms, "ratio_to_adamw": ms / fused_ms}
@@ -161,7 +154,7 @@ def test_profile_step_quick(tmp_path: Path) -> None:
 
 
 def test_convergence_summary_picks_lr_and_pairs_seeds() -> None:
-    conv = _convergence_module()
+    conv = _bench_module("convergence")
 
     def run(opt: str, lr: float, seed: int, loss: float) -> dict:
         return {"model": "m", "optimizer": opt, "lr": lr, "seed": seed, "final_val_loss": loss, "tokens": 1,
