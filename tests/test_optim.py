@@ -325,3 +325,129 @@ def test_sparse_and_complex_are_rejected() -> None:
     z = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
     with pytest.raises(ValueError, match="complex parameters"):
         adapm.AdaPM([z], lr=1e-3)
+
+
+# ------------------------------------------------------------------ faults found by hostile inputs
+
+
+def _step_with_random_grads(opt: torch.optim.Optimizer, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_deepcopy_and_pickle_round_trip_then_step(fused: bool) -> None:
+    import copy
+    import pickle
+
+    model = tiny_gpt2()
+    opt = adapm.AdaPMMini(model, lr=1e-3, fused=fused)
+    train(model, opt, batches(96, 1))
+    copies = [copy.deepcopy(opt), copy.deepcopy((model, opt))[1], pickle.loads(pickle.dumps(opt))]
+    for clone in copies:
+        assert clone.fused == opt.fused
+        _step_with_random_grads(clone)
+        assert all(s["step"].item() == 2 for s in clone.state.values())
+    # The copies step the same way as the original does.
+    _step_with_random_grads(opt)
+    for a, b in zip(opt.param_groups, copies[0].param_groups):
+        assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+
+
+def test_zero_size_parameters_step_as_in_torch_adamw() -> None:
+    params = [nn.Parameter(torch.empty(0, 5)), nn.Parameter(torch.empty(0))]
+    low = nn.Parameter(torch.empty(0, 5))
+    opt = adapm.AdaPM([{"params": params}, {"params": [low], "momentum": "lowrank"}], lr=1e-3)
+    ref = torch.optim.AdamW([nn.Parameter(torch.empty(0, 5))], lr=1e-3)
+    for o in (opt, ref):
+        _step_with_random_grads(o)
+        _step_with_random_grads(o)
+    assert [s["step"].item() for s in opt.state.values()] == [2.0, 2.0, 2.0]
+    assert all(s["step"].item() == 2.0 for s in ref.state.values())
+    layer = nn.Sequential(nn.Linear(8, 0), nn.Linear(8, 4))
+    for cls in (adapm.AdaPM, adapm.AdaPMMini):
+        opt = cls(layer, lr=1e-3)
+        layer[1](layer[0](torch.randn(2, 8)).sum() + torch.randn(2, 8)).sum().backward()
+        opt.step()
+        assert all(torch.isfinite(p).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("tracker", ["power", "gd", "fixed"])
+def test_huge_finite_gradients_never_poison_parameters_or_state(tracker: str) -> None:
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(48, 40))
+    vector = nn.Parameter(torch.randn(40))
+    opt = adapm.AdaPM(
+        [{"params": [weight], "momentum": "lowrank"}, {"params": [vector]}], lr=1e-3, tracker=tracker, refresh_every=3
+    )
+    # Below the bound where g^2 overflows, the step runs (and tracking must stay finite); above it, the
+    # parameter is skipped like a non-finite one, naming it.
+    for scale, skipped in ((1.0, False), (1e17, False), (1e20, True), (1e30, True), (1.0, False), (1e17, False)):
+        weight.grad = torch.randn(48, 40) * scale
+        vector.grad = torch.randn(40)
+        before = {k: v.clone() for k, v in opt.state[weight].items()}
+        if skipped:
+            with pytest.warns(RuntimeWarning, match=r"param_groups\[0\]\[0\]"):
+                opt.step()
+            assert opt.skipped_params == 1
+            assert all(torch.equal(before[k], v) for k, v in opt.state[weight].items())
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                opt.step()
+            assert opt.skipped_params == 0
+        for p in (weight, vector):
+            assert torch.isfinite(p).all()
+            assert all(torch.isfinite(v).all() for v in opt.state[p].values())
+
+
+def test_huge_gradients_on_gpt2_keep_every_optimizer_finite() -> None:
+    data = batches(96, 10)
+    for cls in (adapm.AdaPM, adapm.AdaPMMini):
+        model = tiny_gpt2()
+        opt = cls(model, lr=1e-3)
+        for x in data:
+            model(input_ids=x, labels=x).loss.backward()
+            for p in model.parameters():
+                p.grad.mul_(1e25)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step()
+            opt.zero_grad()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert all(torch.isfinite(v).all() for s in opt.state.values() for v in s.values())
+
+
+def test_loaded_hyperparameters_are_validated() -> None:
+    model = tiny_gpt2()
+    opt = adapm.AdaPM(model, lr=1e-3)
+    train(model, opt, batches(96, 1))
+    sd = opt.state_dict()
+    sd["param_groups"][3]["betas"] = (2.0, 0.5)
+    fresh = adapm.AdaPM(model, lr=1e-3)
+    with pytest.raises(ValueError, match=r"Invalid beta parameter at index 0 in loaded param group 3: 2\.0"):
+        fresh.load_state_dict(sd)
+    assert not fresh.state
+
+
+def test_a_parameter_reshaped_after_construction_is_named() -> None:
+    model = tiny_gpt2()
+    opt = adapm.AdaPM(model, lr=1e-3)
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    weight.data = weight.data.reshape(-1, 8)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match=r"'transformer\.h\.0\.mlp\.c_fc\.weight' changed shape from .* rebuild"):
+        opt.step()
+
+
+def test_rank_mismatch_on_load_names_the_differing_field() -> None:
+    model = tiny_gpt2(n_embd=64)
+    opt = adapm.AdaPM(model, lr=1e-3)
+    train(model, opt, batches(96, 1))
+    other = adapm.AdaPM(model, lr=1e-3, rank_ratio=0.5)
+    with pytest.raises(ValueError, match=r"segment '.*c_attn\.weight\[Q\]' rank is 4 in the checkpoint vs 32 here"):
+        other.load_state_dict(opt.state_dict())

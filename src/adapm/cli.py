@@ -113,7 +113,10 @@ def _merge(file_values: dict[str, Any], args: argparse.Namespace) -> dict[str, A
 
 
 def _config_values(args: argparse.Namespace) -> dict[str, Any]:
-    return read_config_file(args.config) if args.config else {}
+    values = read_config_file(args.config) if args.config else {}
+    # A run's config.json records facts about the run under "derived": they are not settings.
+    values.pop("derived", None)
+    return values
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -126,18 +129,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if "stopped_at" in summary:
         print(f"stopped at step {summary['stopped_at']} with a checkpoint in {cfg.train.out_dir}; rerun with --resume")
         return 0
+    rate = summary.get("tokens_per_s")
     print(
         f"{summary['optimizer']} on {summary['model']}: final val loss {summary['final_val_loss']:.3f} "
-        f"(unigram baseline {summary['unigram_val_loss']:.3f}), {summary['tokens_per_s']:,.0f} tokens/s, "
+        f"(unigram baseline {summary['unigram_val_loss']:.3f}), "
+        f"{'-' if rate is None else f'{rate:,.0f}'} tokens/s, "
         f"optimizer state {summary['state_bytes']:,} bytes; run directory {cfg.train.out_dir}"
     )
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from adapm.train.compare import compare
+    from adapm.train.compare import compare, resolve_out
 
-    cfg = from_dict(CompareConfig, _merge(_config_values(args), args))
+    cfg = resolve_out(from_dict(CompareConfig, _merge(_config_values(args), args)))
     compare(cfg)
     print(f"\nwrote {cfg.out}/summary.json, summary.md, loss_vs_step.png, loss_vs_time.png, state_bytes.png")
     return 0

@@ -62,6 +62,8 @@ _SCHEDULER_KEYS = frozenset({"initial_lr", "base_lr", "max_lr", "min_lr", "base_
 _POLICY_GROUP_KEYS = ("momentum", "second_moment", "split_dim")
 
 _GOLDEN = 0.6180339887498949
+# sqrt(float32 max) / 2: a gradient of larger norm would overflow g^2 (or its block sums) in float32.
+_MAX_GRAD_NORM = 2.0**63
 _CHUNK_ELEMENTS = 1 << 16
 
 
@@ -237,6 +239,8 @@ class AdaPM(Optimizer):
         self._shards: dict[Tensor, ShardInfo] = {}
         self._buffers: dict[tuple[Any, ...], Tensor] = {}
         self.fused = fused
+        self.skipped_params = 0
+        """Parameters the last ``step()`` skipped (non-finite or overflowing gradients, or factors)."""
 
         groups = self._make_groups(params, rules, second_moment, rank_ratio, weight_decay)
         super().__init__(groups, defaults)
@@ -319,8 +323,15 @@ class AdaPM(Optimizer):
                 self._index[p] = k
                 k += 1
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles only defaults/state/param_groups; keep the step's own settings too.
+        return {**super().__getstate__(), "fused": self.fused}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        fused = state.pop("fused", False)
         super().__setstate__(state)
+        self.fused = fused
+        self.skipped_params = 0
         self._buffers = {}
         self._rebuild_layouts()
 
@@ -373,29 +384,35 @@ class AdaPM(Optimizer):
         return info
 
     def _finite_items(self, items: list[tuple[dict[str, Any], Tensor]]) -> list[tuple[dict[str, Any], Tensor]]:
-        """Drop (and name in a warning) parameters whose gradient has inf/NaN on any rank."""
+        """Drop (and name in a warning) parameters whose gradient has inf/NaN, or whose square overflows
+        float32 (it would make the second moment inf for good), on any rank. One host sync per step."""
         grads = [local(cast(Tensor, p.grad)) for _, p in items]
-        norms = torch._foreach_norm(grads)  # type: ignore[misc]
+        # The float32 norm is inf (or above the bound) exactly when some entry is non-finite or the sum
+        # of squares overflows, so every per-entry and per-block mean of g^2 stays finite otherwise.
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # type: ignore[call-arg]
         device = norms[0].device
-        finite = torch.isfinite(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]))
-        for i, ok in enumerate(finite.tolist()):
-            if not ok:  # a norm can overflow for finite entries; look closer
-                finite[i] = bool(torch.isfinite(grads[i]).all())
+        finite = torch.stack([n.to(device) for n in norms]) <= _MAX_GRAD_NORM
         groups = {self._shard(p).group for _, p in items} - {None}
         for group in groups:
             finite = agree_all(finite, group)
-        if bool(finite.all()):
+        flags = finite.tolist()
+        self.skipped_params = flags.count(False)
+        if self.skipped_params == 0:
             return items
         kept, skipped = [], []
-        for ok, (group, p) in zip(finite.tolist(), items):
+        for ok, (group, p) in zip(flags, items):
             (kept if ok else skipped).append((group, p))
-        warnings.warn(
-            f"AdaPM skipped {len(skipped)} parameter(s) with non-finite gradients this step "
-            f"(values and state unchanged): {', '.join(self._layouts[p].name for _, p in skipped)}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        self._warn_skipped([self._layouts[p].name for _, p in skipped], "non-finite or overflowing gradients")
         return kept
+
+    @staticmethod
+    def _warn_skipped(names: list[str], why: str) -> None:
+        warnings.warn(
+            f"AdaPM skipped {len(names)} parameter(s) with {why} this step "
+            f"(values and state unchanged): {', '.join(names)}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -409,6 +426,7 @@ class AdaPM(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         items: list[tuple[dict[str, Any], Tensor]] = []
+        self.skipped_params = 0
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -418,18 +436,33 @@ class AdaPM(Optimizer):
                         f"AdaPM does not support sparse gradients (parameter '{self._layouts[p].name}'); "
                         "use a dense embedding (sparse=False)"
                     )
+                if tuple(p.shape) != self._layouts[p].shape:
+                    raise RuntimeError(
+                        f"AdaPM: parameter '{self._layouts[p].name}' changed shape from {self._layouts[p].shape} "
+                        f"to {tuple(p.shape)} after the optimizer was built; rebuild the optimizer for the new "
+                        "shapes (its state cannot be carried over)"
+                    )
                 items.append((group, p))
         if items:
+            rejected: list[str] = []
             for group, p in self._finite_items(items):
-                self._step_param(group, p)
+                if not self._step_param(group, p):
+                    rejected.append(self._layouts[p].name)
+            if rejected:
+                self.skipped_params += len(rejected)
+                self._warn_skipped(rejected, "non-finite low-rank factors")
         return loss
 
-    def _step_param(self, group: dict[str, Any], p: Tensor) -> None:
+    def _step_param(self, group: dict[str, Any], p: Tensor) -> bool:
+        """Step one parameter; False if it was skipped (its new low-rank factors were not finite)."""
         layout = self._layouts[p]
         info = self._shard(p)
         state = self.state[p]
         if not state:
             self._init_state(p, layout, state)
+        if p.numel() == 0:  # as torch.optim.AdamW: the step counts, nothing else to do
+            state["step"] += 1
+            return True
         grad = local(cast(Tensor, p.grad))
         g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
         state["step"] += 1
@@ -443,10 +476,14 @@ class AdaPM(Optimizer):
         target = p_local if p_local.dtype == torch.float32 else p_local.detach().to(torch.float32)
         decay = 1 - lr * group["weight_decay"]
         v = local(state["exp_avg_sq"])
+        numerators = self._lowrank_all(group, p, layout, state, g, t, info)
+        if numerators is None:
+            state["step"] -= 1
+            return False
         for seg in layout.segments:
             gs = seg.view(g)
             if seg.momentum == "lowrank":
-                numerator: Tensor | None = self._lowrank(group, p, layout, seg.slot, state, gs, t, info)
+                numerator: Tensor | None = numerators[seg.slot]
                 m = None
             else:
                 numerator = None
@@ -489,6 +526,7 @@ class AdaPM(Optimizer):
                 )
         if target is not p_local:
             p_local.copy_(target)
+        return True
 
     def _fused_tail(
         self,
@@ -516,9 +554,10 @@ class AdaPM(Optimizer):
             return False
         return True
 
-    def _workspace(self, like: Tensor) -> Tensor:
-        """A float32 buffer shaped like ``like``, reused across parameters and steps."""
-        key = (tuple(like.shape), like.device)
+    def _workspace(self, like: Tensor, slot: int = 0) -> Tensor:
+        """A float32 buffer shaped like ``like``, reused across parameters and steps (``slot`` tells apart
+        buffers that must coexist)."""
+        key = (tuple(like.shape), like.device, slot)
         buf = self._buffers.get(key)
         if buf is None:
             buf = self._buffers[key] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
@@ -547,20 +586,53 @@ class AdaPM(Optimizer):
         values = (vb.sqrt() / bc2_sqrt).add_(eps)
         return broadcast_blocks(values, tuple(g.shape), *seg.block, info.offset)
 
-    def _lowrank(
+    def _lowrank_all(
         self,
         group: dict[str, Any],
         p: Tensor,
         layout: ParamLayout,
-        slot: int,
         state: dict[str, Any],
         g: Tensor,
         t: int,
         info: ShardInfo,
-    ) -> Tensor:
+    ) -> list[Tensor] | None:
+        """Track every low-rank segment of ``p``; return their corrected momenta by slot, or None (state
+        untouched) if any new factor is not finite."""
+        segments = [seg for seg in layout.segments if seg.momentum == "lowrank"]
+        if not segments:
+            return []
         left_all, right_all = local(state["lowrank_L"]), state["lowrank_R"]
-        left = left_all[slot] if layout.fused else left_all
-        right = right_all[slot] if layout.fused else right_all
+        results = []
+        for seg in segments:
+            gs = seg.view(g)
+            left = left_all[seg.slot] if layout.fused else left_all
+            right = right_all[seg.slot] if layout.fused else right_all
+            # A fused parameter's segments need their own buffers: all are kept until the update.
+            out = self._workspace(gs, seg.slot) if layout.fused else self._workspace(gs)
+            results.append((left, right, *self._lowrank(group, p, seg.slot, left, right, gs, t, info, out)))
+        flags = [torch.isfinite(new_l).all() & torch.isfinite(new_r).all() for *_, new_l, new_r in results]
+        # Finite inputs give finite factors (the trackers are scale-safe); this guards the rest.
+        if not bool(torch.stack(flags).all()):
+            return None
+        numerators = []
+        for left, right, corrected, new_left, new_right in results:
+            left.copy_(new_left)
+            right.copy_(new_right)
+            numerators.append(corrected)
+        return numerators
+
+    def _lowrank(
+        self,
+        group: dict[str, Any],
+        p: Tensor,
+        slot: int,
+        left: Tensor,
+        right: Tensor,
+        g: Tensor,
+        t: int,
+        info: ShardInfo,
+        out: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         period = group["refresh_every"]
         index = self._index[p]
         # Golden-ratio offsets spread refreshes evenly over the period whatever the parameter count.
@@ -570,7 +642,7 @@ class AdaPM(Optimizer):
         if refresh:
             generator = torch.Generator(device=g.device)
             generator.manual_seed(index * 1_000_003 + slot * 7_919 + t)
-        corrected, new_left, new_right = lowrank_momentum(
+        return lowrank_momentum(
             left,
             right,
             g,
@@ -581,11 +653,8 @@ class AdaPM(Optimizer):
             refresh=refresh,
             generator=generator,
             reduce=info.reduce if info.sharded else None,
-            out=self._workspace(g),
+            out=out,
         )
-        left.copy_(new_left)
-        right.copy_(new_right)
-        return corrected
 
     # ----------------------------------------------------------------------------- checkpoints
 
@@ -602,6 +671,9 @@ class AdaPM(Optimizer):
             )
         saved_state = state_dict["state"]
         for i, (ours, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            betas = saved.get("betas")
+            checked = {**ours, **saved, "betas": tuple(betas) if isinstance(betas, list) else betas}
+            _check_hyperparameters(checked, f" in loaded param group {i}")
             if len(ours["params"]) != len(saved["params"]):
                 raise ValueError(
                     f"loaded param group {i} has {len(saved['params'])} parameters, this optimizer's has "
@@ -617,12 +689,11 @@ class AdaPM(Optimizer):
                         )
                 merged = {**ours, **{k: v for k, v in saved.items() if k != "params"}}
                 saved_layout = build_layout(layout.name, layout.shape, merged)
-                if saved_layout.state_shapes() != layout.state_shapes() or [
-                    s.momentum for s in saved_layout.segments
-                ] != [s.momentum for s in layout.segments]:
+                difference = _layout_difference(saved_layout, layout)
+                if difference:
                     raise ValueError(
-                        f"loaded state dict does not match parameter '{layout.name}': its partition differs "
-                        f"({[s.momentum for s in saved_layout.segments]} vs {[s.momentum for s in layout.segments]})"
+                        f"loaded state dict does not match parameter '{layout.name}': {difference}; build the "
+                        "optimizer with the checkpoint's settings (rank_ratio, rules, second_moment) to load it"
                     )
                 entry = saved_state.get(pid)
                 if entry is None:
@@ -644,6 +715,20 @@ class AdaPM(Optimizer):
                         if isinstance(value, Tensor):
                             device = "cpu" if key == "step" else p.device
                             self.state[p][key] = value.to(device=device, dtype=torch.float32)
+
+
+def _layout_difference(saved: ParamLayout, ours: ParamLayout) -> str:
+    """The first field in which two layouts of one parameter differ, as 'X in the checkpoint vs Y here'."""
+    if len(saved.segments) != len(ours.segments):
+        return f"{len(saved.segments)} segment(s) in the checkpoint vs {len(ours.segments)} here"
+    for a, b in zip(saved.segments, ours.segments):
+        where = f"segment '{b.name}'" if ours.fused else "its"
+        for field in ("momentum", "rank", "shape", "block", "n_blocks"):
+            if getattr(a, field) != getattr(b, field):
+                return f"{where} {field} is {getattr(a, field)!r} in the checkpoint vs {getattr(b, field)!r} here"
+    if saved.state_shapes() != ours.state_shapes():
+        return f"state shapes {saved.state_shapes()} in the checkpoint vs {ours.state_shapes()} here"
+    return ""
 
 
 class AdaPMMini(AdaPM):

@@ -102,9 +102,12 @@ def test_nanogpt_fused_qkv_is_split_into_rows() -> None:
     layout = opt.layout(model.transformer.h[0].attn.c_attn.weight)
     assert [s.block for s in layout.segments] == [(0, 1), (0, 1), (0, 1)]  # no config: heads unknown
     assert _rows(opt)["transformer.h.0.attn.c_proj.weight"].momentum == "none"
-    # Without the module, the (3n, n) shape still tells nanoGPT's layout from HF's (n, 3n).
-    by_names = adapm.AdaPM(model.named_parameters(), lr=1e-3)
-    assert _group(by_names, "transformer.h.0.attn.c_attn.weight")["split_dim"] == 0
+    # Without the module, a (3n, n) weight named c_attn may be nanoGPT's or GPT-BigCode's interleaved
+    # layout: it is kept whole and flagged, never split on its name alone.
+    with pytest.warns(UserWarning, match=r"kept whole.*transformer\.h\.0\.attn\.c_attn\.weight"):
+        by_names = adapm.AdaPM(model.named_parameters(), lr=1e-3)
+    assert "segments" not in _group(by_names, "transformer.h.0.attn.c_attn.weight")
+    assert "transformer.h.0.attn.c_attn.weight" in by_names.partition_report().unmatched
 
 
 def _llama_family(kind: str) -> nn.Module:
@@ -208,3 +211,124 @@ def test_frozen_parameters_are_left_out() -> None:
     model.transformer.wpe.weight.requires_grad_(False)
     opt = adapm.AdaPM(model, lr=1e-3)
     assert "transformer.wpe.weight" not in _rows(opt)
+
+
+# ----------------------------------------------------- fused splits checked against the real attention
+
+
+def _probe_qkv(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """The query, key and value tensors every attention layer of ``model`` receives on ``x``, recorded
+    through a registered Hugging Face attention function."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen: list[tuple[torch.Tensor, ...]] = []
+
+    def probe(module, query, key, value, attention_mask, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("adapm_probe", probe)
+    model.set_attn_implementation("adapm_probe")
+    model.eval()  # no dropout
+    with torch.no_grad():
+        model(input_ids=x)
+    return seen
+
+
+def _what_each_segment_feeds(model: nn.Module, opt: adapm.AdaPM, weight: nn.Parameter) -> list[str]:
+    """Perturb each segment of a split weight and record which of q, k, v in layer 0 change."""
+    x = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    base = _probe_qkv(model, x)[0]
+    fed = []
+    for seg in opt.layout(weight).segments:
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            # Random, not constant: a constant row shift is cancelled by the LayerNorm'd (zero-mean) input.
+            seg.view(weight.data).add_(torch.randn(seg.shape, generator=torch.Generator().manual_seed(1)))
+        after = _probe_qkv(model, x)[0]
+        with torch.no_grad():
+            weight.copy_(saved)
+        fed.append("".join(n for n, a, b in zip("qkv", base, after) if (a - b).abs().max() > 1e-3))
+    return fed
+
+
+def test_hf_gpt2_split_matches_the_real_query_key_value() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=50, n_positions=16))
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    weight = model.transformer.h[0].attn.c_attn.weight
+    assert [s.name.rsplit("[", 1)[1] for s in opt.layout(weight).segments] == ["Q]", "K]", "V]"]
+    assert _what_each_segment_feeds(model, opt, weight) == ["q", "k", "v"]
+
+
+@pytest.mark.parametrize("multi_query", [False, True])
+def test_gpt_bigcode_fused_qkv_is_kept_whole_and_flagged(multi_query: bool) -> None:
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTBigCodeConfig(n_layer=1, n_embd=64, n_head=4, vocab_size=50, n_positions=16, multi_query=multi_query)
+    model = GPTBigCodeForCausalLM(config)
+    with pytest.warns(UserWarning, match=r"layout is not known.*transformer\.h\.0\.attn\.c_attn\.weight"):
+        opt = adapm.AdaPMMini(model, lr=1e-3)
+    weight = model.transformer.h[0].attn.c_attn.weight
+    layout = opt.layout(weight)
+    assert not layout.fused and layout.segments[0].momentum == "full" and layout.second_moment == "full"
+    assert "transformer.h.0.attn.c_attn.weight" in opt.partition_report().unmatched
+    # Equal contiguous thirds would not have been Q, K and V (the check that caught the old split).
+    thirds = weight.shape[0] // 3
+    x = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    base = _probe_qkv(model, x)[0]
+    fed = []
+    for i in range(3):
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight[i * thirds : (i + 1) * thirds].add_(torch.randn(thirds, weight.shape[1]))
+        after = _probe_qkv(model, x)[0]
+        with torch.no_grad():
+            weight.copy_(saved)
+        fed.append("".join(n for n, a, b in zip("qkv", base, after) if (a - b).abs().max() > 1e-3))
+    assert fed == (["q", "q", "kv"] if multi_query else ["qkv", "qkv", "qkv"])
+
+
+def test_rules_that_match_nothing_warn_and_name_the_segments() -> None:
+    model = tiny_gpt2()
+    with pytest.warns(UserWarning, match=r"rule 0 .*weight\$' matched no parameter.*c_attn\.weight\[Q\]"):
+        adapm.AdaPM(model, lr=1e-3, rules=[(r"c_attn\.weight$", "none")])
+    with pytest.warns(UserWarning, match=r"rule 1 'no_such_layer' matched no parameter"):
+        adapm.AdaPM(model, lr=1e-3, rules=[(r"wte", "full"), ("no_such_layer", "full")])
+    with pytest.warns(UserWarning, match=r"rule 1 'wte' matched no parameter \(or only ones an earlier rule took\)"):
+        adapm.AdaPM(model, lr=1e-3, rules=[(r"\.wte\.", "full"), ("wte", "none")])
+
+
+def _tied_family(kind: str) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "bloom":
+        return transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=80, hidden_size=32, n_layer=1, n_head=4))
+    if kind == "falcon":
+        return transformers.FalconForCausalLM(
+            transformers.FalconConfig(vocab_size=80, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+        )
+    return transformers.T5ForConditionalGeneration(
+        transformers.T5Config(vocab_size=80, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    )
+
+
+@pytest.mark.parametrize(("kind", "shared"), [("bloom", "transformer.word_embeddings.weight"),
+                                              ("falcon", "transformer.word_embeddings.weight"),
+                                              ("t5", "shared.weight")])  # fmt: skip
+def test_tied_parameters_are_matched_under_any_of_their_names(kind: str, shared: str) -> None:
+    import warnings
+
+    model = _tied_family(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # these families' fused or other matrices
+        opt = adapm.AdaPMMini(model, lr=1e-3)
+    group = next(g for g in opt.param_groups if shared in [g["names"][0], *g["tied"]])
+    assert group["matched"] and group["momentum"] == "none", group["names"]
+    assert group["role"] in ("embedding", "output")
+    assert not any(shared in name for name in opt.partition_report().unmatched)

@@ -105,3 +105,26 @@ def test_fixed_tracker_is_the_exact_projection_with_two_matmuls(correction: str)
         torch.testing.assert_close(new_right, q.T @ m, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)  # c = -10 for "paper"
         right = new_right
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_trackers_are_scale_safe(scale: float) -> None:
+    """A huge (or tiny) but finite momentum gives finite factors spanning the same subspace as at unit
+    scale; at powers of two the results are bit-identical (the normalisation is exact)."""
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(40, 3, generator=g) @ torch.randn(3, 30, generator=g) + 0.01 * torch.randn(40, 30, generator=g)
+    left, right = randomized_factors(m, 4, torch.Generator().manual_seed(1))
+    big = m * scale
+    for name, (q, r) in {
+        "rsvd": randomized_factors(big, 4, torch.Generator().manual_seed(1)),
+        "rsvd-balanced": randomized_factors(big, 4, torch.Generator().manual_seed(1), balanced=True),
+        "power": power_track(big, right * scale),
+        "gd": gd_track(big, left * scale**0.5, right * scale**0.5),
+    }.items():
+        assert torch.isfinite(q).all() and torch.isfinite(r).all(), name
+        approx = (q.double() @ r.double()) / scale
+        assert torch.linalg.norm(approx - m.double()) / torch.linalg.norm(m.double()) < 0.05, name
+    two = 2.0**90
+    q1, r1 = power_track(m, right)
+    q2, r2 = power_track(m * two, right * two)
+    assert torch.equal(q1, q2) and torch.equal(r1 * two, r2)

@@ -40,12 +40,26 @@ class PresetRule:
     family: str
     pattern: str
     roles: tuple[str, ...]
+    fused_modules: tuple[str, ...] = ()
+    """For a fused weight (several roles): the owner-module classes whose layout is known to be
+    ``roles`` in contiguous equal parts. A weight held by any other module (or whose module is unknown
+    and whose shape does not show the layout) is kept whole and flagged, never split on its name."""
+    plain_model_only: bool = False
+    """For a fused weight: ``nn.Linear`` owners count only in models without a Hugging Face
+    ``config.model_type`` (nanoGPT-style code); a Hugging Face model with this name (e.g. GPT-BigCode's
+    ``c_attn``) may interleave heads or have unequal parts."""
 
 
 PRESET_RULES: tuple[PresetRule, ...] = (
     # HF GPT-2 (Conv1D, weight is (in, out)) and nanoGPT (nn.Linear, weight is (out, in)).
     PresetRule("gpt2", r"(^|\.)(wte|wpe)\.weight$", ("embedding",)),
-    PresetRule("gpt2", r"(^|\.)attn\.c_attn\.weight$", ("query", "key", "value")),
+    PresetRule(
+        "gpt2",
+        r"(^|\.)attn\.c_attn\.weight$",
+        ("query", "key", "value"),
+        fused_modules=("Conv1D", "Linear"),
+        plain_model_only=True,
+    ),
     PresetRule("gpt2", r"(^|\.)attn\.c_proj\.weight$", ("attn_out",)),
     PresetRule("gpt2", r"(^|\.)mlp\.c_(fc|proj)\.weight$", ("mlp",)),
     # Llama, Mistral, Qwen2 and their relatives.

@@ -7,6 +7,7 @@ its policy keys, so the policy travels with the parameter into ``state_dict`` an
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,29 +121,63 @@ def head_dim_of(model: nn.Module | None) -> int | None:
     return None
 
 
-def _match_preset(name: str) -> PresetRule | None:
-    for rule in PRESET_RULES:
-        if re.search(rule.pattern, name):
-            return rule
+def _match_preset(names: Sequence[str]) -> tuple[str, PresetRule] | None:
+    """The first preset rule matching any of a (possibly tied) parameter's names, with that name."""
+    for name in names:
+        for rule in PRESET_RULES:
+            if re.search(rule.pattern, name):
+                return name, rule
     return None
 
 
-def _match_user(rules: Sequence[Rule], name: str) -> Rule | None:
+def _match_user(rules: Sequence[Rule], names: Sequence[str]) -> Rule | None:
     for rule in rules:
-        if re.search(rule.pattern, name):
+        if any(re.search(rule.pattern, name) for name in names):
             return rule
     return None
+
+
+def _owner(model: nn.Module | None, name: str) -> nn.Module | None:
+    if model is None or "." not in name:
+        return None
+    try:
+        return model.get_submodule(name.rsplit(".", 1)[0])
+    except AttributeError:
+        return None
+
+
+def _model_type(model: nn.Module | None) -> str | None:
+    while model is not None and getattr(model, "config", None) is None:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    value = getattr(getattr(model, "config", None), "model_type", None)
+    return value if isinstance(value, str) and value else None
+
+
+def _fused_layout_known(rule: PresetRule, name: str, shape: tuple[int, ...], model: nn.Module | None) -> bool:
+    """Whether the fused weight ``name`` really holds ``rule.roles`` in contiguous equal parts: decided
+    by its module class and the model type, never by the name alone."""
+    owner = _owner(model, name)
+    if owner is not None:
+        cls = type(owner).__name__
+        if cls not in rule.fused_modules:
+            return False
+        if cls in CONV1D_CLASS_NAMES:
+            return True
+        return not rule.plain_model_only or _model_type(model) is None
+    # Names only: an (n, k*n) Conv1D layout is unambiguous; an (k*n, n) nn.Linear weight may be
+    # nanoGPT's contiguous layout or a Hugging Face model's interleaved one.
+    count = len(rule.roles)
+    return any(c in rule.fused_modules for c in CONV1D_CLASS_NAMES) and len(shape) == 2 and shape[1] == count * shape[0]
 
 
 def _out_dim(name: str, model: nn.Module | None, conv1d_default: bool) -> int:
     """The output-neuron axis of a weight: 1 for Conv1D's (in, out) layout, else 0."""
-    if model is not None and "." in name:
-        try:
-            owner = model.get_submodule(name.rsplit(".", 1)[0])
-        except AttributeError:
-            owner = None
-        if owner is not None:
-            return 1 if type(owner).__name__ in CONV1D_CLASS_NAMES else 0
+    owner = _owner(model, name)
+    if owner is not None:
+        return 1 if type(owner).__name__ in CONV1D_CLASS_NAMES else 0
     return 1 if conv1d_default else 0
 
 
@@ -183,6 +218,7 @@ def partition(
         weight_decay: applied to matrices; vectors get none.
     """
     user_rules = parse_rules(rules)
+    used: set[int] = set()
     seen: dict[int, int] = {}
     entries: list[tuple[list[str], torch.Tensor]] = []
     for name, param in named_parameters:
@@ -199,18 +235,26 @@ def partition(
     )
     head_dim = head_dim_of(model)
     groups: list[dict[str, Any]] = []
+    kept_whole: list[str] = []
+    fused_names: list[tuple[str, list[str]]] = []
     for names, param in entries:
         if not param.requires_grad:
             continue
-        name = names[0]
         shape = tuple(param.shape)
-        preset = None if param.dim() < 2 else _match_preset(name)
-        roles = ("vector",) if param.dim() < 2 else (preset.roles if preset else ("other",))
+        found = None if param.dim() < 2 else _match_preset(names)
+        # A tied parameter is reported under the name its preset recognised (e.g. BLOOM's lm_head).
+        name = found[0] if found else names[0]
+        aliases = [n for n in names if n != name]
+        preset = found[1] if found else None
         out_dim = _out_dim(name, model, conv1d_default) if param.dim() == 2 else 0
+        if preset is not None and len(preset.roles) > 1 and not _fused_layout_known(preset, name, shape, model):
+            kept_whole.append(name)
+            preset = None
+        roles = ("vector",) if param.dim() < 2 else (preset.roles if preset else ("other",))
         group: dict[str, Any] = {
             "params": [param],
             "names": [name],
-            "tied": names[1:],
+            "tied": aliases,
             "weight_decay": weight_decay if param.dim() >= 2 else 0.0,
             "rank_ratio": rank_ratio,
             "family": preset.family if preset else "",
@@ -218,7 +262,7 @@ def partition(
         }
         if len(roles) == 1:
             role = roles[0]
-            policy = _resolve(role, name, user_rules, second_moment)
+            policy = _resolve(role, [name, *aliases], user_rules, second_moment, used)
             group.update(
                 role=role,
                 momentum=policy["momentum"],
@@ -232,9 +276,11 @@ def partition(
             seg_shape = tuple(seg_len if i == out_dim else s for i, s in enumerate(shape))
             segments = []
             sms = set()
+            seg_names = []
             for role in roles:
                 seg_name = SEGMENT_NAMES.get(role, role)
-                policy = _resolve(role, f"{name}[{seg_name}]", user_rules, second_moment)
+                seg_names.append(f"{name}[{seg_name}]")
+                policy = _resolve(role, [f"{n}[{seg_name}]" for n in (name, *aliases)], user_rules, second_moment, used)
                 sms.add(policy["second_moment"])
                 seg: dict[str, Any] = {
                     "name": seg_name,
@@ -245,6 +291,7 @@ def partition(
                 if "rank_ratio" in policy:
                     seg["rank_ratio"] = policy["rank_ratio"]
                 segments.append(seg)
+            fused_names.append((name, seg_names))
             if len(sms) > 1:
                 raise ValueError(f"Fused parameter '{name}': all segments must share one second_moment policy")
             group.update(
@@ -256,15 +303,49 @@ def partition(
                 block="auto",
             )
         groups.append(group)
+    if kept_whole:
+        warnings.warn(
+            f"adapm: {len(kept_whole)} fused weight(s) whose layout is not known for this model were kept whole "
+            f"with full momentum and full second moment (no memory saving on them): {', '.join(kept_whole)}. "
+            "Split them with explicit param groups, or pass rules to choose their policy.",
+            UserWarning,
+            stacklevel=3,
+        )
+    _warn_unused_rules(user_rules, used, fused_names)
     return groups
 
 
-def _resolve(role: str, name: str, user_rules: Sequence[Rule], second_moment: str) -> dict[str, Any]:
+def _warn_unused_rules(rules: Sequence[Rule], used: set[int], fused: Sequence[tuple[str, list[str]]]) -> None:
+    """A rule that took no parameter is almost always a typo: say so, and name the fused segments a
+    pattern meant for a fused weight's plain name should match instead."""
+    for i, rule in enumerate(rules):
+        if i in used:
+            continue
+        hint = ""
+        meant = [segs for base, segs in fused if re.search(rule.pattern, base)]
+        if meant:
+            examples = ", ".join(meant[0])
+            hint = (
+                f"; fused weights are matched per segment, e.g. {examples}: end the pattern with "
+                r"'\[(Q|K|V)\]$' (or drop the '$') to match them"
+            )
+        warnings.warn(
+            f"adapm: rule {i} {rule.pattern!r} matched no parameter (or only ones an earlier rule took), so "
+            f"it has no effect{hint}",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _resolve(
+    role: str, names: Sequence[str], user_rules: Sequence[Rule], second_moment: str, used: set[int]
+) -> dict[str, Any]:
     momentum = PAPER_MOMENTUM[role]
     sm = "full" if role == "other" else second_moment
     policy: dict[str, Any] = {}
-    rule = _match_user(user_rules, name)
+    rule = _match_user(user_rules, names)
     if rule is not None:
+        used.add(next(i for i, r in enumerate(user_rules) if r is rule))
         momentum = rule.momentum or momentum
         sm = rule.second_moment or sm
         if rule.rank_ratio is not None:

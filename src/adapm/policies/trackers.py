@@ -9,7 +9,11 @@
   refresh them every ``refresh_every`` steps. It draws from an explicit generator so that a run is
   reproducible and a resumed run continues bit-identically.
 
-All functions are pure: they return new factors and leave their inputs untouched. Each accepts an
+All functions are pure: they return new factors and leave their inputs untouched. They are also
+scale-safe: the subspace of ``m`` does not depend on its scale, so inputs are normalised by powers of
+two (exact: in the normal float range the results are bit-identical to unscaled arithmetic) before a QR,
+SVD or Gram matrix, and restored after. A huge but finite momentum therefore never overflows into
+inf/NaN factors. Each accepts an
 optional ``reduce``: then ``m`` and ``L`` are this rank's rows of a row-sharded matrix, the
 orthonormalization uses the all-reduced r x r Gram matrix, and ``R`` is all-reduced. Only the span
 of ``L`` matters for ``L R`` and for the next step, so the sharded and the whole computation agree to
@@ -36,6 +40,16 @@ RSVD_OVERSAMPLING = 8
 RSVD_POWER_ITERATIONS = 2
 
 
+def unit_scale(x: Tensor, even: bool = False) -> Tensor:
+    """A power of two ``s`` (0-d tensor, no host sync) with ``max|x| * s`` in ``[0.5, 1)``; 1 for zero.
+
+    ``even``: ``s`` is an even power of two, so that ``sqrt(s)`` is exact too."""
+    exponent = torch.frexp(x.detach().abs().amax()).exponent
+    if even:
+        exponent = exponent - exponent % 2
+    return torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), -exponent)
+
+
 def orthonormalize(y: Tensor, reduce: Reduce | None = None) -> Tensor:
     """An orthonormal basis of the column span of ``y`` (rows possibly sharded).
 
@@ -44,8 +58,8 @@ def orthonormalize(y: Tensor, reduce: Reduce | None = None) -> Tensor:
     eigenvalues (rank-deficient ``Y``) become zero columns instead of NaN.
     """
     if reduce is None:
-        return torch.linalg.qr(y).Q
-    q = y.double()
+        return torch.linalg.qr(y * unit_scale(y)).Q
+    q = y.double()  # float64 Gram matrices cannot overflow from float32 inputs
     for _ in range(2):
         evals, evecs = torch.linalg.eigh(reduce(q.mT @ q))
         keep = evals > evals.max().clamp_min(0) * 1e-10
@@ -66,7 +80,7 @@ def power_track(m: Tensor, r_prev: Tensor, reduce: Reduce | None = None) -> tupl
     ``Q`` has orthonormal columns even when ``m R^T`` is rank-deficient (Householder QR), so a zero
     or rank-deficient momentum never produces NaN.
     """
-    q = orthonormalize(m @ r_prev.mT, reduce)
+    q = orthonormalize(m @ (r_prev * unit_scale(r_prev)).mT, reduce)
     return q, _project(q, m, reduce)
 
 
@@ -83,13 +97,30 @@ def gd_track(
     The step sizes are the exact block Lipschitz constants ``1 / ||R||_2^2`` and ``1 / ||L||_2^2``.
     A zero factor gives a zero gradient for the other one, so the floor on the constants only avoids
     ``0 / 0``; the caller must not start from ``L = R = 0`` (seed with :func:`randomized_factors`).
+    The iteration runs on ``m s``, ``L sqrt(s)``, ``R sqrt(s)`` for a power of two ``s`` that brings
+    ``m`` to unit scale (Gram matrices of huge factors would overflow), and is scaled back after.
     """
+    s = unit_scale(m, even=True)
+    if reduce is not None:  # one scale on every rank: the largest
+        s = s.new_ones(()) / reduce_max(1 / s, reduce)
+    root = s.sqrt()
+    m, left, right = m * s, left * root, right * root
     for _ in range(iterations):
         rrt = right @ right.mT
         left = left - (left @ rrt - m @ right.mT) / _lipschitz(rrt)
         ltl = left.mT @ left if reduce is None else reduce(left.mT @ left)
         right = right - (ltl @ right - _project(left, m, reduce)) / _lipschitz(ltl)
-    return left, right
+    return left / root, right / root
+
+
+def reduce_max(x: Tensor, reduce: Reduce) -> Tensor:
+    """The maximum of a positive power of two over ranks, with only a sum-reduce at hand: sum the
+    one-hot of its exponent."""
+    exponent = torch.frexp(x).exponent.long().clamp(-160, 160) + 160
+    hot = torch.zeros(321, dtype=torch.float64, device=x.device)
+    hot[exponent] = 1.0
+    top = torch.nonzero(reduce(hot)).max()
+    return torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), (top - 160 - 1).to(torch.int32))
 
 
 def randomized_factors(
@@ -106,11 +137,13 @@ def randomized_factors(
     omega = torch.randn(cols, width, generator=generator, dtype=m.dtype, device=m.device)
     q = orthonormalize(m @ omega, reduce)
     for _ in range(RSVD_POWER_ITERATIONS):
-        z = torch.linalg.qr(_project(m, q, reduce)).Q  # (m^T Q): n x width, the same on every rank
+        z = orthonormalize(_project(m, q, reduce))  # (m^T Q): n x width, the same on every rank
         q = orthonormalize(m @ z, reduce)
-    u_small, s, vh = torch.linalg.svd(_project(q, m, reduce), full_matrices=False)
+    small = _project(q, m, reduce)  # the same on every rank
+    scale = unit_scale(small, even=True)
+    u_small, s, vh = torch.linalg.svd(small * scale, full_matrices=False)
     u = q @ u_small[:, :rank]
     if balanced:
-        root = s[:rank].sqrt()
+        root = (s[:rank] / scale).sqrt()
         return u * root, root[:, None] * vh[:rank]
     return u, _project(u, m, reduce)

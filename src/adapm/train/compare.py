@@ -10,13 +10,17 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from adapm.partition.report import format_bytes
 from adapm.train.config import CompareConfig, PretrainConfig
 from adapm.train.data import prepare_data
-from adapm.train.loop import METRICS, SUMMARY
+from adapm.train.loop import CHECKPOINT, METRICS, SUMMARY
+
+DEFAULT_COMPARE_ROOT = Path("runs/compare")
+LATEST = "latest"
 
 
 def machine_info() -> dict[str, Any]:
@@ -52,9 +56,9 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_config(cfg: CompareConfig, optimizer: str) -> PretrainConfig:
-    """The pretraining config of one arm of the comparison."""
+    """The pretraining config of one arm of the comparison (``cfg.out`` must be resolved)."""
     optim = dataclasses.replace(cfg.optim, optimizer=optimizer)
-    train = dataclasses.replace(cfg.train, out_dir=str(Path(cfg.out) / optimizer))
+    train = dataclasses.replace(cfg.train, out_dir=str(Path(str(cfg.out)) / optimizer))
     return PretrainConfig(data=cfg.data, model=cfg.model, optim=optim, train=train)
 
 
@@ -64,19 +68,83 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def new_run_dir(root: Path) -> Path:
+    """A fresh ``root/<date-time>`` directory, and ``root/latest`` pointing at it (replaced atomically)."""
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out, n = root / stamp, 1
+    while True:
+        try:
+            out.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+            out = root / f"{stamp}-{n}"
+    tmp = root / f".{LATEST}.tmp{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(out.name)
+    os.replace(tmp, root / LATEST)
+    return out
+
+
+def resolve_out(cfg: CompareConfig) -> CompareConfig:
+    """``cfg`` with its output directory decided: a new dated one by default, the latest one to resume.
+
+    Raises:
+        FileNotFoundError: ``--resume`` without ``--out`` and no earlier run to resume.
+        FileExistsError: an explicit ``--out`` already holds runs, without ``--resume`` or ``--overwrite``.
+    """
+    if cfg.out is None:
+        if cfg.train.resume:
+            latest = DEFAULT_COMPARE_ROOT / LATEST
+            if not latest.exists():
+                raise FileNotFoundError(
+                    f"--resume: no earlier comparison to resume ({latest} does not exist); pass --out DIR"
+                )
+            return dataclasses.replace(cfg, out=str(latest.resolve()))
+        return dataclasses.replace(cfg, out=str(new_run_dir(DEFAULT_COMPARE_ROOT)))
+    if not (cfg.train.resume or cfg.train.overwrite):
+        taken = [n for n in cfg.optimizer_list() if (Path(cfg.out) / n / CHECKPOINT).exists()]
+        if taken:
+            raise FileExistsError(
+                f"{cfg.out} already holds runs of {', '.join(taken)}: pass --resume to continue them, --overwrite "
+                "to delete them and start over, or leave out --out to get a new run directory (nothing was changed)"
+            )
+    return cfg
+
+
 def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     """Run every optimizer of ``cfg`` in its own process, then write and print the summary.
 
     Returns the summary rows (one dict per optimizer with at least ``optimizer``, ``final_val_loss``,
-    ``tokens_per_s``, ``state_bytes``, ``ratio_to_adamw`` and ``peak_rss_bytes``).
+    ``tokens_per_s``, ``state_bytes``, ``ratio_to_adamw`` and ``peak_rss_bytes``). A ``--resume`` of a
+    comparison whose runs are all finished prints the existing summary and changes no file.
 
     Raises:
         RuntimeError: if any run failed (the others still ran and are summarised).
     """
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    cfg = resolve_out(cfg)
+    out = Path(str(cfg.out))
+    if cfg.train.resume and _finished(out, cfg.optimizer_list(), cfg.train.steps):
+        print((out / "summary.md").read_text(), end="")
+        return json.loads((out / "summary.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
     prepare_data(cfg.data)  # tokenize once here, so the runs share the cache instead of racing for it
     configs = {name: run_config(cfg, name).to_dict() for name in cfg.optimizer_list()}
-    return side_by_side(Path(cfg.out), "pretrain", configs, reference=lambda: _adamw_reference(cfg))
+    return side_by_side(out, "pretrain", configs, reference=lambda: _adamw_reference(cfg))
+
+
+def _finished(out: Path, names: list[str], steps: int) -> bool:
+    """Whether every run in ``out`` finished its ``steps`` and the side-by-side summary was written."""
+    if not ((out / "summary.json").exists() and (out / "summary.md").exists()):
+        return False
+    for name in names:
+        try:
+            if json.loads((out / name / SUMMARY).read_text()).get("steps") != steps:
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
 
 
 def side_by_side(
@@ -104,7 +172,9 @@ def side_by_side(
 
 
 def summarize(cfg: CompareConfig) -> list[dict[str, Any]]:
-    """Collect the runs of a pretraining comparison (see :func:`summarize_runs`)."""
+    """Collect the runs of a pretraining comparison (see :func:`summarize_runs`); ``cfg.out`` must be set."""
+    if cfg.out is None:
+        raise ValueError("summarize: set out to the comparison's directory")
     return summarize_runs(Path(cfg.out), cfg.optimizer_list(), lambda: _adamw_reference(cfg))
 
 

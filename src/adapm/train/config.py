@@ -150,7 +150,18 @@ class TrainConfig:
     """Stop (after writing a checkpoint) once this step is reached; the schedule still spans `steps`.
     For time-limited jobs: run again with --resume to continue."""
     resume: bool = False
-    """Continue from out_dir/checkpoint.pt if it exists (exactly: same batches, same RNG)."""
+    """Continue from out_dir/checkpoint.pt if it exists (exactly: same batches, same RNG). Settings that
+    change the trajectory must equal the checkpoint's (else the run is refused, naming them); a finished
+    run is left as it is and its summary printed."""
+    extend: bool = False
+    """With resume: allow more steps than the checkpoint's run had. The schedule stays the original
+    one (warmup and cosine over the original steps), then holds the minimum lr for the added steps."""
+    overwrite: bool = False
+    """Start over in an out_dir that holds a run, deleting its checkpoint, metrics, summary and model."""
+    max_bad_steps: int = 3
+    """Stop with an error after this many consecutive steps whose training loss is not finite, or in
+    which the optimizer skipped every parameter (non-finite gradients); a non-finite validation loss
+    stops at once. The last checkpoint is kept intact."""
     progress: bool = True
     """Show a progress bar."""
     save_model: bool = True
@@ -165,6 +176,9 @@ class TrainConfig:
         _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "> 0 or null")
         _check(self.threads is None or self.threads >= 1, "threads", self.threads, "an integer >= 1")
         _check(self.stop_at is None or self.stop_at >= 1, "stop_at", self.stop_at, "an integer >= 1")
+        _check(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "an integer >= 1")
+        _check(not (self.resume and self.overwrite), "overwrite", self.overwrite, "not together with resume")
+        _check(not self.extend or self.resume, "extend", self.extend, "only together with resume")
 
 
 @dataclass
@@ -186,8 +200,10 @@ class CompareConfig:
 
     optimizers: str = "adamw,adapm,adapm-mini"
     """Comma-separated optimizer names, each trained in a fresh process."""
-    out: str = "runs/compare"
-    """Output directory: one run directory per optimizer, summary.json, summary.md and PNG plots."""
+    out: str | None = None
+    """Output directory: one run directory per optimizer, summary.json, summary.md and PNG plots.
+    Default: a new runs/compare/<date-time>/ per invocation, with runs/compare/latest pointing at the
+    newest (with --resume: the run runs/compare/latest points at)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from torch import nn
 
 import adapm
 from adapm.train import parallel
-from adapm.train.checkpoint import load_checkpoint, save_checkpoint
+from adapm.train.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from adapm.train.config import OptimConfig, PretrainConfig, TrainConfig
 from adapm.train.data import TokenData, get_batch, prepare_data
 from adapm.train.models import build_model, count_parameters, load_pretrained
@@ -194,23 +195,162 @@ def pretrain_task(cfg: PretrainConfig, data: TokenData, par: parallel.Parallel) 
     )
 
 
+RESUME_FREE_KEYS = frozenset(
+    {
+        "out",
+        "data.cache_dir",
+        "model.cache_dir",
+        "train.out_dir",
+        "train.resume",
+        "train.extend",
+        "train.overwrite",
+        "train.progress",
+        "train.stop_at",
+        "train.eval_every",
+        "train.eval_batches",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.save_model",
+        "train.threads",
+        "train.max_bad_steps",
+    }
+)
+"""Config keys that may change on --resume: they do not change the trajectory of the weights."""
+
+
 def refuse_overwrite(tc: TrainConfig, par: parallel.Parallel) -> None:
-    """An existing checkpoint without ``resume`` is an error (nothing gets overwritten)."""
-    ckpt_path = Path(tc.out_dir) / (CHECKPOINT_DCP if par.enabled and tc.fsdp else CHECKPOINT)
-    if ckpt_path.exists() and not tc.resume:
+    """An existing run without ``resume`` is an error (nothing gets overwritten), unless ``overwrite``
+    asks to delete it and start over."""
+    out = Path(tc.out_dir)
+    ckpt_path = out / (CHECKPOINT_DCP if par.enabled and tc.fsdp else CHECKPOINT)
+    if not ckpt_path.exists() or tc.resume:
+        return
+    if not tc.overwrite:
         raise FileExistsError(
-            f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out-dir "
-            "(nothing was overwritten)"
+            f"{ckpt_path} exists: pass --resume to continue that run, --overwrite to delete it and start over, "
+            "or choose another output directory (nothing was overwritten)"
         )
+    par.barrier()
+    if par.is_main:
+        for name in (CHECKPOINT, CHECKPOINT_DCP, METRICS, SUMMARY, "config.json", "model"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    par.barrier()
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume(saved: dict[str, Any] | None, current: dict[str, Any], done: int, tc: TrainConfig) -> None:
+    """Refuse to resume when a setting that changes the trajectory differs from the checkpoint's run.
+
+    ``train.steps`` may grow only with ``extend`` (the schedule then stays the original one).
+
+    Raises:
+        ValueError: naming every differing key with both values.
+    """
+    if saved is None:
+        return
+    old, new = _flatten(saved), _flatten(current)
+    differ = sorted(k for k in old.keys() | new.keys() if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
+    if "train.steps" in differ and tc.extend and new["train.steps"] > old.get("train.steps", 0):
+        differ.remove("train.steps")
+    if differ:
+        details = ", ".join(f"{k} is {old.get(k)!r} in the checkpoint but {new.get(k)!r} now" for k in differ)
+        hint = ""
+        if "train.steps" in differ and new.get("train.steps", 0) > old.get("train.steps", 0):
+            hint = "; to train a finished or shorter run for more steps, add --extend"
+        raise ValueError(
+            f"--resume: settings that change the training differ from the run in {tc.out_dir}: {details}{hint}. "
+            "Resume with the original values, or start a new run in another output directory"
+        )
+
+
+@dataclass
+class _Progress:
+    """What the loop carries between steps (and across a resume)."""
+
+    start: int = 0
+    elapsed: float = 0.0
+    tokens: int = 0
+    initial: dict[str, Any] = field(default_factory=dict)
+    saved_config: dict[str, Any] | None = None
+    schedule_steps: int = 0
+
+
+def _load(
+    ckpt_path: Path, sharded: bool, model: nn.Module, optimizer: Any, scheduler: Any, task: Task, par: Any
+) -> _Progress:
+    if sharded:
+        extra = parallel.dcp_load(ckpt_path, model, optimizer, _extra_template(scheduler, task))
+        scheduler.load_state_dict(extra["scheduler"])
+    else:
+        extra = load_checkpoint(ckpt_path)
+        parallel.unwrap(model).load_state_dict(extra["model"])
+        optimizer.load_state_dict(extra["optimizer"])
+        scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["rng"])
+    saved = extra.get("config") or None
+    lambdas = scheduler.lr_lambdas
+    return _Progress(
+        start=int(extra["step"]),
+        elapsed=float(extra["elapsed"]),
+        tokens=int(extra.get("tokens", 0)),
+        initial=json.loads(extra.get("initial", "{}")),
+        saved_config=json.loads(saved) if saved else None,
+        schedule_steps=int(getattr(lambdas[0], "total", 0)) if lambdas else 0,
+    )
+
+
+def _read_summary(out: Path, steps: int) -> dict[str, Any] | None:
+    """The summary of a finished run of ``steps`` steps in ``out``, if one is there and readable."""
+    try:
+        summary = json.loads((out / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("steps") == steps else None
+
+
+def _metrics_history(path: Path) -> tuple[float | None, list[float]]:
+    """The last training loss and every tokens/s figure logged in ``metrics.jsonl``."""
+    if not path.exists():
+        return None, []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    return (losses[-1] if losses else None), [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+
+
+class TrainingStopped(RuntimeError):
+    """The loss or the gradients went non-finite for good: the run stops, its last checkpoint intact."""
 
 
 def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel) -> dict[str, Any]:
     """The shared training loop: train ``task`` with ``optim`` for ``tc.steps``; returns the summary
-    (also written to ``tc.out_dir/summary.json`` by rank 0), or ``{"stopped_at": step}`` at ``tc.stop_at``."""
+    (also written to ``tc.out_dir/summary.json`` by rank 0), or ``{"stopped_at": step}`` at ``tc.stop_at``.
+
+    Resuming a finished run changes no file and returns its summary.
+
+    Raises:
+        TrainingStopped: the loss stayed non-finite, or every parameter was skipped, for
+            ``tc.max_bad_steps`` steps (or the validation loss was non-finite).
+        ValueError: ``--resume`` with settings that differ from the checkpoint's run.
+    """
     out = Path(tc.out_dir)
     sharded = par.enabled and tc.fsdp
     ckpt_path = out / (CHECKPOINT_DCP if sharded else CHECKPOINT)
     refuse_overwrite(tc, par)
+    if par.is_main:
+        remove_stale_temporaries(out)
     torch.manual_seed(tc.seed)
     base = task.build_model().to(par.device)
     n_params = count_parameters(base)
@@ -220,37 +360,36 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
     optimizer = build_optimizer(parallel.unwrap(model), optim)
     warmup = tc.warmup_steps if tc.warmup_steps is not None else max(1, tc.steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, tc.steps, tc.min_lr_ratio))
+    config = {**task.config, "optim": {**task.config.get("optim", {}), "lr": optim.lr}}
 
-    start, elapsed, initial, extra = 0, 0.0, {}, {}
+    progress_state = _Progress(schedule_steps=tc.steps)
     if tc.resume and ckpt_path.exists():
-        if sharded:
-            extra = parallel.dcp_load(ckpt_path, model, optimizer, _extra_template(scheduler, task))
-            scheduler.load_state_dict(extra["scheduler"])
-        else:
-            extra = load_checkpoint(ckpt_path)
-            parallel.unwrap(model).load_state_dict(extra["model"])
-            optimizer.load_state_dict(extra["optimizer"])
-            scheduler.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["rng"])
-        start, elapsed = int(extra["step"]), float(extra["elapsed"])
-        initial = json.loads(extra.get("initial", "{}"))
-        if par.is_main:
-            _truncate_metrics(out / METRICS, start)
-    resolved = dict(task.config)
-    resolved["optim"] = {
-        **resolved.get("optim", {}),
-        "lr": optim.lr if optim.lr is not None else default_lr(task, optim),
-    }
-    resolved["derived"] = {
-        "parameters": n_params,
-        **task.derived,
-        "threads": torch.get_num_threads(),
-        "world_size": par.world,
-        "parallel": ("fsdp2" if tc.fsdp else "ddp") if par.enabled else "none",
-        "torch": torch.__version__,
+        progress_state = _load(ckpt_path, sharded, model, optimizer, scheduler, task, par)
+        check_resume(progress_state.saved_config, config, progress_state.start, tc)
+        if progress_state.start >= tc.steps:
+            finished = _read_summary(out, tc.steps)
+            if finished is not None:
+                return finished  # nothing left to do: every file stays as it was
+    elif par.is_main:
+        for stale in (METRICS, SUMMARY):  # left by a run killed before its first checkpoint
+            (out / stale).unlink(missing_ok=True)
+    start = progress_state.start
+    resolved = {
+        **config,
+        "derived": {
+            "parameters": n_params,
+            **task.derived,
+            "schedule": {"warmup_steps": warmup, "cosine_steps": progress_state.schedule_steps or tc.steps},
+            "threads": torch.get_num_threads(),
+            "world_size": par.world,
+            "parallel": ("fsdp2" if tc.fsdp else "ddp") if par.enabled else "none",
+            "torch": torch.__version__,
+        },
     }
     if par.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if start > 0:
+            _truncate_metrics(out / METRICS, start)
         (out / "config.json").write_text(json.dumps(resolved, indent=2))
     metrics = open(out / METRICS, "a") if par.is_main else None  # noqa: SIM115 - closed below
 
@@ -259,16 +398,19 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
 
+    initial = progress_state.initial
     if task.eval_at_start and start == 0:
         initial = task.evaluate(model)
         log({"step": 0, "tokens": 0, "elapsed_s": 0.0, **initial})
 
     stop = min(tc.steps, tc.stop_at) if tc.stop_at is not None else tc.steps
-    rates: list[float] = []
+    elapsed = progress_state.elapsed
     train_loss, step_metrics = float("nan"), {}
     last_eval: tuple[int, dict[str, float]] = (-1, {})
-    tokens_seen = int(extra.get("tokens", 0)) if start > 0 else 0
-    window_start, window_tokens = time.perf_counter(), 0
+    tokens_seen = progress_state.tokens if start > 0 else 0
+    window_start, window_tokens, window_skipped = time.perf_counter(), 0, 0
+    n_tensors = sum(len(g["params"]) for g in optimizer.param_groups)
+    bad_loss_steps = all_skipped_steps = 0
     progress = _progress_bar(tc.steps, start, tc.progress and par.is_main, optim.optimizer)
     try:
         for step in range(start, stop):
@@ -289,18 +431,22 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
             optimizer.zero_grad(set_to_none=True)
             elapsed += time.perf_counter() - t0
             train_loss = par.mean(total)
+            skipped = getattr(optimizer, "skipped_params", None)
             step_metrics = {k: par.mean(v) for k, v in sums.items()}
             step_tokens = round(par.mean(tokens) * par.world)
             tokens_seen += step_tokens
             window_tokens += step_tokens
+            window_skipped += skipped or 0
             done = step + 1
+            bad_loss_steps = 0 if math.isfinite(train_loss) else bad_loss_steps + 1
+            all_skipped_steps = all_skipped_steps + 1 if skipped is not None and skipped >= n_tensors else 0
             record: dict[str, Any] = {}
             if done % tc.log_every == 0 or done == tc.steps:
                 now = time.perf_counter()
-                rate = window_tokens / max(now - window_start, 1e-9)
-                rates.append(rate)
-                record.update(tokens_per_s=rate)
-                window_start, window_tokens = now, 0
+                record.update(tokens_per_s=window_tokens / max(now - window_start, 1e-9))
+                if skipped is not None:
+                    record.update(skipped_params=window_skipped)
+                window_start, window_tokens, window_skipped = now, 0, 0
             if done % tc.eval_every == 0 or done == tc.steps:
                 t_eval = time.perf_counter()
                 last_eval = (done, task.evaluate(model))
@@ -320,6 +466,7 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
                         **record,
                     }
                 )
+            _check_health(done, bad_loss_steps, all_skipped_steps, record.get(task.primary), tc, ckpt_path)
             if done % tc.checkpoint_every == 0 or done == stop:
                 t_ckpt = time.perf_counter()
                 extra = {
@@ -328,6 +475,7 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
                     "elapsed": elapsed,
                     "tokens": tokens_seen,
                     "initial": json.dumps(initial),
+                    "config": json.dumps(config),
                 }
                 if sharded:
                     parallel.dcp_save(ckpt_path, model, optimizer, {**extra, "scheduler": scheduler.state_dict()}, par)
@@ -344,7 +492,7 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
                 par.barrier()
                 window_start += time.perf_counter() - t_ckpt
             progress.update(1)
-            progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rates[-1]:.0f}" if rates else "-")
+            progress.set_postfix(loss=f"{train_loss:.3f}")
     finally:
         progress.close()
         if metrics is not None:
@@ -359,6 +507,9 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
             parallel.unwrap(model).save_pretrained(str(out / "model"), state_dict=full)
             if task.save_extra is not None:
                 task.save_extra(out / "model")
+    logged_loss, rates = _metrics_history(out / METRICS) if par.is_main else (None, [])
+    if start < tc.steps or logged_loss is None:
+        logged_loss = train_loss
     summary = {
         "task": task.kind,
         "optimizer": optim.optimizer,
@@ -366,8 +517,8 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
         "parameters": n_params,
         "steps": tc.steps,
         "tokens": tokens_seen,
-        "lr": resolved["optim"]["lr"],
-        "final_train_loss": train_loss,
+        "lr": optim.lr,
+        "final_train_loss": logged_loss,
         **{f"final_{k}": v for k, v in step_metrics.items()},
         "primary": task.primary,
         **{f"final_{k}": v for k, v in final.items()},
@@ -387,6 +538,25 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
     return summary
 
 
+def _check_health(
+    done: int, bad_loss: int, all_skipped: int, primary: float | None, tc: TrainConfig, ckpt_path: Path
+) -> None:
+    """Stop a run that cannot recover, before it writes a checkpoint of the damage."""
+    why = None
+    if bad_loss >= tc.max_bad_steps:
+        why = f"the training loss was not finite for {bad_loss} steps in a row"
+    elif all_skipped >= tc.max_bad_steps:
+        why = f"every parameter had non-finite gradients (and was skipped) for {all_skipped} steps in a row"
+    elif primary is not None and not math.isfinite(primary):
+        why = f"the validation metric is {primary}"
+    if why is not None:
+        kept = f"the last checkpoint ({ckpt_path}) is intact" if ckpt_path.exists() else "no checkpoint was written"
+        raise TrainingStopped(
+            f"training stopped at step {done}: {why}; {kept}. Lower the learning rate, check the data, or "
+            "resume from the checkpoint"
+        )
+
+
 def default_lr(task: Task, optim: OptimConfig) -> float:
     """The learning rate used when ``optim.lr`` is unset (fine-tuning uses smaller ones)."""
     from adapm.train.optimizers import FINETUNE_LR
@@ -401,6 +571,7 @@ def _extra_template(scheduler: Any, task: Task) -> dict[str, Any]:
         "elapsed": 0.0,
         "tokens": 0,
         "initial": "{}",
+        "config": "",
         "scheduler": scheduler.state_dict(),
     }
 
