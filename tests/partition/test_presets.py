@@ -308,7 +308,8 @@ def _tied_family(kind: str) -> nn.Module:
 
     torch.manual_seed(0)
     if kind == "bloom":
-        return transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=80, hidden_size=32, n_layer=1, n_head=4))
+        config = transformers.BloomConfig(vocab_size=80, hidden_size=32, n_layer=1, n_head=4)
+        return transformers.BloomForCausalLM(config)
     if kind == "falcon":
         return transformers.FalconForCausalLM(
             transformers.FalconConfig(vocab_size=80, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
