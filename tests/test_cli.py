@@ -103,3 +103,40 @@ def test_sft_from_the_command_line(tiny_lm_dir: Path, tmp_path: Path) -> None:
     rows = json.loads((out / "summary.json").read_text())
     assert [r["optimizer"] for r in rows] == ["adamw", "adapm"] and rows[1]["ratio_to_adamw"] < 0.7
     assert "eval loss before fine-tuning" in (out / "summary.md").read_text()
+
+
+def test_a_runs_own_config_is_a_valid_config(tmp_path: Path, play_text: Path, cache_dir: Path) -> None:
+    first = tmp_path / "first"
+    common = ["--data", str(play_text), "--cache-dir", str(cache_dir), "--vocab-size", "300", "--seq-len", "32",
+              "--steps", "2", "--batch-size", "2", "--eval-batches", "1", "--no-progress", "--no-save-model",
+              "--threads", "1"]  # fmt: skip
+    assert main(["pretrain", *common, "--out-dir", str(first), "--optimizer", "adamw"]) == 0
+    second = tmp_path / "second"
+    assert main(["pretrain", "--config", str(first / "config.json"), "--out-dir", str(second)]) == 0
+    a, b = (json.loads((d / "config.json").read_text()) for d in (first, second))
+    assert a["optim"] == b["optim"] and a["data"] == b["data"]
+    # Resuming the finished run prints its summary and exits 0.
+    assert main(["pretrain", "--config", str(first / "config.json"), "--resume"]) == 0
+
+
+def test_the_main_job_runs_twice_in_one_folder(tmp_path: Path, play_text: Path, cache_dir: Path) -> None:
+    args = [sys.executable, "-m", "adapm.cli", "compare", "--steps", "2", "--data", str(play_text), "--cache-dir",
+            str(cache_dir), "--vocab-size", "300", "--batch-size", "2", "--eval-batches", "1", "--no-save-model",
+            "--no-progress", "--threads", "1"]  # fmt: skip
+    outs = []
+    for _ in range(2):
+        proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(proc.stdout)
+    runs = sorted(p for p in (tmp_path / "runs" / "compare").iterdir() if p.name != "latest")
+    assert len(runs) == 2 and all((r / "summary.json").exists() for r in runs)
+    assert (tmp_path / "runs" / "compare" / "latest").resolve() == runs[1].resolve()
+    # An explicit --out that holds a finished run is refused before anything is printed or changed.
+    before = (runs[0] / "summary.md").read_bytes()
+    proc = subprocess.run([*args, "--out", str(runs[0])], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "already holds runs" in proc.stderr and "|" not in proc.stdout
+    # --resume of a finished comparison prints its summary and changes nothing.
+    proc = subprocess.run([*args, "--out", str(runs[0]), "--resume"], cwd=tmp_path, capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0 and before.decode() in proc.stdout
+    assert (runs[0] / "summary.md").read_bytes() == before

@@ -182,7 +182,7 @@ def unsupported_fused_rows() -> str:
     model = nn.Module()
     model.attn = attn
     fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
-    opt = adapm.AdaPM(model.named_parameters(), lr=1e-3)
+    opt = adapm.AdaPM(model, lr=1e-3)  # the module shows the nn.Linear layout (names alone would not)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     try:

@@ -74,3 +74,122 @@ def test_schedule() -> None:
     f = WarmupCosine(warmup=10, total=110, min_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------ resume, damage and run-directory faults
+
+
+def _snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+
+
+def test_resuming_a_finished_run_changes_nothing(play_text: Path, cache_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    summary = pretrain(tiny_config(play_text, cache_dir, run, save_model=False))
+    before = _snapshot(run)
+    assert pretrain(tiny_config(play_text, cache_dir, run, resume=True, save_model=False)) == summary
+    assert _snapshot(run) == before
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_on_resume(
+    play_text: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    first = pretrain(tiny_config(play_text, cache_dir, run, save_model=False))
+    (run / "summary.json").unlink()  # killed between the last checkpoint and the summary
+    again = pretrain(tiny_config(play_text, cache_dir, run, resume=True, save_model=False))
+    assert again["final_train_loss"] == first["final_train_loss"]
+    assert again["final_val_loss"] == first["final_val_loss"]
+    assert again["tokens_per_s"] == first["tokens_per_s"] and again["tokens"] == first["tokens"]
+
+
+def test_a_fresh_start_drops_metric_lines_of_a_run_killed_before_its_first_checkpoint(
+    play_text: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 2, "train_loss": 9.0}\n{"step": 4, "train_loss": 8.0}\n')
+    (run / ".checkpoint.pt.tmp12345").write_bytes(b"half a checkpoint")
+    pretrain(tiny_config(play_text, cache_dir, run, save_model=False))
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]
+    assert not (run / ".checkpoint.pt.tmp12345").exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        (dict(lr=0.03), ["optim.lr"]),
+        (dict(tracker="gd", correction="none"), ["optim.correction", "optim.tracker"]),
+    ],
+)
+def test_resume_refuses_changed_settings(
+    play_text: Path, cache_dir: Path, tmp_path: Path, changes: dict, named: list[str]
+) -> None:
+    import dataclasses
+
+    run = tmp_path / "run"
+    assert pretrain(tiny_config(play_text, cache_dir, run, stop_at=4))["stopped_at"] == 4
+    cfg = tiny_config(play_text, cache_dir, run, resume=True)
+    cfg.optim = dataclasses.replace(cfg.optim, **changes)
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match="differ") as exc:
+        pretrain(cfg)
+    assert [k for k in named if k in str(exc.value)] == named
+    assert _snapshot(run) == before
+    # Settings that do not change the trajectory may change.
+    pretrain(tiny_config(play_text, cache_dir, run, resume=True, eval_every=2, log_every=1, save_model=False))
+
+
+def test_extending_a_finished_run_is_explicit_and_keeps_its_schedule(
+    play_text: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    pretrain(tiny_config(play_text, cache_dir, run, save_model=False))
+    with pytest.raises(ValueError, match=r"train\.steps is 8 in the checkpoint but 12 now.*--extend"):
+        pretrain(tiny_config(play_text, cache_dir, run, resume=True, steps=12, save_model=False))
+    summary = pretrain(tiny_config(play_text, cache_dir, run, resume=True, extend=True, steps=12, save_model=False))
+    assert summary["steps"] == 12
+    resolved = json.loads((run / "config.json").read_text())
+    assert resolved["train"]["steps"] == 12 and resolved["derived"]["schedule"]["cosine_steps"] == 8
+    lrs = {m["step"]: m["lr"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert lrs[10] == lrs[12] == pytest.approx(3e-3 * 0.1)
+
+
+def test_a_damaged_checkpoint_is_refused_on_load(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    marker = torch.full((4096,), 1.2345)
+    save_checkpoint(path, {"model": {"w": marker}, "step": 3})
+    assert torch.equal(load_checkpoint(path)["model"]["w"], marker)
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(marker[:4].numpy().tobytes())
+    assert at > 0
+    data[at + 100 : at + 4100] = bytes(b ^ 0xFF for b in data[at + 100 : at + 4100])
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is damaged: its contents do not match the checksum"):
+        load_checkpoint(path)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty \(0 bytes\)"):
+        load_checkpoint(empty)
+
+
+def test_non_finite_training_stops_and_keeps_the_last_checkpoint(
+    play_text: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    from adapm.train.loop import TrainingStopped
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(play_text, cache_dir, run, stop_at=4))
+    payload = load_checkpoint(run / "checkpoint.pt")
+    for value in payload["model"].values():
+        value.fill_(float("nan"))  # weights that went bad in memory, then were saved
+    save_checkpoint(run / "checkpoint.pt", payload)
+    before = (run / "checkpoint.pt").read_bytes()
+    stopped = pytest.raises(TrainingStopped, match=r"stopped at step 7: .*3 steps in a row.*is intact")
+    with stopped, pytest.warns(RuntimeWarning, match="skipped"):
+        pretrain(tiny_config(play_text, cache_dir, run, resume=True))
+    assert (run / "checkpoint.pt").read_bytes() == before
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 6 and lines[-1]["skipped_params"] == 2 * 28  # every tensor, two steps
+    assert lines[0]["skipped_params"] == 0

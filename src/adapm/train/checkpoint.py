@@ -19,7 +19,8 @@ CHECKSUM_KEY = "checksum"
 
 def payload_checksum(payload: Any) -> str:
     """SHA-256 over a nested payload in a fixed order: tensors by dtype, shape and raw bytes, containers
-    recursively, everything else by ``repr``. The same after a ``torch.save``/``torch.load`` round trip."""
+    recursively, plain objects by their attributes, everything else by ``repr``. The same after a
+    ``torch.save``/``torch.load`` round trip."""
     digest = hashlib.sha256()
 
     def feed(value: Any) -> None:
@@ -38,6 +39,9 @@ def payload_checksum(payload: Any) -> str:
             digest.update(f"L{len(value)}".encode())
             for item in value:
                 feed(item)
+        elif hasattr(value, "__dict__") and not isinstance(value, type):  # e.g. GaLore's projector objects
+            digest.update(f"O{type(value).__qualname__}".encode())
+            feed(vars(value))
         else:
             digest.update(repr(value).encode())
 
