@@ -34,10 +34,7 @@ from common import machine_info, markdown_table
 from adapm.train.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
 from adapm.train.data import prepare_data
 from adapm.train.loop import pretrain
-from adapm.train.optimizers import DEFAULT_LR
-
-OPTIMIZERS = ("adamw", "adam-mini", "adafactor", "galore", "adapm", "adapm-mini")
-
+from adapm.train.registry import OPTIMIZER_NAMES, PAPER_OPTIMIZERS, default_lr
 
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(OptimConfig)} - {"optimizer", "lr"}
 
@@ -46,8 +43,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"adapm-mini:update_clip=none:rank_ratio=0.1"`` -> ``("adapm-mini", {"update_clip": None,
     "rank_ratio": 0.1})``; raises ValueError naming the bad part."""
     name, *settings = spec.split(":")
-    if name not in DEFAULT_LR:
-        raise ValueError(f"--optimizers: unknown optimizer {name!r} in {spec!r}; choose from {', '.join(OPTIMIZERS)}")
+    if name not in OPTIMIZER_NAMES:
+        raise ValueError(
+            f"--optimizers: unknown optimizer {name!r} in {spec!r}; choose from {', '.join(OPTIMIZER_NAMES)}"
+        )
     options: dict[str, Any] = {}
     for item in settings:
         key, sep, raw = item.partition("=")
@@ -176,7 +175,7 @@ def print_summary(summary: list[dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gpt2-5m,llama-5m")
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--optimizers", default=",".join(PAPER_OPTIMIZERS))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
@@ -223,7 +222,7 @@ def main() -> None:
 
     prepare_data(DataConfig())  # tokenize once, before parallel workers share the cache
     with tempfile.TemporaryDirectory() as tmp:
-        sweep_tasks = [(m, o, DEFAULT_LR[parse_spec(o)[0]] * f, 0) for m in models for o in optimizers for f in factors]
+        sweep_tasks = [(m, o, default_lr(parse_spec(o)[0]) * f, 0) for m in models for o in optimizers for f in factors]
         sweep = run_many(sweep_tasks, steps, args.threads, args.jobs, Path(tmp), done)
         best = {
             (m, o): min(

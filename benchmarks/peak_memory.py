@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, markdown_table
 
-OPTIMIZERS = ("adamw", "adam-mini", "adafactor", "galore", "adapm", "adapm-mini")
+from adapm.train.registry import OPTIMIZER_NAMES, PAPER_OPTIMIZERS
 
 
 def worker(optimizer: str, model_name: str, steps: int, batch: int, seq: int) -> dict[str, float]:
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--optimizers", default=",".join(PAPER_OPTIMIZERS))
     parser.add_argument(
         "--repeats", type=int, default=None, help="fresh processes per optimizer, median (default 3; 1 with --quick)"
     )
@@ -88,8 +88,8 @@ def main() -> None:
         return
     names = args.optimizers.split(",")
     for name in names:
-        if name not in OPTIMIZERS:
-            parser.error(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+        if name not in OPTIMIZER_NAMES:
+            parser.error(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZER_NAMES)}")
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for _ in range(args.repeats):  # rounds interleaved: drift on the machine hits every optimizer alike

@@ -31,7 +31,8 @@ def test_console_script_is_installed() -> None:
 def test_memory_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["memory", "--model", "gpt2-124m", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["optimizer"] for r in rows] == ["adamw", "adam-mini", "adafactor", "galore", "adapm", "adapm-mini"]
+    names = ["adamw", "adam-mini", "adafactor", "galore", "sgd-sai", "adapm", "adapm-mini"]
+    assert [r["optimizer"] for r in rows] == names
     assert all(set(r) == {"optimizer", "state_bytes", "ratio_to_adamw"} for r in rows)
 
 
@@ -57,7 +58,7 @@ def test_config_file_then_flags(tmp_path: Path, play_text: Path, cache_dir: Path
         (["pretrain", "--config", "/nonexistent.yaml"], "config file not found"),
         (["compare", "--optimizers", "adamw,sgd"], "Invalid optimizers: 'sgd'"),
         (["memory", "--model", "gpt9"], "Invalid model: 'gpt9'"),
-        (["memory", "--model", "gpt2-124m", "--optimizers", "lion"], "Invalid optimizer in --optimizers"),
+        (["memory", "--model", "gpt2-124m", "--optimizers", "lion"], "Invalid --optimizers: 'lion'"),
     ],
 )
 def test_bad_input_is_a_clean_error(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -451,3 +451,86 @@ def test_rank_mismatch_on_load_names_the_differing_field() -> None:
     other = adapm.AdaPM(model, lr=1e-3, rank_ratio=0.5)
     with pytest.raises(ValueError, match=r"segment '.*c_attn\.weight\[Q\]' rank is 4 in the checkpoint vs 32 here"):
         other.load_state_dict(opt.state_dict())
+
+
+# ------------------------------------------------------------------ clip scope and block-wise lr
+
+
+def test_defaults_reproduce_torch_adamw_on_full_blocks_bit_for_bit() -> None:
+    """The clip's default scope is the low-rank blocks: full/full groups are AdamW at the defaults."""
+    data = batches(96, 20)
+    ref, ours = tiny_gpt2(), tiny_gpt2()
+    adamw = torch.optim.AdamW(_decay_groups(ref), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = adapm.AdaPM(_decay_groups(ours), lr=3e-3)
+    assert train(ref, adamw, data) == train(ours, opt, data)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), ours.parameters()))
+
+
+def _one_update(clip_scope: str, momentum: str, **kwargs: object) -> float:
+    p = nn.Parameter(torch.zeros(4, 8))
+    opt = adapm.AdaPM(
+        [{"params": [p], "momentum": momentum, "second_moment": "block", "weight_decay": 0.0}],
+        lr=1.0, clip_scope=clip_scope, **kwargs,
+    )  # fmt: skip
+    grad = torch.full((4, 8), 0.01)
+    grad[0, 0] = 10.0  # one entry far above its block's root mean square: |u| >> 1 there
+    p.grad = grad
+    opt.step()
+    return float(p.detach().abs().max())
+
+
+def test_clip_scope() -> None:
+    assert _one_update("lowrank", "none") > 2.0  # a 'none' block is not clipped by default
+    assert _one_update("all", "none") == pytest.approx(1.0)
+    assert _one_update("lowrank", "lowrank") <= 1.0 + 1e-6
+    with pytest.raises(ValueError, match="Invalid clip_scope: 'some'"):
+        adapm.AdaPM([nn.Parameter(torch.zeros(2))], lr=1.0, clip_scope="some")
+
+
+def test_a_rule_sets_a_blocks_own_clip_whatever_the_scope() -> None:
+    model = tiny_gpt2()
+    opt = adapm.AdaPM(model, lr=1e-3, rules=[adapm.Rule(r"\.wte\.", update_clip=0.5),
+                                               (r"c_attn\.weight\[Q\]", {"update_clip": None})])  # fmt: skip
+    wte = next(g for g in opt.param_groups if g["names"] == ["transformer.wte.weight"])
+    assert wte["update_clip"] == 0.5 and wte["clip_scope"] == "all"
+    c_attn = opt.layout(model.transformer.h[0].attn.c_attn.weight)
+    assert [(s.clip_set, s.clip) for s in c_attn.segments] == [(True, None), (False, None), (False, None)]
+    train(model, opt, batches(96, 2))
+
+
+def test_blockwise_lr_ratios_by_role_and_in_fused_segments() -> None:
+    model = tiny_gpt2()
+    opt = adapm.AdaPMMini(model, lr=1e-3, lr_ratios="blockwise")
+    ratio = {g["names"][0]: g.get("lr_ratio") for g in opt.param_groups}
+    assert ratio["transformer.wte.weight"] == 10.0 and ratio["transformer.h.0.ln_1.weight"] == 1.0
+    assert ratio["transformer.h.0.mlp.c_fc.weight"] == 6.0 and ratio["transformer.h.0.attn.c_proj.weight"] == 4.0
+    fused = opt.layout(model.transformer.h[0].attn.c_attn.weight)
+    assert [s.lr_ratio for s in fused.segments] == [8.0, 8.0, 4.0]
+    custom = adapm.AdaPM(model, lr=1e-3, lr_ratios={"mlp": 2.0})
+    assert {g.get("lr_ratio") for g in custom.param_groups if g["role"] == "mlp"} == {2.0}
+    with pytest.raises(ValueError, match=r"unknown role\(s\) \['ffn'\]"):
+        adapm.AdaPM(model, lr=1e-3, lr_ratios={"ffn": 2.0})
+    with pytest.raises(ValueError, match="Invalid lr_ratios: 'sharp'"):
+        adapm.AdaPM(model, lr=1e-3, lr_ratios="sharp")
+    with pytest.raises(ValueError, match="lr_ratios need parameter names"):
+        adapm.AdaPM(model.parameters(), lr=1e-3, lr_ratios="blockwise")
+
+
+def test_blockwise_lr_equals_adamw_with_per_role_lrs_under_a_scheduler() -> None:
+    """On full/full blocks, lr_ratios is AdamW with each role's lr multiplied, and a scheduler keeps
+    the ratios (it scales the base lr; the ratio applies at every step)."""
+    data = batches(96, 12)
+    ref, ours = tiny_llama(), tiny_llama()
+    opt = adapm.AdaPM(ours, lr=1e-3, rules=[(".", "full")], lr_ratios="blockwise")
+    groups = []
+    for g, p_ref in zip(opt.param_groups, ref.parameters()):
+        groups.append({"params": [p_ref], "lr": 1e-3 * adapm.BLOCKWISE_LR_RATIOS[g["role"]],
+                       "weight_decay": g["weight_decay"]})  # fmt: skip
+    adamw = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95))
+    schedule = lambda step: 1.0 / (1 + step)  # noqa: E731
+    train(ref, adamw, data, torch.optim.lr_scheduler.LambdaLR(adamw, schedule))
+    train(ours, opt, data, torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    assert _max_rel_diff(ref, ours) < 1e-5
+    assert all(g["lr"] == pytest.approx(1e-3 / 13) for g in opt.param_groups)  # base lr, scheduled
+    sd = opt.state_dict()
+    assert {g.get("lr_ratio") for g in sd["param_groups"]} == {10.0, 8.0, 6.0, 4.0, 1.0}

@@ -5,9 +5,20 @@
 >>> print(opt.partition_report())
 """
 
-from adapm.optim import AdaPM, AdaPMMini, state_bytes
+from adapm.optim import BLOCKWISE_LR_RATIOS, CLIP_SCOPES, AdaPM, AdaPMMini, resolve_lr_ratios, state_bytes
 from adapm.partition import PartitionReport, Rule, partition
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaPM", "AdaPMMini", "PartitionReport", "Rule", "__version__", "partition", "state_bytes"]
+__all__ = [
+    "BLOCKWISE_LR_RATIOS",
+    "CLIP_SCOPES",
+    "AdaPM",
+    "AdaPMMini",
+    "PartitionReport",
+    "Rule",
+    "__version__",
+    "partition",
+    "resolve_lr_ratios",
+    "state_bytes",
+]

@@ -39,6 +39,9 @@ from adapm.train.config import (
     read_config_file,
 )
 
+MEMORY_OPTIMIZERS = ("adamw", "adam-mini", "adafactor", "galore", "sgd-sai", "adapm", "adapm-mini")
+"""`adapm memory`'s default rows (the block-wise lr variants keep their family's state)."""
+
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
 
 
@@ -51,7 +54,12 @@ def _optional(convert: Any) -> Any:
 
 
 def _add_fields(
-    parser: argparse.ArgumentParser, cls: type, dest_prefix: str, skip: Sequence[str] = (), defaults: Any = None
+    parser: argparse.ArgumentParser,
+    cls: type,
+    dest_prefix: str,
+    skip: Sequence[str] = (),
+    defaults: Any = None,
+    finetune: bool = False,
 ) -> None:
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -73,10 +81,9 @@ def _add_fields(
 
             help_text += f". Presets: {', '.join(MODEL_PRESETS)}"
         if f.name == "lr":
-            from adapm.train.optimizers import DEFAULT_LR, FINETUNE_LR
+            from adapm.train.registry import default_lr
 
-            table = FINETUNE_LR if parser.prog.split()[-1] in ("sft", "rlhf") else DEFAULT_LR
-            help_text += ". Defaults: " + ", ".join(f"{k} {v:g}" for k, v in table.items())
+            help_text += ". Defaults: " + ", ".join(f"{k} {default_lr(k, finetune):g}" for k in OPTIMIZER_NAMES)
         help_text = help_text.replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         dest = f"{dest_prefix}{f.name}"
@@ -170,11 +177,9 @@ def cmd_rlhf(args: argparse.Namespace) -> int:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     from adapm.train.memory import format_memory_table, memory_table
+    from adapm.train.registry import parse_names
 
-    names = tuple(n.strip() for n in args.optimizers.split(",") if n.strip())
-    for n in names:
-        if n not in OPTIMIZER_NAMES:
-            raise ValueError(f"Invalid optimizer in --optimizers: {n!r}; expected names from {OPTIMIZER_NAMES}")
+    names = tuple(parse_names(args.optimizers, "--optimizers"))
     rows = memory_table(args.model, names)
     if args.json:
         print(
@@ -231,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(ft, SFTConfig, "top.", skip=("data", "model", "optim", "train"))
     sft_defaults = SFTConfig()
     for section, cls in (("data", SFTDataConfig), ("model", FinetuneModelConfig), ("optim", OptimConfig)):
-        _add_fields(ft, cls, f"{section}.", skip=("optimizer",) if section == "optim" else ())
+        _add_fields(ft, cls, f"{section}.", skip=("optimizer",) if section == "optim" else (), finetune=True)
     _add_fields(ft, TrainConfig, "train.", skip=("out_dir",), defaults=sft_defaults.train)
     ft.set_defaults(func=cmd_sft)
 
@@ -245,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--config", metavar="FILE", help="JSON/YAML file with the top-level fields and model/optim/train")
     _add_fields(rl, RLHFConfig, "top.", skip=("model", "optim", "train"))
     for section, cls in (("model", FinetuneModelConfig), ("optim", OptimConfig)):
-        _add_fields(rl, cls, f"{section}.", skip=("optimizer",) if section == "optim" else ())
+        _add_fields(rl, cls, f"{section}.", skip=("optimizer",) if section == "optim" else (), finetune=True)
     _add_fields(rl, TrainConfig, "train.", skip=("out_dir",), defaults=RLHFConfig().train)
     rl.set_defaults(func=cmd_rlhf)
 
@@ -260,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a model preset (e.g. gpt2-1.5b, llama-350m, llama-7b) or a local HF model directory",
     )
-    m.add_argument("--optimizers", default=",".join(OPTIMIZER_NAMES), help="comma-separated optimizer names")
+    m.add_argument(
+        "--optimizers",
+        default=",".join(MEMORY_OPTIMIZERS),
+        help=f"comma-separated optimizer names (any of {', '.join(OPTIMIZER_NAMES)})",
+    )
     m.add_argument("--json", action="store_true", help="print a JSON list of {optimizer, state_bytes, ratio_to_adamw}")
     m.set_defaults(func=cmd_memory)
     return parser

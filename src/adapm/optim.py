@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from adapm.distributed import ShardInfo, agree_all, local, make_state, shard_info
 from adapm.partition.layout import ParamLayout, build_layout
+from adapm.partition.presets import ROLES
 from adapm.partition.report import PartitionReport
 from adapm.partition.rules import partition
 from adapm.policies.correction import CORRECTIONS
@@ -28,7 +29,7 @@ from adapm.policies.second_moment import (
 from adapm.policies.trackers import TRACKERS
 from adapm.policies.update import elementwise_update, fused_elementwise_update, fused_scalars
 
-__all__ = ["AdaPM", "AdaPMMini", "state_bytes"]
+__all__ = ["BLOCKWISE_LR_RATIOS", "CLIP_SCOPES", "AdaPM", "AdaPMMini", "resolve_lr_ratios", "state_bytes"]
 
 STATE_KEYS = ("step", "exp_avg_sq", "exp_avg", "lowrank_L", "lowrank_R")
 
@@ -54,12 +55,17 @@ _GROUP_KEYS = frozenset(
         "refresh_every",
         "correction",
         "update_clip",
+        "clip_scope",
+        "lr_ratio",
     }
 )
 # Keys that LR/momentum schedulers write into param groups.
 _SCHEDULER_KEYS = frozenset({"initial_lr", "base_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
 # Keys whose value must agree between a loaded state dict and this optimizer.
 _POLICY_GROUP_KEYS = ("momentum", "second_moment", "split_dim")
+
+CLIP_SCOPES = ("lowrank", "all")
+"""Which blocks ``update_clip`` applies to: the low-rank ones (the paper's Algorithm 1) or every block."""
 
 _GOLDEN = 0.6180339887498949
 # sqrt(float32 max) / 2: a gradient of larger norm would overflow g^2 (or its block sums) in float32.
@@ -108,6 +114,11 @@ def _check_hyperparameters(values: Mapping[str, Any], where: str) -> None:
     clip = values["update_clip"]
     if clip is not None and (not _is_number(clip) or not clip > 0.0):
         raise ValueError(f"Invalid update_clip{where}: {clip!r}; expected a positive float or None")
+    if values["clip_scope"] not in CLIP_SCOPES:
+        raise ValueError(f"Invalid clip_scope{where}: {values['clip_scope']!r}; expected one of {CLIP_SCOPES}")
+    ratio = values.get("lr_ratio", 1.0)
+    if not _is_number(ratio) or not 0.0 < ratio < math.inf:
+        raise ValueError(f"Invalid lr_ratio{where}: {ratio!r}; expected a positive number")
 
 
 def _rows(x: Tensor | None, r0: int, r1: int, rows: int) -> Tensor | None:
@@ -178,6 +189,15 @@ class AdaPM(Optimizer):
             (staggered across parameters, deterministic seeds).
         correction: ``"unbiased"`` (default), ``"none"`` or ``"paper"`` (ablation only).
         update_clip: clamp of the normalized update (``None`` to disable). Default ``1.0``.
+        clip_scope: which blocks ``update_clip`` applies to: ``"lowrank"`` (default: the low-rank
+            blocks, as in the paper's Algorithm 1) or ``"all"``. A group key, so a group or rule may
+            set its own; a rule's ``update_clip`` applies to its blocks whatever the scope.
+        lr_ratios: block-wise learning rates: ``"blockwise"`` (embeddings and LM head x10, query and
+            key x8, MLP x6, value and attention output x4, norms, biases and unrecognised matrices x1;
+            "The Sharpness Disparity Principle in Transformers", ICML 2025) or a dict by role
+            (``embedding``, ``output``, ``query``, ``key``, ``value``, ``attn_out``, ``mlp``, ``vector``,
+            ``other``; missing roles x1). The ratio scales the group's lr (and with it the decay)
+            at every step, so LR schedulers keep the ratios. Default ``None`` (every block x1).
         rules: user partition rules ``[(regex, policy), ...]`` (``policy`` a momentum name or a dict
             with ``momentum``/``second_moment``/``rank_ratio``), tried before the presets. Fused
             segments are matched as ``name[Q]``, ``name[K]``, ``name[V]``.
@@ -212,6 +232,8 @@ class AdaPM(Optimizer):
         refresh_every: int = 100,
         correction: str = "unbiased",
         update_clip: float | None = 1.0,
+        clip_scope: str = "lowrank",
+        lr_ratios: str | Mapping[str, float] | None = None,
         rules: Iterable[Any] | None = None,
         fused: bool = False,
     ) -> None:
@@ -232,8 +254,10 @@ class AdaPM(Optimizer):
             refresh_every=refresh_every,
             correction=correction,
             update_clip=update_clip,
+            clip_scope=clip_scope,
         )
         _check_hyperparameters(defaults, "")
+        ratios = resolve_lr_ratios(lr_ratios)
         self._layouts: dict[Tensor, ParamLayout] = {}
         self._index: dict[Tensor, int] = {}
         self._shards: dict[Tensor, ShardInfo] = {}
@@ -242,11 +266,13 @@ class AdaPM(Optimizer):
         self.skipped_params = 0
         """Parameters the last ``step()`` skipped (non-finite or overflowing gradients, or factors)."""
 
-        groups = self._make_groups(params, rules, second_moment, rank_ratio, weight_decay)
+        groups = self._make_groups(params, rules, second_moment, rank_ratio, weight_decay, ratios)
         super().__init__(groups, defaults)
 
     @staticmethod
-    def _make_groups(params: Any, rules: Any, second_moment: str, rank_ratio: float, weight_decay: float) -> list[Any]:
+    def _make_groups(
+        params: Any, rules: Any, second_moment: str, rank_ratio: float, weight_decay: float, ratios: Any
+    ) -> list[Any]:
         model = params if isinstance(params, nn.Module) else None
         if model is not None:
             for name, module in model.named_modules():
@@ -265,10 +291,10 @@ class AdaPM(Optimizer):
             )
             named = items if is_named else None
             if named is None:
-                if rules is not None:
+                if rules is not None or ratios is not None:
                     raise ValueError(
-                        "rules need parameter names: pass the model or model.named_parameters() instead of "
-                        "plain parameters, or put policy keys in param groups"
+                        f"{'rules' if rules is not None else 'lr_ratios'} need parameter names: pass the model or "
+                        "model.named_parameters() instead of plain parameters, or put policy keys in param groups"
                     )
                 return items
         return partition(
@@ -278,6 +304,7 @@ class AdaPM(Optimizer):
             second_moment=second_moment,
             rank_ratio=rank_ratio,
             weight_decay=weight_decay,
+            lr_ratios=ratios,
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -468,13 +495,12 @@ class AdaPM(Optimizer):
         state["step"] += 1
         t = int(state["step"].item())
         beta1, beta2 = group["betas"]
-        lr, eps, clip = group["lr"], group["eps"], group["update_clip"]
+        eps, group_clip, every_block = group["eps"], group["update_clip"], group["clip_scope"] == "all"
         bias_correction1 = 1 - beta1**t
         bias_correction2_sqrt = math.sqrt(1 - beta2**t)
 
         p_local = local(p)
         target = p_local if p_local.dtype == torch.float32 else p_local.detach().to(torch.float32)
-        decay = 1 - lr * group["weight_decay"]
         v = local(state["exp_avg_sq"])
         numerators = self._lowrank_all(group, p, layout, state, g, t, info)
         if numerators is None:
@@ -482,6 +508,10 @@ class AdaPM(Optimizer):
             return False
         for seg in layout.segments:
             gs = seg.view(g)
+            lr = group["lr"] * seg.lr_ratio if seg.lr_ratio != 1.0 else group["lr"]
+            decay = 1 - lr * group["weight_decay"]
+            # A segment's own clip (from a rule) wins; else the group's, where its scope reaches.
+            clip = seg.clip if seg.clip_set else (group_clip if every_block or seg.momentum == "lowrank" else None)
             if seg.momentum == "lowrank":
                 numerator: Tensor | None = numerators[seg.slot]
                 m = None
@@ -715,6 +745,46 @@ class AdaPM(Optimizer):
                         if isinstance(value, Tensor):
                             device = "cpu" if key == "step" else p.device
                             self.state[p][key] = value.to(device=device, dtype=torch.float32)
+
+
+BLOCKWISE_LR_RATIOS: dict[str, float] = {
+    "embedding": 10.0,
+    "output": 10.0,
+    "query": 8.0,
+    "key": 8.0,
+    "mlp": 6.0,
+    "value": 4.0,
+    "attn_out": 4.0,
+    "vector": 1.0,
+    "other": 1.0,
+}
+"""Blockwise LR's multipliers by role (the authors' tuned values; an untied LM head counts as an
+embedding)."""
+
+
+def resolve_lr_ratios(lr_ratios: str | Mapping[str, float] | None) -> dict[str, float] | None:
+    """``"blockwise"``, a dict by role or None -> a complete dict by role (or None).
+
+    Raises:
+        ValueError: an unknown name or role, or a ratio that is not a positive number.
+    """
+    if lr_ratios is None:
+        return None
+    if isinstance(lr_ratios, str):
+        if lr_ratios != "blockwise":
+            raise ValueError(f"Invalid lr_ratios: {lr_ratios!r}; expected 'blockwise', a dict by role, or None")
+        return dict(BLOCKWISE_LR_RATIOS)
+    if not isinstance(lr_ratios, Mapping):
+        raise TypeError(f"lr_ratios must be 'blockwise', a dict by role or None, got {type(lr_ratios).__name__}")
+    unknown = sorted(set(lr_ratios) - set(ROLES))
+    if unknown:
+        raise ValueError(f"Invalid lr_ratios: unknown role(s) {unknown}; roles are {list(ROLES)}")
+    resolved = dict.fromkeys(ROLES, 1.0)
+    for role, ratio in lr_ratios.items():
+        if not _is_number(ratio) or not 0.0 < ratio < math.inf:
+            raise ValueError(f"Invalid lr_ratios[{role!r}]: {ratio!r}; expected a positive number")
+        resolved[role] = float(ratio)
+    return resolved
 
 
 def _layout_difference(saved: ParamLayout, ours: ParamLayout) -> str:

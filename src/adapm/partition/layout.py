@@ -6,7 +6,9 @@ meta-device memory count read the same method, so the counted bytes are the allo
 Group keys read here (all optional except ``params``): ``momentum`` (``full``, ``lowrank``, ``none``, or
 ``mixed`` with ``segments``), ``second_moment`` (``full`` or ``block``), ``rank_ratio``, ``block``
 (``"auto"``, ``"tensor"`` or ``(dim, size)``), and for fused weights ``split_dim`` plus ``segments``, a
-list of dicts with ``name``, ``momentum``, ``block`` and optionally ``role`` and ``rank_ratio``.
+list of dicts with ``name``, ``momentum``, ``block`` and optionally ``role``, ``rank_ratio``, ``lr_ratio``
+and ``segment_clip`` (an update clip for that segment alone, whatever the clip scope). ``lr_ratio``
+(default 1) scales the group's learning rate (block-wise learning rates).
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ class Segment:
     """Index of this segment in the stacked state of its momentum policy (fused parameters only)."""
     block_offset: int
     n_blocks: int
+    lr_ratio: float = 1.0
+    """This segment's learning rate as a multiple of its group's (block-wise learning rates)."""
+    clip_set: bool = False
+    """Whether a rule or group set this segment's update clip explicitly (then ``clip`` applies
+    whatever the clip scope)."""
+    clip: float | None = None
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """The part of ``tensor`` (shaped like the parameter) that belongs to this segment."""
@@ -149,10 +157,31 @@ def check_rank_ratio(rank_ratio: Any, what: str) -> float:
     return float(rank_ratio)
 
 
+def check_lr_ratio(ratio: Any, what: str) -> float:
+    """Validate a learning-rate ratio: a positive finite number."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < math.inf:
+        raise ValueError(f"Invalid lr_ratio for {what}: {ratio!r}; expected a positive number")
+    return float(ratio)
+
+
+def check_clip(clip: Any, what: str) -> float | None:
+    """Validate an update clip: a positive number or None."""
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0.0):
+        raise ValueError(f"Invalid update_clip for {what}: {clip!r}; expected a positive float or None")
+    return None if clip is None else float(clip)
+
+
+def _clip_override(spec: Mapping[str, Any], what: str) -> tuple[bool, float | None]:
+    if "segment_clip" not in spec:
+        return False, None
+    return True, check_clip(spec["segment_clip"], what)
+
+
 def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> ParamLayout:
     """Resolve ``group``'s policy keys for one parameter of ``shape`` (errors name the parameter)."""
     shape = tuple(int(s) for s in shape)
     what = f"parameter '{name}'"
+    group_ratio = check_lr_ratio(group.get("lr_ratio", 1.0), what)
     second_moment = group["second_moment"]
     if second_moment not in SECOND_MOMENT_POLICIES:
         raise ValueError(
@@ -177,6 +206,7 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
             slot=0,
             block_offset=0,
             n_blocks=block_count(shape, *block),
+            lr_ratio=group_ratio,
         )
         return ParamLayout(name, shape, second_moment, (seg,), fused=False)
 
@@ -216,6 +246,9 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
                 slot=slots.get(momentum, 0),
                 block_offset=block_offset,
                 n_blocks=n_blocks,
+                lr_ratio=check_lr_ratio(spec.get("lr_ratio", group_ratio), seg_what),
+                clip_set=_clip_override(spec, seg_what)[0],
+                clip=_clip_override(spec, seg_what)[1],
             )
         )
         slots[momentum] = slots.get(momentum, 0) + 1

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapm.partition.layout import check_rank_ratio
+from adapm.partition.layout import check_clip, check_lr_ratio, check_rank_ratio
 from adapm.partition.presets import (
     CONV1D_CLASS_NAMES,
     FUSED_QKV_PATTERN,
@@ -29,7 +29,17 @@ from adapm.partition.presets import (
 from adapm.policies.momentum import MOMENTUM_POLICIES
 from adapm.policies.second_moment import SECOND_MOMENT_POLICIES
 
-_POLICY_KEYS = ("momentum", "second_moment", "rank_ratio")
+_POLICY_KEYS = ("momentum", "second_moment", "rank_ratio", "update_clip", "lr_ratio")
+
+
+class _Unset:
+    """A rule field left to the presets and defaults (``None`` is a value for ``update_clip``)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,11 @@ class Rule:
     momentum: str | None = None
     second_moment: str | None = None
     rank_ratio: float | None = None
+    update_clip: Any = UNSET
+    """An update clip for the matched blocks (a positive float, or None for no clip), applied whatever
+    the optimizer's ``clip_scope``; unset keeps the optimizer's rule."""
+    lr_ratio: float | None = None
+    """A learning-rate multiplier for the matched blocks (overrides ``lr_ratios``)."""
 
     def __post_init__(self) -> None:
         try:
@@ -61,11 +76,15 @@ class Rule:
             )
         if self.rank_ratio is not None:
             check_rank_ratio(self.rank_ratio, f"rule {self.pattern!r}")
+        if self.update_clip is not UNSET:
+            check_clip(self.update_clip, f"rule {self.pattern!r}")
+        if self.lr_ratio is not None:
+            check_lr_ratio(self.lr_ratio, f"rule {self.pattern!r}")
 
 
 def parse_rules(rules: Iterable[Any] | None) -> list[Rule]:
     """Accept ``Rule`` objects or ``(pattern, policy)`` pairs, where ``policy`` is a momentum name or a
-    dict with any of ``momentum``, ``second_moment``, ``rank_ratio``."""
+    dict with any of ``momentum``, ``second_moment``, ``rank_ratio``, ``update_clip``, ``lr_ratio``."""
     if rules is None:
         return []
     if isinstance(rules, (str, bytes, Mapping)):
@@ -203,6 +222,7 @@ def partition(
     second_moment: str = "full",
     rank_ratio: float = 0.05,
     weight_decay: float = 0.1,
+    lr_ratios: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Split named parameters into AdaPM param groups (one per trainable parameter).
 
@@ -216,6 +236,8 @@ def partition(
             unrecognised matrices keep Adam's full second moment unless a rule says otherwise.
         rank_ratio: default rank ratio of low-rank blocks.
         weight_decay: applied to matrices; vectors get none.
+        lr_ratios: learning-rate multipliers by role (complete, see :func:`adapm.optim.resolve_lr_ratios`);
+            recorded as ``lr_ratio`` on groups and fused segments.
     """
     user_rules = parse_rules(rules)
     used: set[int] = set()
@@ -271,6 +293,11 @@ def partition(
             )
             if "rank_ratio" in policy:
                 group["rank_ratio"] = policy["rank_ratio"]
+            ratio = policy.get("lr_ratio", lr_ratios[role] if lr_ratios else None)
+            if ratio is not None:
+                group["lr_ratio"] = ratio
+            if "update_clip" in policy:  # a rule's clip applies to its block whatever the scope
+                group.update(update_clip=policy["update_clip"], clip_scope="all")
         else:
             seg_len = shape[out_dim] // len(roles)
             seg_shape = tuple(seg_len if i == out_dim else s for i, s in enumerate(shape))
@@ -290,6 +317,11 @@ def partition(
                 }
                 if "rank_ratio" in policy:
                     seg["rank_ratio"] = policy["rank_ratio"]
+                ratio = policy.get("lr_ratio", lr_ratios[role] if lr_ratios else None)
+                if ratio is not None:
+                    seg["lr_ratio"] = ratio
+                if "update_clip" in policy:
+                    seg["segment_clip"] = policy["update_clip"]
                 segments.append(seg)
             fused_names.append((name, seg_names))
             if len(sms) > 1:
@@ -350,5 +382,9 @@ def _resolve(
         sm = rule.second_moment or sm
         if rule.rank_ratio is not None:
             policy["rank_ratio"] = rule.rank_ratio
+        if rule.update_clip is not UNSET:
+            policy["update_clip"] = rule.update_clip
+        if rule.lr_ratio is not None:
+            policy["lr_ratio"] = rule.lr_ratio
     policy.update(momentum=momentum, second_moment=sm)
     return policy

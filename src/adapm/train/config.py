@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-OPTIMIZER_NAMES = ("adamw", "adam-mini", "adafactor", "galore", "adapm", "adapm-mini")
+from adapm.train.registry import OPTIMIZER_NAMES, parse_names
 
 
 def _check(condition: bool, name: str, value: Any, expected: str) -> None:
@@ -73,7 +73,8 @@ class OptimConfig:
     """The optimizer and its hyperparameters."""
 
     optimizer: str = "adapm"
-    """One of adamw, adam-mini, adafactor, galore, adapm, adapm-mini."""
+    """An optimizer name: adamw, adam-mini, adafactor, galore, sgd-sai, adapm, adapm-mini, or a block-wise
+    learning-rate variant adamw-blr, adam-mini-blr, adapm-blr, adapm-mini-blr."""
     lr: float | None = None
     """Peak learning rate. Default: the optimizer's own default (see `adapm pretrain --help`)."""
     weight_decay: float = 0.1
@@ -93,13 +94,18 @@ class OptimConfig:
     """AdaPM: residual correction, unbiased, none or paper."""
     update_clip: float | None = 1.0
     """AdaPM: clamp of the normalized update (null to disable)."""
+    clip_scope: str = "lowrank"
+    """AdaPM: the blocks update_clip applies to: lowrank (the low-rank blocks) or all."""
+    lr_ratios: str | None = None
+    """Block-wise learning rates (AdaPM, AdamW, Adam-mini): blockwise (embeddings x10, query/key x8, MLP x6,
+    value/attention output x4, the rest x1) or a JSON object by role; null for one lr."""
     rules: list[list[Any]] | None = None
     """AdaPM: partition rules as [[regex, policy], ...] (policy a momentum name or a dict)."""
     fused: bool = False
     """AdaPM: run the elementwise update as one torch.compile'd kernel (faster; compiles on the first step)."""
 
     def __post_init__(self) -> None:
-        _check(self.optimizer in OPTIMIZER_NAMES, "optimizer", self.optimizer, f"one of {OPTIMIZER_NAMES}")
+        _check(self.optimizer in OPTIMIZER_NAMES, "optimizer", self.optimizer, f"one of {', '.join(OPTIMIZER_NAMES)}")
         _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _check(0 <= self.beta1 < 1, "beta1", self.beta1, "a number in [0, 1)")
@@ -109,6 +115,12 @@ class OptimConfig:
         _check(self.tracker in ("power", "gd", "fixed"), "tracker", self.tracker, "power, gd or fixed")
         _check(self.correction in ("unbiased", "none", "paper"), "correction", self.correction, "unbiased/none/paper")
         _check(self.update_clip is None or self.update_clip > 0, "update_clip", self.update_clip, "> 0 or null")
+        _check(self.clip_scope in ("lowrank", "all"), "clip_scope", self.clip_scope, "lowrank or all")
+        if self.lr_ratios is not None:
+            import adapm
+            from adapm.train.optimizers import lr_ratios_of
+
+            adapm.resolve_lr_ratios(lr_ratios_of(self))
 
 
 @dataclass
@@ -210,21 +222,14 @@ class CompareConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        names = self.optimizer_list()
-        _check(bool(names), "optimizers", self.optimizers, "at least one name")
-        for name in names:
-            _check(name in OPTIMIZER_NAMES, "optimizers", name, f"names from {OPTIMIZER_NAMES}")
+        parse_names(self.optimizers)
 
     def optimizer_list(self) -> list[str]:
-        return [n.strip() for n in self.optimizers.split(",") if n.strip()]
+        return parse_names(self.optimizers)
 
 
 def _optimizer_list(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    _check(bool(names), "optimizers", text, "at least one name")
-    for name in names:
-        _check(name in OPTIMIZER_NAMES, "optimizers", name, f"names from {OPTIMIZER_NAMES}")
-    return names
+    return parse_names(text)
 
 
 @dataclass

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 import adapm
-from adapm.train import parallel
+from adapm.train import parallel, registry
 from adapm.train.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from adapm.train.config import OptimConfig, PretrainConfig, TrainConfig
 from adapm.train.data import TokenData, get_batch, prepare_data
 from adapm.train.models import build_model, count_parameters, load_pretrained
-from adapm.train.optimizers import DEFAULT_LR, build_optimizer
+from adapm.train.optimizers import build_optimizer
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_DCP = "checkpoint_dcp"
@@ -559,9 +559,7 @@ def _check_health(
 
 def default_lr(task: Task, optim: OptimConfig) -> float:
     """The learning rate used when ``optim.lr`` is unset (fine-tuning uses smaller ones)."""
-    from adapm.train.optimizers import FINETUNE_LR
-
-    return (DEFAULT_LR if task.kind == "pretrain" else FINETUNE_LR)[optim.optimizer]
+    return registry.default_lr(optim.optimizer, finetune=task.kind != "pretrain")
 
 
 def _extra_template(scheduler: Any, task: Task) -> dict[str, Any]:

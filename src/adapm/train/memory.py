@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 import adapm
-from adapm.train.config import OPTIMIZER_NAMES, OptimConfig
+from adapm.train.config import OptimConfig
 from adapm.train.models import MODEL_PRESETS, build_model
 from adapm.train.optimizers import build_optimizer
+from adapm.train.registry import PAPER_OPTIMIZERS
 
 PAPER_TABLE2: dict[str, dict[str, float]] = {
     "llama-350m": {"adamw": 2.72e9, "adam-mini": 1.36e9, "adapm": 1.48e9, "adapm-mini": 0.12e9},
@@ -81,7 +82,7 @@ def count_state_bytes(model: nn.Module, optimizer: str, cfg: OptimConfig | None 
     return nbytes
 
 
-def memory_table(name: str, optimizers: tuple[str, ...] = OPTIMIZER_NAMES) -> list[MemoryRow]:
+def memory_table(name: str, optimizers: tuple[str, ...] = PAPER_OPTIMIZERS) -> list[MemoryRow]:
     """State bytes of each optimizer for model ``name``, with the paper's Table 2 value where it has one."""
     model = meta_model(name)
     counts = {opt: count_state_bytes(model, opt) for opt in optimizers}

@@ -1,4 +1,4 @@
-"""Every optimizer of the comparison, by name, with the paper's settings (DESIGN.md section 5).
+"""One builder per optimizer family of :mod:`adapm.train.registry`, with the paper's settings.
 
 * ``adamw``: ``torch.optim.AdamW``, decay on matrices only.
 * ``adam-mini``: the official ``adam-mini`` package.
@@ -6,39 +6,33 @@
   decay rate -0.8, fixed learning rate (torch.optim.Adafactor has no momentum).
 * ``galore``: ``galore_torch.GaLoreAdamW``, rank 0.5 x hidden size, update gap 200, scale 0.25, on the
   attention and MLP matrices.
+* ``sgd-sai``: :class:`adapm.train.sgd_sai.SGDSaI` (momentum 0.9), decay on matrices only.
 * ``adapm`` / ``adapm-mini``: this package.
+
+``lr_ratios`` (block-wise learning rates) reaches AdamW and Adam-mini through AdaPM's own role
+partition: each tensor's group lr is multiplied by its role's ratio (a fused tensor whose segments have
+different ratios, such as GPT-2's ``c_attn``, takes the smallest, the safe side).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 import adapm
-from adapm.train.config import OPTIMIZER_NAMES, OptimConfig
+from adapm.train import registry
+from adapm.train.config import OptimConfig
 
-DEFAULT_LR: dict[str, float] = {
-    "adamw": 3e-3,
-    "adam-mini": 3e-3,
-    "adafactor": 1e-2,
-    "galore": 1e-2,
-    "adapm": 3e-3,
-    "adapm-mini": 3e-3,
-}
-"""Default peak learning rates for the tiny CPU presets (the paper's Adafactor lr is 0.01; GaLore's
-scale 0.25 shrinks its steps, so it gets a larger lr as in the GaLore paper)."""
+DEFAULT_LR: dict[str, float] = {name: spec.pretrain_lr for name, spec in registry.REGISTRY.items()}
+"""Default peak learning rates for the tiny CPU presets, by name (from the registry)."""
 
-FINETUNE_LR: dict[str, float] = {
-    "adamw": 2e-5,
-    "adam-mini": 2e-5,
-    "adafactor": 1e-4,
-    "galore": 1e-4,
-    "adapm": 2e-5,
-    "adapm-mini": 2e-5,
-}
+FINETUNE_LR: dict[str, float] = {name: spec.finetune_lr for name, spec in registry.REGISTRY.items()}
 """Default peak learning rates for fine-tuning a pretrained model (`adapm sft`, `adapm rlhf`)."""
 
 GALORE_MATRIX_PATTERN = r"(attn|attention|mlp)"
@@ -62,59 +56,107 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.optimizer`` for ``model`` (lr: ``cfg.lr`` or the optimizer's default)."""
-    name = cfg.optimizer
-    if name not in OPTIMIZER_NAMES:
-        raise ValueError(f"Invalid optimizer: {name!r}; expected one of {OPTIMIZER_NAMES}")
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[name]
+def lr_ratios_of(cfg: OptimConfig) -> str | dict[str, float] | None:
+    """``cfg.lr_ratios`` as AdaPM takes it: None, ``"blockwise"`` or a dict parsed from JSON."""
+    text = cfg.lr_ratios
+    if text is None or text == "blockwise":
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"Invalid lr_ratios: {text!r}; expected 'blockwise' or a JSON object by role") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"Invalid lr_ratios: {text!r}; expected 'blockwise' or a JSON object by role")
+    return value
+
+
+def _ratio_by_param(model: nn.Module, cfg: OptimConfig) -> dict[int, float]:
+    """Each tensor's lr multiplier from AdaPM's role partition (fused tensors: the smallest)."""
+    ratios = adapm.resolve_lr_ratios(lr_ratios_of(cfg))
+    if ratios is None:
+        return {}
+    out = {}
+    for group in adapm.partition(model.named_parameters(remove_duplicate=False), model=model, lr_ratios=ratios):
+        segments = group.get("segments") or [group]
+        out[id(group["params"][0])] = min(float(seg.get("lr_ratio", 1.0)) for seg in segments)
+    return out
+
+
+def _scale_group_lrs(opt: torch.optim.Optimizer, ratios: dict[int, float]) -> torch.optim.Optimizer:
+    for group in opt.param_groups:
+        scales = {ratios.get(id(p), 1.0) for p in group["params"]}
+        if len(scales) > 1:
+            raise ValueError("block-wise learning rates need one parameter tensor per group")
+        group["lr"] *= scales.pop() if scales else 1.0
+    return opt
+
+
+def _build_adamw(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    ratios = _ratio_by_param(model, cfg)
     betas = (cfg.beta1, cfg.beta2)
-    if name == "adamw":
+    if not ratios:
         return torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=lr, betas=betas)
-    if name in ("adapm", "adapm-mini"):
-        cls = adapm.AdaPMMini if name == "adapm-mini" else adapm.AdaPM
-        return cls(
-            model,
-            lr=lr,
-            betas=betas,
-            weight_decay=cfg.weight_decay,
-            rank_ratio=cfg.rank_ratio,
-            tracker=cfg.tracker,
-            refresh_every=cfg.refresh_every,
-            correction=cfg.correction,
-            update_clip=cfg.update_clip,
-            rules=[tuple(r) for r in cfg.rules] if cfg.rules else None,
-            fused=cfg.fused,
-        )
-    if name == "adam-mini":
-        from adam_mini import Adam_mini
+    groups = [
+        {"params": [p], "weight_decay": cfg.weight_decay if p.dim() >= 2 else 0.0}
+        for p in model.parameters()
+        if p.requires_grad
+    ]
+    return _scale_group_lrs(torch.optim.AdamW(groups, lr=lr, betas=betas), ratios)
 
-        config = model.config  # type: ignore[attr-defined]
-        heads = getattr(config, "num_attention_heads", None) or config.n_head
-        return Adam_mini(
-            model.named_parameters(),
-            lr=lr,
-            betas=betas,
-            weight_decay=cfg.weight_decay,
-            dim=_hidden_size(model),
-            n_heads=heads,
-            n_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            verbose=False,
-        )
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
 
-        return Adafactor(
-            _decay_groups(model, cfg.weight_decay),
-            lr=lr,
-            beta1=cfg.beta1,
-            eps=(1e-30, 1e-3),
-            clip_threshold=1.0,
-            decay_rate=-0.8,
-            relative_step=False,
-            scale_parameter=False,
-            warmup_init=False,
-        )
+def _build_adapm(model: nn.Module, cfg: OptimConfig, lr: float, cls: type[adapm.AdaPM]) -> torch.optim.Optimizer:
+    return cls(
+        model,
+        lr=lr,
+        betas=(cfg.beta1, cfg.beta2),
+        weight_decay=cfg.weight_decay,
+        rank_ratio=cfg.rank_ratio,
+        tracker=cfg.tracker,
+        refresh_every=cfg.refresh_every,
+        correction=cfg.correction,
+        update_clip=cfg.update_clip,
+        clip_scope=cfg.clip_scope,
+        lr_ratios=lr_ratios_of(cfg),
+        rules=[tuple(r) for r in cfg.rules] if cfg.rules else None,
+        fused=cfg.fused,
+    )
+
+
+def _build_adam_mini(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    from adam_mini import Adam_mini
+
+    config = model.config  # type: ignore[attr-defined]
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    opt = Adam_mini(
+        model.named_parameters(),
+        lr=lr,
+        betas=(cfg.beta1, cfg.beta2),
+        weight_decay=cfg.weight_decay,
+        dim=_hidden_size(model),
+        n_heads=heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        verbose=False,
+    )
+    return _scale_group_lrs(opt, _ratio_by_param(model, cfg))
+
+
+def _build_adafactor(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    from transformers.optimization import Adafactor
+
+    return Adafactor(
+        _decay_groups(model, cfg.weight_decay),
+        lr=lr,
+        beta1=cfg.beta1,
+        eps=(1e-30, 1e-3),
+        clip_threshold=1.0,
+        decay_rate=-0.8,
+        relative_step=False,
+        scale_parameter=False,
+        warmup_init=False,
+    )
+
+
+def _build_galore(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     from galore_torch import GaLoreAdamW
 
     rank = max(1, _hidden_size(model) // 2)
@@ -140,7 +182,48 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
             "proj_type": "std",
         },
     ]
+    betas = (cfg.beta1, cfg.beta2)
     return GaLoreAdamW([g for g in groups if g["params"]], lr=lr, betas=betas, no_deprecation_warning=True)
+
+
+def _build_sgd_sai(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    from adapm.train.sgd_sai import SGDSaI
+
+    return SGDSaI(_decay_groups(model, cfg.weight_decay), lr=lr, momentum=cfg.beta1)
+
+
+BUILDERS: dict[str, Callable[[nn.Module, OptimConfig, float], torch.optim.Optimizer]] = {
+    "adamw": _build_adamw,
+    "adam-mini": _build_adam_mini,
+    "adafactor": _build_adafactor,
+    "galore": _build_galore,
+    "sgd-sai": _build_sgd_sai,
+    "adapm": lambda model, cfg, lr: _build_adapm(model, cfg, lr, adapm.AdaPM),
+    "adapm-mini": lambda model, cfg, lr: _build_adapm(model, cfg, lr, adapm.AdaPMMini),
+}
+"""One builder per family of the registry."""
+
+
+def resolved_config(cfg: OptimConfig) -> OptimConfig:
+    """``cfg`` with the settings its registry variant fixes (where ``cfg`` left them at the default)."""
+    spec = registry.get(cfg.optimizer)
+    defaults = OptimConfig()
+    fixed = {k: v for k, v in spec.settings.items() if getattr(cfg, k) == getattr(defaults, k)}
+    return dataclasses.replace(cfg, **fixed) if fixed else cfg
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` for ``model`` (lr: ``cfg.lr`` or the optimizer's default).
+
+    Raises:
+        ValueError: an unknown optimizer name, or one without a builder.
+    """
+    spec = registry.get(cfg.optimizer)
+    builder = BUILDERS.get(spec.family)
+    if builder is None:
+        raise ValueError(f"Invalid optimizer: {cfg.optimizer!r} has no builder for family {spec.family!r}")
+    cfg = resolved_config(cfg)
+    return builder(model, cfg, cfg.lr if cfg.lr is not None else spec.pretrain_lr)
 
 
 def optimizer_safe_globals() -> list[Any]:

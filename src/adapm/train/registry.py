@@ -1,0 +1,79 @@
+"""The one list of optimizers the harness knows: name -> family, default learning rates, settings.
+
+Everything that names an optimizer (the configs, the CLI, ``adapm memory``, the side-by-side runners,
+the benchmarks and experiments) reads this module; :func:`adapm.train.optimizers.build_optimizer` has
+one builder per *family* and refuses a name without one. A variant (e.g. ``adamw-blr``) is a family
+plus settings of :class:`adapm.train.config.OptimConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer of the harness."""
+
+    name: str
+    family: str
+    """The builder: adamw, adam-mini, adafactor, galore, sgd-sai, adapm or adapm-mini."""
+    pretrain_lr: float
+    """Default peak lr for pretraining the small CPU presets."""
+    finetune_lr: float
+    """Default peak lr for fine-tuning a pretrained model (`adapm sft`, `adapm rlhf`)."""
+    summary: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    """OptimConfig values this variant fixes (e.g. ``lr_ratios="blockwise"``)."""
+    extra: str | None = None
+    """The pip package the family needs beyond torch and transformers, if any."""
+
+
+_BLR = {"lr_ratios": "blockwise"}
+
+_SPECS = (
+    OptimizerSpec("adamw", "adamw", 3e-3, 2e-5, "torch.optim.AdamW, decay on matrices only"),
+    OptimizerSpec("adam-mini", "adam-mini", 3e-3, 2e-5, "the official Adam-mini", extra="adam-mini"),
+    OptimizerSpec("adafactor", "adafactor", 1e-2, 1e-4, "transformers' Adafactor with momentum 0.9"),
+    OptimizerSpec("galore", "galore", 1e-2, 1e-4, "GaLore AdamW (rank dim/2, gap 200)", extra="galore-torch"),
+    OptimizerSpec("adapm", "adapm", 3e-3, 2e-5, "AdaPM: partial momentum, full second moment"),
+    OptimizerSpec("adapm-mini", "adapm-mini", 3e-3, 2e-5, "AdaPM-mini: partial momentum, block second moments"),
+    OptimizerSpec("sgd-sai", "sgd-sai", 3e-3, 2e-5, "SGD-SaI: momentum SGD, per-tensor lr scaled once by the g-SNR"),
+    OptimizerSpec("adamw-blr", "adamw", 5e-4, 5e-6, "AdamW with block-wise learning rates", settings=_BLR),
+    OptimizerSpec("adam-mini-blr", "adam-mini", 5e-4, 5e-6, "Adam-mini with block-wise learning rates",
+                  settings=_BLR, extra="adam-mini"),
+    OptimizerSpec("adapm-blr", "adapm", 5e-4, 5e-6, "AdaPM with block-wise learning rates", settings=_BLR),
+    OptimizerSpec("adapm-mini-blr", "adapm-mini", 5e-4, 5e-6, "AdaPM-mini with block-wise learning rates",
+                  settings=_BLR),
+)
+
+REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in _SPECS}
+OPTIMIZER_NAMES: tuple[str, ...] = tuple(REGISTRY)
+"""Every optimizer name, in the order tables list them."""
+PAPER_OPTIMIZERS: tuple[str, ...] = ("adamw", "adam-mini", "adafactor", "galore", "adapm", "adapm-mini")
+"""The optimizers of the paper's comparison (the default set of benchmarks and `adapm memory`)."""
+
+
+def get(name: str, flag: str = "optimizer") -> OptimizerSpec:
+    """The spec of ``name``; an unknown name is a ``ValueError`` naming ``flag`` and the choices."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        raise ValueError(f"Invalid {flag}: {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
+    return spec
+
+
+def parse_names(text: str, flag: str = "optimizers") -> list[str]:
+    """A comma-separated list of known names (at least one)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"Invalid {flag}: {text!r}; expected at least one name")
+    for name in names:
+        get(name, flag)
+    return names
+
+
+def default_lr(name: str, finetune: bool = False) -> float:
+    """The default peak lr of ``name`` for pretraining (or fine-tuning)."""
+    spec = get(name)
+    return spec.finetune_lr if finetune else spec.pretrain_lr
