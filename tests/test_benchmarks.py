@@ -189,3 +189,25 @@ def test_long_run_quick_phases_resume_and_report(tmp_path: Path) -> None:
     adamw = next(r for r in report["long"] if r["optimizer"] == "adamw")
     assert adamw["minus_adamw"] == 0.0 and adamw["step_ratio"] == 1.0
     assert (tmp_path / "docs" / "long_run_gpt2-shakespeare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_op_count_quick(tmp_path: Path) -> None:
+    rows = _run("op_count.py", tmp_path / "oc.json")["rows"]
+    by_name = {r["optimizer"]: r for r in rows}
+    assert set(by_name) == {"adamw-foreach", "adapm", "adapm-mini"}
+    assert by_name["adamw-foreach"]["vs_adamw_foreach"] == 1.0
+    for name in ("adapm", "adapm-mini"):
+        # The accelerator path (grouped, no row chunks) dispatches fewer ops than the CPU default.
+        assert 0 < by_name[name]["ops_per_step"] < by_name[name]["cpu_ops_per_step"]
+
+
+def test_gpu_check_script_runs_its_cpu_smoke_mode(tmp_path: Path) -> None:
+    """The prepared GPU script is exercised here on CPU so that a GPU window is spent measuring."""
+    out = tmp_path / "g.json"
+    cmd = [sys.executable, str(BENCH / "gpu_check.py"), "--device", "cpu", "--quick", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {r["optimizer"] for r in result["op_counts"]} >= {"adamw-fused", "adapm", "adapm-mini"}
+    assert all(r["median_ms"] > 0 for r in result["step_time"])
+    assert result["peak_memory"][0]["state_bytes"] > 0

@@ -27,7 +27,12 @@ from adapm.policies.second_moment import (
     needs_square_buffer,
 )
 from adapm.policies.trackers import TRACKERS
-from adapm.policies.update import elementwise_update, fused_elementwise_update, fused_scalars
+from adapm.policies.update import (
+    elementwise_update,
+    foreach_elementwise_update,
+    fused_elementwise_update,
+    fused_scalars,
+)
 
 __all__ = ["BLOCKWISE_LR_RATIOS", "CLIP_SCOPES", "AdaPM", "AdaPMMini", "resolve_lr_ratios", "state_bytes"]
 
@@ -201,6 +206,11 @@ class AdaPM(Optimizer):
         rules: user partition rules ``[(regex, policy), ...]`` (``policy`` a momentum name or a dict
             with ``momentum``/``second_moment``/``rank_ratio``), tried before the presets. Fused
             segments are matched as ``name[Q]``, ``name[K]``, ``name[V]``.
+        foreach: step blocks that share their policies together, one ``torch._foreach_*`` op per
+            arithmetic step for all of them (torch.optim's multi-tensor form), instead of one block at a
+            time. ``None`` (default): on accelerators yes, on CPU no (there the per-block path works in
+            cache-sized row chunks, which is faster and allocates no full-size temporaries). Both give
+            the same result (bit-identical on CPU).
         fused: run the elementwise tail of each block (momentum and second-moment EMAs, the update)
             as one ``torch.compile``d kernel instead of eager PyTorch ops: several times faster on
             CPU, equal up to float32 rounding. The first step compiles (seconds; cached on disk
@@ -217,6 +227,9 @@ class AdaPM(Optimizer):
     """
 
     _default_second_moment = "full"
+    _cpu_row_chunks = True
+    """Chunk the eager tail of low-rank and fused blocks by rows on CPU (accelerators never chunk);
+    ``benchmarks/op_count.py`` turns it off to count the ops an accelerator would see."""
 
     def __init__(
         self,
@@ -236,9 +249,12 @@ class AdaPM(Optimizer):
         lr_ratios: str | Mapping[str, float] | None = None,
         rules: Iterable[Any] | None = None,
         fused: bool = False,
+        foreach: bool | None = None,
     ) -> None:
         if not isinstance(fused, bool):
             raise TypeError(f"Invalid fused: {fused!r}; expected True or False")
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"Invalid foreach: {foreach!r}; expected True, False or None")
         if second_moment is None:
             second_moment = self._default_second_moment
         defaults: dict[str, Any] = dict(
@@ -263,6 +279,7 @@ class AdaPM(Optimizer):
         self._shards: dict[Tensor, ShardInfo] = {}
         self._buffers: dict[tuple[Any, ...], Tensor] = {}
         self.fused = fused
+        self.foreach = foreach
         self.skipped_params = 0
         """Parameters the last ``step()`` skipped (non-finite or overflowing gradients, or factors)."""
 
@@ -352,12 +369,14 @@ class AdaPM(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults/state/param_groups; keep the step's own settings too.
-        return {**super().__getstate__(), "fused": self.fused}
+        return {**super().__getstate__(), "fused": self.fused, "foreach": self.foreach}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         fused = state.pop("fused", False)
+        foreach = state.pop("foreach", None)
         super().__setstate__(state)
         self.fused = fused
+        self.foreach = foreach
         self.skipped_params = 0
         self._buffers = {}
         self._rebuild_layouts()
@@ -417,8 +436,7 @@ class AdaPM(Optimizer):
         # The float32 norm is inf (or above the bound) exactly when some entry is non-finite or the sum
         # of squares overflows, so every per-entry and per-block mean of g^2 stays finite otherwise.
         norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # type: ignore[call-arg]
-        device = norms[0].device
-        finite = torch.stack([n.to(device) for n in norms]) <= _MAX_GRAD_NORM
+        finite = torch.stack(norms) <= _MAX_GRAD_NORM
         groups = {self._shard(p).group for _, p in items} - {None}
         for group in groups:
             finite = agree_all(finite, group)
@@ -472,28 +490,61 @@ class AdaPM(Optimizer):
                 items.append((group, p))
         if items:
             rejected: list[str] = []
-            for group, p in self._finite_items(items):
-                if not self._step_param(group, p):
+            grouped: dict[tuple[Any, ...], list[tuple[Tensor, ...]]] = {}
+            kept = self._finite_items(items)
+            for _, p in kept:
+                if not self.state[p]:
+                    self._init_state(p, self._layouts[p], self.state[p])
+            # Step counters: one op for all (they live on the CPU, so reading them syncs nothing).
+            counters = [self.state[p]["step"] for _, p in kept]
+            steps = []
+            if counters:
+                torch._foreach_add_(counters, 1.0)
+                steps = [int(t) for t in torch.stack(counters).tolist()]
+            for (group, p), t in zip(kept, steps):
+                if not self._step_param(group, p, t, grouped):
+                    self.state[p]["step"] -= 1
                     rejected.append(self._layouts[p].name)
+            for key, blocks in grouped.items():
+                kind, beta1, beta2, lr, decay, bc1, bc2s, eps, clip = key
+                targets, grads, seconds, firsts = (list(column) for column in zip(*blocks))
+                foreach_elementwise_update(
+                    targets,
+                    grads,
+                    vs=seconds if kind[1] == "full" else None,
+                    ms=firsts if kind[0] == "full" else None,
+                    denoms=seconds if kind[1] == "block" else None,
+                    beta1=beta1,
+                    beta2=beta2,
+                    lr=lr,
+                    decay=decay,
+                    bias_correction1=bc1,
+                    bias_correction2_sqrt=bc2s,
+                    eps=eps,
+                    update_clip=clip,
+                )
             if rejected:
                 self.skipped_params += len(rejected)
                 self._warn_skipped(rejected, "non-finite low-rank factors")
         return loss
 
-    def _step_param(self, group: dict[str, Any], p: Tensor) -> bool:
-        """Step one parameter; False if it was skipped (its new low-rank factors were not finite)."""
+    def _step_param(
+        self, group: dict[str, Any], p: Tensor, t: int, grouped: dict[tuple[Any, ...], list[tuple[Tensor, ...]]]
+    ) -> bool:
+        """Step one parameter; False if it was skipped (its new low-rank factors were not finite).
+
+        The elementwise tail of a whole float32 parameter without low-rank momentum is not run here but
+        added to ``grouped`` under its policies and scalars: :meth:`step` then runs each group with one
+        foreach op per arithmetic step (the multi-tensor form), so ops grow with the number of distinct
+        (policy, scalars) groups rather than with the number of parameters. Low-rank and fused blocks
+        run here: their corrected momentum lives in a workspace buffer that the next block reuses."""
         layout = self._layouts[p]
         info = self._shard(p)
         state = self.state[p]
-        if not state:
-            self._init_state(p, layout, state)
-        if p.numel() == 0:  # as torch.optim.AdamW: the step counts, nothing else to do
-            state["step"] += 1
+        if p.numel() == 0:  # as torch.optim.AdamW: the step counts (already done), nothing else to do
             return True
         grad = local(cast(Tensor, p.grad))
         g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
-        state["step"] += 1
-        t = int(state["step"].item())
         beta1, beta2 = group["betas"]
         eps, group_clip, every_block = group["eps"], group["update_clip"], group["clip_scope"] == "all"
         bias_correction1 = 1 - beta1**t
@@ -504,7 +555,6 @@ class AdaPM(Optimizer):
         v = local(state["exp_avg_sq"])
         numerators = self._lowrank_all(group, p, layout, state, g, t, info)
         if numerators is None:
-            state["step"] -= 1
             return False
         for seg in layout.segments:
             gs = seg.view(g)
@@ -526,16 +576,25 @@ class AdaPM(Optimizer):
                 v_seg, denom = None, self._block_denominator(seg, gs, v, info, beta2, bias_correction2_sqrt, eps)
             bc1 = 1.0 if seg.momentum == "none" else bias_correction1
             target_seg = seg.view(target)
+            grouping = self.foreach if self.foreach is not None else target.device.type != "cpu"
+            if grouping and not (self.fused or layout.fused or seg.momentum == "lowrank" or target is not p_local):
+                key = ((seg.momentum, layout.second_moment), beta1, beta2, lr, decay, bc1, bias_correction2_sqrt,
+                       eps, clip)  # fmt: skip
+                grouped.setdefault(key, []).append((target_seg, gs, v_seg if denom is None else denom, m))
+                continue
             if self.fused and self._fused_tail(
                 target_seg, gs, v_seg, m, numerator, denom,
                 fused_scalars(lr=lr, decay=decay, bias_correction1=bc1, bias_correction2_sqrt=bias_correction2_sqrt,
                               eps=eps, update_clip=clip, beta1=beta1, beta2=beta2, device=target.device),
             ):  # fmt: skip
                 continue
-            # Row chunks keep temporaries small and cache-resident: fresh multi-MB temporaries per
-            # elementwise op (page faults on every allocation) cost more than the arithmetic.
+            # On CPU, row chunks keep temporaries small and cache-resident: fresh multi-MB temporaries
+            # per elementwise op (page faults on every allocation) cost more than the arithmetic. On
+            # an accelerator they would only multiply kernel launches: one chunk there.
             rows = target_seg.shape[0] if target_seg.dim() else 1
-            step_rows = max(1, _CHUNK_ELEMENTS // max(1, target_seg[0].numel() if target_seg.dim() else 1))
+            row_numel = max(1, target_seg[0].numel() if target_seg.dim() else 1)
+            chunked = target.device.type == "cpu" and self._cpu_row_chunks
+            step_rows = max(1, _CHUNK_ELEMENTS // row_numel) if chunked else rows
             for r0 in range(0, rows, step_rows):
                 r1 = r0 + step_rows
                 elementwise_update(

@@ -86,6 +86,62 @@ def elementwise_update(
     target.add_(work.clamp_(-update_clip, update_clip), alpha=-lr)
 
 
+# ----------------------------------------------------------------------------- grouped (foreach) tail
+
+
+def foreach_elementwise_update(
+    targets: list[Tensor],
+    grads: list[Tensor],
+    *,
+    vs: list[Tensor] | None,
+    ms: list[Tensor] | None,
+    denoms: list[Tensor] | None,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    decay: float,
+    bias_correction1: float,
+    bias_correction2_sqrt: float,
+    eps: float,
+    update_clip: float | None,
+) -> None:
+    """:func:`elementwise_update` for many blocks that share their policies and scalars, with one
+    ``torch._foreach_*`` op per arithmetic step instead of one op per block (torch.optim's multi-tensor
+    form). The same operations in the same order, so on CPU the result is bit-identical to the
+    per-block form. ``ms``: full momenta to update (else the gradients are the numerators: no momentum);
+    ``vs``: full second moments to update (else ``denoms``, ``sqrt(vhat) + eps`` per block, broadcastable).
+    """
+    if ms is not None:
+        torch._foreach_lerp_(ms, grads, 1.0 - beta1)
+        numerators = ms
+    else:
+        numerators = grads
+    if decay != 1:
+        torch._foreach_mul_(targets, decay)
+    if vs is not None:
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
+    if update_clip is None:  # torch.optim.AdamW's exact sequence of operations
+        if vs is not None:
+            denoms = torch._foreach_sqrt(vs)
+            torch._foreach_div_(denoms, bias_correction2_sqrt)
+            torch._foreach_add_(denoms, eps)
+        assert denoms is not None
+        torch._foreach_addcdiv_(targets, numerators, denoms, value=-(lr / bias_correction1))
+        return
+    if vs is not None:
+        work = torch._foreach_sqrt(vs)
+        torch._foreach_mul_(work, bias_correction1 / bias_correction2_sqrt)
+        torch._foreach_add_(work, eps * bias_correction1)
+    else:
+        assert denoms is not None
+        work = torch._foreach_mul(denoms, bias_correction1)
+    updates = torch._foreach_div(numerators, work)
+    torch._foreach_clamp_min_(updates, -update_clip)
+    torch._foreach_clamp_max_(updates, update_clip)
+    torch._foreach_add_(targets, updates, alpha=-lr)
+
+
 # ----------------------------------------------------------------------------- fused (compiled) tail
 #
 # The same update as ``elementwise_update`` written as one pure function per (momentum source, second

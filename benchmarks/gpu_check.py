@@ -1,0 +1,190 @@
+"""The prepared GPU check: one script, a few minutes on one CUDA GPU, everything written as JSON.
+
+1. the test suite's CUDA-marked tests (``pytest -m cuda``);
+2. ops and CUDA kernel launches per ``optimizer.step()`` (GPT-2 124M parameter set);
+3. step time against ``torch.optim.AdamW(fused=True)``, median of timed steps after warm-up, on GPT-2
+   124M (float32) and a 1.1B Llama shape (bfloat16 parameters, float32 state);
+4. peak GPU memory of a whole training step (forward, backward, step) per optimizer, with its
+   optimizer-state bytes, on the same two models.
+
+On the GPU machine, from the repository root, with its own torch and transformers:
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=src python3 benchmarks/gpu_check.py --json $OUT/gpu_check.json
+    python benchmarks/gpu_check.py --device cpu --quick --json /tmp/g.json     # smoke test of the script (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from op_count import top_level_ops
+
+import adapm
+
+OPTIMIZERS = ("adamw-fused", "adamw-foreach", "adapm", "adapm-mini", "adapm-fixed", "adapm-mini-fixed")
+
+
+def make_model(name: str, device: torch.device) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if name == "gpt2-124m":
+        model: nn.Module = GPT2LMHeadModel(GPT2Config())
+    elif name == "llama-1b":
+        config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                             num_key_value_heads=16, vocab_size=32000)  # fmt: skip
+        model = LlamaForCausalLM(config)
+    elif name == "tiny":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=64))
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    model = model.to(device)
+    return model.to(torch.bfloat16) if name == "llama-1b" else model
+
+
+def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    if name.startswith("adamw-"):
+        flag = {"adamw-fused": {"fused": True}, "adamw-foreach": {"foreach": True}}[name]
+        return torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, **flag)
+    cls = adapm.AdaPMMini if name.startswith("adapm-mini") else adapm.AdaPM
+    return cls(model, lr=1e-5, tracker="fixed" if name.endswith("-fixed") else "power")
+
+
+def fill_grads(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for p in model.parameters():
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device=p.device, dtype=p.dtype)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_time(model_name: str, optimizers: list[str], device: torch.device, steps: int) -> list[dict[str, Any]]:
+    model = make_model(model_name, device)
+    fill_grads(model, 0)
+    rows = []
+    for name in optimizers:
+        if name == "adamw-fused" and model_name == "llama-1b" and device.type == "cpu":
+            continue
+        opt = make_optimizer(name, model)
+        times = []
+        for i in range(steps + 3):
+            sync(device)
+            start = time.perf_counter()
+            opt.step()
+            sync(device)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+        rows.append({"model": model_name, "optimizer": name, "median_ms": 1e3 * statistics.median(times),
+                     "state_bytes": adapm.state_bytes(opt)})  # fmt: skip
+        del opt
+    ref = next((r["median_ms"] for r in rows if r["optimizer"] == "adamw-fused"), None)
+    for r in rows:
+        r["ratio_to_adamw_fused"] = r["median_ms"] / ref if ref else None
+    return rows
+
+
+def op_counts(optimizers: list[str], device: torch.device, model_name: str) -> list[dict[str, Any]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    model = make_model(model_name, device)
+    rows = []
+    for name in optimizers:
+        opt = make_optimizer(name, model)
+        for seed in range(3):
+            fill_grads(model, seed)
+            opt.step()
+        total, top = top_level_ops(opt.step)
+        launches = None
+        if device.type == "cuda":
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                opt.step()
+                sync(device)
+            names = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+            launches = sum(1 for e in prof.events() if e.name in names)
+        rows.append({"model": model_name, "optimizer": name, "ops_per_step": total, "kernel_launches": launches,
+                     "top_ops": top})  # fmt: skip
+        del opt
+    return rows
+
+
+def peak_memory(model_name: str, optimizers: list[str], device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    for name in optimizers:
+        model = make_model(model_name, device)
+        opt = make_optimizer(name, model)
+        batch = 2 if model_name == "llama-1b" else 4
+        x = torch.randint(0, 256 if model_name == "tiny" else 32000, (batch, 512 if model_name != "tiny" else 32),
+                          device=device)  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        rows.append(
+            {"model": model_name, "optimizer": name, "peak_bytes": peak, "state_bytes": adapm.state_bytes(opt)}
+        )
+        del model, opt
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="a tiny GPT-2 only, 3 timed steps")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    result: dict[str, Any] = {"torch": torch.__version__, "device": args.device, "command": " ".join(sys.argv)}
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+    models = ["tiny"] if args.quick else ["gpt2-124m", "llama-1b"]
+    steps = 3 if args.quick else args.steps
+
+    def save() -> None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+
+    if device.type == "cuda":
+        root = Path(__file__).resolve().parent.parent
+        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False)
+        result["cuda_tests"] = {"returncode": proc.returncode, "tail": proc.stdout[-3000:] + proc.stderr[-2000:]}
+        print(result["cuda_tests"]["tail"], flush=True)
+        save()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result["op_counts"] = op_counts(list(OPTIMIZERS), device, models[0])
+        print(json.dumps(result["op_counts"], indent=1), flush=True)
+        save()
+        result["step_time"] = [r for m in models for r in step_time(m, list(OPTIMIZERS), device, steps)]
+        print(json.dumps(result["step_time"], indent=1), flush=True)
+        save()
+        measured = ["adamw-fused", "adapm", "adapm-mini"] if device.type == "cuda" else ["adapm-mini"]
+        result["peak_memory"] = [r for m in models for r in peak_memory(m, measured, device)]
+        print(json.dumps(result["peak_memory"], indent=1), flush=True)
+        save()
+
+
+if __name__ == "__main__":
+    main()

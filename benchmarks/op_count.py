@@ -1,0 +1,144 @@
+"""Ops per optimizer step: the top-level aten ops one ``optimizer.step()`` dispatches, a device-independent
+proxy for a GPU's launch cost (every op is at least one kernel launch of ~5-10 us there).
+
+Counted with ``torch.profiler`` on CPU on the GPT-2 124M and Llama 350M parameter sets with pre-filled
+gradients, after three warm-up steps (state allocation, first refreshes; refreshes are spread over the
+period, so a few blocks refresh on any step). An op is top-level when no aten op encloses it. AdaPM is
+counted on the path an accelerator takes (``foreach=True``, no CPU row chunks: ``ops_per_step``) and on
+its CPU default (``cpu_ops_per_step``). Also counts GPT-2 at 24 layers (same width) to show whether the
+count grows with depth.
+
+    python benchmarks/op_count.py --json runs/bench/op_count.json     # GPT-2 124M (12 and 24 layers), Llama 350M
+    python benchmarks/op_count.py --quick                              # gpt2-1m, a few optimizers
+    python benchmarks/op_count.py --from-json docs/benchmarks/op_count.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, markdown_table
+from step_time import make_optimizer
+
+import adapm
+from adapm.train.models import build_model
+
+OPTIMIZERS = (
+    "adamw-fused",
+    "adamw-foreach",
+    "adamw-loop",
+    "adam-mini",
+    "adapm",
+    "adapm-mini",
+    "adapm-fixed-fused",
+    "adapm-mini-fixed-fused",
+)
+MODELS = ("gpt2-124m", "gpt2-124m-24l", "llama-350m")
+
+
+def model_for(name: str) -> nn.Module:
+    if name == "gpt2-124m-24l":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel(GPT2Config(n_layer=24, n_embd=768, n_head=12, vocab_size=50257))
+    return build_model(name)
+
+
+def top_level_ops(step: Any) -> tuple[int, dict[str, int]]:
+    """Run ``step()`` under the profiler; the number of aten ops not nested in another aten op, and
+    the ten most frequent names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if parent is None:
+            counts[event.name] = counts.get(event.name, 0) + 1
+    top = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:10])
+    return sum(counts.values()), top
+
+
+def count(model_name: str, optimizer: str) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = model_for(model_name)
+    gen = torch.Generator().manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    row: dict[str, Any] = {"model": model_name, "optimizer": optimizer, "tensors": len(params)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = make_optimizer(optimizer, model)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+            opt.step()
+        if isinstance(opt, adapm.AdaPM):
+            row["cpu_ops_per_step"] = top_level_ops(opt.step)[0]
+            opt.foreach = True
+            adapm.AdaPM._cpu_row_chunks = False
+            try:
+                row["ops_per_step"], row["top_ops"] = top_level_ops(opt.step)
+            finally:
+                adapm.AdaPM._cpu_row_chunks = True
+        else:
+            row["ops_per_step"], row["top_ops"] = top_level_ops(opt.step)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="gpt2-1m; adamw-foreach, adapm and adapm-mini")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--from-json", type=Path, help="print the table of a saved run; no counting")
+    args = parser.parse_args()
+    columns = [("model", "{}"), ("optimizer", "{}"), ("tensors", "{}"), ("ops_per_step", "{:,}"),
+               ("vs_adamw_foreach", "{:.1f}x"), ("cpu_ops_per_step", "{:,}")]  # fmt: skip
+    if args.from_json:
+        try:
+            rows = json.loads(args.from_json.read_text())["rows"]
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--from-json {args.from_json}: not an op_count.py --json file ({type(err).__name__})")
+        print(markdown_table(rows, columns))
+        return
+    torch.set_num_threads(args.threads)
+    models = ["gpt2-1m"] if args.quick else args.models.split(",")
+    optimizers = ["adamw-foreach", "adapm", "adapm-mini"] if args.quick else args.optimizers.split(",")
+    for name in models:
+        if name not in MODELS and name != "gpt2-1m":
+            parser.error(f"--models: unknown model {name!r}; choose from {', '.join(MODELS)}")
+    rows = []
+    for model_name in models:
+        mine = []
+        for opt in optimizers:
+            mine.append(count(model_name, opt))
+            print(f"{model_name} {opt}: {mine[-1]['ops_per_step']:,} ops", flush=True)
+        ref = next((r["ops_per_step"] for r in mine if r["optimizer"] == "adamw-foreach"), None)
+        for row in mine:
+            row["vs_adamw_foreach"] = row["ops_per_step"] / ref if ref else None
+        rows += mine
+    print(markdown_table(rows, columns))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        info = {**machine_info(), "threads": args.threads, "command": " ".join(sys.argv)}
+        args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
