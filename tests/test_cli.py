@@ -141,3 +141,11 @@ def test_the_main_job_runs_twice_in_one_folder(tmp_path: Path, play_text: Path, 
                           check=False)  # fmt: skip
     assert proc.returncode == 0 and before.decode() in proc.stdout
     assert (runs[0] / "summary.md").read_bytes() == before
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import adapm
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"adapm {adapm.__version__}"

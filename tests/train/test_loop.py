@@ -193,3 +193,16 @@ def test_non_finite_training_stops_and_keeps_the_last_checkpoint(
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 6 and lines[-1]["skipped_params"] == 2 * 28  # every tensor, two steps
     assert lines[0]["skipped_params"] == 0
+
+
+def test_batch_jobs_get_one_line_per_log_step_and_grad_norms(
+    play_text: Path, cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pretrain(tiny_config(play_text, cache_dir, tmp_path / "run", progress=True, save_model=False))
+    out = capsys.readouterr().out  # not a terminal: no bar, a line every log_every (2) steps
+    lines = [line for line in out.splitlines() if line.startswith("adapm step")]
+    assert [line.split()[2].rstrip(",") for line in lines] == ["2/8", "4/8", "6/8", "8/8"]
+    assert "tok/s" in lines[0] and "grad norm" in lines[0] and "val loss" in lines[1]
+    assert "optimizer state" in out
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["grad_norm"] > 0 for m in metrics)

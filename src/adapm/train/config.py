@@ -176,7 +176,8 @@ class TrainConfig:
     which the optimizer skipped every parameter (non-finite gradients); a non-finite validation loss
     stops at once. The last checkpoint is kept intact."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar when stderr is a terminal (otherwise, and with --no-progress, one line every
+    log_every steps)."""
     save_model: bool = True
     """Save the final model with save_pretrained into out_dir/model."""
 

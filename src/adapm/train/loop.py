@@ -12,6 +12,7 @@ import os
 import resource
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -411,7 +412,13 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
     window_start, window_tokens, window_skipped = time.perf_counter(), 0, 0
     n_tensors = sum(len(g["params"]) for g in optimizer.param_groups)
     bad_loss_steps = all_skipped_steps = 0
-    progress = _progress_bar(tc.steps, start, tc.progress and par.is_main, optim.optimizer)
+    # A bar on a terminal; in batch jobs (no TTY) one line every log_every steps instead.
+    bar = tc.progress and par.is_main and sys.stderr.isatty()
+    lines = par.is_main and not bar
+    progress = _progress_bar(tc.steps, start, bar, optim.optimizer)
+    if lines:
+        print(f"{optim.optimizer}: {n_params:,} parameters, optimizer state {adapm.state_bytes(optimizer):,} bytes "
+              f"(before its first step), steps {start}-{tc.steps}", flush=True)  # fmt: skip
     try:
         for step in range(start, stop):
             t0 = time.perf_counter()
@@ -424,8 +431,11 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
                 tokens += result.tokens
                 for k, v in result.metrics.items():
                     sums[k] = sums.get(k, 0.0) + v / tc.grad_accum
+            grad_norm = None
             if tc.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            elif (step + 1) % tc.log_every == 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -444,6 +454,10 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
             if done % tc.log_every == 0 or done == tc.steps:
                 now = time.perf_counter()
                 record.update(tokens_per_s=window_tokens / max(now - window_start, 1e-9))
+                if grad_norm is not None:
+                    record.update(grad_norm=float(grad_norm))
+                if par.device.type == "cuda":
+                    record.update(max_memory_allocated=torch.cuda.max_memory_allocated(par.device))
                 if skipped is not None:
                     record.update(skipped_params=window_skipped)
                 window_start, window_tokens, window_skipped = now, 0, 0
@@ -493,6 +507,8 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
                 window_start += time.perf_counter() - t_ckpt
             progress.update(1)
             progress.set_postfix(loss=f"{train_loss:.3f}")
+            if lines and "tokens_per_s" in record:
+                _log_line(optim.optimizer, done, tc.steps, train_loss, scheduler.get_last_lr()[0], record)
     finally:
         progress.close()
         if metrics is not None:
@@ -572,6 +588,18 @@ def _extra_template(scheduler: Any, task: Task) -> dict[str, Any]:
         "config": "",
         "scheduler": scheduler.state_dict(),
     }
+
+
+def _log_line(name: str, done: int, steps: int, loss: float, lr: float, record: dict[str, Any]) -> None:
+    parts = [f"{name} step {done}/{steps}", f"loss {loss:.4f}", f"lr {lr:.3g}", f"{record['tokens_per_s']:,.0f} tok/s"]
+    if "grad_norm" in record:
+        parts.append(f"grad norm {record['grad_norm']:.3g}")
+    for key in ("val_loss", "val_reward"):
+        if key in record:
+            parts.append(f"{key.replace('_', ' ')} {record[key]:.4f}")
+    if record.get("skipped_params"):
+        parts.append(f"skipped {record['skipped_params']}")
+    print(", ".join(parts), flush=True)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool, label: str) -> Any:
