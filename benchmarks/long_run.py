@@ -103,7 +103,11 @@ def run_config(task: Task, out: Path, threads: int, quick: bool) -> PretrainConf
 
 def execute(task: Task, out: Path, threads: int, quick: bool) -> dict[str, Any]:
     """Train one run in its own process (resuming its checkpoint, if any); its record."""
-    cfg = run_config(task, out, threads, quick)
+    return {**task.__dict__, "key": task.key, **train_in_process(run_config(task, out, threads, quick))}
+
+
+def train_in_process(cfg: PretrainConfig) -> dict[str, Any]:
+    """Run ``adapm pretrain`` on ``cfg`` in a fresh process; the final numbers and curves, or the error."""
     run_dir = Path(cfg.train.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -114,7 +118,7 @@ def execute(task: Task, out: Path, threads: int, quick: bool) -> dict[str, Any]:
         text=True,
         check=False,
     )
-    record: dict[str, Any] = {**task.__dict__, "key": task.key, "wall_s": time.time() - start}
+    record: dict[str, Any] = {"wall_s": time.time() - start}
     if proc.returncode != 0:
         record["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return record

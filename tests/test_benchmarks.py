@@ -211,3 +211,12 @@ def test_gpu_check_script_runs_its_cpu_smoke_mode(tmp_path: Path) -> None:
     assert {r["optimizer"] for r in result["op_counts"]} >= {"adamw-fused", "adapm", "adapm-mini"}
     assert all(r["median_ms"] > 0 for r in result["step_time"])
     assert result["peak_memory"][0]["state_bytes"] > 0
+
+
+def test_lr_table_quick(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(BENCH / "lr_table.py"), "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["optimizer"], r["lr"]) for r in runs] == [("adamw", 0.0015), ("adamw", 0.003)]
+    assert proc.stdout.count("| True |") == 1  # one winner per (model, optimizer)

@@ -37,6 +37,7 @@ def test_compare_two_optimizers(play_text: Path, cache_dir: Path, tmp_path: Path
         } <= set(r)
         assert r["peak_rss_bytes"] > 0 and r["tokens_per_s"] > 0
     assert rows[0]["ratio_to_adamw"] == 1.0 and rows[1]["ratio_to_adamw"] < 0.1
+    assert {r["lr_source"] for r in rows} <= {"default", "swept for gpt2-1m"}
     assert "| adapm-mini |" in (out / "summary.md").read_text()
     for png in ("loss_vs_step.png", "loss_vs_time.png", "state_bytes.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

@@ -240,6 +240,7 @@ _COMMON_TAIL = [
 COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     "pretrain": [
         ("lr", "lr", "{:g}"),
+        ("lr_source", "lr from", "{}"),
         ("final_val_loss", "final val loss", "{:.3f}"),
         ("final_train_loss", "final train loss", "{:.3f}"),
         *_COMMON_TAIL,

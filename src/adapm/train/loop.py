@@ -357,6 +357,7 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
     n_params = count_parameters(base)
     base.train()
     model = parallel.wrap(base, par, tc.fsdp)
+    lr_source = "--lr" if optim.lr is not None else lr_source_of(task, optim)
     optim = dataclasses.replace(optim, lr=optim.lr if optim.lr is not None else default_lr(task, optim))
     optimizer = build_optimizer(parallel.unwrap(model), optim)
     warmup = tc.warmup_steps if tc.warmup_steps is not None else max(1, tc.steps // 10)
@@ -381,6 +382,7 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
             "parameters": n_params,
             **task.derived,
             "schedule": {"warmup_steps": warmup, "cosine_steps": progress_state.schedule_steps or tc.steps},
+            "lr_source": lr_source,
             "threads": torch.get_num_threads(),
             "world_size": par.world,
             "parallel": ("fsdp2" if tc.fsdp else "ddp") if par.enabled else "none",
@@ -534,6 +536,7 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
         "steps": tc.steps,
         "tokens": tokens_seen,
         "lr": optim.lr,
+        "lr_source": lr_source,
         "final_train_loss": logged_loss,
         **{f"final_{k}": v for k, v in step_metrics.items()},
         "primary": task.primary,
@@ -574,8 +577,14 @@ def _check_health(
 
 
 def default_lr(task: Task, optim: OptimConfig) -> float:
-    """The learning rate used when ``optim.lr`` is unset (fine-tuning uses smaller ones)."""
-    return registry.default_lr(optim.optimizer, finetune=task.kind != "pretrain")
+    """The learning rate used when ``optim.lr`` is unset: swept for the model preset where the lr table
+    has it, else the registry's default (fine-tuning uses smaller ones)."""
+    return registry.default_lr(optim.optimizer, finetune=task.kind != "pretrain", model=task.model_name)
+
+
+def lr_source_of(task: Task, optim: OptimConfig) -> str:
+    """Where :func:`default_lr` takes its value from."""
+    return registry.lr_with_source(optim.optimizer, finetune=task.kind != "pretrain", model=task.model_name)[1]
 
 
 def _extra_template(scheduler: Any, task: Task) -> dict[str, Any]:

@@ -8,8 +8,14 @@ plus settings of :class:`adapm.train.config.OptimConfig`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
+
+LR_TABLE_PATH = Path(__file__).with_name("lr_table.json")
+"""Swept pretraining lrs by model preset and optimizer, written by ``benchmarks/lr_table.py``."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,23 @@ def parse_names(text: str, flag: str = "optimizers") -> list[str]:
     return names
 
 
-def default_lr(name: str, finetune: bool = False) -> float:
-    """The default peak lr of ``name`` for pretraining (or fine-tuning)."""
+@cache
+def _swept() -> dict[str, dict[str, float]]:
+    return json.loads(LR_TABLE_PATH.read_text())["lrs"] if LR_TABLE_PATH.exists() else {}
+
+
+def lr_with_source(name: str, finetune: bool = False, model: str | None = None) -> tuple[float, str]:
+    """The default peak lr of ``name`` and where it comes from: for pretraining a preset the lr table
+    swept it for, that lr ("swept"); else the registry's default ("default")."""
     spec = get(name)
-    return spec.finetune_lr if finetune else spec.pretrain_lr
+    if finetune:
+        return spec.finetune_lr, "default"
+    swept = _swept().get(model or "", {}).get(name)
+    if swept is not None:
+        return float(swept), f"swept for {model}"
+    return spec.pretrain_lr, "default"
+
+
+def default_lr(name: str, finetune: bool = False, model: str | None = None) -> float:
+    """The default peak lr of ``name`` for pretraining ``model`` (or fine-tuning): see :func:`lr_with_source`."""
+    return lr_with_source(name, finetune, model)[0]

@@ -1,0 +1,32 @@
+"""The optimizer registry: one list of names, a builder per family, lrs with their source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adapm.train import registry
+from adapm.train.optimizers import BUILDERS
+
+
+def test_every_name_has_a_builder_and_unknown_names_are_errors() -> None:
+    assert {spec.family for spec in registry.REGISTRY.values()} <= set(BUILDERS)
+    with pytest.raises(ValueError, match=r"Invalid --optimizers: 'lion'; expected one of adamw, adam-mini"):
+        registry.parse_names("adamw,lion", "--optimizers")
+    with pytest.raises(ValueError, match="at least one name"):
+        registry.parse_names(" , ")
+
+
+def test_swept_lrs_win_over_defaults_and_say_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    table = tmp_path / "lr_table.json"
+    table.write_text(json.dumps({"lrs": {"gpt2-1m": {"adapm-mini": 0.0015}}}))
+    monkeypatch.setattr(registry, "LR_TABLE_PATH", table)
+    registry._swept.cache_clear()
+    try:
+        assert registry.lr_with_source("adapm-mini", model="gpt2-1m") == (0.0015, "swept for gpt2-1m")
+        assert registry.lr_with_source("adapm-mini", model="llama-1m") == (3e-3, "default")
+        assert registry.lr_with_source("adapm-mini", finetune=True, model="gpt2-1m") == (2e-5, "default")
+    finally:
+        registry._swept.cache_clear()
