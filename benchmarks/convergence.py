@@ -1,7 +1,7 @@
 """Final validation loss at equal steps and tokens: all six optimizers on a GPT-2 and a Llama preset,
 each at the learning rate a small recorded sweep picked, then several seeds.
 
-Protocol (DESIGN.md section 8): for each model and optimizer, train at lr x {1/3, 1, 3} (``--lr-factors``)
+Protocol (docs/benchmarks.md, section 3): for each model and optimizer, train at lr x {1/3, 1, 3} (``--lr-factors``)
 of the optimizer's default with seed 0 and keep the lr with the lowest final validation loss; then train
 the remaining seeds at that lr. Same data (the embedded Shakespeare corpus), batches, schedule and
 steps for everyone. Every run is recorded.

