@@ -300,38 +300,64 @@ def format_table(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def smooth(values: list[float], weight: float = 0.6) -> list[float]:
+    """An exponential moving average (as TensorBoard's smoothing), debiased at the start."""
+    out, avg = [], 0.0
+    for i, value in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * value
+        out.append(avg / (1 - weight**i))
+    return out
+
+
 def _plot(out: Path, runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]], primary: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    first = next(iter(runs.values()))[0]
+    title = (
+        f"{first['model']} ({first['parameters'] / 1e6:.2f}M parameters), {first['tokens']:,} tokens per run, "
+        f"seed {first.get('seed', 0)}"
+    )
     train_key, ylabel = ("reward", "reward") if primary == "val_reward" else ("train_loss", "loss")
     for xkey, fname, xlabel in (
         ("step", f"{ylabel}_vs_step.png", "step"),
-        ("elapsed_s", f"{ylabel}_vs_time.png", "seconds"),
+        ("elapsed_s", f"{ylabel}_vs_time.png", "seconds of training"),
     ):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         for name, (_, metrics) in runs.items():
             train = [(m[xkey], m[train_key]) for m in metrics if train_key in m]
             val = [(m[xkey], m[primary]) for m in metrics if primary in m]
-            (line,) = ax.plot(*zip(*train), alpha=0.5, label=f"{name} train") if train else ax.plot([], [])
+            color = None
+            if train:
+                xs, ys = zip(*train)
+                (raw,) = ax.plot(xs, ys, alpha=0.2, linewidth=1)
+                color = raw.get_color()
+                ax.plot(xs, smooth(list(ys)), color=color, label=f"{name} train (smoothed)")
             if val:
-                ax.plot(*zip(*val), "o-", color=line.get_color(), label=f"{name} val")
+                ax.plot(*zip(*val), "o-", color=color, markersize=4, label=f"{name} {primary.replace('_', ' ')}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=9)
+        if xkey == "step":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     names = list(runs)
+    adamw = runs["adamw"][0]["state_bytes"] if "adamw" in runs else None
     values = [runs[n][0]["state_bytes"] / 1e6 for n in names]
     ax.bar(names, values, color="tab:blue")
-    for i, v in enumerate(values):
-        ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    for i, n in enumerate(names):
+        share = f" ({100 * runs[n][0]['state_bytes'] / adamw:.0f}% of AdamW)" if adamw else ""
+        ax.text(i, values[i], f"{values[i]:.2f} MB{share}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("optimizer state (MB)")
+    ax.set_title(f"Optimizer state, {first['model']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "state_bytes.png", dpi=120)
     plt.close(fig)

@@ -534,6 +534,7 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
         "model": task.model_name,
         "parameters": n_params,
         "steps": tc.steps,
+        "seed": tc.seed,
         "tokens": tokens_seen,
         "lr": optim.lr,
         "lr_source": lr_source,
