@@ -1,6 +1,7 @@
 """The swept learning rates the harness uses by default: for each model preset and optimizer, the lr
 with the lowest final validation loss on the main job's protocol (``adapm compare``'s defaults: the
-embedded Shakespeare, 300 steps of 16 x 128 tokens, warmup 10%, cosine to 10%, seed 0).
+embedded Shakespeare, 300 steps of 16 x 128 tokens, warmup 10%, cosine to 10%, seed 0). A grid of 4 lrs
+a factor 2 apart, extended by up to two more factors of 2 while the best lr is at its edge.
 
     python benchmarks/lr_table.py --models gpt2-1m --optimizers adamw,adapm,adapm-mini --write
     python benchmarks/lr_table.py --quick --out /tmp/lrq                  # smoke: 2 runs of 4 steps
@@ -28,6 +29,7 @@ from adapm.train.data import prepare_data
 from adapm.train.registry import LR_TABLE_PATH, get
 
 GRID = (7.5e-4, 1.5e-3, 3e-3, 6e-3)
+MAX_EXTENSIONS = 2
 BLR_GRID = (1.25e-4, 2.5e-4, 5e-4, 1e-3)
 
 
@@ -71,20 +73,34 @@ def main() -> None:
     if results_file.exists():
         done = {r["key"]: r for r in map(json.loads, results_file.read_text().splitlines()) if "error" not in r}
     rows: list[dict[str, Any]] = []
+
+    def run(model: str, opt: str, lr: float) -> dict[str, Any]:
+        key = f"{model}/{opt}/{lr:g}/{steps}"
+        if key not in done:
+            record = {"key": key, "model": model, "optimizer": opt, "lr": lr, "steps": steps,
+                      **train_in_process(config(model, opt, lr, args.out, args.threads, steps))}  # fmt: skip
+            args.out.mkdir(parents=True, exist_ok=True)
+            with open(results_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            done[key] = record
+            print(f"{key}: {record.get('final_val_loss', record.get('error'))}", flush=True)
+        return done[key]
+
     for model in models:
         for opt in optimizers:
-            grid = GRID[1:3] if args.quick else (BLR_GRID if opt.endswith("-blr") else GRID)
-            for lr in grid:
-                key = f"{model}/{opt}/{lr:g}/{steps}"
-                if key not in done:
-                    record = {"key": key, "model": model, "optimizer": opt, "lr": lr, "steps": steps,
-                              **train_in_process(config(model, opt, lr, args.out, args.threads, steps))}  # fmt: skip
-                    args.out.mkdir(parents=True, exist_ok=True)
-                    with open(results_file, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    done[key] = record
-                    print(f"{key}: {record.get('final_val_loss', record.get('error'))}", flush=True)
-                rows.append(done[key])
+            grid = list(GRID[1:3] if args.quick else (BLR_GRID if opt.endswith("-blr") else GRID))
+            mine = [run(model, opt, lr) for lr in grid]
+            # A best lr at the edge of the grid is no optimum: extend the grid by a factor 2 that way.
+            for _ in range(0 if args.quick else MAX_EXTENSIONS):
+                ok = [r for r in mine if "final_val_loss" in r]
+                if not ok:
+                    break
+                best_lr = min(ok, key=lambda r: r["final_val_loss"])["lr"]
+                if best_lr not in (min(grid), max(grid)):
+                    break
+                grid.append(best_lr * 2 if best_lr == max(grid) else best_lr / 2)
+                mine.append(run(model, opt, grid[-1]))
+            rows += sorted(mine, key=lambda r: r["lr"])
     best: dict[str, dict[str, float]] = {}
     for row in rows:
         if "final_val_loss" not in row:
