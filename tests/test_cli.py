@@ -113,7 +113,7 @@ def test_a_runs_own_config_is_a_valid_config(tmp_path: Path, play_text: Path, ca
               "--threads", "1"]  # fmt: skip
     assert main(["pretrain", *common, "--out-dir", str(first), "--optimizer", "adamw"]) == 0
     second = tmp_path / "second"
-    assert main(["pretrain", "--config", str(first / "config.json"), "--out-dir", str(second)]) == 0
+    assert main(["pretrain", "--config", str(first / "config.json"), "--out", str(second)]) == 0  # = --out-dir
     a, b = (json.loads((d / "config.json").read_text()) for d in (first, second))
     assert a["optim"] == b["optim"] and a["data"] == b["data"]
     # Resuming the finished run prints its summary and exits 0.

@@ -103,8 +103,10 @@ def _add_fields(
         kwargs: dict[str, Any] = {}
         if f.name == "optimizer":
             kwargs["choices"] = OPTIMIZER_NAMES
+        # `--out` everywhere: the other commands name their output folder so; `--out-dir` stays valid.
+        flags = [flag, "--out"] if f.name == "out_dir" else [flag]
         group.add_argument(
-            flag, dest=dest, type=convert, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper(), **kwargs
+            *flags, dest=dest, type=convert, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper(), **kwargs
         )
 
 
