@@ -206,3 +206,20 @@ def test_batch_jobs_get_one_line_per_log_step_and_grad_norms(
     assert "optimizer state" in out
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["grad_norm"] > 0 for m in metrics)
+
+
+def test_tensorboard_event_files_hold_the_metrics(play_text: Path, cache_dir: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(play_text, cache_dir, run, report_to="tensorboard", save_model=False))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"train_loss", "val_loss", "lr", "grad_norm", "state_bytes"} <= set(events.Tags()["scalars"])
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [
+        (m["step"], pytest.approx(m["train_loss"])) for m in logged
+    ]
+    assert [e.step for e in events.Scalars("val_loss")] == [4, 8]
+    with pytest.raises(ValueError, match="Invalid report_to: 'mlflow'"):
+        tiny_config(play_text, cache_dir, run, report_to="mlflow")

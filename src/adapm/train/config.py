@@ -180,6 +180,9 @@ class TrainConfig:
     log_every steps)."""
     save_model: bool = True
     """Save the final model with save_pretrained into out_dir/model."""
+    report_to: str | None = None
+    """Also send the metrics to tensorboard (event files in out_dir/tensorboard) or wandb (offline mode,
+    files in out_dir/wandb; needs the wandb package)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every"):
@@ -191,6 +194,8 @@ class TrainConfig:
         _check(self.threads is None or self.threads >= 1, "threads", self.threads, "an integer >= 1")
         _check(self.stop_at is None or self.stop_at >= 1, "stop_at", self.stop_at, "an integer >= 1")
         _check(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "an integer >= 1")
+        reporters = (None, "tensorboard", "wandb")
+        _check(self.report_to in reporters, "report_to", self.report_to, "tensorboard, wandb or null")
         _check(not (self.resume and self.overwrite), "overwrite", self.overwrite, "not together with resume")
         _check(not self.extend or self.resume, "extend", self.extend, "only together with resume")
 

@@ -331,6 +331,44 @@ def _metrics_history(path: Path) -> tuple[float | None, list[float]]:
     return (losses[-1] if losses else None), [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
 
 
+class Reporter:
+    """Sends every metrics line to TensorBoard or (offline) Weights & Biases as well as metrics.jsonl."""
+
+    def __init__(self, kind: str, out: Path, start: int, config: dict[str, Any]) -> None:
+        self.kind = kind
+        if kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                message = "--report-to tensorboard needs the tensorboard package (pip install tensorboard)"
+                raise ValueError(message) from exc
+            # purge_step: a resumed run hides the events a killed run wrote after its checkpoint.
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start or None)
+            self.writer.add_text("config", f"```\n{json.dumps(config, indent=2)}\n```", start)
+        else:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise ValueError("--report-to wandb needs the wandb package: pip install wandb") from exc
+            self.writer = wandb.init(mode="offline", dir=str(out), config=config, resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = int(record["step"])
+        values = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.kind == "tensorboard":
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        else:
+            self.writer.log(values, step=step)
+
+    def close(self) -> None:
+        if self.kind == "tensorboard":
+            self.writer.close()
+        else:
+            self.writer.finish()
+
+
 class TrainingStopped(RuntimeError):
     """The loss or the gradients went non-finite for good: the run stops, its last checkpoint intact."""
 
@@ -394,12 +432,15 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
         if start > 0:
             _truncate_metrics(out / METRICS, start)
         (out / "config.json").write_text(json.dumps(resolved, indent=2))
+    reporter = Reporter(tc.report_to, out, start, resolved) if tc.report_to and par.is_main else None
     metrics = open(out / METRICS, "a") if par.is_main else None  # noqa: SIM115 - closed below
 
     def log(record: dict[str, Any]) -> None:
         if metrics is not None:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
+        if reporter is not None:
+            reporter.log(record)
 
     initial = progress_state.initial
     if task.eval_at_start and start == 0:
@@ -515,6 +556,8 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
         progress.close()
         if metrics is not None:
             metrics.close()
+        if reporter is not None:
+            reporter.close()
 
     if stop < tc.steps:
         return {"stopped_at": stop}
