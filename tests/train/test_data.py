@@ -103,3 +103,11 @@ def test_too_little_text(tmp_path: Path) -> None:
     (tmp_path / "short.txt").write_text("to be or not to be " * 20)
     with pytest.raises(ValueError, match=r"only \d+ tokens; need at least"):
         prepare_data(DataConfig(data=str(tmp_path / "short.txt"), vocab_size=300, seq_len=128, cache_dir=str(tmp_path)))
+
+
+def test_text_field_selects_the_jsonl_field(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"body": "first document"}\n{"body": "second one"}\n')
+    assert load_texts(path, text_field="body") == ["first document", "second one"]
+    with pytest.raises(ValueError, match=r"string field 'text' \(--text-field\)"):
+        load_texts(path)

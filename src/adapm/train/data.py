@@ -60,12 +60,14 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
 
 
-def _texts_from_jsonl(path: Path) -> list[str]:
+def _texts_from_jsonl(path: Path, field: str) -> list[str]:
     texts = []
     for lineno, record in read_jsonl(path):
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{lineno}: each line must be an object with a string field 'text'")
-        texts.append(record["text"])
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise ValueError(
+                f"{path}:{lineno}: each line must be an object with a string field {field!r} (--text-field)"
+            )
+        texts.append(record[field])
     return texts
 
 
@@ -76,7 +78,7 @@ def _texts_from_column(column: Any, source: Path) -> list[str]:
     return texts
 
 
-def load_texts(data: str | Path | None, cache_dir: str | Path | None = None) -> list[str]:
+def load_texts(data: str | Path | None, cache_dir: str | Path | None = None, text_field: str = "text") -> list[str]:
     """Documents from ``data`` (see :class:`DataConfig.data`): a path, a corpus name of
     :mod:`adapm.train.corpora` (built into ``cache_dir`` on first use), or the embedded corpus for ``None``.
 
@@ -96,21 +98,21 @@ def load_texts(data: str | Path | None, cache_dir: str | Path | None = None) -> 
         raise FileNotFoundError(f"--data: no such file or directory: {path}")
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            texts = _texts_from_saved_dataset(path)
+            texts = _texts_from_saved_dataset(path, text_field)
         else:
             files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
             if not files:
                 raise ValueError(f"--data: {path} holds no {'/'.join(TEXT_SUFFIXES)} files and is not a saved dataset")
             texts = [_decode(f, f.read_bytes()) for f in files]
     elif path.suffix == ".jsonl":
-        texts = _texts_from_jsonl(path)
+        texts = _texts_from_jsonl(path, text_field)
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        if "text" not in table.column_names:
-            raise ValueError(f"{path}: no 'text' column (columns: {table.column_names})")
-        texts = _texts_from_column(table.column("text").to_pylist(), path)
+        if text_field not in table.column_names:
+            raise ValueError(f"{path}: no {text_field!r} column (columns: {table.column_names}); set --text-field")
+        texts = _texts_from_column(table.column(text_field).to_pylist(), path)
     else:
         texts = [_decode(path, path.read_bytes())]
     texts = [t for t in texts if t.strip()]
@@ -119,16 +121,18 @@ def load_texts(data: str | Path | None, cache_dir: str | Path | None = None) -> 
     return texts
 
 
-def _texts_from_saved_dataset(path: Path) -> list[str]:
+def _texts_from_saved_dataset(path: Path, field: str) -> list[str]:
     import datasets
 
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         split = "train" if "train" in loaded else next(iter(loaded))
         loaded = loaded[split]
-    if "text" not in loaded.column_names:
-        raise ValueError(f"{path}: the saved dataset has no 'text' column (columns: {loaded.column_names})")
-    return _texts_from_column(loaded["text"], path)
+    if field not in loaded.column_names:
+        raise ValueError(
+            f"{path}: the saved dataset has no {field!r} column (columns: {loaded.column_names}); set --text-field"
+        )
+    return _texts_from_column(loaded[field], path)
 
 
 def corpus_hash(texts: list[str]) -> str:
@@ -206,7 +210,7 @@ class TokenData:
 
 def prepare_data(cfg: DataConfig) -> TokenData:
     """Load, tokenize (cached) and split the corpus."""
-    texts = load_texts(cfg.data, cfg.cache_dir)
+    texts = load_texts(cfg.data, cfg.cache_dir, cfg.text_field)
     tokenizer, tok_key = load_tokenizer(cfg, texts)
     vocab_size = len(tokenizer)
     key = f"{corpus_hash(texts)}-{tok_key}-val{cfg.val_fraction}"

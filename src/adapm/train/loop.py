@@ -263,7 +263,8 @@ def check_resume(saved: dict[str, Any] | None, current: dict[str, Any], done: in
     if saved is None:
         return
     old, new = _flatten(saved), _flatten(current)
-    differ = sorted(k for k in old.keys() | new.keys() if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
+    # Settings a newer version added (absent from the checkpoint's record) are not compared.
+    differ = sorted(k for k in old if k not in RESUME_FREE_KEYS and old[k] != new.get(k))
     if "train.steps" in differ and tc.extend and new["train.steps"] > old.get("train.steps", 0):
         differ.remove("train.steps")
     if differ:
