@@ -184,6 +184,16 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from adapm.train.registry import parse_names
 
     names = tuple(parse_names(args.optimizers, "--optimizers"))
+    if args.batch_size is not None or args.seq_len is not None or args.dtype is not None:
+        from adapm.train.memory import format_training_memory, training_memory
+
+        batch, seq, dtype = args.batch_size or 1, args.seq_len or 1024, args.dtype or "fp32"
+        full = training_memory(args.model, names, batch, seq, dtype)
+        if args.json:
+            print(json.dumps([{**r.__dict__, "total": r.total} for r in full], indent=2))
+        else:
+            print(format_training_memory(args.model, full, batch, seq, dtype))
+        return 0
     rows = memory_table(args.model, names)
     if args.json:
         print(
@@ -296,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated optimizer names (any of {', '.join(OPTIMIZER_NAMES)})",
     )
     m.add_argument("--json", action="store_true", help="print a JSON list of {optimizer, state_bytes, ratio_to_adamw}")
+    m.add_argument("--batch-size", type=int, default=None, help="with --seq-len/--dtype: count a whole training step")
+    m.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024 with --batch-size)")
+    m.add_argument("--dtype", default=None, help="parameter dtype: fp32, bf16 or fp16 (default fp32)")
     m.set_defaults(func=cmd_memory)
 
     cp = sub.add_parser(

@@ -108,3 +108,72 @@ def format_memory_table(name: str, rows: list[MemoryRow]) -> str:
             )
         lines.append(line)
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class TrainingMemoryRow:
+    """What one optimizer's training step holds on the device, in bytes."""
+
+    optimizer: str
+    weights: int
+    gradients: int
+    optimizer_state: int
+    activations_estimate: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_state + self.activations_estimate
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, dtype_bytes: int) -> int:
+    """An estimate of the activations a forward pass keeps for backward, without recomputation: per layer
+    ``s b h (34 + 5 a s / h)`` bytes at 2-byte precision (Korthikanti et al., "Reducing Activation
+    Recomputation in Large Transformer Models", 2022), scaled to ``dtype_bytes``, plus the logits and
+    their softmax in float32. An estimate: attention kernels that do not keep the s x s scores (SDPA,
+    FlashAttention) keep less."""
+    config = model.config  # type: ignore[attr-defined]
+    layers = next(getattr(config, k) for k in ("num_hidden_layers", "n_layer") if hasattr(config, k))
+    hidden = next(getattr(config, k) for k in ("hidden_size", "n_embd") if hasattr(config, k))
+    heads = next(getattr(config, k) for k in ("num_attention_heads", "n_head") if hasattr(config, k))
+    s, b = seq_len, batch_size
+    per_layer = s * b * hidden * (34 + 5 * heads * s / hidden) * dtype_bytes / 2
+    logits = 2 * 4 * b * s * config.vocab_size
+    return int(layers * per_layer + logits)
+
+
+def training_memory(
+    name: str, optimizers: tuple[str, ...], batch_size: int, seq_len: int, dtype: str
+) -> list[TrainingMemoryRow]:
+    """Weights, gradients, optimizer state (counted through each optimizer's own code on the meta device;
+    AdaPM keeps float32 state whatever the parameter dtype, torch's optimizers the parameter dtype) and
+    an activation estimate, for training ``name`` with parameters in ``dtype``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"Invalid --dtype: {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"Invalid --batch-size/--seq-len: {batch_size}/{seq_len}; expected integers >= 1")
+    model = meta_model(name).to(DTYPES[dtype])
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    acts = activation_bytes(model, batch_size, seq_len, torch.tensor([], dtype=DTYPES[dtype]).element_size())
+    return [TrainingMemoryRow(opt, n_bytes, n_bytes, count_state_bytes(model, opt), acts) for opt in optimizers]
+
+
+def format_training_memory(name: str, rows: list[TrainingMemoryRow], batch_size: int, seq_len: int, dtype: str) -> str:
+    """A Markdown table of :func:`training_memory` rows, with the GPU sizes each total fits in."""
+    gb = 1e9
+    lines = [
+        f"{name}, {dtype} parameters, batch {batch_size} x {seq_len} tokens (1 GB = 1e9 bytes; activations are an "
+        "estimate without recomputation)",
+        "",
+        "| optimizer | weights | gradients | optimizer state | activations (est.) | total | fits in |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        fits = ", ".join(f"{size} GiB" for size in (24, 40, 80) if r.total <= size * 2**30) or "none of 24/40/80 GiB"
+        lines.append(
+            f"| {r.optimizer} | {r.weights / gb:.2f} GB | {r.gradients / gb:.2f} GB | {r.optimizer_state / gb:.2f} GB "
+            f"| {r.activations_estimate / gb:.2f} GB | {r.total / gb:.2f} GB | {fits} |"
+        )
+    return "\n".join(lines)
