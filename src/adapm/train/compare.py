@@ -171,6 +171,55 @@ def side_by_side(
     return rows
 
 
+def finetune_one(cfg: Any, build_task: Any) -> dict[str, Any]:
+    """One fine-tuning run (SFT or RLHF) with the single optimizer of ``cfg.optimizers``, into
+    ``cfg.out/NAME``: ``build_task(cfg, model_dir, par)`` makes its :class:`~adapm.train.loop.Task`.
+    Under torchrun every rank calls this; rank 0 prepares the default model first."""
+    from adapm.train import parallel
+    from adapm.train.loop import default_threads, run
+    from adapm.train.pretrained import resolve_model_dir
+
+    (name,) = cfg.optimizer_list()
+    cfg = dataclasses.replace(
+        cfg,
+        optim=dataclasses.replace(cfg.optim, optimizer=name),
+        train=dataclasses.replace(cfg.train, out_dir=str(Path(cfg.out) / name)),
+    )
+    par = parallel.setup()
+    try:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads or default_threads())
+        if not par.is_main:
+            par.barrier()  # rank 0 converts the default model into the cache first
+        model_dir = resolve_model_dir(cfg.model.model, cfg.model.cache_dir)
+        if par.is_main:
+            par.barrier()
+        return run(build_task(cfg, model_dir, par), cfg.optim, cfg.train, par)
+    finally:
+        parallel.teardown(par)
+
+
+def finetune_side_by_side(cfg: Any, command: str, one: Any) -> list[dict[str, Any]]:
+    """`adapm sft` / `adapm rlhf`: one run per optimizer of ``cfg.optimizers`` (several: side by side,
+    each in a fresh process running ``adapm COMMAND``), then the summary. ``one(cfg)`` runs one."""
+    from adapm.train import parallel
+    from adapm.train.pretrained import resolve_model_dir
+
+    names = cfg.optimizer_list()
+    if parallel.launched_by_torchrun():
+        if len(names) > 1:
+            raise ValueError("--optimizers: under torchrun give one optimizer (run the others one after another)")
+        one(cfg)
+        return summarize_runs(Path(cfg.out), names) if parallel.rank_from_env() == 0 else []
+    resolve_model_dir(cfg.model.model, cfg.model.cache_dir)  # convert the default model once, up front
+    if len(names) == 1:
+        one(cfg)
+        return summarize_runs(Path(cfg.out), names)
+    configs = {name: dataclasses.replace(cfg, optimizers=name).to_dict() for name in names}
+    return side_by_side(Path(cfg.out), command, configs)
+
+
 def summarize(cfg: CompareConfig) -> list[dict[str, Any]]:
     """Collect the runs of a pretraining comparison (see :func:`summarize_runs`); ``cfg.out`` must be set."""
     if cfg.out is None:

@@ -33,8 +33,8 @@ from torch import nn
 from adapm.train import parallel
 from adapm.train.config import RLHFConfig
 from adapm.train.data import embedded_corpus_files, read_jsonl
-from adapm.train.loop import StepResult, Task, default_threads, run
-from adapm.train.pretrained import clamp_length, load_causal_lm, load_tokenizer, resolve_model_dir
+from adapm.train.loop import StepResult, Task
+from adapm.train.pretrained import clamp_length, load_causal_lm, load_tokenizer
 
 PROMPT_INSTRUCTION = "Continue this text: "
 """Put before each built-in prompt (the task of the built-in VADER reward: continue positively)."""
@@ -338,41 +338,16 @@ def rlhf_task(cfg: RLHFConfig, model_dir: Path, par: parallel.Parallel) -> Task:
 
 def rlhf_one(cfg: RLHFConfig) -> dict[str, Any]:
     """One ReMax run with the single optimizer of ``cfg.optimizers``, into ``cfg.out/NAME``."""
-    (name,) = cfg.optimizer_list()
-    cfg = dataclasses.replace(
-        cfg,
-        optim=dataclasses.replace(cfg.optim, optimizer=name),
-        train=dataclasses.replace(cfg.train, out_dir=str(Path(cfg.out) / name)),
-    )
-    par = parallel.setup()
-    try:
-        torch.set_num_threads(cfg.train.threads or default_threads())
-        if not par.is_main:
-            par.barrier()
-        model_dir = resolve_model_dir(cfg.model.model, cfg.model.cache_dir)
-        if par.is_main:
-            par.barrier()
-        return run(rlhf_task(cfg, model_dir, par), cfg.optim, cfg.train, par)
-    finally:
-        parallel.teardown(par)
+    from adapm.train.compare import finetune_one
+
+    return finetune_one(cfg, rlhf_task)
 
 
 def rlhf(cfg: RLHFConfig) -> list[dict[str, Any]]:
     """`adapm rlhf`: one ReMax run per optimizer of ``cfg.optimizers`` (several: side by side, each in a
     fresh process), then ``cfg.out/summary.json``, ``summary.md`` and plots. Returns the summary rows."""
-    from adapm.train.compare import side_by_side, summarize_runs
+    from adapm.train.compare import finetune_side_by_side
 
-    names = cfg.optimizer_list()
     if cfg.reward != "vader" and not (Path(cfg.reward).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"--reward: {cfg.reward} is neither 'vader' nor a Hugging Face model directory")
-    if parallel.launched_by_torchrun():
-        if len(names) > 1:
-            raise ValueError("--optimizers: under torchrun give one optimizer (run the others one after another)")
-        rlhf_one(cfg)
-        return summarize_runs(Path(cfg.out), names) if parallel.rank_from_env() == 0 else []
-    resolve_model_dir(cfg.model.model, cfg.model.cache_dir)
-    if len(names) == 1:
-        rlhf_one(cfg)
-        return summarize_runs(Path(cfg.out), names)
-    configs = {name: dataclasses.replace(cfg, optimizers=name).to_dict() for name in names}
-    return side_by_side(Path(cfg.out), "rlhf", configs)
+    return finetune_side_by_side(cfg, "rlhf", rlhf_one)

@@ -22,8 +22,8 @@ from torch import nn
 
 from adapm.train import parallel
 from adapm.train.config import SFTConfig, SFTDataConfig
-from adapm.train.loop import StepResult, Task, autocast, default_threads, run
-from adapm.train.pretrained import clamp_length, load_causal_lm, load_tokenizer, resolve_model_dir
+from adapm.train.loop import StepResult, Task, autocast
+from adapm.train.pretrained import clamp_length, load_causal_lm, load_tokenizer
 from adapm.train.sft_data import IGNORE_INDEX, builtin_examples, load_records, tokenize
 
 SPLIT_SEED = 1234
@@ -155,42 +155,20 @@ def sft_task(cfg: SFTConfig, model_dir: Path, tokenizer: Any, data: SFTData, par
 def finetune_one(cfg: SFTConfig) -> dict[str, Any]:
     """One fine-tuning run with the single optimizer of ``cfg.optimizers``, into ``cfg.out/NAME``.
     Under torchrun every rank calls this."""
-    (name,) = cfg.optimizer_list()
-    cfg = dataclasses.replace(
-        cfg,
-        optim=dataclasses.replace(cfg.optim, optimizer=name),
-        train=dataclasses.replace(cfg.train, out_dir=str(Path(cfg.out) / name)),
-    )
-    par = parallel.setup()
-    try:
-        torch.set_num_threads(cfg.train.threads or default_threads())
-        if not par.is_main:
-            par.barrier()  # rank 0 converts the default model into the cache first
-        model_dir = resolve_model_dir(cfg.model.model, cfg.model.cache_dir)
-        if par.is_main:
-            par.barrier()
+    from adapm.train.compare import finetune_one as run_one
+
+    def build(cfg: SFTConfig, model_dir: Path, par: parallel.Parallel) -> Task:
         tokenizer = load_tokenizer(model_dir)
         max_length = clamp_length(model_dir, cfg.data.max_length, "--max-length")
         data = prepare_sft_data(dataclasses.replace(cfg.data, max_length=max_length), tokenizer)
-        return run(sft_task(cfg, model_dir, tokenizer, data, par), cfg.optim, cfg.train, par)
-    finally:
-        parallel.teardown(par)
+        return sft_task(cfg, model_dir, tokenizer, data, par)
+
+    return run_one(cfg, build)
 
 
 def sft(cfg: SFTConfig) -> list[dict[str, Any]]:
     """`adapm sft`: one run per optimizer of ``cfg.optimizers`` (several: side by side, each in a fresh
     process), then ``cfg.out/summary.json``, ``summary.md`` and plots. Returns the summary rows."""
-    from adapm.train.compare import side_by_side, summarize_runs
+    from adapm.train.compare import finetune_side_by_side
 
-    names = cfg.optimizer_list()
-    if parallel.launched_by_torchrun():
-        if len(names) > 1:
-            raise ValueError("--optimizers: under torchrun give one optimizer (run the others one after another)")
-        finetune_one(cfg)
-        return summarize_runs(Path(cfg.out), names) if parallel.rank_from_env() == 0 else []
-    resolve_model_dir(cfg.model.model, cfg.model.cache_dir)  # convert the default model once, up front
-    if len(names) == 1:
-        finetune_one(cfg)
-        return summarize_runs(Path(cfg.out), names)
-    configs = {name: dataclasses.replace(cfg, optimizers=name).to_dict() for name in names}
-    return side_by_side(Path(cfg.out), "sft", configs)
+    return finetune_side_by_side(cfg, "sft", finetune_one)
