@@ -23,6 +23,7 @@ from typing import Any
 
 from adapm.train.compare import machine_info
 from adapm.train.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
+from adapm.train.tables import markdown_table
 
 QKV_MLP_WEIGHTS = r"(\[[QKV]\]$|(q_proj|k_proj|v_proj)\.weight$|mlp\..*weight$)"
 """Query, key, value and MLP matrices of GPT-2 (fused c_attn segments) and Llama."""
@@ -139,12 +140,8 @@ def aggregate(runs: list[dict[str, Any]], reference_arm: str | None = None) -> l
 
 
 def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
-    """A Markdown table: (key, heading, format) columns; missing values print as '-'."""
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = ["-" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """A Markdown table: (key, heading, format) columns (see :func:`adapm.train.tables.markdown_table`)."""
+    return markdown_table(rows, columns)
 
 
 def parser(doc: str, name: str, models: str, steps: int = 300, seeds: int = 2) -> argparse.ArgumentParser:

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapm.partition.report import format_bytes
 from adapm.train.config import CompareConfig, PretrainConfig
 from adapm.train.data import prepare_data
 from adapm.train.loop import CHECKPOINT, METRICS, SUMMARY
+from adapm.train.tables import markdown_table
 
 DEFAULT_COMPARE_ROOT = Path("runs/compare")
 LATEST = "latest"
@@ -323,30 +323,17 @@ def format_table(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
         baseline = f"; eval loss before fine-tuning {header['initial_val_loss']:.4f}"
     if "initial_val_reward" in header:
         baseline = f"; eval reward before RLHF {header['initial_val_reward']:.3f}"
-    columns = COLUMNS[header.get("task", "pretrain")]
-    lines = [
+    columns = [(key, heading, fmt) for key, heading, fmt in COLUMNS[header.get("task", "pretrain")]]
+    table_rows = [
+        {**r, "vs_adamw": None if r.get("ratio_to_adamw") is None else 100 * r["ratio_to_adamw"]} for r in rows
+    ]
+    columns += [("vs_adamw", "vs AdamW", "{:.1f}%"), ("peak_rss_bytes", "peak RSS", "bytes")]
+    head = (
         f"{header['model']} ({header['parameters'] / 1e6:.2f}M parameters), {header['steps']} steps, "
         f"{header['tokens']:,} tokens per run{baseline}; "
-        f"{m['cpus']} CPUs ({m['processor']}), {header['threads']} threads, torch {m['torch']}, git {m['git_sha']}",
-        "",
-        "| optimizer | " + " | ".join(h for _, h, _ in columns) + " | vs AdamW | peak RSS |",
-        "|---|" + "---:|" * (len(columns) + 2),
-    ]
-    for r in rows:
-        cells = []
-        for key, _, fmt in columns:
-            value = r.get(key)
-            if value is None:
-                cells.append("-")
-            elif fmt == "bytes":
-                cells.append(format_bytes(value))
-            else:
-                cells.append(fmt.format(value))
-        ratio = "-" if r.get("ratio_to_adamw") is None else f"{100 * r['ratio_to_adamw']:.1f}%"
-        lines.append(
-            f"| {r['optimizer']} | " + " | ".join(cells) + f" | {ratio} | {format_bytes(r['peak_rss_bytes'])} |"
-        )
-    return "\n".join(lines)
+        f"{m['cpus']} CPUs ({m['processor']}), {header['threads']} threads, torch {m['torch']}, git {m['git_sha']}"
+    )
+    return head + "\n\n" + markdown_table(table_rows, [("optimizer", "optimizer", "{}"), *columns])
 
 
 def smooth(values: list[float], weight: float = 0.6) -> list[float]:
