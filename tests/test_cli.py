@@ -149,3 +149,13 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"adapm {adapm.__version__}"
+
+
+def test_no_hugging_face_progress_bars(tmp_path: Path, play_text: Path, cache_dir: Path) -> None:
+    args = [sys.executable, "-m", "adapm.cli", "pretrain", "--data", str(play_text), "--cache-dir", str(cache_dir),
+            "--vocab-size", "300", "--seq-len", "32", "--steps", "2", "--batch-size", "2", "--eval-batches", "1",
+            "--threads", "1", "--out", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Writing model shards" not in proc.stderr + proc.stdout
+    assert (tmp_path / "run" / "model" / "config.json").exists()

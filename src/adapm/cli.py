@@ -331,6 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("pretrain", "sft", "rlhf") and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "0":
+        # Hugging Face's own bars ("Loading weights", "Writing model shards") are noise beside ours.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return int(args.func(args))
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
