@@ -101,3 +101,23 @@ def test_trl_sft_trainer(tmp_path: Path, play_text: Path, cache_dir: Path) -> No
     trainer2.train(resume_from_checkpoint=str(tmp_path / "sft" / "checkpoint-3"))
     for a, b in zip(model.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_hf_trainer_keeps_block_wise_lr_ratios(tmp_path: Path) -> None:
+    """Trainer's scheduler rescales every group's lr from its initial lr; the block-wise ratios live in
+    their own group key, so they survive the schedule, and a run with them differs from one without."""
+    from transformers import Trainer
+
+    finals = {}
+    for ratios in (None, "blockwise"):
+        model = tiny_llama()
+        opt = adapm.AdaPMMini(model, lr=1e-3, lr_ratios=ratios)
+        trainer = Trainer(model=model, args=_args(tmp_path / str(ratios), save_steps=100), train_dataset=_Counting(),
+                          optimizers=(opt, None))  # fmt: skip
+        trainer.train()
+        lrs = {g["lr"] for g in opt.param_groups}
+        assert len(lrs) == 1  # the scheduled base lr, the same for every group
+        if ratios:
+            assert {g.get("lr_ratio") for g in opt.param_groups} == {10.0, 8.0, 6.0, 4.0, 1.0}
+        finals[ratios] = model.model.embed_tokens.weight.detach().clone()
+    assert not torch.equal(finals[None], finals["blockwise"])
