@@ -31,7 +31,7 @@ def equivalence(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 def test_ddp_and_fsdp2_match_a_single_process(equivalence: list[dict]) -> None:
     rows = [r for r in equivalence if "model" in r]
-    assert len(rows) == 10  # {gpt2, llama} x {adamw, adapm, adapm-mini, adapm+gd, adapm+fixed}
+    assert len(rows) == 12  # {gpt2, llama} x {adamw, adapm, adapm-mini, adapm+gd, adapm+fixed, adapm-mini+blr}
     for row in rows:
         for mode in ("ddp", "fsdp"):
             assert row[f"{mode}_loss_rel"] < 1e-5, (row, mode)

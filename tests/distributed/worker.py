@@ -133,8 +133,9 @@ def worst_tensor(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tupl
 def make_opt(cls_name: str, model: nn.Module, tracker: str) -> torch.optim.Optimizer:
     if cls_name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    cls = adapm.AdaPMMini if cls_name == "adapm-mini" else adapm.AdaPM
-    return cls(model, lr=3e-3, tracker=tracker, refresh_every=7)
+    cls = adapm.AdaPMMini if cls_name.startswith("adapm-mini") else adapm.AdaPM
+    ratios = "blockwise" if cls_name.endswith("-blr") else None
+    return cls(model, lr=3e-3 / (4 if ratios else 1), tracker=tracker, refresh_every=7, lr_ratios=ratios)
 
 
 def equivalence(out_file: str) -> None:
@@ -148,6 +149,7 @@ def equivalence(out_file: str) -> None:
             ("adapm-mini", "power"),
             ("adapm", "gd"),
             ("adapm", "fixed"),
+            ("adapm-mini-blr", "power"),
         ):
             ref = make_model(kind)
             ref_losses = train(ref, make_opt(opt_name, ref, tracker), data, 0, 1)
