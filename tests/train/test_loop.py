@@ -223,3 +223,29 @@ def test_tensorboard_event_files_hold_the_metrics(play_text: Path, cache_dir: Pa
     assert [e.step for e in events.Scalars("val_loss")] == [4, 8]
     with pytest.raises(ValueError, match="Invalid report_to: 'mlflow'"):
         tiny_config(play_text, cache_dir, run, report_to="mlflow")
+
+
+def test_galore_checkpoints_load_in_a_fresh_process_and_nothing_warns(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from adapm.train.config import OptimConfig
+    from adapm.train.models import build_model
+    from adapm.train.optimizers import build_optimizer
+
+    model = build_model("gpt2-1m", 300, 32)
+    opt = build_optimizer(model, OptimConfig(optimizer="galore"))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    save_checkpoint(tmp_path / "g.pt", {"optimizer": opt.state_dict()})
+    code = (
+        "import sys; from adapm.train.checkpoint import load_checkpoint; "
+        f"load_checkpoint({str(tmp_path / 'g.pt')!r}); print('galore_torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-2000:]
+    assert "gemm_4bit" not in proc.stderr
+    memory = subprocess.run([sys.executable, "-m", "adapm.cli", "memory", "--model", "gpt2-124m"],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert memory.returncode == 0 and "galore" in memory.stdout and "gemm_4bit" not in memory.stderr

@@ -102,8 +102,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "delete it to start the run over, or restore it from a backup"
         )
     try:
-        with torch.serialization.safe_globals(optimizer_safe_globals()):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with torch.serialization.safe_globals(optimizer_safe_globals()):
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a GaLore state in a process that has not imported GaLore yet
+            if "galore" not in str(exc).lower():
+                raise
+            with torch.serialization.safe_globals(optimizer_safe_globals(load_galore=True)):
+                payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(

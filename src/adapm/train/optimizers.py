@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -157,7 +158,7 @@ def _build_adafactor(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opt
 
 
 def _build_galore(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    from galore_torch import GaLoreAdamW
+    GaLoreAdamW = import_galore().GaLoreAdamW
 
     rank = max(1, _hidden_size(model) // 2)
     galore, decay, no_decay = [], [], []
@@ -226,9 +227,24 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return builder(model, cfg, cfg.lr if cfg.lr is not None else spec.pretrain_lr)
 
 
-def optimizer_safe_globals() -> list[Any]:
-    """Classes that optimizer states hold besides tensors (GaLore keeps projector objects)."""
+def import_galore() -> Any:
+    """``galore_torch``, imported with bitsandbytes' import-time warnings (about CPU kernels GaLore never
+    uses) silenced."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import galore_torch
+
+    return galore_torch
+
+
+def optimizer_safe_globals(load_galore: bool = False) -> list[Any]:
+    """Classes that optimizer states hold besides tensors (GaLore keeps projector objects). GaLore is
+    only imported where it already is (a GaLore run built its optimizer first) or ``load_galore`` asks."""
+    if "galore_torch" not in sys.modules and not load_galore:
+        return []
     try:
+        import_galore()
         from galore_torch.galore_projector import GaLoreProjector
     except ImportError:
         return []
