@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from op_count import top_level_ops
+from op_count import kernel_ops, top_level_ops
 
 import adapm
 
@@ -116,8 +116,9 @@ def op_counts(optimizers: list[str], device: torch.device, model_name: str) -> l
                 sync(device)
             names = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
             launches = sum(1 for e in prof.events() if e.name in names)
-        rows.append({"model": model_name, "optimizer": name, "ops_per_step": total, "kernel_launches": launches,
-                     "top_ops": top})  # fmt: skip
+        rows.append({"model": model_name, "optimizer": name, "ops_per_step": total,
+                     "kernel_ops_per_step": kernel_ops(top), "kernel_launches": launches,
+                     "top_ops": dict(list(top.items())[:12])})  # fmt: skip
         del opt
     return rows
 

@@ -375,14 +375,16 @@ def test_zero_size_parameters_step_as_in_torch_adamw() -> None:
         assert all(torch.isfinite(p).all() for p in layer.parameters())
 
 
+@pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("tracker", ["power", "gd", "fixed"])
-def test_huge_finite_gradients_never_poison_parameters_or_state(tracker: str) -> None:
+def test_huge_finite_gradients_never_poison_parameters_or_state(tracker: str, foreach: bool) -> None:
     torch.manual_seed(0)
     weight = nn.Parameter(torch.randn(48, 40))
     vector = nn.Parameter(torch.randn(40))
     opt = adapm.AdaPM(
-        [{"params": [weight], "momentum": "lowrank"}, {"params": [vector]}], lr=1e-3, tracker=tracker, refresh_every=3
-    )
+        [{"params": [weight], "momentum": "lowrank"}, {"params": [vector]}], lr=1e-3, tracker=tracker, refresh_every=3,
+        foreach=foreach,
+    )  # fmt: skip
     # Below the bound where g^2 overflows, the step runs (and tracking must stay finite); above it, the
     # parameter is skipped like a non-finite one, naming it.
     for scale, skipped in ((1.0, False), (1e17, False), (1e20, True), (1e30, True), (1.0, False), (1e17, False)):
@@ -404,11 +406,12 @@ def test_huge_finite_gradients_never_poison_parameters_or_state(tracker: str) ->
             assert all(torch.isfinite(v).all() for v in opt.state[p].values())
 
 
-def test_huge_gradients_on_gpt2_keep_every_optimizer_finite() -> None:
+@pytest.mark.parametrize("foreach", [False, True])
+def test_huge_gradients_on_gpt2_keep_every_optimizer_finite(foreach: bool) -> None:
     data = batches(96, 10)
     for cls in (adapm.AdaPM, adapm.AdaPMMini):
         model = tiny_gpt2()
-        opt = cls(model, lr=1e-3)
+        opt = cls(model, lr=1e-3, foreach=foreach)
         for x in data:
             model(input_ids=x, labels=x).loss.backward()
             for p in model.parameters():
@@ -542,17 +545,31 @@ def test_blockwise_lr_equals_adamw_with_per_role_lrs_under_a_scheduler() -> None
 @pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
 def test_grouped_step_equals_the_per_block_reference(cls: type[adapm.AdaPM], make) -> None:
-    """foreach=True (the accelerator default) against the per-block path: bit-identical on CPU, with
-    the clip on every block too, block-wise lrs and bias-corrected steps of several ages."""
+    """foreach=True (the accelerator default: stacked low-rank tracking, grouped block second moments,
+    foreach tails) against the per-block path, to float32 rounding (batched and single matmuls and QR
+    may round differently), for every tracker, with the clip on every block too, block-wise lrs,
+    refreshes and bias-corrected steps of several ages."""
     data = batches(96, 8)
-    for kwargs in ({}, {"clip_scope": "all", "lr_ratios": "blockwise"}):
+    settings = ({}, {"clip_scope": "all", "lr_ratios": "blockwise", "refresh_every": 3}, {"tracker": "gd"},
+                {"tracker": "fixed", "refresh_every": 4})  # fmt: skip
+    for kwargs in settings:
         ref, ours = make(), make()
         opt_ref = cls(ref, lr=2e-3, foreach=False, **kwargs)
         opt = cls(ours, lr=2e-3, foreach=True, **kwargs)
-        assert train(ref, opt_ref, data) == train(ours, opt, data)
-        assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), ours.parameters()))
+        # The gd tracker's ten alternating steps amplify round-off (1e-6 per step, tested alone in
+        # tests/policies/test_trackers.py); the others stay at float32 rounding.
+        tol = 2e-3 if kwargs.get("tracker") == "gd" else 1e-5
+        assert train(ref, opt_ref, data) == pytest.approx(train(ours, opt, data), rel=tol / 10)
+        assert _max_rel_diff(ref, ours) < tol, kwargs
+        if "tracker" in kwargs:
+            continue
         for p_ref, p in zip(ref.parameters(), ours.parameters()):
-            assert all(torch.equal(opt_ref.state[p_ref][k], v) for k, v in opt.state[p].items())
+            for key, value in opt.state[p].items():
+                expected = opt_ref.state[p_ref][key]
+                if key == "lowrank_L" and kwargs.get("tracker", "power") != "gd":
+                    # An orthonormal basis is unique up to column signs: compare the projectors.
+                    value, expected = value @ value.mT, expected @ expected.mT
+                torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-6, msg=f"{key} {kwargs}")
 
 
 def test_grouped_full_blocks_reproduce_torch_adamw() -> None:

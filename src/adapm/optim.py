@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from adapm.distributed import ShardInfo, agree_all, local, make_state, shard_info
+from adapm.grouped import Block, elementwise_tails, second_moment_denominators, track_lowrank
 from adapm.partition.layout import ParamLayout, build_layout
 from adapm.partition.presets import ROLES
 from adapm.partition.report import PartitionReport
@@ -29,7 +30,6 @@ from adapm.policies.second_moment import (
 from adapm.policies.trackers import TRACKERS
 from adapm.policies.update import (
     elementwise_update,
-    foreach_elementwise_update,
     fused_elementwise_update,
     fused_scalars,
 )
@@ -208,11 +208,15 @@ class AdaPM(Optimizer):
         rules: user partition rules ``[(regex, policy), ...]`` (``policy`` a momentum name or a dict
             with ``momentum``/``second_moment``/``rank_ratio``), tried before the presets. Fused
             segments are matched as ``name[Q]``, ``name[K]``, ``name[V]``.
-        foreach: step blocks that share their policies together, one ``torch._foreach_*`` op per
-            arithmetic step for all of them (torch.optim's multi-tensor form), instead of one block at a
-            time. ``None`` (default): on accelerators yes, on CPU no (there the per-block path works in
-            cache-sized row chunks, which is faster and allocates no full-size temporaries). Both give
-            the same result (bit-identical on CPU).
+        foreach: the grouped (multi-tensor) step, torch.optim's ``foreach`` form: same-shape low-rank
+            blocks are tracked together with batched matmuls and QR, block second moments are reduced
+            per (shape, block layout) group, and the elementwise tail runs as one ``torch._foreach_*``
+            op per arithmetic step for all blocks that share their policies, so ops per step grow with
+            the number of (policy, shape) groups, not with the number of layers (see
+            :mod:`adapm.grouped`). ``None`` (default): on accelerators yes, on CPU no (there the
+            per-block path works in cache-sized row chunks, which is faster and allocates no full-size
+            temporaries). Both agree to float32 rounding. Sharded (FSDP2) and ``fused`` steps take the
+            per-block path.
         fused: run the elementwise tail of each block (momentum and second-moment EMAs, the update)
             as one ``torch.compile``d kernel instead of eager PyTorch ops: several times faster on
             CPU, equal up to float32 rounding. The first step compiles (seconds; cached on disk
@@ -491,8 +495,7 @@ class AdaPM(Optimizer):
                     )
                 items.append((group, p))
         if items:
-            rejected: list[str] = []
-            grouped: dict[tuple[Any, ...], list[tuple[Tensor, ...]]] = {}
+            rejected: list[Tensor] = []
             kept = self._finite_items(items)
             for _, p in kept:
                 if not self.state[p]:
@@ -503,43 +506,63 @@ class AdaPM(Optimizer):
             if counters:
                 torch._foreach_add_(counters, 1.0)
                 steps = [int(t) for t in torch.stack(counters).tolist()]
+            together = []
             for (group, p), t in zip(kept, steps):
-                if not self._step_param(group, p, t, grouped):
-                    self.state[p]["step"] -= 1
-                    rejected.append(self._layouts[p].name)
-            for key, blocks in grouped.items():
-                kind, beta1, beta2, lr, decay, bc1, bc2s, eps, clip = key
-                targets, grads, seconds, firsts = (list(column) for column in zip(*blocks))
-                foreach_elementwise_update(
-                    targets,
-                    grads,
-                    vs=seconds if kind[1] == "full" else None,
-                    ms=firsts if kind[0] == "full" else None,
-                    denoms=seconds if kind[1] == "block" else None,
-                    beta1=beta1,
-                    beta2=beta2,
-                    lr=lr,
-                    decay=decay,
-                    bias_correction1=bc1,
-                    bias_correction2_sqrt=bc2s,
-                    eps=eps,
-                    update_clip=clip,
-                )
+                if self._grouped(p):
+                    together.append((group, p, t))
+                elif not self._step_param(group, p, t):
+                    rejected.append(p)
+            if together:
+                rejected.extend(self._grouped_step(together))
+            for p in rejected:
+                self.state[p]["step"] -= 1
             if rejected:
+                rejected_names = [self._layouts[p].name for p in rejected]
                 self.skipped_params += len(rejected)
-                self._warn_skipped(rejected, "non-finite low-rank factors")
+                self._warn_skipped(rejected_names, "non-finite low-rank factors")
         return loss
 
-    def _step_param(
-        self, group: dict[str, Any], p: Tensor, t: int, grouped: dict[tuple[Any, ...], list[tuple[Tensor, ...]]]
-    ) -> bool:
-        """Step one parameter; False if it was skipped (its new low-rank factors were not finite).
+    def _grouped(self, p: Tensor) -> bool:
+        """Whether ``p`` takes the grouped step (:mod:`adapm.grouped`): with ``foreach`` (by default off
+        CPU), unless ``fused`` or sharded (those take the per-parameter path)."""
+        if self.fused or self._shard(p).sharded:
+            return False
+        return self.foreach if self.foreach is not None else p.device.type != "cpu"
 
-        The elementwise tail of a whole float32 parameter without low-rank momentum is not run here but
-        added to ``grouped`` under its policies and scalars: :meth:`step` then runs each group with one
-        foreach op per arithmetic step (the multi-tensor form), so ops grow with the number of distinct
-        (policy, scalars) groups rather than with the number of parameters. Low-rank and fused blocks
-        run here: their corrected momentum lives in a workspace buffer that the next block reuses."""
+    def _grouped_step(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> list[Tensor]:
+        """Step ``(group, param, t)`` items with the grouped step; return the parameters it skipped (new
+        low-rank factors not finite: values and state unchanged)."""
+        blocks: list[Block] = []
+        copies: list[tuple[Tensor, Tensor]] = []
+        for group, p, t in items:
+            if p.numel() == 0:
+                continue
+            layout, state = self._layouts[p], self.state[p]
+            grad = cast(Tensor, p.grad)
+            g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
+            target = p if p.dtype == torch.float32 else p.detach().to(torch.float32)
+            if target is not p:
+                copies.append((p, target))
+            for seg in layout.segments:
+                blocks.append(Block(p, group, layout, seg, t, seg.view(target), seg.view(g), state))
+        bad = track_lowrank(
+            [b for b in blocks if b.lowrank],
+            lambda b: self._refresh_generator(b.p, b.seg.slot, b.t, b.group["refresh_every"], b.grad.device),
+        )
+        if bad:
+            blocks = [b for b in blocks if id(b.p) not in bad]
+        elementwise_tails(blocks, second_moment_denominators(blocks))
+        copies = [(p, target) for p, target in copies if id(p) not in bad]
+        if copies:
+            params, targets = zip(*copies)
+            torch._foreach_copy_(list(params), list(targets))
+        return [p for _, p, _ in items if id(p) in bad]
+
+    def _step_param(self, group: dict[str, Any], p: Tensor, t: int) -> bool:
+        """Step one parameter, one block at a time (the single-tensor path, and the reference the grouped
+        step is tested against); False if it was skipped (its new low-rank factors were not finite).
+        Low-rank blocks compute their corrected momentum in a workspace buffer that the next block reuses;
+        on CPU the elementwise tail runs in cache-sized row chunks."""
         layout = self._layouts[p]
         info = self._shard(p)
         state = self.state[p]
@@ -578,12 +601,6 @@ class AdaPM(Optimizer):
                 v_seg, denom = None, self._block_denominator(seg, gs, v, info, beta2, bias_correction2_sqrt, eps)
             bc1 = 1.0 if seg.momentum == "none" else bias_correction1
             target_seg = seg.view(target)
-            grouping = self.foreach if self.foreach is not None else target.device.type != "cpu"
-            if grouping and not (self.fused or layout.fused or seg.momentum == "lowrank" or target is not p_local):
-                key = ((seg.momentum, layout.second_moment), beta1, beta2, lr, decay, bc1, bias_correction2_sqrt,
-                       eps, clip)  # fmt: skip
-                grouped.setdefault(key, []).append((target_seg, gs, v_seg if denom is None else denom, m))
-                continue
             if self.fused and self._fused_tail(
                 target_seg, gs, v_seg, m, numerator, denom,
                 fused_scalars(lr=lr, decay=decay, bias_correction1=bc1, bias_correction2_sqrt=bias_correction2_sqrt,
@@ -724,15 +741,8 @@ class AdaPM(Optimizer):
         info: ShardInfo,
         out: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        period = group["refresh_every"]
-        index = self._index[p]
-        # Golden-ratio offsets spread refreshes evenly over the period whatever the parameter count.
-        offset = int(((index + 1) * _GOLDEN) % 1.0 * period)
-        refresh = t == 1 or (t - offset) % period == 0
-        generator = None
-        if refresh:
-            generator = torch.Generator(device=g.device)
-            generator.manual_seed(index * 1_000_003 + slot * 7_919 + t)
+        generator = self._refresh_generator(p, slot, t, group["refresh_every"], g.device)
+        refresh = generator is not None
         return lowrank_momentum(
             left,
             right,
@@ -746,6 +756,18 @@ class AdaPM(Optimizer):
             reduce=info.reduce if info.sharded else None,
             out=out,
         )
+
+    def _refresh_generator(self, p: Tensor, slot: int, t: int, period: int, device: torch.device) -> Any:
+        """The seeded generator of a refresh (a randomized SVD) of ``p``'s low-rank segment ``slot`` at step
+        ``t``, or None when the factors are tracked this step. Golden-ratio offsets spread the refreshes
+        evenly over the period whatever the parameter count."""
+        index = self._index[p]
+        offset = int(((index + 1) * _GOLDEN) % 1.0 * period)
+        if not (t == 1 or (t - offset) % period == 0):
+            return None
+        generator = torch.Generator(device=device)
+        generator.manual_seed(index * 1_000_003 + slot * 7_919 + t)
+        return generator
 
     # ----------------------------------------------------------------------------- checkpoints
 

@@ -128,3 +128,33 @@ def test_trackers_are_scale_safe(scale: float) -> None:
     q1, r1 = power_track(m, right)
     q2, r2 = power_track(m * two, right * two)
     assert torch.equal(q1, q2) and torch.equal(r1 * two, r2)
+
+
+@pytest.mark.parametrize("tracker", ["power", "gd", "fixed"])
+def test_batched_lowrank_momentum_equals_each_block_alone(tracker: str) -> None:
+    """A stack of same-shape blocks (the grouped step) gets what each block gets alone, to float32
+    rounding, with each block scaled on its own: a tiny, a unit and a huge block side by side."""
+    gen = torch.Generator().manual_seed(0)
+    scales = (1e-30, 1.0, 1e30)
+    grads = torch.stack([torch.randn(40, 30, generator=gen) * s for s in scales])
+    pairs = [randomized_factors(g, 4, torch.Generator().manual_seed(1)) for g in grads]
+    left, right = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    batched = lowrank_momentum(
+        left, right, grads.clone(), 0.9, 5, tracker=tracker, correction="unbiased", refresh=False, generator=None
+    )
+    for i, scale in enumerate(scales):
+        alone = lowrank_momentum(
+            left[i], right[i], grads[i], 0.9, 5, tracker=tracker, correction="unbiased", refresh=False, generator=None
+        )
+        for got, expected in zip(batched, alone):
+            assert torch.isfinite(got[i]).all()
+            torch.testing.assert_close(got[i] / scale, expected / scale, rtol=1e-4, atol=1e-5)
+    # In place: the gradient stack itself becomes the corrected momentum.
+    stack = grads.clone()
+    out = lowrank_momentum(left, right, stack, 0.9, 5, tracker=tracker, correction="unbiased", refresh=False,
+                           generator=None, out=stack)[0]  # fmt: skip
+    assert out.data_ptr() == stack.data_ptr()
+    torch.testing.assert_close(out, batched[0])
+    with pytest.raises(ValueError, match="one matrix, not a batch"):
+        lowrank_momentum(left, right, grads, 0.9, 5, tracker=tracker, correction="unbiased", refresh=True,
+                         generator=torch.Generator())  # fmt: skip

@@ -35,7 +35,12 @@ def lowrank_momentum(
     reduce: Reduce | None = None,
     out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One low-rank momentum step. Returns ``(corrected momentum, L_t, R_t)``; inputs are untouched.
+    """One low-rank momentum step. Returns ``(corrected momentum, L_t, R_t)``; inputs are untouched
+    (except ``out``, which may be ``grad`` itself: the result then overwrites the gradient).
+
+    Batched: ``left (B, m, r)``, ``right (B, r, n)``, ``grad (B, m, n)`` step ``B`` same-shape blocks at
+    once with batched matmuls and QR (``tracker`` ``power``, ``gd`` or ``fixed``; no refresh), each
+    block scaled on its own, so every block gets what it would get alone, to float32 rounding.
 
     Args:
         left, right: the factors ``L_{t-1}``, ``R_{t-1}``.
@@ -53,12 +58,11 @@ def lowrank_momentum(
     if tracker == "fixed" and not refresh:
         return _fixed_basis_momentum(left, right, grad, beta1, correction_coefficient(correction, beta1, step),
                                      reduce, out)  # fmt: skip
-    if out is None:
-        m = torch.addmm(grad, left, right, beta=1.0 - beta1, alpha=beta1)
-    else:
-        m = out.copy_(grad).addmm_(left, right, beta=1.0 - beta1, alpha=beta1)
+    m = _addmm_(_into(out, grad), left, right, beta=1.0 - beta1, alpha=beta1)
     rank = left.shape[-1]
     if refresh:
+        if grad.dim() != 2:
+            raise ValueError("lowrank_momentum: a refresh takes one matrix, not a batch")
         if generator is None:
             raise ValueError("lowrank_momentum: a generator is required when refresh=True")
         if tracker not in TRACKERS:
@@ -74,7 +78,21 @@ def lowrank_momentum(
     if c == 0.0:
         return m, left, right
     # m + c (m - L R) without materializing the residual.
-    return m.addmm_(left, right, beta=1.0 + c, alpha=-c), left, right
+    return _addmm_(m, left, right, beta=1.0 + c, alpha=-c), left, right
+
+
+def _into(out: Tensor | None, grad: Tensor) -> Tensor:
+    """The buffer to compute in: a copy of ``grad`` (in ``out`` if given; ``out`` may be ``grad``)."""
+    if out is None:
+        return grad.clone()
+    return out if out is grad else out.copy_(grad)
+
+
+def _addmm_(x: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float) -> Tensor:
+    """``x <- beta x + alpha a @ b`` in place, for a matrix or a batch of matrices."""
+    if x.dim() == 2:
+        return x.addmm_(a, b, beta=beta, alpha=alpha)
+    return x.baddbmm_(a, b, beta=beta, alpha=alpha)
 
 
 def _fixed_basis_momentum(
@@ -94,6 +112,4 @@ def _fixed_basis_momentum(
     right_t = torch.lerp(right, p, 1.0 - beta1)
     a = (1.0 + c) * (1.0 - beta1)
     coef = torch.add(right_t, p, alpha=-a)
-    if out is None:
-        return torch.addmm(grad, q, coef, beta=a), q, right_t
-    return out.copy_(grad).addmm_(q, coef, beta=a), q, right_t
+    return _addmm_(_into(out, grad), q, coef, beta=a, alpha=1.0), q, right_t

@@ -41,13 +41,16 @@ RSVD_POWER_ITERATIONS = 2
 
 
 def unit_scale(x: Tensor, even: bool = False) -> Tensor:
-    """A power of two ``s`` (0-d tensor, no host sync) with ``max|x| * s`` in ``[0.5, 1)``; 1 for zero.
+    """A power of two ``s`` (no host sync) with ``max|x| * s`` in ``[0.5, 1)``; 1 for zero.
 
-    ``even``: ``s`` is an even power of two, so that ``sqrt(s)`` is exact too."""
-    exponent = torch.frexp(x.detach().abs().amax()).exponent
+    For a matrix ``s`` is a 0-d tensor; for a batch of matrices (``x.dim() > 2``) one per matrix, shaped
+    ``(..., 1, 1)`` to broadcast. ``even``: ``s`` is an even power of two, so that ``sqrt(s)`` is exact too."""
+    magnitude = x.detach().abs()
+    peak = magnitude.amax(dim=(-2, -1), keepdim=True) if x.dim() > 2 else magnitude.amax()
+    exponent = torch.frexp(peak).exponent
     if even:
         exponent = exponent - exponent % 2
-    return torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), -exponent)
+    return torch.ldexp(torch.ones_like(peak), -exponent)
 
 
 def orthonormalize(y: Tensor, reduce: Reduce | None = None) -> Tensor:
@@ -85,8 +88,9 @@ def power_track(m: Tensor, r_prev: Tensor, reduce: Reduce | None = None) -> tupl
 
 
 def _lipschitz(gram: Tensor) -> Tensor:
-    """Largest eigenvalue of a symmetric PSD ``r x r`` Gram matrix, floored away from zero."""
-    return torch.linalg.eigvalsh(gram)[-1].clamp_min(torch.finfo(gram.dtype).tiny)
+    """Largest eigenvalue of a symmetric PSD ``r x r`` Gram matrix (or of each in a batch), floored away
+    from zero, shaped ``(..., 1, 1)`` to broadcast over the matrices."""
+    return torch.linalg.eigvalsh(gram)[..., -1:, None].clamp_min(torch.finfo(gram.dtype).tiny)
 
 
 def gd_track(

@@ -96,6 +96,7 @@ def foreach_elementwise_update(
     vs: list[Tensor] | None,
     ms: list[Tensor] | None,
     denoms: list[Tensor] | None,
+    numerators: list[Tensor] | None = None,
     beta1: float,
     beta2: float,
     lr: float,
@@ -108,13 +109,14 @@ def foreach_elementwise_update(
     """:func:`elementwise_update` for many blocks that share their policies and scalars, with one
     ``torch._foreach_*`` op per arithmetic step instead of one op per block (torch.optim's multi-tensor
     form). The same operations in the same order, so on CPU the result is bit-identical to the
-    per-block form. ``ms``: full momenta to update (else the gradients are the numerators: no momentum);
-    ``vs``: full second moments to update (else ``denoms``, ``sqrt(vhat) + eps`` per block, broadcastable).
+    per-block form. ``ms``: full momenta to update (else ``numerators``, e.g. corrected low-rank momenta,
+    or if those are None too the gradients: no momentum); ``vs``: full second moments to update (else
+    ``denoms``, ``sqrt(vhat) + eps`` per block, broadcastable).
     """
     if ms is not None:
         torch._foreach_lerp_(ms, grads, 1.0 - beta1)
         numerators = ms
-    else:
+    elif numerators is None:
         numerators = grads
     if decay != 1:
         torch._foreach_mul_(targets, decay)

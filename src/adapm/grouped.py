@@ -1,0 +1,268 @@
+"""The grouped (multi-tensor) step: blocks that share their policies, shapes and scalars step together.
+
+torch.optim's ``foreach`` form, carried over to AdaPM's three kinds of work:
+
+* **Low-rank tracking.** Same-shape low-rank blocks (e.g. every layer's query and key, every MLP matrix
+  of one shape) are stacked into one ``(B, m, n)`` buffer; the momentum, the tracker's matmuls and QR,
+  and the residual correction then run as batched ops (``baddbmm``, batched ``linalg.qr``) on the whole
+  stack. Blocks due for a refresh (a randomized SVD, about one block in ``refresh_every`` per step) run
+  alone. Stacks are cut at ``GROUP_ELEMENTS`` entries (at parameter boundaries), which bounds the
+  transient memory; the new factors of each stack are checked for inf/NaN with one host sync per stack.
+* **Block second moments** (AdaPM-mini). Same-shape blocks with the same block layout get their block
+  means of ``g^2`` from one reduction over their stacked gradients (the low-rank stacks are reused).
+* **The elementwise tail** (momentum EMA, second-moment EMA, the update) runs as one ``torch._foreach_*``
+  op per arithmetic step for all blocks that share their policies and scalars.
+
+So ops per step grow with the number of distinct (policy, shape) groups, not with the number of
+parameters or layers. :meth:`adapm.AdaPM._step_param` is the single-tensor reference this path is tested
+against (equal to float32 rounding: batched and single matmuls may round differently).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adapm.partition.layout import ParamLayout, Segment
+from adapm.policies.momentum import lowrank_momentum
+from adapm.policies.second_moment import _block_shape, _sum_of_squares
+from adapm.policies.update import foreach_elementwise_update
+
+GROUP_ELEMENTS = 1 << 25
+"""Most entries stacked into one batched buffer (128 MB of float32); a larger group is stepped in several
+stacks. A single block larger than this is stepped alone."""
+
+
+@dataclass
+class Block:
+    """One segment of one parameter, stepped this time."""
+
+    p: Tensor
+    group: dict[str, Any]
+    layout: ParamLayout
+    seg: Segment
+    t: int
+    target: Tensor
+    """The float32 values to update (a view of the parameter, or of its float32 working copy)."""
+    grad: Tensor
+    """The float32 gradient of this segment."""
+    state: dict[str, Any]
+    numerator: Tensor | None = None
+    """The corrected low-rank momentum, once tracked."""
+    sq_mean: Tensor | None = None
+    """This block's per-block means of ``g^2`` (AdaPM-mini), once reduced."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lowrank(self) -> bool:
+        return self.seg.momentum == "lowrank"
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        left, right = self.state["lowrank_L"], self.state["lowrank_R"]
+        if self.layout.fused:
+            return left[self.seg.slot], right[self.seg.slot]
+        return left, right
+
+    def second_moment(self) -> Tensor:
+        """This segment's second-moment state: a view of the parameter-shaped ``v`` or its block values."""
+        v = self.state["exp_avg_sq"]
+        if self.layout.second_moment == "full":
+            return self.seg.view(v)
+        return v.narrow(0, self.seg.block_offset, self.seg.n_blocks)
+
+
+RefreshFn = Callable[[Block], "torch.Generator | None"]
+
+
+def stacks(blocks: Sequence[Block], limit: int = GROUP_ELEMENTS) -> list[list[Block]]:
+    """Cut a group into stacks of at most ``limit`` entries, never between two segments of one parameter
+    (a parameter is stepped or skipped as a whole)."""
+    per_param: dict[int, int] = {}
+    for block in blocks:
+        per_param[id(block.p)] = per_param.get(id(block.p), 0) + block.grad.numel()
+    out: list[list[Block]] = []
+    current: list[Block] = []
+    size = 0
+    for i, block in enumerate(blocks):
+        starts = i == 0 or blocks[i - 1].p is not block.p
+        if starts and current and size + per_param[id(block.p)] > limit:  # all of the parameter must fit
+            out.append(current)
+            current, size = [], 0
+        current.append(block)
+        size += block.grad.numel()
+    if current:
+        out.append(current)
+    return out
+
+
+def stacked(tensors: Sequence[Tensor]) -> Tensor:
+    """The tensors as one ``(B, ...)`` tensor: a view for a single one, else one copy."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
+
+
+def block_sq_means(g: Tensor, block: tuple[int | None, int]) -> Tensor:
+    """Per-block means of ``g^2`` for a stack ``g (B, *shape)`` of same-shape gradients: ``(B, n_blocks)``."""
+    batch, shape = g.shape[0], tuple(g.shape[1:])
+    pre, n_blocks, post = _block_shape(shape, *block)
+    if pre == 1:  # blocks of whole trailing dimensions: one reduction pass, no temporary
+        return _sum_of_squares(g.reshape(batch, n_blocks, post), 2).div_(post)
+    return g.square().reshape(batch, pre, n_blocks, post).mean(dim=(1, 3))
+
+
+def block_denominators(
+    sq_mean: Tensor, vs: list[Tensor], shape: tuple[int, ...], block: tuple[int | None, int],
+    beta2: float, bc2_sqrt: float, eps: float,
+) -> list[Tensor]:  # fmt: skip
+    """Update a stack's block second moments ``vs`` (each ``(n_blocks,)``) with ``sq_mean (B, n_blocks)``;
+    return each block's ``sqrt(vhat) + eps`` shaped to broadcast over its segment."""
+    v = stacked(vs)
+    v.mul_(beta2).add_(sq_mean, alpha=1.0 - beta2)
+    if len(vs) > 1:
+        torch._foreach_copy_(vs, list(v.unbind(0)))
+    values = (v.sqrt() / bc2_sqrt).add_(eps)
+    dim, size = block
+    ndim = len(shape)
+    if dim is None:
+        return list(values.view(len(vs), *([1] * ndim)).unbind(0))
+    per_index = values if size == 1 else values.repeat_interleave(size, dim=1)
+    view = [1] * ndim
+    view[dim] = shape[dim]
+    return list(per_index.view(len(vs), *view).unbind(0))
+
+
+def track_lowrank(blocks: list[Block], refresh: RefreshFn) -> set[int]:
+    """Track every low-rank block: fill in each one's corrected momentum (and, for block second moments,
+    its ``g^2`` block means) and write its new factors. Returns the ids of the parameters whose new
+    factors were not finite (their factors are left unchanged)."""
+    singles: list[Block] = []
+    groups: dict[tuple[Any, ...], list[Block]] = {}
+    for b in blocks:
+        generator = refresh(b)
+        if generator is not None:
+            b.extra["generator"] = generator
+            singles.append(b)
+            continue
+        g = b.group
+        key = (b.seg.shape, b.seg.rank, g["tracker"], g["correction"], g["betas"][0], b.t,
+               b.layout.second_moment, b.seg.block)  # fmt: skip
+        groups.setdefault(key, []).append(b)
+    rejected: set[int] = set()
+    for members in groups.values():
+        for chunk in stacks(members):
+            rejected |= _track_stack(chunk)
+    for b in singles:
+        rejected |= _track_single(b)
+    return rejected
+
+
+def _track_stack(chunk: list[Block]) -> set[int]:
+    first = chunk[0]
+    group = first.group
+    g = torch.stack([b.grad for b in chunk])
+    if first.layout.second_moment == "block":
+        sq = block_sq_means(g, first.seg.block)
+        for b, row in zip(chunk, sq.unbind(0)):
+            b.sq_mean = row
+    lefts, rights = zip(*(b.factors() for b in chunk))
+    momentum, new_left, new_right = lowrank_momentum(
+        torch.stack(lefts), torch.stack(rights), g, group["betas"][0], first.t,
+        tracker=group["tracker"], correction=group["correction"], refresh=False, generator=None, out=g,
+    )  # fmt: skip
+    finite = torch.isfinite(new_left).flatten(1).all(1) & torch.isfinite(new_right).flatten(1).all(1)
+    flags = finite.tolist()  # one host sync per stack
+    bad = {id(b.p) for b, flag in zip(chunk, flags) if not flag}
+    keep = [i for i, b in enumerate(chunk) if id(b.p) not in bad]
+    if keep:
+        if group["tracker"] != "fixed":  # the fixed tracker keeps its basis L between refreshes
+            _copy_rows([lefts[i] for i in keep], new_left, keep, len(chunk))
+        _copy_rows([rights[i] for i in keep], new_right, keep, len(chunk))
+    for b, m in zip(chunk, momentum.unbind(0)):
+        b.numerator = m
+    return bad
+
+
+def _copy_rows(dest: list[Tensor], source: Tensor, rows: list[int], batch: int) -> None:
+    """``dest[k] <- source[rows[k]]`` in one op."""
+    parts = source.unbind(0)
+    torch._foreach_copy_(dest, [parts[i] for i in rows] if len(rows) < batch else list(parts))
+
+
+def _track_single(b: Block) -> set[int]:
+    """A block due for a refresh: the single-matrix path."""
+    group = b.group
+    if b.layout.second_moment == "block":
+        b.sq_mean = block_sq_means(b.grad.unsqueeze(0), b.seg.block)[0]
+    left, right = b.factors()
+    momentum, new_left, new_right = lowrank_momentum(
+        left, right, b.grad, group["betas"][0], b.t, tracker=group["tracker"], correction=group["correction"],
+        refresh=True, generator=b.extra.pop("generator"),
+    )  # fmt: skip
+    if not bool(torch.isfinite(new_left).all() & torch.isfinite(new_right).all()):
+        return {id(b.p)}
+    left.copy_(new_left)
+    right.copy_(new_right)
+    b.numerator = momentum
+    return set()
+
+
+def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:
+    """Update the block second moments of every ``block``-policy segment, grouped by shape and layout;
+    return ``id(block) -> sqrt(vhat) + eps`` (broadcastable over the segment)."""
+    groups: dict[tuple[Any, ...], list[Block]] = {}
+    for b in blocks:
+        if b.layout.second_moment == "block":
+            key = (b.seg.shape, b.seg.block, b.group["betas"][1], b.group["eps"], b.t, b.sq_mean is None)
+            groups.setdefault(key, []).append(b)
+    out: dict[int, Tensor] = {}
+    for (shape, block, beta2, eps, t, fresh), members in groups.items():
+        bc2_sqrt = math.sqrt(1 - beta2**t)
+        for chunk in stacks(members):
+            if fresh:
+                sq = block_sq_means(stacked([b.grad for b in chunk]), block)
+            else:
+                sq = stacked([b.sq_mean for b in chunk if b.sq_mean is not None])
+            vs = [b.second_moment() for b in chunk]
+            for b, denom in zip(chunk, block_denominators(sq, vs, shape, block, beta2, bc2_sqrt, eps)):
+                out[id(b)] = denom
+    return out
+
+
+def elementwise_tails(blocks: list[Block], denominators: dict[int, Tensor]) -> None:
+    """The elementwise tail of every block, one foreach op per arithmetic step per (policies, scalars)."""
+    groups: dict[tuple[Any, ...], list[tuple[Tensor, ...]]] = {}
+    for b in blocks:
+        group, seg = b.group, b.seg
+        beta1, beta2 = group["betas"]
+        lr = group["lr"] * seg.lr_ratio if seg.lr_ratio != 1.0 else group["lr"]
+        every_block = group["clip_scope"] == "all"
+        clip = seg.clip if seg.clip_set else (group["update_clip"] if every_block or b.lowrank else None)
+        bc1 = 1.0 if seg.momentum == "none" else 1 - beta1**b.t
+        full = b.layout.second_moment == "full"
+        key = (seg.momentum, full, beta1, beta2, lr, 1 - lr * group["weight_decay"], bc1,
+               math.sqrt(1 - beta2**b.t), group["eps"], clip)  # fmt: skip
+        if seg.momentum == "full":
+            m = b.state["exp_avg"]
+            source = m[seg.slot] if b.layout.fused else m
+        elif b.lowrank:
+            source = b.numerator
+        else:
+            source = b.grad
+        second = b.second_moment() if full else denominators[id(b)]
+        groups.setdefault(key, []).append((b.target, b.grad, source, second))
+    for key, rows in groups.items():
+        momentum, full, beta1, beta2, lr, decay, bc1, bc2s, eps, clip = key
+        targets, grads, sources, seconds = (list(column) for column in zip(*rows))
+        foreach_elementwise_update(
+            targets, grads,
+            vs=seconds if full else None,
+            ms=sources if momentum == "full" else None,
+            numerators=sources if momentum == "lowrank" else None,
+            denoms=None if full else seconds,
+            beta1=beta1, beta2=beta2, lr=lr, decay=decay, bias_correction1=bc1, bias_correction2_sqrt=bc2s,
+            eps=eps, update_clip=clip,
+        )  # fmt: skip

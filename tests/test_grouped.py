@@ -1,0 +1,136 @@
+"""The grouped (multi-tensor) step: stacking, block second moments, skips, dtypes, ops per step."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import adapm
+from adapm.grouped import block_sq_means, stacks
+from adapm.policies.second_moment import block_second_moment
+
+from conftest import batches, tiny_gpt2, tiny_llama, train
+
+
+def test_stacks_respect_the_budget_and_never_split_a_parameter() -> None:
+    model = tiny_gpt2(n_layer=3)
+    opt = adapm.AdaPM(model, lr=1e-3, foreach=True)
+    train(model, opt, batches(96, 1))
+    from adapm.grouped import Block
+
+    blocks = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            layout = opt.layout(p)
+            for seg in layout.segments:
+                if seg.momentum == "lowrank":
+                    g = seg.view(torch.zeros(p.shape))
+                    blocks.append(Block(p, group, layout, seg, 1, g, g, opt.state[p]))
+    q_and_k = [b for b in blocks if b.seg.shape == (32, 32)]
+    assert len(q_and_k) == 6  # query and key segments of three fused c_attn weights
+    per_block = q_and_k[0].grad.numel()
+    assert [len(s) for s in stacks(q_and_k, limit=10**9)] == [6]
+    # A budget of three blocks would cut a layer's query from its key: the cut moves to the layer boundary.
+    cut = stacks(q_and_k, limit=3 * per_block)
+    assert [len(s) for s in cut] == [2, 2, 2]
+    assert all(s[0].p is s[1].p for s in cut)
+    assert [len(s) for s in stacks(q_and_k, limit=1)] == [2, 2, 2]  # a parameter larger than the budget
+
+
+@pytest.mark.parametrize("block", [(0, 1), (1, 1), (1, 8), (0, 4), (None, 1)])
+def test_stacked_block_means_equal_each_block_alone(block: tuple[int | None, int]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    grads = torch.randn(3, 16, 32, generator=gen)
+    means = block_sq_means(grads, block)
+    for i in range(3):
+        v = torch.zeros(means.shape[1])
+        torch.testing.assert_close(block_second_moment(v, grads[i], 0.0, *block), means[i])
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_non_finite_factors_skip_the_parameter_on_both_paths(foreach: bool) -> None:
+    """Factors that turn non-finite (here: a corrupted checkpoint's NaN factors) skip their parameter,
+    value and state unchanged, and name it; the other parameters step."""
+    model = tiny_gpt2()
+    opt = adapm.AdaPM(model, lr=1e-3, foreach=foreach, refresh_every=1000)
+    data = batches(96, 3)
+    train(model, opt, data[:1])
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    opt.state[weight]["lowrank_R"].fill_(float("nan"))
+    before = weight.detach().clone()
+    other = model.transformer.h[1].mlp.c_fc.weight.detach().clone()
+    state = {k: v.clone() for k, v in opt.state[weight].items()}
+    with pytest.warns(RuntimeWarning, match=r"non-finite low-rank factors.*h\.0\.mlp\.c_fc\.weight"):
+        train(model, opt, data[1:2])
+    assert opt.skipped_params == 1
+    assert torch.equal(weight, before)
+    for key, value in opt.state[weight].items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    assert not torch.equal(model.transformer.h[1].mlp.c_fc.weight, other)
+
+
+@pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
+def test_bf16_parameters_keep_float32_state_on_the_grouped_step(cls: type[adapm.AdaPM]) -> None:
+    data = batches(96, 4)
+    ref, ours = tiny_llama().to(torch.bfloat16), tiny_llama().to(torch.bfloat16)
+    train(ref, cls(ref, lr=2e-3, foreach=False), data)
+    opt = cls(ours, lr=2e-3, foreach=True)
+    train(ours, opt, data)
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+    assert {v.dtype for s in opt.state.values() for v in s.values()} == {torch.float32}
+
+
+def _kernel_ops(opt: adapm.AdaPM) -> int:
+    """Top-level aten ops of one step that launch work, counted as ``benchmarks/op_count.py`` counts them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from op_count import kernel_ops, top_level_ops
+    finally:
+        sys.path.pop(0)
+    return kernel_ops(top_level_ops(opt.step)[1])
+
+
+@pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
+def test_grouped_step_ops_do_not_grow_with_depth(cls: type[adapm.AdaPM]) -> None:
+    """Ops per step grow with the number of (policy, shape) groups, not with layers: 2 and 8 layers of
+    one width dispatch nearly the same number of kernels (refreshes are pushed out of the window)."""
+    counts = []
+    for layers, foreach in ((2, True), (8, True), (8, False)):
+        model = tiny_gpt2(n_layer=layers)
+        opt = cls(model, lr=1e-3, foreach=foreach, refresh_every=1000)
+        gen = torch.Generator().manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(3):
+                for p in model.parameters():
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt.step()
+        counts.append(_kernel_ops(opt))
+    assert counts[1] <= counts[0] * 1.1, counts
+    assert counts[1] * 5 < counts[2], counts  # the per-block path: ops per parameter
+
+
+def test_a_plain_linear_stack_groups_by_shape() -> None:
+    layers = nn.Sequential(*[nn.Linear(24, 24) for _ in range(4)])
+    groups = [{"params": [layer.weight for layer in layers], "momentum": "lowrank"},
+              {"params": [layer.bias for layer in layers]}]  # fmt: skip
+    ref = nn.Sequential(*[nn.Linear(24, 24) for _ in range(4)])
+    ref.load_state_dict(layers.state_dict())
+    ref_groups = [{"params": [layer.weight for layer in ref], "momentum": "lowrank"},
+                  {"params": [layer.bias for layer in ref]}]  # fmt: skip
+    opt, opt_ref = adapm.AdaPM(groups, lr=1e-2, foreach=True), adapm.AdaPM(ref_groups, lr=1e-2, foreach=False)
+    x = torch.randn(8, 24, generator=torch.Generator().manual_seed(0))
+    for _ in range(5):
+        for model, o in ((layers, opt), (ref, opt_ref)):
+            model(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(layers.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
