@@ -5,7 +5,8 @@
 >>> print(opt.partition_report())
 """
 
-from adapm.optim import BLOCKWISE_LR_RATIOS, CLIP_SCOPES, AdaPM, AdaPMMini, resolve_lr_ratios, state_bytes
+from adapm.config import BLOCKWISE_LR_RATIOS, CLIP_SCOPES, AdaPMConfig, resolve_lr_ratios
+from adapm.optim import AdaPM, AdaPMMini, state_bytes
 from adapm.partition import PartitionReport, Rule, partition
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __all__ = [
     "BLOCKWISE_LR_RATIOS",
     "CLIP_SCOPES",
     "AdaPM",
+    "AdaPMConfig",
     "AdaPMMini",
     "PartitionReport",
     "Rule",

@@ -82,8 +82,10 @@ def shard_info(p: Tensor, name: str) -> ShardInfo:
     return ShardInfo(offset[0] if offset else 0, rows, shape, p.device_mesh.get_group(), p.device_mesh)
 
 
-def make_state(like: Tensor, shape: tuple[int, ...], row_dim: int | None, info: ShardInfo) -> Tensor:
-    """A zero float32 state tensor of global ``shape``.
+def make_state(
+    like: Tensor, shape: tuple[int, ...], row_dim: int | None, info: ShardInfo, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """A zero state tensor of global ``shape`` (float32 unless the policy declares another ``dtype``).
 
     For a sharded parameter, state whose dimension ``row_dim`` runs over the parameter's rows is
     allocated locally (this rank's rows only) and wrapped as a DTensor sharded on ``row_dim`` like the
@@ -92,10 +94,10 @@ def make_state(like: Tensor, shape: tuple[int, ...], row_dim: int | None, info: 
     """
     device = local(like).device
     if not info.sharded or row_dim is None:
-        return torch.zeros(shape, dtype=torch.float32, device=device)
+        return torch.zeros(shape, dtype=dtype, device=device)
     local_shape = list(shape)
     local_shape[row_dim] = info.rows
-    data = torch.zeros(local_shape, dtype=torch.float32, device=device)
+    data = torch.zeros(local_shape, dtype=dtype, device=device)
     stride = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
     return DTensor.from_local(
         data, info.mesh, [_Shard(row_dim)], run_check=False, shape=torch.Size(shape), stride=tuple(stride)

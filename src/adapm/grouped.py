@@ -31,10 +31,11 @@ from torch import Tensor
 from adapm.partition.layout import ParamLayout, Segment
 from adapm.policies.momentum import lowrank_momentum
 from adapm.policies.second_moment import _block_shape, _sum_of_squares
+from adapm.policies.trackers import TRACKER
 from adapm.policies.update import foreach_elementwise_update
 
-GROUP_ELEMENTS = 1 << 25
-"""Most entries stacked into one batched buffer (128 MB of float32); a larger group is stepped in several
+GROUP_ELEMENTS = 1 << 27
+"""Most entries stacked into one batched buffer (512 MB of float32); a larger group is stepped in several
 stacks. A single block larger than this is stepped alone."""
 
 
@@ -60,7 +61,8 @@ class Block:
 
     @property
     def lowrank(self) -> bool:
-        return self.seg.momentum == "lowrank"
+        """Whether the momentum is computed before the tail (low-rank tracking)."""
+        return self.seg.policy.source == "given"
 
     def factors(self) -> tuple[Tensor, Tensor]:
         left, right = self.state["lowrank_L"], self.state["lowrank_R"]
@@ -71,7 +73,7 @@ class Block:
     def second_moment(self) -> Tensor:
         """This segment's second-moment state: a view of the parameter-shaped ``v`` or its block values."""
         v = self.state["exp_avg_sq"]
-        if self.layout.second_moment == "full":
+        if self.layout.second_policy.elementwise:
             return self.seg.view(v)
         return v.narrow(0, self.seg.block_offset, self.seg.n_blocks)
 
@@ -79,9 +81,10 @@ class Block:
 RefreshFn = Callable[[Block], "torch.Generator | None"]
 
 
-def stacks(blocks: Sequence[Block], limit: int = GROUP_ELEMENTS) -> list[list[Block]]:
-    """Cut a group into stacks of at most ``limit`` entries, never between two segments of one parameter
-    (a parameter is stepped or skipped as a whole)."""
+def stacks(blocks: Sequence[Block], limit: int | None = None) -> list[list[Block]]:
+    """Cut a group into stacks of at most ``limit`` entries (default :data:`GROUP_ELEMENTS`), never
+    between two segments of one parameter (a parameter is stepped or skipped as a whole)."""
+    limit = GROUP_ELEMENTS if limit is None else limit
     per_param: dict[int, int] = {}
     for block in blocks:
         per_param[id(block.p)] = per_param.get(id(block.p), 0) + block.grad.numel()
@@ -164,7 +167,7 @@ def _track_stack(chunk: list[Block]) -> set[int]:
     first = chunk[0]
     group = first.group
     g = torch.stack([b.grad for b in chunk])
-    if first.layout.second_moment == "block":
+    if not first.layout.second_policy.elementwise:
         sq = block_sq_means(g, first.seg.block)
         for b, row in zip(chunk, sq.unbind(0)):
             b.sq_mean = row
@@ -178,7 +181,7 @@ def _track_stack(chunk: list[Block]) -> set[int]:
     bad = {id(b.p) for b, flag in zip(chunk, flags) if not flag}
     keep = [i for i, b in enumerate(chunk) if id(b.p) not in bad]
     if keep:
-        if group["tracker"] != "fixed":  # the fixed tracker keeps its basis L between refreshes
+        if not TRACKER[group["tracker"]].keeps_basis:  # e.g. the fixed tracker: L kept between refreshes
             _copy_rows([lefts[i] for i in keep], new_left, keep, len(chunk))
         _copy_rows([rights[i] for i in keep], new_right, keep, len(chunk))
     for b, m in zip(chunk, momentum.unbind(0)):
@@ -195,7 +198,7 @@ def _copy_rows(dest: list[Tensor], source: Tensor, rows: list[int], batch: int) 
 def _track_single(b: Block) -> set[int]:
     """A block due for a refresh: the single-matrix path."""
     group = b.group
-    if b.layout.second_moment == "block":
+    if not b.layout.second_policy.elementwise:
         b.sq_mean = block_sq_means(b.grad.unsqueeze(0), b.seg.block)[0]
     left, right = b.factors()
     momentum, new_left, new_right = lowrank_momentum(
@@ -215,7 +218,7 @@ def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:
     return ``id(block) -> sqrt(vhat) + eps`` (broadcastable over the segment)."""
     groups: dict[tuple[Any, ...], list[Block]] = {}
     for b in blocks:
-        if b.layout.second_moment == "block":
+        if not b.layout.second_policy.elementwise:
             key = (b.seg.shape, b.seg.block, b.group["betas"][1], b.group["eps"], b.t, b.sq_mean is None)
             groups.setdefault(key, []).append(b)
     out: dict[int, Tensor] = {}
@@ -240,28 +243,29 @@ def elementwise_tails(blocks: list[Block], denominators: dict[int, Tensor]) -> N
         beta1, beta2 = group["betas"]
         lr = group["lr"] * seg.lr_ratio if seg.lr_ratio != 1.0 else group["lr"]
         every_block = group["clip_scope"] == "all"
-        clip = seg.clip if seg.clip_set else (group["update_clip"] if every_block or b.lowrank else None)
-        bc1 = 1.0 if seg.momentum == "none" else 1 - beta1**b.t
-        full = b.layout.second_moment == "full"
-        key = (seg.momentum, full, beta1, beta2, lr, 1 - lr * group["weight_decay"], bc1,
+        policy = seg.policy
+        clip = seg.clip if seg.clip_set else (group["update_clip"] if every_block or policy.in_clip_scope else None)
+        bc1 = 1 - beta1**b.t if policy.bias_correction else 1.0
+        full = b.layout.second_policy.elementwise
+        key = (policy.source, full, beta1, beta2, lr, 1 - lr * group["weight_decay"], bc1,
                math.sqrt(1 - beta2**b.t), group["eps"], clip)  # fmt: skip
-        if seg.momentum == "full":
+        if policy.source == "ema":
             m = b.state["exp_avg"]
             source = m[seg.slot] if b.layout.fused else m
-        elif b.lowrank:
+        elif policy.source == "given":
             source = b.numerator
         else:
             source = b.grad
         second = b.second_moment() if full else denominators[id(b)]
         groups.setdefault(key, []).append((b.target, b.grad, source, second))
     for key, rows in groups.items():
-        momentum, full, beta1, beta2, lr, decay, bc1, bc2s, eps, clip = key
+        source, full, beta1, beta2, lr, decay, bc1, bc2s, eps, clip = key
         targets, grads, sources, seconds = (list(column) for column in zip(*rows))
         foreach_elementwise_update(
             targets, grads,
             vs=seconds if full else None,
-            ms=sources if momentum == "full" else None,
-            numerators=sources if momentum == "lowrank" else None,
+            ms=sources if source == "ema" else None,
+            numerators=sources if source == "given" else None,
             denoms=None if full else seconds,
             beta1=beta1, beta2=beta2, lr=lr, decay=decay, bias_correction1=bc1, bias_correction2_sqrt=bc2s,
             eps=eps, update_clip=clip,

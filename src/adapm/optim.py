@@ -11,30 +11,35 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from adapm.config import BLOCKWISE_LR_RATIOS, CLIP_SCOPES, AdaPMConfig, check_hyperparameters, resolve_lr_ratios
 from adapm.distributed import ShardInfo, agree_all, local, make_state, shard_info
 from adapm.grouped import Block, elementwise_tails, second_moment_denominators, track_lowrank
 from adapm.partition.layout import ParamLayout, build_layout
-from adapm.partition.presets import ROLES
 from adapm.partition.report import PartitionReport
 from adapm.partition.rules import partition
-from adapm.policies.correction import CORRECTIONS
-from adapm.policies.momentum import MOMENTUM_POLICIES, lowrank_momentum
+from adapm.policies.momentum import lowrank_momentum
 from adapm.policies.second_moment import (
-    SECOND_MOMENT_POLICIES,
     block_entries,
     block_second_moment,
     broadcast_blocks,
     local_block_sums,
     needs_square_buffer,
 )
-from adapm.policies.trackers import TRACKERS
 from adapm.policies.update import (
     elementwise_update,
     fused_elementwise_update,
     fused_scalars,
 )
 
-__all__ = ["BLOCKWISE_LR_RATIOS", "CLIP_SCOPES", "AdaPM", "AdaPMMini", "resolve_lr_ratios", "state_bytes"]
+__all__ = [
+    "BLOCKWISE_LR_RATIOS",
+    "CLIP_SCOPES",
+    "AdaPM",
+    "AdaPMConfig",
+    "AdaPMMini",
+    "resolve_lr_ratios",
+    "state_bytes",
+]
 
 STATE_KEYS = ("step", "exp_avg_sq", "exp_avg", "lowrank_L", "lowrank_R")
 
@@ -69,61 +74,10 @@ _SCHEDULER_KEYS = frozenset({"initial_lr", "base_lr", "max_lr", "min_lr", "base_
 # Keys whose value must agree between a loaded state dict and this optimizer.
 _POLICY_GROUP_KEYS = ("momentum", "second_moment", "split_dim")
 
-CLIP_SCOPES = ("lowrank", "all")
-"""Which blocks ``update_clip`` applies to: the low-rank ones (the paper's Algorithm 1) or every block."""
-
 _GOLDEN = 0.6180339887498949
 # sqrt(float32 max) / 2: a gradient of larger norm would overflow g^2 (or its block sums) in float32.
 _MAX_GRAD_NORM = 2.0**63
 _CHUNK_ELEMENTS = 1 << 16
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _check_hyperparameters(values: Mapping[str, Any], where: str) -> None:
-    """torch-style checks of the scalar hyperparameters; ``where`` locates the culprit."""
-    lr = values["lr"]
-    if isinstance(lr, Tensor) or not _is_number(lr):
-        raise TypeError(f"lr{where} must be a float, got {type(lr).__name__}")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate{where}: {lr}")
-    betas = values["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) for b in betas)):
-        raise TypeError(f"betas{where} must be a pair of floats, got {betas!r}")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}{where}: {beta}")
-    if not _is_number(values["eps"]) or not 0.0 <= values["eps"]:
-        raise ValueError(f"Invalid epsilon value{where}: {values['eps']}")
-    if not _is_number(values["weight_decay"]) or not 0.0 <= values["weight_decay"]:
-        raise ValueError(f"Invalid weight_decay value{where}: {values['weight_decay']}")
-    ratio = values["rank_ratio"]
-    if not _is_number(ratio) or not 0.0 < ratio <= 1.0:
-        raise ValueError(f"Invalid rank_ratio{where}: {ratio!r}; expected a number in (0, 1]")
-    if values["momentum"] not in (*MOMENTUM_POLICIES, "mixed"):
-        raise ValueError(f"Invalid momentum policy{where}: {values['momentum']!r}; expected one of {MOMENTUM_POLICIES}")
-    if values["second_moment"] not in SECOND_MOMENT_POLICIES:
-        raise ValueError(
-            f"Invalid second_moment policy{where}: {values['second_moment']!r}; "
-            f"expected one of {SECOND_MOMENT_POLICIES}"
-        )
-    if values["tracker"] not in TRACKERS:
-        raise ValueError(f"Invalid tracker{where}: {values['tracker']!r}; expected one of {TRACKERS}")
-    if values["correction"] not in CORRECTIONS:
-        raise ValueError(f"Invalid correction{where}: {values['correction']!r}; expected one of {CORRECTIONS}")
-    refresh = values["refresh_every"]
-    if not isinstance(refresh, int) or isinstance(refresh, bool) or refresh < 1:
-        raise ValueError(f"Invalid refresh_every{where}: {refresh!r}; expected an integer >= 1")
-    clip = values["update_clip"]
-    if clip is not None and (not _is_number(clip) or not clip > 0.0):
-        raise ValueError(f"Invalid update_clip{where}: {clip!r}; expected a positive float or None")
-    if values["clip_scope"] not in CLIP_SCOPES:
-        raise ValueError(f"Invalid clip_scope{where}: {values['clip_scope']!r}; expected one of {CLIP_SCOPES}")
-    ratio = values.get("lr_ratio", 1.0)
-    if not _is_number(ratio) or not 0.0 < ratio < math.inf:
-        raise ValueError(f"Invalid lr_ratio{where}: {ratio!r}; expected a positive number")
 
 
 def _rows(x: Tensor | None, r0: int, r1: int, rows: int) -> Tensor | None:
@@ -242,43 +196,41 @@ class AdaPM(Optimizer):
         params: nn.Module | Iterable[Any],
         lr: float,
         *,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        weight_decay: float = 0.1,
-        second_moment: str | None = None,
-        rank_ratio: float = 0.05,
-        tracker: str = "power",
-        refresh_every: int = 100,
-        correction: str = "unbiased",
-        update_clip: float | None = 1.0,
-        clip_scope: str = "lowrank",
-        lr_ratios: str | Mapping[str, float] | None = None,
+        betas: tuple[float, float] = AdaPMConfig.betas,
+        eps: float = AdaPMConfig.eps,
+        weight_decay: float = AdaPMConfig.weight_decay,
+        second_moment: str | None = AdaPMConfig.second_moment,
+        rank_ratio: float = AdaPMConfig.rank_ratio,
+        tracker: str = AdaPMConfig.tracker,
+        refresh_every: int = AdaPMConfig.refresh_every,
+        correction: str = AdaPMConfig.correction,
+        update_clip: float | None = AdaPMConfig.update_clip,
+        clip_scope: str = AdaPMConfig.clip_scope,
+        lr_ratios: str | Mapping[str, float] | None = AdaPMConfig.lr_ratios,
         rules: Iterable[Any] | None = None,
-        fused: bool = False,
-        foreach: bool | None = None,
+        fused: bool = AdaPMConfig.fused,
+        foreach: bool | None = AdaPMConfig.foreach,
     ) -> None:
-        if not isinstance(fused, bool):
-            raise TypeError(f"Invalid fused: {fused!r}; expected True or False")
-        if foreach is not None and not isinstance(foreach, bool):
-            raise TypeError(f"Invalid foreach: {foreach!r}; expected True, False or None")
-        if second_moment is None:
-            second_moment = self._default_second_moment
-        defaults: dict[str, Any] = dict(
-            lr=lr,
+        config = AdaPMConfig(
             betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
             eps=eps,
             weight_decay=weight_decay,
-            momentum="full",
-            second_moment=second_moment,
+            second_moment=self._default_second_moment if second_moment is None else second_moment,
             rank_ratio=rank_ratio,
-            block="auto",
             tracker=tracker,
             refresh_every=refresh_every,
             correction=correction,
             update_clip=update_clip,
             clip_scope=clip_scope,
+            lr_ratios=lr_ratios,
+            fused=fused,
+            foreach=foreach,
         )
-        _check_hyperparameters(defaults, "")
+        defaults: dict[str, Any] = dict(lr=lr, momentum="full", block="auto",
+                                        **config.group_defaults(cast(str, config.second_moment)))  # fmt: skip
+        check_hyperparameters(defaults, "")
+        self.config = config
+        """The validated hyperparameters this optimizer was built with (param groups may override them)."""
         ratios = resolve_lr_ratios(lr_ratios)
         self._layouts: dict[Tensor, ParamLayout] = {}
         self._index: dict[Tensor, int] = {}
@@ -289,7 +241,7 @@ class AdaPM(Optimizer):
         self.skipped_params = 0
         """Parameters the last ``step()`` skipped (non-finite or overflowing gradients, or factors)."""
 
-        groups = self._make_groups(params, rules, second_moment, rank_ratio, weight_decay, ratios)
+        groups = self._make_groups(params, rules, cast(str, config.second_moment), rank_ratio, weight_decay, ratios)
         super().__init__(groups, defaults)
 
     @staticmethod
@@ -344,7 +296,7 @@ class AdaPM(Optimizer):
         group = self.param_groups[-1]
         if isinstance(group["betas"], list):
             group["betas"] = tuple(group["betas"])
-        _check_hyperparameters(group, f" in param group {index}")
+        check_hyperparameters(group, f" in param group {index}")
         names = group.get("names")
         if names is not None and (not isinstance(names, list) or len(names) != len(group["params"])):
             raise ValueError(f"param group {index}: 'names' must be a list with one name per parameter")
@@ -415,12 +367,11 @@ class AdaPM(Optimizer):
 
     def _init_state(self, p: Tensor, layout: ParamLayout, state: dict[str, Any]) -> None:
         info = self._shard(p)
-        row_dims = layout.state_row_dims()
-        for key, shape in layout.state_shapes().items():
-            if key == "step":
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for key, spec in layout.state_specs().items():
+            if key == "step":  # on the CPU whatever the device: reading it syncs nothing
+                state["step"] = torch.tensor(0.0, dtype=spec.dtype)
             else:
-                state[key] = make_state(p, shape, row_dims[key], info)
+                state[key] = make_state(p, spec.shape, spec.row_dim, info, spec.dtype)
 
     def _shard(self, p: Tensor) -> ShardInfo:
         info = self._shards.get(p)
@@ -586,20 +537,17 @@ class AdaPM(Optimizer):
             lr = group["lr"] * seg.lr_ratio if seg.lr_ratio != 1.0 else group["lr"]
             decay = 1 - lr * group["weight_decay"]
             # A segment's own clip (from a rule) wins; else the group's, where its scope reaches.
-            clip = seg.clip if seg.clip_set else (group_clip if every_block or seg.momentum == "lowrank" else None)
-            if seg.momentum == "lowrank":
-                numerator: Tensor | None = numerators[seg.slot]
-                m = None
-            else:
-                numerator = None
-                m = local(state["exp_avg"]) if seg.momentum == "full" else None
-                if m is not None and layout.fused:
-                    m = m[seg.slot]
-            if layout.second_moment == "full":
+            policy = seg.policy
+            clip = seg.clip if seg.clip_set else (group_clip if every_block or policy.in_clip_scope else None)
+            numerator: Tensor | None = numerators[seg.slot] if policy.source == "given" else None
+            m = local(state["exp_avg"]) if policy.source == "ema" else None
+            if m is not None and layout.fused:
+                m = m[seg.slot]
+            if layout.second_policy.elementwise:
                 v_seg, denom = seg.view(v), None
             else:
                 v_seg, denom = None, self._block_denominator(seg, gs, v, info, beta2, bias_correction2_sqrt, eps)
-            bc1 = 1.0 if seg.momentum == "none" else bias_correction1
+            bc1 = bias_correction1 if policy.bias_correction else 1.0
             target_seg = seg.view(target)
             if self.fused and self._fused_tail(
                 target_seg, gs, v_seg, m, numerator, denom,
@@ -706,7 +654,7 @@ class AdaPM(Optimizer):
     ) -> list[Tensor] | None:
         """Track every low-rank segment of ``p``; return their corrected momenta by slot, or None (state
         untouched) if any new factor is not finite."""
-        segments = [seg for seg in layout.segments if seg.momentum == "lowrank"]
+        segments = [seg for seg in layout.segments if seg.policy.source == "given"]
         if not segments:
             return []
         left_all, right_all = local(state["lowrank_L"]), state["lowrank_R"]
@@ -786,7 +734,7 @@ class AdaPM(Optimizer):
         for i, (ours, saved) in enumerate(zip(self.param_groups, saved_groups)):
             betas = saved.get("betas")
             checked = {**ours, **saved, "betas": tuple(betas) if isinstance(betas, list) else betas}
-            _check_hyperparameters(checked, f" in loaded param group {i}")
+            check_hyperparameters(checked, f" in loaded param group {i}")
             if len(ours["params"]) != len(saved["params"]):
                 raise ValueError(
                     f"loaded param group {i} has {len(saved['params'])} parameters, this optimizer's has "
@@ -820,54 +768,15 @@ class AdaPM(Optimizer):
                     )
         super().load_state_dict(state_dict)
         self._rebuild_layouts()
-        # torch casts floating state to the parameter dtype; AdaPM state stays float32.
+        # torch casts floating state to the parameter dtype; AdaPM state keeps its declared dtype.
         for group, saved in zip(self.param_groups, saved_groups):
             for p, pid in zip(group["params"], saved["params"]):
                 if pid in saved_state:
+                    specs = self._layouts[p].state_specs()
                     for key, value in saved_state[pid].items():
                         if isinstance(value, Tensor):
                             device = "cpu" if key == "step" else p.device
-                            self.state[p][key] = value.to(device=device, dtype=torch.float32)
-
-
-BLOCKWISE_LR_RATIOS: dict[str, float] = {
-    "embedding": 10.0,
-    "output": 10.0,
-    "query": 8.0,
-    "key": 8.0,
-    "mlp": 6.0,
-    "value": 4.0,
-    "attn_out": 4.0,
-    "vector": 1.0,
-    "other": 1.0,
-}
-"""Blockwise LR's multipliers by role (the authors' tuned values; an untied LM head counts as an
-embedding)."""
-
-
-def resolve_lr_ratios(lr_ratios: str | Mapping[str, float] | None) -> dict[str, float] | None:
-    """``"blockwise"``, a dict by role or None -> a complete dict by role (or None).
-
-    Raises:
-        ValueError: an unknown name or role, or a ratio that is not a positive number.
-    """
-    if lr_ratios is None:
-        return None
-    if isinstance(lr_ratios, str):
-        if lr_ratios != "blockwise":
-            raise ValueError(f"Invalid lr_ratios: {lr_ratios!r}; expected 'blockwise', a dict by role, or None")
-        return dict(BLOCKWISE_LR_RATIOS)
-    if not isinstance(lr_ratios, Mapping):
-        raise TypeError(f"lr_ratios must be 'blockwise', a dict by role or None, got {type(lr_ratios).__name__}")
-    unknown = sorted(set(lr_ratios) - set(ROLES))
-    if unknown:
-        raise ValueError(f"Invalid lr_ratios: unknown role(s) {unknown}; roles are {list(ROLES)}")
-    resolved = dict.fromkeys(ROLES, 1.0)
-    for role, ratio in lr_ratios.items():
-        if not _is_number(ratio) or not 0.0 < ratio < math.inf:
-            raise ValueError(f"Invalid lr_ratios[{role!r}]: {ratio!r}; expected a positive number")
-        resolved[role] = float(ratio)
-    return resolved
+                            self.state[p][key] = value.to(device=device, dtype=specs[key].dtype)
 
 
 def _layout_difference(saved: ParamLayout, ours: ParamLayout) -> str:

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from adapm.policies.momentum import MOMENTUM_POLICIES
-from adapm.policies.second_moment import SECOND_MOMENT_POLICIES, block_count
+from adapm.policies.momentum import MOMENTUM
+from adapm.policies.second_moment import SECOND_MOMENT, block_count
+from adapm.policies.state import StateSpec, join_specs
 
 BlockLayout = tuple[int | None, int]
 
@@ -50,6 +51,11 @@ class Segment:
     whatever the clip scope)."""
     clip: float | None = None
 
+    @property
+    def policy(self) -> Any:
+        """This segment's momentum policy object (see :mod:`adapm.policies.momentum`)."""
+        return MOMENTUM[self.momentum]
+
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """The part of ``tensor`` (shaped like the parameter) that belongs to this segment."""
         return tensor if self.dim is None else tensor.narrow(self.dim, self.start, self.length)
@@ -65,57 +71,50 @@ class ParamLayout:
     segments: tuple[Segment, ...]
     fused: bool
 
+    @property
+    def second_policy(self) -> Any:
+        """This parameter's second-moment policy object (see :mod:`adapm.policies.second_moment`)."""
+        return SECOND_MOMENT[self.second_moment]
+
+    def state_specs(self) -> dict[str, StateSpec]:
+        """Every state tensor this parameter needs, derived from its policies' declarations: each
+        segment's momentum and second-moment policy declare their tensors, and a fused parameter's
+        segments join them (see :class:`adapm.policies.state.StateSpec`). Keys in a fixed order."""
+        parts: dict[str, list[StateSpec]] = {}
+        for seg in self.segments:
+            for policy in (self.second_policy, seg.policy):
+                for key, spec in policy.state(seg).items():
+                    parts.setdefault(key, []).append(spec)
+        specs = {"step": StateSpec((), None)}
+        for key in sorted(parts, key=lambda k: (STATE_ORDER.index(k) if k in STATE_ORDER else len(STATE_ORDER), k)):
+            specs[key] = join_specs(parts[key], self.fused)
+        return specs
+
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of every float32 state tensor this parameter needs (keys as in the optimizer state)."""
-        shapes: dict[str, tuple[int, ...]] = {"step": ()}
-        if self.second_moment == "full":
-            shapes["exp_avg_sq"] = self.shape
-        else:
-            shapes["exp_avg_sq"] = (sum(s.n_blocks for s in self.segments),)
-        full = [s for s in self.segments if s.momentum == "full"]
-        low = [s for s in self.segments if s.momentum == "lowrank"]
-        if full:
-            shapes["exp_avg"] = (len(full), *full[0].shape) if self.fused else self.shape
-        if low:
-            rows, cols = low[0].shape
-            rank = low[0].rank
-            if self.fused:
-                shapes["lowrank_L"] = (len(low), rows, rank)
-                shapes["lowrank_R"] = (len(low), rank, cols)
-            else:
-                shapes["lowrank_L"] = (rows, rank)
-                shapes["lowrank_R"] = (rank, cols)
-        return shapes
+        """Shapes of every state tensor this parameter needs (keys as in the optimizer state)."""
+        return {key: spec.shape for key, spec in self.state_specs().items()}
 
     def state_row_dims(self) -> dict[str, int | None]:
         """For each state key, the dimension that runs over the parameter's rows (dim 0), if any.
 
         Under FSDP2 these dimensions are sharded like the parameter; the others are replicated.
         """
-        stacked = 1 if self.fused else 0
-        return {
-            "step": None,
-            "exp_avg_sq": 0 if self.second_moment == "full" else None,
-            "exp_avg": stacked,
-            "lowrank_L": stacked,
-            "lowrank_R": None,
-        }
+        return {key: spec.row_dim for key, spec in self.state_specs().items()}
 
     def state_bytes(self) -> int:
-        """Bytes of this parameter's float32 state."""
-        return 4 * sum(math.prod(s) for s in self.state_shapes().values())
+        """Bytes of this parameter's state."""
+        return sum(spec.nbytes for spec in self.state_specs().values())
 
     def segment_state_bytes(self, segment: Segment) -> int:
         """Bytes of the state attributable to one segment (the shared step counter goes to the first)."""
-        total = 4 if segment is self.segments[0] else 0
-        numel = math.prod(segment.shape)
-        total += 4 * (numel if self.second_moment == "full" else segment.n_blocks)
-        if segment.momentum == "full":
-            total += 4 * numel
-        elif segment.momentum == "lowrank":
-            rows, cols = segment.shape
-            total += 4 * segment.rank * (rows + cols)
+        total = StateSpec((), None).nbytes if segment is self.segments[0] else 0
+        for policy in (self.second_policy, segment.policy):
+            total += sum(spec.nbytes for spec in policy.state(segment).values())
         return total
+
+
+STATE_ORDER = ("step", "exp_avg_sq", "exp_avg", "lowrank_L", "lowrank_R")
+"""The order of the built-in state keys in a parameter's state (new policies' keys follow, sorted)."""
 
 
 def lowrank_rank(shape: Sequence[int], rank_ratio: float) -> int:
@@ -141,11 +140,11 @@ def resolve_block(block: Any, shape: tuple[int, ...], what: str) -> BlockLayout:
 
 
 def _check_momentum(momentum: Any, shape: tuple[int, ...], what: str) -> str:
-    if momentum not in MOMENTUM_POLICIES:
-        raise ValueError(f"Invalid momentum policy for {what}: {momentum!r}; expected one of {MOMENTUM_POLICIES}")
-    if momentum == "lowrank" and len(shape) != 2:
+    if momentum not in MOMENTUM:
+        raise ValueError(f"Invalid momentum policy for {what}: {momentum!r}; expected one of {tuple(MOMENTUM)}")
+    if MOMENTUM[momentum].needs_matrix and len(shape) != 2:
         raise ValueError(
-            f"momentum='lowrank' needs a matrix, but {what} has shape {tuple(shape)}; use 'full' or 'none' for it"
+            f"momentum={momentum!r} needs a matrix, but {what} has shape {tuple(shape)}; use 'full' or 'none' for it"
         )
     return momentum
 
@@ -183,16 +182,16 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
     what = f"parameter '{name}'"
     group_ratio = check_lr_ratio(group.get("lr_ratio", 1.0), what)
     second_moment = group["second_moment"]
-    if second_moment not in SECOND_MOMENT_POLICIES:
+    if second_moment not in SECOND_MOMENT:
         raise ValueError(
-            f"Invalid second_moment policy for {what}: {second_moment!r}; expected one of {SECOND_MOMENT_POLICIES}"
+            f"Invalid second_moment policy for {what}: {second_moment!r}; expected one of {tuple(SECOND_MOMENT)}"
         )
     rank_ratio = check_rank_ratio(group["rank_ratio"], what)
     seg_specs = group.get("segments")
     if not seg_specs:
         momentum = _check_momentum(group["momentum"], shape, what)
         block = resolve_block(group.get("block", "auto"), shape, what)
-        rank = lowrank_rank(shape, rank_ratio) if momentum == "lowrank" else 0
+        rank = lowrank_rank(shape, rank_ratio) if MOMENTUM[momentum].needs_matrix else 0
         seg = Segment(
             name=name,
             role=str(group.get("role", "")),
@@ -242,7 +241,7 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
                 shape=seg_shape,
                 momentum=momentum,
                 block=block,
-                rank=lowrank_rank(seg_shape, ratio) if momentum == "lowrank" else 0,
+                rank=lowrank_rank(seg_shape, ratio) if MOMENTUM[momentum].needs_matrix else 0,
                 slot=slots.get(momentum, 0),
                 block_offset=block_offset,
                 n_blocks=n_blocks,
@@ -253,7 +252,7 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
         )
         slots[momentum] = slots.get(momentum, 0) + 1
         block_offset += n_blocks
-    ranks = {s.rank for s in segments if s.momentum == "lowrank"}
+    ranks = {s.rank for s in segments if s.rank}
     if len(ranks) > 1:
         raise ValueError(f"Low-rank segments of fused {what} must share one rank_ratio, got ranks {sorted(ranks)}")
     return ParamLayout(name, shape, second_moment, tuple(segments), fused=True)

@@ -25,7 +25,7 @@ class ReportRow:
 
 
 def _block_text(layout: ParamLayout, dim: int | None, size: int) -> str:
-    if layout.second_moment == "full":
+    if layout.second_policy.elementwise:
         return "entry"
     if dim is None:
         return "tensor"

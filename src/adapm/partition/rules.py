@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapm.config import AdaPMConfig
 from adapm.partition.layout import check_clip, check_lr_ratio, check_rank_ratio
 from adapm.partition.presets import (
     CONV1D_CLASS_NAMES,
@@ -26,8 +27,8 @@ from adapm.partition.presets import (
     SEGMENT_NAMES,
     PresetRule,
 )
-from adapm.policies.momentum import MOMENTUM_POLICIES
-from adapm.policies.second_moment import SECOND_MOMENT_POLICIES
+from adapm.policies.momentum import MOMENTUM
+from adapm.policies.second_moment import SECOND_MOMENT
 
 _POLICY_KEYS = ("momentum", "second_moment", "rank_ratio", "update_clip", "lr_ratio")
 
@@ -64,15 +65,15 @@ class Rule:
             re.compile(self.pattern)
         except re.error as exc:
             raise ValueError(f"Invalid rule pattern {self.pattern!r}: {exc}") from exc
-        if self.momentum is not None and self.momentum not in MOMENTUM_POLICIES:
+        if self.momentum is not None and self.momentum not in MOMENTUM:
             raise ValueError(
                 f"Invalid momentum policy in rule {self.pattern!r}: {self.momentum!r}; "
-                f"expected one of {MOMENTUM_POLICIES}"
+                f"expected one of {tuple(MOMENTUM)}"
             )
-        if self.second_moment is not None and self.second_moment not in SECOND_MOMENT_POLICIES:
+        if self.second_moment is not None and self.second_moment not in SECOND_MOMENT:
             raise ValueError(
                 f"Invalid second_moment policy in rule {self.pattern!r}: {self.second_moment!r}; "
-                f"expected one of {SECOND_MOMENT_POLICIES}"
+                f"expected one of {tuple(SECOND_MOMENT)}"
             )
         if self.rank_ratio is not None:
             check_rank_ratio(self.rank_ratio, f"rule {self.pattern!r}")
@@ -220,8 +221,8 @@ def partition(
     model: nn.Module | None = None,
     rules: Iterable[Any] | None = None,
     second_moment: str = "full",
-    rank_ratio: float = 0.05,
-    weight_decay: float = 0.1,
+    rank_ratio: float = AdaPMConfig.rank_ratio,
+    weight_decay: float = AdaPMConfig.weight_decay,
     lr_ratios: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Split named parameters into AdaPM param groups (one per trainable parameter).

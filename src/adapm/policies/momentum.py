@@ -7,13 +7,80 @@ tracker, and returns the residual-corrected momentum ``m_t + c_t (m_t - L_t R_t)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
 
 from adapm.policies.correction import correction_coefficient
-from adapm.policies.trackers import TRACKERS, Reduce, gd_track, power_track, randomized_factors
+from adapm.policies.state import StateSpec, register
+from adapm.policies.trackers import TRACKER, Reduce, randomized_factors
 
-MOMENTUM_POLICIES = ("full", "lowrank", "none")
+if TYPE_CHECKING:
+    from adapm.partition.layout import Segment
+
+MOMENTUM: dict[str, Any] = {}
+"""The momentum policies by name (``full``, ``lowrank``, ``none``)."""
+
+
+@register(MOMENTUM)
+class FullMomentum:
+    """Adam's EMA of the gradient, one value per entry."""
+
+    name = "full"
+    source = "ema"
+    """The update's numerator: ``ema`` (the momentum state, updated in the elementwise tail), ``given``
+    (computed before the tail, e.g. the corrected low-rank momentum) or ``grad`` (the raw gradient)."""
+    bias_correction = True
+    """Whether the numerator is divided by ``1 - b1^t``."""
+    in_clip_scope = False
+    """Whether ``clip_scope="lowrank"`` (the default) clips this policy's update."""
+    needs_matrix = False
+
+    def state(self, seg: Segment) -> dict[str, StateSpec]:
+        return {"exp_avg": StateSpec(seg.shape, 0 if seg.shape else None)}
+
+    @staticmethod
+    def update(m: Tensor, grad: Tensor, beta1: float) -> Tensor:
+        """See :func:`full_momentum`."""
+        return full_momentum(m, grad, beta1)
+
+
+@register(MOMENTUM)
+class LowRankMomentum:
+    """Rank-``r`` factors ``L (m x r)``, ``R (r x n)`` with a residual correction (a matrix only)."""
+
+    name = "lowrank"
+    source = "given"
+    bias_correction = True
+    in_clip_scope = True
+    needs_matrix = True
+
+    def state(self, seg: Segment) -> dict[str, StateSpec]:
+        rows, cols = seg.shape
+        return {"lowrank_L": StateSpec((rows, seg.rank), 0), "lowrank_R": StateSpec((seg.rank, cols), None)}
+
+    @staticmethod
+    def update(left: Tensor, right: Tensor, grad: Tensor, beta1: float, step: int, **kwargs: Any) -> tuple[Tensor, ...]:
+        """See :func:`lowrank_momentum`."""
+        return lowrank_momentum(left, right, grad, beta1, step, **kwargs)
+
+
+@register(MOMENTUM)
+class NoMomentum:
+    """No momentum state: the update's numerator is the gradient."""
+
+    name = "none"
+    source = "grad"
+    bias_correction = False
+    in_clip_scope = False
+    needs_matrix = False
+
+    def state(self, seg: Segment) -> dict[str, StateSpec]:
+        return {}
+
+
+MOMENTUM_POLICIES = tuple(MOMENTUM)
 
 
 def full_momentum(m: Tensor, grad: Tensor, beta1: float) -> Tensor:
@@ -47,7 +114,7 @@ def lowrank_momentum(
         grad: the gradient ``g_t`` (float32, same shape as ``L @ R``).
         beta1: momentum decay.
         step: the 1-based step ``t``.
-        tracker: ``"power"`` or ``"gd"``.
+        tracker: a name in :data:`adapm.policies.trackers.TRACKER` (``power``, ``gd``, ``fixed``).
         correction: ``"unbiased"``, ``"none"`` or ``"paper"`` (see :mod:`adapm.policies.correction`).
         refresh: re-seed the factors from a randomized SVD of ``m_t`` instead of tracking.
         generator: the random source for the refresh (required when ``refresh``).
@@ -55,7 +122,10 @@ def lowrank_momentum(
         out: a reusable buffer shaped like ``grad`` for the transient momentum; the result is then
             computed in it (large fresh allocations are slow: every new page faults).
     """
-    if tracker == "fixed" and not refresh:
+    policy = TRACKER.get(tracker)
+    if policy is None:
+        raise ValueError(f"Invalid tracker: {tracker!r}; expected one of {tuple(TRACKER)}")
+    if policy.keeps_basis and not refresh:
         return _fixed_basis_momentum(left, right, grad, beta1, correction_coefficient(correction, beta1, step),
                                      reduce, out)  # fmt: skip
     m = _addmm_(_into(out, grad), left, right, beta=1.0 - beta1, alpha=beta1)
@@ -65,15 +135,9 @@ def lowrank_momentum(
             raise ValueError("lowrank_momentum: a refresh takes one matrix, not a batch")
         if generator is None:
             raise ValueError("lowrank_momentum: a generator is required when refresh=True")
-        if tracker not in TRACKERS:
-            raise ValueError(f"Invalid tracker: {tracker!r}")
-        left, right = randomized_factors(m, rank, generator, balanced=tracker == "gd", reduce=reduce)
-    elif tracker == "power":
-        left, right = power_track(m, right, reduce)
-    elif tracker == "gd":
-        left, right = gd_track(m, left, right, reduce=reduce)
+        left, right = randomized_factors(m, rank, generator, balanced=policy.balanced, reduce=reduce)
     else:
-        raise ValueError(f"Invalid tracker: {tracker!r}")
+        left, right = policy.track(m, left, right, reduce)
     c = correction_coefficient(correction, beta1, step)
     if c == 0.0:
         return m, left, right

@@ -9,11 +9,56 @@ the whole tensor. Block values are stored as a 1-D tensor of ``block_count`` ent
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-SECOND_MOMENT_POLICIES = ("full", "block")
+from adapm.policies.state import StateSpec, register
+
+if TYPE_CHECKING:
+    from adapm.partition.layout import Segment
+
+SECOND_MOMENT: dict[str, Any] = {}
+"""The second-moment policies by name (``full``, ``block``)."""
+
+
+@register(SECOND_MOMENT)
+class FullSecondMoment:
+    """Adam's EMA of ``g^2``, one value per entry, updated in the elementwise tail."""
+
+    name = "full"
+    elementwise = True
+    """Whether the state is parameter-shaped and updated entry by entry in the tail (else the policy
+    gives each block's ``sqrt(vhat) + eps`` before the tail)."""
+
+    def state(self, seg: Segment) -> dict[str, StateSpec]:
+        # A fused parameter's segments join back into one parameter-shaped tensor.
+        return {"exp_avg_sq": StateSpec(seg.shape, 0 if seg.shape else None, "concat", seg.dim or 0)}
+
+    @staticmethod
+    def update(v: Tensor, grad: Tensor, beta2: float) -> Tensor:
+        """See :func:`full_second_moment`."""
+        return full_second_moment(v, grad, beta2)
+
+
+@register(SECOND_MOMENT)
+class BlockSecondMoment:
+    """Adam-mini's block-wise second moment: one value per block (head, neuron, token or tensor)."""
+
+    name = "block"
+    elementwise = False
+
+    def state(self, seg: Segment) -> dict[str, StateSpec]:
+        return {"exp_avg_sq": StateSpec((seg.n_blocks,), None, "concat", 0)}
+
+    @staticmethod
+    def update(v: Tensor, grad: Tensor, beta2: float, block_dim: int | None, block_size: int, **kwargs: Any) -> Tensor:
+        """See :func:`block_second_moment`."""
+        return block_second_moment(v, grad, beta2, block_dim, block_size, **kwargs)
+
+
+SECOND_MOMENT_POLICIES = tuple(SECOND_MOMENT)
 
 
 def _block_shape(shape: tuple[int, ...], block_dim: int | None, block_size: int) -> tuple[int, int, int]:

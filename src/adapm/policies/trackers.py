@@ -23,15 +23,20 @@ round-off even though their bases may differ by a rotation.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from adapm.policies.state import register
 
 Reduce = Callable[[Tensor], Tensor]
 """Sums a tensor over the ranks that hold the other rows of a row-sharded matrix (see
 :mod:`adapm.distributed`). ``None`` means the matrix is whole on this rank."""
 
-TRACKERS = ("power", "gd", "fixed")
+TRACKER: dict[str, Any] = {}
+"""The low-rank trackers by name (``power``, ``gd``, ``fixed``). A tracker keeps no state of its own: it
+re-fits the low-rank momentum policy's factors ``(L, R)`` to the momentum ``m_t`` each step."""
 
 GD_ITERATIONS = 10
 """Alternating gradient steps per optimizer step for the ``gd`` tracker (the paper's value)."""
@@ -151,3 +156,47 @@ def randomized_factors(
         root = (s[:rank] / scale).sqrt()
         return u * root, root[:, None] * vh[:rank]
     return u, _project(u, m, reduce)
+
+
+@register(TRACKER)
+class PowerTracker:
+    """One warm-started block power iteration (:func:`power_track`); orthonormal ``L``."""
+
+    name = "power"
+    keeps_basis = False
+    """Whether ``L`` stays fixed between refreshes (then the momentum takes a closed form)."""
+    balanced = False
+    """Whether a refresh seeds balanced factors ``(U S^1/2, S^1/2 V^T)`` instead of ``(U, U^T m)``."""
+
+    @staticmethod
+    def track(m: Tensor, left: Tensor, right: Tensor, reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
+        return power_track(m, right, reduce)
+
+
+@register(TRACKER)
+class GDTracker:
+    """The paper's alternating gradient descent (:func:`gd_track`)."""
+
+    name = "gd"
+    keeps_basis = False
+    balanced = True
+
+    @staticmethod
+    def track(m: Tensor, left: Tensor, right: Tensor, reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
+        return gd_track(m, left, right, reduce=reduce)
+
+
+@register(TRACKER)
+class FixedTracker:
+    """The basis of the last refresh is kept: ``(L, L^T m)``, half the matmuls of ``power``."""
+
+    name = "fixed"
+    keeps_basis = True
+    balanced = False
+
+    @staticmethod
+    def track(m: Tensor, left: Tensor, right: Tensor, reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
+        return left, _project(left, m, reduce)
+
+
+TRACKERS = tuple(TRACKER)

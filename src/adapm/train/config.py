@@ -14,6 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+from adapm.config import AdaPMConfig
 from adapm.train.registry import OPTIMIZER_NAMES, parse_names
 
 
@@ -80,50 +81,60 @@ class OptimConfig:
     learning-rate variant adamw-blr, adam-mini-blr, adapm-blr, adapm-mini-blr."""
     lr: float | None = None
     """Peak learning rate. Default: the optimizer's own default (see `adapm pretrain --help`)."""
-    weight_decay: float = 0.1
+    weight_decay: float = AdaPMConfig.weight_decay
     """Decoupled weight decay on matrices."""
-    beta1: float = 0.9
+    beta1: float = AdaPMConfig.betas[0]
     """Momentum decay."""
-    beta2: float = 0.95
+    beta2: float = AdaPMConfig.betas[1]
     """Second-moment decay."""
-    rank_ratio: float = 0.05
+    rank_ratio: float = AdaPMConfig.rank_ratio
     """AdaPM: rank of low-rank momentum as a fraction of min(m, n)."""
-    refresh_every: int = 100
+    refresh_every: int = AdaPMConfig.refresh_every
     """AdaPM: randomized-SVD refresh period of the low-rank factors."""
-    tracker: str = "power"
+    tracker: str = AdaPMConfig.tracker
     """AdaPM: low-rank tracker: power (one power iteration per step), gd (the paper's 10 gradient
     steps) or fixed (basis kept between refreshes: half the matmuls of power)."""
-    correction: str = "unbiased"
+    correction: str = AdaPMConfig.correction
     """AdaPM: residual correction, unbiased, none or paper."""
-    update_clip: float | None = 1.0
+    update_clip: float | None = AdaPMConfig.update_clip
     """AdaPM: clamp of the normalized update (null to disable)."""
-    clip_scope: str = "lowrank"
+    clip_scope: str = AdaPMConfig.clip_scope
     """AdaPM: the blocks update_clip applies to: lowrank (the low-rank blocks) or all."""
     lr_ratios: str | None = None
     """Block-wise learning rates (AdaPM, AdamW, Adam-mini): blockwise (embeddings x10, query/key x8, MLP x6,
     value/attention output x4, the rest x1) or a JSON object by role; null for one lr."""
     rules: list[list[Any]] | None = None
     """AdaPM: partition rules as [[regex, policy], ...] (policy a momentum name or a dict)."""
-    fused: bool = False
+    fused: bool = AdaPMConfig.fused
     """AdaPM: run the elementwise update as one torch.compile'd kernel (faster; compiles on the first step)."""
 
     def __post_init__(self) -> None:
         _check(self.optimizer in OPTIMIZER_NAMES, "optimizer", self.optimizer, f"one of {', '.join(OPTIMIZER_NAMES)}")
         _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        _check(0 <= self.beta1 < 1, "beta1", self.beta1, "a number in [0, 1)")
-        _check(0 <= self.beta2 < 1, "beta2", self.beta2, "a number in [0, 1)")
-        _check(0 < self.rank_ratio <= 1, "rank_ratio", self.rank_ratio, "a number in (0, 1]")
-        _check(self.refresh_every >= 1, "refresh_every", self.refresh_every, "an integer >= 1")
-        _check(self.tracker in ("power", "gd", "fixed"), "tracker", self.tracker, "power, gd or fixed")
-        _check(self.correction in ("unbiased", "none", "paper"), "correction", self.correction, "unbiased/none/paper")
-        _check(self.update_clip is None or self.update_clip > 0, "update_clip", self.update_clip, "> 0 or null")
-        _check(self.clip_scope in ("lowrank", "all"), "clip_scope", self.clip_scope, "lowrank or all")
-        if self.lr_ratios is not None:
-            import adapm
-            from adapm.train.optimizers import lr_ratios_of
+        self.adapm_config()  # validates every AdaPM hyperparameter, with AdaPM's own messages
 
-            adapm.resolve_lr_ratios(lr_ratios_of(self))
+    def adapm_config(self) -> AdaPMConfig:
+        """These settings as AdaPM's validated hyperparameters (the second moment left to the class)."""
+        from adapm.train.optimizers import lr_ratios_of
+
+        try:
+            return AdaPMConfig(
+                betas=(self.beta1, self.beta2),
+                weight_decay=self.weight_decay,
+                rank_ratio=self.rank_ratio,
+                tracker=self.tracker,
+                refresh_every=self.refresh_every,
+                correction=self.correction,
+                update_clip=self.update_clip,
+                clip_scope=self.clip_scope,
+                lr_ratios=lr_ratios_of(self),
+                fused=self.fused,
+            )
+        except (TypeError, ValueError) as err:  # name this config's fields, not AdaPM's arguments
+            message = str(err)
+            for i, name in enumerate(("beta1", "beta2")):
+                message = message.replace(f"beta parameter at index {i}", name)
+            raise ValueError(message) from None
 
 
 @dataclass

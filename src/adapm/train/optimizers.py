@@ -106,21 +106,9 @@ def _build_adamw(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.O
 
 
 def _build_adapm(model: nn.Module, cfg: OptimConfig, lr: float, cls: type[adapm.AdaPM]) -> torch.optim.Optimizer:
-    return cls(
-        model,
-        lr=lr,
-        betas=(cfg.beta1, cfg.beta2),
-        weight_decay=cfg.weight_decay,
-        rank_ratio=cfg.rank_ratio,
-        tracker=cfg.tracker,
-        refresh_every=cfg.refresh_every,
-        correction=cfg.correction,
-        update_clip=cfg.update_clip,
-        clip_scope=cfg.clip_scope,
-        lr_ratios=lr_ratios_of(cfg),
-        rules=[tuple(r) for r in cfg.rules] if cfg.rules else None,
-        fused=cfg.fused,
-    )
+    settings = {f.name: getattr(cfg.adapm_config(), f.name) for f in dataclasses.fields(adapm.AdaPMConfig)}
+    rules = [tuple(r) for r in cfg.rules] if cfg.rules else None
+    return cls(model, lr=lr, rules=rules, **settings)
 
 
 def _build_adam_mini(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

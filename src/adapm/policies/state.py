@@ -1,0 +1,81 @@
+"""What a policy declares: the state tensors it keeps per segment, and a registry of policies by name.
+
+A policy is a small object with a ``name``, a :meth:`state` declaration and pure functions of tensors.
+Everything else is derived from the declarations: the state shapes a parameter allocates (plain or as
+an FSDP2 ``DTensor``, sharded along ``row_dim``), the bytes the partition report and ``adapm memory``
+count, and the checks ``load_state_dict`` makes. Adding a policy is one class registered with
+:func:`register`, plus its tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import torch
+
+if TYPE_CHECKING:
+    from adapm.partition.layout import Segment
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state tensor a policy keeps for one segment of a parameter."""
+
+    shape: tuple[int, ...]
+    row_dim: int | None
+    """The dimension that runs over the parameter's rows (dim 0), if any: under FSDP2 it is sharded like
+    the parameter; the others are replicated."""
+    join: str = "stack"
+    """How the segments of a fused parameter share the key: ``stack`` (one slice per segment along a
+    new leading dimension) or ``concat`` (joined along ``concat_dim``, e.g. back into the parameter's
+    shape)."""
+    concat_dim: int = 0
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class Policy(Protocol):
+    name: str
+
+    def state(self, seg: Segment) -> dict[str, StateSpec]: ...
+
+
+P = TypeVar("P")
+
+
+def register(registry: dict[str, Any]) -> Any:
+    """A class decorator that puts one instance of the policy class into ``registry`` under its name."""
+
+    def add(cls: type[P]) -> type[P]:
+        instance = cls()
+        name = instance.name  # type: ignore[attr-defined]
+        if name in registry:
+            raise ValueError(f"a policy named {name!r} is already registered")
+        registry[name] = instance
+        return cls
+
+    return add
+
+
+def join_specs(parts: list[StateSpec], fused: bool) -> StateSpec:
+    """The parameter-level spec of a key declared by one or more segments (see :attr:`StateSpec.join`)."""
+    first = parts[0]
+    if not fused:
+        return first
+    if first.join == "stack":
+        row = None if first.row_dim is None else first.row_dim + 1
+        return StateSpec((len(parts), *first.shape), row, first.join, first.concat_dim, first.dtype)
+    shape = list(first.shape)
+    shape[first.concat_dim] = sum(p.shape[first.concat_dim] for p in parts)
+    return StateSpec(tuple(shape), first.row_dim, first.join, first.concat_dim, first.dtype)
