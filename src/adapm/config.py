@@ -30,6 +30,7 @@ BLOCKWISE_LR_RATIOS: dict[str, float] = {
     "mlp": 6.0,
     "value": 4.0,
     "attn_out": 4.0,
+    "router": 1.0,
     "vector": 1.0,
     "other": 1.0,
 }

@@ -67,6 +67,7 @@ _GROUP_KEYS = frozenset(
         "update_clip",
         "clip_scope",
         "lr_ratio",
+        "experts",
     }
 )
 # Keys that LR/momentum schedulers write into param groups.
@@ -378,6 +379,12 @@ class AdaPM(Optimizer):
         if info is None:
             layout = self._layouts[p]
             info = shard_info(p, layout.name)
+            if info.sharded and layout.fused and layout.segments[0].index is not None:
+                raise NotImplementedError(
+                    f"AdaPM: '{layout.name}' is a stack of expert matrices, which FSDP2 shards across experts; "
+                    "a per-expert policy needs each expert whole: keep it unsharded (e.g. wrap the experts with "
+                    "DDP or expert parallelism) or give it full momentum with a rule"
+                )
             if info.sharded and layout.fused and layout.segments[0].dim == 0:
                 raise NotImplementedError(
                     f"AdaPM: fused parameter '{layout.name}' is split into segments along dim 0, which FSDP2 "

@@ -27,12 +27,14 @@ def test_registries_hold_the_built_in_policies() -> None:
 
 def test_fused_segments_stack_or_concatenate_their_declared_state() -> None:
     parts = [StateSpec((4, 8), 0), StateSpec((4, 8), 0)]
-    assert join_specs(parts, fused=True) == StateSpec((2, 4, 8), 1)
-    assert join_specs(parts[:1], fused=False) == parts[0]
+    assert join_specs(parts, True, (8, 8)) == StateSpec((2, 4, 8), 1)
+    assert join_specs(parts[:1], False, (4, 8)) == parts[0]
     cols = [StateSpec((8, 4), 0, "concat", 1)] * 3
-    assert join_specs(cols, fused=True).shape == (8, 12)
+    assert join_specs(cols, True, (8, 12)).shape == (8, 12)
     blocks = [StateSpec((3,), None, "concat", 0), StateSpec((5,), None, "concat", 0)]
-    assert join_specs(blocks, fused=True).shape == (8,)
+    assert join_specs(blocks, True, (8, 4)).shape == (8,)
+    whole = [StateSpec((2, 4), 0, "whole")] * 6  # e.g. gate and up of three experts
+    assert join_specs(whole, True, (3, 4, 4)) == StateSpec((3, 4, 4), 0, "whole")
     assert StateSpec((2, 3), 0, dtype=torch.bfloat16).nbytes == 12
 
 

@@ -50,6 +50,9 @@ class Segment:
     """Whether a rule or group set this segment's update clip explicitly (then ``clip`` applies
     whatever the clip scope)."""
     clip: float | None = None
+    index: int | None = None
+    """For a stack of expert matrices (a 3-D mixture-of-experts weight): the expert this segment belongs
+    to. The segment is then a part of ``tensor[index]``, and ``dim`` counts in that matrix."""
 
     @property
     def policy(self) -> Any:
@@ -57,7 +60,9 @@ class Segment:
         return MOMENTUM[self.momentum]
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The part of ``tensor`` (shaped like the parameter) that belongs to this segment."""
+        """The part of ``tensor`` (shaped like the parameter) that belongs to this segment (a view)."""
+        if self.index is not None:
+            tensor = tensor.select(0, self.index)
         return tensor if self.dim is None else tensor.narrow(self.dim, self.start, self.length)
 
 
@@ -87,7 +92,7 @@ class ParamLayout:
                     parts.setdefault(key, []).append(spec)
         specs = {"step": StateSpec((), None)}
         for key in sorted(parts, key=lambda k: (STATE_ORDER.index(k) if k in STATE_ORDER else len(STATE_ORDER), k)):
-            specs[key] = join_specs(parts[key], self.fused)
+            specs[key] = join_specs(parts[key], self.fused, self.shape)
         return specs
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -211,16 +216,25 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
 
     if group.get("momentum") != "mixed":
         raise ValueError(f"A group with 'segments' must have momentum='mixed' ({what})")
+    experts = bool(group.get("experts", False))
+    matrix = shape[1:] if experts else shape  # experts: segments are parts of one expert's matrix
+    if experts and len(shape) != 3:
+        raise ValueError(f"experts=True needs a 3-D (experts, rows, cols) weight, but {what} has shape {shape}")
+    per_expert = len(seg_specs) // shape[0] if experts else len(seg_specs)
+    if experts and per_expert * shape[0] != len(seg_specs):
+        raise ValueError(f"Fused {what}: {len(seg_specs)} segments do not divide among {shape[0]} experts")
     dim = group.get("split_dim")
-    if not isinstance(dim, int) or not 0 <= dim < len(shape):
+    if experts and per_expert == 1:
+        dim = None  # one segment per expert: its whole matrix
+    elif not isinstance(dim, int) or not 0 <= dim < len(matrix):
         raise ValueError(f"Invalid split_dim for fused {what} of shape {shape}: {dim!r}")
-    count = len(seg_specs)
-    if shape[dim] % count != 0:
+    count = per_expert
+    if dim is not None and matrix[dim] % count != 0:
         raise ValueError(
-            f"Fused {what}: dimension {dim} of size {shape[dim]} does not split into {count} equal segments"
+            f"Fused {what}: dimension {dim} of size {matrix[dim]} does not split into {count} equal segments"
         )
-    length = shape[dim] // count
-    seg_shape = tuple(length if i == dim else s for i, s in enumerate(shape))
+    length = matrix[dim] // count if dim is not None else (matrix[0] if matrix else 1)
+    seg_shape = tuple(length if i == dim else s for i, s in enumerate(matrix))
     segments = []
     slots: dict[str, int] = {}
     block_offset = 0
@@ -236,7 +250,7 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
                 name=seg_name,
                 role=str(spec.get("role", "")),
                 dim=dim,
-                start=i * length,
+                start=(i % count) * length,
                 length=length,
                 shape=seg_shape,
                 momentum=momentum,
@@ -248,6 +262,7 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
                 lr_ratio=check_lr_ratio(spec.get("lr_ratio", group_ratio), seg_what),
                 clip_set=_clip_override(spec, seg_what)[0],
                 clip=_clip_override(spec, seg_what)[1],
+                index=i // count if experts else None,
             )
         )
         slots[momentum] = slots.get(momentum, 0) + 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ROLES = ("embedding", "output", "query", "key", "value", "attn_out", "mlp", "vector", "other")
+ROLES = ("embedding", "output", "query", "key", "value", "attn_out", "mlp", "router", "vector", "other")
 """Every role a parameter (or a segment of a fused parameter) can have."""
 
 PAPER_MOMENTUM: dict[str, str] = {
@@ -21,10 +21,12 @@ PAPER_MOMENTUM: dict[str, str] = {
     "key": "lowrank",
     "mlp": "lowrank",
     "value": "full",
+    "router": "full",
     "vector": "full",
     "other": "full",
 }
-"""The paper's momentum policy per role (its Table 1); ``other`` is an unrecognised matrix."""
+"""The paper's momentum policy per role (its Table 1); ``router`` is a mixture-of-experts router or
+another small matrix (full momentum costs little there); ``other`` is an unrecognised matrix."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,12 @@ class PresetRule:
     """For a fused weight: ``nn.Linear`` owners count only in models without a Hugging Face
     ``config.model_type`` (nanoGPT-style code); a Hugging Face model with this name (e.g. GPT-BigCode's
     ``c_attn``) may interleave heads or have unequal parts."""
+    layout: str = "contiguous"
+    """``contiguous``: the roles are equal consecutive parts of the weight along its output axis.
+    ``experts``: a 3-D ``(experts, rows, cols)`` stack of expert matrices, each ``nn.Linear``-shaped and
+    holding ``roles`` in equal consecutive row ranges (one block per expert and role)."""
+    segment_names: tuple[str, ...] = ()
+    """Names of the segments of one expert (default: the roles' short names)."""
 
 
 PRESET_RULES: tuple[PresetRule, ...] = (
@@ -70,6 +78,28 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("llama", r"(^|\.)o_proj\.weight$", ("attn_out",)),
     PresetRule("llama", r"(^|\.)(gate|up|down)_proj\.weight$", ("mlp",)),
     PresetRule("llama", r"(^|\.)lm_head\.weight$", ("output",)),
+    # Phi, GPT-J, OPT (their q/k/v_proj, embed_tokens, wte and lm_head are matched above or below).
+    PresetRule("phi", r"(^|\.)self_attn\.dense\.weight$", ("attn_out",)),
+    PresetRule("gptj-opt", r"(^|\.)(attn|self_attn)\.out_proj\.weight$", ("attn_out",)),
+    PresetRule("phi-gptj-opt", r"(^|\.)(fc1|fc2|fc_in|fc_out)\.weight$", ("mlp",)),
+    PresetRule("opt", r"(^|\.)embed_positions\.weight$", ("embedding",)),
+    # T5 (encoder-decoder): shared embedding, self- and cross-attention, the feed-forward.
+    PresetRule("t5", r"(^|\.)shared\.weight$", ("embedding",)),
+    PresetRule("t5", r"(^|\.)(SelfAttention|EncDecAttention)\.q\.weight$", ("query",)),
+    PresetRule("t5", r"(^|\.)(SelfAttention|EncDecAttention)\.k\.weight$", ("key",)),
+    PresetRule("t5", r"(^|\.)(SelfAttention|EncDecAttention)\.v\.weight$", ("value",)),
+    PresetRule("t5", r"(^|\.)(SelfAttention|EncDecAttention)\.o\.weight$", ("attn_out",)),
+    PresetRule("t5", r"(^|\.)relative_attention_bias\.weight$", ("embedding",)),
+    PresetRule("t5", r"(^|\.)DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight$", ("mlp",)),
+    # Mixture-of-experts expert stacks: (experts, 2 * intermediate, hidden) with gate rows then up rows,
+    # and (experts, hidden, intermediate), in the module classes whose forward does exactly that.
+    PresetRule("moe", r"(^|\.)experts\.gate_up_proj$", ("mlp", "mlp"), fused_modules=("MixtralExperts",
+               "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts"), layout="experts", segment_names=("gate", "up")),
+    PresetRule("moe", r"(^|\.)experts\.down_proj$", ("mlp",), fused_modules=("MixtralExperts", "Qwen2MoeExperts",
+               "Qwen3MoeExperts", "OlmoeExperts"), layout="experts"),
+    # Mixture-of-experts routers (Mixtral, Qwen2-MoE and Qwen3-MoE's mlp.gate, a shared expert's gate).
+    PresetRule("moe", r"(^|\.)mlp\.gate\.weight$", ("router",)),
+    PresetRule("moe", r"(^|\.)shared_expert_gate\.weight$", ("router",)),
     # BERT-style encoders (BERT, RoBERTa, ...). attention.output must come before output.
     PresetRule("bert", r"(^|\.)embeddings\.(word|position|token_type)_embeddings\.weight$", ("embedding",)),
     PresetRule("bert", r"(^|\.)attention\.self\.query\.weight$", ("query",)),

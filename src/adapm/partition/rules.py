@@ -180,6 +180,8 @@ def _fused_layout_known(rule: PresetRule, name: str, shape: tuple[int, ...], mod
     """Whether the fused weight ``name`` really holds ``rule.roles`` in contiguous equal parts: decided
     by its module class and the model type, never by the name alone."""
     owner = _owner(model, name)
+    if rule.layout == "experts":  # only a known expert module says what its 3-D weights hold
+        return owner is not None and type(owner).__name__ in rule.fused_modules and len(shape) == 3
     if owner is not None:
         cls = type(owner).__name__
         if cls not in rule.fused_modules:
@@ -208,7 +210,7 @@ def _role_block(role: str, out_dim: int, head_dim: int | None, shape: tuple[int,
     if role in ("query", "key"):
         size = head_dim if head_dim and shape[out_dim] % head_dim == 0 else 1
         return (out_dim, size)
-    if role in ("value", "attn_out", "mlp"):
+    if role in ("value", "attn_out", "mlp", "router"):
         return (out_dim, 1)
     if role == "vector":
         return "tensor"
@@ -265,14 +267,16 @@ def partition(
             continue
         shape = tuple(param.shape)
         found = None if param.dim() < 2 else _match_preset(names)
+        experts = found is not None and found[1].layout == "experts"
         # A tied parameter is reported under the name its preset recognised (e.g. BLOOM's lm_head).
         name = found[0] if found else names[0]
         aliases = [n for n in names if n != name]
         preset = found[1] if found else None
         out_dim = _out_dim(name, model, conv1d_default) if param.dim() == 2 else 0
-        if preset is not None and len(preset.roles) > 1 and not _fused_layout_known(preset, name, shape, model):
+        fused = preset is not None and (len(preset.roles) > 1 or experts)
+        if fused and preset is not None and not _fused_layout_known(preset, name, shape, model):
             kept_whole.append(name)
-            preset = None
+            preset, fused, experts = None, False, False
         roles = ("vector",) if param.dim() < 2 else (preset.roles if preset else ("other",))
         group: dict[str, Any] = {
             "params": [param],
@@ -283,7 +287,7 @@ def partition(
             "family": preset.family if preset else "",
             "matched": param.dim() < 2 or preset is not None,
         }
-        if len(roles) == 1:
+        if not fused:
             role = roles[0]
             policy = _resolve(role, [name, *aliases], user_rules, second_moment, used)
             group.update(
@@ -300,13 +304,18 @@ def partition(
             if "update_clip" in policy:  # a rule's clip applies to its block whatever the scope
                 group.update(update_clip=policy["update_clip"], clip_scope="all")
         else:
-            seg_len = shape[out_dim] // len(roles)
-            seg_shape = tuple(seg_len if i == out_dim else s for i, s in enumerate(shape))
+            assert preset is not None
+            matrix = shape[1:] if experts else shape
+            split = 0 if experts else out_dim
+            seg_len = matrix[split] // len(roles)
+            seg_shape = tuple(seg_len if i == split else s for i, s in enumerate(matrix))
+            short = preset.segment_names or tuple(SEGMENT_NAMES.get(role, role) for role in roles)
+            parts = [(f"E{e}.{n}" if len(roles) > 1 else f"E{e}", role) for e in range(shape[0])
+                     for n, role in zip(short, roles)] if experts else list(zip(short, roles))  # fmt: skip
             segments = []
             sms = set()
             seg_names = []
-            for role in roles:
-                seg_name = SEGMENT_NAMES.get(role, role)
+            for seg_name, role in parts:
                 seg_names.append(f"{name}[{seg_name}]")
                 policy = _resolve(role, [f"{n}[{seg_name}]" for n in (name, *aliases)], user_rules, second_moment, used)
                 sms.add(policy["second_moment"])
@@ -314,7 +323,7 @@ def partition(
                     "name": seg_name,
                     "role": role,
                     "momentum": policy["momentum"],
-                    "block": _role_block(role, out_dim, head_dim, seg_shape),
+                    "block": _role_block(role, split, head_dim, seg_shape),
                 }
                 if "rank_ratio" in policy:
                     seg["rank_ratio"] = policy["rank_ratio"]
@@ -331,10 +340,12 @@ def partition(
                 role="fused",
                 momentum="mixed",
                 second_moment=sms.pop(),
-                split_dim=out_dim,
+                split_dim=split,
                 segments=segments,
                 block="auto",
             )
+            if experts:
+                group["experts"] = True
         groups.append(group)
     if kept_whole:
         warnings.warn(

@@ -33,8 +33,8 @@ class FullSecondMoment:
     gives each block's ``sqrt(vhat) + eps`` before the tail)."""
 
     def state(self, seg: Segment) -> dict[str, StateSpec]:
-        # A fused parameter's segments join back into one parameter-shaped tensor.
-        return {"exp_avg_sq": StateSpec(seg.shape, 0 if seg.shape else None, "concat", seg.dim or 0)}
+        # A fused parameter keeps one parameter-shaped tensor; each segment updates its view of it.
+        return {"exp_avg_sq": StateSpec(seg.shape, 0 if seg.shape else None, "whole")}
 
     @staticmethod
     def update(v: Tensor, grad: Tensor, beta2: float) -> Tensor:

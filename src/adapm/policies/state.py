@@ -28,8 +28,8 @@ class StateSpec:
     the parameter; the others are replicated."""
     join: str = "stack"
     """How the segments of a fused parameter share the key: ``stack`` (one slice per segment along a
-    new leading dimension) or ``concat`` (joined along ``concat_dim``, e.g. back into the parameter's
-    shape)."""
+    new leading dimension), ``concat`` (joined along ``concat_dim``) or ``whole`` (one tensor shaped like
+    the parameter, of which each segment's part is the same view as of the parameter)."""
     concat_dim: int = 0
     dtype: torch.dtype = torch.float32
 
@@ -68,9 +68,11 @@ def register(registry: dict[str, Any]) -> Any:
     return add
 
 
-def join_specs(parts: list[StateSpec], fused: bool) -> StateSpec:
+def join_specs(parts: list[StateSpec], fused: bool, param_shape: tuple[int, ...]) -> StateSpec:
     """The parameter-level spec of a key declared by one or more segments (see :attr:`StateSpec.join`)."""
     first = parts[0]
+    if first.join == "whole":
+        return StateSpec(tuple(param_shape), 0 if param_shape else None, "whole", 0, first.dtype)
     if not fused:
         return first
     if first.join == "stack":
