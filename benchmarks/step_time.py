@@ -72,13 +72,16 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
             "adamw-loop": dict(foreach=False),
         }
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, **flags[name])
+    grouped = name.endswith("-foreach")  # AdaPM's grouped step, the default off CPU, timed here on CPU
+    name = name.removesuffix("-foreach")
     fused = name.endswith("-fused")
     name = name.removesuffix("-fused")
     fixed = name.endswith("-fixed")
     name = name.removesuffix("-fixed")
-    return build_optimizer(
-        model, OptimConfig(optimizer=name, lr=lr, tracker="fixed" if fixed else "power", fused=fused)
-    )
+    opt = build_optimizer(model, OptimConfig(optimizer=name, lr=lr, tracker="fixed" if fixed else "power", fused=fused))
+    if grouped:
+        opt.foreach = True  # type: ignore[attr-defined]
+    return opt
 
 
 def measure_bandwidth(threads: int) -> float:
