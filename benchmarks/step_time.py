@@ -57,9 +57,12 @@ OPTIMIZERS = (
     "adapm-mini-fused",
     "adapm-fixed-fused",
     "adapm-mini-fixed-fused",
+    "adapm-foreach",
+    "adapm-mini-foreach",
 )
 """``*-fixed``: AdaPM with ``tracker="fixed"`` (two skinny matmuls per low-rank block instead of four);
-``*-fused``: with ``fused=True`` (the elementwise tail as one compiled kernel)."""
+``*-fused``: with ``fused=True`` (the elementwise tail as one compiled kernel); ``*-foreach``: the grouped
+step (the default off CPU) timed on CPU."""
 MODELS = {"gpt2-124m": "gpt2-124m", "llama-350m": "llama-350m", "quick": "gpt2-20m"}
 
 

@@ -220,3 +220,13 @@ def test_lr_table_quick(tmp_path: Path) -> None:
     runs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [(r["optimizer"], r["lr"]) for r in runs] == [("adamw", 0.0015), ("adamw", 0.003)]
     assert proc.stdout.count("| True |") == 1  # one winner per (model, optimizer)
+
+
+def test_families_table_quick(tmp_path: Path) -> None:
+    """The preset table's script: every family's matrices recognised (the fused query_key_value of
+    NeoX, BLOOM and Falcon counted as kept whole), and AdaPM-mini's share where the partition reaches."""
+    rows = {r["family"]: r for r in _run("families.py", tmp_path / "families.json")["rows"]}
+    assert all(r["unknown"] == 0 for r in rows.values())
+    assert {f for f, r in rows.items() if r["kept_whole"]} == {"gpt_neox", "bloom", "falcon"}
+    assert rows["mixtral"]["tiny_adapm_mini_pct"] < 8.0
+    assert (tmp_path / "families.md").read_text().startswith("| family |")

@@ -68,6 +68,7 @@ _GROUP_KEYS = frozenset(
         "clip_scope",
         "lr_ratio",
         "experts",
+        "kept_whole",
     }
 )
 # Keys that LR/momentum schedulers write into param groups.
@@ -178,6 +179,12 @@ class AdaPM(Optimizer):
             afterwards); needs a C++ compiler on CPU, and falls back to the eager path with a
             ``RuntimeWarning`` if compilation fails. Default ``False``.
 
+        strict: what to do when the partition cannot apply to some matrices (no preset matched, or a
+            fused weight whose layout is not known for the model) or to any (bare parameters without
+            names): ``None`` (default) warns once, naming them and giving the share of AdamW's state
+            their fallback (full momentum) costs; ``True`` raises ``ValueError`` instead; ``False`` is
+            silent. Param groups that set their own policy keys are taken as deliberate.
+
     A parameter whose gradient contains inf or NaN is skipped for that step (value and state left
     unchanged) and a ``RuntimeWarning`` names it: one bad batch cannot poison the low-rank factors.
     Optimizer state is float32 whatever the parameter dtype.
@@ -211,6 +218,7 @@ class AdaPM(Optimizer):
         rules: Iterable[Any] | None = None,
         fused: bool = AdaPMConfig.fused,
         foreach: bool | None = AdaPMConfig.foreach,
+        strict: bool | None = None,
     ) -> None:
         config = AdaPMConfig(
             betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
@@ -242,13 +250,64 @@ class AdaPM(Optimizer):
         self.skipped_params = 0
         """Parameters the last ``step()`` skipped (non-finite or overflowing gradients, or factors)."""
 
-        groups = self._make_groups(params, rules, cast(str, config.second_moment), rank_ratio, weight_decay, ratios)
+        if strict is not None and not isinstance(strict, bool):
+            raise TypeError(f"Invalid strict: {strict!r}; expected True, False or None")
+        groups, partitioned = self._make_groups(
+            params, rules, cast(str, config.second_moment), rank_ratio, weight_decay, ratios
+        )
         super().__init__(groups, defaults)
+        if strict is not False:
+            self._check_partition(partitioned, strict=bool(strict))
+
+    def _check_partition(self, partitioned: bool | None, strict: bool) -> None:
+        """Warn (or with ``strict``, raise) when the partition could not apply to some or all matrices,
+        naming them and giving what the fallback costs in optimizer state."""
+        report = self.partition_report()
+        if not report.adamw_state_bytes:
+            return
+        total = 100.0 * report.state_bytes / report.adamw_state_bytes
+        tail = " strict=False silences this; strict=True makes it an error."
+        if partitioned is None:
+            return
+        if partitioned is False:
+            message = (
+                f"AdaPM got parameters without names, so its partition cannot apply: every parameter gets full "
+                f"momentum ({total:.1f}% of AdamW's optimizer state). Pass the model or model.named_parameters() "
+                "to get the partition, or put policy keys ('momentum', 'second_moment') in your param groups."
+                + tail
+            )
+        else:
+            whole = [n for g in self.param_groups if g.get("kept_whole") for n in g["names"]]
+            unknown = [n for n in report.unmatched if n not in whole]
+            if not whole and not unknown:
+                return
+            fallback = sum(r.state_bytes for r in report.rows if not r.matched)
+            parts = []
+            if unknown:
+                what = "matrix" if len(unknown) == 1 else "matrices"
+                parts.append(f"{len(unknown)} {what} matched no preset ({', '.join(unknown)})")
+            if whole:
+                what = "weight" if len(whole) == 1 else "weights"
+                parts.append(
+                    f"{len(whole)} fused {what} whose layout is not known for this model kept whole "
+                    f"({', '.join(whole)})"
+                )
+            message = (
+                f"AdaPM: {' and '.join(parts)}: they keep full momentum and a full second moment, "
+                f"{100.0 * fallback / report.adamw_state_bytes:.1f}% of AdamW's optimizer state for them "
+                f"({total:.1f}% in all). Pass rules=[(pattern, policy), ...] to choose their policies."
+                + tail
+            )
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
     @staticmethod
     def _make_groups(
         params: Any, rules: Any, second_moment: str, rank_ratio: float, weight_decay: float, ratios: Any
-    ) -> list[Any]:
+    ) -> tuple[list[Any], bool | None]:
+        """The param groups, and whether the partition applied: True (from names), False (bare parameters
+        or groups without any policy key), None (groups that set their own policies)."""
         model = params if isinstance(params, nn.Module) else None
         if model is not None:
             for name, module in model.named_modules():
@@ -272,8 +331,10 @@ class AdaPM(Optimizer):
                         f"{'rules' if rules is not None else 'lr_ratios'} need parameter names: pass the model or "
                         "model.named_parameters() instead of plain parameters, or put policy keys in param groups"
                     )
-                return items
-        return partition(
+                policy_keys = {"momentum", "second_moment", "segments"}
+                own = any(isinstance(x, dict) and policy_keys & set(x) for x in items)
+                return items, None if own else False
+        groups = partition(
             named,
             model=model,
             rules=rules,
@@ -282,6 +343,7 @@ class AdaPM(Optimizer):
             weight_decay=weight_decay,
             lr_ratios=ratios,
         )
+        return groups, True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (validated; its policy keys are resolved per parameter)."""

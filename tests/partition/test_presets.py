@@ -177,7 +177,12 @@ def test_bert_encoder_and_unknown_matrices_are_flagged() -> None:
     assert rows[f"{layer}.attention.output.dense.weight"].momentum == "none"
     assert rows[f"{layer}.intermediate.dense.weight"].momentum == "lowrank"
     assert rows[f"{layer}.output.dense.weight"].momentum == "lowrank"
-    unknown = "cls.predictions.transform.dense.weight"
+    assert rows["cls.predictions.transform.dense.weight"].momentum == "lowrank"  # the MLM head's transform
+    assert opt.partition_report().unmatched == []
+    model.adapter = nn.Linear(32, 32)  # a matrix no preset knows
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    rows = _rows(opt)
+    unknown = "adapter.weight"
     report = opt.partition_report()
     assert unknown in report.unmatched
     assert (rows[unknown].momentum, rows[unknown].second_moment) == ("full", "full")
@@ -446,3 +451,42 @@ def test_expert_segments_match_what_each_expert_computes(kind: str) -> None:
         assert torch.equal(out_other, out)
     rows = _rows(opt)
     assert rows[f"{next(n for n, p in model.named_parameters() if p is gate_up)}[E0.gate]"].momentum == "lowrank"
+
+
+def test_construction_warns_once_about_what_the_partition_could_not_reach() -> None:
+    import warnings
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = tiny_gpt2()
+    # Bare parameters: the partition cannot apply; the warning gives what that costs.
+    with pytest.warns(UserWarning, match=r"without names.*full momentum \(5\d\.\d% of AdamW's optimizer state\)"):
+        adapm.AdaPMMini(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="without names"):
+        adapm.AdaPMMini(model.parameters(), lr=1e-3, strict=True)
+    with pytest.raises(TypeError, match="Invalid strict: 'yes'"):
+        adapm.AdaPM(model, lr=1e-3, strict="yes")  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapm.AdaPMMini(model.parameters(), lr=1e-3, strict=False)
+        adapm.AdaPM(model, lr=1e-3, strict=True)  # every matrix recognised
+        adapm.AdaPM([{"params": [model.transformer.wte.weight], "momentum": "none"}], lr=1e-3)  # deliberate
+    # Unknown matrices: one warning naming them, with their share of AdamW's state.
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(
+        BertConfig(vocab_size=80, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    )
+    bert.adapter = nn.Linear(32, 32)
+    with pytest.warns(UserWarning) as caught:
+        adapm.AdaPMMini(bert, lr=1e-3)
+    messages = [str(w.message) for w in caught if "AdaPM" in str(w.message)]
+    assert len(messages) == 1
+    assert "1 matrix matched no preset (adapter.weight)" in messages[0]
+    assert "% of AdamW's optimizer state for them" in messages[0]
+    with pytest.raises(ValueError, match=r"adapter\.weight"):
+        adapm.AdaPMMini(bert, lr=1e-3, strict=True)
+    # A rule that chooses the unknown matrix's policy makes it deliberate: no warning, not flagged.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = adapm.AdaPMMini(bert, lr=1e-3, rules=[(r"^adapter\.weight$", "lowrank")], strict=True)
+    assert opt.partition_report().unmatched == []

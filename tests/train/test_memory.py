@@ -58,3 +58,58 @@ def test_training_memory_adds_weights_gradients_state_and_activations(capsys: py
     assert "activations (est.)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="Invalid --dtype: 'int4'"):
         training_memory("gpt2-124m", ("adamw",), 1, 8, "int4")
+
+
+# Real-size configs as a user's config.json would give them (no weights needed), and a tiny version of each.
+FAMILY_CONFIGS = {
+    "pythia-1b": ({"model_type": "gpt_neox", "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 8,
+                   "intermediate_size": 8192, "vocab_size": 50304, "rotary_pct": 0.25},
+                  {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+                   "vocab_size": 80}),
+    "phi-2": ({"model_type": "phi", "hidden_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "intermediate_size": 10240, "vocab_size": 51200},
+              {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+               "vocab_size": 80}),
+    "mixtral-8x7b": ({"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+                      "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                      "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000},
+                     {"hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "num_key_value_heads": 2, "num_local_experts": 4, "vocab_size": 80}),
+    "t5-base": ({"model_type": "t5", "d_model": 768, "d_ff": 3072, "d_kv": 64, "num_layers": 12, "num_heads": 12,
+                 "vocab_size": 32128},
+                {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_layers": 2, "num_heads": 4, "vocab_size": 80}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_memory_of_a_config_json_is_what_a_real_step_allocates(family: str, tmp_path) -> None:
+    import json
+
+    from transformers import AutoConfig
+
+    from adapm.train.memory import meta_model, model_from_config
+
+    full, tiny = FAMILY_CONFIGS[family]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(full))
+    rows = {r.optimizer: r for r in memory_table(str(path), ("adamw", "adapm-mini"))}
+    assert rows["adamw"].state_bytes > 1e9  # counted at full size, on the meta device
+    if family in ("mixtral-8x7b", "t5-base"):  # recognised families: AdaPM-mini's saving reaches them
+        assert rows["adapm-mini"].ratio_to_adamw < 0.08
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "config.json").write_text(json.dumps({**full, **tiny}))
+    meta = meta_model(str(tmp_path / "dir"))
+    torch.manual_seed(0)
+    real = model_from_config(AutoConfig.from_pretrained(str(tmp_path / "dir")), device="cpu")
+    for name in ("adamw", "adapm", "adapm-mini"):
+        counted = count_state_bytes(meta, name)
+        opt = build_optimizer(real, OptimConfig(optimizer=name, lr=1e-3))
+        for p in real.parameters():
+            p.grad = torch.randn_like(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            opt.step()
+        assert adapm.state_bytes(opt) == counted, (family, name)
+        opt.zero_grad()
+    with pytest.raises(ValueError, match=r"config\.json file"):
+        meta_model(str(tmp_path / "missing"))

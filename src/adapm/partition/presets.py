@@ -83,6 +83,15 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("gptj-opt", r"(^|\.)(attn|self_attn)\.out_proj\.weight$", ("attn_out",)),
     PresetRule("phi-gptj-opt", r"(^|\.)(fc1|fc2|fc_in|fc_out)\.weight$", ("mlp",)),
     PresetRule("opt", r"(^|\.)embed_positions\.weight$", ("embedding",)),
+    # GPT-NeoX / Pythia, BLOOM, Falcon: embeddings, attention output and MLP by name. Their fused
+    # query_key_value interleaves heads (NeoX, BLOOM) or has unequal parts (Falcon): no layout is declared
+    # for it yet, so it is kept whole (full momentum), and the warning says so.
+    PresetRule("neox-bloom-falcon", r"(^|\.)(embed_in|word_embeddings)\.weight$", ("embedding",)),
+    PresetRule("neox", r"(^|\.)embed_out\.weight$", ("output",)),
+    PresetRule("neox-bloom-falcon", r"(^|\.)(attention|self_attention)\.dense\.weight$", ("attn_out",)),
+    PresetRule("neox-bloom-falcon", r"(^|\.)dense_(h_to_4h|4h_to_h)\.weight$", ("mlp",)),
+    PresetRule("neox-bloom-falcon", r"(^|\.)(attention|self_attention)\.query_key_value\.weight$",
+               ("query", "key", "value")),
     # T5 (encoder-decoder): shared embedding, self- and cross-attention, the feed-forward.
     PresetRule("t5", r"(^|\.)shared\.weight$", ("embedding",)),
     PresetRule("t5", r"(^|\.)(SelfAttention|EncDecAttention)\.q\.weight$", ("query",)),
@@ -107,6 +116,7 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("bert", r"(^|\.)attention\.self\.value\.weight$", ("value",)),
     PresetRule("bert", r"(^|\.)attention\.output\.dense\.weight$", ("attn_out",)),
     PresetRule("bert", r"(^|\.)(intermediate|output)\.dense\.weight$", ("mlp",)),
+    PresetRule("bert", r"(^|\.)(predictions\.transform|pooler)\.dense\.weight$", ("mlp",)),
 )
 
 SEGMENT_NAMES: dict[str, str] = {"query": "Q", "key": "K", "value": "V"}

@@ -287,6 +287,8 @@ def partition(
             "family": preset.family if preset else "",
             "matched": param.dim() < 2 or preset is not None,
         }
+        if name in kept_whole:
+            group["kept_whole"] = True
         if not fused:
             role = roles[0]
             policy = _resolve(role, [name, *aliases], user_rules, second_moment, used)
@@ -303,6 +305,8 @@ def partition(
                 group["lr_ratio"] = ratio
             if "update_clip" in policy:  # a rule's clip applies to its block whatever the scope
                 group.update(update_clip=policy["update_clip"], clip_scope="all")
+            if policy.get("by_rule"):  # the user chose this block's policy: it is not unknown
+                group["matched"] = True
         else:
             assert preset is not None
             matrix = shape[1:] if experts else shape
@@ -347,14 +351,6 @@ def partition(
             if experts:
                 group["experts"] = True
         groups.append(group)
-    if kept_whole:
-        warnings.warn(
-            f"adapm: {len(kept_whole)} fused weight(s) whose layout is not known for this model were kept whole "
-            f"with full momentum and full second moment (no memory saving on them): {', '.join(kept_whole)}. "
-            "Split them with explicit param groups, or pass rules to choose their policy.",
-            UserWarning,
-            stacklevel=3,
-        )
     _warn_unused_rules(user_rules, used, fused_names)
     return groups
 
@@ -398,5 +394,6 @@ def _resolve(
             policy["update_clip"] = rule.update_clip
         if rule.lr_ratio is not None:
             policy["lr_ratio"] = rule.lr_ratio
+        policy["by_rule"] = True
     policy.update(momentum=momentum, second_moment=sm)
     return policy

@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,18 +40,37 @@ class MemoryRow:
 
 
 def meta_model(name: str) -> nn.Module:
-    """A preset (paper vocabulary) or a local HF config directory, built on the meta device."""
+    """A preset (paper vocabulary), a local HF model directory or a ``config.json`` file, built on the
+    meta device (nothing allocated, nothing downloaded)."""
     if name in MODEL_PRESETS:
         return build_model(name, device="meta")
     path = Path(name).expanduser()
-    if (path / "config.json").is_file():
-        from transformers import AutoConfig, AutoModelForCausalLM
+    config_file = path / "config.json" if path.is_dir() else path
+    if config_file.is_file() and config_file.suffix == ".json":
+        from transformers import AutoConfig
 
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
+        try:
+            config = AutoConfig.from_pretrained(str(config_file), local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"Invalid model: {name!r}: {config_file} is not a Hugging Face config ({err})") from None
+        return model_from_config(config, device="meta")
     raise ValueError(
-        f"Invalid model: {name!r}; expected a preset {sorted(MODEL_PRESETS)} or a local HF model directory"
+        f"Invalid model: {name!r}; expected a preset {sorted(MODEL_PRESETS)}, a local HF model directory or a "
+        "config.json file"
     )
+
+
+def model_from_config(config: Any, device: str | torch.device = "meta") -> nn.Module:
+    """The model a Hugging Face config describes: causal LM, else sequence-to-sequence LM, else the base model."""
+    import transformers
+
+    with torch.device(device):
+        for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM, transformers.AutoModel):
+            try:
+                return auto.from_config(config)
+            except ValueError:  # this config has no model of that kind
+                continue
+    raise ValueError(f"no transformers model class for config type {type(config).__name__}")
 
 
 def count_state_bytes(model: nn.Module, optimizer: str, cfg: OptimConfig | None = None) -> int:

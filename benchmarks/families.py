@@ -1,0 +1,145 @@
+"""What the partition reaches in each model family: unknown matrices, fused weights kept whole, and the
+optimizer state of AdaPM and AdaPM-mini in % of AdamW's, on a tiny random model of each family and at
+real size (counted on the meta device from the family's published config shape; nothing downloaded).
+
+    python benchmarks/families.py --json docs/benchmarks/families.json   # writes families.md beside it
+    python benchmarks/families.py --quick                                # tiny models only
+
+The README's preset table is this script's Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, markdown_table
+
+import adapm
+from adapm.train.memory import count_state_bytes, model_from_config
+
+# Real-size shapes of a well-known checkpoint of each family (its config.json's size fields), and the
+# overrides that make a tiny model (2 layers, hidden 64) of the same family.
+FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "gpt2": ("GPT-2 1.5B", {"model_type": "gpt2", "n_embd": 1600, "n_layer": 48, "n_head": 25, "vocab_size": 50257},
+             {"n_embd": 64, "n_layer": 2, "n_head": 4}),
+    "llama": ("Llama-2 7B", {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+                             "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000}, {}),
+    "mistral": ("Mistral 7B", {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+                               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                               "vocab_size": 32000}, {}),
+    "qwen2": ("Qwen2 7B", {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+                           "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                           "vocab_size": 152064}, {}),
+    "gemma2": ("Gemma-2 9B", {"model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336,
+                              "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8,
+                              "head_dim": 256, "vocab_size": 256000}, {"head_dim": 16}),
+    "phi": ("Phi-2", {"model_type": "phi", "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 32,
+                      "num_attention_heads": 32, "vocab_size": 51200}, {}),
+    "gptj": ("GPT-J 6B", {"model_type": "gptj", "n_embd": 4096, "n_layer": 28, "n_head": 16, "rotary_dim": 64,
+                          "vocab_size": 50400}, {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8}),
+    "opt": ("OPT 6.7B", {"model_type": "opt", "hidden_size": 4096, "ffn_dim": 16384, "num_hidden_layers": 32,
+                         "num_attention_heads": 32, "word_embed_proj_dim": 4096, "vocab_size": 50272},
+            {"ffn_dim": 128, "word_embed_proj_dim": 64}),
+    "t5": ("T5-base", {"model_type": "t5", "d_model": 768, "d_ff": 3072, "d_kv": 64, "num_layers": 12,
+                       "num_heads": 12, "vocab_size": 32128},
+           {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_layers": 2, "num_heads": 4}),
+    "bert": ("BERT-base", {"model_type": "bert", "hidden_size": 768, "intermediate_size": 3072,
+                           "num_hidden_layers": 12, "num_attention_heads": 12, "vocab_size": 30522}, {}),
+    "mixtral": ("Mixtral 8x7B", {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+                                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                 "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000},
+                {"num_local_experts": 4}),
+    "qwen2_moe": ("Qwen1.5-MoE A2.7B", {"model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632,
+                                        "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+                                        "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
+                                        "num_experts": 60, "num_experts_per_tok": 4, "vocab_size": 151936},
+                  {"moe_intermediate_size": 32, "shared_expert_intermediate_size": 128, "num_experts": 4}),
+    "gpt_neox": ("Pythia 1B", {"model_type": "gpt_neox", "hidden_size": 2048, "intermediate_size": 8192,
+                               "num_hidden_layers": 16, "num_attention_heads": 8, "rotary_pct": 0.25,
+                               "vocab_size": 50304}, {}),
+    "bloom": ("BLOOM 1.1B", {"model_type": "bloom", "hidden_size": 1536, "n_layer": 24, "n_head": 16,
+                             "vocab_size": 250880}, {"n_layer": 2, "n_head": 4}),
+    "falcon": ("Falcon 7B", {"model_type": "falcon", "hidden_size": 4544, "num_hidden_layers": 32,
+                             "num_attention_heads": 71, "multi_query": True, "new_decoder_architecture": False,
+                             "vocab_size": 65024}, {}),
+}  # fmt: skip
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 100}  # fmt: skip
+
+
+def tiny_config(full: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    config = {**full, **{k: v for k, v in TINY.items() if k in full or k == "vocab_size"}, **extra}
+    if full.get("num_key_value_heads") == full.get("num_attention_heads"):
+        config["num_key_value_heads"] = config.get("num_attention_heads", 4)
+    return config
+
+
+def measure(config: dict[str, Any], device: str) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    hf = AutoConfig.for_model(**config)
+    torch.manual_seed(0)
+    model = model_from_config(hf, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = adapm.AdaPMMini(model, lr=1e-3, strict=False).partition_report()
+        whole = [g["names"][0] for g in adapm.AdaPMMini(model, lr=1e-3, strict=False).param_groups
+                 if g.get("kept_whole")]  # fmt: skip
+    adamw = count_state_bytes(model, "adamw")
+    row = {
+        "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "unknown": len([n for n in report.unmatched if n not in whole]),
+        "kept_whole": len(whole),
+    }
+    for name in ("adapm", "adapm-mini"):
+        row[f"{name}_pct"] = 100.0 * count_state_bytes(model, name) / adamw
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="also write this JSON and a .md table beside it")
+    parser.add_argument("--quick", action="store_true", help="tiny models only")
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows = []
+    for family in args.families.split(","):
+        if family not in FAMILIES:
+            parser.error(f"--families: unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+        checkpoint, full, extra = FAMILIES[family]
+        tiny = measure(tiny_config(full, extra), "cpu")
+        row: dict[str, Any] = {"family": family, "checkpoint": checkpoint, "unknown": tiny["unknown"],
+                               "kept_whole": tiny["kept_whole"], "tiny_adapm_pct": tiny["adapm_pct"],
+                               "tiny_adapm_mini_pct": tiny["adapm-mini_pct"]}  # fmt: skip
+        if not args.quick:
+            real = measure(full, "meta")
+            row.update(parameters_m=real["parameters_m"], adapm_pct=real["adapm_pct"],
+                       adapm_mini_pct=real["adapm-mini_pct"])  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    columns = [("family", "{}"), ("checkpoint", "{}"), ("parameters_m", "{:,.0f}M"), ("unknown", "{}"),
+               ("kept_whole", "{}"), ("adapm_pct", "{:.1f}%"), ("adapm_mini_pct", "{:.1f}%"),
+               ("tiny_adapm_pct", "{:.1f}%"), ("tiny_adapm_mini_pct", "{:.1f}%")]  # fmt: skip
+    if args.quick:
+        columns = [c for c in columns if not c[0].startswith(("parameters", "adapm"))]
+    table = markdown_table(rows, columns)
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        info = {**machine_info(), "command": " ".join(sys.argv)}
+        args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+        args.json.with_suffix(".md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
