@@ -70,6 +70,15 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "falcon": ("Falcon 7B", {"model_type": "falcon", "hidden_size": 4544, "num_hidden_layers": 32,
                              "num_attention_heads": 71, "multi_query": True, "new_decoder_architecture": False,
                              "vocab_size": 65024}, {}),
+    "falcon_gqa": ("Falcon 40B", {"model_type": "falcon", "hidden_size": 8192, "num_hidden_layers": 60,
+                                  "num_attention_heads": 128, "num_kv_heads": 8, "new_decoder_architecture": True,
+                                  "vocab_size": 65024}, {"num_kv_heads": 2}),
+    "phi3": ("Phi-3 mini", {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
+                            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                            "vocab_size": 32064, "pad_token_id": 0}, {}),
+    "gpt_bigcode": ("StarCoder 15B", {"model_type": "gpt_bigcode", "n_embd": 6144, "n_layer": 40, "n_head": 48,
+                                      "multi_query": True, "vocab_size": 49152},
+                    {"n_embd": 64, "n_layer": 2, "n_head": 4}),
 }  # fmt: skip
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -65,17 +65,14 @@ class Block:
         return self.seg.policy.source == "given"
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        left, right = self.state["lowrank_L"], self.state["lowrank_R"]
-        if self.layout.fused:
-            return left[self.seg.slot], right[self.seg.slot]
-        return left, right
+        part = self.layout.part
+        return part(self.state["lowrank_L"], "lowrank_L", self.seg), part(
+            self.state["lowrank_R"], "lowrank_R", self.seg
+        )
 
     def second_moment(self) -> Tensor:
         """This segment's second-moment state: a view of the parameter-shaped ``v`` or its block values."""
-        v = self.state["exp_avg_sq"]
-        if self.layout.second_policy.elementwise:
-            return self.seg.view(v)
-        return v.narrow(0, self.seg.block_offset, self.seg.n_blocks)
+        return self.layout.part(self.state["exp_avg_sq"], "exp_avg_sq", self.seg)
 
 
 RefreshFn = Callable[[Block], "torch.Generator | None"]
@@ -106,6 +103,13 @@ def stacks(blocks: Sequence[Block], limit: int | None = None) -> list[list[Block
 def stacked(tensors: Sequence[Tensor]) -> Tensor:
     """The tensors as one ``(B, ...)`` tensor: a view for a single one, else one copy."""
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
+
+
+def stacked_matrices(blocks: Sequence[Block]) -> Tensor:
+    """The blocks' gradients as one ``(B, *matrix shape)`` tensor (interleaved segments are gathered)."""
+    shape = blocks[0].seg.shape
+    g = stacked([b.grad for b in blocks])
+    return g if tuple(g.shape[1:]) == shape else g.reshape(len(blocks), *shape)
 
 
 def block_sq_means(g: Tensor, block: tuple[int | None, int]) -> Tensor:
@@ -151,7 +155,7 @@ def track_lowrank(blocks: list[Block], refresh: RefreshFn) -> set[int]:
             singles.append(b)
             continue
         g = b.group
-        key = (b.seg.shape, b.seg.rank, g["tracker"], g["correction"], g["betas"][0], b.t,
+        key = (b.seg.shape, b.seg.view_shape, b.seg.rank, g["tracker"], g["correction"], g["betas"][0], b.t,
                b.layout.second_moment, b.seg.block)  # fmt: skip
         groups.setdefault(key, []).append(b)
     rejected: set[int] = set()
@@ -167,6 +171,8 @@ def _track_stack(chunk: list[Block]) -> set[int]:
     first = chunk[0]
     group = first.group
     g = torch.stack([b.grad for b in chunk])
+    if tuple(g.shape[1:]) != first.seg.shape:  # interleaved segments: gather into matrices (a view here)
+        g = g.reshape(len(chunk), *first.seg.shape)
     if not first.layout.second_policy.elementwise:
         sq = block_sq_means(g, first.seg.block)
         for b, row in zip(chunk, sq.unbind(0)):
@@ -185,7 +191,7 @@ def _track_stack(chunk: list[Block]) -> set[int]:
             _copy_rows([lefts[i] for i in keep], new_left, keep, len(chunk))
         _copy_rows([rights[i] for i in keep], new_right, keep, len(chunk))
     for b, m in zip(chunk, momentum.unbind(0)):
-        b.numerator = m
+        b.numerator = b.seg.as_view(m)
     return bad
 
 
@@ -198,18 +204,19 @@ def _copy_rows(dest: list[Tensor], source: Tensor, rows: list[int], batch: int) 
 def _track_single(b: Block) -> set[int]:
     """A block due for a refresh: the single-matrix path."""
     group = b.group
+    grad = b.seg.matrix(b.grad)
     if not b.layout.second_policy.elementwise:
-        b.sq_mean = block_sq_means(b.grad.unsqueeze(0), b.seg.block)[0]
+        b.sq_mean = block_sq_means(grad.unsqueeze(0), b.seg.block)[0]
     left, right = b.factors()
     momentum, new_left, new_right = lowrank_momentum(
-        left, right, b.grad, group["betas"][0], b.t, tracker=group["tracker"], correction=group["correction"],
+        left, right, grad, group["betas"][0], b.t, tracker=group["tracker"], correction=group["correction"],
         refresh=True, generator=b.extra.pop("generator"),
     )  # fmt: skip
     if not bool(torch.isfinite(new_left).all() & torch.isfinite(new_right).all()):
         return {id(b.p)}
     left.copy_(new_left)
     right.copy_(new_right)
-    b.numerator = momentum
+    b.numerator = b.seg.as_view(momentum)
     return set()
 
 
@@ -219,19 +226,20 @@ def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:
     groups: dict[tuple[Any, ...], list[Block]] = {}
     for b in blocks:
         if not b.layout.second_policy.elementwise:
-            key = (b.seg.shape, b.seg.block, b.group["betas"][1], b.group["eps"], b.t, b.sq_mean is None)
+            key = (b.seg.shape, b.seg.view_shape, b.seg.block, b.group["betas"][1], b.group["eps"], b.t,
+                   b.sq_mean is None)  # fmt: skip
             groups.setdefault(key, []).append(b)
     out: dict[int, Tensor] = {}
-    for (shape, block, beta2, eps, t, fresh), members in groups.items():
+    for (shape, _view, block, beta2, eps, t, fresh), members in groups.items():
         bc2_sqrt = math.sqrt(1 - beta2**t)
         for chunk in stacks(members):
             if fresh:
-                sq = block_sq_means(stacked([b.grad for b in chunk]), block)
+                sq = block_sq_means(stacked_matrices(chunk), block)
             else:
                 sq = stacked([b.sq_mean for b in chunk if b.sq_mean is not None])
             vs = [b.second_moment() for b in chunk]
             for b, denom in zip(chunk, block_denominators(sq, vs, shape, block, beta2, bc2_sqrt, eps)):
-                out[id(b)] = denom
+                out[id(b)] = b.seg.as_view(denom)
     return out
 
 
@@ -250,8 +258,7 @@ def elementwise_tails(blocks: list[Block], denominators: dict[int, Tensor]) -> N
         key = (policy.source, full, beta1, beta2, lr, 1 - lr * group["weight_decay"], bc1,
                math.sqrt(1 - beta2**b.t), group["eps"], clip)  # fmt: skip
         if policy.source == "ema":
-            m = b.state["exp_avg"]
-            source = m[seg.slot] if b.layout.fused else m
+            source = seg.as_view(b.layout.part(b.state["exp_avg"], "exp_avg", seg))
         elif policy.source == "given":
             source = b.numerator
         else:

@@ -273,8 +273,7 @@ class AdaPM(Optimizer):
             message = (
                 f"AdaPM got parameters without names, so its partition cannot apply: every parameter gets full "
                 f"momentum ({total:.1f}% of AdamW's optimizer state). Pass the model or model.named_parameters() "
-                "to get the partition, or put policy keys ('momentum', 'second_moment') in your param groups."
-                + tail
+                "to get the partition, or put policy keys ('momentum', 'second_moment') in your param groups." + tail
             )
         else:
             whole = [n for g in self.param_groups if g.get("kept_whole") for n in g["names"]]
@@ -295,8 +294,7 @@ class AdaPM(Optimizer):
             message = (
                 f"AdaPM: {' and '.join(parts)}: they keep full momentum and a full second moment, "
                 f"{100.0 * fallback / report.adamw_state_bytes:.1f}% of AdamW's optimizer state for them "
-                f"({total:.1f}% in all). Pass rules=[(pattern, policy), ...] to choose their policies."
-                + tail
+                f"({total:.1f}% in all). Pass rules=[(pattern, policy), ...] to choose their policies." + tail
             )
         if strict:
             raise ValueError(message)
@@ -448,9 +446,13 @@ class AdaPM(Optimizer):
                     "DDP or expert parallelism) or give it full momentum with a rule"
                 )
             if info.sharded and layout.fused and layout.segments[0].dim == 0:
+                kind = "interleaved or unequal q/k/v parts" if layout.segments[0].groups > 1 or len(
+                    {s.shape for s in layout.segments}) > 1 else "segments"  # fmt: skip
                 raise NotImplementedError(
-                    f"AdaPM: fused parameter '{layout.name}' is split into segments along dim 0, which FSDP2 "
-                    "shards; use separate q/k/v projections (or HF GPT-2's Conv1D layout), or DDP"
+                    f"AdaPM: fused parameter '{layout.name}' holds {kind} along its rows (dim 0), which FSDP2 "
+                    "shards across ranks (e.g. GPT-NeoX, BLOOM, Falcon, Phi-3, GPT-BigCode, nanoGPT): train it "
+                    "with DDP, keep that module unsharded, or use a model with separate q/k/v projections "
+                    "(or HF GPT-2's Conv1D layout)"
                 )
             self._shards[p] = info
         return info
@@ -608,14 +610,13 @@ class AdaPM(Optimizer):
             # A segment's own clip (from a rule) wins; else the group's, where its scope reaches.
             policy = seg.policy
             clip = seg.clip if seg.clip_set else (group_clip if every_block or policy.in_clip_scope else None)
-            numerator: Tensor | None = numerators[seg.slot] if policy.source == "given" else None
-            m = local(state["exp_avg"]) if policy.source == "ema" else None
-            if m is not None and layout.fused:
-                m = m[seg.slot]
+            numerator = seg.as_view(numerators[seg.slot]) if policy.source == "given" else None
+            m = seg.as_view(layout.part(local(state["exp_avg"]), "exp_avg", seg)) if policy.source == "ema" else None
             if layout.second_policy.elementwise:
-                v_seg, denom = seg.view(v), None
+                v_seg, denom = layout.part(v, "exp_avg_sq", seg), None
             else:
-                v_seg, denom = None, self._block_denominator(seg, gs, v, info, beta2, bias_correction2_sqrt, eps)
+                denom = self._block_denominator(layout, seg, gs, v, info, beta2, bias_correction2_sqrt, eps)
+                v_seg, denom = None, seg.as_view(denom)
             bc1 = bias_correction1 if policy.bias_correction else 1.0
             target_seg = seg.view(target)
             if self.fused and self._fused_tail(
@@ -697,11 +698,20 @@ class AdaPM(Optimizer):
         return buf
 
     def _block_denominator(
-        self, seg: Any, g: Tensor, v: Tensor, info: ShardInfo, beta2: float, bc2_sqrt: float, eps: float
+        self,
+        layout: ParamLayout,
+        seg: Any,
+        g: Tensor,
+        v: Tensor,
+        info: ShardInfo,
+        beta2: float,
+        bc2_sqrt: float,
+        eps: float,
     ) -> Tensor:
         """Update the segment's block second moments; return ``sqrt(vhat) + eps`` as a small tensor that
-        broadcasts to the segment's (local) shape."""
-        vb = v.narrow(0, seg.block_offset, seg.n_blocks)
+        broadcasts to the segment's (local) matrix shape."""
+        vb = layout.part(v, "exp_avg_sq", seg)
+        g = seg.matrix(g)
         if not info.sharded:
             buffer = self._flat_workspace(g) if needs_square_buffer(tuple(g.shape), *seg.block) else None
             block_second_moment(vb, g, beta2, *seg.block, workspace=buffer)
@@ -729,9 +739,9 @@ class AdaPM(Optimizer):
         left_all, right_all = local(state["lowrank_L"]), state["lowrank_R"]
         results = []
         for seg in segments:
-            gs = seg.view(g)
-            left = left_all[seg.slot] if layout.fused else left_all
-            right = right_all[seg.slot] if layout.fused else right_all
+            gs = seg.matrix(seg.view(g))
+            left = layout.part(left_all, "lowrank_L", seg)
+            right = layout.part(right_all, "lowrank_R", seg)
             # A fused parameter's segments need their own buffers: all are kept until the update.
             out = self._workspace(gs, seg.slot) if layout.fused else self._workspace(gs)
             results.append((left, right, *self._lowrank(group, p, seg.slot, left, right, gs, t, info, out)))

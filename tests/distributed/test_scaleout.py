@@ -52,6 +52,8 @@ def test_adapm_is_as_exact_as_adamw_under_sharding(equivalence: list[dict]) -> N
 def test_fused_qkv_split_along_the_sharded_dim_fails_clearly(equivalence: list[dict]) -> None:
     message = equivalence[-1]["unsupported"]
     assert "fused parameter 'attn.c_attn.weight'" in message and "FSDP2" in message
+    neox = equivalence[-1]["unsupported_neox"]
+    assert "'gpt_neox.layers.0.attention.query_key_value.weight'" in neox and "interleaved" in neox
 
 
 def test_dcp_resume_is_exact_and_reshards_to_one_process(tmp_path: Path) -> None:

@@ -170,7 +170,7 @@ def equivalence(out_file: str) -> None:
             row["fsdp_worst_tensor"] = worst_tensor(ref_params, full_params(fsdp))
             row["fsdp_state_bytes_this_rank"] = adapm.state_bytes(fsdp_opt)
             results.append(row)
-    results.append({"unsupported": unsupported_fused_rows()})
+    results.append({"unsupported": unsupported_fused_rows(), "unsupported_neox": unsupported_interleaved()})
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump(results, f, indent=2)
@@ -185,6 +185,24 @@ def unsupported_fused_rows() -> str:
     model.attn = attn
     fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
     opt = adapm.AdaPM(model, lr=1e-3)  # the module shows the nn.Linear layout (names alone would not)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    try:
+        opt.step()
+    except NotImplementedError as exc:
+        return str(exc)
+    return "no error"
+
+
+def unsupported_interleaved() -> str:
+    """GPT-NeoX's per-head interleaved query_key_value (rows along the sharded dim 0) must fail clearly."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, vocab_size=40))  # fmt: skip
+    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    opt = adapm.AdaPM(model, lr=1e-3)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     try:

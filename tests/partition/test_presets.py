@@ -241,17 +241,47 @@ def _probe_qkv(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, ..
     return seen
 
 
+def _probe_split(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The query, key and value layer 0's attention receives on ``x``: recorded from the model's own
+    split method where it has one (BLOOM's ``_reshape``, Falcon's ``_split_heads``, run unchanged),
+    else through a registered Hugging Face attention function."""
+    attn = (
+        next(m for m in model.modules() if hasattr(m, "_split_heads") or hasattr(m, "_reshape"))
+        if any(hasattr(m, "_split_heads") or hasattr(m, "_reshape") for m in model.modules())
+        else None
+    )
+    if attn is None:
+        return _probe_qkv(model, x)[0]
+    name = "_split_heads" if hasattr(attn, "_split_heads") else "_reshape"
+    method, seen = getattr(attn, name), []
+
+    def record(fused: torch.Tensor):  # type: ignore[no-untyped-def]
+        out = method(fused)
+        seen.append(tuple(t.detach().clone() for t in out))
+        return out
+
+    setattr(attn, name, record)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=x)
+    finally:
+        delattr(attn, name)
+    return seen[0]
+
+
 def _what_each_segment_feeds(model: nn.Module, opt: adapm.AdaPM, weight: nn.Parameter) -> list[str]:
     """Perturb each segment of a split weight and record which of q, k, v in layer 0 change."""
     x = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
-    base = _probe_qkv(model, x)[0]
+    base = _probe_split(model, x)
     fed = []
     for seg in opt.layout(weight).segments:
         saved = weight.detach().clone()
         with torch.no_grad():
             # Random, not constant: a constant row shift is cancelled by the LayerNorm'd (zero-mean) input.
-            seg.view(weight.data).add_(torch.randn(seg.shape, generator=torch.Generator().manual_seed(1)))
-        after = _probe_qkv(model, x)[0]
+            delta = torch.randn(seg.shape, generator=torch.Generator().manual_seed(1))
+            seg.view(weight.data).add_(seg.as_view(delta))
+        after = _probe_split(model, x)
         with torch.no_grad():
             weight.copy_(saved)
         fed.append("".join(n for n, a, b in zip("qkv", base, after) if (a - b).abs().max() > 1e-3))
@@ -269,33 +299,113 @@ def test_hf_gpt2_split_matches_the_real_query_key_value() -> None:
     assert _what_each_segment_feeds(model, opt, weight) == ["q", "k", "v"]
 
 
-@pytest.mark.parametrize("multi_query", [False, True])
-def test_gpt_bigcode_fused_qkv_is_kept_whole_and_flagged(multi_query: bool) -> None:
-    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+def _fused_family(kind: str) -> tuple[nn.Module, nn.Parameter]:
+    """A tiny model of each family with a fused query/key/value weight, and layer 0's fused weight."""
+    import transformers as T
 
     torch.manual_seed(0)
-    config = GPTBigCodeConfig(n_layer=1, n_embd=64, n_head=4, vocab_size=50, n_positions=16, multi_query=multi_query)
-    model = GPTBigCodeForCausalLM(config)
-    with pytest.warns(UserWarning, match=r"layout is not known.*transformer\.h\.0\.attn\.c_attn\.weight"):
+    small = dict(vocab_size=50)
+    if kind.startswith("bigcode"):
+        model = T.GPTBigCodeForCausalLM(
+            T.GPTBigCodeConfig(
+                n_layer=1, n_embd=64, n_head=4, n_positions=16, multi_query=kind == "bigcode-mqa", **small
+            )
+        )
+        return model, model.transformer.h[0].attn.c_attn.weight
+    if kind == "gpt_neox":
+        model = T.GPTNeoXForCausalLM(
+            T.GPTNeoXConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128, **small)
+        )
+        return model, model.gpt_neox.layers[0].attention.query_key_value.weight
+    if kind == "bloom":
+        model = T.BloomForCausalLM(T.BloomConfig(hidden_size=64, n_layer=1, n_head=4, **small))
+        return model, model.transformer.h[0].self_attention.query_key_value.weight
+    if kind.startswith("falcon"):
+        flags = {
+            "falcon-mqa": dict(multi_query=True),
+            "falcon-mha": dict(multi_query=False),
+            "falcon-gqa": dict(new_decoder_architecture=True, num_kv_heads=2),
+        }[kind]
+        model = T.FalconForCausalLM(
+            T.FalconConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, **flags, **small)
+        )
+        return model, model.transformer.h[0].self_attention.query_key_value.weight
+    model = T.Phi3ForCausalLM(
+        T.Phi3Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            **small,
+        )
+    )
+    return model, model.model.layers[0].self_attn.qkv_proj.weight
+
+
+FUSED_FAMILIES = ("bigcode-mha", "bigcode-mqa", "gpt_neox", "bloom", "falcon-mqa", "falcon-mha", "falcon-gqa", "phi3")
+
+
+@pytest.mark.parametrize("kind", FUSED_FAMILIES)
+def test_declared_fused_layouts_match_the_real_query_key_value(kind: str) -> None:
+    """Each declared layout (heads interleaved, unequal parts, Falcon's grouped layout) is proven on the
+    model's own attention: perturbing a segment changes exactly the one of q, k, v it is declared as."""
+    import warnings
+
+    model, weight = _fused_family(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing kept whole
         opt = adapm.AdaPMMini(model, lr=1e-3)
-    weight = model.transformer.h[0].attn.c_attn.weight
     layout = opt.layout(weight)
-    assert not layout.fused and layout.segments[0].momentum == "full" and layout.second_moment == "full"
-    assert "transformer.h.0.attn.c_attn.weight" in opt.partition_report().unmatched
-    # Equal contiguous thirds would not have been Q, K and V (the check that caught the old split).
-    thirds = weight.shape[0] // 3
+    assert [s.name.rsplit("[", 1)[1] for s in layout.segments] == ["Q]", "K]", "V]"]
+    assert [s.momentum for s in layout.segments] == ["lowrank", "lowrank", "full"]
+    assert _what_each_segment_feeds(model, opt, weight) == ["q", "k", "v"]
+    assert opt.partition_report().unmatched == []
+
+
+@pytest.mark.parametrize("kind", ["gpt_neox", "bloom", "bigcode-mha", "phi3"])
+def test_per_head_blocks_follow_the_real_heads(kind: str) -> None:
+    """AdaPM-mini's per-head second-moment blocks of the query segment: perturbing block j of the segment
+    changes head j of the query the attention receives, and no other head."""
+    model, weight = _fused_family(kind)
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    seg = opt.layout(weight).segments[0]
+    dim, size = seg.block
+    assert (dim, size) == (0, 16)
     x = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
-    base = _probe_qkv(model, x)[0]
-    fed = []
-    for i in range(3):
+    base = _probe_split(model, x)[0]  # (batch, heads, seq, head_dim)
+    for head in range(seg.shape[0] // size):
+        delta = torch.zeros(seg.shape)
+        delta[head * size : (head + 1) * size] = torch.randn(size, seg.shape[1])
         saved = weight.detach().clone()
         with torch.no_grad():
-            weight[i * thirds : (i + 1) * thirds].add_(torch.randn(thirds, weight.shape[1]))
-        after = _probe_qkv(model, x)[0]
+            seg.view(weight.data).add_(seg.as_view(delta))
+        after = _probe_split(model, x)[0]
         with torch.no_grad():
             weight.copy_(saved)
-        fed.append("".join(n for n, a, b in zip("qkv", base, after) if (a - b).abs().max() > 1e-3))
-    assert fed == (["q", "q", "kv"] if multi_query else ["qkv", "qkv", "qkv"])
+        changed = [h for h in range(base.shape[1]) if (after[:, h] - base[:, h]).abs().max() > 1e-4]
+        assert changed == [head], (kind, head, changed)
+
+
+@pytest.mark.parametrize("kind", ["gpt_neox", "falcon-gqa", "phi3"])
+def test_interleaved_and_unequal_layouts_train_like_the_per_block_reference(kind: str) -> None:
+    """The grouped step on interleaved and unequal segments equals the per-block step, and both train."""
+    import copy
+
+    model, _ = _fused_family(kind)
+    twin = copy.deepcopy(model)
+    opts = [adapm.AdaPMMini(m, lr=1e-3, foreach=f) for m, f in ((model, False), (twin, True))]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        ids = torch.randint(0, 50, (2, 8), generator=gen)
+        for m, o in zip((model, twin), opts):
+            m(input_ids=ids, labels=ids).loss.backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert adapm.state_bytes(opts[0]) == opts[0].partition_report().state_bytes
 
 
 def test_rules_that_match_nothing_warn_and_name_the_segments() -> None:
@@ -490,3 +600,48 @@ def test_construction_warns_once_about_what_the_partition_could_not_reach() -> N
         warnings.simplefilter("error")
         opt = adapm.AdaPMMini(bert, lr=1e-3, rules=[(r"^adapter\.weight$", "lowrank")], strict=True)
     assert opt.partition_report().unmatched == []
+
+
+@pytest.mark.parametrize("kind", FUSED_FAMILIES)
+def test_fused_families_train_with_the_state_the_report_counts(kind: str) -> None:
+    model, _ = _fused_family(kind)
+    opt = adapm.AdaPMMini(model, lr=1e-3, strict=True)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        ids = torch.randint(0, 50, (2, 8), generator=gen)
+        loss = model(input_ids=ids, labels=ids).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert adapm.state_bytes(opt) == opt.partition_report().state_bytes
+    assert opt.partition_report().ratio_to_adamw < 0.2
+
+
+def test_phi3_gate_up_segments_match_the_real_mlp() -> None:
+    model, _ = _fused_family("phi3")
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    mlp = model.model.layers[0].mlp
+    weight = mlp.gate_up_proj.weight
+    assert [s.name.rsplit("[", 1)[1] for s in opt.layout(weight).segments] == ["gate]", "up]"]
+    seen: list[torch.Tensor] = []
+    mlp.activation_fn.register_forward_hook(lambda _m, args, out: seen.append(args[0].detach().clone()))
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        seen.clear()
+        with torch.no_grad():
+            out = mlp(x)
+        return seen[0], out
+
+    act, out = run()
+    for seg, gate in zip(opt.layout(weight).segments, (True, False)):
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            seg.view(weight.data).add_(torch.randn(seg.shape, generator=torch.Generator().manual_seed(1)))
+        act_p, out_p = run()
+        with torch.no_grad():
+            weight.copy_(saved)
+        assert torch.equal(act_p, act) is not gate  # the gate feeds the activation; up does not
+        assert not torch.equal(out_p, out)

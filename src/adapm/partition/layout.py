@@ -13,6 +13,7 @@ and ``segment_clip`` (an update clip for that segment alone, whatever the clip s
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,32 @@ class Segment:
     index: int | None = None
     """For a stack of expert matrices (a 3-D mixture-of-experts weight): the expert this segment belongs
     to. The segment is then a part of ``tensor[index]``, and ``dim`` counts in that matrix."""
+    groups: int = 1
+    """Interleaved layouts (e.g. per-head ``[q, k, v]``): the segment is ``groups`` runs of ``length``
+    indices along ``dim``, one run every ``period`` indices, starting at ``start``; its matrix ``shape``
+    has ``groups * length`` there, in that order."""
+    period: int = 0
+
+    @property
+    def view_shape(self) -> tuple[int, ...]:
+        """The shape of :meth:`view`: ``shape``, except for an interleaved segment, whose ``dim`` is split
+        into ``(groups, length)``."""
+        if self.groups == 1 or self.dim is None:
+            return self.shape
+        return (*self.shape[: self.dim], self.groups, self.length, *self.shape[self.dim + 1 :])
+
+    def matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """A :meth:`view` (or any tensor of ``view_shape``) as a tensor of the matrix ``shape`` (a copy
+        only for an interleaved segment)."""
+        return x if self.groups == 1 else x.reshape(self.shape)
+
+    def as_view(self, x: torch.Tensor) -> torch.Tensor:
+        """A tensor of the matrix ``shape``, or one that broadcasts to it, shaped to match :meth:`view`."""
+        if self.groups == 1 or self.dim is None:
+            return x
+        if x.shape[self.dim] == 1:
+            return x.unsqueeze(self.dim)
+        return x.unflatten(self.dim, (self.groups, self.length))
 
     @property
     def policy(self) -> Any:
@@ -63,7 +90,11 @@ class Segment:
         """The part of ``tensor`` (shaped like the parameter) that belongs to this segment (a view)."""
         if self.index is not None:
             tensor = tensor.select(0, self.index)
-        return tensor if self.dim is None else tensor.narrow(self.dim, self.start, self.length)
+        if self.dim is None:
+            return tensor
+        if self.groups == 1:
+            return tensor.narrow(self.dim, self.start, self.length)
+        return tensor.unflatten(self.dim, (self.groups, self.period)).narrow(self.dim + 1, self.start, self.length)
 
 
 @dataclass(frozen=True)
@@ -82,6 +113,11 @@ class ParamLayout:
         return SECOND_MOMENT[self.second_moment]
 
     def state_specs(self) -> dict[str, StateSpec]:
+        """See :meth:`_specs` (computed once per layout)."""
+        return self._specs
+
+    @functools.cached_property
+    def _specs(self) -> dict[str, StateSpec]:
         """Every state tensor this parameter needs, derived from its policies' declarations: each
         segment's momentum and second-moment policy declare their tensors, and a fused parameter's
         segments join them (see :class:`adapm.policies.state.StateSpec`). Keys in a fixed order."""
@@ -94,6 +130,41 @@ class ParamLayout:
         for key in sorted(parts, key=lambda k: (STATE_ORDER.index(k) if k in STATE_ORDER else len(STATE_ORDER), k)):
             specs[key] = join_specs(parts[key], self.fused, self.shape)
         return specs
+
+    def part(self, state: torch.Tensor, key: str, seg: Segment) -> torch.Tensor:
+        """Segment ``seg``'s part of this parameter's state tensor ``key`` (a view), as its policy declared
+        it: its slice of a stack, its range of a concatenation or flat buffer, or its view of a whole
+        parameter-shaped tensor."""
+        join, where, spec = self._parts[key, seg.name]
+        if join == "whole":
+            return seg.view(state)
+        if join == "own":
+            return state
+        if join == "stack":
+            return state[where]
+        if join == "flat":
+            return state.narrow(0, where, spec.numel).view(spec.shape)
+        return state.narrow(spec.concat_dim, where, spec.shape[spec.concat_dim])
+
+    @functools.cached_property
+    def _parts(self) -> dict[tuple[str, str], tuple[str, int, StateSpec]]:
+        """``(key, segment name) -> (how to take the part, index or offset, the segment's spec)``."""
+        specs = self.state_specs()
+        parts: dict[tuple[str, str], tuple[str, int, StateSpec]] = {}
+        seen: dict[str, int] = {}
+        for seg in self.segments:
+            declared = {**self.second_policy.state(seg), **seg.policy.state(seg)}
+            for key, mine in declared.items():
+                join = specs[key].join
+                count = seen.get(key, 0)
+                if join in ("flat", "concat"):
+                    size = mine.numel if join == "flat" else mine.shape[mine.concat_dim]
+                    parts[key, seg.name] = (join, count, mine)
+                    seen[key] = count + size
+                    continue
+                parts[key, seg.name] = (join if join == "whole" or self.fused else "own", count, mine)
+                seen[key] = count + 1
+        return parts
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of every state tensor this parameter needs (keys as in the optimizer state)."""
@@ -229,7 +300,8 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
     elif not isinstance(dim, int) or not 0 <= dim < len(matrix):
         raise ValueError(f"Invalid split_dim for fused {what} of shape {shape}: {dim!r}")
     count = per_expert
-    if dim is not None and matrix[dim] % count != 0:
+    explicit = all("length" in spec for spec in seg_specs)  # declared geometry instead of equal parts
+    if dim is not None and not explicit and matrix[dim] % count != 0:
         raise ValueError(
             f"Fused {what}: dimension {dim} of size {matrix[dim]} does not split into {count} equal segments"
         )
@@ -238,9 +310,25 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
     segments = []
     slots: dict[str, int] = {}
     block_offset = 0
+    covered = 0
     for i, spec in enumerate(seg_specs):
         seg_name = f"{name}[{spec['name']}]"
         seg_what = f"segment '{seg_name}'"
+        start, groups, period = (i % count) * length, 1, 0
+        seg_length = length
+        if "length" in spec:  # explicit geometry: unequal or interleaved parts
+            start, seg_length = int(spec["start"]), int(spec["length"])
+            groups, period = int(spec.get("groups", 1)), int(spec.get("period", 0))
+            assert dim is not None
+            span = period if groups > 1 else matrix[dim]
+            tiles = groups == 1 or groups * period == matrix[dim]
+            if seg_length < 1 or start < 0 or start + seg_length > span or not tiles:
+                raise ValueError(
+                    f"Invalid geometry for {seg_what}: start {start}, length {seg_length}, groups {groups}, "
+                    f"period {period} in dimension {dim} of size {matrix[dim]}"
+                )
+            seg_shape = tuple(groups * seg_length if j == dim else m for j, m in enumerate(matrix))
+        covered += groups * seg_length
         momentum = _check_momentum(spec["momentum"], seg_shape, seg_what)
         block = resolve_block(spec.get("block", "auto"), seg_shape, seg_what)
         ratio = check_rank_ratio(spec.get("rank_ratio", rank_ratio), seg_what)
@@ -250,8 +338,8 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
                 name=seg_name,
                 role=str(spec.get("role", "")),
                 dim=dim,
-                start=(i % count) * length,
-                length=length,
+                start=start,
+                length=seg_length,
                 shape=seg_shape,
                 momentum=momentum,
                 block=block,
@@ -263,11 +351,12 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
                 clip_set=_clip_override(spec, seg_what)[0],
                 clip=_clip_override(spec, seg_what)[1],
                 index=i // count if experts else None,
+                groups=groups,
+                period=period,
             )
         )
         slots[momentum] = slots.get(momentum, 0) + 1
         block_offset += n_blocks
-    ranks = {s.rank for s in segments if s.rank}
-    if len(ranks) > 1:
-        raise ValueError(f"Low-rank segments of fused {what} must share one rank_ratio, got ranks {sorted(ranks)}")
+    if dim is not None and covered != matrix[dim] * (shape[0] if experts else 1):
+        raise ValueError(f"Fused {what}: its segments cover {covered} of the {matrix[dim]} indices of dimension {dim}")
     return ParamLayout(name, shape, second_moment, tuple(segments), fused=True)

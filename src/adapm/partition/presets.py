@@ -9,6 +9,7 @@ recognised by shape before any rule is tried.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 ROLES = ("embedding", "output", "query", "key", "value", "attn_out", "mlp", "router", "vector", "other")
 """Every role a parameter (or a segment of a fused parameter) can have."""
@@ -51,14 +52,22 @@ class PresetRule:
     ``config.model_type`` (nanoGPT-style code); a Hugging Face model with this name (e.g. GPT-BigCode's
     ``c_attn``) may interleave heads or have unequal parts."""
     layout: str = "contiguous"
-    """``contiguous``: the roles are equal consecutive parts of the weight along its output axis.
-    ``experts``: a 3-D ``(experts, rows, cols)`` stack of expert matrices, each ``nn.Linear``-shaped and
-    holding ``roles`` in equal consecutive row ranges (one block per expert and role)."""
+    """How a fused weight holds its roles (see :func:`fused_parts` for the config-dependent ones):
+    ``contiguous``: equal consecutive parts along its output axis. ``experts``: a 3-D ``(experts, rows,
+    cols)`` stack of ``nn.Linear``-shaped expert matrices, each holding ``roles`` in equal consecutive
+    row ranges. ``qkv_heads``: query, key and value interleaved per head (``[q_h, k_h, v_h]`` for each head
+    h). ``qkv_sizes``: query, key and value in consecutive parts of their own sizes (grouped-query
+    attention). ``falcon``: Falcon's three layouts, chosen by its config. ``bigcode``: GPT-BigCode's two."""
     segment_names: tuple[str, ...] = ()
     """Names of the segments of one expert (default: the roles' short names)."""
+    model_types: tuple[str, ...] = ()
+    """If given, the rule applies only to models whose ``config.model_type`` is one of these."""
 
 
 PRESET_RULES: tuple[PresetRule, ...] = (
+    # GPT-BigCode: nn.Linear c_attn, per-head [q, k, v] (multi-head) or [q | k | v] with one K/V head.
+    PresetRule("gpt_bigcode", r"(^|\.)attn\.c_attn\.weight$", ("query", "key", "value"), ("Linear",),
+               layout="bigcode", model_types=("gpt_bigcode",)),
     # HF GPT-2 (Conv1D, weight is (in, out)) and nanoGPT (nn.Linear, weight is (out, in)).
     PresetRule("gpt2", r"(^|\.)(wte|wpe)\.weight$", ("embedding",)),
     PresetRule(
@@ -90,8 +99,20 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("neox", r"(^|\.)embed_out\.weight$", ("output",)),
     PresetRule("neox-bloom-falcon", r"(^|\.)(attention|self_attention)\.dense\.weight$", ("attn_out",)),
     PresetRule("neox-bloom-falcon", r"(^|\.)dense_(h_to_4h|4h_to_h)\.weight$", ("mlp",)),
-    PresetRule("neox-bloom-falcon", r"(^|\.)(attention|self_attention)\.query_key_value\.weight$",
+    PresetRule("gpt_neox", r"(^|\.)attention\.query_key_value\.weight$", ("query", "key", "value"),
+               ("Linear",), layout="qkv_heads", model_types=("gpt_neox",)),
+    PresetRule("bloom", r"(^|\.)self_attention\.query_key_value\.weight$", ("query", "key", "value"),
+               ("Linear",), layout="qkv_heads", model_types=("bloom",)),
+    PresetRule("falcon", r"(^|\.)self_attention\.query_key_value\.weight$", ("query", "key", "value"),
+               ("FalconLinear", "Linear"), layout="falcon", model_types=("falcon",)),
+    # Any other model with these names: the layout is not known, so the weight is kept whole.
+    PresetRule("fused-qkv", r"(^|\.)(attention|self_attention)\.query_key_value\.weight$",
                ("query", "key", "value")),
+    # Phi-3: [q | k | v] with grouped-query attention, and [gate | up].
+    PresetRule("phi3", r"(^|\.)self_attn\.qkv_proj\.weight$", ("query", "key", "value"), ("Linear",),
+               layout="qkv_sizes", model_types=("phi3",)),
+    PresetRule("phi3", r"(^|\.)mlp\.gate_up_proj\.weight$", ("mlp", "mlp"), ("Linear",),
+               segment_names=("gate", "up"), model_types=("phi3",)),
     # T5 (encoder-decoder): shared embedding, self- and cross-attention, the feed-forward.
     PresetRule("t5", r"(^|\.)shared\.weight$", ("embedding",)),
     PresetRule("t5", r"(^|\.)(SelfAttention|EncDecAttention)\.q\.weight$", ("query",)),
@@ -131,3 +152,54 @@ FUSED_QKV_PATTERN = r"(^|\.)attn\.c_attn\.weight$"
 HEAD_COUNT_KEYS = ("num_attention_heads", "n_head", "n_heads")
 KV_HEAD_COUNT_KEYS = ("num_key_value_heads", "n_kv_heads", "n_query_groups")
 HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "dim", "d_model")
+
+
+Part = tuple[str, str, int, int, int, int]
+"""One segment of a fused weight along its split axis: ``(name, role, start, length, groups, period)``,
+``groups`` runs of ``length`` indices one every ``period`` (``groups == 1``: one run)."""
+
+
+def _config_int(config: Any, keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def fused_parts(layout: str, config: Any, size: int) -> list[Part] | None:
+    """The segments of a fused query/key/value weight whose split axis has ``size`` entries, read from the
+    model's ``config`` as its modeling code reads it; None if the config does not determine them (the
+    weight is then kept whole)."""
+    heads = _config_int(config, HEAD_COUNT_KEYS)
+    if heads is None:
+        return None
+    if layout == "falcon":
+        if getattr(config, "new_decoder_architecture", False):
+            groups = _config_int(config, ("num_kv_heads",)) or heads
+            per_group = heads // groups
+            hd = size // (groups * (per_group + 2))
+            period = (per_group + 2) * hd
+            parts = [("Q", "query", 0, per_group * hd, groups, period),
+                     ("K", "key", per_group * hd, hd, groups, period),
+                     ("V", "value", (per_group + 1) * hd, hd, groups, period)]  # fmt: skip
+            return parts if groups * period == size else None
+        layout = "mqa" if getattr(config, "multi_query", False) else "qkv_heads"
+    if layout == "bigcode":
+        layout = "mqa" if getattr(config, "multi_query", False) else "qkv_heads"
+    if layout == "qkv_heads":
+        hd = size // (3 * heads)
+        parts = [(n, r, i * hd, hd, heads, 3 * hd) for i, (n, r) in enumerate(_QKV)]
+        return parts if 3 * heads * hd == size else None
+    if layout in ("mqa", "qkv_sizes"):
+        kv = 1 if layout == "mqa" else (_config_int(config, KV_HEAD_COUNT_KEYS) or heads)
+        hd = _config_int(config, ("head_dim",)) or size // (heads + 2 * kv)
+        sizes = (heads * hd, kv * hd, kv * hd)
+        if sum(sizes) != size:
+            return None
+        starts = (0, sizes[0], sizes[0] + sizes[1])
+        return [(n, r, start, length, 1, 0) for (n, r), start, length in zip(_QKV, starts, sizes)]
+    return None
+
+
+_QKV = (("Q", "query"), ("K", "key"), ("V", "value"))

@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from adapm.partition.layout import ParamLayout
+from adapm.partition.layout import ParamLayout, Segment
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,18 @@ class ReportRow:
     role: str = ""
     block: str = ""
     matched: bool = True
+    where: str = ""
+    """For a segment of a fused weight: which part of the weight it is (e.g. ``rows 16:32 of every 48``)."""
+
+
+def _where(seg: Segment) -> str:
+    """The part of its fused weight a segment is, in the weight's own indices."""
+    expert = f"expert {seg.index} " if seg.index is not None else ""
+    if seg.dim is None:
+        return expert.strip() or "whole"
+    unit = ("rows", "cols")[seg.dim] if seg.dim < 2 else f"dim {seg.dim}"
+    span = f"{unit} {seg.start}:{seg.start + seg.length}"
+    return f"{expert}{span}" + (f" of every {seg.period} (x{seg.groups})" if seg.groups > 1 else "")
 
 
 def _block_text(layout: ParamLayout, dim: int | None, size: int) -> str:
@@ -65,6 +77,7 @@ class PartitionReport:
                         role=seg.role,
                         block=_block_text(layout, *seg.block),
                         matched=matched,
+                        where=_where(seg) if layout.fused else "",
                     )
                 )
         return report
@@ -92,11 +105,12 @@ class PartitionReport:
         return totals
 
     def __str__(self) -> str:
-        header = ("block", "shape", "role", "momentum", "rank", "2nd moment", "state")
+        header = ("block", "shape", "part", "role", "momentum", "rank", "2nd moment", "state")
         lines = [
             (
                 row.name + (" (!)" if not row.matched else ""),
                 "x".join(str(s) for s in row.shape) or "scalar",
+                row.where or "-",
                 row.role,
                 row.momentum,
                 str(row.rank) if row.rank else "-",

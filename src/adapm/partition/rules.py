@@ -26,6 +26,7 @@ from adapm.partition.presets import (
     PRESET_RULES,
     SEGMENT_NAMES,
     PresetRule,
+    fused_parts,
 )
 from adapm.policies.momentum import MOMENTUM
 from adapm.policies.second_moment import SECOND_MOMENT
@@ -141,10 +142,13 @@ def head_dim_of(model: nn.Module | None) -> int | None:
     return None
 
 
-def _match_preset(names: Sequence[str]) -> tuple[str, PresetRule] | None:
-    """The first preset rule matching any of a (possibly tied) parameter's names, with that name."""
+def _match_preset(names: Sequence[str], model_type: str | None) -> tuple[str, PresetRule] | None:
+    """The first preset rule matching any of a (possibly tied) parameter's names, with that name (rules
+    for given model types only match models of those types)."""
     for name in names:
         for rule in PRESET_RULES:
+            if rule.model_types and model_type not in rule.model_types:
+                continue
             if re.search(rule.pattern, name):
                 return name, rule
     return None
@@ -166,6 +170,15 @@ def _owner(model: nn.Module | None, name: str) -> nn.Module | None:
         return None
 
 
+def _config_of(model: nn.Module | None) -> Any:
+    while model is not None and getattr(model, "config", None) is None:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return getattr(model, "config", None)
+
+
 def _model_type(model: nn.Module | None) -> str | None:
     while model is not None and getattr(model, "config", None) is None:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
@@ -182,6 +195,8 @@ def _fused_layout_known(rule: PresetRule, name: str, shape: tuple[int, ...], mod
     owner = _owner(model, name)
     if rule.layout == "experts":  # only a known expert module says what its 3-D weights hold
         return owner is not None and type(owner).__name__ in rule.fused_modules and len(shape) == 3
+    if rule.model_types:  # matched for this model type: the module class must be the declared one
+        return owner is not None and type(owner).__name__ in rule.fused_modules and len(shape) == 2
     if owner is not None:
         cls = type(owner).__name__
         if cls not in rule.fused_modules:
@@ -259,6 +274,8 @@ def partition(
         re.search(FUSED_QKV_PATTERN, names[0]) and p.dim() == 2 and p.shape[1] == 3 * p.shape[0] for names, p in entries
     )
     head_dim = head_dim_of(model)
+    model_type = _model_type(model)
+    config = _config_of(model)
     groups: list[dict[str, Any]] = []
     kept_whole: list[str] = []
     fused_names: list[tuple[str, list[str]]] = []
@@ -266,7 +283,7 @@ def partition(
         if not param.requires_grad:
             continue
         shape = tuple(param.shape)
-        found = None if param.dim() < 2 else _match_preset(names)
+        found = None if param.dim() < 2 else _match_preset(names, model_type)
         experts = found is not None and found[1].layout == "experts"
         # A tied parameter is reported under the name its preset recognised (e.g. BLOOM's lm_head).
         name = found[0] if found else names[0]
@@ -274,7 +291,13 @@ def partition(
         preset = found[1] if found else None
         out_dim = _out_dim(name, model, conv1d_default) if param.dim() == 2 else 0
         fused = preset is not None and (len(preset.roles) > 1 or experts)
-        if fused and preset is not None and not _fused_layout_known(preset, name, shape, model):
+        geometry = None
+        if fused and preset is not None and preset.layout not in ("contiguous", "experts"):
+            geometry = fused_parts(preset.layout, config, shape[0]) if param.dim() == 2 else None
+        if fused and preset is not None and (
+            not _fused_layout_known(preset, name, shape, model)
+            or (preset.layout not in ("contiguous", "experts") and geometry is None)
+        ):
             kept_whole.append(name)
             preset, fused, experts = None, False, False
         roles = ("vector",) if param.dim() < 2 else (preset.roles if preset else ("other",))
@@ -316,10 +339,15 @@ def partition(
             short = preset.segment_names or tuple(SEGMENT_NAMES.get(role, role) for role in roles)
             parts = [(f"E{e}.{n}" if len(roles) > 1 else f"E{e}", role) for e in range(shape[0])
                      for n, role in zip(short, roles)] if experts else list(zip(short, roles))  # fmt: skip
+            if geometry is not None:  # declared geometry: unequal or interleaved parts along the rows
+                split, parts = 0, [(n, r) for n, r, *_ in geometry]
             segments = []
             sms = set()
             seg_names = []
-            for seg_name, role in parts:
+            for k, (seg_name, role) in enumerate(parts):
+                if geometry is not None:
+                    start, length, count, period = geometry[k][2:]
+                    seg_shape = (count * length, shape[1])
                 seg_names.append(f"{name}[{seg_name}]")
                 policy = _resolve(role, [f"{n}[{seg_name}]" for n in (name, *aliases)], user_rules, second_moment, used)
                 sms.add(policy["second_moment"])
@@ -329,6 +357,8 @@ def partition(
                     "momentum": policy["momentum"],
                     "block": _role_block(role, split, head_dim, seg_shape),
                 }
+                if geometry is not None:
+                    seg.update(start=start, length=length, groups=count, period=period)
                 if "rank_ratio" in policy:
                     seg["rank_ratio"] = policy["rank_ratio"]
                 ratio = policy.get("lr_ratio", lr_ratios[role] if lr_ratios else None)

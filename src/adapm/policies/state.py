@@ -28,8 +28,9 @@ class StateSpec:
     the parameter; the others are replicated."""
     join: str = "stack"
     """How the segments of a fused parameter share the key: ``stack`` (one slice per segment along a
-    new leading dimension), ``concat`` (joined along ``concat_dim``) or ``whole`` (one tensor shaped like
-    the parameter, of which each segment's part is the same view as of the parameter)."""
+    new leading dimension; segments of unequal shapes get one ``flat`` buffer instead, their parts in
+    order), ``concat`` (joined along ``concat_dim``) or ``whole`` (one tensor shaped like the parameter,
+    of which each segment's part is the same view as of the parameter)."""
     concat_dim: int = 0
     dtype: torch.dtype = torch.float32
 
@@ -76,6 +77,8 @@ def join_specs(parts: list[StateSpec], fused: bool, param_shape: tuple[int, ...]
     if not fused:
         return first
     if first.join == "stack":
+        if any(p.shape != first.shape for p in parts):  # unequal segments: one flat buffer, in order
+            return StateSpec((sum(p.numel for p in parts),), None, "flat", 0, first.dtype)
         row = None if first.row_dim is None else first.row_dim + 1
         return StateSpec((len(parts), *first.shape), row, first.join, first.concat_dim, first.dtype)
     shape = list(first.shape)
