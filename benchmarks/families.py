@@ -79,6 +79,11 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "gpt_bigcode": ("StarCoder 15B", {"model_type": "gpt_bigcode", "n_embd": 6144, "n_layer": 40, "n_head": 48,
                                       "multi_query": True, "vocab_size": 49152},
                     {"n_embd": 64, "n_layer": 2, "n_head": 4}),
+    "codegen": ("CodeGen 350M", {"model_type": "codegen", "n_embd": 1024, "n_layer": 20, "n_head": 16,
+                                 "rotary_dim": 32, "vocab_size": 51200},
+                {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8}),
+    "mpt": ("MPT 7B", {"model_type": "mpt", "d_model": 4096, "n_heads": 32, "n_layers": 32, "expansion_ratio": 4,
+                       "vocab_size": 50432}, {"d_model": 64, "n_heads": 4, "n_layers": 2}),
 }  # fmt: skip
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -255,9 +255,9 @@ def _probe_split(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     name = "_split_heads" if hasattr(attn, "_split_heads") else "_reshape"
     method, seen = getattr(attn, name), []
 
-    def record(fused: torch.Tensor):  # type: ignore[no-untyped-def]
-        out = method(fused)
-        seen.append(tuple(t.detach().clone() for t in out))
+    def record(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = method(*args, **kwargs)
+        seen.append(out)
         return out
 
     setattr(attn, name, record)
@@ -267,7 +267,9 @@ def _probe_split(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
             model(input_ids=x)
     finally:
         delattr(attn, name)
-    return seen[0]
+    # One call giving (q, k, v) (BLOOM, Falcon), or one call each for q, k and v (CodeGen).
+    first = seen[0] if isinstance(seen[0], tuple) else tuple(seen[:3])
+    return tuple(t.detach().clone() for t in first)
 
 
 def _what_each_segment_feeds(model: nn.Module, opt: adapm.AdaPM, weight: nn.Parameter) -> list[str]:
@@ -330,6 +332,10 @@ def _fused_family(kind: str) -> tuple[nn.Module, nn.Parameter]:
             T.FalconConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, **flags, **small)
         )
         return model, model.transformer.h[0].self_attention.query_key_value.weight
+    if kind == "codegen":
+        model = T.CodeGenForCausalLM(T.CodeGenConfig(n_embd=64, n_layer=1, n_head=8, rotary_dim=4, n_positions=16,
+                                                     **small))  # fmt: skip
+        return model, model.transformer.h[0].attn.qkv_proj.weight
     model = T.Phi3ForCausalLM(
         T.Phi3Config(
             hidden_size=64,
@@ -344,7 +350,8 @@ def _fused_family(kind: str) -> tuple[nn.Module, nn.Parameter]:
     return model, model.model.layers[0].self_attn.qkv_proj.weight
 
 
-FUSED_FAMILIES = ("bigcode-mha", "bigcode-mqa", "gpt_neox", "bloom", "falcon-mqa", "falcon-mha", "falcon-gqa", "phi3")
+FUSED_FAMILIES = ("bigcode-mha", "bigcode-mqa", "gpt_neox", "bloom", "falcon-mqa", "falcon-mha", "falcon-gqa", "phi3",
+                  "codegen")
 
 
 @pytest.mark.parametrize("kind", FUSED_FAMILIES)

@@ -57,7 +57,8 @@ class PresetRule:
     cols)`` stack of ``nn.Linear``-shaped expert matrices, each holding ``roles`` in equal consecutive
     row ranges. ``qkv_heads``: query, key and value interleaved per head (``[q_h, k_h, v_h]`` for each head
     h). ``qkv_sizes``: query, key and value in consecutive parts of their own sizes (grouped-query
-    attention). ``falcon``: Falcon's three layouts, chosen by its config. ``bigcode``: GPT-BigCode's two."""
+    attention). ``falcon``: Falcon's three layouts, chosen by its config. ``bigcode``: GPT-BigCode's two. ``codegen``:
+    CodeGen's four ``[q | v | k]`` blocks."""
     segment_names: tuple[str, ...] = ()
     """Names of the segments of one expert (default: the roles' short names)."""
     model_types: tuple[str, ...] = ()
@@ -108,6 +109,10 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # Any other model with these names: the layout is not known, so the weight is kept whole.
     PresetRule("fused-qkv", r"(^|\.)(attention|self_attention)\.query_key_value\.weight$",
                ("query", "key", "value")),
+    # CodeGen: four [q | v | k] blocks (its modeling code's mp_num = 4). MPT's Wqkv: no layout declared.
+    PresetRule("codegen", r"(^|\.)attn\.qkv_proj\.weight$", ("query", "key", "value"), ("Linear",),
+               layout="codegen", model_types=("codegen",)),
+    PresetRule("mpt", r"(^|\.)attn\.Wqkv\.weight$", ("query", "key", "value")),
     # Phi-3: [q | k | v] with grouped-query attention, and [gate | up].
     PresetRule("phi3", r"(^|\.)self_attn\.qkv_proj\.weight$", ("query", "key", "value"), ("Linear",),
                layout="qkv_sizes", model_types=("phi3",)),
@@ -187,6 +192,12 @@ def fused_parts(layout: str, config: Any, size: int) -> list[Part] | None:
         layout = "mqa" if getattr(config, "multi_query", False) else "qkv_heads"
     if layout == "bigcode":
         layout = "mqa" if getattr(config, "multi_query", False) else "qkv_heads"
+    if layout == "codegen":
+        mp = 4
+        local = size // (3 * mp)
+        parts = [("Q", "query", 0, local, mp, 3 * local), ("K", "key", 2 * local, local, mp, 3 * local),
+                 ("V", "value", local, local, mp, 3 * local)]  # fmt: skip
+        return parts if 3 * mp * local == size and heads % mp == 0 else None
     if layout == "qkv_heads":
         hd = size // (3 * heads)
         parts = [(n, r, i * hd, hd, heads, 3 * hd) for i, (n, r) in enumerate(_QKV)]
