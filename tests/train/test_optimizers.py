@@ -104,3 +104,22 @@ def test_block_wise_lr_variants_scale_by_role() -> None:
     assert {g.get("lr_ratio") for g in ours.param_groups if g["role"] == "mlp"} == {3.0}
     with pytest.raises(ValueError, match="unknown role"):
         OptimConfig(optimizer="adamw", lr_ratios='{"ffn": 3}')
+
+
+def test_galore_projects_the_attention_and_mlp_matrices_the_presets_recognise() -> None:
+    """Model knowledge lives in the presets: GaLore's matrices are the partition's attention and MLP
+    roles, in any family (T5's SelfAttention.q and DenseReluDense.wi too; no name pattern to miss them)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from adapm.train.optimizers import _attention_and_mlp
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=80, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+    names = {n for n, p in t5.named_parameters() if id(p) in _attention_and_mlp(t5)}
+    assert "encoder.block.0.layer.0.SelfAttention.q.weight" in names
+    assert "decoder.block.0.layer.1.EncDecAttention.o.weight" in names
+    assert "encoder.block.0.layer.1.DenseReluDense.wi.weight" in names
+    assert not any("embed" in n or "shared" in n or "relative_attention_bias" in n for n in names)
+    gpt2 = build_model("gpt2-1m")
+    names = {n for n, p in gpt2.named_parameters() if id(p) in _attention_and_mlp(gpt2)}
+    assert names == {n for n, p in gpt2.named_parameters() if p.dim() == 2 and ("attn" in n or "mlp" in n)}

@@ -22,6 +22,7 @@ from adapm.partition.presets import (
     FUSED_QKV_PATTERN,
     HEAD_COUNT_KEYS,
     HIDDEN_SIZE_KEYS,
+    KV_HEAD_COUNT_KEYS,
     PAPER_MOMENTUM,
     PRESET_RULES,
     SEGMENT_NAMES,
@@ -117,6 +118,28 @@ def _config_value(config: Any, keys: Sequence[str]) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Sizes read from a model's config with the presets' keys (None where the config does not say)."""
+
+    hidden: int | None
+    heads: int | None
+    kv_heads: int | None
+
+
+def model_dims(model: nn.Module | None) -> ModelDims:
+    """Hidden size, attention heads and key/value heads of ``model`` (HF and nanoGPT-style configs)."""
+    config = _config_of(model)
+    if config is None:
+        return ModelDims(None, None, None)
+    heads = _config_value(config, HEAD_COUNT_KEYS)
+    return ModelDims(_config_value(config, HIDDEN_SIZE_KEYS), heads, _config_value(config, KV_HEAD_COUNT_KEYS) or heads)
+
+
+ATTENTION_AND_MLP_ROLES = frozenset({"query", "key", "value", "attn_out", "mlp", "fused"})
+"""The roles of the attention and MLP matrices (what GaLore projects), a fused weight's included."""
 
 
 def head_dim_of(model: nn.Module | None) -> int | None:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import adapm
+from adapm.partition.rules import ATTENTION_AND_MLP_ROLES, model_dims
 from adapm.train import registry
 from adapm.train.config import OptimConfig
 
@@ -36,17 +37,20 @@ DEFAULT_LR: dict[str, float] = {name: spec.pretrain_lr for name, spec in registr
 FINETUNE_LR: dict[str, float] = {name: spec.finetune_lr for name, spec in registry.REGISTRY.items()}
 """Default peak learning rates for fine-tuning a pretrained model (`adapm sft`, `adapm rlhf`)."""
 
-GALORE_MATRIX_PATTERN = r"(attn|attention|mlp)"
 """GaLore applies to 2-D parameters whose name matches this (attention and MLP matrices)."""
 
 
 def _hidden_size(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    for key in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return max(min(p.shape) for p in model.parameters() if p.dim() == 2)
+    hidden = model_dims(model).hidden
+    return hidden if hidden else max(min(p.shape) for p in model.parameters() if p.dim() == 2)
+
+
+def _attention_and_mlp(model: nn.Module) -> set[int]:
+    """Ids of the attention and MLP matrices, as the partition's presets recognise them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unknown matrices simply stay out
+        groups = adapm.partition(model.named_parameters(remove_duplicate=False), model=model)
+    return {id(g["params"][0]) for g in groups if g.get("role") in ATTENTION_AND_MLP_ROLES}
 
 
 def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -114,16 +118,17 @@ def _build_adapm(model: nn.Module, cfg: OptimConfig, lr: float, cls: type[adapm.
 def _build_adam_mini(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     from adam_mini import Adam_mini
 
-    config = model.config  # type: ignore[attr-defined]
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    dims = model_dims(model)
+    if dims.heads is None:
+        raise ValueError("adam-mini needs the model's attention head count in model.config")
     opt = Adam_mini(
         model.named_parameters(),
         lr=lr,
         betas=(cfg.beta1, cfg.beta2),
         weight_decay=cfg.weight_decay,
         dim=_hidden_size(model),
-        n_heads=heads,
-        n_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        n_heads=dims.heads,
+        n_kv_heads=dims.kv_heads,
         verbose=False,
     )
     return _scale_group_lrs(opt, _ratio_by_param(model, cfg))
@@ -149,11 +154,12 @@ def _build_galore(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.
     GaLoreAdamW = import_galore().GaLoreAdamW
 
     rank = max(1, _hidden_size(model) // 2)
+    projected = _attention_and_mlp(model)
     galore, decay, no_decay = [], [], []
-    for pname, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        if p.dim() == 2 and re.search(GALORE_MATRIX_PATTERN, pname):
+        if p.dim() == 2 and id(p) in projected:
             galore.append(p)
         elif p.dim() >= 2:
             decay.append(p)
