@@ -1,6 +1,8 @@
 """What the partition reaches in each model family: unknown matrices, fused weights kept whole, and the
 optimizer state of AdaPM and AdaPM-mini in % of AdamW's, on a tiny random model of each family and at
 real size (counted on the meta device from the family's published config shape; nothing downloaded).
+For mixture-of-experts models, ``expert_share_pct`` is the share of AdaPM-mini's state that the expert
+stacks hold.
 
     python benchmarks/families.py --json docs/benchmarks/families.json   # writes families.md beside it
     python benchmarks/families.py --quick                                # tiny models only
@@ -79,6 +81,16 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "gpt_bigcode": ("StarCoder 15B", {"model_type": "gpt_bigcode", "n_embd": 6144, "n_layer": 40, "n_head": 48,
                                       "multi_query": True, "vocab_size": 49152},
                     {"n_embd": 64, "n_layer": 2, "n_head": 4}),
+    "llama4": ("Llama 4 Scout", {"model_type": "llama4_text", "hidden_size": 5120, "intermediate_size": 8192,
+                                 "intermediate_size_mlp": 16384, "num_hidden_layers": 48, "num_attention_heads": 40,
+                                 "num_key_value_heads": 8, "head_dim": 128, "num_local_experts": 16,
+                                 "num_experts_per_tok": 1, "interleave_moe_layer_step": 1, "vocab_size": 202048},
+               {"intermediate_size": 32, "intermediate_size_mlp": 128, "head_dim": 16, "num_local_experts": 4}),
+    "gpt_oss": ("GPT-OSS 20B", {"model_type": "gpt_oss", "hidden_size": 2880, "intermediate_size": 2880,
+                                "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8,
+                                "head_dim": 64, "num_local_experts": 32, "vocab_size": 201088},
+                {"intermediate_size": 32, "head_dim": 16, "num_local_experts": 4,
+                 "layer_types": ["full_attention", "full_attention"]}),
     "codegen": ("CodeGen 350M", {"model_type": "codegen", "n_embd": 1024, "n_layer": 20, "n_head": 16,
                                  "rotary_dim": 32, "vocab_size": 51200},
                 {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8}),
@@ -109,10 +121,12 @@ def measure(config: dict[str, Any], device: str) -> dict[str, Any]:
         whole = [g["names"][0] for g in adapm.AdaPMMini(model, lr=1e-3, strict=False).param_groups
                  if g.get("kept_whole")]  # fmt: skip
     adamw = count_state_bytes(model, "adamw")
+    experts = sum(r.state_bytes for r in report.rows if ".experts." in r.name)
     row = {
         "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "unknown": len([n for n in report.unmatched if n not in whole]),
         "kept_whole": len(whole),
+        "expert_share_pct": 100.0 * experts / report.state_bytes if experts else None,
     }
     for name in ("adapm", "adapm-mini"):
         row[f"{name}_pct"] = 100.0 * count_state_bytes(model, name) / adamw
@@ -138,11 +152,12 @@ def main() -> None:
         if not args.quick:
             real = measure(full, "meta")
             row.update(parameters_m=real["parameters_m"], adapm_pct=real["adapm_pct"],
-                       adapm_mini_pct=real["adapm-mini_pct"])  # fmt: skip
+                       adapm_mini_pct=real["adapm-mini_pct"], expert_share_pct=real["expert_share_pct"])  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
     columns = [("family", "{}"), ("checkpoint", "{}"), ("parameters_m", "{:,.0f}M"), ("unknown", "{}"),
                ("kept_whole", "{}"), ("adapm_pct", "{:.1f}%"), ("adapm_mini_pct", "{:.1f}%"),
+               ("expert_share_pct", "{:.0f}%"),
                ("tiny_adapm_pct", "{:.1f}%"), ("tiny_adapm_mini_pct", "{:.1f}%")]  # fmt: skip
     if args.quick:
         columns = [c for c in columns if not c[0].startswith(("parameters", "adapm"))]

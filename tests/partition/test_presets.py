@@ -245,6 +245,8 @@ def _probe_split(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The query, key and value layer 0's attention receives on ``x``: recorded from the model's own
     split method where it has one (BLOOM's ``_reshape``, Falcon's ``_split_heads``, run unchanged),
     else through a registered Hugging Face attention function."""
+    if getattr(getattr(model, "config", None), "model_type", None) == "mpt":
+        return _probe_matmuls(model, x)
     attn = (
         next(m for m in model.modules() if hasattr(m, "_split_heads") or hasattr(m, "_reshape"))
         if any(hasattr(m, "_split_heads") or hasattr(m, "_reshape") for m in model.modules())
@@ -270,6 +272,27 @@ def _probe_split(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     # One call giving (q, k, v) (BLOOM, Falcon), or one call each for q, k and v (CodeGen).
     first = seen[0] if isinstance(seen[0], tuple) else tuple(seen[:3])
     return tuple(t.detach().clone() for t in first)
+
+
+def _probe_matmuls(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Query, key and value as layer 0's attention multiplies them (MPT computes attention inline): the
+    operands of its first two ``torch.matmul`` calls, ``q @ k^T`` and ``probs @ v``, observed with a
+    torch function mode while the model runs unchanged."""
+    from torch.overrides import TorchFunctionMode
+
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.matmul and len(calls) < 2:
+                calls.append((args[0].detach().clone(), args[1].detach().clone()))
+            return func(*args, **(kwargs or {}))
+
+    model.eval()
+    with torch.no_grad(), Record():
+        model(input_ids=x)
+    (q, k_t), (_, v) = calls
+    return q, k_t.transpose(-1, -2), v
 
 
 def _what_each_segment_feeds(model: nn.Module, opt: adapm.AdaPM, weight: nn.Parameter) -> list[str]:
@@ -332,6 +355,9 @@ def _fused_family(kind: str) -> tuple[nn.Module, nn.Parameter]:
             T.FalconConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, **flags, **small)
         )
         return model, model.transformer.h[0].self_attention.query_key_value.weight
+    if kind == "mpt":
+        model = T.MptForCausalLM(T.MptConfig(d_model=64, n_heads=4, n_layers=1, expansion_ratio=2, **small))
+        return model, model.transformer.blocks[0].attn.Wqkv.weight
     if kind == "codegen":
         model = T.CodeGenForCausalLM(T.CodeGenConfig(n_embd=64, n_layer=1, n_head=8, rotary_dim=4, n_positions=16,
                                                      **small))  # fmt: skip
@@ -351,7 +377,7 @@ def _fused_family(kind: str) -> tuple[nn.Module, nn.Parameter]:
 
 
 FUSED_FAMILIES = ("bigcode-mha", "bigcode-mqa", "gpt_neox", "bloom", "falcon-mqa", "falcon-mha", "falcon-gqa", "phi3",
-                  "codegen")
+                  "codegen", "mpt")
 
 
 @pytest.mark.parametrize("kind", FUSED_FAMILIES)
@@ -487,11 +513,17 @@ def _family(kind: str) -> nn.Module:
             intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=8, **moe)),
         "olmoe": lambda: T.OlmoeForCausalLM(T.OlmoeConfig(intermediate_size=16, num_experts=4,
                                                           num_experts_per_tok=2, **moe)),
+        "gpt_oss": lambda: T.GptOssForCausalLM(T.GptOssConfig(
+            intermediate_size=16, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+            layer_types=["full_attention", "full_attention"], **moe)),
+        "llama4": lambda: T.Llama4ForCausalLM(T.Llama4TextConfig(
+            intermediate_size=16, intermediate_size_mlp=64, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
+            moe_layers=[0, 1], interleave_moe_layer_step=1, **moe)),
     }  # fmt: skip
     return configs[kind]()
 
 
-FAMILIES = ("phi", "gptj", "opt", "t5", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = ("phi", "gptj", "opt", "t5", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama4", "gpt_oss")
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -519,7 +551,7 @@ def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None
     assert adapm.state_bytes(opt) == report.state_bytes
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama4"])
 def test_expert_segments_match_what_each_expert_computes(kind: str) -> None:
     """Each declared expert segment is proven on the model's own forward: perturbing one row of an
     expert's ``gate`` segment changes the activation's input (the gate), a row of its ``up`` segment
@@ -530,19 +562,27 @@ def test_expert_segments_match_what_each_expert_computes(kind: str) -> None:
     gate_up, down = experts.gate_up_proj, experts.down_proj
     seen: list[torch.Tensor] = []
     experts.act_fn.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().clone()))
-    x = torch.randn(5, experts.gate_up_proj.shape[-1], generator=torch.Generator().manual_seed(1))
+    llama4 = kind == "llama4"  # (in, out) experts run on every expert's share of the tokens at once
+    hidden = gate_up.shape[1] if llama4 else gate_up.shape[-1]
+    x = torch.randn(5, hidden, generator=torch.Generator().manual_seed(1))
 
     def run(expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         seen.clear()
-        index = torch.full((5, 1), expert)
         with torch.no_grad():
-            out = experts(x, index, torch.ones(5, 1))
+            if llama4:
+                out = experts(x.repeat(gate_up.shape[0], 1)).view(gate_up.shape[0], 5, hidden)[expert]
+                return seen[0][expert], out
+            out = experts(x, torch.full((5, 1), expert), torch.ones(5, 1))
         return seen[0], out
 
     def perturbed(weight: nn.Parameter, seg_name: str, row: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         seg = next(s for s in opt.layout(weight).segments if s.name.endswith(f"[{seg_name}]"))
         delta = torch.zeros_like(weight)
-        seg.view(delta)[row] = 1.0
+        part = seg.view(delta)
+        if llama4:  # an output column of an (in, out) expert
+            part[:, row] = 1.0
+        else:
+            part[row] = 1.0
         saved = weight.detach().clone()
         with torch.no_grad():
             weight.add_(delta)
@@ -652,3 +692,41 @@ def test_phi3_gate_up_segments_match_the_real_mlp() -> None:
             weight.copy_(saved)
         assert torch.equal(act_p, act) is not gate  # the gate feeds the activation; up does not
         assert not torch.equal(out_p, out)
+
+
+def test_gpt_oss_alternating_gate_and_up_columns_match_its_experts() -> None:
+    """GPT-OSS's experts compute ``(up + 1) * glu(gate)``: on the model's own gating, a perturbation of
+    one column of a declared ``up`` segment changes only that unit's output and linearly (twice the
+    perturbation, twice the change), one of a ``gate`` segment only that unit's and not linearly."""
+    model = _family("gpt_oss")
+    opt = adapm.AdaPMMini(model, lr=1e-3, strict=True)
+    experts = model.model.layers[0].mlp.experts
+    weight = experts.gate_up_proj
+    seen: list[torch.Tensor] = []
+    method = experts._apply_gate
+
+    def record(gate_up: torch.Tensor) -> torch.Tensor:
+        out = method(gate_up)
+        seen.append(out.detach().clone())
+        return out
+
+    experts._apply_gate = record
+    x = torch.randn(5, weight.shape[1], generator=torch.Generator().manual_seed(0))
+
+    def gated(seg_name: str, unit: int, scale: float) -> torch.Tensor:
+        seg = next(s for s in opt.layout(weight).segments if s.name.endswith(f"[{seg_name}]"))
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            seg.view(weight.data)[:, unit] += scale  # one unit's column (a (hidden, units, 1) view)
+            seen.clear()
+            experts(x, torch.full((5, 1), 1), torch.ones(5, 1))
+            weight.copy_(saved)
+        return seen[0]
+
+    base = gated("E1.up", 0, 0.0)
+    for unit in (0, 5):
+        for name, linear in (("E1.up", True), ("E1.gate", False)):
+            one, two = gated(name, unit, 0.3) - base, gated(name, unit, 0.6) - base
+            changed = [j for j in range(base.shape[1]) if one[:, j].abs().max() > 1e-6]
+            assert changed == [unit], (name, unit, changed)
+            assert torch.allclose(two, 2 * one, atol=1e-5) is linear, (name, unit)

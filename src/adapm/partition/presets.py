@@ -61,6 +61,12 @@ class PresetRule:
     CodeGen's four ``[q | v | k]`` blocks."""
     segment_names: tuple[str, ...] = ()
     """Names of the segments of one expert (default: the roles' short names)."""
+    split_axis: int = 0
+    """For ``experts``: the axis of each expert matrix that is its output and holds the roles: 0 for
+    ``nn.Linear``-shaped ``(out, in)`` experts, 1 for ``(in, out)`` experts used as ``x @ W``."""
+    interleaved: bool = False
+    """For ``experts``: the roles alternate along ``split_axis`` (``gate, up, gate, up, ...``) instead of
+    filling consecutive halves."""
     model_types: tuple[str, ...] = ()
     """If given, the rule applies only to models whose ``config.model_type`` is one of these."""
 
@@ -109,10 +115,11 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # Any other model with these names: the layout is not known, so the weight is kept whole.
     PresetRule("fused-qkv", r"(^|\.)(attention|self_attention)\.query_key_value\.weight$",
                ("query", "key", "value")),
-    # CodeGen: four [q | v | k] blocks (its modeling code's mp_num = 4). MPT's Wqkv: no layout declared.
+    # CodeGen: four [q | v | k] blocks (its modeling code's mp_num = 4); MPT: [q | k | v].
     PresetRule("codegen", r"(^|\.)attn\.qkv_proj\.weight$", ("query", "key", "value"), ("Linear",),
                layout="codegen", model_types=("codegen",)),
-    PresetRule("mpt", r"(^|\.)attn\.Wqkv\.weight$", ("query", "key", "value")),
+    PresetRule("mpt", r"(^|\.)attn\.Wqkv\.weight$", ("query", "key", "value"), ("Linear",),
+               model_types=("mpt",)),  # [q | k | v]: MPT's attention chunks it in three
     # Phi-3: [q | k | v] with grouped-query attention, and [gate | up].
     PresetRule("phi3", r"(^|\.)self_attn\.qkv_proj\.weight$", ("query", "key", "value"), ("Linear",),
                layout="qkv_sizes", model_types=("phi3",)),
@@ -132,7 +139,21 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts"), layout="experts", segment_names=("gate", "up")),
     PresetRule("moe", r"(^|\.)experts\.down_proj$", ("mlp",), fused_modules=("MixtralExperts", "Qwen2MoeExperts",
                "Qwen3MoeExperts", "OlmoeExperts"), layout="experts"),
+    # Llama 4: (experts, hidden, 2 * intermediate) used as x @ W, gate columns then up columns.
+    PresetRule("llama4", r"(^|\.)experts\.gate_up_proj$", ("mlp", "mlp"), ("Llama4TextExperts",),
+               layout="experts", segment_names=("gate", "up"), split_axis=1),
+    PresetRule("llama4", r"(^|\.)experts\.down_proj$", ("mlp",), ("Llama4TextExperts",), layout="experts",
+               split_axis=1),
+    # GPT-OSS: (experts, hidden, 2 * intermediate) used as x @ W + b, gate and up columns alternating.
+    PresetRule("gpt_oss", r"(^|\.)experts\.gate_up_proj$", ("mlp", "mlp"), ("GptOssExperts",), layout="experts",
+               segment_names=("gate", "up"), split_axis=1, interleaved=True),
+    PresetRule("gpt_oss", r"(^|\.)experts\.down_proj$", ("mlp",), ("GptOssExperts",), layout="experts",
+               split_axis=1),
+    # Any other expert stack: kept whole, flagged.
+    PresetRule("moe", r"(^|\.)experts\.(gate_up_proj|down_proj)$", ("mlp",), layout="experts"),
+    PresetRule("moe", r"(^|\.)experts\.\w+_bias$", ("vector",)),
     # Mixture-of-experts routers (Mixtral, Qwen2-MoE and Qwen3-MoE's mlp.gate, a shared expert's gate).
+    PresetRule("moe", r"(^|\.)router\.weight$", ("router",)),
     PresetRule("moe", r"(^|\.)mlp\.gate\.weight$", ("router",)),
     PresetRule("moe", r"(^|\.)shared_expert_gate\.weight$", ("router",)),
     # BERT-style encoders (BERT, RoBERTa, ...). attention.output must come before output.

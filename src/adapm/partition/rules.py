@@ -165,13 +165,19 @@ def head_dim_of(model: nn.Module | None) -> int | None:
     return None
 
 
-def _match_preset(names: Sequence[str], model_type: str | None) -> tuple[str, PresetRule] | None:
-    """The first preset rule matching any of a (possibly tied) parameter's names, with that name (rules
-    for given model types only match models of those types)."""
+def _match_preset(names: Sequence[str], model: nn.Module | None) -> tuple[str, PresetRule] | None:
+    """The first preset rule matching any of a (possibly tied) parameter's names, with that name. Rules
+    for given model types only match models of those types; expert-stack rules only their module classes
+    (so that another family's expert rule further down can match)."""
+    model_type = _model_type(model)
     for name in names:
         for rule in PRESET_RULES:
             if rule.model_types and model_type not in rule.model_types:
                 continue
+            if rule.layout == "experts" and rule.fused_modules:
+                owner = _owner(model, name)
+                if owner is None or type(owner).__name__ not in rule.fused_modules:
+                    continue
             if re.search(rule.pattern, name):
                 return name, rule
     return None
@@ -297,7 +303,6 @@ def partition(
         re.search(FUSED_QKV_PATTERN, names[0]) and p.dim() == 2 and p.shape[1] == 3 * p.shape[0] for names, p in entries
     )
     head_dim = head_dim_of(model)
-    model_type = _model_type(model)
     config = _config_of(model)
     groups: list[dict[str, Any]] = []
     kept_whole: list[str] = []
@@ -306,7 +311,7 @@ def partition(
         if not param.requires_grad:
             continue
         shape = tuple(param.shape)
-        found = None if param.dim() < 2 else _match_preset(names, model_type)
+        found = None if param.dim() < 2 else _match_preset(names, model)
         experts = found is not None and found[1].layout == "experts"
         # A tied parameter is reported under the name its preset recognised (e.g. BLOOM's lm_head).
         name = found[0] if found else names[0]
@@ -356,13 +361,16 @@ def partition(
         else:
             assert preset is not None
             matrix = shape[1:] if experts else shape
-            split = 0 if experts else out_dim
+            split = preset.split_axis if experts else out_dim
             seg_len = matrix[split] // len(roles)
             seg_shape = tuple(seg_len if i == split else s for i, s in enumerate(matrix))
             short = preset.segment_names or tuple(SEGMENT_NAMES.get(role, role) for role in roles)
             parts = [(f"E{e}.{n}" if len(roles) > 1 else f"E{e}", role) for e in range(shape[0])
                      for n, role in zip(short, roles)] if experts else list(zip(short, roles))  # fmt: skip
-            if geometry is not None:  # declared geometry: unequal or interleaved parts along the rows
+            if experts and preset.interleaved:  # roles alternate along the split axis, in every expert
+                width = len(roles)
+                geometry = [(n, r, k % width, 1, matrix[split] // width, width) for k, (n, r) in enumerate(parts)]
+            elif geometry is not None:  # declared geometry: unequal or interleaved parts along the rows
                 split, parts = 0, [(n, r) for n, r, *_ in geometry]
             segments = []
             sms = set()
@@ -370,7 +378,7 @@ def partition(
             for k, (seg_name, role) in enumerate(parts):
                 if geometry is not None:
                     start, length, count, period = geometry[k][2:]
-                    seg_shape = (count * length, shape[1])
+                    seg_shape = tuple(count * length if i == split else m for i, m in enumerate(matrix))
                 seg_names.append(f"{name}[{seg_name}]")
                 policy = _resolve(role, [f"{n}[{seg_name}]" for n in (name, *aliases)], user_rules, second_moment, used)
                 sms.add(policy["second_moment"])
