@@ -176,6 +176,19 @@ def equivalence(out_file: str) -> None:
             json.dump(results, f, indent=2)
 
 
+def _first_step_error(model: nn.Module) -> str:
+    """Shard ``model`` with FSDP2 and take one AdaPM step; the NotImplementedError it raises, if any."""
+    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    opt = adapm.AdaPM(model, lr=1e-3)  # the module shows the layout (names alone would not)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    try:
+        opt.step()
+    except NotImplementedError as exc:
+        return str(exc)
+    return "no error"
+
+
 def unsupported_fused_rows() -> str:
     """A nanoGPT-style fused QKV nn.Linear (segments along the sharded dim 0) must fail clearly."""
     torch.manual_seed(0)
@@ -183,15 +196,7 @@ def unsupported_fused_rows() -> str:
     attn.c_attn = nn.Linear(8, 24)
     model = nn.Module()
     model.attn = attn
-    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
-    opt = adapm.AdaPM(model, lr=1e-3)  # the module shows the nn.Linear layout (names alone would not)
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
-    try:
-        opt.step()
-    except NotImplementedError as exc:
-        return str(exc)
-    return "no error"
+    return _first_step_error(model)
 
 
 def unsupported_interleaved() -> str:
@@ -199,17 +204,9 @@ def unsupported_interleaved() -> str:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=32, vocab_size=40))  # fmt: skip
-    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
-    opt = adapm.AdaPM(model, lr=1e-3)
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
-    try:
-        opt.step()
-    except NotImplementedError as exc:
-        return str(exc)
-    return "no error"
+    config = GPTNeoXConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           vocab_size=40)  # fmt: skip
+    return _first_step_error(GPTNeoXForCausalLM(config))
 
 
 def _fsdp_run(kind: str, data: list[torch.Tensor], ckpt: str | None = None, load: str | None = None):
