@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from adapm.config import BLOCKWISE_LR_RATIOS, CLIP_SCOPES, AdaPMConfig, check_hyperparameters, resolve_lr_ratios
 from adapm.distributed import ShardInfo, agree_all, local, make_state, shard_info
-from adapm.grouped import Block, elementwise_tails, second_moment_denominators, track_lowrank
+from adapm.grouped import Block, elementwise_tails, second_moment_denominators, step_lowrank
 from adapm.partition.layout import ParamLayout, build_layout
 from adapm.partition.report import PartitionReport
 from adapm.partition.rules import partition
@@ -567,13 +567,12 @@ class AdaPM(Optimizer):
                 copies.append((p, target))
             for seg in layout.segments:
                 blocks.append(Block(p, group, layout, seg, t, seg.view(target), seg.view(g), state))
-        bad = track_lowrank(
+        bad = step_lowrank(
             [b for b in blocks if b.lowrank],
             lambda b: self._refresh_generator(b.p, b.seg.slot, b.t, b.group["refresh_every"], b.grad.device),
         )
-        if bad:
-            blocks = [b for b in blocks if id(b.p) not in bad]
-        elementwise_tails(blocks, second_moment_denominators(blocks))
+        rest = [b for b in blocks if not b.lowrank and id(b.p) not in bad]
+        elementwise_tails(rest, second_moment_denominators(rest))
         copies = [(p, target) for p, target in copies if id(p) not in bad]
         if copies:
             params, targets = zip(*copies)
