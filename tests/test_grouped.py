@@ -134,3 +134,41 @@ def test_a_plain_linear_stack_groups_by_shape() -> None:
             o.zero_grad()
     for a, b in zip(layers.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_step_holds_one_stack_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stack's momenta are freed before the next stack is built, so the step's transient memory is one
+    stack: with room for two of eight same-shape low-rank matrices per stack, each new stack of gradients
+    finds every earlier one released (observed on the step's own torch.stack calls)."""
+    import weakref
+
+    from torch.overrides import TorchFunctionMode
+
+    import adapm.grouped
+
+    monkeypatch.setattr(adapm.grouped, "GROUP_ELEMENTS", 2 * 128 * 128)
+    layers = nn.Sequential(*[nn.Linear(128, 128, bias=False) for _ in range(8)])
+    opt = adapm.AdaPM([{"params": list(layers.parameters()), "momentum": "lowrank"}], lr=1e-3, foreach=True,
+                      refresh_every=1000)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    stacks: list[weakref.ref] = []
+    alive_at_creation: list[int] = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            if func is torch.stack and isinstance(out, torch.Tensor) and out.shape[1:] == (128, 128):
+                alive_at_creation.append(sum(ref() is not None for ref in stacks))
+                stacks.append(weakref.ref(out))
+            return out
+
+    for step in range(2):
+        for p in layers.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        if step == 1:
+            with Watch():
+                opt.step()
+        else:
+            opt.step()
+    assert len(stacks) == 4  # four stacks of two gradients
+    assert alive_at_creation == [0, 0, 0, 0]
