@@ -102,8 +102,14 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
         "num_key_value_heads": 2, "vocab_size": 100}  # fmt: skip
 
 
-def tiny_config(full: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def tiny_config(full: dict[str, Any], extra: dict[str, Any], vocab: int = 100) -> dict[str, Any]:
+    """The tiny model's config: 2 layers, hidden 64, and ``vocab`` tokens (0: the family's default vocabulary,
+    whose embeddings then dominate a model this small)."""
     config = {**full, **{k: v for k, v in TINY.items() if k in full or k == "vocab_size"}, **extra}
+    if vocab:
+        config["vocab_size"] = vocab
+    else:
+        config.pop("vocab_size")
     if full.get("num_key_value_heads") == full.get("num_attention_heads"):
         config["num_key_value_heads"] = config.get("num_attention_heads", 4)
     return config
@@ -138,6 +144,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write this JSON and a .md table beside it")
     parser.add_argument("--quick", action="store_true", help="tiny models only")
     parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--tiny-vocab", type=int, default=100,
+                        help="vocabulary of the tiny models (0: each family's default; embeddings then dominate)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
@@ -145,10 +153,11 @@ def main() -> None:
         if family not in FAMILIES:
             parser.error(f"--families: unknown family {family!r}; choose from {', '.join(FAMILIES)}")
         checkpoint, full, extra = FAMILIES[family]
-        tiny = measure(tiny_config(full, extra), "cpu")
+        tiny = measure(tiny_config(full, extra, args.tiny_vocab), "meta" if args.tiny_vocab == 0 else "cpu")
         row: dict[str, Any] = {"family": family, "checkpoint": checkpoint, "unknown": tiny["unknown"],
                                "kept_whole": tiny["kept_whole"], "tiny_adapm_pct": tiny["adapm_pct"],
-                               "tiny_adapm_mini_pct": tiny["adapm-mini_pct"]}  # fmt: skip
+                               "tiny_adapm_mini_pct": tiny["adapm-mini_pct"],
+                               "expert_share_pct": tiny["expert_share_pct"]}  # fmt: skip
         if not args.quick:
             real = measure(full, "meta")
             row.update(parameters_m=real["parameters_m"], adapm_pct=real["adapm_pct"],
