@@ -95,12 +95,14 @@ def test_finetune_errors_name_the_flag(tmp_path: Path, capsys: pytest.CaptureFix
     assert "Invalid optimizers: 'sgd'" in capsys.readouterr().err
 
 
-def test_sft_from_the_command_line(tiny_lm_dir: Path, tmp_path: Path) -> None:
+def test_sft_from_the_command_line(tiny_lm_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sft"
     args = ["--model", str(tiny_lm_dir), "--out", str(out), "--steps", "2", "--batch-size", "2", "--max-length",
             "96", "--eval-every", "2", "--threads", "1", "--no-progress", "--no-save-model",
             "--optimizers", "adamw,adapm"]  # fmt: skip
     assert main(["sft", *args]) == 0
+    printed = capfd.readouterr().out
+    assert printed.count("| optimizer |") == 1  # one table of both runs, none per run
     rows = json.loads((out / "summary.json").read_text())
     assert [r["optimizer"] for r in rows] == ["adamw", "adapm"] and rows[1]["ratio_to_adamw"] < 0.7
     assert "eval loss before fine-tuning" in (out / "summary.md").read_text()

@@ -147,6 +147,11 @@ def _finished(out: Path, names: list[str], steps: int) -> bool:
     return True
 
 
+CHILD_RUN_ENV = "ADAPM_SIDE_BY_SIDE_RUN"
+"""Set for the processes :func:`side_by_side` starts, so that a fine-tuning run does not summarize
+itself (the parent writes the summary of all runs once)."""
+
+
 def side_by_side(
     out: Path, command: str, configs: dict[str, dict[str, Any]], reference: Any = None
 ) -> list[dict[str, Any]]:
@@ -162,7 +167,10 @@ def side_by_side(
         cfg_file = out / f"{name}.config.json"
         cfg_file.write_text(json.dumps(run_cfg, indent=2))
         print(f"== {name}: training in a fresh process ({cfg_file})", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "adapm.cli", command, "--config", str(cfg_file)], check=False)
+        env = {**os.environ, CHILD_RUN_ENV: "1"}  # the child trains; this process writes the one summary
+        proc = subprocess.run(
+            [sys.executable, "-m", "adapm.cli", command, "--config", str(cfg_file)], check=False, env=env
+        )
         if proc.returncode != 0:
             failed.append(name)
     rows = summarize_runs(out, list(configs), reference)
@@ -215,6 +223,8 @@ def finetune_side_by_side(cfg: Any, command: str, one: Any) -> list[dict[str, An
     resolve_model_dir(cfg.model.model, cfg.model.cache_dir)  # convert the default model once, up front
     if len(names) == 1:
         one(cfg)
+        if os.environ.get(CHILD_RUN_ENV) == "1":  # one run of a side-by-side comparison: no one-row table
+            return []
         return summarize_runs(Path(cfg.out), names)
     configs = {name: dataclasses.replace(cfg, optimizers=name).to_dict() for name in names}
     return side_by_side(Path(cfg.out), command, configs)
