@@ -143,31 +143,15 @@ def block_denominators(
 
 
 def step_lowrank(blocks: list[Block], refresh: RefreshFn) -> set[int]:
-    """Track every low-rank block and step it, one stack at a time: a stack's corrected momenta are used
-    by its elementwise tail and freed before the next stack is built, so the step's transient memory is
-    one stack, not all low-rank blocks. Returns the ids of the parameters whose new factors were not
-    finite (their factors, state and values are left unchanged; their other blocks must be skipped too).
+    """Track every low-rank block and step it, one stack at a time: a stack's corrected momenta (and, for
+    block second moments, its ``g^2`` block means) feed its elementwise tail and are freed before the next
+    stack is built, so the step's transient memory is one stack, not all low-rank blocks. Returns the ids
+    of the parameters whose new factors were not finite (their factors, state and values are left
+    unchanged; their other blocks must be skipped too).
 
     A parameter's low-rank segments of one shape are always in one stack; one whose low-rank segments
     differ in shape (e.g. Falcon's multi-query Q and K) could, if only a later stack's factors were not
     finite, keep the step of its earlier one."""
-    return track_lowrank(blocks, refresh, finish=True)
-
-
-def _finish(chunk: list[Block], rejected: set[int]) -> None:
-    """The elementwise tail of a tracked stack's blocks (those whose parameter was not rejected)."""
-    ok = [b for b in chunk if id(b.p) not in rejected]
-    if ok:
-        elementwise_tails(ok, second_moment_denominators(ok))
-    for b in chunk:
-        b.numerator = None  # free the stack's momenta
-
-
-def track_lowrank(blocks: list[Block], refresh: RefreshFn, finish: bool = False) -> set[int]:
-    """Track every low-rank block: fill in each one's corrected momentum (and, for block second moments,
-    its ``g^2`` block means) and write its new factors; with ``finish``, also run each stack's tail right
-    away (:func:`step_lowrank`). Returns the ids of the parameters whose new factors were not finite
-    (their factors are left unchanged)."""
     singles: list[Block] = []
     groups: dict[tuple[Any, ...], list[Block]] = {}
     for b in blocks:
@@ -181,16 +165,20 @@ def track_lowrank(blocks: list[Block], refresh: RefreshFn, finish: bool = False)
                b.layout.second_moment, b.seg.block)  # fmt: skip
         groups.setdefault(key, []).append(b)
     rejected: set[int] = set()
-    for members in groups.values():
-        for chunk in stacks(members):
-            rejected |= _track_stack(chunk)
-            if finish:
-                _finish(chunk, rejected)
-    for b in singles:
-        rejected |= _track_single(b)
-        if finish:
-            _finish([b], rejected)
+    work = [(chunk, False) for members in groups.values() for chunk in stacks(members)]
+    for chunk, single in work + [([b], True) for b in singles]:
+        rejected |= _track_single(chunk[0]) if single else _track_stack(chunk)
+        _finish(chunk, rejected)
     return rejected
+
+
+def _finish(chunk: list[Block], rejected: set[int]) -> None:
+    """The elementwise tail of a tracked stack's blocks (those whose parameter was not rejected)."""
+    ok = [b for b in chunk if id(b.p) not in rejected]
+    if ok:
+        elementwise_tails(ok, second_moment_denominators(ok))
+    for b in chunk:
+        b.numerator = None  # free the stack's momenta
 
 
 def _track_stack(chunk: list[Block]) -> set[int]:

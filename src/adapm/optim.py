@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from adapm.config import BLOCKWISE_LR_RATIOS, CLIP_SCOPES, AdaPMConfig, check_hyperparameters, resolve_lr_ratios
+from adapm.config import AdaPMConfig, check_hyperparameters, resolve_lr_ratios
 from adapm.distributed import ShardInfo, agree_all, local, make_state, shard_info
 from adapm.grouped import Block, elementwise_tails, second_moment_denominators, step_lowrank
 from adapm.partition.layout import ParamLayout, build_layout
@@ -31,15 +31,7 @@ from adapm.policies.update import (
     fused_scalars,
 )
 
-__all__ = [
-    "BLOCKWISE_LR_RATIOS",
-    "CLIP_SCOPES",
-    "AdaPM",
-    "AdaPMConfig",
-    "AdaPMMini",
-    "resolve_lr_ratios",
-    "state_bytes",
-]
+__all__ = ["AdaPM", "AdaPMMini", "state_bytes"]  # the hyperparameters live in adapm.config
 
 STATE_KEYS = ("step", "exp_avg_sq", "exp_avg", "lowrank_L", "lowrank_R")
 
