@@ -33,13 +33,20 @@ from op_count import kernel_ops, top_level_ops
 
 import adapm
 
-OPTIMIZERS = ("adamw-fused", "adamw-foreach", "adapm", "adapm-mini", "adapm-fixed", "adapm-mini-fixed")
+OPTIMIZERS = ("adamw-fused", "adamw-foreach", "adapm", "adapm-mini", "adapm-fixed", "adapm-mini-fixed",
+              "adapm-perblock", "adapm-mini-perblock")
+"""``-fixed``: ``tracker="fixed"``; ``-perblock``: ``foreach=False`` (the single-tensor reference path)."""
 
 
 def make_model(name: str, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.device(device):  # built where it runs: a 1B model's CPU init would cost minutes
+        return _make_model(name, device)
+
+
+def _make_model(name: str, device: torch.device) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
     if name == "gpt2-124m":
         model: nn.Module = GPT2LMHeadModel(GPT2Config())
     elif name == "llama-1b":
@@ -59,7 +66,8 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
         flag = {"adamw-fused": {"fused": True}, "adamw-foreach": {"foreach": True}}[name]
         return torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, **flag)
     cls = adapm.AdaPMMini if name.startswith("adapm-mini") else adapm.AdaPM
-    return cls(model, lr=1e-5, tracker="fixed" if name.endswith("-fixed") else "power")
+    return cls(model, lr=1e-5, tracker="fixed" if name.endswith("-fixed") else "power",
+               foreach=False if name.endswith("-perblock") else None)  # fmt: skip
 
 
 def fill_grads(model: nn.Module, seed: int) -> None:
@@ -109,18 +117,36 @@ def op_counts(optimizers: list[str], device: torch.device, model_name: str) -> l
             fill_grads(model, seed)
             opt.step()
         total, top = top_level_ops(opt.step)
-        launches = None
+        launches = kernel_ms = host_syncs = None
         if device.type == "cuda":
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 opt.step()
                 sync(device)
             names = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
             launches = sum(1 for e in prof.events() if e.name in names)
+            # Time the GPU spent in kernels: against the step's wall time, the launch-bound share.
+            kernel_ms = sum(e.self_device_time_total for e in prof.events()
+                            if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3  # fmt: skip
+            host_syncs = count_host_syncs(opt)
         rows.append({"model": model_name, "optimizer": name, "ops_per_step": total,
                      "kernel_ops_per_step": kernel_ops(top), "kernel_launches": launches,
+                     "kernel_ms": kernel_ms, "host_syncs": host_syncs,
                      "top_ops": dict(list(top.items())[:12])})  # fmt: skip
         del opt
     return rows
+
+
+def count_host_syncs(opt: torch.optim.Optimizer) -> int:
+    """Device-to-host synchronizations in one step, as ``torch.cuda.set_sync_debug_mode`` reports them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            opt.step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum(1 for w in caught if "synchroniz" in str(w.message))
 
 
 def peak_memory(model_name: str, optimizers: list[str], device: torch.device) -> list[dict[str, Any]]:
