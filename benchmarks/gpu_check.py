@@ -136,6 +136,30 @@ def op_counts(optimizers: list[str], device: torch.device, model_name: str) -> l
     return rows
 
 
+def kernel_breakdown(model_name: str, optimizers: list[str], device: torch.device) -> list[dict[str, Any]]:
+    """Where one step's GPU time goes: the operators with the most device time (self), per optimizer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = make_model(model_name, device)
+    rows = []
+    for name in optimizers:
+        opt = make_optimizer(name, model)
+        for seed in range(3):
+            fill_grads(model, seed)
+            opt.step()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                opt.step()
+            sync(device)
+        table = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+        top = {e.key: round(e.self_device_time_total / 3e3, 3) for e in table[:15] if e.self_device_time_total > 0}
+        rows.append({"model": model_name, "optimizer": name, "device_ms_per_step_by_op": top,
+                     "device_ms_per_step": sum(e.self_device_time_total for e in table) / 3e3})  # fmt: skip
+        del opt
+    return rows
+
+
 def count_host_syncs(opt: torch.optim.Optimizer) -> int:
     """Device-to-host synchronizations in one step, as ``torch.cuda.set_sync_debug_mode`` reports them."""
     with warnings.catch_warnings(record=True) as caught:
@@ -207,6 +231,11 @@ def main() -> None:
         result["step_time"] = [r for m in models for r in step_time(m, list(OPTIMIZERS), device, steps)]
         print(json.dumps(result["step_time"], indent=1), flush=True)
         save()
+        if device.type == "cuda":
+            chosen = ["adapm", "adapm-mini", "adapm-fixed", "adapm-mini-fixed"]
+            result["kernels"] = [r for m in models for r in kernel_breakdown(m, chosen, device)]
+            print(json.dumps(result["kernels"], indent=1), flush=True)
+            save()
         measured = ["adamw-fused", "adapm", "adapm-mini"] if device.type == "cuda" else ["adapm-mini"]
         result["peak_memory"] = [r for m in models for r in peak_memory(m, measured, device)]
         print(json.dumps(result["peak_memory"], indent=1), flush=True)

@@ -172,3 +172,43 @@ def test_the_step_holds_one_stack_at_a_time(monkeypatch: pytest.MonkeyPatch) -> 
             opt.step()
     assert len(stacks) == 4  # four stacks of two gradients
     assert alive_at_creation == [0, 0, 0, 0]
+
+
+def test_bf16_working_copies_are_bounded_and_chunking_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 parameters are stepped on float32 working copies of at most ``GROUP_ELEMENTS`` entries at a
+    time (not the whole model in float32 at once), with the same result as one chunk."""
+    import weakref
+
+    from torch.overrides import TorchFunctionMode
+
+    import adapm.grouped
+
+    data = batches(96, 3)
+    ref, ours = tiny_llama().to(torch.bfloat16), tiny_llama().to(torch.bfloat16)
+    train(ref, adapm.AdaPMMini(ref, lr=2e-3, foreach=True), data[:2])
+    budget = 3 * max(p.numel() for p in ours.parameters())
+    monkeypatch.setattr(adapm.grouped, "GROUP_ELEMENTS", budget)
+    opt = adapm.AdaPMMini(ours, lr=2e-3, foreach=True)
+    train(ours, opt, data[:1])
+    copies: list[weakref.ref] = []
+    alive: list[int] = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            converted = func is torch.Tensor.to and isinstance(out, torch.Tensor) and out.dtype == torch.float32
+            if converted and args[0].dtype == torch.bfloat16:
+                copies.append(weakref.ref(out))
+                alive.append(sum(r().numel() for r in copies if r() is not None))
+            return out
+
+    x = data[1]
+    ours(input_ids=x, labels=x).loss.backward()
+    with Watch():
+        opt.step()
+    opt.zero_grad()
+    assert len(copies) == 2 * sum(1 for _ in ours.parameters())  # each parameter and gradient, once
+    assert max(alive) <= budget, (max(alive), budget)
+    assert sum(p.numel() for p in ours.parameters()) * 2 > 2 * budget  # the budget did cut the model
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)

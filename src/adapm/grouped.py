@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -33,6 +33,8 @@ from adapm.policies.momentum import lowrank_momentum
 from adapm.policies.second_moment import _block_shape, _sum_of_squares
 from adapm.policies.trackers import TRACKER
 from adapm.policies.update import foreach_elementwise_update
+
+T = TypeVar("T")
 
 GROUP_ELEMENTS = 1 << 27
 """Most entries stacked into one batched buffer (512 MB of float32); a larger group is stepped in several
@@ -95,6 +97,27 @@ def stacks(blocks: Sequence[Block], limit: int | None = None) -> list[list[Block
             current, size = [], 0
         current.append(block)
         size += block.grad.numel()
+    if current:
+        out.append(current)
+    return out
+
+
+def copy_chunks(items: Sequence[T], param: Callable[[T], Tensor], limit: int | None = None) -> list[list[T]]:
+    """Cut ``items`` (in order) so that the float32 working copies of each chunk's parameters and
+    gradients that are not float32 hold at most ``limit`` entries (default :data:`GROUP_ELEMENTS`); a
+    model whose parameters and gradients are all float32 needs no copy and stays one chunk."""
+    limit = GROUP_ELEMENTS if limit is None else limit
+    out: list[list[T]] = []
+    current: list[T] = []
+    size = 0
+    for item in items:
+        p = param(item)
+        cost = p.numel() * ((p.dtype != torch.float32) + (p.grad is not None and p.grad.dtype != torch.float32))
+        if current and cost and size + cost > limit:
+            out.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += cost
     if current:
         out.append(current)
     return out

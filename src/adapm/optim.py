@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from adapm.config import AdaPMConfig, check_hyperparameters, resolve_lr_ratios
 from adapm.distributed import ShardInfo, agree_all, local, make_state, shard_info
-from adapm.grouped import Block, elementwise_tails, second_moment_denominators, step_lowrank
+from adapm.grouped import Block, copy_chunks, elementwise_tails, second_moment_denominators, step_lowrank
 from adapm.partition.layout import ParamLayout, build_layout
 from adapm.partition.report import PartitionReport
 from adapm.partition.rules import partition
@@ -545,7 +545,17 @@ class AdaPM(Optimizer):
 
     def _grouped_step(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> list[Tensor]:
         """Step ``(group, param, t)`` items with the grouped step; return the parameters it skipped (new
-        low-rank factors not finite: values and state unchanged)."""
+        low-rank factors not finite: values and state unchanged).
+
+        Parameters or gradients that are not float32 (bf16 training) are stepped on float32 working
+        copies; those are made for at most ``GROUP_ELEMENTS`` entries at a time, so the step's transient
+        memory stays bounded instead of doubling the model in float32."""
+        rejected: list[Tensor] = []
+        for chunk in copy_chunks(items, lambda item: item[1]):
+            rejected.extend(self._grouped_chunk(chunk))
+        return rejected
+
+    def _grouped_chunk(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> list[Tensor]:
         blocks: list[Block] = []
         copies: list[tuple[Tensor, Tensor]] = []
         for group, p, t in items:
