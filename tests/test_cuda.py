@@ -20,10 +20,11 @@ pytestmark = [
 @pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
 def test_cuda_matches_cpu(cls: type[adapm.AdaPM], make) -> None:
-    """The same training run on CPU and CUDA: equal losses, and parameters within a quarter of one step's
-    size. Not closer: the devices' forward passes round differently and the refreshes' random sketches
-    come from each device's own generator, and an Adam-type update turns rounding noise in tiny
-    gradients into steps of up to ``lr``."""
+    """The same training run on CPU and CUDA: equal losses; parameters within one step's size everywhere
+    and within a hundredth of it on average. Not closer elementwise: the devices' forward passes round
+    differently, the refreshes' random sketches come from each device's own generator, and an Adam-type
+    update turns rounding noise in tiny gradients into steps of up to ``lr`` (seen on an H200: 2 of
+    2,304 entries of one matrix 0.34 ``lr`` apart after 6 steps)."""
     data = batches(96, 6)
     cpu, gpu = make(), make().cuda()
     opt_cpu, opt_gpu = cls(cpu, lr=2e-3), cls(gpu, lr=2e-3)
@@ -32,7 +33,8 @@ def test_cuda_matches_cpu(cls: type[adapm.AdaPM], make) -> None:
     losses_gpu = train(gpu, opt_gpu, [x.cuda() for x in data])
     assert losses_gpu == pytest.approx(losses_cpu, rel=1e-4)
     for a, b in zip(cpu.parameters(), gpu.parameters()):
-        torch.testing.assert_close(a, b.cpu(), rtol=0, atol=2e-3 / 4)
+        diff = (a - b.cpu()).abs()
+        assert diff.max() < 2e-3 and diff.mean() < 2e-3 / 100, (diff.max(), diff.mean())
     assert all(v.device.type == "cuda" for s in opt_gpu.state.values() for k, v in s.items() if k != "step")
 
 

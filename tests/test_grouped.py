@@ -212,3 +212,22 @@ def test_bf16_working_copies_are_bounded_and_chunking_changes_nothing(monkeypatc
     assert sum(p.numel() for p in ours.parameters()) * 2 > 2 * budget  # the budget did cut the model
     for a, b in zip(ref.parameters(), ours.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
+def test_cholesky_qr_trains_as_householder_qr(cls: type[adapm.AdaPM], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grouped step with Cholesky QR (the default off CPU), run here on CPU, takes the same steps as
+    with Householder QR (CPU's default) to float32 rounding: only the bases' signs may differ."""
+    from adapm.policies.trackers import QR_METHOD
+
+    data = batches(96, 6)
+    results = []
+    for method in ("householder", "cholesky"):
+        monkeypatch.setitem(QR_METHOD, "cpu", method)
+        model = tiny_llama()
+        results.append((train(model, cls(model, lr=2e-3, foreach=True), data), model))
+    (losses_h, model_h), (losses_c, model_c) = results
+    assert losses_c == pytest.approx(losses_h, rel=1e-5)
+    for a, b in zip(model_h.parameters(), model_c.parameters()):
+        diff = (a - b).abs()
+        assert diff.max() < 2e-3 and diff.mean() < 2e-3 / 1000, (diff.max(), diff.mean())

@@ -4,7 +4,7 @@ torch.optim's ``foreach`` form, carried over to AdaPM's three kinds of work:
 
 * **Low-rank tracking.** Same-shape low-rank blocks (e.g. every layer's query and key, every MLP matrix
   of one shape) are stacked into one ``(B, m, n)`` buffer; the momentum, the tracker's matmuls and QR,
-  and the residual correction then run as batched ops (``baddbmm``, batched ``linalg.qr``) on the whole
+  and the residual correction then run as batched ops (``baddbmm``, a batched QR) on the whole
   stack. Blocks due for a refresh (a randomized SVD, about one block in ``refresh_every`` per step) run
   alone. Stacks are cut at ``GROUP_ELEMENTS`` entries (at parameter boundaries), which bounds the
   transient memory; the new factors of each stack are checked for inf/NaN with one host sync per stack.

@@ -6,6 +6,14 @@ import pytest
 import torch
 
 from adapm.policies import correction_coefficient, gd_track, lowrank_momentum, power_track, randomized_factors
+from adapm.policies.trackers import QR_METHOD, orthonormalize
+
+
+@pytest.fixture(params=["householder", "cholesky"])
+def qr_method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with each orthonormalization: Householder (CPU's default) and Cholesky QR (CUDA's)."""
+    monkeypatch.setitem(QR_METHOD, "cpu", request.param)
+    return request.param
 
 
 def _rotating_stream(steps: int, rows: int = 64, cols: int = 48, rank: int = 4, seed: int = 0):
@@ -27,7 +35,7 @@ def _best_error(m: torch.Tensor, rank: int) -> float:
     return float(s[rank:].square().sum().sqrt())
 
 
-def test_power_tracker_within_one_percent_of_best_rank_r() -> None:
+def test_power_tracker_within_one_percent_of_best_rank_r(qr_method: str) -> None:
     rank = 4
     stream = _rotating_stream(200)
     first = next(stream)
@@ -52,7 +60,7 @@ def test_gd_tracker_close_to_best_rank_r() -> None:
     assert max(ratios) < 1.05, max(ratios)
 
 
-def test_trackers_never_nan_on_zero_or_rank_deficient_momenta() -> None:
+def test_trackers_never_nan_on_zero_or_rank_deficient_momenta(qr_method: str) -> None:
     gen = torch.Generator().manual_seed(0)
     zero = torch.zeros(20, 12)
     for balanced in (False, True):
@@ -108,7 +116,7 @@ def test_fixed_tracker_is_the_exact_projection_with_two_matmuls(correction: str)
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
-def test_trackers_are_scale_safe(scale: float) -> None:
+def test_trackers_are_scale_safe(scale: float, qr_method: str) -> None:
     """A huge (or tiny) but finite momentum gives finite factors spanning the same subspace as at unit
     scale; at powers of two the results are bit-identical (the normalisation is exact)."""
     g = torch.Generator().manual_seed(0)
@@ -131,7 +139,7 @@ def test_trackers_are_scale_safe(scale: float) -> None:
 
 
 @pytest.mark.parametrize("tracker", ["power", "gd", "fixed"])
-def test_batched_lowrank_momentum_equals_each_block_alone(tracker: str) -> None:
+def test_batched_lowrank_momentum_equals_each_block_alone(tracker: str, qr_method: str) -> None:
     """A stack of same-shape blocks (the grouped step) gets what each block gets alone, to float32
     rounding, with each block scaled on its own: a tiny, a unit and a huge block side by side."""
     gen = torch.Generator().manual_seed(0)
@@ -158,3 +166,39 @@ def test_batched_lowrank_momentum_equals_each_block_alone(tracker: str) -> None:
     with pytest.raises(ValueError, match="one matrix, not a batch"):
         lowrank_momentum(left, right, grads, 0.9, 5, tracker=tracker, correction="unbiased", refresh=True,
                          generator=torch.Generator())  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [(96, 12), (700, 64)])
+def test_cholesky_qr_is_orthonormal_and_keeps_the_span(shape: tuple[int, int]) -> None:
+    """Cholesky QR (float64, two passes): orthonormal columns and the span of ``Y`` at least as accurately
+    as a float32 Householder QR, for well- and ill-conditioned, rank-deficient, zero and batched ``Y``."""
+    rows, cols = shape
+    gen = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(cols, cols, generator=gen, dtype=torch.float64)).Q
+    zero_column = torch.randn(rows, cols, generator=gen)
+    zero_column[:, 3] = 0
+    cases = {
+        "random": torch.randn(rows, cols, generator=gen),
+        "ill-conditioned": ((u * torch.logspace(0, -7, cols, dtype=torch.float64)) @ v.T).float() * 1e20,
+        "rank 5": torch.randn(rows, 5, generator=gen) @ torch.randn(5, cols, generator=gen),
+        "zero column": zero_column,
+        "zero": torch.zeros(rows, cols),
+    }
+    eye = torch.eye(cols, dtype=torch.float64)
+    for name, y in cases.items():
+        q32 = orthonormalize(y, method="cholesky")
+        assert q32.dtype == torch.float32 and torch.isfinite(q32).all(), name
+        q = q32.double()
+        assert (q.mT @ q - eye).abs().max() < 1e-6, name
+        y64 = y.double()
+        residual = (y64 - q @ (q.mT @ y64)).norm() / y64.norm().clamp_min(1e-300)
+        house = orthonormalize(y, method="householder").double()
+        residual_house = (y64 - house @ (house.mT @ y64)).norm() / y64.norm().clamp_min(1e-300)
+        assert residual <= max(residual_house, 1e-7), (name, residual, residual_house)
+    batch = torch.stack(list(cases.values()))
+    together = orthonormalize(batch, method="cholesky")
+    for i, y in enumerate(cases.values()):
+        torch.testing.assert_close(together[i], orthonormalize(y, method="cholesky"), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown method 'gram'"):
+        orthonormalize(batch, method="gram")
