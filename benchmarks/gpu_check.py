@@ -35,7 +35,8 @@ import adapm
 
 OPTIMIZERS = ("adamw-fused", "adamw-foreach", "adapm", "adapm-mini", "adapm-fixed", "adapm-mini-fixed",
               "adapm-perblock", "adapm-mini-perblock")
-"""``-fixed``: ``tracker="fixed"``; ``-perblock``: ``foreach=False`` (the single-tensor reference path)."""
+"""``-fixed``: ``tracker="fixed"``; ``-perblock``: ``foreach=False`` (the single-tensor reference path);
+``-fused``: ``fused=True`` (compiled tails, timed in a last section)."""
 
 
 def make_model(name: str, device: torch.device) -> nn.Module:
@@ -66,7 +67,9 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
         flag = {"adamw-fused": {"fused": True}, "adamw-foreach": {"foreach": True}}[name]
         return torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, **flag)
     cls = adapm.AdaPMMini if name.startswith("adapm-mini") else adapm.AdaPM
-    return cls(model, lr=1e-5, tracker="fixed" if name.endswith("-fixed") else "power",
+    fused = name.endswith("-fused")
+    name = name.removesuffix("-fused")
+    return cls(model, lr=1e-5, tracker="fixed" if name.endswith("-fixed") else "power", fused=fused,
                foreach=False if name.endswith("-perblock") else None)  # fmt: skip
 
 
@@ -90,15 +93,14 @@ def step_time(model_name: str, optimizers: list[str], device: torch.device, step
             continue
         opt = make_optimizer(name, model)
         times = []
-        for i in range(steps + 3):
+        for _ in range(steps + 3):
             sync(device)
             start = time.perf_counter()
             opt.step()
             sync(device)
-            if i >= 3:
-                times.append(time.perf_counter() - start)
-        rows.append({"model": model_name, "optimizer": name, "median_ms": 1e3 * statistics.median(times),
-                     "state_bytes": adapm.state_bytes(opt)})  # fmt: skip
+            times.append(time.perf_counter() - start)
+        rows.append({"model": model_name, "optimizer": name, "median_ms": 1e3 * statistics.median(times[3:]),
+                     "first_step_s": times[0], "state_bytes": adapm.state_bytes(opt)})  # fmt: skip
         del opt
     ref = next((r["median_ms"] for r in rows if r["optimizer"] == "adamw-fused"), None)
     for r in rows:
@@ -201,7 +203,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="a tiny GPT-2 only, 3 timed steps")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer (after 3 warm-up steps)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -231,15 +233,27 @@ def main() -> None:
         result["step_time"] = [r for m in models for r in step_time(m, list(OPTIMIZERS), device, steps)]
         print(json.dumps(result["step_time"], indent=1), flush=True)
         save()
-        if device.type == "cuda":
+        on_gpu = device.type == "cuda"
+        measured = ["adamw-fused", "adapm", "adapm-mini", "adapm-mini-fixed"] if on_gpu else ["adapm-mini"]
+        result["peak_memory"] = [r for m in models for r in peak_memory(m, measured, device)]
+        print(json.dumps(result["peak_memory"], indent=1), flush=True)
+        save()
+        # Last: the compiled tails compile on the first step (one graph per group of blocks), so this
+        # section may outlast a short window; everything above is saved by then. CUDA only (the CPU smoke
+        # run stays short).
+        fused = ["adamw-fused", "adapm-mini-fixed-fused", "adapm-mini-fused", "adapm-fixed-fused"] if on_gpu else []
+        for model_name in models if fused else []:
+            result.setdefault("fused_step_time", []).extend(step_time(model_name, fused, device, steps))
+            print(json.dumps(result["fused_step_time"], indent=1), flush=True)
+            save()
+        result["fused_op_counts"] = op_counts(fused[1:2], device, models[0]) if fused else []
+        print(json.dumps(result["fused_op_counts"], indent=1), flush=True)
+        save()
+        if on_gpu:  # where the device time goes (diagnostic)
             chosen = ["adapm", "adapm-mini", "adapm-fixed", "adapm-mini-fixed"]
             result["kernels"] = [r for m in models for r in kernel_breakdown(m, chosen, device)]
             print(json.dumps(result["kernels"], indent=1), flush=True)
             save()
-        measured = ["adamw-fused", "adapm", "adapm-mini"] if device.type == "cuda" else ["adapm-mini"]
-        result["peak_memory"] = [r for m in models for r in peak_memory(m, measured, device)]
-        print(json.dumps(result["peak_memory"], indent=1), flush=True)
-        save()
 
 
 if __name__ == "__main__":

@@ -93,14 +93,15 @@ def test_adapm_trains_real_models(cls: type[adapm.AdaPM], tracker: str) -> None:
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs g++")
 @pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
-@pytest.mark.parametrize("tracker", ["power", "fixed"])
-def test_fused_matches_eager_on_real_models(cls: type[adapm.AdaPM], tracker: str) -> None:
+@pytest.mark.parametrize(("tracker", "foreach"), [("power", False), ("fixed", False), ("power", True)])
+def test_fused_matches_eager_on_real_models(cls: type[adapm.AdaPM], tracker: str, foreach: bool) -> None:
     """fused=True (compiled elementwise tail) follows the eager trajectory to float32 rounding, on
-    GPT-2 (fused QKV segments, non-contiguous) and Llama, with every momentum policy present."""
+    GPT-2 (fused QKV segments, non-contiguous) and Llama, with every momentum policy present, on the
+    per-block path (one kernel per block) and on the grouped path (one compiled call per group)."""
     for make in (tiny_gpt2, tiny_llama):
         eager_model, fused_model = make(), make()
-        eager = cls(eager_model, lr=3e-3, tracker=tracker, refresh_every=4)
-        fused = cls(fused_model, lr=3e-3, tracker=tracker, refresh_every=4, fused=True)
+        eager = cls(eager_model, lr=3e-3, tracker=tracker, refresh_every=4, foreach=foreach)
+        fused = cls(fused_model, lr=3e-3, tracker=tracker, refresh_every=4, fused=True, foreach=foreach)
         data = batches(96, 8)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # no silent fallback to eager
@@ -111,24 +112,27 @@ def test_fused_matches_eager_on_real_models(cls: type[adapm.AdaPM], tracker: str
         assert _max_rel_diff(eager_model, fused_model) < 1e-3
 
 
-def test_fused_falls_back_to_eager_when_no_compiler(tmp_path) -> None:
-    """A machine without a working C++ compiler: a clear warning, then the eager update, unchanged."""
+@pytest.mark.parametrize("foreach", [False, True])
+def test_fused_falls_back_to_eager_when_no_compiler(tmp_path: Path, foreach: bool) -> None:
+    """A machine without a working C++ compiler: a clear warning, then the eager update, unchanged (on
+    the per-block and the grouped path)."""
     script = """
 import warnings, json, torch, adapm, sys
 sys.path.insert(0, sys.argv[1])
 from conftest import batches, tiny_gpt2, train
+foreach = sys.argv[2] == "True"
 a, b = tiny_gpt2(), tiny_gpt2()
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    opt = adapm.AdaPM(a, lr=3e-3, fused=True)
+    opt = adapm.AdaPM(a, lr=3e-3, fused=True, foreach=foreach)
     train(a, opt, batches(96, 3))
-train(b, adapm.AdaPM(b, lr=3e-3), batches(96, 3))
+train(b, adapm.AdaPM(b, lr=3e-3, foreach=foreach), batches(96, 3))
 same = all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
 print(json.dumps({"same": same, "fused": opt.fused, "messages": messages}))
 """
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c")}
-    proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(foreach)], capture_output=True,
                           text=True, env=env, timeout=600, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

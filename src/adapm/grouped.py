@@ -11,7 +11,10 @@ torch.optim's ``foreach`` form, carried over to AdaPM's three kinds of work:
 * **Block second moments** (AdaPM-mini). Same-shape blocks with the same block layout get their block
   means of ``g^2`` from one reduction over their stacked gradients (the low-rank stacks are reused).
 * **The elementwise tail** (momentum EMA, second-moment EMA, the update) runs as one ``torch._foreach_*``
-  op per arithmetic step for all blocks that share their policies and scalars.
+  op per arithmetic step for all blocks that share their policies and scalars, or with ``fused=True``
+  as one compiled call for them (one pass over each block's memory).
+* **Orthonormalization** of the tracked bases is a batched Cholesky QR off CPU (see
+  :func:`adapm.policies.trackers.orthonormalize`).
 
 So ops per step grow with the number of distinct (policy, shape) groups, not with the number of
 parameters or layers. :meth:`adapm.AdaPM._step_param` is the single-tensor reference this path is tested
@@ -23,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -32,7 +35,7 @@ from adapm.partition.layout import ParamLayout, Segment
 from adapm.policies.momentum import lowrank_momentum
 from adapm.policies.second_moment import _block_shape, _sum_of_squares
 from adapm.policies.trackers import TRACKER
-from adapm.policies.update import foreach_elementwise_update
+from adapm.policies.update import foreach_elementwise_update, fused_foreach_update, fused_scalars
 
 T = TypeVar("T")
 
@@ -78,6 +81,15 @@ class Block:
 
 
 RefreshFn = Callable[[Block], "torch.Generator | None"]
+
+
+class Fused(Protocol):
+    """Who decides whether the tails run compiled (the optimizer): ``fused``, switched off for good by
+    ``disable_fused`` when ``torch.compile`` cannot build the kernel here."""
+
+    fused: bool
+
+    def disable_fused(self, err: Exception) -> None: ...
 
 
 def stacks(blocks: Sequence[Block], limit: int | None = None) -> list[list[Block]]:
@@ -165,7 +177,7 @@ def block_denominators(
     return list(per_index.view(len(vs), *view).unbind(0))
 
 
-def step_lowrank(blocks: list[Block], refresh: RefreshFn) -> set[int]:
+def step_lowrank(blocks: list[Block], refresh: RefreshFn, fused: Fused | None = None) -> set[int]:
     """Track every low-rank block and step it, one stack at a time: a stack's corrected momenta (and, for
     block second moments, its ``g^2`` block means) feed its elementwise tail and are freed before the next
     stack is built, so the step's transient memory is one stack, not all low-rank blocks. Returns the ids
@@ -191,15 +203,15 @@ def step_lowrank(blocks: list[Block], refresh: RefreshFn) -> set[int]:
     work = [(chunk, False) for members in groups.values() for chunk in stacks(members)]
     for chunk, single in work + [([b], True) for b in singles]:
         rejected |= _track_single(chunk[0]) if single else _track_stack(chunk)
-        _finish(chunk, rejected)
+        _finish(chunk, rejected, fused)
     return rejected
 
 
-def _finish(chunk: list[Block], rejected: set[int]) -> None:
+def _finish(chunk: list[Block], rejected: set[int], fused: Fused | None) -> None:
     """The elementwise tail of a tracked stack's blocks (those whose parameter was not rejected)."""
     ok = [b for b in chunk if id(b.p) not in rejected]
     if ok:
-        elementwise_tails(ok, second_moment_denominators(ok))
+        elementwise_tails(ok, second_moment_denominators(ok), fused)
     for b in chunk:
         b.numerator = None  # free the stack's momenta
 
@@ -280,8 +292,9 @@ def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:
     return out
 
 
-def elementwise_tails(blocks: list[Block], denominators: dict[int, Tensor]) -> None:
-    """The elementwise tail of every block, one foreach op per arithmetic step per (policies, scalars)."""
+def elementwise_tails(blocks: list[Block], denominators: dict[int, Tensor], fused: Fused | None = None) -> None:
+    """The elementwise tail of every block, one foreach op per arithmetic step per (policies, scalars),
+    or one compiled call per (policies, scalars) where ``fused`` says so."""
     groups: dict[tuple[Any, ...], list[tuple[Tensor, ...]]] = {}
     for b in blocks:
         group, seg = b.group, b.seg
@@ -305,12 +318,22 @@ def elementwise_tails(blocks: list[Block], denominators: dict[int, Tensor]) -> N
     for key, rows in groups.items():
         source, full, beta1, beta2, lr, decay, bc1, bc2s, eps, clip = key
         targets, grads, sources, seconds = (list(column) for column in zip(*rows))
-        foreach_elementwise_update(
-            targets, grads,
+        lists: dict[str, Any] = dict(
             vs=seconds if full else None,
             ms=sources if source == "ema" else None,
             numerators=sources if source == "given" else None,
             denoms=None if full else seconds,
+        )
+        if fused is not None and fused.fused:
+            scalars = fused_scalars(lr=lr, decay=decay, bias_correction1=bc1, bias_correction2_sqrt=bc2s, eps=eps,
+                                    update_clip=clip, beta1=beta1, beta2=beta2, device=targets[0].device)  # fmt: skip
+            try:
+                fused_foreach_update(targets, grads, **lists, scalars=scalars)
+                continue
+            except Exception as err:  # compilation failures surface as many exception types
+                fused.disable_fused(err)
+        foreach_elementwise_update(
+            targets, grads, **lists,
             beta1=beta1, beta2=beta2, lr=lr, decay=decay, bias_correction1=bc1, bias_correction2_sqrt=bc2s,
             eps=eps, update_clip=clip,
         )  # fmt: skip

@@ -163,13 +163,14 @@ class AdaPM(Optimizer):
             the number of (policy, shape) groups, not with the number of layers (see
             :mod:`adapm.grouped`). ``None`` (default): on accelerators yes, on CPU no (there the
             per-block path works in cache-sized row chunks, which is faster and allocates no full-size
-            temporaries). Both agree to float32 rounding. Sharded (FSDP2) and ``fused`` steps take the
+            temporaries). Both agree to float32 rounding. Sharded (FSDP2) parameters take the
             per-block path.
-        fused: run the elementwise tail of each block (momentum and second-moment EMAs, the update)
-            as one ``torch.compile``d kernel instead of eager PyTorch ops: several times faster on
-            CPU, equal up to float32 rounding. The first step compiles (seconds; cached on disk
-            afterwards); needs a C++ compiler on CPU, and falls back to the eager path with a
-            ``RuntimeWarning`` if compilation fails. Default ``False``.
+        fused: run the elementwise tail (momentum and second-moment EMAs, the update) compiled with
+            ``torch.compile`` instead of as eager PyTorch ops: one pass over each block's memory
+            instead of 5-8, equal up to float32 rounding. On the per-block path one kernel per block;
+            on the grouped path one compiled call per group of blocks. The first step compiles
+            (seconds to a minute; cached on disk afterwards); needs a C++ compiler on CPU, and falls
+            back to the eager path with a ``RuntimeWarning`` if compilation fails. Default ``False``.
 
         strict: what to do when the partition cannot apply to some matrices (no preset matched, or a
             fused weight whose layout is not known for the model) or to any (bare parameters without
@@ -538,8 +539,8 @@ class AdaPM(Optimizer):
 
     def _grouped(self, p: Tensor) -> bool:
         """Whether ``p`` takes the grouped step (:mod:`adapm.grouped`): with ``foreach`` (by default off
-        CPU), unless ``fused`` or sharded (those take the per-parameter path)."""
-        if self.fused or self._shard(p).sharded:
+        CPU), unless sharded (that takes the per-parameter path). ``fused`` compiles the tails of either."""
+        if self._shard(p).sharded:
             return False
         return self.foreach if self.foreach is not None else p.device.type != "cpu"
 
@@ -564,17 +565,20 @@ class AdaPM(Optimizer):
             layout, state = self._layouts[p], self.state[p]
             grad = cast(Tensor, p.grad)
             g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
-            target = p if p.dtype == torch.float32 else p.detach().to(torch.float32)
-            if target is not p:
+            # The compiled tails take views of a detached parameter: dynamo cannot trace in-place updates of
+            # views of a leaf that requires grad.
+            target = p.detach().to(torch.float32) if p.dtype != torch.float32 else (p.detach() if self.fused else p)
+            if p.dtype != torch.float32:
                 copies.append((p, target))
             for seg in layout.segments:
                 blocks.append(Block(p, group, layout, seg, t, seg.view(target), seg.view(g), state))
         bad = step_lowrank(
             [b for b in blocks if b.lowrank],
             lambda b: self._refresh_generator(b.p, b.seg.slot, b.t, b.group["refresh_every"], b.grad.device),
+            self,
         )
         rest = [b for b in blocks if not b.lowrank and id(b.p) not in bad]
-        elementwise_tails(rest, second_moment_denominators(rest))
+        elementwise_tails(rest, second_moment_denominators(rest), self)
         copies = [(p, target) for p, target in copies if id(p) not in bad]
         if copies:
             params, targets = zip(*copies)
@@ -670,16 +674,20 @@ class AdaPM(Optimizer):
         try:
             fused_elementwise_update(target, grad, v=v, m=m, numerator=numerator, denom=denom, scalars=scalars)
         except Exception as err:  # compilation failures surface as many exception types
-            self.fused = False
-            warnings.warn(
-                f"AdaPM(fused=True): torch.compile could not build the fused update ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}); falling back to the eager update. "
-                "On CPU a C++ compiler (g++) is needed; pass fused=False to silence this.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            self.disable_fused(err)
             return False
         return True
+
+    def disable_fused(self, err: Exception) -> None:
+        """Switch ``fused`` off for good, with a warning naming why (``torch.compile`` failed)."""
+        self.fused = False
+        warnings.warn(
+            f"AdaPM(fused=True): torch.compile could not build the fused update ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); falling back to the eager update. "
+            "On CPU a C++ compiler (g++) is needed; pass fused=False to silence this.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     def _workspace(self, like: Tensor, slot: int = 0) -> Tensor:
         """A float32 buffer shaped like ``like``, reused across parameters and steps (``slot`` tells apart
