@@ -59,8 +59,11 @@ OPTIMIZERS = (
     "adapm-mini-fixed-fused",
     "adapm-foreach",
     "adapm-mini-foreach",
+    "adapm-bf16",
+    "adapm-mini-bf16",
 )
-"""``*-fixed``: AdaPM with ``tracker="fixed"`` (two skinny matmuls per low-rank block instead of four);
+"""``*-bf16``: ``state_dtype="bf16"`` (large state stored in bfloat16, float32 math on working copies);
+``*-fixed``: AdaPM with ``tracker="fixed"`` (two skinny matmuls per low-rank block instead of four);
 ``*-fused``: with ``fused=True`` (the elementwise tail as one compiled kernel); ``*-foreach``: the grouped
 step (the default off CPU) timed on CPU."""
 MODELS = {"gpt2-124m": "gpt2-124m", "llama-350m": "llama-350m", "quick": "gpt2-20m"}

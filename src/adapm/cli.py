@@ -41,7 +41,8 @@ from adapm.train.config import (
     read_config_file,
 )
 
-MEMORY_OPTIMIZERS = ("adamw", "adam-mini", "adafactor", "galore", "sgd-sai", "adapm", "adapm-mini")
+MEMORY_OPTIMIZERS = ("adamw", "adam-mini", "adafactor", "galore", "sgd-sai", "adapm", "adapm-mini", "adapm-bf16",
+                     "adapm-mini-bf16")
 """`adapm memory`'s default rows (the block-wise lr variants keep their family's state)."""
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}

@@ -14,6 +14,7 @@ from typing import Any
 
 from adapm.policies.correction import CORRECTIONS
 from adapm.policies.momentum import MOMENTUM
+from adapm.policies.precision import STATE_DTYPES
 from adapm.policies.second_moment import SECOND_MOMENT
 from adapm.policies.trackers import TRACKER
 
@@ -57,6 +58,7 @@ class AdaPMConfig:
     correction: str = "unbiased"
     update_clip: float | None = 1.0
     clip_scope: str = "lowrank"
+    state_dtype: str = "fp32"
     lr_ratios: str | Mapping[str, float] | None = None
     fused: bool = False
     foreach: bool | None = None
@@ -122,6 +124,10 @@ def check_hyperparameters(values: Mapping[str, Any], where: str) -> None:
     clip = values["update_clip"]
     if clip is not None and (not _is_number(clip) or not clip > 0.0):
         raise ValueError(f"Invalid update_clip{where}: {clip!r}; expected a positive float or None")
+    if values.get("state_dtype", "fp32") not in STATE_DTYPES:
+        raise ValueError(
+            f"Invalid state_dtype{where}: {values['state_dtype']!r}; expected one of {tuple(STATE_DTYPES)}"
+        )
     if values["clip_scope"] not in CLIP_SCOPES:
         raise ValueError(f"Invalid clip_scope{where}: {values['clip_scope']!r}; expected one of {CLIP_SCOPES}")
     ratio = values.get("lr_ratio", 1.0)

@@ -114,22 +114,22 @@ def stacks(blocks: Sequence[Block], limit: int | None = None) -> list[list[Block
     return out
 
 
-def copy_chunks(items: Sequence[T], param: Callable[[T], Tensor], limit: int | None = None) -> list[list[T]]:
-    """Cut ``items`` (in order) so that the float32 working copies of each chunk's parameters and
-    gradients that are not float32 hold at most ``limit`` entries (default :data:`GROUP_ELEMENTS`); a
-    model whose parameters and gradients are all float32 needs no copy and stays one chunk."""
+def copy_chunks(items: Sequence[T], cost: Callable[[T], int], limit: int | None = None) -> list[list[T]]:
+    """Cut ``items`` (in order) so that each chunk's float32 working copies (``cost`` entries per item:
+    of parameters and gradients that are not float32, and of low-precision state) hold at most ``limit``
+    entries (default :data:`GROUP_ELEMENTS`); a model whose parameters, gradients and state are all
+    float32 needs no copy and stays one chunk."""
     limit = GROUP_ELEMENTS if limit is None else limit
     out: list[list[T]] = []
     current: list[T] = []
     size = 0
     for item in items:
-        p = param(item)
-        cost = p.numel() * ((p.dtype != torch.float32) + (p.grad is not None and p.grad.dtype != torch.float32))
-        if current and cost and size + cost > limit:
+        n = cost(item)
+        if current and n and size + n > limit:
             out.append(current)
             current, size = [], 0
         current.append(item)
-        size += cost
+        size += n
     if current:
         out.append(current)
     return out

@@ -18,6 +18,7 @@ from adapm.partition.layout import ParamLayout, build_layout
 from adapm.partition.report import PartitionReport
 from adapm.partition.rules import partition
 from adapm.policies.momentum import lowrank_momentum
+from adapm.policies.precision import stochastic_round_
 from adapm.policies.second_moment import (
     block_entries,
     block_second_moment,
@@ -58,6 +59,7 @@ _GROUP_KEYS = frozenset(
         "correction",
         "update_clip",
         "clip_scope",
+        "state_dtype",
         "lr_ratio",
         "experts",
         "kept_whole",
@@ -147,6 +149,10 @@ class AdaPM(Optimizer):
         clip_scope: which blocks ``update_clip`` applies to: ``"lowrank"`` (default: the low-rank
             blocks, as in the paper's Algorithm 1) or ``"all"``. A group key, so a group or rule may
             set its own; a rule's ``update_clip`` applies to its blocks whatever the scope.
+        state_dtype: how the large state tensors (full momentum, low-rank factors, full second moment)
+            are stored: ``"fp32"`` (default) or ``"bf16"`` (half the bytes; the math still runs in
+            float32 on working copies, written back with seeded stochastic rounding). Block second
+            moments and step counters stay float32. A group key, so a param group may set its own.
         lr_ratios: block-wise learning rates: ``"blockwise"`` (embeddings and LM head x10, query and
             key x8, MLP x6, value and attention output x4, norms, biases and unrecognised matrices x1;
             "The Sharpness Disparity Principle in Transformers", ICML 2025) or a dict by role
@@ -207,6 +213,7 @@ class AdaPM(Optimizer):
         correction: str = AdaPMConfig.correction,
         update_clip: float | None = AdaPMConfig.update_clip,
         clip_scope: str = AdaPMConfig.clip_scope,
+        state_dtype: str = AdaPMConfig.state_dtype,
         lr_ratios: str | Mapping[str, float] | None = AdaPMConfig.lr_ratios,
         rules: Iterable[Any] | None = None,
         fused: bool = AdaPMConfig.fused,
@@ -224,6 +231,7 @@ class AdaPM(Optimizer):
             correction=correction,
             update_clip=update_clip,
             clip_scope=clip_scope,
+            state_dtype=state_dtype,
             lr_ratios=lr_ratios,
             fused=fused,
             foreach=foreach,
@@ -552,17 +560,30 @@ class AdaPM(Optimizer):
         copies; those are made for at most ``GROUP_ELEMENTS`` entries at a time, so the step's transient
         memory stays bounded instead of doubling the model in float32."""
         rejected: list[Tensor] = []
-        for chunk in copy_chunks(items, lambda item: item[1]):
+        for chunk in copy_chunks(items, lambda item: self._copy_numel(item[1])):
             rejected.extend(self._grouped_chunk(chunk))
         return rejected
+
+    def _copy_numel(self, p: Tensor) -> int:
+        """Entries of the float32 working copies a step of ``p`` makes: of a parameter or gradient that is
+        not float32, and of its low-precision state."""
+        n = p.numel() * ((p.dtype != torch.float32) + (p.grad is not None and p.grad.dtype != torch.float32))
+        if self.state[p]:
+            specs = self._layouts[p].state_specs()
+            n += sum(spec.numel for key, spec in specs.items() if key != "step" and spec.dtype != torch.float32)
+        return n
 
     def _grouped_chunk(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> list[Tensor]:
         blocks: list[Block] = []
         copies: list[tuple[Tensor, Tensor]] = []
+        stored: list[tuple[Tensor, int, list[tuple[Tensor, Tensor]]]] = []
         for group, p, t in items:
             if p.numel() == 0:
                 continue
-            layout, state = self._layouts[p], self.state[p]
+            layout = self._layouts[p]
+            state, pairs = self._working_state(p)
+            if pairs:
+                stored.append((p, t, pairs))
             grad = cast(Tensor, p.grad)
             g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
             # The compiled tails take views of a detached parameter: dynamo cannot trace in-place updates of
@@ -583,6 +604,9 @@ class AdaPM(Optimizer):
         if copies:
             params, targets = zip(*copies)
             torch._foreach_copy_(list(params), list(targets))
+        for p, t, pairs in stored:
+            if id(p) not in bad:
+                self._write_back(p, pairs, t)
         return [p for _, p, _ in items if id(p) in bad]
 
     def _step_param(self, group: dict[str, Any], p: Tensor, t: int) -> bool:
@@ -592,9 +616,9 @@ class AdaPM(Optimizer):
         on CPU the elementwise tail runs in cache-sized row chunks."""
         layout = self._layouts[p]
         info = self._shard(p)
-        state = self.state[p]
         if p.numel() == 0:  # as torch.optim.AdamW: the step counts (already done), nothing else to do
             return True
+        state, stored = self._working_state(p)
         grad = local(cast(Tensor, p.grad))
         g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
         beta1, beta2 = group["betas"]
@@ -657,7 +681,32 @@ class AdaPM(Optimizer):
                 )
         if target is not p_local:
             p_local.copy_(target)
+        self._write_back(p, stored, t)
         return True
+
+    def _working_state(self, p: Tensor) -> tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]:
+        """``p``'s state with each tensor stored in low precision (``state_dtype``) replaced by a float32
+        working copy (of the local shard), and the ``(stored, working)`` pairs to write back once the
+        step succeeds (a skipped step writes nothing: the stored state stays as it was)."""
+        state = self.state[p]
+        keys = [k for k, spec in self._layouts[p].state_specs().items() if k != "step" and spec.dtype != torch.float32]
+        if not keys:
+            return state, []
+        work = dict(state)
+        pairs = []
+        for key in keys:
+            stored = local(state[key])
+            work[key] = stored.float()
+            pairs.append((stored, work[key]))
+        return work, pairs
+
+    def _write_back(self, p: Tensor, pairs: list[tuple[Tensor, Tensor]], t: int) -> None:
+        """Store the float32 working copies into their low-precision state, stochastically rounded from
+        a generator seeded by the parameter, the key and the step (a resumed run rounds the same way)."""
+        for i, (stored, work) in enumerate(pairs):
+            generator = torch.Generator(device=work.device)
+            generator.manual_seed(self._index[p] * 1_000_003 + (i + 1) * 500_009 + t)
+            stochastic_round_(stored, work, generator)
 
     def _fused_tail(
         self,
@@ -807,11 +856,19 @@ class AdaPM(Optimizer):
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, first checking that its partition and state shapes match this optimizer.
+    def load_state_dict(self, state_dict: dict[str, Any], *, convert_state_dtype: bool = False) -> None:
+        """Load a state dict, first checking that its partition, state shapes and ``state_dtype`` match
+        this optimizer.
+
+        Args:
+            state_dict: from :meth:`state_dict`.
+            convert_state_dtype: load state saved with another ``state_dtype`` by converting it to this
+                optimizer's (to ``bf16``: rounded to nearest; to ``fp32``: exact). Without it such a
+                state dict is refused.
 
         Raises:
-            ValueError: naming the first parameter whose policy or state shapes differ.
+            ValueError: naming the first param group or parameter whose policy, state shapes or state
+                dtype differ.
         """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -820,6 +877,13 @@ class AdaPM(Optimizer):
             )
         saved_state = state_dict["state"]
         for i, (ours, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            theirs, mine = saved.get("state_dtype", "fp32"), ours.get("state_dtype", "fp32")
+            if theirs != mine and not convert_state_dtype:
+                raise ValueError(
+                    f"loaded state dict's param group {i} stores its state as state_dtype={theirs!r}, this "
+                    f"optimizer as {mine!r}: build the optimizer with state_dtype={theirs!r}, or convert with "
+                    "load_state_dict(state_dict, convert_state_dtype=True)"
+                )
             betas = saved.get("betas")
             checked = {**ours, **saved, "betas": tuple(betas) if isinstance(betas, list) else betas}
             check_hyperparameters(checked, f" in loaded param group {i}")
@@ -854,6 +918,10 @@ class AdaPM(Optimizer):
                         f"loaded state dict does not match parameter '{layout.name}' of shape {layout.shape}: "
                         f"state shapes {got} but expected {expected}"
                     )
+        if convert_state_dtype:  # the groups keep this optimizer's state_dtype; the values are cast below
+            groups = [{**saved, "state_dtype": ours.get("state_dtype", "fp32")}
+                      for ours, saved in zip(self.param_groups, saved_groups)]  # fmt: skip
+            state_dict = {**state_dict, "param_groups": groups}
         super().load_state_dict(state_dict)
         self._rebuild_layouts()
         # torch casts floating state to the parameter dtype; AdaPM state keeps its declared dtype.

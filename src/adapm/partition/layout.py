@@ -16,12 +16,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from adapm.policies.momentum import MOMENTUM
+from adapm.policies.precision import STATE_DTYPES
 from adapm.policies.second_moment import SECOND_MOMENT, block_count
 from adapm.policies.state import StateSpec, join_specs
 
@@ -106,6 +107,8 @@ class ParamLayout:
     second_moment: str
     segments: tuple[Segment, ...]
     fused: bool
+    state_dtype: str = "fp32"
+    """How the policies' low-precision state is stored (see :mod:`adapm.policies.precision`)."""
 
     @property
     def second_policy(self) -> Any:
@@ -127,8 +130,10 @@ class ParamLayout:
                 for key, spec in policy.state(seg).items():
                     parts.setdefault(key, []).append(spec)
         specs = {"step": StateSpec((), None)}
+        stored = STATE_DTYPES[self.state_dtype]
         for key in sorted(parts, key=lambda k: (STATE_ORDER.index(k) if k in STATE_ORDER else len(STATE_ORDER), k)):
-            specs[key] = join_specs(parts[key], self.fused, self.shape)
+            spec = join_specs(parts[key], self.fused, self.shape)
+            specs[key] = replace(spec, dtype=stored) if spec.low_precision else spec
         return specs
 
     def part(self, state: torch.Tensor, key: str, seg: Segment) -> torch.Tensor:
@@ -263,6 +268,9 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
             f"Invalid second_moment policy for {what}: {second_moment!r}; expected one of {tuple(SECOND_MOMENT)}"
         )
     rank_ratio = check_rank_ratio(group["rank_ratio"], what)
+    state_dtype = group.get("state_dtype", "fp32")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype for {what}: {state_dtype!r}; expected one of {tuple(STATE_DTYPES)}")
     seg_specs = group.get("segments")
     if not seg_specs:
         momentum = _check_momentum(group["momentum"], shape, what)
@@ -283,7 +291,7 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
             n_blocks=block_count(shape, *block),
             lr_ratio=group_ratio,
         )
-        return ParamLayout(name, shape, second_moment, (seg,), fused=False)
+        return ParamLayout(name, shape, second_moment, (seg,), fused=False, state_dtype=state_dtype)
 
     if group.get("momentum") != "mixed":
         raise ValueError(f"A group with 'segments' must have momentum='mixed' ({what})")
@@ -359,4 +367,4 @@ def build_layout(name: str, shape: Sequence[int], group: Mapping[str, Any]) -> P
         block_offset += n_blocks
     if dim is not None and covered != matrix[dim] * (shape[0] if experts else 1):
         raise ValueError(f"Fused {what}: its segments cover {covered} of the {matrix[dim]} indices of dimension {dim}")
-    return ParamLayout(name, shape, second_moment, tuple(segments), fused=True)
+    return ParamLayout(name, shape, second_moment, tuple(segments), fused=True, state_dtype=state_dtype)

@@ -38,7 +38,7 @@ class FullMomentum:
     needs_matrix = False
 
     def state(self, seg: Segment) -> dict[str, StateSpec]:
-        return {"exp_avg": StateSpec(seg.shape, 0 if seg.shape else None)}
+        return {"exp_avg": StateSpec(seg.shape, 0 if seg.shape else None, low_precision=True)}
 
     @staticmethod
     def update(m: Tensor, grad: Tensor, beta1: float) -> Tensor:
@@ -58,7 +58,8 @@ class LowRankMomentum:
 
     def state(self, seg: Segment) -> dict[str, StateSpec]:
         rows, cols = seg.shape
-        return {"lowrank_L": StateSpec((rows, seg.rank), 0), "lowrank_R": StateSpec((seg.rank, cols), None)}
+        return {"lowrank_L": StateSpec((rows, seg.rank), 0, low_precision=True),
+                "lowrank_R": StateSpec((seg.rank, cols), None, low_precision=True)}  # fmt: skip
 
     @staticmethod
     def update(left: Tensor, right: Tensor, grad: Tensor, beta1: float, step: int, **kwargs: Any) -> tuple[Tensor, ...]:

@@ -9,7 +9,7 @@ count, and the checks ``load_state_dict`` makes. Adding a policy is one class re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
@@ -33,6 +33,9 @@ class StateSpec:
     of which each segment's part is the same view as of the parameter)."""
     concat_dim: int = 0
     dtype: torch.dtype = torch.float32
+    low_precision: bool = False
+    """Whether the tensor may be stored in the group's ``state_dtype`` (see :mod:`adapm.policies.precision`):
+    large tensors whose per-step change is a small fraction of their value. Otherwise always ``dtype``."""
 
     @property
     def numel(self) -> int:
@@ -73,14 +76,14 @@ def join_specs(parts: list[StateSpec], fused: bool, param_shape: tuple[int, ...]
     """The parameter-level spec of a key declared by one or more segments (see :attr:`StateSpec.join`)."""
     first = parts[0]
     if first.join == "whole":
-        return StateSpec(tuple(param_shape), 0 if param_shape else None, "whole", 0, first.dtype)
+        return replace(first, shape=tuple(param_shape), row_dim=0 if param_shape else None)
     if not fused:
         return first
     if first.join == "stack":
         if any(p.shape != first.shape for p in parts):  # unequal segments: one flat buffer, in order
-            return StateSpec((sum(p.numel for p in parts),), None, "flat", 0, first.dtype)
+            return replace(first, shape=(sum(p.numel for p in parts),), row_dim=None, join="flat", concat_dim=0)
         row = None if first.row_dim is None else first.row_dim + 1
-        return StateSpec((len(parts), *first.shape), row, first.join, first.concat_dim, first.dtype)
+        return replace(first, shape=(len(parts), *first.shape), row_dim=row)
     shape = list(first.shape)
     shape[first.concat_dim] = sum(p.shape[first.concat_dim] for p in parts)
-    return StateSpec(tuple(shape), first.row_dim, first.join, first.concat_dim, first.dtype)
+    return replace(first, shape=tuple(shape))

@@ -34,9 +34,12 @@ class OptimizerSpec:
     """OptimConfig values this variant fixes (e.g. ``lr_ratios="blockwise"``)."""
     extra: str | None = None
     """The pip package the family needs beyond torch and transformers, if any."""
+    lr_of: str | None = None
+    """A variant that trains at another name's swept lr (e.g. bf16 state at its fp32 form's lr)."""
 
 
 _BLR = {"lr_ratios": "blockwise"}
+_BF16 = {"state_dtype": "bf16"}
 
 _SPECS = (
     OptimizerSpec("adamw", "adamw", 3e-3, 2e-5, "torch.optim.AdamW, decay on matrices only"),
@@ -52,6 +55,10 @@ _SPECS = (
     OptimizerSpec("adapm-blr", "adapm", 5e-4, 5e-6, "AdaPM with block-wise learning rates", settings=_BLR),
     OptimizerSpec("adapm-mini-blr", "adapm-mini", 5e-4, 5e-6, "AdaPM-mini with block-wise learning rates",
                   settings=_BLR),
+    OptimizerSpec("adapm-bf16", "adapm", 3e-3, 2e-5, "AdaPM with its large state stored in bf16", settings=_BF16,
+                  lr_of="adapm"),
+    OptimizerSpec("adapm-mini-bf16", "adapm-mini", 3e-3, 2e-5, "AdaPM-mini with its large state stored in bf16",
+                  settings=_BF16, lr_of="adapm-mini"),
 )
 
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in _SPECS}
@@ -90,7 +97,7 @@ def lr_with_source(name: str, finetune: bool = False, model: str | None = None) 
     spec = get(name)
     if finetune:
         return spec.finetune_lr, "default"
-    swept = _swept().get(model or "", {}).get(name)
+    swept = _swept().get(model or "", {}).get(spec.lr_of or name)
     if swept is not None:
         return float(swept), f"swept for {model}"
     return spec.pretrain_lr, "default"
