@@ -154,8 +154,54 @@ def parser(doc: str, name: str, models: str, steps: int = 300, seeds: int = 2) -
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1)")
     p.add_argument("--out", type=Path, default=Path("runs/experiments"), help="where NAME.json/.md/.png go")
     p.add_argument("--quick", action="store_true", help="smoke mode: gpt2-1m, 6 steps, batch 4, 1 seed")
+    p.add_argument("--replot", action="store_true", help="redraw NAME.png from the NAME.json in --out; no runs")
     p.set_defaults(name=name)
     return p
+
+
+def saved_payload(args: argparse.Namespace) -> dict[str, Any]:
+    """The NAME.json a previous run wrote to ``--out`` (for ``--replot``), with a clear error if absent."""
+    path = args.out / f"{args.name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--replot: cannot read {path} ({type(err).__name__}); run the experiment first") from None
+
+
+def curves_with_bands(ax: Any, runs: list[dict[str, Any]], model: str, arms: list[str],
+                      styles: dict[str, str] | None = None) -> None:  # fmt: skip
+    """Per arm, the mean validation-loss curve over its seeds, with the min-max band of the seeds shaded
+    (a single seed: the line alone); the legend outside the axes, integer step ticks."""
+    import matplotlib
+    from matplotlib.ticker import MaxNLocator
+
+    others = [arm for arm in arms if arm != "adamw"]
+    palette = matplotlib.colormaps["tab10" if len(others) <= 10 else "tab20"]
+    for arm in arms:
+        curves = [r["val_curve"] for r in runs if r["arm"] == arm and r["model"] == model]
+        if not curves:
+            continue
+        steps = [point[0] for point in curves[0]]
+        values = [[c[i][1] for c in curves] for i in range(len(steps))]
+        mean = [sum(v) / len(v) for v in values]
+        color = "black" if arm == "adamw" else palette(others.index(arm))  # the reference stands out
+        (line,) = ax.plot(steps, mean, (styles or {}).get(arm, "-"), marker="o", markersize=3, label=arm, color=color)
+        if len(curves) > 1:
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
+                            alpha=0.15, linewidth=0)  # fmt: skip
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def run_title(runs: list[dict[str, Any]], model: str, settings: dict[str, Any]) -> str:
+    """Model, tokens per run and seeds, for a plot title."""
+    tokens = next((r.get("tokens") for r in runs if r["model"] == model), None)
+    seeds = settings["seeds"]
+    what = f"{tokens / 1e6:.2f}M tokens, " if tokens else ""
+    return f"{model}, {settings['steps']} steps, {what}{seeds} seed{'s' if seeds > 1 else ''} (mean, min-max band)"
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -13,7 +13,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Arm, aggregate, markdown, parser, pyplot, run_grid, settings, write_outputs
+from common import (
+    Arm,
+    aggregate,
+    curves_with_bands,
+    markdown,
+    parser,
+    pyplot,
+    run_grid,
+    run_title,
+    saved_payload,
+    settings,
+    write_outputs,
+)
 
 ARMS = [Arm("adamw", optimizer="adamw")]
 for _ratio in (0.05, 0.5):
@@ -25,6 +37,10 @@ for _ratio in (0.05, 0.5):
 
 def main() -> None:
     args = parser(__doc__, "fig4a_correction", "gpt2-1m").parse_args()
+    if args.replot:
+        payload = saved_payload(args)
+        plot_curves(args.out / f"{args.name}.png", payload["runs"], payload["settings"], TITLE)
+        return
     s = settings(args)
     runs = run_grid(s["models"], ARMS, s["seeds"], s["steps"], s["batch_size"], s["jobs"], s["threads"])
     rows = aggregate(runs, reference_arm="adamw")
@@ -32,27 +48,24 @@ def main() -> None:
                ("std_val_loss", "std", "{:.4f}"), ("minus_reference", "minus AdamW", "{:+.4f}"),
                ("seeds", "seeds", "{}"), ("state_bytes", "state bytes", "{:,}")]  # fmt: skip
     png = write_outputs(args, {"settings": s, "arms": ARMS, "summary": rows, "runs": runs}, markdown(rows, columns))
-    plot_curves(png, runs, s, "Figure 4a: residual correction and tracker")
+    plot_curves(png, runs, s, TITLE)
+
+
+TITLE = "Figure 4a: residual correction and tracker"
 
 
 def plot_curves(png: Path, runs: list[dict], s: dict, title: str) -> None:
-    """Mean validation-loss curve per arm (first model)."""
+    """Validation-loss curves per arm (first model): the mean over seeds and their min-max band."""
     plt = pyplot()
     model = runs[0]["model"]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for arm in dict.fromkeys(r["arm"] for r in runs):
-        curves = [r["val_curve"] for r in runs if r["arm"] == arm and r["model"] == model]
-        steps = [p[0] for p in curves[0]]
-        mean = [sum(c[i][1] for c in curves) / len(curves) for i in range(len(steps))]
-        style = "--" if "none" in arm else (":" if "paper" in arm else "-")
-        ax.plot(steps, mean, style, marker="o", label=arm)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss")
-    ax.set_title(f"{title} ({model}, mean of {s['seeds']} seeds)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    styles = {arm: "--" if "none" in arm else (":" if "paper" in arm else "-") for arm in arms}
+    curves_with_bands(ax, runs, model, arms, styles)
+    ax.set_title(f"{title}\n{run_title(runs, model, s)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

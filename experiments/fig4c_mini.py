@@ -12,7 +12,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Arm, aggregate, markdown, parser, pyplot, run_grid, settings, write_outputs
+from common import (
+    Arm,
+    aggregate,
+    curves_with_bands,
+    markdown,
+    parser,
+    pyplot,
+    run_grid,
+    run_title,
+    saved_payload,
+    settings,
+    write_outputs,
+)
 
 from adapm.train.memory import PAPER_TABLE2, memory_table
 
@@ -22,6 +34,9 @@ ARMS = [Arm("adamw", optimizer="adamw"), Arm("adam-mini", optimizer="adam-mini")
 
 def main() -> None:
     args = parser(__doc__, "fig4c_mini", "gpt2-1m,llama-1m", seeds=3).parse_args()
+    if args.replot:
+        plot(args.out / f"{args.name}.png", saved_payload(args))
+        return
     s = settings(args)
     runs = run_grid(s["models"], ARMS, s["seeds"], s["steps"], s["batch_size"], s["jobs"], s["threads"])
     rows = aggregate(runs, reference_arm="adamw")
@@ -42,25 +57,32 @@ def main() -> None:
     table = markdown(rows, columns) + "\n\nAt the paper's scale (meta device):\n\n" + markdown(paper_scale, mem_columns)
     payload = {"settings": s, "arms": ARMS, "summary": rows, "paper_scale": paper_scale, "runs": runs}
     png = write_outputs(args, payload, table)
+    plot(png, payload)
+
+
+def plot(png: Path, payload: dict) -> None:
+    """Validation-loss curves per model (mean over seeds, min-max band) and the optimizer state at the
+    paper's scale in % of AdamW's."""
     plt = pyplot()
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models) + 1, figsize=(5 * (len(models) + 1), 4), squeeze=False)
+    runs, s = payload["runs"], payload["settings"]
+    arms = [a.name if isinstance(a, Arm) else a["name"] for a in payload["arms"]]  # Arm, or from the JSON
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(6 * (len(models) + 1), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for arm in ARMS:
-            curves = [r["val_curve"] for r in runs if r["arm"] == arm.name and r["model"] == model]
-            steps = [p[0] for p in curves[0]]
-            ax.plot(steps, [sum(c[i][1] for c in curves) / len(curves) for i in range(len(steps))], marker="o",
-                    label=arm.name)  # fmt: skip
-        ax.set_title(f"{model}: validation loss")
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        curves_with_bands(ax, runs, model, arms)
+        ax.legend(fontsize=8)  # four arms: inside, where the curves end high
+        ax.set_title(run_title(runs, model, s), fontsize=9)
     ax = axes[0][-1]
-    big = [r for r in paper_scale if r["model"] == "gpt2-1.5b"]
-    ax.bar([r["arm"] for r in big], [r["state_bytes"] / 1e9 for r in big])
-    ax.set_title("GPT-2 1.5B optimizer state (GB)")
+    big = [r for r in payload["paper_scale"] if r["model"] == "gpt2-1.5b"]
+    bars = ax.bar([r["arm"] for r in big], [100 * r["state_vs_adamw"] for r in big], color="tab:gray")
+    ax.bar_label(bars, labels=[f"{100 * r['state_vs_adamw']:.1f}%" for r in big], fontsize=8)
+    ax.set_ylabel("optimizer state, % of AdamW")
+    ax.set_title("GPT-2 1.5B optimizer state (meta device)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("Figure 4c: AdaPM-mini against Adam-mini and AdamW")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

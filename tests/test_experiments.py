@@ -27,3 +27,18 @@ def test_experiment_quick(name: str, tmp_path: Path) -> None:
     assert arms == {r["arm"] for r in result["summary"]} and len(arms) >= 3
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000
     assert "|" in (tmp_path / f"{name}.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["fig4a_correction", "fig4c_mini"])
+def test_replot_redraws_the_png_from_the_committed_json(name: str, tmp_path: Path) -> None:
+    """--replot draws NAME.png from NAME.json alone (here the committed results, copied), running nothing;
+    without a JSON it says which file it needs."""
+    (tmp_path / f"{name}.json").write_text((ROOT / "docs" / "results" / f"{name}.json").read_text())
+    cmd = [sys.executable, str(ROOT / "experiments" / f"{name}.py"), "--replot", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    assert not (tmp_path / f"{name}.md").exists()  # nothing was run or rewritten
+    empty = tmp_path / "empty"
+    proc = subprocess.run([*cmd[:-1], str(empty)], capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode != 0 and f"{name}.json" in proc.stderr and "run the experiment first" in proc.stderr
