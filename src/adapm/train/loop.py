@@ -374,6 +374,50 @@ class TrainingStopped(RuntimeError):
     """The loss or the gradients went non-finite for good: the run stops, its last checkpoint intact."""
 
 
+@dataclass
+class _Run:
+    """A training run's fixed parts, as :func:`run` sets them up."""
+
+    task: Task
+    optim: OptimConfig
+    """With its learning rate resolved."""
+    tc: TrainConfig
+    par: parallel.Parallel
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    n_params: int
+    lr_source: str
+    config: dict[str, Any]
+    """The run's settings as the checkpoint records them (a resume must match them)."""
+    out: Path
+    sharded: bool
+    ckpt_path: Path
+
+
+@dataclass
+class _Tally:
+    """The running totals of a run (a resume starts from the checkpoint's)."""
+
+    elapsed: float = 0.0
+    tokens: int = 0
+    train_loss: float = float("nan")
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Window:
+    """What the periodic metrics line sums over the steps since the last one."""
+
+    start: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    skipped: int = 0
+
+    def pause(self, since: float) -> None:
+        """Leave the time since ``since`` (an evaluation, a checkpoint) out of tokens/s."""
+        self.start += time.perf_counter() - since
+
+
 def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel) -> dict[str, Any]:
     """The shared training loop: train ``task`` with ``optim`` for ``tc.steps``; returns the summary
     (also written to ``tc.out_dir/summary.json`` by rank 0), or ``{"stopped_at": step}`` at ``tc.stop_at``.
@@ -385,9 +429,32 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
             ``tc.max_bad_steps`` steps (or the validation loss was non-finite).
         ValueError: ``--resume`` with settings that differ from the checkpoint's run.
     """
+    r = _setup(task, optim, tc, par)
+    progress_state = _Progress(schedule_steps=tc.steps)
+    if tc.resume and r.ckpt_path.exists():
+        progress_state = _load(r.ckpt_path, r.sharded, r.model, r.optimizer, r.scheduler, task, par)
+        check_resume(progress_state.saved_config, r.config, progress_state.start, tc)
+        if progress_state.start >= tc.steps:
+            finished = _read_summary(r.out, tc.steps)
+            if finished is not None:
+                return finished  # nothing left to do: every file stays as it was
+    elif par.is_main:
+        for stale in (METRICS, SUMMARY):  # left by a run killed before its first checkpoint
+            (r.out / stale).unlink(missing_ok=True)
+    resolved = _resolved_config(r, progress_state)
+    if par.is_main:
+        r.out.mkdir(parents=True, exist_ok=True)
+        if progress_state.start > 0:
+            _truncate_metrics(r.out / METRICS, progress_state.start)
+        (r.out / "config.json").write_text(json.dumps(resolved, indent=2))
+    return _train(r, progress_state, resolved)
+
+
+def _setup(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel) -> _Run:
+    """Refuse to overwrite a finished run, then build the model (seeded), the optimizer with its
+    resolved lr, and the warmup-cosine schedule."""
     out = Path(tc.out_dir)
     sharded = par.enabled and tc.fsdp
-    ckpt_path = out / (CHECKPOINT_DCP if sharded else CHECKPOINT)
     refuse_overwrite(tc, par)
     if par.is_main:
         remove_stale_temporaries(out)
@@ -399,42 +466,40 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
     lr_source = "--lr" if optim.lr is not None else lr_source_of(task, optim)
     optim = dataclasses.replace(optim, lr=optim.lr if optim.lr is not None else default_lr(task, optim))
     optimizer = build_optimizer(parallel.unwrap(model), optim)
-    warmup = tc.warmup_steps if tc.warmup_steps is not None else max(1, tc.steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, tc.steps, tc.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(_warmup(tc), tc.steps, tc.min_lr_ratio))
     config = {**task.config, "optim": {**task.config.get("optim", {}), "lr": optim.lr}}
+    ckpt_path = out / (CHECKPOINT_DCP if sharded else CHECKPOINT)
+    return _Run(task, optim, tc, par, model, optimizer, scheduler, n_params, lr_source, config, out, sharded,
+                ckpt_path)  # fmt: skip
 
-    progress_state = _Progress(schedule_steps=tc.steps)
-    if tc.resume and ckpt_path.exists():
-        progress_state = _load(ckpt_path, sharded, model, optimizer, scheduler, task, par)
-        check_resume(progress_state.saved_config, config, progress_state.start, tc)
-        if progress_state.start >= tc.steps:
-            finished = _read_summary(out, tc.steps)
-            if finished is not None:
-                return finished  # nothing left to do: every file stays as it was
-    elif par.is_main:
-        for stale in (METRICS, SUMMARY):  # left by a run killed before its first checkpoint
-            (out / stale).unlink(missing_ok=True)
-    start = progress_state.start
-    resolved = {
-        **config,
-        "derived": {
-            "parameters": n_params,
-            **task.derived,
-            "schedule": {"warmup_steps": warmup, "cosine_steps": progress_state.schedule_steps or tc.steps},
-            "lr_source": lr_source,
-            "threads": torch.get_num_threads(),
-            "world_size": par.world,
-            "parallel": ("fsdp2" if tc.fsdp else "ddp") if par.enabled else "none",
-            "torch": torch.__version__,
-        },
+
+def _warmup(tc: TrainConfig) -> int:
+    return tc.warmup_steps if tc.warmup_steps is not None else max(1, tc.steps // 10)
+
+
+def _resolved_config(r: _Run, progress_state: _Progress) -> dict[str, Any]:
+    """The run's settings plus what was derived from them (written to ``config.json``)."""
+    tc, par = r.tc, r.par
+    derived = {
+        "parameters": r.n_params,
+        **r.task.derived,
+        "schedule": {"warmup_steps": _warmup(tc), "cosine_steps": progress_state.schedule_steps or tc.steps},
+        "lr_source": r.lr_source,
+        "threads": torch.get_num_threads(),
+        "world_size": par.world,
+        "parallel": ("fsdp2" if tc.fsdp else "ddp") if par.enabled else "none",
+        "torch": torch.__version__,
     }
-    if par.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if start > 0:
-            _truncate_metrics(out / METRICS, start)
-        (out / "config.json").write_text(json.dumps(resolved, indent=2))
-    reporter = Reporter(tc.report_to, out, start, resolved) if tc.report_to and par.is_main else None
-    metrics = open(out / METRICS, "a") if par.is_main else None  # noqa: SIM115 - closed below
+    return {**r.config, "derived": derived}
+
+
+def _train(r: _Run, progress_state: _Progress, resolved: dict[str, Any]) -> dict[str, Any]:
+    """The steps from ``progress_state.start``, with metrics, evaluations and checkpoints; then the
+    final evaluation, the saved model and the summary."""
+    task, tc, par, model, optimizer, scheduler = r.task, r.tc, r.par, r.model, r.optimizer, r.scheduler
+    start = progress_state.start
+    reporter = Reporter(tc.report_to, r.out, start, resolved) if tc.report_to and par.is_main else None
+    metrics = open(r.out / METRICS, "a") if par.is_main else None  # noqa: SIM115 - closed below
 
     def log(record: dict[str, Any]) -> None:
         if metrics is not None:
@@ -449,110 +514,56 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
         log({"step": 0, "tokens": 0, "elapsed_s": 0.0, **initial})
 
     stop = min(tc.steps, tc.stop_at) if tc.stop_at is not None else tc.steps
-    elapsed = progress_state.elapsed
-    train_loss, step_metrics = float("nan"), {}
+    tally = _Tally(elapsed=progress_state.elapsed, tokens=progress_state.tokens if start > 0 else 0)
     last_eval: tuple[int, dict[str, float]] = (-1, {})
-    tokens_seen = progress_state.tokens if start > 0 else 0
-    window_start, window_tokens, window_skipped = time.perf_counter(), 0, 0
+    window = _Window()
     n_tensors = sum(len(g["params"]) for g in optimizer.param_groups)
     bad_loss_steps = all_skipped_steps = 0
     # A bar on a terminal; in batch jobs (no TTY) one line every log_every steps instead.
     bar = tc.progress and par.is_main and sys.stderr.isatty()
     lines = par.is_main and not bar
-    progress = _progress_bar(tc.steps, start, bar, optim.optimizer)
+    progress = _progress_bar(tc.steps, start, bar, r.optim.optimizer)
     if lines:
-        print(f"{optim.optimizer}: {n_params:,} parameters, optimizer state {adapm.state_bytes(optimizer):,} bytes "
-              f"(before its first step), steps {start}-{tc.steps}", flush=True)  # fmt: skip
+        print(f"{r.optim.optimizer}: {r.n_params:,} parameters, optimizer state {adapm.state_bytes(optimizer):,} "
+              f"bytes (before its first step), steps {start}-{tc.steps}", flush=True)  # fmt: skip
     try:
         for step in range(start, stop):
             t0 = time.perf_counter()
-            total, tokens, sums = 0.0, 0, {}
-            for micro in range(tc.grad_accum):
-                result = task.step(model, step, micro)
-                loss = result.loss / tc.grad_accum
-                loss.backward()
-                total += loss.item()
-                tokens += result.tokens
-                for k, v in result.metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v / tc.grad_accum
-            grad_norm = None
-            if tc.grad_clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            elif (step + 1) % tc.log_every == 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+            total, tokens, sums, grad_norm = _forward_backward(r, step)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            elapsed += time.perf_counter() - t0
-            train_loss = par.mean(total)
+            tally.elapsed += time.perf_counter() - t0
+            train_loss = tally.train_loss = par.mean(total)
             skipped = getattr(optimizer, "skipped_params", None)
-            step_metrics = {k: par.mean(v) for k, v in sums.items()}
+            tally.metrics = {k: par.mean(v) for k, v in sums.items()}
             step_tokens = round(par.mean(tokens) * par.world)
-            tokens_seen += step_tokens
-            window_tokens += step_tokens
-            window_skipped += skipped or 0
+            tally.tokens += step_tokens
+            window.tokens += step_tokens
+            window.skipped += skipped or 0
             done = step + 1
             bad_loss_steps = 0 if math.isfinite(train_loss) else bad_loss_steps + 1
             all_skipped_steps = all_skipped_steps + 1 if skipped is not None and skipped >= n_tensors else 0
-            record: dict[str, Any] = {}
-            if done % tc.log_every == 0 or done == tc.steps:
-                now = time.perf_counter()
-                record.update(tokens_per_s=window_tokens / max(now - window_start, 1e-9))
-                if grad_norm is not None:
-                    record.update(grad_norm=float(grad_norm))
-                if par.device.type == "cuda":
-                    record.update(max_memory_allocated=torch.cuda.max_memory_allocated(par.device))
-                if skipped is not None:
-                    record.update(skipped_params=window_skipped)
-                window_start, window_tokens, window_skipped = now, 0, 0
+            record = _periodic(r, done, window, grad_norm, skipped)
             if done % tc.eval_every == 0 or done == tc.steps:
                 t_eval = time.perf_counter()
                 last_eval = (done, task.evaluate(model))
                 record.update(last_eval[1])
-                window_start += time.perf_counter() - t_eval
+                window.pause(t_eval)
             if record:
-                log(
-                    {
-                        "step": done,
-                        "train_loss": train_loss,
-                        **step_metrics,
-                        "lr": scheduler.get_last_lr()[0],
-                        "tokens": tokens_seen,
-                        "elapsed_s": elapsed,
-                        "state_bytes": adapm.state_bytes(optimizer),
-                        "peak_rss_bytes": par.max(peak_rss_bytes()),
-                        **record,
-                    }
-                )
-            _check_health(done, bad_loss_steps, all_skipped_steps, record.get(task.primary), tc, ckpt_path)
+                log({"step": done, "train_loss": train_loss, **tally.metrics, "lr": scheduler.get_last_lr()[0],
+                     "tokens": tally.tokens, "elapsed_s": tally.elapsed, "state_bytes": adapm.state_bytes(optimizer),
+                     "peak_rss_bytes": par.max(peak_rss_bytes()), **record})  # fmt: skip
+            _check_health(done, bad_loss_steps, all_skipped_steps, record.get(task.primary), tc, r.ckpt_path)
             if done % tc.checkpoint_every == 0 or done == stop:
                 t_ckpt = time.perf_counter()
-                extra = {
-                    "rng": torch.get_rng_state(),
-                    "step": done,
-                    "elapsed": elapsed,
-                    "tokens": tokens_seen,
-                    "initial": json.dumps(initial),
-                    "config": json.dumps(config),
-                }
-                if sharded:
-                    parallel.dcp_save(ckpt_path, model, optimizer, {**extra, "scheduler": scheduler.state_dict()}, par)
-                elif par.is_main:
-                    save_checkpoint(
-                        ckpt_path,
-                        {
-                            "model": parallel.unwrap(model).state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            **extra,
-                        },
-                    )
-                par.barrier()
-                window_start += time.perf_counter() - t_ckpt
+                _save(r, {"rng": torch.get_rng_state(), "step": done, "elapsed": tally.elapsed, "tokens": tally.tokens,
+                          "initial": json.dumps(initial), "config": json.dumps(r.config)})  # fmt: skip
+                window.pause(t_ckpt)
             progress.update(1)
             progress.set_postfix(loss=f"{train_loss:.3f}")
             if lines and "tokens_per_s" in record:
-                _log_line(optim.optimizer, done, tc.steps, train_loss, scheduler.get_last_lr()[0], record)
+                _log_line(r.optim.optimizer, done, tc.steps, train_loss, scheduler.get_last_lr()[0], record)
     finally:
         progress.close()
         if metrics is not None:
@@ -563,25 +574,34 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
     if stop < tc.steps:
         return {"stopped_at": stop}
     final = last_eval[1] if last_eval[0] == tc.steps else task.evaluate(model)
+    return _finish(r, resolved, start, final, initial, tally)
+
+
+def _finish(
+    r: _Run, resolved: dict[str, Any], start: int, final: dict[str, float], initial: dict[str, Any], tally: _Tally
+) -> dict[str, Any]:
+    """Save the model (if asked) and write the summary of a finished run."""
+    task, tc, par, optimizer = r.task, r.tc, r.par, r.optimizer
+    train_loss, step_metrics, tokens_seen, elapsed = tally.train_loss, tally.metrics, tally.tokens, tally.elapsed
     if tc.save_model:
-        full = parallel.full_state_dict(model) if sharded else None
+        full = parallel.full_state_dict(r.model) if r.sharded else None
         if par.is_main:
-            parallel.unwrap(model).save_pretrained(str(out / "model"), state_dict=full)
+            parallel.unwrap(r.model).save_pretrained(str(r.out / "model"), state_dict=full)
             if task.save_extra is not None:
-                task.save_extra(out / "model")
-    logged_loss, rates = _metrics_history(out / METRICS) if par.is_main else (None, [])
+                task.save_extra(r.out / "model")
+    logged_loss, rates = _metrics_history(r.out / METRICS) if par.is_main else (None, [])
     if start < tc.steps or logged_loss is None:
         logged_loss = train_loss
     summary = {
         "task": task.kind,
-        "optimizer": optim.optimizer,
+        "optimizer": r.optim.optimizer,
         "model": task.model_name,
-        "parameters": n_params,
+        "parameters": r.n_params,
         "steps": tc.steps,
         "seed": tc.seed,
         "tokens": tokens_seen,
-        "lr": optim.lr,
-        "lr_source": lr_source,
+        "lr": r.optim.lr,
+        "lr_source": r.lr_source,
         "final_train_loss": logged_loss,
         **{f"final_{k}": v for k, v in step_metrics.items()},
         "primary": task.primary,
@@ -597,9 +617,58 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
         "parallel": resolved["derived"]["parallel"],
     }
     if par.is_main:
-        (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+        (r.out / SUMMARY).write_text(json.dumps(summary, indent=2))
     par.barrier()
     return summary
+
+
+def _forward_backward(r: _Run, step: int) -> tuple[float, int, dict[str, float], Any]:
+    """One step's gradient: ``grad_accum`` micro-batches, then the clip (or, on a logging step, the
+    norm alone). Returns the summed loss, tokens, the task's metrics and the gradient norm (or None)."""
+    tc = r.tc
+    total, tokens, sums = 0.0, 0, {}
+    for micro in range(tc.grad_accum):
+        result = r.task.step(r.model, step, micro)
+        loss = result.loss / tc.grad_accum
+        loss.backward()
+        total += loss.item()
+        tokens += result.tokens
+        for k, v in result.metrics.items():
+            sums[k] = sums.get(k, 0.0) + v / tc.grad_accum
+    grad_norm = None
+    if tc.grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), tc.grad_clip)
+    elif (step + 1) % tc.log_every == 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), math.inf)
+    return total, tokens, sums, grad_norm
+
+
+def _periodic(r: _Run, done: int, window: _Window, grad_norm: Any, skipped: int | None) -> dict[str, Any]:
+    """Every ``log_every`` steps (and at the end): tokens/s over the window, the gradient norm, CUDA
+    memory and skipped parameters; an empty record otherwise."""
+    record: dict[str, Any] = {}
+    if done % r.tc.log_every == 0 or done == r.tc.steps:
+        now = time.perf_counter()
+        record.update(tokens_per_s=window.tokens / max(now - window.start, 1e-9))
+        if grad_norm is not None:
+            record.update(grad_norm=float(grad_norm))
+        if r.par.device.type == "cuda":
+            record.update(max_memory_allocated=torch.cuda.max_memory_allocated(r.par.device))
+        if skipped is not None:
+            record.update(skipped_params=window.skipped)
+        window.start, window.tokens, window.skipped = now, 0, 0
+    return record
+
+
+def _save(r: _Run, extra: dict[str, Any]) -> None:
+    """A checkpoint of the model, optimizer, schedule and ``extra`` (atomic; DCP when sharded)."""
+    if r.sharded:
+        parallel.dcp_save(r.ckpt_path, r.model, r.optimizer, {**extra, "scheduler": r.scheduler.state_dict()}, r.par)
+    elif r.par.is_main:
+        save_checkpoint(r.ckpt_path, {"model": parallel.unwrap(r.model).state_dict(),
+                                      "optimizer": r.optimizer.state_dict(),
+                                      "scheduler": r.scheduler.state_dict(), **extra})  # fmt: skip
+    r.par.barrier()
 
 
 def _check_health(
