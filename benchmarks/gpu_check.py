@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,16 +111,24 @@ def step_time(model_name: str, optimizers: list[str], device: torch.device, step
     return rows
 
 
-def op_counts(optimizers: list[str], device: torch.device, model_name: str) -> list[dict[str, Any]]:
-    from torch.profiler import ProfilerActivity, profile
-
+def warmed_up(model_name: str, optimizers: list[str], device: torch.device) -> Iterator[tuple[str, Any]]:
+    """Each optimizer on one model, after three steps (state allocated, first refreshes done)."""
     model = make_model(model_name, device)
-    rows = []
     for name in optimizers:
         opt = make_optimizer(name, model)
         for seed in range(3):
             fill_grads(model, seed)
             opt.step()
+        sync(device)
+        yield name, opt
+        del opt
+
+
+def op_counts(optimizers: list[str], device: torch.device, model_name: str) -> list[dict[str, Any]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for name, opt in warmed_up(model_name, optimizers, device):
         total, top = top_level_ops(opt.step)
         launches = kernel_ms = host_syncs = None
         if device.type == "cuda":
@@ -136,7 +145,6 @@ def op_counts(optimizers: list[str], device: torch.device, model_name: str) -> l
                      "kernel_ops_per_step": kernel_ops(top), "kernel_launches": launches,
                      "kernel_ms": kernel_ms, "host_syncs": host_syncs,
                      "top_ops": dict(list(top.items())[:12])})  # fmt: skip
-        del opt
     return rows
 
 
@@ -144,14 +152,8 @@ def kernel_breakdown(model_name: str, optimizers: list[str], device: torch.devic
     """Where one step's GPU time goes: the operators with the most device time (self), per optimizer."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = make_model(model_name, device)
     rows = []
-    for name in optimizers:
-        opt = make_optimizer(name, model)
-        for seed in range(3):
-            fill_grads(model, seed)
-            opt.step()
-        sync(device)
+    for name, opt in warmed_up(model_name, optimizers, device):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 opt.step()
@@ -160,7 +162,6 @@ def kernel_breakdown(model_name: str, optimizers: list[str], device: torch.devic
         top = {e.key: round(e.self_device_time_total / 3e3, 3) for e in table[:15] if e.self_device_time_total > 0}
         rows.append({"model": model_name, "optimizer": name, "device_ms_per_step_by_op": top,
                      "device_ms_per_step": sum(e.self_device_time_total for e in table) / 3e3})  # fmt: skip
-        del opt
     return rows
 
 
