@@ -31,7 +31,15 @@ def equivalence(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 def test_ddp_and_fsdp2_match_a_single_process(equivalence: list[dict]) -> None:
     rows = [r for r in equivalence if "model" in r]
-    assert len(rows) == 12  # {gpt2, llama} x {adamw, adapm, adapm-mini, adapm+gd, adapm+fixed, adapm-mini+blr}
+    assert len(rows) == 14  # {gpt2, llama} x {adamw, adapm, adapm-mini, +gd, +fixed, adapm-mini +blr, +bf16}
+    for row in [r for r in rows if r["optimizer"] == "adapm-mini-bf16"]:
+        # bf16 state is stochastically rounded: all-reduce round-off in the gradients (1e-7) flips some
+        # rounding decisions under DDP, and an FSDP2 rank draws its own noise for its shard, so the runs
+        # agree with one process to bf16 rounding, not float32's (measured: losses 4e-6 to 1.3e-4 apart,
+        # parameters 1.2e-4 to 7.7e-4).
+        for mode in ("ddp", "fsdp"):
+            assert row[f"{mode}_loss_rel"] < 1e-3 and row[f"{mode}_param_rel"] < 5e-3, (row, mode)
+    rows = [r for r in rows if r["optimizer"] != "adapm-mini-bf16"]
     for row in rows:
         for mode in ("ddp", "fsdp"):
             assert row[f"{mode}_loss_rel"] < 1e-5, (row, mode)
@@ -41,7 +49,7 @@ def test_ddp_and_fsdp2_match_a_single_process(equivalence: list[dict]) -> None:
 
 
 def test_adapm_is_as_exact_as_adamw_under_sharding(equivalence: list[dict]) -> None:
-    rows = [r for r in equivalence if "model" in r]
+    rows = [r for r in equivalence if "model" in r and r["optimizer"] != "adapm-mini-bf16"]
     adamw = {r["model"]: r for r in rows if r["optimizer"] == "adamw"}
     for row in rows:
         ref = adamw[row["model"]]

@@ -135,7 +135,9 @@ def make_opt(cls_name: str, model: nn.Module, tracker: str) -> torch.optim.Optim
         return torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     cls = adapm.AdaPMMini if cls_name.startswith("adapm-mini") else adapm.AdaPM
     ratios = "blockwise" if cls_name.endswith("-blr") else None
-    return cls(model, lr=3e-3 / (4 if ratios else 1), tracker=tracker, refresh_every=7, lr_ratios=ratios)
+    state_dtype = "bf16" if cls_name.endswith("-bf16") else "fp32"
+    return cls(model, lr=3e-3 / (4 if ratios else 1), tracker=tracker, refresh_every=7, lr_ratios=ratios,
+               state_dtype=state_dtype)  # fmt: skip
 
 
 def equivalence(out_file: str) -> None:
@@ -150,6 +152,7 @@ def equivalence(out_file: str) -> None:
             ("adapm", "gd"),
             ("adapm", "fixed"),
             ("adapm-mini-blr", "power"),
+            ("adapm-mini-bf16", "power"),
         ):
             ref = make_model(kind)
             ref_losses = train(ref, make_opt(opt_name, ref, tracker), data, 0, 1)
