@@ -608,6 +608,7 @@ def test_bf16_state_halves_the_large_state_and_trains_like_fp32(cls: type[adapm.
             assert value.dtype == (torch.bfloat16 if key in low else torch.float32), key
     big = sum(v.numel() for s in opt.state.values() for k, v in s.items() if k in low)
     assert adapm.state_bytes(opt_ref) - adapm.state_bytes(opt) == 2 * big
+    assert opt.partition_report().state_bytes == adapm.state_bytes(opt)  # the report counts what is stored
 
 
 @pytest.mark.parametrize("foreach", [False, True])

@@ -130,11 +130,13 @@ class ParamLayout:
                 for key, spec in policy.state(seg).items():
                     parts.setdefault(key, []).append(spec)
         specs = {"step": StateSpec((), None)}
-        stored = STATE_DTYPES[self.state_dtype]
         for key in sorted(parts, key=lambda k: (STATE_ORDER.index(k) if k in STATE_ORDER else len(STATE_ORDER), k)):
-            spec = join_specs(parts[key], self.fused, self.shape)
-            specs[key] = replace(spec, dtype=stored) if spec.low_precision else spec
+            specs[key] = self.stored(join_specs(parts[key], self.fused, self.shape))
         return specs
+
+    def stored(self, spec: StateSpec) -> StateSpec:
+        """``spec`` as this parameter stores it: in ``state_dtype`` if the policy declared it low-precision."""
+        return replace(spec, dtype=STATE_DTYPES[self.state_dtype]) if spec.low_precision else spec
 
     def part(self, state: torch.Tensor, key: str, seg: Segment) -> torch.Tensor:
         """Segment ``seg``'s part of this parameter's state tensor ``key`` (a view), as its policy declared
@@ -190,7 +192,7 @@ class ParamLayout:
         """Bytes of the state attributable to one segment (the shared step counter goes to the first)."""
         total = StateSpec((), None).nbytes if segment is self.segments[0] else 0
         for policy in (self.second_policy, segment.policy):
-            total += sum(spec.nbytes for spec in policy.state(segment).values())
+            total += sum(self.stored(spec).nbytes for spec in policy.state(segment).values())
         return total
 
 
