@@ -588,7 +588,8 @@ class AdaPM(Optimizer):
             g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
             # The compiled tails take views of a detached parameter: dynamo cannot trace in-place updates of
             # views of a leaf that requires grad.
-            target = p.detach().to(torch.float32) if p.dtype != torch.float32 else (p.detach() if self.fused else p)
+            traced = self.fused or torch.compiler.is_compiling()
+            target = p.detach().to(torch.float32) if p.dtype != torch.float32 else (p.detach() if traced else p)
             if p.dtype != torch.float32:
                 copies.append((p, target))
             for seg in layout.segments:
