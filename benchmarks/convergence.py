@@ -119,11 +119,12 @@ def run_many(
     return sorted(results, key=lambda r: order[(r["model"], r["optimizer"], r["lr"], r["seed"])])
 
 
-def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(runs: list[dict[str, Any]], reference: str = "adamw") -> list[dict[str, Any]]:
     """One row per (model, optimizer) from every recorded run: the lr whose seed-0 run has the lowest
-    final validation loss, and the mean/std over the seeds run at that lr. ``minus_adamw`` is the
-    difference of means to AdamW; ``paired_std`` the std of the per-seed differences (the same seed
-    means the same initialization and batches for every optimizer, so pairing removes that spread)."""
+    final validation loss, and the mean/std over the seeds run at that lr. ``minus_<reference>`` is the
+    difference of means to the reference optimizer (AdamW by default); ``paired_std`` the std of the
+    per-seed differences (the same seed means the same initialization and batches for every optimizer,
+    so pairing removes that spread)."""
     keys = list(dict.fromkeys((r["model"], r["optimizer"]) for r in runs))
     summary: list[dict[str, Any]] = []
     finals: dict[tuple[str, str], dict[int, float]] = {}
@@ -145,26 +146,27 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "state_bytes": best["state_bytes"],
             }
         )
+    minus = f"minus_{reference}"
     for row in summary:
-        ref = finals.get((row["model"], "adamw"))
-        row["minus_adamw"] = row["paired_std"] = None
+        ref = finals.get((row["model"], reference))
+        row[minus] = row["paired_std"] = None
         if ref is None:
             continue
-        row["minus_adamw"] = row["mean_val_loss"] - statistics.mean(ref.values())
+        row[minus] = row["mean_val_loss"] - statistics.mean(ref.values())
         mine = finals[row["model"], row["optimizer"]]
         diffs = [mine[s] - ref[s] for s in sorted(mine.keys() & ref.keys())]
         row["paired_std"] = statistics.stdev(diffs) if len(diffs) > 1 else None
     return summary
 
 
-def print_summary(summary: list[dict[str, Any]]) -> None:
+def print_summary(summary: list[dict[str, Any]], reference: str = "adamw") -> None:
     columns = [
         ("model", "{}"),
         ("optimizer", "{}"),
         ("lr", "{:.2g}"),
         ("mean_val_loss", "{:.4f}"),
         ("std_val_loss", "{:.4f}"),
-        ("minus_adamw", "{:+.4f}"),
+        (f"minus_{reference}", "{:+.4f}"),
         ("paired_std", "{:.4f}"),
         ("seeds", "{}"),
         ("tokens", "{:,}"),
@@ -185,6 +187,7 @@ def main() -> None:
     parser.add_argument("--lr-factors", default="0.333,1,3", help="multiples of each optimizer's default lr to sweep")
     parser.add_argument("--quick", action="store_true", help="gpt2-1m, adamw and adapm, 20 steps, 1 seed, no sweep")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--reference", default="adamw", help="the optimizer the others are compared with, per seed")
     parser.add_argument(
         "--from-json",
         type=Path,
@@ -199,7 +202,7 @@ def main() -> None:
                 runs_saved += json.loads(path.read_text())["runs"]
             except (OSError, ValueError, KeyError) as err:
                 parser.error(f"--from-json {path}: not a convergence.py --json file ({type(err).__name__})")
-        print_summary(summarize(runs_saved))
+        print_summary(summarize(runs_saved, args.reference), args.reference)
         return
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be at least 1")
@@ -234,8 +237,8 @@ def main() -> None:
         seed_tasks = [(m, o, best[m, o]["lr"], s) for m in models for o in optimizers for s in range(1, seeds)]
         extra = run_many(seed_tasks, steps, args.threads, args.jobs, Path(tmp), done)
     runs = sweep + extra
-    summary = summarize(runs)
-    print_summary(summary)
+    summary = summarize(runs, args.reference)
+    print_summary(summary, args.reference)
     info = machine_info()
     info.update(
         steps=steps,

@@ -168,6 +168,10 @@ def test_convergence_summary_picks_lr_and_pairs_seeds() -> None:
     assert adapm["minus_adamw"] == pytest.approx(0.15)
     assert adapm["paired_std"] == pytest.approx(statistics.stdev([0.1, 0.2]))  # per-seed differences
     assert adamw["seeds"] == adapm["seeds"] == 2
+    # Against another reference (e.g. bf16 state against its float32 form): the same pairing.
+    adamw, adapm = conv.summarize(runs, reference="adapm")
+    assert adamw["minus_adapm"] == pytest.approx(-0.15) and adapm["minus_adapm"] == 0.0
+    assert adamw["paired_std"] == pytest.approx(statistics.stdev([-0.1, -0.2]))
 
 
 def test_long_run_quick_phases_resume_and_report(tmp_path: Path) -> None:
