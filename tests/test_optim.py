@@ -626,6 +626,7 @@ def test_bf16_state_resumes_bit_identically(foreach: bool) -> None:
     resumed.load_state_dict(ckpt["model"])
     opt_b = adapm.AdaPMMini(resumed, **kwargs)
     opt_b.load_state_dict(ckpt["optim"])
+    assert opt_b.foreach is foreach  # loading keeps the optimizer's own step settings
     assert opt_b.state[resumed.transformer.h[0].mlp.c_fc.weight]["lowrank_L"].dtype == torch.bfloat16
     train(resumed, opt_b, data[4:])
     for a, b in zip(straight.parameters(), resumed.parameters()):

@@ -18,7 +18,7 @@ from adapm.partition.layout import ParamLayout, build_layout
 from adapm.partition.report import PartitionReport
 from adapm.partition.rules import partition
 from adapm.policies.momentum import lowrank_momentum
-from adapm.policies.precision import stochastic_round_
+from adapm.policies.precision import stochastic_round_, stochastic_round_many_
 from adapm.policies.second_moment import (
     block_entries,
     block_second_moment,
@@ -392,8 +392,10 @@ class AdaPM(Optimizer):
         return {**super().__getstate__(), "fused": self.fused, "foreach": self.foreach}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        fused = state.pop("fused", False)
-        foreach = state.pop("foreach", None)
+        # Unpickling passes our settings; torch's load_state_dict calls this with state and param groups
+        # only, and must not reset them (it used to: a loaded optimizer lost fused=True and foreach=True).
+        fused = state.pop("fused", getattr(self, "fused", False))
+        foreach = state.pop("foreach", getattr(self, "foreach", None))
         super().__setstate__(state)
         self.fused = fused
         self.foreach = foreach
@@ -605,9 +607,13 @@ class AdaPM(Optimizer):
         if copies:
             params, targets = zip(*copies)
             torch._foreach_copy_(list(params), list(targets))
-        for p, t, pairs in stored:
-            if id(p) not in bad:
-                self._write_back(p, pairs, t)
+        kept = [(p, t, pairs) for p, t, pairs in stored if id(p) not in bad]
+        if kept:  # one stochastic rounding for the chunk's low-precision state (flat in depth)
+            first, t = kept[0][0], kept[0][1]
+            generator = torch.Generator(device=kept[0][2][0][1].device)
+            generator.manual_seed(self._index[first] * 1_000_003 + 500_009 + t)
+            stochastic_round_many_([s for *_, pairs in kept for s, _ in pairs],
+                                   [w for *_, pairs in kept for _, w in pairs], generator)  # fmt: skip
         return [p for _, p, _ in items if id(p) in bad]
 
     def _step_param(self, group: dict[str, Any], p: Tensor, t: int) -> bool:
