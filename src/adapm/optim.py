@@ -18,7 +18,7 @@ from adapm.partition.layout import ParamLayout, build_layout
 from adapm.partition.report import PartitionReport
 from adapm.partition.rules import partition
 from adapm.policies.momentum import lowrank_momentum
-from adapm.policies.precision import stochastic_round_, stochastic_round_many_
+from adapm.policies.precision import stochastic_round_
 from adapm.policies.second_moment import (
     block_entries,
     block_second_moment,
@@ -578,14 +578,11 @@ class AdaPM(Optimizer):
     def _grouped_chunk(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> list[Tensor]:
         blocks: list[Block] = []
         copies: list[tuple[Tensor, Tensor]] = []
-        stored: list[tuple[Tensor, int, list[tuple[Tensor, Tensor]]]] = []
+        items = [(group, p, t) for group, p, t in items if p.numel() > 0]
+        states, low, flat = self._working_states([p for _, p, _ in items])
         for group, p, t in items:
-            if p.numel() == 0:
-                continue
             layout = self._layouts[p]
-            state, pairs = self._working_state(p)
-            if pairs:
-                stored.append((p, t, pairs))
+            state = states[id(p)]
             grad = cast(Tensor, p.grad)
             g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
             # The compiled tails take views of a detached parameter: dynamo cannot trace in-place updates of
@@ -607,14 +604,44 @@ class AdaPM(Optimizer):
         if copies:
             params, targets = zip(*copies)
             torch._foreach_copy_(list(params), list(targets))
-        kept = [(p, t, pairs) for p, t, pairs in stored if id(p) not in bad]
-        if kept:  # one stochastic rounding for the chunk's low-precision state (flat in depth)
-            first, t = kept[0][0], kept[0][1]
-            generator = torch.Generator(device=kept[0][2][0][1].device)
+        if flat is not None:  # one stochastic rounding for the chunk's low-precision state (flat in depth)
+            first, t = low[0][0], next(t for _, p, t in items if p is low[0][0])
+            generator = torch.Generator(device=flat.device)
             generator.manual_seed(self._index[first] * 1_000_003 + 500_009 + t)
-            stochastic_round_many_([s for *_, pairs in kept for s, _ in pairs],
-                                   [w for *_, pairs in kept for _, w in pairs], generator)  # fmt: skip
+            rounded = torch.empty(flat.shape, dtype=torch.bfloat16, device=flat.device)
+            stochastic_round_(rounded, flat, generator)
+            kept = [(stored, part) for p, stored, part in low if id(p) not in bad]
+            if kept:
+                torch._foreach_copy_([d for d, _ in kept], [rounded[a:b].view(d.shape) for d, (a, b) in kept])
         return [p for _, p, _ in items if id(p) in bad]
+
+    def _working_states(
+        self, params: list[Tensor]
+    ) -> tuple[dict[int, dict[str, Any]], list[tuple[Tensor, Tensor, tuple[int, int]]], Tensor | None]:
+        """The grouped step's :meth:`_working_state`: the low-precision state of all ``params`` read into
+        one float32 buffer with one copy (views of it replace them in each parameter's state dict), so
+        the ops do not grow with the number of parameters. Returns the state dicts by ``id(p)``, the
+        ``(p, stored tensor, (start, end))`` entries and the buffer (None when nothing is low-precision)."""
+        states: dict[int, dict[str, Any]] = {}
+        entries: list[tuple[Tensor, str, Tensor, tuple[int, int]]] = []
+        size = 0
+        for p in params:
+            state = self.state[p]
+            keys = [k for k, spec in self._layouts[p].state_specs().items()
+                    if k != "step" and spec.dtype != torch.float32]  # fmt: skip
+            states[id(p)] = dict(state) if keys else state
+            for key in keys:
+                stored = local(state[key])
+                entries.append((p, key, stored, (size, size + stored.numel())))
+                size += stored.numel()
+        if not entries:
+            return states, [], None
+        flat = torch.empty(size, dtype=torch.float32, device=entries[0][2].device)
+        views = [flat[a:b].view(stored.shape) for _, _, stored, (a, b) in entries]
+        torch._foreach_copy_(views, [stored for _, _, stored, _ in entries])
+        for (p, key, _, _), view in zip(entries, views):
+            states[id(p)][key] = view
+        return states, [(p, stored, span) for p, _, stored, span in entries], flat
 
     def _step_param(self, group: dict[str, Any], p: Tensor, t: int) -> bool:
         """Step one parameter, one block at a time (the single-tensor path, and the reference the grouped

@@ -32,23 +32,7 @@ def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator) -> T
         raise TypeError(f"stochastic_round_: cannot store state as {dst.dtype}; expected bfloat16 or float32")
     bits = src.contiguous().view(torch.int32)
     noise = torch.randint(0, 1 << 16, src.shape, dtype=torch.int32, device=src.device, generator=generator)
-    rounded = bits.add(noise).bitwise_and_(-65536).view(torch.float32)  # -65536 == 0xFFFF0000
+    rounded = noise.add_(bits).bitwise_and_(-65536).view(torch.float32)  # in place; -65536 == 0xFFFF0000
     rounded = torch.where(torch.isfinite(src), rounded, src)  # no carry into inf/NaN patterns
     return dst.copy_(rounded)  # exact: the low 16 bits are zero
 
-
-def stochastic_round_many_(dsts: list[Tensor], srcs: list[Tensor], generator: torch.Generator) -> None:
-    """:func:`stochastic_round_` for many tensors with a fixed number of kernels: the sources are joined
-    into one flat buffer, rounded in one pass, and copied back with one ``_foreach_copy_`` (the copy to
-    bfloat16 is exact, the low bits being zero). Costs a transient float32 copy of the sources."""
-    pairs = [(d, s) for d, s in zip(dsts, srcs) if d.dtype != torch.float32]
-    plain = [(d, s) for d, s in zip(dsts, srcs) if d.dtype == torch.float32]
-    if plain:
-        torch._foreach_copy_([d for d, _ in plain], [s for _, s in plain])
-    if not pairs:
-        return
-    flat = torch.cat([s.reshape(-1) for _, s in pairs])
-    rounded = torch.empty(flat.shape, dtype=torch.bfloat16, device=flat.device)
-    stochastic_round_(rounded, flat, generator)
-    parts = rounded.split([s.numel() for _, s in pairs])
-    torch._foreach_copy_([d for d, _ in pairs], [part.view(d.shape) for (d, _), part in zip(pairs, parts)])
