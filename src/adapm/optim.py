@@ -570,9 +570,9 @@ class AdaPM(Optimizer):
         """Entries of the float32 working copies a step of ``p`` makes: of a parameter or gradient that is
         not float32, and of its low-precision state."""
         n = p.numel() * ((p.dtype != torch.float32) + (p.grad is not None and p.grad.dtype != torch.float32))
+        layout = self._layouts[p]
         if self.state[p]:
-            specs = self._layouts[p].state_specs()
-            n += sum(spec.numel for key, spec in specs.items() if key != "step" and spec.dtype != torch.float32)
+            n += sum(layout.state_specs()[key].numel for key in layout.low_precision_keys)
         return n
 
     def _grouped_chunk(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> list[Tensor]:
@@ -627,8 +627,7 @@ class AdaPM(Optimizer):
         size = 0
         for p in params:
             state = self.state[p]
-            keys = [k for k, spec in self._layouts[p].state_specs().items()
-                    if k != "step" and spec.dtype != torch.float32]  # fmt: skip
+            keys = self._layouts[p].low_precision_keys
             states[id(p)] = dict(state) if keys else state
             for key in keys:
                 stored = local(state[key])
@@ -723,7 +722,7 @@ class AdaPM(Optimizer):
         working copy (of the local shard), and the ``(stored, working)`` pairs to write back once the
         step succeeds (a skipped step writes nothing: the stored state stays as it was)."""
         state = self.state[p]
-        keys = [k for k, spec in self._layouts[p].state_specs().items() if k != "step" and spec.dtype != torch.float32]
+        keys = self._layouts[p].low_precision_keys
         if not keys:
             return state, []
         work = dict(state)

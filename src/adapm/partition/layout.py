@@ -134,6 +134,12 @@ class ParamLayout:
             specs[key] = self.stored(join_specs(parts[key], self.fused, self.shape))
         return specs
 
+    @functools.cached_property
+    def low_precision_keys(self) -> tuple[str, ...]:
+        """The state keys stored in a lower precision than the float32 the step computes in (none at
+        ``state_dtype="fp32"``): the step works on float32 copies of these and writes them back."""
+        return tuple(k for k, spec in self._specs.items() if spec.dtype != torch.float32)
+
     def stored(self, spec: StateSpec) -> StateSpec:
         """``spec`` as this parameter stores it: in ``state_dtype`` if the policy declared it low-precision."""
         return replace(spec, dtype=STATE_DTYPES[self.state_dtype]) if spec.low_precision else spec
