@@ -18,7 +18,17 @@ from adapm.partition.layout import ParamLayout, build_layout
 from adapm.partition.report import PartitionReport
 from adapm.partition.rules import partition
 from adapm.policies.momentum import lowrank_momentum
-from adapm.policies.precision import stochastic_round_
+from adapm.policies.precision import (
+    Run,
+    Stored,
+    dequantize,
+    is_scale_key,
+    quant_block,
+    quantize_,
+    read_working,
+    scale_key,
+    write_working,
+)
 from adapm.policies.second_moment import (
     block_entries,
     block_second_moment,
@@ -568,18 +578,21 @@ class AdaPM(Optimizer):
 
     def _copy_numel(self, p: Tensor) -> int:
         """Entries of the float32 working copies a step of ``p`` makes: of a parameter or gradient that is
-        not float32, and of its low-precision state."""
+        not float32, and of its low-precision state (8-bit state counts 6 times: quantizing it makes
+        about that many temporaries)."""
         n = p.numel() * ((p.dtype != torch.float32) + (p.grad is not None and p.grad.dtype != torch.float32))
         layout = self._layouts[p]
         if self.state[p]:
-            n += sum(layout.state_specs()[key].numel for key in layout.low_precision_keys)
+            specs = layout.state_specs()
+            n += sum(specs[key].numel * (6 if specs[key].dtype == torch.uint8 else 1)
+                     for key in layout.low_precision_keys)  # fmt: skip
         return n
 
     def _grouped_chunk(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> list[Tensor]:
         blocks: list[Block] = []
         copies: list[tuple[Tensor, Tensor]] = []
         items = [(group, p, t) for group, p, t in items if p.numel() > 0]
-        states, low, flat = self._working_states([p for _, p, _ in items])
+        states, owners, runs, flat = self._working_states([p for _, p, _ in items])
         for group, p, t in items:
             layout = self._layouts[p]
             state = states[id(p)]
@@ -604,43 +617,47 @@ class AdaPM(Optimizer):
         if copies:
             params, targets = zip(*copies)
             torch._foreach_copy_(list(params), list(targets))
-        if flat is not None:  # one stochastic rounding for the chunk's low-precision state (flat in depth)
-            first, t = low[0][0], next(t for _, p, t in items if p is low[0][0])
-            generator = torch.Generator(device=flat.device)
-            generator.manual_seed(self._index[first] * 1_000_003 + 500_009 + t)
-            rounded = torch.empty(flat.shape, dtype=torch.bfloat16, device=flat.device)
-            stochastic_round_(rounded, flat, generator)
-            kept = [(stored, part) for p, stored, part in low if id(p) not in bad]
-            if kept:
-                torch._foreach_copy_([d for d, _ in kept], [rounded[a:b].view(d.shape) for d, (a, b) in kept])
+        if flat is not None:  # one rounding per kind of low-precision state in the chunk (flat in depth)
+            first, t = owners[0], next(t for _, p, t in items if p is owners[0])
+            keep = {i for i, p in enumerate(owners) if id(p) not in bad}
+            seed = self._index[first] * 1_000_003 + t
+            write_working(runs, flat, keep, lambda r: self._rounding(seed + (r + 1) * 500_009, flat.device))
         return [p for _, p, _ in items if id(p) in bad]
 
     def _working_states(
         self, params: list[Tensor]
-    ) -> tuple[dict[int, dict[str, Any]], list[tuple[Tensor, Tensor, tuple[int, int]]], Tensor | None]:
+    ) -> tuple[dict[int, dict[str, Any]], list[Tensor], list[Run], Tensor | None]:
         """The grouped step's :meth:`_working_state`: the low-precision state of all ``params`` read into
-        one float32 buffer with one copy (views of it replace them in each parameter's state dict), so
-        the ops do not grow with the number of parameters. Returns the state dicts by ``id(p)``, the
-        ``(p, stored tensor, (start, end))`` entries and the buffer (None when nothing is low-precision)."""
+        one float32 buffer with one copy or decode per kind of storage (views of it replace them in each
+        parameter's state dict), so the ops do not grow with the number of parameters. Returns the state
+        dicts by ``id(p)``, the parameter of each stored tensor, the runs for
+        :func:`~adapm.policies.precision.write_working` and the buffer (None when nothing is low-precision)."""
         states: dict[int, dict[str, Any]] = {}
-        entries: list[tuple[Tensor, str, Tensor, tuple[int, int]]] = []
-        size = 0
+        entries: list[tuple[Tensor, str, Stored]] = []
         for p in params:
             state = self.state[p]
-            keys = self._layouts[p].low_precision_keys
-            states[id(p)] = dict(state) if keys else state
-            for key in keys:
-                stored = local(state[key])
-                entries.append((p, key, stored, (size, size + stored.numel())))
-                size += stored.numel()
-        if not entries:
-            return states, [], None
-        flat = torch.empty(size, dtype=torch.float32, device=entries[0][2].device)
-        views = [flat[a:b].view(stored.shape) for _, _, stored, (a, b) in entries]
-        torch._foreach_copy_(views, [stored for _, _, stored, _ in entries])
-        for (p, key, _, _), view in zip(entries, views):
+            stored = self._stored(p)
+            states[id(p)] = dict(state) if stored else state
+            entries += [(p, key, s) for key, s in stored.items()]
+        views, runs, flat = read_working([s for _, _, s in entries])
+        for (p, key, _), view in zip(entries, views):
             states[id(p)][key] = view
-        return states, [(p, stored, span) for p, _, stored, span in entries], flat
+        return states, [p for p, _, _ in entries], runs, flat
+
+    def _stored(self, p: Tensor) -> dict[str, Stored]:
+        """``p``'s state tensors stored in low precision, by key (with their block scales if 8-bit)."""
+        layout = self._layouts[p]
+        state, specs = self.state[p], layout.state_specs()
+        return {
+            key: Stored(local(state[key]), local(state[scale_key(key)]) if scale_key(key) in specs else None,
+                        specs[key].nonnegative)
+            for key in layout.low_precision_keys
+        }  # fmt: skip
+
+    def _rounding(self, seed: int, device: torch.device) -> torch.Generator:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        return generator
 
     def _step_param(self, group: dict[str, Any], p: Tensor, t: int) -> bool:
         """Step one parameter, one block at a time (the single-tensor path, and the reference the grouped
@@ -717,29 +734,27 @@ class AdaPM(Optimizer):
         self._write_back(p, stored, t)
         return True
 
-    def _working_state(self, p: Tensor) -> tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]:
+    def _working_state(self, p: Tensor) -> tuple[dict[str, Any], list[tuple[list[Run], Tensor]]]:
         """``p``'s state with each tensor stored in low precision (``state_dtype``) replaced by a float32
-        working copy (of the local shard), and the ``(stored, working)`` pairs to write back once the
-        step succeeds (a skipped step writes nothing: the stored state stays as it was)."""
-        state = self.state[p]
-        keys = self._layouts[p].low_precision_keys
-        if not keys:
-            return state, []
-        work = dict(state)
-        pairs = []
-        for key in keys:
-            stored = local(state[key])
-            work[key] = stored.float()
-            pairs.append((stored, work[key]))
-        return work, pairs
+        working copy (of the local shard), and what :meth:`_write_back` needs to store them once the step
+        succeeds (a skipped step writes nothing: the stored state stays as it was)."""
+        stored = self._stored(p)
+        if not stored:
+            return self.state[p], []
+        work = dict(self.state[p])
+        pending = []
+        for key, s in stored.items():
+            views, runs, flat = read_working([s])
+            work[key] = views[0]
+            pending.append((runs, cast(Tensor, flat)))
+        return work, pending
 
-    def _write_back(self, p: Tensor, pairs: list[tuple[Tensor, Tensor]], t: int) -> None:
+    def _write_back(self, p: Tensor, pending: list[tuple[list[Run], Tensor]], t: int) -> None:
         """Store the float32 working copies into their low-precision state, stochastically rounded from
         a generator seeded by the parameter, the key and the step (a resumed run rounds the same way)."""
-        for i, (stored, work) in enumerate(pairs):
-            generator = torch.Generator(device=work.device)
-            generator.manual_seed(self._index[p] * 1_000_003 + (i + 1) * 500_009 + t)
-            stochastic_round_(stored, work, generator)
+        for i, (runs, flat) in enumerate(pending):
+            seed = self._index[p] * 1_000_003 + (i + 1) * 500_009 + t
+            write_working(runs, flat, None, lambda r, seed=seed, device=flat.device: self._rounding(seed, device))
 
     def _fused_tail(
         self,
@@ -944,7 +959,7 @@ class AdaPM(Optimizer):
                 entry = saved_state.get(pid)
                 if entry is None:
                     continue
-                expected = layout.state_shapes()
+                expected = saved_layout.state_shapes()
                 got = {k: tuple(v.shape) for k, v in entry.items() if isinstance(v, Tensor)}
                 if got != expected:
                     raise ValueError(
@@ -960,12 +975,44 @@ class AdaPM(Optimizer):
         # torch casts floating state to the parameter dtype; AdaPM state keeps its declared dtype.
         for group, saved in zip(self.param_groups, saved_groups):
             for p, pid in zip(group["params"], saved["params"]):
-                if pid in saved_state:
-                    specs = self._layouts[p].state_specs()
-                    for key, value in saved_state[pid].items():
-                        if isinstance(value, Tensor):
-                            device = "cpu" if key == "step" else p.device
-                            self.state[p][key] = value.to(device=device, dtype=specs[key].dtype)
+                if pid not in saved_state:
+                    continue
+                layout = self._layouts[p]
+                values = {k: v for k, v in saved_state[pid].items() if isinstance(v, Tensor)}
+                theirs = saved.get("state_dtype", "fp32")
+                if theirs != layout.state_dtype:
+                    stored_as = build_layout(layout.name, layout.shape, {**group, "state_dtype": theirs})
+                    values = _convert_state(values, stored_as, layout)
+                specs = layout.state_specs()
+                self.state[p] = {key: value.to(device="cpu" if key == "step" else p.device, dtype=specs[key].dtype)
+                                 for key, value in values.items()}  # fmt: skip
+
+
+def _convert_state(values: dict[str, Tensor], saved: ParamLayout, ours: ParamLayout) -> dict[str, Tensor]:
+    """One parameter's state stored as ``saved`` lays it out, stored as ``ours`` does: low-precision
+    tensors decoded to float32 and stored again, rounded to nearest (exact into float32)."""
+    values = dict(values)
+    for key in saved.low_precision_keys:
+        value = values[key]
+        if value.dtype == torch.uint8:
+            scales = values.pop(scale_key(key))
+            block = quant_block(value.shape[-1])
+            nonnegative = saved.state_specs()[key].nonnegative
+            values[key] = dequantize(value.reshape(-1, block), scales.reshape(-1), nonnegative).view(value.shape)
+        else:
+            values[key] = value.float()
+    specs = ours.state_specs()
+    for key in ours.low_precision_keys:
+        value, spec = values[key].float(), specs[key]
+        if spec.dtype != torch.uint8:
+            values[key] = value.to(spec.dtype)
+            continue
+        codes = torch.empty(value.shape, dtype=torch.uint8, device=value.device)
+        scales = torch.empty(specs[scale_key(key)].shape, dtype=torch.float32, device=value.device)
+        block = quant_block(value.shape[-1])
+        quantize_(codes.view(-1, block), scales.view(-1), value.reshape(-1, block), spec.nonnegative, None)
+        values[key], values[scale_key(key)] = codes, scales
+    return values
 
 
 def _layout_difference(saved: ParamLayout, ours: ParamLayout) -> str:
@@ -977,8 +1024,11 @@ def _layout_difference(saved: ParamLayout, ours: ParamLayout) -> str:
         for field in ("momentum", "rank", "shape", "block", "n_blocks"):
             if getattr(a, field) != getattr(b, field):
                 return f"{where} {field} is {getattr(a, field)!r} in the checkpoint vs {getattr(b, field)!r} here"
-    if saved.state_shapes() != ours.state_shapes():
-        return f"state shapes {saved.state_shapes()} in the checkpoint vs {ours.state_shapes()} here"
+    theirs, mine = (
+        {k: v for k, v in layout.state_shapes().items() if not is_scale_key(k)} for layout in (saved, ours)
+    )
+    if theirs != mine:
+        return f"state shapes {theirs} in the checkpoint vs {mine} here"
     return ""
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapm.policies.precision import stochastic_round_
+from adapm.policies.precision import code_table, dequantize, quant_block, quantize_, stochastic_round_
 
 
 def _neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,3 +63,63 @@ def test_special_values_seeds_and_dtypes() -> None:
     assert torch.equal(stochastic_round_(same, y, torch.Generator()), y)  # float32 state: a plain copy
     with pytest.raises(TypeError, match=r"cannot store state as torch\.float16"):
         stochastic_round_(torch.empty(3, dtype=torch.float16), torch.zeros(3), torch.Generator())
+
+
+# ------------------------------------------------------------------------------- 8-bit state
+
+
+def test_code_tables_are_sorted_logarithmic_and_hold_zero_and_one() -> None:
+    signed, nonneg = code_table(False, torch.device("cpu")), code_table(True, torch.device("cpu"))
+    assert signed.numel() == 255 and nonneg.numel() == 256  # 8-bit codes
+    for table in (signed, nonneg):
+        assert bool((table[1:] > table[:-1]).all()) and table[-1] == 1.0 and bool((table == 0).any())
+    assert torch.equal(signed, -signed.flip(0))  # symmetric
+    assert signed[128] == pytest.approx(2.0**-15 * 1.125 / 1.875)
+    assert nonneg[1] == pytest.approx(2.0**-31 * 1.125 / 1.875)
+    positive = signed[signed > 0]
+    ratio = positive[1:] / positive[:-1]
+    assert float(ratio.max()) <= 1.125 + 1e-6 and float(ratio.min()) >= 1 + 1 / 15 - 1e-6
+
+
+@pytest.mark.parametrize("last, block", [(16, 16), (256, 256), (768, 256), (1000, 250), (3 * 97, 97), (263, 263)])
+def test_blocks_divide_the_row(last: int, block: int) -> None:
+    assert quant_block(last) == block and last % block == 0
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_quantize_rounds_to_a_neighbouring_code_unbiased(nonnegative: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 256, generator=gen) * torch.logspace(-3, 3, 8)[:, None]
+    x = x.abs() if nonnegative else x
+    table = code_table(nonnegative, x.device)
+    codes, scales = torch.empty(8, 256, dtype=torch.uint8), torch.empty(8)
+    quantize_(codes, scales, x, nonnegative, None)
+    assert torch.equal(scales, x.abs().amax(-1))  # the block's largest magnitude, exactly
+    nearest = dequantize(codes, scales, nonnegative)
+    y = x / scales[:, None]
+    below = table[(torch.bucketize(y, table) - 1).clamp(min=0)] * scales[:, None]
+    above = table[torch.bucketize(y, table)] * scales[:, None]
+    total = torch.zeros_like(x, dtype=torch.float64)
+    draws = 1000
+    for i in range(draws):
+        quantize_(codes, scales, x, nonnegative, torch.Generator().manual_seed(i))
+        got = dequantize(codes, scales, nonnegative)
+        assert bool(((got == below) | (got == above) | (got == x)).all())
+        total += got.double()
+    gap = (above - below).double()
+    # E[decode] = x, within 4 standard errors; nearest rounding is at most half a gap off.
+    assert bool(((total / draws - x.double()).abs() <= 4 * gap / (2 * draws**0.5) + 1e-6 * x.abs().double()).all())
+    assert bool(((nearest - x).abs() <= gap.float() / 2 + 1e-6 * x.abs()).all())
+
+
+def test_zero_blocks_and_tiny_second_moments() -> None:
+    x = torch.zeros(2, 4)
+    x[1] = torch.tensor([1.0, 1e-20, 0.0, 1e-3])  # 1e-20 is below the non-negative table's smallest code
+    codes, scales = torch.empty(2, 4, dtype=torch.uint8), torch.empty(2)
+    for nonnegative in (False, True):
+        for seed in range(20):
+            quantize_(codes, scales, x, nonnegative, torch.Generator().manual_seed(seed))
+            got = dequantize(codes, scales, nonnegative)
+            assert torch.equal(got[0], torch.zeros(4)) and got[1, 0] == 1.0 and got[1, 2] == 0.0
+            if nonnegative:  # a positive second moment never becomes zero (it would divide a momentum by eps)
+                assert got[1, 1] > 0

@@ -42,7 +42,7 @@ def test_every_field_has_a_docstring(cls: type) -> None:
         (lambda: OptimConfig(beta1=1.0), "Invalid beta1"),
         (lambda: OptimConfig(rank_ratio=0.0), "Invalid rank_ratio"),
         (lambda: OptimConfig(tracker="x"), "Invalid tracker"),
-        (lambda: OptimConfig(state_dtype="int8"), "Invalid state_dtype: 'int8'"),
+        (lambda: OptimConfig(state_dtype="int4"), "Invalid state_dtype: 'int4'"),
         (lambda: TrainConfig(steps=0), "Invalid steps: 0"),
         (lambda: TrainConfig(grad_clip=0.0), "Invalid grad_clip"),
         (lambda: TrainConfig(min_lr_ratio=2.0), "Invalid min_lr_ratio"),

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from adapm.policies.momentum import MOMENTUM
-from adapm.policies.precision import STATE_DTYPES
+from adapm.policies.precision import STATE_DTYPES, quantizable, scale_key, scale_shape
 from adapm.policies.second_moment import SECOND_MOMENT, block_count
 from adapm.policies.state import StateSpec, join_specs
 
@@ -131,18 +131,28 @@ class ParamLayout:
                     parts.setdefault(key, []).append(spec)
         specs = {"step": StateSpec((), None)}
         for key in sorted(parts, key=lambda k: (STATE_ORDER.index(k) if k in STATE_ORDER else len(STATE_ORDER), k)):
-            specs[key] = self.stored(join_specs(parts[key], self.fused, self.shape))
+            specs.update(self.stored(key, join_specs(parts[key], self.fused, self.shape)))
         return specs
 
     @functools.cached_property
     def low_precision_keys(self) -> tuple[str, ...]:
         """The state keys stored in a lower precision than the float32 the step computes in (none at
-        ``state_dtype="fp32"``): the step works on float32 copies of these and writes them back."""
+        ``state_dtype="fp32"``): the step works on float32 copies of these and writes them back (an
+        8-bit key's block scales, under :func:`~adapm.policies.precision.scale_key`, go with it)."""
         return tuple(k for k, spec in self._specs.items() if spec.dtype != torch.float32)
 
-    def stored(self, spec: StateSpec) -> StateSpec:
-        """``spec`` as this parameter stores it: in ``state_dtype`` if the policy declared it low-precision."""
-        return replace(spec, dtype=STATE_DTYPES[self.state_dtype]) if spec.low_precision else spec
+    def stored(self, key: str, spec: StateSpec) -> dict[str, StateSpec]:
+        """The tensors that store state ``key`` declared as ``spec``: itself in ``state_dtype`` if the policy
+        declared it low-precision, and at ``int8`` 8-bit codes plus its block scales (see
+        :mod:`adapm.policies.precision`; a tensor that cannot be quantized stays float32)."""
+        if not spec.low_precision or self.state_dtype == "fp32":
+            return {key: spec}
+        if self.state_dtype != "int8":
+            return {key: replace(spec, dtype=STATE_DTYPES[self.state_dtype])}
+        if not quantizable(spec):
+            return {key: spec}
+        scales = replace(spec, shape=scale_shape(spec.shape), dtype=torch.float32, low_precision=False)
+        return {key: replace(spec, dtype=torch.uint8), scale_key(key): scales}
 
     def part(self, state: torch.Tensor, key: str, seg: Segment) -> torch.Tensor:
         """Segment ``seg``'s part of this parameter's state tensor ``key`` (a view), as its policy declared
@@ -195,11 +205,30 @@ class ParamLayout:
         return sum(spec.nbytes for spec in self.state_specs().values())
 
     def segment_state_bytes(self, segment: Segment) -> int:
-        """Bytes of the state attributable to one segment (the shared step counter goes to the first)."""
+        """Bytes of the state attributable to one segment (the shared step counter goes to the first):
+        of each key its segments share, a share in proportion to the entries the segment declared
+        (the shares add up to the parameter's bytes exactly)."""
         total = StateSpec((), None).nbytes if segment is self.segments[0] else 0
-        for policy in (self.second_policy, segment.policy):
-            total += sum(self.stored(spec).nbytes for spec in policy.state(segment).values())
+        index = [s.name for s in self.segments].index(segment.name)
+        for nbytes, counts in self._byte_shares.values():
+            before, mine, whole = sum(counts[:index]), counts[index], sum(counts)
+            if mine:
+                total += nbytes * (before + mine) // whole - nbytes * before // whole
         return total
+
+    @functools.cached_property
+    def _byte_shares(self) -> dict[str, tuple[int, list[int]]]:
+        """``key -> (bytes of the tensors storing it, entries each segment declared)``."""
+        specs = self.state_specs()
+        shares: dict[str, tuple[int, list[int]]] = {}
+        for i, seg in enumerate(self.segments):
+            declared = {**self.second_policy.state(seg), **seg.policy.state(seg)}
+            for key, spec in declared.items():
+                if key not in shares:
+                    nbytes = specs[key].nbytes + (specs[scale_key(key)].nbytes if scale_key(key) in specs else 0)
+                    shares[key] = (nbytes, [0] * len(self.segments))
+                shares[key][1][i] = spec.numel
+        return shares
 
 
 STATE_ORDER = ("step", "exp_avg_sq", "exp_avg", "lowrank_L", "lowrank_R")

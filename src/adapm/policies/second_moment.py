@@ -34,7 +34,8 @@ class FullSecondMoment:
 
     def state(self, seg: Segment) -> dict[str, StateSpec]:
         # A fused parameter keeps one parameter-shaped tensor; each segment updates its view of it.
-        return {"exp_avg_sq": StateSpec(seg.shape, 0 if seg.shape else None, "whole", low_precision=True)}
+        return {"exp_avg_sq": StateSpec(seg.shape, 0 if seg.shape else None, "whole", low_precision=True,
+                                          nonnegative=True)}
 
     @staticmethod
     def update(v: Tensor, grad: Tensor, beta2: float) -> Tensor:

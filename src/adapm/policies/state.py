@@ -36,6 +36,9 @@ class StateSpec:
     low_precision: bool = False
     """Whether the tensor may be stored in the group's ``state_dtype`` (see :mod:`adapm.policies.precision`):
     large tensors whose per-step change is a small fraction of their value. Otherwise always ``dtype``."""
+    nonnegative: bool = False
+    """Whether every value is >= 0 (a second moment): 8-bit storage then spends all its codes on
+    magnitudes and never rounds a positive value to zero."""
 
     @property
     def numel(self) -> int:
