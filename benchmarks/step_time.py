@@ -61,8 +61,12 @@ OPTIMIZERS = (
     "adapm-mini-foreach",
     "adapm-bf16",
     "adapm-mini-bf16",
+    "adapm-int8",
+    "adapm-mini-int8",
+    "adamw-8bit",
 )
-"""``*-bf16``: ``state_dtype="bf16"`` (large state stored in bfloat16, float32 math on working copies);
+"""``*-bf16``, ``*-int8``: ``state_dtype="bf16"`` or ``"int8"`` (large state stored in bfloat16, or as 8-bit
+codes with block scales; float32 math on working copies); ``adamw-8bit``: bitsandbytes' AdamW8bit;
 ``*-fixed``: AdaPM with ``tracker="fixed"`` (two skinny matmuls per low-rank block instead of four);
 ``*-fused``: with ``fused=True`` (the elementwise tail as one compiled kernel); ``*-foreach``: the grouped
 step (the default off CPU) timed on CPU."""
@@ -71,7 +75,7 @@ MODELS = {"gpt2-124m": "gpt2-124m", "llama-350m": "llama-350m", "quick": "gpt2-2
 
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     lr = 1e-6  # tiny: the parameters barely move over the rounds
-    if name.startswith("adamw-"):
+    if name.startswith("adamw-") and name != "adamw-8bit":
         flags = {
             "adamw-fused": dict(fused=True),
             "adamw-foreach": dict(foreach=True),
@@ -120,6 +124,8 @@ def cost_model(name: str, model: nn.Module, opt: torch.optim.Optimizer) -> tuple
     state; the skinny matmuls of low-rank momentum (4 per block and step: L R, m R^T, Q^T m and the
     corrected momentum) and GaLore's projections (2 per matrix)."""
     n = sum(p.numel() for p in model.parameters())
+    if name == "adamw-8bit":  # 8-bit moments: 1 byte each, read and written
+        return 16.0 * n, 0.0
     if name.startswith("adamw"):
         return 28.0 * n, 0.0
     if name in ("adam-mini", "adafactor"):
@@ -138,11 +144,12 @@ def cost_model(name: str, model: nn.Module, opt: torch.optim.Optimizer) -> tuple
     for group in opt.param_groups:
         for p in group["params"]:
             layout = opt.layout(p)
+            stored = {"fp32": 1.0, "bf16": 0.5, "int8": 0.25}[group["state_dtype"]]  # of float32's bytes
             for seg in layout.segments:
                 numel = seg.shape[0] * (seg.shape[1] if len(seg.shape) > 1 else 1)
                 per = 12.0  # read p, g; write p
-                per += 8.0 if layout.second_moment == "full" else 0.0
-                per += {"full": 8.0, "none": 0.0, "lowrank": 8.0}[seg.momentum]  # m, or the transient buffer
+                per += 8.0 * stored if layout.second_moment == "full" else 0.0
+                per += {"full": 8.0 * stored, "none": 0.0, "lowrank": 8.0}[seg.momentum]  # m, or the transient buffer
                 total += per * numel
                 if seg.momentum == "lowrank":
                     flops += (2 if group["tracker"] == "fixed" else 4) * 2 * numel * seg.rank

@@ -31,8 +31,8 @@ def test_console_script_is_installed() -> None:
 def test_memory_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["memory", "--model", "gpt2-124m", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    names = ["adamw", "adam-mini", "adafactor", "galore", "sgd-sai", "adapm", "adapm-mini", "adapm-bf16",
-             "adapm-mini-bf16"]  # fmt: skip
+    names = ["adamw", "adamw-8bit", "adam-mini", "adafactor", "galore", "sgd-sai", "adapm", "adapm-mini", "adapm-bf16",
+             "adapm-mini-bf16", "adapm-int8", "adapm-mini-int8"]  # fmt: skip
     assert [r["optimizer"] for r in rows] == names
     assert all(set(r) == {"optimizer", "state_bytes", "ratio_to_adamw"} for r in rows)
     by_name = {r["optimizer"]: r["state_bytes"] for r in rows}
@@ -40,6 +40,9 @@ def test_memory_json(capsys: pytest.CaptureFixture[str]) -> None:
     # moments stay float32.
     assert by_name["adapm"] / 2 < by_name["adapm-bf16"] < by_name["adapm"] / 2 * 1.001
     assert by_name["adapm-mini"] / 2 < by_name["adapm-mini-bf16"] < by_name["adapm-mini"] / 2 * 1.01
+    # int8: a byte per entry plus a float32 scale per block of up to 256 entries of a row.
+    assert by_name["adapm"] / 4 < by_name["adapm-int8"] < by_name["adapm"] / 4 * 1.1
+    assert by_name["adapm-mini"] / 4 < by_name["adapm-mini-int8"] < by_name["adapm-mini"] / 4 * 1.15
 
 
 def test_config_file_then_flags(tmp_path: Path, play_text: Path, cache_dir: Path) -> None:

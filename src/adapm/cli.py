@@ -41,8 +41,8 @@ from adapm.train.config import (
     read_config_file,
 )
 
-MEMORY_OPTIMIZERS = ("adamw", "adam-mini", "adafactor", "galore", "sgd-sai", "adapm", "adapm-mini", "adapm-bf16",
-                     "adapm-mini-bf16")
+MEMORY_OPTIMIZERS = ("adamw", "adamw-8bit", "adam-mini", "adafactor", "galore", "sgd-sai", "adapm", "adapm-mini",
+                     "adapm-bf16", "adapm-mini-bf16", "adapm-int8", "adapm-mini-int8")
 """`adapm memory`'s default rows (the block-wise lr variants keep their family's state)."""
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}

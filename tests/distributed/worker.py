@@ -135,7 +135,7 @@ def make_opt(cls_name: str, model: nn.Module, tracker: str) -> torch.optim.Optim
         return torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     cls = adapm.AdaPMMini if cls_name.startswith("adapm-mini") else adapm.AdaPM
     ratios = "blockwise" if cls_name.endswith("-blr") else None
-    state_dtype = "bf16" if cls_name.endswith("-bf16") else "fp32"
+    state_dtype = cls_name.rsplit("-", 1)[-1] if cls_name.endswith(("-bf16", "-int8")) else "fp32"
     return cls(model, lr=3e-3 / (4 if ratios else 1), tracker=tracker, refresh_every=7, lr_ratios=ratios,
                state_dtype=state_dtype)  # fmt: skip
 
@@ -153,6 +153,7 @@ def equivalence(out_file: str) -> None:
             ("adapm", "fixed"),
             ("adapm-mini-blr", "power"),
             ("adapm-mini-bf16", "power"),
+            ("adapm-int8", "power"),
         ):
             ref = make_model(kind)
             ref_losses = train(ref, make_opt(opt_name, ref, tracker), data, 0, 1)
@@ -212,10 +213,10 @@ def unsupported_interleaved() -> str:
     return _first_step_error(GPTNeoXForCausalLM(config))
 
 
-def _fsdp_run(kind: str, data: list[torch.Tensor], ckpt: str | None = None, load: str | None = None):
+def _fsdp_run(kind: str, data: list[torch.Tensor], opt_name: str, ckpt: str | None = None, load: str | None = None):
     rank, world = dist.get_rank(), dist.get_world_size()
     model = shard(make_model(kind))
-    opt = make_opt("adapm-mini", model, "power")
+    opt = make_opt(opt_name, model, "power")
     if load is not None:
         model_sd, opt_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optim": opt_sd}
@@ -229,10 +230,10 @@ def _fsdp_run(kind: str, data: list[torch.Tensor], ckpt: str | None = None, load
     return losses, full_params(model)
 
 
-def checkpoint(out_file: str, ckpt_dir: str) -> None:
+def checkpoint(out_file: str, ckpt_dir: str, opt_name: str = "adapm-mini") -> None:
     data = batches(STEPS)
-    straight_losses, straight = _fsdp_run("llama", data, ckpt=ckpt_dir)
-    resumed_losses, resumed = _fsdp_run("llama", data, load=ckpt_dir)
+    straight_losses, straight = _fsdp_run("llama", data, opt_name, ckpt=ckpt_dir)
+    resumed_losses, resumed = _fsdp_run("llama", data, opt_name, load=ckpt_dir)
     if dist.get_rank() == 0:
         torch.save(straight, ckpt_dir + ".final.pt")
         with open(out_file, "w") as f:
@@ -248,9 +249,9 @@ def checkpoint(out_file: str, ckpt_dir: str) -> None:
             )
 
 
-def reshard(out_file: str, ckpt_dir: str) -> None:
+def reshard(out_file: str, ckpt_dir: str, opt_name: str = "adapm-mini") -> None:
     data = batches(STEPS)
-    _, resumed = _fsdp_run("llama", data, load=ckpt_dir)
+    _, resumed = _fsdp_run("llama", data, opt_name, load=ckpt_dir)
     straight = torch.load(ckpt_dir + ".final.pt", weights_only=True)
     with open(out_file, "w") as f:
         json.dump({"world_size": dist.get_world_size(), "reshard_param_rel": rel_diff(straight, resumed)}, f)

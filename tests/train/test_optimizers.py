@@ -59,10 +59,11 @@ def test_adapm_options_reach_the_optimizer(name: str) -> None:
     opt = build_optimizer(model, OptimConfig(optimizer=name, lr=1e-3, tracker="fixed", fused=True))
     assert opt.fused and {g["tracker"] for g in opt.param_groups} == {"fixed"}
     assert not build_optimizer(model, OptimConfig(optimizer=name, lr=1e-3)).fused
-    low = build_optimizer(model, OptimConfig(optimizer=name, lr=1e-3, state_dtype="bf16"))
-    assert {g["state_dtype"] for g in low.param_groups} == {"bf16"}
-    variant = build_optimizer(model, OptimConfig(optimizer=f"{name}-bf16", lr=1e-3))
-    assert type(variant) is type(low) and {g["state_dtype"] for g in variant.param_groups} == {"bf16"}
+    for state_dtype in ("bf16", "int8"):
+        low = build_optimizer(model, OptimConfig(optimizer=name, lr=1e-3, state_dtype=state_dtype))
+        assert {g["state_dtype"] for g in low.param_groups} == {state_dtype}
+        variant = build_optimizer(model, OptimConfig(optimizer=f"{name}-{state_dtype}", lr=1e-3))
+        assert type(variant) is type(low) and {g["state_dtype"] for g in variant.param_groups} == {state_dtype}
 
 
 def test_sgd_sai_reproduces_the_authors_package_and_resumes_exactly() -> None:

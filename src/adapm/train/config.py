@@ -78,9 +78,9 @@ class OptimConfig:
     """The optimizer and its hyperparameters."""
 
     optimizer: str = "adapm"
-    """An optimizer name: adamw, adam-mini, adafactor, galore, sgd-sai, adapm, adapm-mini, or a block-wise
-    learning-rate variant adamw-blr, adam-mini-blr, adapm-blr, adapm-mini-blr, or a bf16-state variant
-    adapm-bf16, adapm-mini-bf16."""
+    """An optimizer name: adamw, adamw-8bit, adam-mini, adafactor, galore, sgd-sai, adapm, adapm-mini, or a block-wise
+    learning-rate variant adamw-blr, adam-mini-blr, adapm-blr, adapm-mini-blr, or a low-precision-state
+    variant adapm-bf16, adapm-mini-bf16, adapm-int8, adapm-mini-int8."""
     lr: float | None = None
     """Peak learning rate. Default: the optimizer's own default (see `adapm pretrain --help`)."""
     weight_decay: float = AdaPMConfig.weight_decay
@@ -103,8 +103,8 @@ class OptimConfig:
     clip_scope: str = AdaPMConfig.clip_scope
     """AdaPM: the blocks update_clip applies to: lowrank (the low-rank blocks) or all."""
     state_dtype: str = AdaPMConfig.state_dtype
-    """AdaPM: storage of the full momentum, low-rank factors and full second moment: fp32 or bf16 (half
-    the bytes; float32 math, stochastic rounding)."""
+    """AdaPM: storage of the full momentum, low-rank factors and full second moment: fp32, bf16 (half
+    the bytes) or int8 (a quarter, plus a float32 scale per 256 entries); float32 math, stochastic rounding."""
     lr_ratios: str | None = None
     """Block-wise learning rates (AdaPM, AdamW, Adam-mini): blockwise (embeddings x10, query/key x8, MLP x6,
     value/attention output x4, the rest x1) or a JSON object by role; null for one lr."""

@@ -118,7 +118,8 @@ def format_memory_table(name: str, rows: list[MemoryRow]) -> str:
     has_paper = any(r.paper_bytes is not None for r in rows)
     head = "| optimizer | state (ours) | vs AdamW |" + (" paper Table 2 | ours / paper |" if has_paper else "")
     sep = "|---|---:|---:|" + ("---:|---:|" if has_paper else "")
-    title = f"{name}: {params / 1e6:,.1f}M parameters, float32 state (bf16 in the -bf16 rows), 1 GB = 1e9 bytes"
+    kinds = "float32 state (bf16 and 8-bit in the -bf16, -int8 and -8bit rows)"
+    title = f"{name}: {params / 1e6:,.1f}M parameters, {kinds}, 1 GB = 1e9 bytes"
     lines = [title, "", head, sep]
     for r in rows:
         line = f"| {r.optimizer} | {r.state_bytes / 1e9:.3f} GB | {100 * r.ratio_to_adamw:.1f}% |"
@@ -170,7 +171,7 @@ def training_memory(
     name: str, optimizers: tuple[str, ...], batch_size: int, seq_len: int, dtype: str
 ) -> list[TrainingMemoryRow]:
     """Weights, gradients, optimizer state (counted through each optimizer's own code on the meta device;
-    AdaPM keeps float32 state whatever the parameter dtype unless ``state_dtype="bf16"``, torch's
+    AdaPM keeps float32 state whatever the parameter dtype unless ``state_dtype`` is ``bf16`` or ``int8``, torch's
     optimizers the parameter dtype) and
     an activation estimate, for training ``name`` with parameters in ``dtype``."""
     if dtype not in DTYPES:

@@ -1,6 +1,9 @@
 """One builder per optimizer family of :mod:`adapm.train.registry`, with the paper's settings.
 
 * ``adamw``: ``torch.optim.AdamW``, decay on matrices only.
+* ``adamw-8bit``: bitsandbytes' ``AdamW8bit`` (block-wise 8-bit moments with dynamic quantization
+  maps; tensors under 4,096 entries keep 32-bit state), decay on matrices only. bitsandbytes rather
+  than torchao because it runs eagerly on CPU and is already installed with GaLore.
 * ``adam-mini``: the official ``adam-mini`` package.
 * ``adafactor``: transformers' Adafactor with momentum b1 = 0.9, clip threshold 1.0, eps (1e-30, 1e-3),
   decay rate -0.8, fixed learning rate (torch.optim.Adafactor has no momentum).
@@ -115,6 +118,11 @@ def _build_adapm(model: nn.Module, cfg: OptimConfig, lr: float, cls: type[adapm.
     return cls(model, lr=lr, rules=rules, **settings)
 
 
+def _build_adamw_8bit(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    bnb = import_quiet("bitsandbytes")
+    return bnb.optim.AdamW8bit(_decay_groups(model, cfg.weight_decay), lr=lr, betas=(cfg.beta1, cfg.beta2))
+
+
 def _build_adam_mini(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     from adam_mini import Adam_mini
 
@@ -189,6 +197,7 @@ def _build_sgd_sai(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim
 
 BUILDERS: dict[str, Callable[[nn.Module, OptimConfig, float], torch.optim.Optimizer]] = {
     "adamw": _build_adamw,
+    "adamw-8bit": _build_adamw_8bit,
     "adam-mini": _build_adam_mini,
     "adafactor": _build_adafactor,
     "galore": _build_galore,
@@ -221,15 +230,19 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return builder(model, cfg, cfg.lr if cfg.lr is not None else spec.pretrain_lr)
 
 
-def import_galore() -> Any:
-    """``galore_torch``, imported with bitsandbytes' import-time warnings (about CPU kernels GaLore never
-    uses) silenced."""
+def import_quiet(module: str) -> Any:
+    """``module`` (``galore_torch`` or ``bitsandbytes``), imported with bitsandbytes' import-time warnings
+    (about 4-bit CPU kernels neither uses) silenced."""
+    import importlib
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import galore_torch
+    return importlib.import_module(module)
 
-    return galore_torch
+
+def import_galore() -> Any:
+    """``galore_torch``, imported quietly (see :func:`import_quiet`)."""
+    return import_quiet("galore_torch")
 
 
 def optimizer_safe_globals(load_galore: bool = False) -> list[Any]:

@@ -24,7 +24,7 @@ class OptimizerSpec:
 
     name: str
     family: str
-    """The builder: adamw, adam-mini, adafactor, galore, sgd-sai, adapm or adapm-mini."""
+    """The builder: adamw, adamw-8bit, adam-mini, adafactor, galore, sgd-sai, adapm or adapm-mini."""
     pretrain_lr: float
     """Default peak lr for pretraining the small CPU presets."""
     finetune_lr: float
@@ -40,10 +40,13 @@ class OptimizerSpec:
 
 _BLR = {"lr_ratios": "blockwise"}
 _BF16 = {"state_dtype": "bf16"}
+_INT8 = {"state_dtype": "int8"}
 
 _SPECS = (
     OptimizerSpec("adamw", "adamw", 3e-3, 2e-5, "torch.optim.AdamW, decay on matrices only"),
     OptimizerSpec("adam-mini", "adam-mini", 3e-3, 2e-5, "the official Adam-mini", extra="adam-mini"),
+    OptimizerSpec("adamw-8bit", "adamw-8bit", 3e-3, 2e-5, "bitsandbytes' AdamW8bit: block-wise 8-bit moments",
+                  extra="bitsandbytes", lr_of="adamw"),
     OptimizerSpec("adafactor", "adafactor", 1e-2, 1e-4, "transformers' Adafactor with momentum 0.9"),
     OptimizerSpec("galore", "galore", 1e-2, 1e-4, "GaLore AdamW (rank dim/2, gap 200)", extra="galore-torch"),
     OptimizerSpec("adapm", "adapm", 3e-3, 2e-5, "AdaPM: partial momentum, full second moment"),
@@ -59,6 +62,10 @@ _SPECS = (
                   lr_of="adapm"),
     OptimizerSpec("adapm-mini-bf16", "adapm-mini", 3e-3, 2e-5, "AdaPM-mini with its large state stored in bf16",
                   settings=_BF16, lr_of="adapm-mini"),
+    OptimizerSpec("adapm-int8", "adapm", 3e-3, 2e-5, "AdaPM with its large state stored in 8 bits", settings=_INT8,
+                  lr_of="adapm"),
+    OptimizerSpec("adapm-mini-int8", "adapm-mini", 3e-3, 2e-5, "AdaPM-mini with its large state stored in 8 bits",
+                  settings=_INT8, lr_of="adapm-mini"),
 )
 
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in _SPECS}
