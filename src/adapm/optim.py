@@ -141,8 +141,8 @@ class AdaPM(Optimizer):
     Args:
         params: an ``nn.Module``, its ``named_parameters()``, an iterable of tensors, or param
             groups (dicts). Frozen parameters of a module are left out.
-        lr: learning rate (no default: tune it for your model). Start AdaPM at half to one times a
-            tuned AdamW lr and AdaPM-mini at a quarter to a half, and sweep a factor of 2 either way:
+        lr: learning rate (no default: tune it for your model). Start AdaPM at a tuned AdamW
+            lr and AdaPM-mini at half of it, and sweep a factor of 2 either way:
             AdaPM-mini's loss rises quickly above its best lr (the README's "Which lr" gives the sweeps).
         betas: ``(beta1, beta2)``. Default ``(0.9, 0.95)``.
         eps: added to the denominator. Default ``1e-8``.
