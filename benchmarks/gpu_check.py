@@ -37,8 +37,9 @@ from op_count import kernel_ops, top_level_ops
 import adapm
 
 OPTIMIZERS = ("adamw-fused", "adamw-foreach", "adapm", "adapm-mini", "adapm-fixed", "adapm-mini-fixed",
-              "adapm-perblock", "adapm-mini-perblock")
+              "adapm-perblock", "adapm-mini-perblock", "adapm-mini-bf16", "adapm-mini-int8")
 """``-fixed``: ``tracker="fixed"``; ``-perblock``: ``foreach=False`` (the single-tensor reference path);
+``-bf16``, ``-int8``: ``state_dtype`` (large state in bfloat16, or 8-bit codes with block scales);
 ``-fused``: ``fused=True`` (compiled tails, timed in a last section)."""
 
 
@@ -72,8 +73,9 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     cls = adapm.AdaPMMini if name.startswith("adapm-mini") else adapm.AdaPM
     fused = name.endswith("-fused")
     name = name.removesuffix("-fused")
+    state_dtype = name.rsplit("-", 1)[-1] if name.endswith(("-bf16", "-int8")) else "fp32"
     return cls(model, lr=1e-5, tracker="fixed" if name.endswith("-fixed") else "power", fused=fused,
-               foreach=False if name.endswith("-perblock") else None)  # fmt: skip
+               foreach=False if name.endswith("-perblock") else None, state_dtype=state_dtype)  # fmt: skip
 
 
 def fill_grads(model: nn.Module, seed: int) -> None:
@@ -283,7 +285,8 @@ def main() -> None:
         print(json.dumps(result["step_time"], indent=1), flush=True)
         save()
         on_gpu = device.type == "cuda"
-        measured = ["adamw-fused", "adapm", "adapm-mini", "adapm-mini-fixed"] if on_gpu else ["adapm-mini"]
+        measured = ["adamw-fused", "adapm", "adapm-mini", "adapm-mini-fixed", "adapm-mini-int8"] if on_gpu else [
+            "adapm-mini", "adapm-mini-int8"]  # fmt: skip
         result["peak_memory"] = [r for m in models for r in peak_memory(m, measured, device)]
         print(json.dumps(result["peak_memory"], indent=1), flush=True)
         save()

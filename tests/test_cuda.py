@@ -82,3 +82,27 @@ def test_nonfinite_gradient_is_skipped_on_cuda() -> None:
     with pytest.warns(RuntimeWarning, match="c_fc"):
         opt.step()
     assert torch.equal(before, weight) and opt.skipped_params == 1
+
+
+@pytest.mark.parametrize("state_dtype", ["bf16", "int8"])
+def test_low_precision_state_on_cuda(state_dtype: str) -> None:
+    """bf16 and 8-bit state live on the GPU (codes, scales and the rounding's generators), train like
+    float32 state, and a checkpoint resumes bit-identically there."""
+    data = [x.cuda() for x in batches(96, 8)]
+    ref, ours = tiny_llama().cuda(), tiny_llama().cuda()
+    losses_ref = train(ref, adapm.AdaPM(ref, lr=3e-3), data)
+    opt = adapm.AdaPM(ours, lr=3e-3, state_dtype=state_dtype)
+    losses = train(ours, opt, data[:4])
+    saved = {"model": {k: v.clone() for k, v in ours.state_dict().items()}, "optim": opt.state_dict()}
+    losses += train(ours, opt, data[4:])
+    assert losses == pytest.approx(losses_ref, abs=2e-3)
+    stored = torch.bfloat16 if state_dtype == "bf16" else torch.uint8
+    weight = ours.model.layers[0].mlp.up_proj.weight
+    assert opt.state[weight]["exp_avg_sq"].dtype == stored and opt.state[weight]["exp_avg_sq"].is_cuda
+    resumed = tiny_llama(seed=5).cuda()
+    resumed.load_state_dict(saved["model"])
+    opt_b = adapm.AdaPM(resumed, lr=3e-3, state_dtype=state_dtype)
+    opt_b.load_state_dict(saved["optim"])
+    train(resumed, opt_b, data[4:])
+    for a, b in zip(ours.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -112,6 +112,25 @@ def test_fused_matches_eager_on_real_models(cls: type[adapm.AdaPM], tracker: str
         assert _max_rel_diff(eager_model, fused_model) < 1e-3
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs g++")
+@pytest.mark.parametrize("foreach", [False, True])
+def test_fused_with_int8_state_matches_eager(foreach: bool) -> None:
+    """The compiled tail runs on the float32 working copies of 8-bit state like on float32 state: the
+    same trajectory as the eager step with the same state, to the rounding both draw alike."""
+    eager_model, fused_model = tiny_llama(), tiny_llama()
+    kwargs = dict(lr=3e-3, refresh_every=4, foreach=foreach, state_dtype="int8")
+    eager, fused = adapm.AdaPM(eager_model, **kwargs), adapm.AdaPM(fused_model, fused=True, **kwargs)
+    data = batches(96, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no silent fallback to eager
+        losses_fused = train(fused_model, fused, data)
+    losses_eager = train(eager_model, eager, data)
+    assert fused.fused
+    assert losses_fused == pytest.approx(losses_eager, abs=1e-3)
+    weight = fused_model.model.layers[0].mlp.up_proj.weight
+    assert fused.state[weight]["exp_avg_sq"].dtype == torch.uint8
+
+
 @pytest.mark.parametrize("foreach", [False, True])
 def test_fused_falls_back_to_eager_when_no_compiler(tmp_path: Path, foreach: bool) -> None:
     """A machine without a working C++ compiler: a clear warning, then the eager update, unchanged (on

@@ -74,8 +74,8 @@ def test_code_tables_are_sorted_logarithmic_and_hold_zero_and_one() -> None:
     for table in (signed, nonneg):
         assert bool((table[1:] > table[:-1]).all()) and table[-1] == 1.0 and bool((table == 0).any())
     assert torch.equal(signed, -signed.flip(0))  # symmetric
-    assert signed[128] == pytest.approx(2.0**-15 * 1.125 / 1.875)
-    assert nonneg[1] == pytest.approx(2.0**-31 * 1.125 / 1.875)
+    assert signed[128] == pytest.approx(2.0**-15 / 1.75) and signed[127] == 0
+    assert nonneg[1] == pytest.approx(2.0**-31 / 1.75) and nonneg[0] == 0
     positive = signed[signed > 0]
     ratio = positive[1:] / positive[:-1]
     assert float(ratio.max()) <= 1.125 + 1e-6 and float(ratio.min()) >= 1 + 1 / 15 - 1e-6

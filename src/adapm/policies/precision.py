@@ -82,54 +82,66 @@ def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (*shape[:-1], shape[-1] // quant_block(shape[-1]))
 
 
-def _magnitudes(powers: int, count: int) -> list[float]:
-    """The largest ``count`` of the values ``(1 + k/8) 2^e`` for ``powers`` consecutive ``e``, scaled so
-    the largest is 1."""
-    values = sorted({(1 + k / 8) * 2.0**e for e in range(powers) for k in range(8)})[-count:]
-    return [v / values[-1] for v in values]
+_GRID_TOP = {False: 126, True: 254}
+"""Index of the largest magnitude of each table's grid (signed, non-negative): the grid's point ``k`` is
+``(1 + (k % 8) / 8) * 2^(k // 8)``, a float with 3 mantissa bits; its top ``(1 + 6/8) 2^15`` (signed) or
+``(1 + 6/8) 2^31`` (non-negative) stands for a block's scale."""
+
+
+def _grid_scale(nonnegative: bool) -> float:
+    top = _GRID_TOP[nonnegative]
+    return (1 + (top % 8) / 8) * 2.0 ** (top // 8)
 
 
 @functools.cache
 def code_table(nonnegative: bool, device: torch.device) -> Tensor:
     """The sorted values an 8-bit code stands for (times its block's scale): 0 and 255 magnitudes from
-    ``2^-31`` to 1 for non-negative state, else 0 and +-127 magnitudes from ``2^-15`` to 1."""
-    if nonnegative:
-        values = [0.0, *_magnitudes(32, 255)]
-    else:
-        magnitudes = _magnitudes(16, 127)
-        values = [-m for m in reversed(magnitudes)] + [0.0] + magnitudes
+    about ``2^-31`` to 1 for non-negative state (code ``k + 1`` is grid point ``k``), else 0 (code 127)
+    and +-127 magnitudes from about ``2^-15`` to 1 (codes ``128 + k`` and ``126 - k``)."""
+    top, scale = _GRID_TOP[nonnegative], _grid_scale(nonnegative)
+    magnitudes = [(1 + (k % 8) / 8) * 2.0 ** (k // 8) / scale for k in range(top + 1)]
+    values = [0.0, *magnitudes] if nonnegative else [-m for m in reversed(magnitudes)] + [0.0] + magnitudes
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def dequantize(codes: Tensor, scales: Tensor, nonnegative: bool) -> Tensor:
     """The float32 values of 8-bit ``codes`` (``(blocks, block)``) with per-block ``scales`` (``(blocks,)``)."""
     table = code_table(nonnegative, codes.device)
-    return table[codes.int()].mul_(scales.unsqueeze(-1))
+    values = table.index_select(0, codes.reshape(-1).int()).view(codes.shape)  # on CPU 20x a [] gather
+    return values.mul_(scales.unsqueeze(-1))
+
+
+_DROPPED = 20
+"""float32 mantissa bits below the grid's 3."""
 
 
 def quantize_(
     codes: Tensor, scales: Tensor, values: Tensor, nonnegative: bool, generator: torch.Generator | None
 ) -> None:
     """Store float32 ``values`` (``(blocks, block)``, finite) as 8-bit ``codes`` and per-block ``scales``:
-    each value divided by its block's largest magnitude, then rounded to a neighbouring code of the
-    table, stochastically from ``generator`` (unbiased) or to the nearest one when it is None. A
-    positive value of a non-negative tensor is never rounded to zero."""
-    table = code_table(nonnegative, values.device)
+    each magnitude divided by its block's largest and rounded to a neighbouring grid point,
+    stochastically from ``generator`` (unbiased) or to the nearest when it is None. The grid is a float
+    with 3 mantissa bits, so the rounding is the bfloat16 trick on 20 bits instead of 16: add a random
+    carry below the kept bits and truncate; the kept exponent and mantissa bits are the code. Below
+    the grid's smallest point a magnitude rounds to it or to zero; a positive value of a non-negative
+    tensor never rounds to zero."""
+    top = _GRID_TOP[nonnegative]
     absmax = values.abs().amax(dim=-1)
     scales.copy_(absmax)
-    inverse = torch.where(absmax > 0, absmax.reciprocal(), 0.0)
-    y = values * inverse.unsqueeze(-1)
-    hi = torch.bucketize(y, table, out_int32=True).clamp_(max=table.numel() - 1)  # table[hi - 1] < y <= table[hi]
-    lo = (hi - 1).clamp_(min=0)
-    t_hi, t_lo = table[hi], table[lo]
+    multiplier = torch.where(absmax > 0, absmax.reciprocal(), 0.0).mul_(_grid_scale(nonnegative))
+    z = values.abs().mul_(multiplier.unsqueeze(-1))  # in [0, the grid's top]
     if generator is None:
-        up = (t_hi - y) <= (y - t_lo)
+        carry = torch.full_like(z, 1 << (_DROPPED - 1), dtype=torch.int32)
     else:
-        chance = (y - t_lo).div_(t_hi - t_lo)  # nan where hi == lo (y at the table's end): either code
-        up = torch.rand(y.shape, dtype=torch.float32, device=y.device, generator=generator) < chance
+        carry = torch.randint(0, 1 << _DROPPED, z.shape, dtype=torch.int32, device=z.device, generator=generator)
+    index = (z.view(torch.int32) + carry).bitwise_right_shift_(_DROPPED).sub_(127 << 3).clamp_(max=top)
+    below = z < 1  # under the grid's point 0: round to it or to zero (index -1)
+    up = z > 0 if nonnegative else carry.float().mul_(2.0**-_DROPPED) < z
+    index = torch.where(below, up.to(torch.int32).sub_(1), index)
     if nonnegative:
-        up |= (lo == 0) & (y > 0)
-    codes.copy_(torch.where(up, hi, lo))
+        codes.copy_(index.add_(1))
+    else:
+        codes.copy_(torch.where(values < 0, 126 - index, index + 128))
 
 
 def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator) -> Tensor:
@@ -145,7 +157,6 @@ def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator) -> T
     rounded = noise.add_(bits).bitwise_and_(-65536).view(torch.float32)  # in place; -65536 == 0xFFFF0000
     rounded = torch.where(torch.isfinite(src), rounded, src)  # no carry into inf/NaN patterns
     return dst.copy_(rounded)  # exact: the low 16 bits are zero
-
 
 
 # --------------------------------------------------------------- working copies of stored state
