@@ -17,9 +17,9 @@ matrix) and the step counter stay float32.
 block's largest magnitude, kept under the key ``<key>_absmax``). Blocks are runs of at most
 ``QUANT_BLOCK`` entries along the tensor's last dimension (:func:`quant_block`), so a row never shares a
 block with another row and the scales shard with their codes under FSDP2. The tables are logarithmic,
-like a tiny float (8 mantissa steps per power of two: 6-12% apart), so small entries of a block keep
-their relative precision, as in 8-bit Adam's dynamic code: the signed table spans ``2^-15`` to 1 of the
-block's scale, the non-negative one (second moments, which square the range) ``2^-31`` to 1. Writes
+a float with 3 mantissa bits (8 steps per power of two: 7-12.5% apart), so small entries of a block
+keep their relative precision, as in 8-bit Adam's dynamic code: the signed table spans 16 powers of
+two below the block's scale, the non-negative one (second moments, which square the range) 32. Writes
 round stochastically between the two neighbouring codes, so the stored value is unbiased, and a
 non-negative entry is never rounded to zero (a second moment of zero would turn a small momentum
 into a huge step). Tensors whose last dimension is the one FSDP2 shards (1-D state of a row-sharded
