@@ -39,9 +39,11 @@ def test_ddp_and_fsdp2_match_a_single_process(equivalence: list[dict]) -> None:
         # Low-precision state is stochastically rounded: all-reduce round-off in the gradients (1e-7)
         # flips some rounding decisions under DDP, and an FSDP2 rank draws its own noise for its shard,
         # so the runs agree with one process to the storage's rounding, not float32's (measured, bf16:
-        # losses 4e-6 to 1.3e-4 apart, parameters 1.2e-4 to 7.7e-4).
+        # losses 4e-6 to 1.3e-4 apart, parameters 1.2e-4 to 7.7e-4; int8, whose codes are 7-12% apart
+        # where bf16's are 0.4-0.8%: losses 3e-6 to 6.8e-4, parameters 3.2e-4 to 9.2e-3).
+        loss_tol, param_tol = (1e-3, 5e-3) if row["optimizer"].endswith("bf16") else (2e-3, 3e-2)
         for mode in ("ddp", "fsdp"):
-            assert row[f"{mode}_loss_rel"] < 1e-3 and row[f"{mode}_param_rel"] < 5e-3, (row, mode)
+            assert row[f"{mode}_loss_rel"] < loss_tol and row[f"{mode}_param_rel"] < param_tol, (row, mode)
         if row["optimizer"] == "adapm-int8":  # the scales are sharded with their codes: a quarter of fp32 state
             fp32 = next(r for r in rows if r["model"] == row["model"] and r["optimizer"] == "adapm"
                         and r["tracker"] == "power")  # fmt: skip
