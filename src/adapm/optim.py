@@ -578,14 +578,11 @@ class AdaPM(Optimizer):
 
     def _copy_numel(self, p: Tensor) -> int:
         """Entries of the float32 working copies a step of ``p`` makes: of a parameter or gradient that is
-        not float32, and of its low-precision state (8-bit state counts 6 times: quantizing it makes
-        about that many temporaries)."""
+        not float32, and of its low-precision state."""
         n = p.numel() * ((p.dtype != torch.float32) + (p.grad is not None and p.grad.dtype != torch.float32))
         layout = self._layouts[p]
         if self.state[p]:
-            specs = layout.state_specs()
-            n += sum(specs[key].numel * (6 if specs[key].dtype == torch.uint8 else 1)
-                     for key in layout.low_precision_keys)  # fmt: skip
+            n += sum(layout.state_specs()[key].numel for key in layout.low_precision_keys)
         return n
 
     def _grouped_chunk(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> list[Tensor]:

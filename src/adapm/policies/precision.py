@@ -107,7 +107,7 @@ def code_table(nonnegative: bool, device: torch.device) -> Tensor:
 def dequantize(codes: Tensor, scales: Tensor, nonnegative: bool) -> Tensor:
     """The float32 values of 8-bit ``codes`` (``(blocks, block)``) with per-block ``scales`` (``(blocks,)``)."""
     table = code_table(nonnegative, codes.device)
-    values = table.index_select(0, codes.reshape(-1).int()).view(codes.shape)  # on CPU 20x a [] gather
+    values = table.index_select(0, codes.view(-1).int()).view(codes.shape)  # on CPU 20x a [] gather
     return values.mul_(scales.unsqueeze(-1))
 
 
@@ -260,9 +260,9 @@ def _kind_order(kind: tuple[torch.dtype, int, bool]) -> tuple[str, int, bool]:
 
 def _joined(run: Run) -> tuple[Tensor, Tensor]:
     """A run's codes and scales, each as one flat tensor (no copy for a run of one tensor)."""
-    if len(run.parts) == 1:
+    if len(run.parts) == 1:  # stored state is contiguous: views, no per-tensor op
         s = run.parts[0][1]
-        return s.tensor.reshape(-1), cast(Tensor, s.scales).reshape(-1)
-    codes = torch.cat([s.tensor.reshape(-1) for _, s, _, _ in run.parts])
-    scales = torch.cat([cast(Tensor, s.scales).reshape(-1) for _, s, _, _ in run.parts])
+        return s.tensor.view(-1), cast(Tensor, s.scales).view(-1)
+    codes = torch.cat([s.tensor.view(-1) for _, s, _, _ in run.parts])
+    scales = torch.cat([cast(Tensor, s.scales).view(-1) for _, s, _, _ in run.parts])
     return codes, scales
