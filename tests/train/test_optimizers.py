@@ -128,3 +128,15 @@ def test_galore_projects_the_attention_and_mlp_matrices_the_presets_recognise() 
     gpt2 = build_model("gpt2-1m")
     names = {n for n, p in gpt2.named_parameters() if id(p) in _attention_and_mlp(gpt2)}
     assert names == {n for n, p in gpt2.named_parameters() if p.dim() == 2 and ("attn" in n or "mlp" in n)}
+
+
+def test_adamw_8bit_is_bitsandbytes_with_8bit_moments() -> None:
+    model = build_model("gpt2-1m", 300, 32)
+    opt = build_optimizer(model, OptimConfig(optimizer="adamw-8bit"))
+    assert type(opt).__module__.startswith("bitsandbytes") and type(opt).__name__ == "AdamW8bit"
+    x = _stream(300, 1)[0]
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    wte = model.transformer.wte.weight
+    assert opt.state[wte]["state1"].dtype == torch.uint8 and opt.state[wte]["state2"].dtype == torch.uint8
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.1, 0.0}  # decay on matrices only
