@@ -736,6 +736,25 @@ def test_an_int8_checkpoint_is_refused_or_converted_both_ways() -> None:
     assert torch.isfinite(weight).all()
 
 
+def test_a_rule_sets_the_state_dtype_of_its_parameters() -> None:
+    """state_dtype per rule: the matched parameters store their large state so, the rest as the optimizer
+    says; a fused parameter takes one state_dtype for all its segments, and mixed rules are an error."""
+    model = tiny_gpt2()
+    rules = [(r"mlp\.c_fc", {"state_dtype": "int8"}), (r"c_attn\.weight\[[QKV]\]", {"state_dtype": "bf16"})]
+    opt = adapm.AdaPMMini(model, lr=1e-3, rules=rules)
+    train(model, opt, batches(96, 2))
+    block = model.transformer.h[0]
+    assert opt.state[block.mlp.c_fc.weight]["lowrank_L"].dtype == torch.uint8
+    assert opt.state[block.mlp.c_fc.bias]["exp_avg"].dtype == torch.float32  # 1-D: stays float32
+    assert opt.state[block.attn.c_attn.weight]["exp_avg"].dtype == torch.bfloat16
+    assert opt.state[block.mlp.c_proj.weight]["lowrank_L"].dtype == torch.float32  # the optimizer's fp32
+    assert opt.partition_report().state_bytes == adapm.state_bytes(opt)
+    with pytest.raises(ValueError, match=r"c_attn.weight': its state is one tensor per key.*one state_dtype"):
+        adapm.AdaPMMini(model, lr=1e-3, rules=[(r"c_attn\.weight\[V\]", {"state_dtype": "bf16"})])
+    with pytest.raises(ValueError, match=r"Invalid state_dtype in rule 'c_fc': 'int4'"):
+        adapm.AdaPMMini(model, lr=1e-3, rules=[("c_fc", {"state_dtype": "int4"})])
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("state_dtype", ["bf16", "int8"])

@@ -30,9 +30,10 @@ from adapm.partition.presets import (
     fused_parts,
 )
 from adapm.policies.momentum import MOMENTUM
+from adapm.policies.precision import STATE_DTYPES
 from adapm.policies.second_moment import SECOND_MOMENT
 
-_POLICY_KEYS = ("momentum", "second_moment", "rank_ratio", "update_clip", "lr_ratio")
+_POLICY_KEYS = ("momentum", "second_moment", "rank_ratio", "update_clip", "lr_ratio", "state_dtype")
 
 
 class _Unset:
@@ -61,6 +62,10 @@ class Rule:
     the optimizer's ``clip_scope``; unset keeps the optimizer's rule."""
     lr_ratio: float | None = None
     """A learning-rate multiplier for the matched blocks (overrides ``lr_ratios``)."""
+    state_dtype: str | None = None
+    """How the matched parameters store their large state (``fp32``, ``bf16`` or ``int8``; overrides the
+    optimizer's ``state_dtype``). A fused parameter stores its state as one tensor per key, so the rules
+    matching its segments must agree."""
 
     def __post_init__(self) -> None:
         try:
@@ -83,11 +88,17 @@ class Rule:
             check_clip(self.update_clip, f"rule {self.pattern!r}")
         if self.lr_ratio is not None:
             check_lr_ratio(self.lr_ratio, f"rule {self.pattern!r}")
+        if self.state_dtype is not None and self.state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"Invalid state_dtype in rule {self.pattern!r}: {self.state_dtype!r}; "
+                f"expected one of {tuple(STATE_DTYPES)}"
+            )
 
 
 def parse_rules(rules: Iterable[Any] | None) -> list[Rule]:
     """Accept ``Rule`` objects or ``(pattern, policy)`` pairs, where ``policy`` is a momentum name or a
-    dict with any of ``momentum``, ``second_moment``, ``rank_ratio``, ``update_clip``, ``lr_ratio``."""
+    dict with any of ``momentum``, ``second_moment``, ``rank_ratio``, ``update_clip``, ``lr_ratio``,
+    ``state_dtype``."""
     if rules is None:
         return []
     if isinstance(rules, (str, bytes, Mapping)):
@@ -356,6 +367,8 @@ def partition(
                 group["lr_ratio"] = ratio
             if "update_clip" in policy:  # a rule's clip applies to its block whatever the scope
                 group.update(update_clip=policy["update_clip"], clip_scope="all")
+            if "state_dtype" in policy:
+                group["state_dtype"] = policy["state_dtype"]
             if policy.get("by_rule"):  # the user chose this block's policy: it is not unknown
                 group["matched"] = True
         else:
@@ -374,6 +387,7 @@ def partition(
                 split, parts = 0, [(n, r) for n, r, *_ in geometry]
             segments = []
             sms = set()
+            dtypes = set()
             seg_names = []
             for k, (seg_name, role) in enumerate(parts):
                 if geometry is not None:
@@ -382,6 +396,7 @@ def partition(
                 seg_names.append(f"{name}[{seg_name}]")
                 policy = _resolve(role, [f"{n}[{seg_name}]" for n in (name, *aliases)], user_rules, second_moment, used)
                 sms.add(policy["second_moment"])
+                dtypes.add(policy.get("state_dtype"))
                 seg: dict[str, Any] = {
                     "name": seg_name,
                     "role": role,
@@ -401,6 +416,13 @@ def partition(
             fused_names.append((name, seg_names))
             if len(sms) > 1:
                 raise ValueError(f"Fused parameter '{name}': all segments must share one second_moment policy")
+            if len(dtypes) > 1:
+                raise ValueError(
+                    f"Fused parameter '{name}': its state is one tensor per key, so the rules matching its segments "
+                    f"must give them one state_dtype (got {sorted(str(d) for d in dtypes)}; None is the optimizer's)"
+                )
+            if dtypes != {None}:
+                group["state_dtype"] = dtypes.pop()
             group.update(
                 role="fused",
                 momentum="mixed",
@@ -455,6 +477,8 @@ def _resolve(
             policy["update_clip"] = rule.update_clip
         if rule.lr_ratio is not None:
             policy["lr_ratio"] = rule.lr_ratio
+        if rule.state_dtype is not None:
+            policy["state_dtype"] = rule.state_dtype
         policy["by_rule"] = True
     policy.update(momentum=momentum, second_moment=sm)
     return policy
