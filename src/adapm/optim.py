@@ -18,17 +18,7 @@ from adapm.partition.layout import ParamLayout, build_layout
 from adapm.partition.report import PartitionReport
 from adapm.partition.rules import partition
 from adapm.policies.momentum import lowrank_momentum
-from adapm.policies.precision import (
-    Run,
-    Stored,
-    dequantize,
-    is_scale_key,
-    quant_block,
-    quantize_,
-    read_working,
-    scale_key,
-    write_working,
-)
+from adapm.policies.precision import Run, Stored, is_scale_key, read_working, scale_key, write_working
 from adapm.policies.second_moment import (
     block_entries,
     block_second_moment,
@@ -990,25 +980,18 @@ def _convert_state(values: dict[str, Tensor], saved: ParamLayout, ours: ParamLay
     tensors decoded to float32 and stored again, rounded to nearest (exact into float32)."""
     values = dict(values)
     for key in saved.low_precision_keys:
-        value = values[key]
-        if value.dtype == torch.uint8:
-            scales = values.pop(scale_key(key))
-            block = quant_block(value.shape[-1])
-            nonnegative = saved.state_specs()[key].nonnegative
-            values[key] = dequantize(value.reshape(-1, block), scales.reshape(-1), nonnegative).view(value.shape)
-        else:
-            values[key] = value.float()
+        scales = values.pop(scale_key(key), None)
+        values[key] = Stored(values[key], scales, saved.state_specs()[key].nonnegative).decode()
     specs = ours.state_specs()
     for key in ours.low_precision_keys:
         value, spec = values[key].float(), specs[key]
-        if spec.dtype != torch.uint8:
-            values[key] = value.to(spec.dtype)
-            continue
-        codes = torch.empty(value.shape, dtype=torch.uint8, device=value.device)
-        scales = torch.empty(specs[scale_key(key)].shape, dtype=torch.float32, device=value.device)
-        block = quant_block(value.shape[-1])
-        quantize_(codes.view(-1, block), scales.view(-1), value.reshape(-1, block), spec.nonnegative, None)
-        values[key], values[scale_key(key)] = codes, scales
+        stored = torch.empty(value.shape, dtype=spec.dtype, device=value.device)
+        scales = None
+        if scale_key(key) in specs:
+            scales = torch.empty(specs[scale_key(key)].shape, dtype=torch.float32, device=value.device)
+            values[scale_key(key)] = scales
+        Stored(stored, scales, spec.nonnegative).encode_(value, None)
+        values[key] = stored
     return values
 
 

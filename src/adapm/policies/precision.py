@@ -177,6 +177,26 @@ class Stored:
             return (self.tensor.dtype, 0, False)
         return (self.tensor.dtype, quant_block(self.tensor.shape[-1]), self.nonnegative)
 
+    def decode(self) -> Tensor:
+        """The float32 values (a new tensor)."""
+        if self.scales is None:
+            return self.tensor.float()
+        block = quant_block(self.tensor.shape[-1])
+        codes, scales = self.tensor.reshape(-1, block), self.scales.reshape(-1)
+        return dequantize(codes, scales, self.nonnegative).view(self.tensor.shape)
+
+    def encode_(self, values: Tensor, generator: torch.Generator | None) -> None:
+        """Store float32 ``values``, rounded stochastically from ``generator`` or to nearest if None."""
+        if self.scales is None:
+            if generator is None:
+                self.tensor.copy_(values)
+            else:
+                stochastic_round_(self.tensor, values, generator)
+            return
+        block = quant_block(self.tensor.shape[-1])
+        values = values.reshape(-1, block)
+        quantize_(self.tensor.view(-1, block), self.scales.view(-1), values, self.nonnegative, generator)
+
 
 @dataclass
 class Run:
