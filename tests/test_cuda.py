@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -93,7 +95,8 @@ def test_low_precision_state_on_cuda(state_dtype: str) -> None:
     losses_ref = train(ref, adapm.AdaPM(ref, lr=3e-3), data)
     opt = adapm.AdaPM(ours, lr=3e-3, state_dtype=state_dtype)
     losses = train(ours, opt, data[:4])
-    saved = {"model": {k: v.clone() for k, v in ours.state_dict().items()}, "optim": opt.state_dict()}
+    # A snapshot: state_dict() holds the live state tensors, which the next steps update in place.
+    saved = {"model": {k: v.clone() for k, v in ours.state_dict().items()}, "optim": copy.deepcopy(opt.state_dict())}
     losses += train(ours, opt, data[4:])
     assert losses == pytest.approx(losses_ref, abs=2e-3)
     stored = torch.bfloat16 if state_dtype == "bf16" else torch.uint8
