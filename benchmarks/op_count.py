@@ -56,7 +56,8 @@ def model_for(name: str) -> nn.Module:
 NO_KERNEL_OPS = frozenset(
     {"aten::narrow", "aten::select", "aten::slice", "aten::view", "aten::unbind", "aten::detach", "aten::detach_",
      "aten::unsqueeze", "aten::expand", "aten::t", "aten::transpose", "aten::alias", "aten::lift_fresh",
-     "aten::as_strided", "aten::item", "aten::_local_scalar_dense"}
+     "aten::as_strided", "aten::split", "aten::split_with_sizes", "aten::unflatten", "aten::item",
+     "aten::_local_scalar_dense"}
 )  # fmt: skip
 """Top-level ops that launch no device work: views, and host reads of CPU scalars (torch AdamW's step
 counters). ``kernel_ops_per_step`` leaves them out; ``reshape``, ``to`` and ``empty`` stay in (they may copy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from pathlib import Path
@@ -87,21 +88,25 @@ def test_bf16_parameters_keep_float32_state_on_the_grouped_step(cls: type[adapm.
     assert {v.dtype for s in opt.state.values() for v in s.values()} == {torch.float32}
 
 
-def _kernel_ops(opt: adapm.AdaPM) -> int:
-    """Top-level aten ops of one step that launch work, counted as ``benchmarks/op_count.py`` counts them."""
+def _ops(opt: adapm.AdaPM) -> tuple[int, int]:
+    """Top-level aten ops of one step, all and those that launch work, counted as
+    ``benchmarks/op_count.py`` counts them."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
         from op_count import kernel_ops, top_level_ops
     finally:
         sys.path.pop(0)
-    return kernel_ops(top_level_ops(opt.step)[1])
+    total, top = top_level_ops(opt.step)
+    return total, kernel_ops(top)
 
 
 @pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
 def test_grouped_step_ops_do_not_grow_with_depth(cls: type[adapm.AdaPM]) -> None:
     """Ops per step grow with the number of (policy, shape) groups, not with layers: 2 and 8 layers of
-    one width dispatch nearly the same number of kernels (refreshes are pushed out of the window)."""
-    counts = []
+    one width dispatch nearly the same number of kernels and of ops in all, views included (those of
+    the parameters and state are kept between steps; a fused q/k/v gradient is split in one op), while
+    refreshes are pushed out of the window."""
+    counts, totals = [], []
     for layers, foreach in ((2, True), (8, True), (8, False)):
         model = tiny_gpt2(n_layer=layers)
         opt = cls(model, lr=1e-3, foreach=foreach, refresh_every=1000)
@@ -112,8 +117,11 @@ def test_grouped_step_ops_do_not_grow_with_depth(cls: type[adapm.AdaPM]) -> None
                 for p in model.parameters():
                     p.grad = torch.randn(p.shape, generator=gen)
                 opt.step()
-        counts.append(_kernel_ops(opt))
+        total, kernels = _ops(opt)
+        counts.append(kernels)
+        totals.append(total)
     assert counts[1] <= counts[0] * 1.1, counts
+    assert totals[1] <= totals[0] * 1.1, totals
     assert counts[1] * 5 < counts[2], counts  # the per-block path: ops per parameter
 
 
@@ -231,3 +239,25 @@ def test_cholesky_qr_trains_as_householder_qr(cls: type[adapm.AdaPM], monkeypatc
     for a, b in zip(model_h.parameters(), model_c.parameters()):
         diff = (a - b).abs()
         assert diff.max() < 2e-3 and diff.mean() < 2e-3 / 1000, (diff.max(), diff.mean())
+
+
+def test_kept_views_follow_new_storage_and_loaded_state() -> None:
+    """The grouped step keeps views of parameters and state between steps; when a parameter's storage
+    is replaced (``p.data = ...``, as ``module.to`` does) or a state dict is loaded, it makes new ones, so
+    training goes on exactly as without the replacement."""
+    data = batches(96, 6)
+    ref, ours = tiny_gpt2(), tiny_gpt2()
+    opt_ref, opt = adapm.AdaPMMini(ref, lr=2e-3, foreach=True), adapm.AdaPMMini(ours, lr=2e-3, foreach=True)
+    train(ref, opt_ref, data)
+    train(ours, opt, data[:2])
+    for p in ours.parameters():
+        p.data = p.data.clone()
+    train(ours, opt, data[2:4])
+    saved = copy.deepcopy(opt.state_dict())
+    for state in opt.state.values():
+        for value in state.values():
+            value.zero_()  # a loaded state dict must replace these, kept views included
+    opt.load_state_dict(saved)
+    train(ours, opt, data[4:])
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        assert torch.equal(a, b)

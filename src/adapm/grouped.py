@@ -44,6 +44,28 @@ GROUP_ELEMENTS = 1 << 27
 stacks. A single block larger than this is stepped alone."""
 
 
+class Views:
+    """Views of persistent tensors (parameters, float32 state), made once and reused across steps, so the
+    grouped step does not dispatch a ``narrow``/``select`` per segment and tensor on every step (those
+    would make its op count grow with depth). A view is reused only while its base is the same tensor
+    with the same storage (``p.data = ...``, a moved model or a loaded state dict make new views);
+    :meth:`clear` drops them all (the optimizer does on ``load_state_dict``)."""
+
+    def __init__(self) -> None:
+        self._views: dict[tuple[int, str, str], tuple[Tensor, int, Tensor]] = {}
+
+    def get(self, base: Tensor, key: str, name: str, make: Callable[[], Tensor]) -> Tensor:
+        hit = self._views.get((id(base), key, name))
+        if hit is not None and hit[0] is base and hit[1] == base.data_ptr():
+            return hit[2]
+        view = make()
+        self._views[id(base), key, name] = (base, base.data_ptr(), view)
+        return view
+
+    def clear(self) -> None:
+        self._views.clear()
+
+
 @dataclass
 class Block:
     """One segment of one parameter, stepped this time."""
@@ -63,21 +85,33 @@ class Block:
     sq_mean: Tensor | None = None
     """This block's per-block means of ``g^2`` (AdaPM-mini), once reduced."""
     extra: dict[str, Any] = field(default_factory=dict)
+    views: Views | None = None
+    """Where views of persistent state are kept between steps (None: made afresh)."""
 
     @property
     def lowrank(self) -> bool:
         """Whether the momentum is computed before the tail (low-rank tracking)."""
         return self.seg.policy.source == "given"
 
+    def part(self, key: str, shaped: bool = False) -> Tensor:
+        """This segment's part of state ``key`` (a view; ``shaped``: as :meth:`Segment.as_view` shapes it),
+        reused from :attr:`views` unless the state is a low-precision working copy (fresh every step)."""
+        base, seg = self.state[key], self.seg
+
+        def make() -> Tensor:
+            part = self.layout.part(base, key, seg)
+            return seg.as_view(part) if shaped else part
+
+        if self.views is None or key in self.layout.low_precision_keys:
+            return make()
+        return self.views.get(base, f"{key}:shaped" if shaped else key, seg.name, make)
+
     def factors(self) -> tuple[Tensor, Tensor]:
-        part = self.layout.part
-        return part(self.state["lowrank_L"], "lowrank_L", self.seg), part(
-            self.state["lowrank_R"], "lowrank_R", self.seg
-        )
+        return self.part("lowrank_L"), self.part("lowrank_R")
 
     def second_moment(self) -> Tensor:
         """This segment's second-moment state: a view of the parameter-shaped ``v`` or its block values."""
-        return self.layout.part(self.state["exp_avg_sq"], "exp_avg_sq", self.seg)
+        return self.part("exp_avg_sq")
 
 
 RefreshFn = Callable[[Block], "torch.Generator | None"]
@@ -308,7 +342,7 @@ def elementwise_tails(blocks: list[Block], denominators: dict[int, Tensor], fuse
         key = (policy.source, full, beta1, beta2, lr, 1 - lr * group["weight_decay"], bc1,
                math.sqrt(1 - beta2**b.t), group["eps"], clip)  # fmt: skip
         if policy.source == "ema":
-            source = seg.as_view(b.layout.part(b.state["exp_avg"], "exp_avg", seg))
+            source = b.part("exp_avg", shaped=True)
         elif policy.source == "given":
             source = b.numerator
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -13,7 +14,7 @@ from torch.optim import Optimizer
 
 from adapm.config import AdaPMConfig, check_hyperparameters, resolve_lr_ratios
 from adapm.distributed import ShardInfo, agree_all, local, make_state, shard_info
-from adapm.grouped import Block, copy_chunks, elementwise_tails, second_moment_denominators, step_lowrank
+from adapm.grouped import Block, Views, copy_chunks, elementwise_tails, second_moment_denominators, step_lowrank
 from adapm.partition.layout import ParamLayout, build_layout
 from adapm.partition.report import PartitionReport
 from adapm.partition.rules import partition
@@ -246,6 +247,7 @@ class AdaPM(Optimizer):
         self._index: dict[Tensor, int] = {}
         self._shards: dict[Tensor, ShardInfo] = {}
         self._buffers: dict[tuple[Any, ...], Tensor] = {}
+        self._views = Views()
         self.fused = fused
         self.foreach = foreach
         self.skipped_params = 0
@@ -401,6 +403,7 @@ class AdaPM(Optimizer):
         self.foreach = foreach
         self.skipped_params = 0
         self._buffers = {}
+        self._views = Views()
         self._rebuild_layouts()
 
     def layout(self, param: Tensor) -> ParamLayout:
@@ -591,8 +594,12 @@ class AdaPM(Optimizer):
             target = p.detach().to(torch.float32) if p.dtype != torch.float32 else (p.detach() if traced else p)
             if p.dtype != torch.float32:
                 copies.append((p, target))
-            for seg in layout.segments:
-                blocks.append(Block(p, group, layout, seg, t, seg.view(target), seg.view(g), state))
+            views = None if torch.compiler.is_compiling() else self._views
+            # Views of the parameter itself are kept between steps (a working copy is new each step).
+            targets = layout.views(target) if views is None or target is not p else [
+                views.get(p, "param", seg.name, functools.partial(seg.view, p)) for seg in layout.segments]  # fmt: skip
+            for seg, target_seg, grad_seg in zip(layout.segments, targets, layout.views(g)):
+                blocks.append(Block(p, group, layout, seg, t, target_seg, grad_seg, state, views=views))
         bad = step_lowrank(
             [b for b in blocks if b.lowrank],
             lambda b: self._refresh_generator(b.p, b.seg.slot, b.t, b.group["refresh_every"], b.grad.device),

@@ -115,6 +115,28 @@ class ParamLayout:
         """This parameter's second-moment policy object (see :mod:`adapm.policies.second_moment`)."""
         return SECOND_MOMENT[self.second_moment]
 
+    def views(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every segment's :meth:`Segment.view` of ``tensor`` (shaped like the parameter): one ``split``
+        where the segments tile one dimension in order (e.g. a fused q/k/v projection), so the views
+        cost one op rather than one per segment."""
+        if self._tiling is None:
+            return [seg.view(tensor) for seg in self.segments]
+        dim, sizes = self._tiling
+        return list(tensor.split_with_sizes(sizes, dim))
+
+    @functools.cached_property
+    def _tiling(self) -> tuple[int, list[int]] | None:
+        """``(dim, sizes)`` if the segments are plain ranges that tile ``dim`` in order, else None."""
+        segs = self.segments
+        dim = segs[0].dim
+        if len(segs) < 2 or dim is None or any(s.index is not None or s.groups != 1 or s.dim != dim for s in segs):
+            return None
+        if [s.start for s in segs] != [sum(s.length for s in segs[:i]) for i in range(len(segs))]:
+            return None
+        if sum(s.length for s in segs) != self.shape[dim]:
+            return None
+        return dim, [s.length for s in segs]
+
     def state_specs(self) -> dict[str, StateSpec]:
         """See :meth:`_specs` (computed once per layout)."""
         return self._specs
