@@ -35,7 +35,7 @@ from adapm.partition.layout import ParamLayout, Segment
 from adapm.policies.momentum import lowrank_momentum
 from adapm.policies.second_moment import _block_shape, _sum_of_squares
 from adapm.policies.trackers import TRACKER
-from adapm.policies.update import foreach_elementwise_update, fused_foreach_update, fused_scalars
+from adapm.policies.update import foreach_elementwise_update, fused_foreach_update, scalar_values
 
 T = TypeVar("T")
 
@@ -349,7 +349,13 @@ def elementwise_tails(blocks: list[Block], denominators: dict[int, Tensor], fuse
             source = b.grad
         second = b.second_moment() if full else denominators[id(b)]
         groups.setdefault(key, []).append((b.target, b.grad, source, second))
-    for key, rows in groups.items():
+    table: list[Tensor] = []
+    if fused is not None and fused.fused and groups:  # every group's scalars in one tensor: one copy
+        values = [scalar_values(lr=k[4], decay=k[5], bias_correction1=k[6], bias_correction2_sqrt=k[7], eps=k[8],
+                                update_clip=k[9], beta1=k[2], beta2=k[3]) for k in groups]  # fmt: skip
+        device = next(iter(groups.values()))[0][0].device
+        table = list(torch.tensor(values, dtype=torch.float32, device=device).unbind(0))
+    for i, (key, rows) in enumerate(groups.items()):
         source, full, beta1, beta2, lr, decay, bc1, bc2s, eps, clip = key
         targets, grads, sources, seconds = (list(column) for column in zip(*rows))
         lists: dict[str, Any] = dict(
@@ -358,11 +364,9 @@ def elementwise_tails(blocks: list[Block], denominators: dict[int, Tensor], fuse
             numerators=sources if source == "given" else None,
             denoms=None if full else seconds,
         )
-        if fused is not None and fused.fused:
-            scalars = fused_scalars(lr=lr, decay=decay, bias_correction1=bc1, bias_correction2_sqrt=bc2s, eps=eps,
-                                    update_clip=clip, beta1=beta1, beta2=beta2, device=targets[0].device)  # fmt: skip
+        if fused is not None and fused.fused and table:
             try:
-                fused_foreach_update(targets, grads, **lists, scalars=scalars)
+                fused_foreach_update(targets, grads, **lists, scalars=table[i])
                 continue
             except Exception as err:  # compilation failures surface as many exception types
                 fused.disable_fused(err)

@@ -209,9 +209,26 @@ def fused_scalars(
     device: torch.device,
 ) -> Tensor:
     """The scalars of one step for :func:`fused_elementwise_update`, as one small float32 tensor."""
-    clip = math.inf if update_clip is None else update_clip
-    values = [lr, decay, bias_correction1, bias_correction2_sqrt, eps, clip, beta1, beta2]
+    values = scalar_values(lr=lr, decay=decay, bias_correction1=bias_correction1,
+                           bias_correction2_sqrt=bias_correction2_sqrt, eps=eps, update_clip=update_clip,
+                           beta1=beta1, beta2=beta2)  # fmt: skip
     return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def scalar_values(
+    *,
+    lr: float,
+    decay: float,
+    bias_correction1: float,
+    bias_correction2_sqrt: float,
+    eps: float,
+    update_clip: float | None,
+    beta1: float,
+    beta2: float,
+) -> list[float]:
+    """The row of :func:`fused_scalars` (several groups' rows make one tensor with one host-to-device copy)."""
+    clip = math.inf if update_clip is None else update_clip
+    return [lr, decay, bias_correction1, bias_correction2_sqrt, eps, clip, beta1, beta2]
 
 
 def fused_elementwise_update(
