@@ -261,3 +261,29 @@ def test_kept_views_follow_new_storage_and_loaded_state() -> None:
     train(ours, opt, data[4:])
     for a, b in zip(ref.parameters(), ours.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
+def test_the_grouped_step_reads_back_from_the_device_once(cls: type[adapm.AdaPM], monkeypatch) -> None:
+    """The grouped step reads tensors back to the host twice per step, however many stacks and refreshes:
+    once for the finite check of the gradients and stored factors (on a GPU, the step's one sync) and
+    once for the step counters (CPU tensors on every device). Counted on CPU as the calls that read a
+    tensor's values into Python."""
+    model = tiny_gpt2(n_layer=4)
+    opt = cls(model, lr=1e-3, foreach=True, refresh_every=4)  # some blocks refresh on every step
+    gen = torch.Generator().manual_seed(0)
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for step in range(6):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        reads.clear()
+        opt.step()
+        assert reads == ["tolist", "tolist"], (step, reads)

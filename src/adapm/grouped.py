@@ -7,7 +7,8 @@ torch.optim's ``foreach`` form, carried over to AdaPM's three kinds of work:
   and the residual correction then run as batched ops (``baddbmm``, a batched QR) on the whole
   stack. Blocks due for a refresh (a randomized SVD, about one block in ``refresh_every`` per step) run
   alone. Stacks are cut at ``GROUP_ELEMENTS`` entries (at parameter boundaries), which bounds the
-  transient memory; the new factors of each stack are checked for inf/NaN with one host sync per stack.
+  transient memory. The stored factors are checked finite with the gradients (the step's one host sync);
+  entries of the new factors that are not finite keep their old values, on the device.
 * **Block second moments** (AdaPM-mini). Same-shape blocks with the same block layout get their block
   means of ``g^2`` from one reduction over their stacked gradients (the low-rank stacks are reused).
 * **The elementwise tail** (momentum EMA, second-moment EMA, the update) runs as one ``torch._foreach_*``
@@ -211,16 +212,11 @@ def block_denominators(
     return list(per_index.view(len(vs), *view).unbind(0))
 
 
-def step_lowrank(blocks: list[Block], refresh: RefreshFn, fused: Fused | None = None) -> set[int]:
+def step_lowrank(blocks: list[Block], refresh: RefreshFn, fused: Fused | None = None) -> None:
     """Track every low-rank block and step it, one stack at a time: a stack's corrected momenta (and, for
     block second moments, its ``g^2`` block means) feed its elementwise tail and are freed before the next
-    stack is built, so the step's transient memory is one stack, not all low-rank blocks. Returns the ids
-    of the parameters whose new factors were not finite (their factors, state and values are left
-    unchanged; their other blocks must be skipped too).
-
-    A parameter's low-rank segments of one shape are always in one stack; one whose low-rank segments
-    differ in shape (e.g. Falcon's multi-query Q and K) could, if only a later stack's factors were not
-    finite, keep the step of its earlier one."""
+    stack is built, so the step's transient memory is one stack, not all low-rank blocks. No host sync:
+    the stored factors were checked with the gradients, and the new ones are guarded on the device."""
     singles: list[Block] = []
     groups: dict[tuple[Any, ...], list[Block]] = {}
     for b in blocks:
@@ -233,24 +229,15 @@ def step_lowrank(blocks: list[Block], refresh: RefreshFn, fused: Fused | None = 
         key = (b.seg.shape, b.seg.view_shape, b.seg.rank, g["tracker"], g["correction"], g["betas"][0], b.t,
                b.layout.second_moment, b.seg.block)  # fmt: skip
         groups.setdefault(key, []).append(b)
-    rejected: set[int] = set()
     work = [(chunk, False) for members in groups.values() for chunk in stacks(members)]
     for chunk, single in work + [([b], True) for b in singles]:
-        rejected |= _track_single(chunk[0]) if single else _track_stack(chunk)
-        _finish(chunk, rejected, fused)
-    return rejected
+        _track_single(chunk[0]) if single else _track_stack(chunk)
+        elementwise_tails(chunk, second_moment_denominators(chunk), fused)
+        for b in chunk:
+            b.numerator = None  # free the stack's momenta
 
 
-def _finish(chunk: list[Block], rejected: set[int], fused: Fused | None) -> None:
-    """The elementwise tail of a tracked stack's blocks (those whose parameter was not rejected)."""
-    ok = [b for b in chunk if id(b.p) not in rejected]
-    if ok:
-        elementwise_tails(ok, second_moment_denominators(ok), fused)
-    for b in chunk:
-        b.numerator = None  # free the stack's momenta
-
-
-def _track_stack(chunk: list[Block]) -> set[int]:
+def _track_stack(chunk: list[Block]) -> None:
     first = chunk[0]
     group = first.group
     g = torch.stack([b.grad for b in chunk])
@@ -261,30 +248,21 @@ def _track_stack(chunk: list[Block]) -> set[int]:
         for b, row in zip(chunk, sq.unbind(0)):
             b.sq_mean = row
     lefts, rights = zip(*(b.factors() for b in chunk))
+    # The stored factors were checked finite with the gradients (one host sync per step, in
+    # AdaPM._finite_items); entries of the new ones that are not finite keep their old values, on the
+    # device (no host sync per stack).
     momentum, new_left, new_right = lowrank_momentum(
         torch.stack(lefts), torch.stack(rights), g, group["betas"][0], first.t,
-        tracker=group["tracker"], correction=group["correction"], refresh=False, generator=None, out=g,
+        tracker=group["tracker"], correction=group["correction"], refresh=False, generator=None, out=g, guard=True,
     )  # fmt: skip
-    finite = torch.isfinite(new_left).flatten(1).all(1) & torch.isfinite(new_right).flatten(1).all(1)
-    flags = finite.tolist()  # one host sync per stack
-    bad = {id(b.p) for b, flag in zip(chunk, flags) if not flag}
-    keep = [i for i, b in enumerate(chunk) if id(b.p) not in bad]
-    if keep:
-        if not TRACKER[group["tracker"]].keeps_basis:  # e.g. the fixed tracker: L kept between refreshes
-            _copy_rows([lefts[i] for i in keep], new_left, keep, len(chunk))
-        _copy_rows([rights[i] for i in keep], new_right, keep, len(chunk))
+    if not TRACKER[group["tracker"]].keeps_basis:  # e.g. the fixed tracker: L kept between refreshes
+        torch._foreach_copy_(list(lefts), list(new_left.unbind(0)))
+    torch._foreach_copy_(list(rights), list(new_right.unbind(0)))
     for b, m in zip(chunk, momentum.unbind(0)):
         b.numerator = b.seg.as_view(m)
-    return bad
 
 
-def _copy_rows(dest: list[Tensor], source: Tensor, rows: list[int], batch: int) -> None:
-    """``dest[k] <- source[rows[k]]`` in one op."""
-    parts = source.unbind(0)
-    torch._foreach_copy_(dest, [parts[i] for i in rows] if len(rows) < batch else list(parts))
-
-
-def _track_single(b: Block) -> set[int]:
+def _track_single(b: Block) -> None:
     """A block due for a refresh: the single-matrix path."""
     group = b.group
     grad = b.seg.matrix(b.grad)
@@ -293,14 +271,11 @@ def _track_single(b: Block) -> set[int]:
     left, right = b.factors()
     momentum, new_left, new_right = lowrank_momentum(
         left, right, grad, group["betas"][0], b.t, tracker=group["tracker"], correction=group["correction"],
-        refresh=True, generator=b.extra.pop("generator"),
+        refresh=True, generator=b.extra.pop("generator"), guard=True,
     )  # fmt: skip
-    if not bool(torch.isfinite(new_left).all() & torch.isfinite(new_right).all()):
-        return {id(b.p)}
     left.copy_(new_left)
     right.copy_(new_right)
     b.numerator = b.seg.as_view(momentum)
-    return set()
 
 
 def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:

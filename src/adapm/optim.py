@@ -465,7 +465,9 @@ class AdaPM(Optimizer):
 
     def _finite_items(self, items: list[tuple[dict[str, Any], Tensor]]) -> list[tuple[dict[str, Any], Tensor]]:
         """Drop (and name in a warning) parameters whose gradient has inf/NaN, or whose square overflows
-        float32 (it would make the second moment inf for good), on any rank. One host sync per step."""
+        float32 (it would make the second moment inf for good), on any rank; and, for the grouped step,
+        those whose stored low-rank factors are not finite (e.g. from a corrupted checkpoint). One host
+        sync per step for both."""
         grads = [local(cast(Tensor, p.grad)) for _, p in items]
         # The float32 norm is inf (or above the bound) exactly when some entry is non-finite or the sum
         # of squares overflows, so every per-entry and per-block mean of g^2 stays finite otherwise.
@@ -474,15 +476,38 @@ class AdaPM(Optimizer):
         groups = {self._shard(p).group for _, p in items} - {None}
         for group in groups:
             finite = agree_all(finite, group)
+        owners, factors = self._stored_factors(items)
+        if factors:
+            factor_norms = torch._foreach_norm(factors, 2, dtype=torch.float32)  # type: ignore[call-arg]
+            finite = torch.cat([finite, torch.isfinite(torch.stack(factor_norms))])
         flags = finite.tolist()
-        self.skipped_params = flags.count(False)
-        if self.skipped_params == 0:
-            return items
-        kept, skipped = [], []
+        bad_factors = {owners[i] for i, ok in enumerate(flags[len(items) :]) if not ok}
+        flags = flags[: len(items)]
+        kept, skipped, corrupted = [], [], []
         for ok, (group, p) in zip(flags, items):
-            (kept if ok else skipped).append((group, p))
-        self._warn_skipped([self._layouts[p].name for _, p in skipped], "non-finite or overflowing gradients")
+            (corrupted if ok and id(p) in bad_factors else kept if ok else skipped).append((group, p))
+        self.skipped_params = len(skipped) + len(corrupted)
+        if skipped:
+            self._warn_skipped([self._layouts[p].name for _, p in skipped], "non-finite or overflowing gradients")
+        if corrupted:
+            self._warn_skipped([self._layouts[p].name for _, p in corrupted], "non-finite low-rank factors")
         return kept
+
+    def _stored_factors(self, items: list[tuple[dict[str, Any], Tensor]]) -> tuple[list[int], list[Tensor]]:
+        """The stored low-rank factors of the parameters that take the grouped step (floating tensors:
+        float32 or bf16 factors, 8-bit factors' block scales), with the ``id`` of each one's parameter."""
+        owners: list[int] = []
+        factors: list[Tensor] = []
+        for _, p in items:
+            state = self.state[p]
+            if not state or not self._grouped(p):
+                continue
+            for key in ("lowrank_L", "lowrank_R", scale_key("lowrank_L"), scale_key("lowrank_R")):
+                value = state.get(key)
+                if isinstance(value, Tensor) and value.is_floating_point() and value.numel():
+                    owners.append(id(p))
+                    factors.append(local(value))
+        return owners, factors
 
     @staticmethod
     def _warn_skipped(names: list[str], why: str) -> None:
@@ -541,7 +566,7 @@ class AdaPM(Optimizer):
                 elif not self._step_param(group, p, t):
                     rejected.append(p)
             if together:
-                rejected.extend(self._grouped_step(together))
+                self._grouped_step(together)
             for p in rejected:
                 self.state[p]["step"] -= 1
             if rejected:
@@ -557,17 +582,15 @@ class AdaPM(Optimizer):
             return False
         return self.foreach if self.foreach is not None else p.device.type != "cpu"
 
-    def _grouped_step(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> list[Tensor]:
-        """Step ``(group, param, t)`` items with the grouped step; return the parameters it skipped (new
-        low-rank factors not finite: values and state unchanged).
+    def _grouped_step(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> None:
+        """Step ``(group, param, t)`` items with the grouped step (no host sync: its low-rank factors were
+        checked with the gradients, see :meth:`_finite_items`).
 
         Parameters or gradients that are not float32 (bf16 training) are stepped on float32 working
         copies; those are made for at most ``GROUP_ELEMENTS`` entries at a time, so the step's transient
         memory stays bounded instead of doubling the model in float32."""
-        rejected: list[Tensor] = []
         for chunk in copy_chunks(items, lambda item: self._copy_numel(item[1])):
-            rejected.extend(self._grouped_chunk(chunk))
-        return rejected
+            self._grouped_chunk(chunk)
 
     def _copy_numel(self, p: Tensor) -> int:
         """Entries of the float32 working copies a step of ``p`` makes: of a parameter or gradient that is
@@ -578,7 +601,7 @@ class AdaPM(Optimizer):
             n += sum(layout.state_specs()[key].numel for key in layout.low_precision_keys)
         return n
 
-    def _grouped_chunk(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> list[Tensor]:
+    def _grouped_chunk(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> None:
         blocks: list[Block] = []
         copies: list[tuple[Tensor, Tensor]] = []
         items = [(group, p, t) for group, p, t in items if p.numel() > 0]
@@ -606,23 +629,20 @@ class AdaPM(Optimizer):
                 targets = [views.get(p, traced, s.name, functools.partial(s.view, target)) for s in layout.segments]
             for seg, target_seg, grad_seg in zip(layout.segments, targets, layout.views(g)):
                 blocks.append(Block(p, group, layout, seg, t, target_seg, grad_seg, state, views=views))
-        bad = step_lowrank(
+        step_lowrank(
             [b for b in blocks if b.lowrank],
             lambda b: self._refresh_generator(b.p, b.seg.slot, b.t, b.group["refresh_every"], b.grad.device),
             self,
         )
-        rest = [b for b in blocks if not b.lowrank and id(b.p) not in bad]
+        rest = [b for b in blocks if not b.lowrank]
         elementwise_tails(rest, second_moment_denominators(rest), self)
-        copies = [(p, target) for p, target in copies if id(p) not in bad]
         if copies:
             params, targets = zip(*copies)
             torch._foreach_copy_(list(params), list(targets))
         if flat is not None:  # one rounding per kind of low-precision state in the chunk (flat in depth)
             first, t = owners[0], next(t for _, p, t in items if p is owners[0])
-            keep = {i for i, p in enumerate(owners) if id(p) not in bad}
             seed = self._index[first] * 1_000_003 + t
-            write_working(runs, flat, keep, lambda r: self._rounding(seed + (r + 1) * 500_009, flat.device))
-        return [p for _, p, _ in items if id(p) in bad]
+            write_working(runs, flat, None, lambda r: self._rounding(seed + (r + 1) * 500_009, flat.device))
 
     def _working_states(
         self, params: list[Tensor]

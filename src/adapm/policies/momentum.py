@@ -102,6 +102,7 @@ def lowrank_momentum(
     generator: torch.Generator | None,
     reduce: Reduce | None = None,
     out: Tensor | None = None,
+    guard: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One low-rank momentum step. Returns ``(corrected momentum, L_t, R_t)``; inputs are untouched
     (except ``out``, which may be ``grad`` itself: the result then overwrites the gradient).
@@ -122,15 +123,19 @@ def lowrank_momentum(
         reduce: for a row-sharded matrix, the sum over ranks (see :mod:`adapm.policies.trackers`).
         out: a reusable buffer shaped like ``grad`` for the transient momentum; the result is then
             computed in it (large fresh allocations are slow: every new page faults).
+        guard: keep the previous value of any entry of the new factors that is not finite (without a
+            host sync; the momentum is then corrected against the guarded factors). Finite inputs give
+            finite factors (the trackers are scale-safe), so this only guards the unforeseen.
     """
     policy = TRACKER.get(tracker)
     if policy is None:
         raise ValueError(f"Invalid tracker: {tracker!r}; expected one of {tuple(TRACKER)}")
     if policy.keeps_basis and not refresh:
         return _fixed_basis_momentum(left, right, grad, beta1, correction_coefficient(correction, beta1, step),
-                                     reduce, out)  # fmt: skip
+                                     reduce, out, guard)  # fmt: skip
     m = _addmm_(_into(out, grad), left, right, beta=1.0 - beta1, alpha=beta1)
     rank = left.shape[-1]
+    previous = (left, right)
     if refresh:
         if grad.dim() != 2:
             raise ValueError("lowrank_momentum: a refresh takes one matrix, not a batch")
@@ -139,11 +144,18 @@ def lowrank_momentum(
         left, right = randomized_factors(m, rank, generator, balanced=policy.balanced, reduce=reduce)
     else:
         left, right = policy.track(m, left, right, reduce)
+    if guard:
+        left, right = _finite_or(left, previous[0]), _finite_or(right, previous[1])
     c = correction_coefficient(correction, beta1, step)
     if c == 0.0:
         return m, left, right
     # m + c (m - L R) without materializing the residual.
     return _addmm_(m, left, right, beta=1.0 + c, alpha=-c), left, right
+
+
+def _finite_or(new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where it is finite, ``old`` elsewhere (no host sync)."""
+    return torch.where(torch.isfinite(new), new, old)
 
 
 def _into(out: Tensor | None, grad: Tensor) -> Tensor:
@@ -161,7 +173,8 @@ def _addmm_(x: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float) -> Te
 
 
 def _fixed_basis_momentum(
-    q: Tensor, right: Tensor, grad: Tensor, beta1: float, c: float, reduce: Reduce | None, out: Tensor | None
+    q: Tensor, right: Tensor, grad: Tensor, beta1: float, c: float, reduce: Reduce | None, out: Tensor | None,
+    guard: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The ``fixed`` tracker between refreshes: the basis ``Q = L`` (orthonormal columns, from the
     last randomized SVD) is kept, so ``L_t R_t = Q Q^T m_t`` needs only ``P = Q^T g``:
@@ -175,6 +188,8 @@ def _fixed_basis_momentum(
     if reduce is not None:
         p = reduce(p)
     right_t = torch.lerp(right, p, 1.0 - beta1)
+    if guard:
+        right_t = _finite_or(right_t, right)
     a = (1.0 + c) * (1.0 - beta1)
     coef = torch.add(right_t, p, alpha=-a)
     return _addmm_(_into(out, grad), q, coef, beta=a, alpha=1.0), q, right_t
