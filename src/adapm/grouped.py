@@ -329,7 +329,9 @@ def elementwise_tails(blocks: list[Block], denominators: dict[int, Tensor], fuse
         values = [scalar_values(lr=k[4], decay=k[5], bias_correction1=k[6], bias_correction2_sqrt=k[7], eps=k[8],
                                 update_clip=k[9], beta1=k[2], beta2=k[3]) for k in groups]  # fmt: skip
         device = next(iter(groups.values()))[0][0].device
-        table = list(torch.tensor(values, dtype=torch.float32, device=device).unbind(0))
+        # Each row its own tensor (a clone, on the device): the compiled call's guards would otherwise
+        # tell the rows apart by their storage offset and recompile for each group.
+        table = [row.clone() for row in torch.tensor(values, dtype=torch.float32, device=device).unbind(0)]
     for i, (key, rows) in enumerate(groups.items()):
         source, full, beta1, beta2, lr, decay, bc1, bc2s, eps, clip = key
         targets, grads, sources, seconds = (list(column) for column in zip(*rows))
