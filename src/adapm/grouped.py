@@ -49,22 +49,20 @@ class Views:
     """Views of persistent tensors (parameters, float32 state), made once and reused across steps, so the
     grouped step does not dispatch a ``narrow``/``select`` per segment and tensor on every step (those
     would make its op count grow with depth). A view is reused only while its base is the same tensor
-    with the same storage (``p.data = ...``, a moved model or a loaded state dict make new views);
-    :meth:`clear` drops them all (the optimizer does on ``load_state_dict``)."""
+    with the same storage (``p.data = ...``, a moved model or a loaded state dict make new views; the
+    optimizer starts a new ``Views`` on ``load_state_dict``)."""
 
     def __init__(self) -> None:
         self._views: dict[tuple[int, str, str], tuple[Tensor, int, Tensor]] = {}
 
     def get(self, base: Tensor, key: str, name: str, make: Callable[[], Tensor]) -> Tensor:
+        """The view ``make()`` gives of ``base`` (``key``: which state; ``name``: which segment), kept."""
         hit = self._views.get((id(base), key, name))
         if hit is not None and hit[0] is base and hit[1] == base.data_ptr():
             return hit[2]
         view = make()
         self._views[id(base), key, name] = (base, base.data_ptr(), view)
         return view
-
-    def clear(self) -> None:
-        self._views.clear()
 
 
 @dataclass
