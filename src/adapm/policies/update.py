@@ -196,23 +196,10 @@ def _compiled(ema: bool, full: bool, threads: int) -> Any:
     return torch.compile(_FUSED_KERNELS[ema, full], dynamic=True, fullgraph=True)
 
 
-def fused_scalars(
-    *,
-    lr: float,
-    decay: float,
-    bias_correction1: float,
-    bias_correction2_sqrt: float,
-    eps: float,
-    update_clip: float | None,
-    beta1: float,
-    beta2: float,
-    device: torch.device,
-) -> Tensor:
-    """The scalars of one step for :func:`fused_elementwise_update`, as one small float32 tensor."""
-    values = scalar_values(lr=lr, decay=decay, bias_correction1=bias_correction1,
-                           bias_correction2_sqrt=bias_correction2_sqrt, eps=eps, update_clip=update_clip,
-                           beta1=beta1, beta2=beta2)  # fmt: skip
-    return torch.tensor(values, dtype=torch.float32, device=device)
+def fused_scalars(*, device: torch.device, **values: float | None) -> Tensor:
+    """The scalars of one step for :func:`fused_elementwise_update`, as one small float32 tensor
+    (``values``: the keyword arguments of :func:`scalar_values`)."""
+    return torch.tensor(scalar_values(**values), dtype=torch.float32, device=device)  # type: ignore[arg-type]
 
 
 def scalar_values(
