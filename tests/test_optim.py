@@ -132,6 +132,30 @@ def test_fused_with_int8_state_matches_eager(foreach: bool) -> None:
 
 
 @pytest.mark.parametrize("foreach", [False, True])
+def test_compiled_step_equals_the_eager_step(foreach: bool) -> None:
+    """``torch.compile(opt.step)`` is a step, bit for bit: traced, the refreshes' randomized SVDs all drew
+    from one seed and every step recompiled; the step now runs untraced under ``torch.compile``."""
+    torch._dynamo.reset()
+    eager_model, compiled_model = tiny_llama(), tiny_llama()
+    kwargs = dict(lr=3e-3, refresh_every=3, foreach=foreach)  # refreshes of several blocks in one step
+    eager, compiled = adapm.AdaPM(eager_model, **kwargs), adapm.AdaPM(compiled_model, **kwargs)
+    step = torch.compile(compiled.step)
+    for x in batches(96, 5):
+        for model in (eager_model, compiled_model):
+            model.zero_grad(set_to_none=True)
+            model(input_ids=x, labels=x).loss.backward()
+        eager.step()
+        step()
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
+        assert torch.equal(a, b)
+    weight = compiled_model.model.layers[0].mlp.up_proj.weight
+    assert compiled.state[weight]["step"] == 5
+    assert torch.equal(
+        compiled.state[weight]["lowrank_L"], eager.state[eager_model.model.layers[0].mlp.up_proj.weight]["lowrank_L"]
+    )
+
+
+@pytest.mark.parametrize("foreach", [False, True])
 def test_fused_falls_back_to_eager_when_no_compiler(tmp_path: Path, foreach: bool) -> None:
     """A machine without a working C++ compiler: a clear warning, then the eager update, unchanged (on
     the per-block and the grouped path)."""

@@ -518,13 +518,25 @@ class AdaPM(Optimizer):
             stacklevel=4,
         )
 
-    @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         """Perform a single optimization step.
+
+        ``torch.compile(opt.step)`` runs this step as ``opt.step()`` does, untraced (see :meth:`_step`);
+        ``fused=True`` is what compiles its elementwise work.
 
         Args:
             closure: a closure that reevaluates the model and returns the loss (optional).
         """
+        return self._step(closure)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _step(self, closure: Any = None) -> Any:
+        """The step, never traced by dynamo: traced, it would break its graph at its host reads (the
+        non-finite check's flags, the CPU step counters), recompile every step (the bias corrections,
+        the correction coefficient and the refresh schedule are Python numbers of the step count) and,
+        in torch 2.13, seed every refresh's generator in one step alike (a different randomized SVD
+        than the eager step's). Untraced, a compiled ``opt.step`` equals the eager one bit for bit."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -613,7 +625,7 @@ class AdaPM(Optimizer):
             g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
             # The compiled tails take views of a detached parameter: dynamo cannot trace in-place updates of
             # views of a leaf that requires grad.
-            traced = self.fused or torch.compiler.is_compiling()
+            traced = self.fused
             target = p.detach().to(torch.float32) if p.dtype != torch.float32 else (p.detach() if traced else p)
             if p.dtype != torch.float32:
                 copies.append((p, target))
@@ -1034,9 +1046,7 @@ def _layout_difference(saved: ParamLayout, ours: ParamLayout) -> str:
         for field in ("momentum", "rank", "shape", "block", "n_blocks"):
             if getattr(a, field) != getattr(b, field):
                 return f"{where} {field} is {getattr(a, field)!r} in the checkpoint vs {getattr(b, field)!r} here"
-    theirs, mine = (
-        {k: v for k, v in layout.state_shapes().items() if not is_scale_key(k)} for layout in (saved, ours)
-    )
+    theirs, mine = ({k: v for k, v in layout.state_shapes().items() if not is_scale_key(k)} for layout in (saved, ours))
     if theirs != mine:
         return f"state shapes {theirs} in the checkpoint vs {mine} here"
     return ""
