@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -241,13 +243,19 @@ def test_cholesky_qr_trains_as_householder_qr(cls: type[adapm.AdaPM], monkeypatc
         assert diff.max() < 2e-3 and diff.mean() < 2e-3 / 1000, (diff.max(), diff.mean())
 
 
-def test_kept_views_follow_new_storage_and_loaded_state() -> None:
-    """The grouped step keeps views of parameters and state between steps; when a parameter's storage
-    is replaced (``p.data = ...``, as ``module.to`` does) or a state dict is loaded, it makes new ones, so
-    training goes on exactly as without the replacement."""
+_NO_CXX = shutil.which(os.environ.get("CXX", "g++")) is None
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.skipif(_NO_CXX, reason="needs g++"))])
+def test_kept_views_follow_new_storage_and_loaded_state(fused: bool) -> None:
+    """The grouped step keeps views of parameters and state between steps (with ``fused``, of a kept
+    detached alias of each parameter); when a parameter's storage is replaced (``p.data = ...``, as
+    ``module.to`` does) or a state dict is loaded, it makes new ones, so training goes on exactly as
+    without the replacement."""
     data = batches(96, 6)
     ref, ours = tiny_gpt2(), tiny_gpt2()
-    opt_ref, opt = adapm.AdaPMMini(ref, lr=2e-3, foreach=True), adapm.AdaPMMini(ours, lr=2e-3, foreach=True)
+    kwargs = dict(lr=2e-3, foreach=True, fused=fused)
+    opt_ref, opt = adapm.AdaPMMini(ref, **kwargs), adapm.AdaPMMini(ours, **kwargs)
     train(ref, opt_ref, data)
     train(ours, opt, data[:2])
     for p in ours.parameters():
@@ -261,6 +269,24 @@ def test_kept_views_follow_new_storage_and_loaded_state() -> None:
     train(ours, opt, data[4:])
     for a, b in zip(ref.parameters(), ours.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(_NO_CXX, reason="torch.compile on CPU needs g++")
+def test_fused_grouped_step_compiles_once_whatever_refreshes() -> None:
+    """Blocks due for a refresh are tracked alone but stay in their stack's tail, so the compiled tails
+    see the same lists on every step: the kernels built on the first step (where every block refreshes)
+    serve the later ones (where a few do). Before, each pattern of refreshes built new kernels."""
+    torch._dynamo.reset()
+    model = tiny_gpt2(n_layer=4)
+    opt = adapm.AdaPMMini(model, lr=1e-3, foreach=True, fused=True, refresh_every=4)
+    data = batches(96, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
+        train(model, opt, data[:1])
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        train(model, opt, data[1:])
+    assert graphs > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])

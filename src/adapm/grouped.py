@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -83,7 +83,6 @@ class Block:
     """The corrected low-rank momentum, once tracked."""
     sq_mean: Tensor | None = None
     """This block's per-block means of ``g^2`` (AdaPM-mini), once reduced."""
-    extra: dict[str, Any] = field(default_factory=dict)
     views: Views | None = None
     """Where views of persistent state are kept between steps (None: made afresh)."""
 
@@ -213,26 +212,30 @@ def block_denominators(
 def step_lowrank(blocks: list[Block], refresh: RefreshFn, fused: Fused | None = None) -> None:
     """Track every low-rank block and step it, one stack at a time: a stack's corrected momenta (and, for
     block second moments, its ``g^2`` block means) feed its elementwise tail and are freed before the next
-    stack is built, so the step's transient memory is one stack, not all low-rank blocks. No host sync:
-    the stored factors were checked with the gradients, and the new ones are guarded on the device."""
-    singles: list[Block] = []
+    stack is built, so the step's transient memory is one stack, not all low-rank blocks. Blocks due for
+    a refresh are tracked alone but stay in their stack's tail, so a stack's tail takes the same list
+    every step (a compiled tail is not rebuilt as refreshes move through the stack). No host sync: the
+    stored factors were checked with the gradients, and the new ones are guarded on the device."""
     groups: dict[tuple[Any, ...], list[Block]] = {}
     for b in blocks:
-        generator = refresh(b)
-        if generator is not None:
-            b.extra["generator"] = generator
-            singles.append(b)
-            continue
         g = b.group
         key = (b.seg.shape, b.seg.view_shape, b.seg.rank, g["tracker"], g["correction"], g["betas"][0], b.t,
                b.layout.second_moment, b.seg.block)  # fmt: skip
         groups.setdefault(key, []).append(b)
-    work = [(chunk, False) for members in groups.values() for chunk in stacks(members)]
-    for chunk, single in work + [([b], True) for b in singles]:
-        _track_single(chunk[0]) if single else _track_stack(chunk)
-        elementwise_tails(chunk, second_moment_denominators(chunk), fused)
-        for b in chunk:
-            b.numerator = None  # free the stack's momenta
+    for members in groups.values():
+        for chunk in stacks(members):
+            tracked = []
+            for b in chunk:
+                generator = refresh(b)
+                if generator is None:
+                    tracked.append(b)
+                else:
+                    _track_single(b, generator)
+            if tracked:
+                _track_stack(tracked)
+            elementwise_tails(chunk, second_moment_denominators(chunk), fused)
+            for b in chunk:
+                b.numerator = None  # free the stack's momenta
 
 
 def _track_stack(chunk: list[Block]) -> None:
@@ -260,8 +263,8 @@ def _track_stack(chunk: list[Block]) -> None:
         b.numerator = b.seg.as_view(m)
 
 
-def _track_single(b: Block) -> None:
-    """A block due for a refresh: the single-matrix path."""
+def _track_single(b: Block, generator: torch.Generator) -> None:
+    """A block due for a refresh (a randomized SVD drawn from ``generator``): the single-matrix path."""
     group = b.group
     grad = b.seg.matrix(b.grad)
     if not b.layout.second_policy.elementwise:
@@ -269,7 +272,7 @@ def _track_single(b: Block) -> None:
     left, right = b.factors()
     momentum, new_left, new_right = lowrank_momentum(
         left, right, grad, group["betas"][0], b.t, tracker=group["tracker"], correction=group["correction"],
-        refresh=True, generator=b.extra.pop("generator"), guard=True,
+        refresh=True, generator=generator, guard=True,
     )  # fmt: skip
     left.copy_(new_left)
     right.copy_(new_right)

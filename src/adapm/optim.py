@@ -625,17 +625,19 @@ class AdaPM(Optimizer):
             g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
             # The compiled tails take views of a detached parameter: dynamo cannot trace in-place updates of
             # views of a leaf that requires grad.
-            traced = self.fused
-            target = p.detach().to(torch.float32) if p.dtype != torch.float32 else (p.detach() if traced else p)
+            views = self._views
             if p.dtype != torch.float32:
+                target = p.detach().to(torch.float32)
                 copies.append((p, target))
-            # Views of the parameter and its float32 state are kept between steps on the eager step (a
-            # working copy is new each step; passed to compiled calls, kept views made dynamo recompile).
-            views = None if traced else self._views
-            if views is None or target is not p:
+            else:
+                target = views.get(p, "detached", "", p.detach) if self.fused else p
+            # Views of the parameter (or its kept detached alias) and its float32 state are kept between
+            # steps (a working copy is new each step).
+            if p.dtype != torch.float32:
                 targets = layout.views(target)
             else:
-                targets = [views.get(p, "param", s.name, functools.partial(s.view, p)) for s in layout.segments]
+                targets = [views.get(target, "param", s.name, functools.partial(s.view, target))
+                           for s in layout.segments]  # fmt: skip
             for seg, target_seg, grad_seg in zip(layout.segments, targets, layout.views(g)):
                 blocks.append(Block(p, group, layout, seg, t, target_seg, grad_seg, state, views=views))
         step_lowrank(
