@@ -224,21 +224,22 @@ def step_lowrank(blocks: list[Block], refresh: RefreshFn, fused: Fused | None = 
         groups.setdefault(key, []).append(b)
     for members in groups.values():
         for chunk in stacks(members):
-            tracked = []
-            for b in chunk:
-                generator = refresh(b)
-                if generator is None:
-                    tracked.append(b)
-                else:
-                    _track_single(b, generator)
-            if tracked:
-                _track_stack(tracked)
+            due = [(b, generator) for b in chunk if (generator := refresh(b)) is not None]
+            momenta = _track_stack(chunk, {id(b) for b, _ in due})
+            for b, generator in due:
+                _track_single(b, generator, momenta[id(b)])
             elementwise_tails(chunk, second_moment_denominators(chunk), fused)
             for b in chunk:
                 b.numerator = None  # free the stack's momenta
+            del momenta
 
 
-def _track_stack(chunk: list[Block]) -> None:
+def _track_stack(chunk: list[Block], due: set[int]) -> dict[int, Tensor]:
+    """Track the stack with batched ops; return each block's momentum matrix by ``id``. The blocks in
+    ``due`` (by ``id``) refresh instead: their factors are left as they were for :func:`_track_single`,
+    which overwrites their momenta. Tracking the whole
+    stack anyway keeps the momentum buffer, whose views the tails take, the same shape on every step
+    (dynamo guards on a view's base: a compiled tail would be rebuilt as refreshes move through)."""
     first = chunk[0]
     group = first.group
     g = torch.stack([b.grad for b in chunk])
@@ -256,27 +257,30 @@ def _track_stack(chunk: list[Block]) -> None:
         torch.stack(lefts), torch.stack(rights), g, group["betas"][0], first.t,
         tracker=group["tracker"], correction=group["correction"], refresh=False, generator=None, out=g, guard=True,
     )  # fmt: skip
-    if not TRACKER[group["tracker"]].keeps_basis:  # e.g. the fixed tracker: L kept between refreshes
-        torch._foreach_copy_(list(lefts), list(new_left.unbind(0)))
-    torch._foreach_copy_(list(rights), list(new_right.unbind(0)))
+    kept = [i for i, b in enumerate(chunk) if id(b) not in due]
+    if kept:
+        new_lefts, new_rights = new_left.unbind(0), new_right.unbind(0)
+        if not TRACKER[group["tracker"]].keeps_basis:  # e.g. the fixed tracker: L kept between refreshes
+            torch._foreach_copy_([lefts[i] for i in kept], [new_lefts[i] for i in kept])
+        torch._foreach_copy_([rights[i] for i in kept], [new_rights[i] for i in kept])
+    momenta = {}
     for b, m in zip(chunk, momentum.unbind(0)):
         b.numerator = b.seg.as_view(m)
+        momenta[id(b)] = m
+    return momenta
 
 
-def _track_single(b: Block, generator: torch.Generator) -> None:
-    """A block due for a refresh (a randomized SVD drawn from ``generator``): the single-matrix path."""
+def _track_single(b: Block, generator: torch.Generator, out: Tensor) -> None:
+    """A block due for a refresh (a randomized SVD drawn from ``generator``): the single-matrix path, its
+    momentum computed into ``out`` (its slot of the stack's momenta, which its tail already reads)."""
     group = b.group
-    grad = b.seg.matrix(b.grad)
-    if not b.layout.second_policy.elementwise:
-        b.sq_mean = block_sq_means(grad.unsqueeze(0), b.seg.block)[0]
     left, right = b.factors()
-    momentum, new_left, new_right = lowrank_momentum(
-        left, right, grad, group["betas"][0], b.t, tracker=group["tracker"], correction=group["correction"],
-        refresh=True, generator=generator, guard=True,
+    _, new_left, new_right = lowrank_momentum(
+        left, right, b.seg.matrix(b.grad), group["betas"][0], b.t, tracker=group["tracker"],
+        correction=group["correction"], refresh=True, generator=generator, out=out, guard=True,
     )  # fmt: skip
     left.copy_(new_left)
     right.copy_(new_right)
-    b.numerator = b.seg.as_view(momentum)
 
 
 def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:
