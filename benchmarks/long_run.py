@@ -279,17 +279,26 @@ def plot(rows: list[dict[str, Any]], docs: Path) -> list[Path]:
     for setting in dict.fromkeys(r["setting"] for r in rows):
         fig, ax = plt.subplots(figsize=(8, 4.8))
         mine = [r for r in rows if r["setting"] == setting]
+        names = list(dict.fromkeys(r["optimizer"] for r in mine if r["optimizer"] != "adamw"))
+        palette = matplotlib.colormaps["tab10"]
+        drawn: set[str] = set()
         for row in mine:
+            name = row["optimizer"]
+            # AdamW, the reference, in black; an optimizer's second lr dashed in its colour.
+            color = "black" if name == "adamw" else palette(names.index(name) % 10)
+            style = "--" if name in drawn else "-"
+            drawn.add(name)
             curves = [dict((int(s), v) for s, v in r["val_curve"]) for r in row["runs"]]
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             mean = [statistics.mean(c[s] for c in curves) for s in steps]
             lo = [min(c[s] for c in curves) for s in steps]
             hi = [max(c[s] for c in curves) for s in steps]
-            (line,) = ax.plot(steps, mean, label=f"{row['optimizer']} (lr {row['lr']:g})")
+            (line,) = ax.plot(steps, mean, style, color=color, label=f"{name} (lr {row['lr']:g})")
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
         model, corpus = SETTINGS.get(setting, (setting, ""))
         tokens = mine[0]["tokens"] if mine else 0
-        ax.set_title(f"{model} on {corpus}: validation loss, {tokens / 1e6:.1f}M tokens, mean and range of seeds")
+        ax.set_title(f"{model} on {corpus}: validation loss, {tokens / 1e6:.1f}M tokens\nmean and range of seeds",
+                     fontsize=10)  # fmt: skip
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss")
         finals = [r["mean_val_loss"] for r in mine]
