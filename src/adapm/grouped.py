@@ -5,10 +5,12 @@ torch.optim's ``foreach`` form, carried over to AdaPM's three kinds of work:
 * **Low-rank tracking.** Same-shape low-rank blocks (e.g. every layer's query and key, every MLP matrix
   of one shape) are stacked into one ``(B, m, n)`` buffer; the momentum, the tracker's matmuls and QR,
   and the residual correction then run as batched ops (``baddbmm``, a batched QR) on the whole
-  stack. Blocks due for a refresh (a randomized SVD, about one block in ``refresh_every`` per step) run
-  alone. Stacks are cut at ``GROUP_ELEMENTS`` entries (at parameter boundaries), which bounds the
-  transient memory. The stored factors are checked finite with the gradients (the step's one host sync);
-  entries of the new factors that are not finite keep their old values, on the device.
+  stack. Blocks due for a refresh (a randomized SVD, about one block in ``refresh_every`` per step) are
+  refreshed alone and overwrite their slot of the stack's momenta, so every tensor the tails see keeps
+  its shape from step to step (compiled tails are built once). Stacks are cut at ``GROUP_ELEMENTS``
+  entries (at parameter boundaries), which bounds the transient memory. The stored factors are checked
+  finite with the gradients (the step's one host sync); entries of the new factors that are not finite
+  keep their old values, on the device.
 * **Block second moments** (AdaPM-mini). Same-shape blocks with the same block layout get their block
   means of ``g^2`` from one reduction over their stacked gradients (the low-rank stacks are reused).
 * **The elementwise tail** (momentum EMA, second-moment EMA, the update) runs as one ``torch._foreach_*``
