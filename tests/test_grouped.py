@@ -258,9 +258,11 @@ def test_kept_views_follow_new_storage_and_loaded_state(fused: bool) -> None:
     opt_ref, opt = adapm.AdaPMMini(ref, **kwargs), adapm.AdaPMMini(ours, **kwargs)
     train(ref, opt_ref, data)
     train(ours, opt, data[:2])
+    kept = len(opt._views._views)
     for p in ours.parameters():
         p.data = p.data.clone()
     train(ours, opt, data[2:4])
+    assert len(opt._views._views) == kept  # replaced, not added to: no view keeps an old storage alive
     saved = copy.deepcopy(opt.state_dict())
     for state in opt.state.values():
         for value in state.values():

@@ -636,8 +636,9 @@ class AdaPM(Optimizer):
             if p.dtype != torch.float32:
                 targets = layout.views(target)
             else:
-                targets = [views.get(target, "param", s.name, functools.partial(s.view, target))
-                           for s in layout.segments]  # fmt: skip
+                # Kept under the parameter (its storage checked), so a replaced storage's views are dropped.
+                key = "alias" if self.fused else "param"
+                targets = [views.get(p, key, s.name, functools.partial(s.view, target)) for s in layout.segments]
             for seg, target_seg, grad_seg in zip(layout.segments, targets, layout.views(g)):
                 blocks.append(Block(p, group, layout, seg, t, target_seg, grad_seg, state, views=views))
         step_lowrank(
