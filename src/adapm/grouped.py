@@ -239,9 +239,10 @@ def step_lowrank(blocks: list[Block], refresh: RefreshFn, fused: Fused | None = 
 def _track_stack(chunk: list[Block], due: set[int]) -> dict[int, Tensor]:
     """Track the stack with batched ops; return each block's momentum matrix by ``id``. The blocks in
     ``due`` (by ``id``) refresh instead: their factors are left as they were for :func:`_track_single`,
-    which overwrites their momenta. Tracking the whole
-    stack anyway keeps the momentum buffer, whose views the tails take, the same shape on every step
-    (dynamo guards on a view's base: a compiled tail would be rebuilt as refreshes move through)."""
+    which overwrites their momenta. Tracking the whole stack anyway keeps the momentum buffer, whose
+    views the tails take, the same shape on every step (dynamo guards on a view's base: a compiled tail
+    would be rebuilt as refreshes move through). At the first step every block is due and the factors
+    are zero: what the trackers make of them is discarded (non-finite entries are guarded anyway)."""
     first = chunk[0]
     group = first.group
     g = torch.stack([b.grad for b in chunk])
