@@ -623,20 +623,16 @@ class AdaPM(Optimizer):
             state = states[id(p)]
             grad = cast(Tensor, p.grad)
             g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
-            # The compiled tails take views of a detached parameter: dynamo cannot trace in-place updates of
-            # views of a leaf that requires grad.
             views = self._views
-            if p.dtype != torch.float32:
+            if p.dtype != torch.float32:  # a float32 working copy, new each step, and so are its views
                 target = p.detach().to(torch.float32)
                 copies.append((p, target))
-            else:
-                target = views.get(p, "detached", "", p.detach) if self.fused else p
-            # Views of the parameter (or its kept detached alias) and its float32 state are kept between
-            # steps (a working copy is new each step).
-            if p.dtype != torch.float32:
                 targets = layout.views(target)
             else:
-                # Kept under the parameter (its storage checked), so a replaced storage's views are dropped.
+                # Views kept between steps under the parameter (its storage checked, so a replaced storage
+                # drops them). The compiled tails take views of a kept detached alias: dynamo cannot trace
+                # in-place updates of views of a leaf that requires grad.
+                target = views.get(p, "detached", "", p.detach) if self.fused else p
                 key = "alias" if self.fused else "param"
                 targets = [views.get(p, key, s.name, functools.partial(s.view, target)) for s in layout.segments]
             for seg, target_seg, grad_seg in zip(layout.segments, targets, layout.views(g)):
