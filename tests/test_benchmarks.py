@@ -233,3 +233,14 @@ def test_families_table_quick(tmp_path: Path) -> None:
     assert all(r["unknown"] == 0 and r["kept_whole"] == 0 for r in rows.values())
     assert rows["mixtral"]["tiny_adapm_mini_pct"] < 8.0
     assert (tmp_path / "families.md").read_text().startswith("| family |")
+
+
+def test_collectives_quick(tmp_path: Path) -> None:
+    rows = _run("collectives.py", tmp_path / "co.json")["rows"]
+    assert len(rows) == 8  # {gpt2-1m, llama-1m} x {adapm, adapm-mini} x {per-block, grouped}
+    for per_block, grouped in zip(rows[::2], rows[1::2]):
+        assert (per_block["step"], grouped["step"]) == ("per-block", "grouped")
+        assert per_block["refreshes"] == grouped["refreshes"]  # the same schedule on both paths
+        # Sharded parameters take the grouped step: one all-reduce per stack, not per block.
+        assert 0 < grouped["all_reduces_per_step"] < per_block["all_reduces_per_step"], (per_block, grouped)
+        assert grouped["ops_per_step"] < per_block["ops_per_step"]

@@ -30,9 +30,13 @@ def is_dtensor(t: Any) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-def local(t: Tensor) -> Tensor:
-    """The local part of a DTensor (a view that in-place updates write through), else ``t``."""
-    return t.to_local() if is_dtensor(t) else t
+def local(t: Any) -> Tensor:
+    """The local part of a DTensor (in-place updates write through), else ``t``. Without autograd it is
+    the DTensor's own local tensor, the same object on every call (``to_local()`` of a parameter would
+    be a new view each time, which :class:`adapm.grouped.Views` could not keep)."""
+    if not is_dtensor(t):
+        return t
+    return t._local_tensor if not torch.is_grad_enabled() else t.to_local()
 
 
 @dataclass(frozen=True)

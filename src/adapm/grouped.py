@@ -34,9 +34,10 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor
 
+from adapm.distributed import ShardInfo, local
 from adapm.partition.layout import ParamLayout, Segment
 from adapm.policies.momentum import lowrank_momentum
-from adapm.policies.second_moment import _block_shape, _sum_of_squares
+from adapm.policies.second_moment import _block_shape, _sum_of_squares, block_entries
 from adapm.policies.trackers import TRACKER
 from adapm.policies.update import foreach_elementwise_update, fused_foreach_update, scalar_values
 
@@ -60,10 +61,11 @@ class Views:
     def get(self, base: Tensor, key: str, name: str, make: Callable[[], Tensor]) -> Tensor:
         """The view ``make()`` gives of ``base`` (``key``: which state; ``name``: which segment), kept."""
         hit = self._views.get((id(base), key, name))
-        if hit is not None and hit[0] is base and hit[1] == base.data_ptr():
+        pointer = local(base).data_ptr()
+        if hit is not None and hit[0] is base and hit[1] == pointer:
             return hit[2]
         view = make()
-        self._views[id(base), key, name] = (base, base.data_ptr(), view)
+        self._views[id(base), key, name] = (base, pointer, view)
         return view
 
 
@@ -87,6 +89,21 @@ class Block:
     """This block's per-block means of ``g^2`` (AdaPM-mini), once reduced."""
     views: Views | None = None
     """Where views of persistent state are kept between steps (None: made afresh)."""
+    shard: ShardInfo | None = None
+    """Which rows of a parameter sharded across ranks (FSDP2) this rank holds; None when held whole.
+    ``target``, ``grad`` and ``state`` are then this rank's local tensors."""
+
+    @property
+    def shard_key(self) -> tuple[Any, ...] | None:
+        """What blocks stacked together must share beyond their shapes: their rows and process group
+        (one all-reduce per stack)."""
+        info = self.shard
+        return None if info is None else (info.offset, info.rows, info.group)
+
+    @property
+    def reduce(self) -> Callable[[Tensor], Tensor] | None:
+        """The sum over ranks of a sharded block (see :class:`adapm.distributed.ShardInfo`), else None."""
+        return None if self.shard is None else self.shard.reduce
 
     @property
     def lowrank(self) -> bool:
@@ -130,9 +147,11 @@ def stacks(blocks: Sequence[Block], limit: int | None = None) -> list[list[Block
     """Cut a group into stacks of at most ``limit`` entries (default :data:`GROUP_ELEMENTS`), never
     between two segments of one parameter (a parameter is stepped or skipped as a whole)."""
     limit = GROUP_ELEMENTS if limit is None else limit
+    # Sizes of the global segments: ranks that hold different numbers of rows of a sharded parameter
+    # must cut their stacks alike (one all-reduce per stack, on every rank).
     per_param: dict[int, int] = {}
     for block in blocks:
-        per_param[id(block.p)] = per_param.get(id(block.p), 0) + block.grad.numel()
+        per_param[id(block.p)] = per_param.get(id(block.p), 0) + math.prod(block.seg.shape)
     out: list[list[Block]] = []
     current: list[Block] = []
     size = 0
@@ -142,7 +161,7 @@ def stacks(blocks: Sequence[Block], limit: int | None = None) -> list[list[Block
             out.append(current)
             current, size = [], 0
         current.append(block)
-        size += block.grad.numel()
+        size += math.prod(block.seg.shape)
     if current:
         out.append(current)
     return out
@@ -176,26 +195,53 @@ def stacked(tensors: Sequence[Tensor]) -> Tensor:
 
 def stacked_matrices(blocks: Sequence[Block]) -> Tensor:
     """The blocks' gradients as one ``(B, *matrix shape)`` tensor (interleaved segments are gathered)."""
-    shape = blocks[0].seg.shape
-    g = stacked([b.grad for b in blocks])
-    return g if tuple(g.shape[1:]) == shape else g.reshape(len(blocks), *shape)
+    return as_matrices(stacked([b.grad for b in blocks]), blocks[0].seg)
 
 
-def block_sq_means(g: Tensor, block: tuple[int | None, int]) -> Tensor:
-    """Per-block means of ``g^2`` for a stack ``g (B, *shape)`` of same-shape gradients: ``(B, n_blocks)``."""
-    batch, shape = g.shape[0], tuple(g.shape[1:])
-    pre, n_blocks, post = _block_shape(shape, *block)
+def as_matrices(g: Tensor, seg: Segment) -> Tensor:
+    """A stack of segment views ``g`` as ``(B, *matrix shape)``: a copy only for interleaved segments
+    (never sharded: their rows would straddle ranks), which :meth:`Segment.matrix` gathers."""
+    return g if seg.groups == 1 else g.reshape(len(g), *seg.shape)
+
+
+def block_sq_means(g: Tensor, block: tuple[int | None, int], shard: ShardInfo | None = None,
+                   shape: tuple[int, ...] = ()) -> Tensor:  # fmt: skip
+    """Per-block means of ``g^2`` for a stack ``g (B, *shape)`` of same-shape gradients: ``(B, n_blocks)``.
+
+    For blocks sharded across ranks (``shard``; ``g`` holds this rank's rows of matrices of global
+    ``shape``) the per-block sums of every rank are added with one all-reduce for the stack."""
+    batch, local_shape = g.shape[0], tuple(g.shape[1:])
+    if shard is not None:
+        return shard.reduce(_local_block_sums(g, block, shard.offset, shape)).div_(block_entries(shape, *block))
+    pre, n_blocks, post = _block_shape(local_shape, *block)
     if pre == 1:  # blocks of whole trailing dimensions: one reduction pass, no temporary
         return _sum_of_squares(g.reshape(batch, n_blocks, post), 2).div_(post)
     return g.square().reshape(batch, pre, n_blocks, post).mean(dim=(1, 3))
 
 
+def _local_block_sums(g: Tensor, block: tuple[int | None, int], offset: int, shape: tuple[int, ...]) -> Tensor:
+    """Per-block sums of ``g^2`` over this rank's rows (global rows from ``offset``) of a stack ``g``:
+    ``(B, n_blocks)`` (blocks along dim 0 may straddle ranks)."""
+    batch, rows = g.shape[0], g.shape[1]
+    dim, size = block
+    if dim is None:
+        return _sum_of_squares(g.reshape(batch, -1), 1).unsqueeze(1)
+    if dim == 0:
+        n_blocks = _block_shape(shape, dim, size)[1]
+        ids = torch.div(torch.arange(rows, device=g.device) + offset, size, rounding_mode="floor")
+        sums = torch.zeros(batch, n_blocks, dtype=g.dtype, device=g.device)
+        return sums.index_add_(1, ids, _sum_of_squares(g.reshape(batch, rows, -1), 2))
+    pre, n_blocks, post = _block_shape(tuple(g.shape[1:]), dim, size)
+    return g.square().reshape(batch, pre, n_blocks, post).sum(dim=(1, 3))
+
+
 def block_denominators(
     sq_mean: Tensor, vs: list[Tensor], shape: tuple[int, ...], block: tuple[int | None, int],
-    beta2: float, bc2_sqrt: float, eps: float,
+    beta2: float, bc2_sqrt: float, eps: float, offset: int | None = None,
 ) -> list[Tensor]:  # fmt: skip
     """Update a stack's block second moments ``vs`` (each ``(n_blocks,)``) with ``sq_mean (B, n_blocks)``;
-    return each block's ``sqrt(vhat) + eps`` shaped to broadcast over its segment."""
+    return each block's ``sqrt(vhat) + eps`` shaped to broadcast over its segment (of matrix ``shape``;
+    for a sharded block, this rank's rows of it, from global row ``offset``)."""
     v = stacked(vs)
     v.mul_(beta2).add_(sq_mean, alpha=1.0 - beta2)
     if len(vs) > 1:
@@ -205,7 +251,11 @@ def block_denominators(
     ndim = len(shape)
     if dim is None:
         return list(values.view(len(vs), *([1] * ndim)).unbind(0))
-    per_index = values if size == 1 else values.repeat_interleave(size, dim=1)
+    if dim == 0 and offset is not None:  # this rank's rows: blocks may start before them
+        ids = torch.div(torch.arange(shape[0], device=values.device) + offset, size, rounding_mode="floor")
+        per_index = values[:, ids]
+    else:
+        per_index = values if size == 1 else values.repeat_interleave(size, dim=1)
     view = [1] * ndim
     view[dim] = shape[dim]
     return list(per_index.view(len(vs), *view).unbind(0))
@@ -222,7 +272,7 @@ def step_lowrank(blocks: list[Block], refresh: RefreshFn, fused: Fused | None = 
     for b in blocks:
         g = b.group
         key = (b.seg.shape, b.seg.view_shape, b.seg.rank, g["tracker"], g["correction"], g["betas"][0], b.t,
-               b.layout.second_moment, b.seg.block)  # fmt: skip
+               b.layout.second_moment, b.seg.block, b.shard_key)  # fmt: skip
         groups.setdefault(key, []).append(b)
     for members in groups.values():
         for chunk in stacks(members):
@@ -245,11 +295,9 @@ def _track_stack(chunk: list[Block], due: set[int]) -> dict[int, Tensor]:
     are zero: what the trackers make of them is discarded (non-finite entries are guarded anyway)."""
     first = chunk[0]
     group = first.group
-    g = torch.stack([b.grad for b in chunk])
-    if tuple(g.shape[1:]) != first.seg.shape:  # interleaved segments: gather into matrices (a view here)
-        g = g.reshape(len(chunk), *first.seg.shape)
+    g = as_matrices(torch.stack([b.grad for b in chunk]), first.seg)  # (a view here: g is fresh)
     if not first.layout.second_policy.elementwise:
-        sq = block_sq_means(g, first.seg.block)
+        sq = block_sq_means(g, first.seg.block, first.shard, first.seg.shape)
         for b, row in zip(chunk, sq.unbind(0)):
             b.sq_mean = row
     lefts, rights = zip(*(b.factors() for b in chunk))
@@ -259,6 +307,7 @@ def _track_stack(chunk: list[Block], due: set[int]) -> dict[int, Tensor]:
     momentum, new_left, new_right = lowrank_momentum(
         torch.stack(lefts), torch.stack(rights), g, group["betas"][0], first.t,
         tracker=group["tracker"], correction=group["correction"], refresh=False, generator=None, out=g, guard=True,
+        reduce=first.reduce,
     )  # fmt: skip
     kept = [i for i, b in enumerate(chunk) if id(b) not in due]
     if kept:
@@ -280,7 +329,8 @@ def _track_single(b: Block, generator: torch.Generator, out: Tensor) -> None:
     left, right = b.factors()
     _, new_left, new_right = lowrank_momentum(
         left, right, b.seg.matrix(b.grad), group["betas"][0], b.t, tracker=group["tracker"],
-        correction=group["correction"], refresh=True, generator=generator, out=out, guard=True,
+        correction=group["correction"], refresh=True, generator=generator, out=out, guard=True, reduce=b.reduce,
+        global_rows=b.seg.shape[0],
     )  # fmt: skip
     left.copy_(new_left)
     right.copy_(new_right)
@@ -293,18 +343,23 @@ def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:
     for b in blocks:
         if not b.layout.second_policy.elementwise:
             key = (b.seg.shape, b.seg.view_shape, b.seg.block, b.group["betas"][1], b.group["eps"], b.t,
-                   b.sq_mean is None)  # fmt: skip
+                   b.sq_mean is None, b.shard_key)  # fmt: skip
             groups.setdefault(key, []).append(b)
     out: dict[int, Tensor] = {}
-    for (shape, _view, block, beta2, eps, t, fresh), members in groups.items():
+    for (shape, _view, block, beta2, eps, t, fresh, _shard), members in groups.items():
         bc2_sqrt = math.sqrt(1 - beta2**t)
+        shard = members[0].shard
         for chunk in stacks(members):
             if fresh:
-                sq = block_sq_means(stacked_matrices(chunk), block)
+                g = stacked_matrices(chunk)
+                sq = block_sq_means(g, block, shard, shape)
             else:
                 sq = stacked([b.sq_mean for b in chunk if b.sq_mean is not None])
+            local_shape = shape if shard is None else tuple(chunk[0].seg.matrix(chunk[0].grad).shape)
+            offset = None if shard is None else shard.offset
             vs = [b.second_moment() for b in chunk]
-            for b, denom in zip(chunk, block_denominators(sq, vs, shape, block, beta2, bc2_sqrt, eps)):
+            denoms = block_denominators(sq, vs, local_shape, block, beta2, bc2_sqrt, eps, offset)
+            for b, denom in zip(chunk, denoms):
                 out[id(b)] = b.seg.as_view(denom)
     return out
 

@@ -473,13 +473,13 @@ class AdaPM(Optimizer):
         # of squares overflows, so every per-entry and per-block mean of g^2 stays finite otherwise.
         norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # type: ignore[call-arg]
         finite = torch.stack(norms) <= _MAX_GRAD_NORM
-        groups = {self._shard(p).group for _, p in items} - {None}
-        for group in groups:
-            finite = agree_all(finite, group)
         owners, factors = self._stored_factors(items)
         if factors:
             factor_norms = torch._foreach_norm(factors, 2, dtype=torch.float32)  # type: ignore[call-arg]
             finite = torch.cat([finite, torch.isfinite(torch.stack(factor_norms))])
+        groups = {self._shard(p).group for _, p in items} - {None}
+        for group in groups:  # a sharded parameter's rows: every rank must decide alike
+            finite = agree_all(finite, group)
         flags = finite.tolist()
         bad_factors = {owners[i] for i, ok in enumerate(flags[len(items) :]) if not ok}
         flags = flags[: len(items)]
@@ -589,9 +589,7 @@ class AdaPM(Optimizer):
 
     def _grouped(self, p: Tensor) -> bool:
         """Whether ``p`` takes the grouped step (:mod:`adapm.grouped`): with ``foreach`` (by default off
-        CPU), unless sharded (that takes the per-parameter path). ``fused`` compiles the tails of either."""
-        if self._shard(p).sharded:
-            return False
+        CPU), sharded (FSDP2) or not. ``fused`` compiles the tails of either."""
         return self.foreach if self.foreach is not None else p.device.type != "cpu"
 
     def _grouped_step(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> None:
@@ -620,23 +618,30 @@ class AdaPM(Optimizer):
         states, owners, runs, flat = self._working_states([p for _, p, _ in items])
         for group, p, t in items:
             layout = self._layouts[p]
+            info = self._shard(p)
+            shard = info if info.sharded else None
             state = states[id(p)]
-            grad = cast(Tensor, p.grad)
+            if shard is not None:  # this rank's rows (the DTensors' local tensors: the same objects each step)
+                state = {key: local(value) for key, value in state.items()}
+            grad = local(cast(Tensor, p.grad))
             g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
             views = self._views
             if p.dtype != torch.float32:  # a float32 working copy, new each step, and so are its views
-                target = p.detach().to(torch.float32)
-                copies.append((p, target))
+                target = local(p).detach().to(torch.float32)
+                copies.append((local(p), target))
                 targets = layout.views(target)
             else:
                 # Views kept between steps under the parameter (its storage checked, so a replaced storage
                 # drops them). The compiled tails take views of a kept detached alias: dynamo cannot trace
                 # in-place updates of views of a leaf that requires grad.
-                target = views.get(p, "detached", "", p.detach) if self.fused else p
-                key = "alias" if self.fused else "param"
+                if self.fused or shard is not None:
+                    target = views.get(p, "detached", "", lambda p=p: local(p).detach())
+                else:
+                    target = p
+                key = "param" if target is p else "alias"
                 targets = [views.get(p, key, s.name, functools.partial(s.view, target)) for s in layout.segments]
             for seg, target_seg, grad_seg in zip(layout.segments, targets, layout.views(g)):
-                blocks.append(Block(p, group, layout, seg, t, target_seg, grad_seg, state, views=views))
+                blocks.append(Block(p, group, layout, seg, t, target_seg, grad_seg, state, views=views, shard=shard))
         step_lowrank(
             [b for b in blocks if b.lowrank],
             lambda b: self._refresh_generator(b.p, b.seg.slot, b.t, b.group["refresh_every"], b.grad.device),
@@ -916,6 +921,7 @@ class AdaPM(Optimizer):
             generator=generator,
             reduce=info.reduce if info.sharded else None,
             out=out,
+            global_rows=info.global_shape[0] if info.sharded else None,
         )
 
     def _refresh_generator(self, p: Tensor, slot: int, t: int, period: int, device: torch.device) -> Any:

@@ -134,10 +134,12 @@ def make_opt(cls_name: str, model: nn.Module, tracker: str) -> torch.optim.Optim
     if cls_name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     cls = adapm.AdaPMMini if cls_name.startswith("adapm-mini") else adapm.AdaPM
+    grouped = cls_name.endswith("-grouped")  # the grouped step, as on an accelerator (stacked blocks)
+    cls_name = cls_name.removesuffix("-grouped")
     ratios = "blockwise" if cls_name.endswith("-blr") else None
     state_dtype = cls_name.rsplit("-", 1)[-1] if cls_name.endswith(("-bf16", "-int8")) else "fp32"
     return cls(model, lr=3e-3 / (4 if ratios else 1), tracker=tracker, refresh_every=7, lr_ratios=ratios,
-               state_dtype=state_dtype)  # fmt: skip
+               state_dtype=state_dtype, foreach=grouped or None)  # fmt: skip
 
 
 def equivalence(out_file: str) -> None:
@@ -154,6 +156,11 @@ def equivalence(out_file: str) -> None:
             ("adapm-mini-blr", "power"),
             ("adapm-mini-bf16", "power"),
             ("adapm-int8", "power"),
+            ("adapm-grouped", "power"),
+            ("adapm-mini-grouped", "power"),
+            ("adapm-grouped", "gd"),
+            ("adapm-grouped", "fixed"),
+            ("adapm-mini-bf16-grouped", "power"),
         ):
             ref = make_model(kind)
             ref_losses = train(ref, make_opt(opt_name, ref, tracker), data, 0, 1)
@@ -173,6 +180,8 @@ def equivalence(out_file: str) -> None:
             row["fsdp_param_rel_excl"] = rel_diff(ref_params, full_params(fsdp), ROUNDOFF_ONLY)
             row["fsdp_worst_tensor"] = worst_tensor(ref_params, full_params(fsdp))
             row["fsdp_state_bytes_this_rank"] = adapm.state_bytes(fsdp_opt)
+            # Views of parameters and state kept between steps: only the grouped step makes them.
+            row["fsdp_grouped_step"] = bool(getattr(fsdp_opt, "_views", None) and fsdp_opt._views._views)
             results.append(row)
     results.append({"unsupported": unsupported_fused_rows(), "unsupported_neox": unsupported_interleaved()})
     if rank == 0:

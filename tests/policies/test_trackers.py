@@ -202,3 +202,25 @@ def test_cholesky_qr_is_orthonormal_and_keeps_the_span(shape: tuple[int, int]) -
         torch.testing.assert_close(together[i], orthonormalize(y, method="cholesky"), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown method 'gram'"):
         orthonormalize(batch, method="gram")
+
+
+def test_sharded_orthonormalize_and_reduce_max_treat_each_matrix_of_a_batch_alone() -> None:
+    # With one rank the all-reduce is the identity: a batch must give what each matrix gives alone (the
+    # grouped step stacks the sharded blocks of FSDP2). The batch mixes scales 1e-6 and 1e3: a threshold
+    # shared by the batch would drop the small matrix's directions.
+    from adapm.policies.trackers import reduce_max
+
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.stack([torch.randn(12, 4, generator=gen) * scale for scale in (1e-6, 1.0, 1e3)])
+    together = orthonormalize(batch, reduce=lambda t: t)
+    for i in range(len(batch)):
+        alone = orthonormalize(batch[i], reduce=lambda t: t)
+        # The same span (columns may differ in sign: eigenvectors do, batched or not).
+        torch.testing.assert_close(together[i] @ together[i].mT, alone @ alone.mT, rtol=1e-5, atol=1e-6)
+        assert (alone.mT @ alone - torch.eye(4)).abs().max() < 1e-5
+    powers = torch.tensor([2.0**-30, 1.0, 2.0**20]).view(3, 1, 1)
+    assert torch.equal(reduce_max(powers, lambda t: t), powers)
+    assert torch.equal(reduce_max(torch.tensor(2.0**-7), lambda t: t), torch.tensor(2.0**-7))
+    # Two "ranks" (each row's one-hot summed with the other row's): each entry gets the larger of the pair.
+    pair = torch.tensor([2.0**-3, 2.0**5])
+    assert torch.equal(reduce_max(pair, lambda hot: hot + hot.flip(0)), torch.tensor([2.0**5, 2.0**5]))

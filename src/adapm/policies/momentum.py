@@ -103,6 +103,7 @@ def lowrank_momentum(
     reduce: Reduce | None = None,
     out: Tensor | None = None,
     guard: bool = False,
+    global_rows: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One low-rank momentum step. Returns ``(corrected momentum, L_t, R_t)``; inputs are untouched
     (except ``out``, which may be ``grad`` itself: the result then overwrites the gradient).
@@ -126,6 +127,7 @@ def lowrank_momentum(
         guard: keep the previous value of any entry of the new factors that is not finite (without a
             host sync; the momentum is then corrected against the guarded factors). Finite inputs give
             finite factors (the trackers are scale-safe), so this only guards the unforeseen.
+        global_rows: for a row-sharded matrix, its rows on all ranks (a refresh needs them).
     """
     policy = TRACKER.get(tracker)
     if policy is None:
@@ -141,7 +143,8 @@ def lowrank_momentum(
             raise ValueError("lowrank_momentum: a refresh takes one matrix, not a batch")
         if generator is None:
             raise ValueError("lowrank_momentum: a generator is required when refresh=True")
-        left, right = randomized_factors(m, rank, generator, balanced=policy.balanced, reduce=reduce)
+        left, right = randomized_factors(m, rank, generator, balanced=policy.balanced, reduce=reduce,
+                                         global_rows=global_rows)  # fmt: skip
     else:
         left, right = policy.track(m, left, right, reduce)
     if guard:

@@ -89,9 +89,9 @@ def orthonormalize(y: Tensor, reduce: Reduce | None = None, method: str | None =
     q = y.double()  # float64 Gram matrices cannot overflow from float32 inputs
     for _ in range(2):
         evals, evecs = torch.linalg.eigh(reduce(q.mT @ q))
-        keep = evals > evals.max().clamp_min(0) * 1e-10
+        keep = evals > evals.amax(-1, keepdim=True).clamp_min(0) * 1e-10  # relative to each matrix's largest
         scale = torch.where(keep, evals.clamp_min(torch.finfo(evals.dtype).tiny).rsqrt(), torch.zeros_like(evals))
-        q = q @ (evecs * scale)
+        q = q @ (evecs * scale.unsqueeze(-2))
     return q.to(y.dtype)
 
 
@@ -161,25 +161,29 @@ def gd_track(
 
 
 def reduce_max(x: Tensor, reduce: Reduce) -> Tensor:
-    """The maximum of a positive power of two over ranks, with only a sum-reduce at hand: sum the
-    one-hot of its exponent."""
-    exponent = torch.frexp(x).exponent.long().clamp(-160, 160) + 160
-    hot = torch.zeros(321, dtype=torch.float64, device=x.device)
-    hot[exponent] = 1.0
-    top = torch.nonzero(reduce(hot)).max()
-    return torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), (top - 160 - 1).to(torch.int32))
+    """The maximum over ranks of a positive power of two (of each entry of ``x``: one per matrix of a
+    batch), with only a sum-reduce at hand: sum the one-hots of its exponent (no host sync)."""
+    exponent = torch.frexp(x).exponent.long().clamp(-160, 160).add_(160).reshape(-1, 1)
+    hot = torch.zeros(exponent.shape[0], 321, dtype=torch.float64, device=x.device).scatter_(1, exponent, 1.0)
+    present = reduce(hot) > 0
+    top = (present * torch.arange(321, device=x.device)).amax(-1)
+    return torch.ldexp(torch.ones_like(x), (top - 160 - 1).to(torch.int32).reshape(x.shape))
 
 
 def randomized_factors(
-    m: Tensor, rank: int, generator: torch.Generator, *, balanced: bool = False, reduce: Reduce | None = None
+    m: Tensor, rank: int, generator: torch.Generator, *, balanced: bool = False, reduce: Reduce | None = None,
+    global_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Rank-``rank`` factors of ``m`` from a randomized SVD (Halko et al.), drawn from ``generator``.
 
     Returns ``(U, U^T m)`` with orthonormal ``U`` (what :func:`power_track` maintains) or, with
     ``balanced=True``, ``(U S^1/2, S^1/2 V^T)`` (better conditioned for :func:`gd_track`).
+    ``global_rows``: the rows of the whole matrix when ``m`` holds one rank's (else they are summed
+    over ranks: an all-reduce and a host sync).
     """
     rows, cols = m.shape
-    global_rows = rows if reduce is None else int(reduce(torch.tensor([rows], device=m.device)).item())
+    if global_rows is None:
+        global_rows = rows if reduce is None else int(reduce(torch.tensor([rows], device=m.device)).item())
     width = min(rank + RSVD_OVERSAMPLING, global_rows, cols)
     omega = torch.randn(cols, width, generator=generator, dtype=m.dtype, device=m.device)
     q = orthonormalize(m @ omega, reduce)
