@@ -315,3 +315,30 @@ def test_the_grouped_step_reads_back_from_the_device_once(cls: type[adapm.AdaPM]
         reads.clear()
         opt.step()
         assert reads == ["tolist", "tolist"], (step, reads)
+
+
+def test_the_fused_step_copies_its_scalars_to_the_device_once() -> None:
+    """The compiled tails take their scalars (lr, bias corrections, ...) from tensors kept between steps
+    and rewritten from one host-to-device table per step, whatever the number of stacks and groups;
+    before, each stack made its own table and a clone per group."""
+    torch._dynamo.reset()
+    model = tiny_gpt2(n_layer=4)
+    opt = adapm.AdaPM(model, lr=1e-3, foreach=True, fused=True, tracker="fixed", refresh_every=1000)
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        rows = [id(t) for t in opt._scalar_rows.rows.values()]
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+        try:
+            from op_count import top_level_ops
+        finally:
+            sys.path.pop(0)
+        _, top = top_level_ops(opt.step)
+    assert len(rows) > 2  # several groups of scalars (e.g. low-rank, full and no momentum)
+    assert top.get("aten::lift_fresh", 0) == 1 and "aten::clone" not in top, top
+    assert top.get("aten::_foreach_copy_", 0) >= 1
+    assert [id(t) for t in opt._scalar_rows.rows.values()] == rows  # the same tensors, rewritten

@@ -261,7 +261,9 @@ def block_denominators(
     return list(per_index.view(len(vs), *view).unbind(0))
 
 
-def step_lowrank(blocks: list[Block], refresh: RefreshFn, fused: Fused | None = None) -> None:
+def step_lowrank(
+    blocks: list[Block], refresh: RefreshFn, fused: Fused | None = None, scalars: ScalarRows | None = None
+) -> None:
     """Track every low-rank block and step it, one stack at a time: a stack's corrected momenta (and, for
     block second moments, its ``g^2`` block means) feed its elementwise tail and are freed before the next
     stack is built, so the step's transient memory is one stack, not all low-rank blocks. Blocks due for
@@ -280,7 +282,7 @@ def step_lowrank(blocks: list[Block], refresh: RefreshFn, fused: Fused | None = 
             momenta = _track_stack(chunk, {id(b) for b, _ in due})
             for b, generator in due:
                 _track_single(b, generator, momenta[id(b)])
-            elementwise_tails(chunk, second_moment_denominators(chunk), fused)
+            elementwise_tails(chunk, second_moment_denominators(chunk), fused, scalars)
             for b in chunk:
                 b.numerator = None  # free the stack's momenta
             del momenta
@@ -364,21 +366,57 @@ def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:
     return out
 
 
-def elementwise_tails(blocks: list[Block], denominators: dict[int, Tensor], fused: Fused | None = None) -> None:
+def tail_key(b: Block) -> tuple[Any, ...]:
+    """What a block's elementwise tail is grouped by: its numerator's source, whether its second moment
+    is elementwise, then its scalars (beta1, beta2, lr, decay, bias corrections, eps, update clip)."""
+    group, seg = b.group, b.seg
+    beta1, beta2 = group["betas"]
+    lr = group["lr"] * seg.lr_ratio if seg.lr_ratio != 1.0 else group["lr"]
+    policy = seg.policy
+    every_block = group["clip_scope"] == "all"
+    clip = seg.clip if seg.clip_set else (group["update_clip"] if every_block or policy.in_clip_scope else None)
+    bc1 = 1 - beta1**b.t if policy.bias_correction else 1.0
+    return (policy.source, b.layout.second_policy.elementwise, beta1, beta2, lr, 1 - lr * group["weight_decay"],
+            bc1, math.sqrt(1 - beta2**b.t), group["eps"], clip)  # fmt: skip
+
+
+class ScalarRows:
+    """The compiled tails' scalars: one small float32 tensor per distinct set of scalars, each its own
+    tensor kept between steps (dynamo would tell apart views of one table by their storage offsets and
+    recompile for each), rewritten each step from one host-to-device copy and one ``_foreach_copy_``
+    for every block of the step (:meth:`write`), instead of a table and a copy per stack."""
+
+    def __init__(self) -> None:
+        self._pool: dict[torch.device, list[Tensor]] = {}
+        self.rows: dict[tuple[torch.device, tuple[Any, ...]], Tensor] = {}
+
+    def write(self, blocks: Sequence[Block]) -> None:
+        """Make :attr:`rows` hold the scalars of every block's tail (by device and :func:`tail_key` scalars)."""
+        self.rows = {}
+        wanted: dict[torch.device, list[tuple[Any, ...]]] = {}
+        for key in dict.fromkeys((b.target.device, tail_key(b)[2:]) for b in blocks):
+            wanted.setdefault(key[0], []).append(key[1])
+        for device, keys in wanted.items():
+            values = [scalar_values(beta1=k[0], beta2=k[1], lr=k[2], decay=k[3], bias_correction1=k[4],
+                                    bias_correction2_sqrt=k[5], eps=k[6], update_clip=k[7]) for k in keys]  # fmt: skip
+            pool = self._pool.setdefault(device, [])
+            while len(pool) < len(keys):
+                pool.append(torch.empty(len(values[0]), dtype=torch.float32, device=device))
+            source = torch.tensor(values, dtype=torch.float32, device=device)
+            torch._foreach_copy_(pool[: len(keys)], list(source.unbind(0)))
+            self.rows.update(((device, key), row) for key, row in zip(keys, pool))
+
+
+def elementwise_tails(
+    blocks: list[Block], denominators: dict[int, Tensor], fused: Fused | None = None, scalars: ScalarRows | None = None
+) -> None:
     """The elementwise tail of every block, one foreach op per arithmetic step per (policies, scalars),
-    or one compiled call per (policies, scalars) where ``fused`` says so."""
+    or one compiled call per (policies, scalars) where ``fused`` says so (its scalars from ``scalars``,
+    written for these blocks; else made here)."""
     groups: dict[tuple[Any, ...], list[tuple[Tensor, ...]]] = {}
     for b in blocks:
-        group, seg = b.group, b.seg
-        beta1, beta2 = group["betas"]
-        lr = group["lr"] * seg.lr_ratio if seg.lr_ratio != 1.0 else group["lr"]
-        every_block = group["clip_scope"] == "all"
-        policy = seg.policy
-        clip = seg.clip if seg.clip_set else (group["update_clip"] if every_block or policy.in_clip_scope else None)
-        bc1 = 1 - beta1**b.t if policy.bias_correction else 1.0
-        full = b.layout.second_policy.elementwise
-        key = (policy.source, full, beta1, beta2, lr, 1 - lr * group["weight_decay"], bc1,
-               math.sqrt(1 - beta2**b.t), group["eps"], clip)  # fmt: skip
+        key = tail_key(b)
+        policy, full = b.seg.policy, key[1]
         if policy.source == "ema":
             source = b.part("exp_avg", shaped=True)
         elif policy.source == "given":
@@ -387,15 +425,10 @@ def elementwise_tails(blocks: list[Block], denominators: dict[int, Tensor], fuse
             source = b.grad
         second = b.second_moment() if full else denominators[id(b)]
         groups.setdefault(key, []).append((b.target, b.grad, source, second))
-    table: list[Tensor] = []
-    if fused is not None and fused.fused and groups:  # every group's scalars in one tensor: one copy
-        values = [scalar_values(lr=k[4], decay=k[5], bias_correction1=k[6], bias_correction2_sqrt=k[7], eps=k[8],
-                                update_clip=k[9], beta1=k[2], beta2=k[3]) for k in groups]  # fmt: skip
-        device = next(iter(groups.values()))[0][0].device
-        # Each row its own tensor (a clone, on the device): the compiled call's guards would otherwise
-        # tell the rows apart by their storage offset and recompile for each group.
-        table = [row.clone() for row in torch.tensor(values, dtype=torch.float32, device=device).unbind(0)]
-    for i, (key, rows) in enumerate(groups.items()):
+    if fused is not None and fused.fused and groups and scalars is None:
+        scalars = ScalarRows()
+        scalars.write(blocks)
+    for key, rows in groups.items():
         source, full, beta1, beta2, lr, decay, bc1, bc2s, eps, clip = key
         targets, grads, sources, seconds = (list(column) for column in zip(*rows))
         lists: dict[str, Any] = dict(
@@ -404,9 +437,9 @@ def elementwise_tails(blocks: list[Block], denominators: dict[int, Tensor], fuse
             numerators=sources if source == "given" else None,
             denoms=None if full else seconds,
         )
-        if fused is not None and fused.fused and table:
+        if fused is not None and fused.fused and scalars is not None:
             try:
-                fused_foreach_update(targets, grads, **lists, scalars=table[i])
+                fused_foreach_update(targets, grads, **lists, scalars=scalars.rows[targets[0].device, key[2:]])
                 continue
             except Exception as err:  # compilation failures surface as many exception types
                 fused.disable_fused(err)

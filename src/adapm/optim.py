@@ -14,7 +14,15 @@ from torch.optim import Optimizer
 
 from adapm.config import AdaPMConfig, check_hyperparameters, resolve_lr_ratios
 from adapm.distributed import ShardInfo, agree_all, local, make_state, shard_info
-from adapm.grouped import Block, Views, copy_chunks, elementwise_tails, second_moment_denominators, step_lowrank
+from adapm.grouped import (
+    Block,
+    ScalarRows,
+    Views,
+    copy_chunks,
+    elementwise_tails,
+    second_moment_denominators,
+    step_lowrank,
+)
 from adapm.partition.layout import ParamLayout, build_layout
 from adapm.partition.report import PartitionReport
 from adapm.partition.rules import partition
@@ -248,6 +256,7 @@ class AdaPM(Optimizer):
         self._shards: dict[Tensor, ShardInfo] = {}
         self._buffers: dict[tuple[Any, ...], Tensor] = {}
         self._views = Views()
+        self._scalar_rows = ScalarRows()
         self.fused = fused
         self.foreach = foreach
         self.skipped_params = 0
@@ -404,6 +413,7 @@ class AdaPM(Optimizer):
         self.skipped_params = 0
         self._buffers = {}
         self._views = Views()
+        self._scalar_rows = ScalarRows()
         self._rebuild_layouts()
 
     def layout(self, param: Tensor) -> ParamLayout:
@@ -642,13 +652,18 @@ class AdaPM(Optimizer):
                 targets = [views.get(p, key, s.name, functools.partial(s.view, target)) for s in layout.segments]
             for seg, target_seg, grad_seg in zip(layout.segments, targets, layout.views(g)):
                 blocks.append(Block(p, group, layout, seg, t, target_seg, grad_seg, state, views=views, shard=shard))
+        scalars = None
+        if self.fused:  # the compiled tails' scalars of the whole chunk: one copy to the device
+            scalars = self._scalar_rows
+            scalars.write(blocks)
         step_lowrank(
             [b for b in blocks if b.lowrank],
             lambda b: self._refresh_generator(b.p, b.seg.slot, b.t, b.group["refresh_every"], b.grad.device),
             self,
+            scalars,
         )
         rest = [b for b in blocks if not b.lowrank]
-        elementwise_tails(rest, second_moment_denominators(rest), self)
+        elementwise_tails(rest, second_moment_denominators(rest), self, scalars)
         if copies:
             params, targets = zip(*copies)
             torch._foreach_copy_(list(params), list(targets))
