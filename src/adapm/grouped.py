@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -236,21 +236,15 @@ def _local_block_sums(g: Tensor, block: tuple[int | None, int], offset: int, sha
 
 
 def block_denominators(
-    sq_mean: Tensor, vs: list[Tensor], shape: tuple[int, ...], block: tuple[int | None, int],
-    beta2: float, bc2_sqrt: float, eps: float, offset: int | None = None,
-) -> list[Tensor]:  # fmt: skip
-    """Update a stack's block second moments ``vs`` (each ``(n_blocks,)``) with ``sq_mean (B, n_blocks)``;
-    return each block's ``sqrt(vhat) + eps`` shaped to broadcast over its segment (of matrix ``shape``;
-    for a sharded block, this rank's rows of it, from global row ``offset``)."""
-    v = stacked(vs)
-    v.mul_(beta2).add_(sq_mean, alpha=1.0 - beta2)
-    if len(vs) > 1:
-        torch._foreach_copy_(vs, list(v.unbind(0)))
-    values = (v.sqrt() / bc2_sqrt).add_(eps)
+    values: Tensor, shape: tuple[int, ...], block: tuple[int | None, int], offset: int | None = None
+) -> list[Tensor]:
+    """A stack's block values ``values (B, n_blocks)`` (e.g. ``sqrt(vhat) + eps``), each block's shaped to
+    broadcast over its segment (of matrix ``shape``; for a sharded block, this rank's rows of it, from
+    global row ``offset``): one view per stack, unbound."""
     dim, size = block
-    ndim = len(shape)
+    batch, ndim = values.shape[0], len(shape)
     if dim is None:
-        return list(values.view(len(vs), *([1] * ndim)).unbind(0))
+        return list(values.view(batch, *([1] * ndim)).unbind(0))
     if dim == 0 and offset is not None:  # this rank's rows: blocks may start before them
         ids = torch.div(torch.arange(shape[0], device=values.device) + offset, size, rounding_mode="floor")
         per_index = values[:, ids]
@@ -258,7 +252,7 @@ def block_denominators(
         per_index = values if size == 1 else values.repeat_interleave(size, dim=1)
     view = [1] * ndim
     view[dim] = shape[dim]
-    return list(per_index.view(len(vs), *view).unbind(0))
+    return list(per_index.view(batch, *view).unbind(0))
 
 
 def step_lowrank(
@@ -339,30 +333,53 @@ def _track_single(b: Block, generator: torch.Generator, out: Tensor) -> None:
 
 
 def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:
-    """Update the block second moments of every ``block``-policy segment, grouped by shape and layout;
-    return ``id(block) -> sqrt(vhat) + eps`` (broadcastable over the segment)."""
+    """Update the block second moments of every ``block``-policy segment; return ``id(block) ->
+    sqrt(vhat) + eps`` (broadcastable over the segment). The means of ``g^2`` are reduced per stack of
+    same-shape, same-layout blocks (or were, with the low-rank tracking); the moments' EMA and the
+    denominators then run as ``foreach`` ops over the blocks of every stack at once (the block vectors
+    are small and of any length), and each stack's denominators are shaped with one view."""
     groups: dict[tuple[Any, ...], list[Block]] = {}
     for b in blocks:
         if not b.layout.second_policy.elementwise:
             key = (b.seg.shape, b.seg.view_shape, b.seg.block, b.group["betas"][1], b.group["eps"], b.t,
                    b.sq_mean is None, b.shard_key)  # fmt: skip
             groups.setdefault(key, []).append(b)
-    out: dict[int, Tensor] = {}
+    chunks: list[tuple[list[Block], tuple[int, ...], tuple[int | None, int], int | None]] = []
+    by_beta2: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+    vs: list[Tensor] = []
+    divisors: list[float] = []
+    epsilons: list[float] = []
     for (shape, _view, block, beta2, eps, t, fresh, _shard), members in groups.items():
-        bc2_sqrt = math.sqrt(1 - beta2**t)
         shard = members[0].shard
         for chunk in stacks(members):
             if fresh:
-                g = stacked_matrices(chunk)
-                sq = block_sq_means(g, block, shard, shape)
+                rows = list(block_sq_means(stacked_matrices(chunk), block, shard, shape).unbind(0))
             else:
-                sq = stacked([b.sq_mean for b in chunk if b.sq_mean is not None])
+                rows = [cast(Tensor, b.sq_mean) for b in chunk]
             local_shape = shape if shard is None else tuple(chunk[0].seg.matrix(chunk[0].grad).shape)
-            offset = None if shard is None else shard.offset
-            vs = [b.second_moment() for b in chunk]
-            denoms = block_denominators(sq, vs, local_shape, block, beta2, bc2_sqrt, eps, offset)
-            for b, denom in zip(chunk, denoms):
-                out[id(b)] = b.seg.as_view(denom)
+            chunks.append((chunk, local_shape, block, None if shard is None else shard.offset))
+            mine = [b.second_moment() for b in chunk]
+            ema = by_beta2.setdefault(beta2, ([], []))
+            ema[0].extend(mine)
+            ema[1].extend(rows)
+            vs += mine
+            divisors += [math.sqrt(1 - beta2**t)] * len(chunk)
+            epsilons += [eps] * len(chunk)
+    if not vs:
+        return {}
+    for beta2, (moments, rows) in by_beta2.items():  # v <- b2 v + (1 - b2) mean(g^2), per block
+        torch._foreach_mul_(moments, beta2)
+        torch._foreach_add_(moments, rows, alpha=1.0 - beta2)
+    values = torch._foreach_sqrt(vs)  # sqrt(v) / sqrt(1 - b2^t) + eps
+    torch._foreach_div_(values, divisors)
+    torch._foreach_add_(values, epsilons)
+    out: dict[int, Tensor] = {}
+    start = 0
+    for chunk, shape, block, offset in chunks:
+        mine = values[start : start + len(chunk)]
+        start += len(chunk)
+        for b, denom in zip(chunk, block_denominators(stacked(mine), shape, block, offset)):
+            out[id(b)] = b.seg.as_view(denom)
     return out
 
 
