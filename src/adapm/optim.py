@@ -198,7 +198,7 @@ class AdaPM(Optimizer):
     Optimizer state is float32 whatever the parameter dtype.
 
     Example:
-        >>> opt = AdaPM(model, lr=3e-4)  # AdamW's tuned lr was 6e-4
+        >>> opt = AdaPM(model, lr=6e-4)  # AdamW's tuned lr (AdaPMMini: about half of it)
         >>> print(opt.partition_report())
     """
 
