@@ -18,6 +18,10 @@ torch.optim's ``foreach`` form, carried over to AdaPM's three kinds of work:
   as one compiled call for them (one pass over each block's memory).
 * **Orthonormalization** of the tracked bases is a batched Cholesky QR off CPU (see
   :func:`adapm.policies.trackers.orthonormalize`).
+* **Sharded parameters** (FSDP2, rows split across ranks) stack their local rows like whole blocks:
+  every rank holds the same rows of every parameter of one shape, so all ranks build the same stacks,
+  and the sums over ranks a stack needs (Gram matrices, projections, block sums of ``g^2``) are one
+  all-reduce each for the whole stack.
 
 So ops per step grow with the number of distinct (policy, shape) groups, not with the number of
 parameters or layers. :meth:`adapm.AdaPM._step_param` is the single-tensor reference this path is tested
