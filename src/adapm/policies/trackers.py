@@ -50,7 +50,7 @@ def unit_scale(x: Tensor, even: bool = False) -> Tensor:
 
     For a matrix ``s`` is a 0-d tensor; for a batch of matrices (``x.dim() > 2``) one per matrix, shaped
     ``(..., 1, 1)`` to broadcast. ``even``: ``s`` is an even power of two, so that ``sqrt(s)`` is exact too."""
-    magnitude = x.detach().abs()
+    magnitude = x.abs()  # no detach needed: the scale is built from integer exponents (no gradient)
     peak = magnitude.amax(dim=(-2, -1), keepdim=True) if x.dim() > 2 else magnitude.amax()
     exponent = torch.frexp(peak).exponent
     if even:
