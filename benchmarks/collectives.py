@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, markdown_table
+from common import machine_info, markdown_table, saved_rows
 
 MODELS = ("gpt2-124m", "gpt2-124m-24l", "llama-350m")
 OPTIMIZERS = ("adapm", "adapm-mini")
@@ -121,11 +121,7 @@ def main() -> None:
         worker(models, optimizers, args.worker)
         return
     if args.from_json:
-        try:
-            rows = json.loads(args.from_json.read_text())["rows"]
-        except (OSError, ValueError, KeyError) as err:
-            parser.error(f"--from-json {args.from_json}: not a collectives.py --json file ({type(err).__name__})")
-        print(markdown_table(rows, COLUMNS))
+        print(markdown_table(saved_rows(parser, args.from_json, "collectives.py"), COLUMNS))
         return
     for name in optimizers:
         if name not in OPTIMIZERS:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, markdown_table
+from common import machine_info, markdown_table, saved_rows
 from step_time import make_optimizer
 
 import adapm
@@ -131,11 +131,7 @@ def main() -> None:
                ("vs_adamw_foreach", "{:.1f}x"), ("kernel_ops_per_step", "{:,}"), ("kernel_vs_adamw_foreach", "{:.1f}x"),
                ("cpu_ops_per_step", "{:,}")]  # fmt: skip
     if args.from_json:
-        try:
-            rows = json.loads(args.from_json.read_text())["rows"]
-        except (OSError, ValueError, KeyError) as err:
-            parser.error(f"--from-json {args.from_json}: not an op_count.py --json file ({type(err).__name__})")
-        print(markdown_table(rows, columns))
+        print(markdown_table(saved_rows(parser, args.from_json, "op_count.py"), columns))
         return
     torch.set_num_threads(args.threads)
     models = ["gpt2-1m"] if args.quick else args.models.split(",")
