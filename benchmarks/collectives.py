@@ -101,6 +101,7 @@ def worker(models: list[str], optimizers: list[str], out: Path) -> None:
                               f"all-reduces, {rows[-1]['ops_per_step']:,} ops", flush=True)  # fmt: skip
         if dist.get_rank() == 0:
             out.write_text(json.dumps(rows))
+        dist.barrier()  # no rank leaves while another's collectives are pending (gloo aborts at exit)
     finally:
         dist.destroy_process_group()
 

@@ -269,11 +269,13 @@ def reshard(out_file: str, ckpt_dir: str, opt_name: str = "adapm-mini") -> None:
 def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    try:
-        command, out_file, *rest = sys.argv[1:]
-        {"equivalence": equivalence, "checkpoint": checkpoint, "reshard": reshard}[command](out_file, *rest)
-    finally:
-        dist.destroy_process_group()
+    command, out_file, *rest = sys.argv[1:]
+    {"equivalence": equivalence, "checkpoint": checkpoint, "reshard": reshard}[command](out_file, *rest)
+    # Every rank waits for the others' collectives before leaving: a rank that destroyed the group while
+    # another's gloo work was pending was seen aborting at exit ("terminate called without an active
+    # exception", rarely, 2 processes on 2 cores), as in adapm.train.parallel.teardown.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
