@@ -41,7 +41,13 @@ from torch import Tensor
 from adapm.distributed import ShardInfo, local
 from adapm.partition.layout import ParamLayout, Segment
 from adapm.policies.momentum import lowrank_momentum
-from adapm.policies.second_moment import _block_shape, _sum_of_squares, block_entries
+from adapm.policies.second_moment import (
+    _block_shape,
+    _sum_of_squares,
+    block_entries,
+    stacked_broadcast_blocks,
+    stacked_local_block_sums,
+)
 from adapm.policies.trackers import TRACKER
 from adapm.policies.update import foreach_elementwise_update, fused_foreach_update, scalar_values
 
@@ -216,47 +222,12 @@ def block_sq_means(g: Tensor, block: tuple[int | None, int], shard: ShardInfo | 
     ``shape``) the per-block sums of every rank are added with one all-reduce for the stack."""
     batch, local_shape = g.shape[0], tuple(g.shape[1:])
     if shard is not None:
-        return shard.reduce(_local_block_sums(g, block, shard.offset, shape)).div_(block_entries(shape, *block))
+        sums = stacked_local_block_sums(g, *block, _block_shape(shape, *block)[1], shard.offset)
+        return shard.reduce(sums).div_(block_entries(shape, *block))
     pre, n_blocks, post = _block_shape(local_shape, *block)
     if pre == 1:  # blocks of whole trailing dimensions: one reduction pass, no temporary
         return _sum_of_squares(g.reshape(batch, n_blocks, post), 2).div_(post)
     return g.square().reshape(batch, pre, n_blocks, post).mean(dim=(1, 3))
-
-
-def _local_block_sums(g: Tensor, block: tuple[int | None, int], offset: int, shape: tuple[int, ...]) -> Tensor:
-    """Per-block sums of ``g^2`` over this rank's rows (global rows from ``offset``) of a stack ``g``:
-    ``(B, n_blocks)`` (blocks along dim 0 may straddle ranks)."""
-    batch, rows = g.shape[0], g.shape[1]
-    dim, size = block
-    if dim is None:
-        return _sum_of_squares(g.reshape(batch, -1), 1).unsqueeze(1)
-    if dim == 0:
-        n_blocks = _block_shape(shape, dim, size)[1]
-        ids = torch.div(torch.arange(rows, device=g.device) + offset, size, rounding_mode="floor")
-        sums = torch.zeros(batch, n_blocks, dtype=g.dtype, device=g.device)
-        return sums.index_add_(1, ids, _sum_of_squares(g.reshape(batch, rows, -1), 2))
-    pre, n_blocks, post = _block_shape(tuple(g.shape[1:]), dim, size)
-    return g.square().reshape(batch, pre, n_blocks, post).sum(dim=(1, 3))
-
-
-def block_denominators(
-    values: Tensor, shape: tuple[int, ...], block: tuple[int | None, int], offset: int | None = None
-) -> list[Tensor]:
-    """A stack's block values ``values (B, n_blocks)`` (e.g. ``sqrt(vhat) + eps``), each block's shaped to
-    broadcast over its segment (of matrix ``shape``; for a sharded block, this rank's rows of it, from
-    global row ``offset``): one view per stack, unbound."""
-    dim, size = block
-    batch, ndim = values.shape[0], len(shape)
-    if dim is None:
-        return list(values.view(batch, *([1] * ndim)).unbind(0))
-    if dim == 0 and offset is not None:  # this rank's rows: blocks may start before them
-        ids = torch.div(torch.arange(shape[0], device=values.device) + offset, size, rounding_mode="floor")
-        per_index = values[:, ids]
-    else:
-        per_index = values if size == 1 else values.repeat_interleave(size, dim=1)
-    view = [1] * ndim
-    view[dim] = shape[dim]
-    return list(per_index.view(batch, *view).unbind(0))
 
 
 def step_lowrank(
@@ -382,7 +353,7 @@ def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:
     for chunk, shape, block, offset in chunks:
         mine = values[start : start + len(chunk)]
         start += len(chunk)
-        for b, denom in zip(chunk, block_denominators(stacked(mine), shape, block, offset)):
+        for b, denom in zip(chunk, stacked_broadcast_blocks(stacked(mine), shape, *block, offset).unbind(0)):
             out[id(b)] = b.seg.as_view(denom)
     return out
 

@@ -873,7 +873,7 @@ class AdaPM(Optimizer):
             sums = info.reduce(local_block_sums(g, *seg.block, seg.n_blocks, info.offset))
             vb.mul_(beta2).add_(sums / block_entries(seg.shape, *seg.block), alpha=1.0 - beta2)
         values = (vb.sqrt() / bc2_sqrt).add_(eps)
-        return broadcast_blocks(values, tuple(g.shape), *seg.block, info.offset)
+        return broadcast_blocks(values, tuple(g.shape), *seg.block, info.offset if info.sharded else None)
 
     def _lowrank_all(
         self,

@@ -144,30 +144,46 @@ def local_block_sums(grad: Tensor, block_dim: int | None, block_size: int, n_blo
     Summed over all ranks and divided by :func:`block_entries` this is the block mean of
     :func:`block_second_moment`; blocks along dim 0 may straddle ranks.
     """
+    return stacked_local_block_sums(grad.unsqueeze(0), block_dim, block_size, n_blocks, row_offset)[0]
+
+
+def stacked_local_block_sums(
+    g: Tensor, block_dim: int | None, block_size: int, n_blocks: int, row_offset: int
+) -> Tensor:
+    """:func:`local_block_sums` of each tensor of a stack ``g (B, *shape)``: ``(B, n_blocks)``."""
+    batch = g.shape[0]
     if block_dim is None:
-        return _sum_of_squares(grad).reshape(1)
+        return _sum_of_squares(g.reshape(batch, -1), 1).unsqueeze(1)
     if block_dim == 0:
-        rows = grad.shape[0]
-        ids = torch.div(torch.arange(rows, device=grad.device) + row_offset, block_size, rounding_mode="floor")
-        sums = torch.zeros(n_blocks, dtype=grad.dtype, device=grad.device)
-        return sums.index_add_(0, ids, _sum_of_squares(grad.reshape(rows, -1), 1))
-    pre, nb, post = _block_shape(tuple(grad.shape), block_dim, block_size)
-    return grad.square().reshape(pre, nb, post).sum(dim=(0, 2))  # a strided reduction: square first
+        rows = g.shape[1]
+        ids = torch.div(torch.arange(rows, device=g.device) + row_offset, block_size, rounding_mode="floor")
+        sums = torch.zeros(batch, n_blocks, dtype=g.dtype, device=g.device)
+        return sums.index_add_(1, ids, _sum_of_squares(g.reshape(batch, rows, -1), 2))
+    pre, nb, post = _block_shape(tuple(g.shape[1:]), block_dim, block_size)
+    return g.square().reshape(batch, pre, nb, post).sum(dim=(1, 3))  # a strided reduction: square first
 
 
 def broadcast_blocks(
-    values: Tensor, shape: tuple[int, ...], block_dim: int | None, block_size: int, row_offset: int = 0
+    values: Tensor, shape: tuple[int, ...], block_dim: int | None, block_size: int, row_offset: int | None = None
 ) -> Tensor:
-    """Per-block ``values`` as a small tensor that broadcasts to ``shape`` (local rows from ``row_offset``)."""
-    ndim = len(shape)
+    """Per-block ``values`` as a small tensor that broadcasts to ``shape`` (a rank's rows from global row
+    ``row_offset`` when given; else the whole tensor)."""
+    return stacked_broadcast_blocks(values.unsqueeze(0), shape, block_dim, block_size, row_offset)[0]
+
+
+def stacked_broadcast_blocks(
+    values: Tensor, shape: tuple[int, ...], block_dim: int | None, block_size: int, row_offset: int | None = None
+) -> Tensor:
+    """:func:`broadcast_blocks` of each row of ``values (B, n_blocks)``: ``(B, *broadcastable shape)``, one
+    view (a block's value depends only on the index along ``block_dim``; it spans the trailing dims)."""
+    batch, ndim = values.shape[0], len(shape)
     if block_dim is None:
-        return values.reshape([1] * ndim)
-    if block_dim == 0:
-        rows = shape[0]
-        ids = torch.div(torch.arange(rows, device=values.device) + row_offset, block_size, rounding_mode="floor")
-        return values[ids].reshape(rows, *([1] * (ndim - 1)))
-    per_index = values.repeat_interleave(block_size)
-    if block_dim == ndim - 1:
-        return per_index.reshape(*([1] * (ndim - 1)), shape[-1])
-    # Blocks along a middle dimension span the trailing ones: give them explicitly.
-    return expand_blocks(values, shape, block_dim, block_size)
+        return values.view(batch, *([1] * ndim))
+    if block_dim == 0 and row_offset is not None:  # a rank's rows: blocks may start before them
+        ids = torch.div(torch.arange(shape[0], device=values.device) + row_offset, block_size, rounding_mode="floor")
+        per_index = values[:, ids]
+    else:
+        per_index = values if block_size == 1 else values.repeat_interleave(block_size, dim=1)
+    view = [1] * ndim
+    view[block_dim] = shape[block_dim]
+    return per_index.view(batch, *view)
