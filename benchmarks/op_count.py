@@ -105,6 +105,7 @@ def count(model_name: str, optimizer: str) -> dict[str, Any]:
         if isinstance(opt, adapm.AdaPM):
             row["cpu_ops_per_step"] = top_level_ops(opt.step)[0]
             opt.foreach = True
+            opt._defer_check = True  # as on an accelerator: with fused=True the finite check is read a step later
             adapm.AdaPM._cpu_row_chunks = False
             try:
                 opt.step()  # warm-up on this path (with fused=True its compiled calls are built here)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -109,3 +110,42 @@ def test_low_precision_state_on_cuda(state_dtype: str) -> None:
     train(resumed, opt_b, data[4:])
     for a, b in zip(ours.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
+def test_fused_grouped_step_does_not_synchronize_with_the_host(cls: type[adapm.AdaPM]) -> None:
+    """``fused=True`` on CUDA: no step makes the host wait for the device (torch's sync debug mode raises
+    on any synchronizing call), a NaN gradient is still skipped on the device, and reading
+    ``skipped_params`` afterwards names it. The eager grouped step syncs once per step instead (its
+    finite check), as torch's foreach AdamW does under a GradScaler."""
+    model = tiny_gpt2(n_layer=4).cuda()
+    opt = cls(model, lr=1e-3, fused=True, tracker="fixed", refresh_every=1000)
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def grads(nan: bool) -> None:
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen, device="cuda")
+        if nan:
+            weight.grad[0, 0] = float("nan")
+
+    for _ in range(3):  # compiles, and the first refreshes (randomized SVDs) happen here
+        grads(False)
+        opt.step()
+    torch.cuda.synchronize()
+    before = weight.detach().clone()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            for step in range(4):
+                grads(step == 1)
+                opt.step()
+                if step == 1:
+                    after_skip = weight.detach().clone()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(after_skip, before) and not torch.equal(weight, before)
+    named = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(named) == 1 and "h.0.mlp.c_fc.weight" in named[0]  # read at the step after the skip
+    assert opt.skipped_params == 0

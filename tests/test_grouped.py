@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -55,12 +56,19 @@ def test_stacked_block_means_equal_each_block_alone(block: tuple[int | None, int
         torch.testing.assert_close(block_second_moment(v, grads[i], 0.0, *block), means[i])
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_non_finite_factors_skip_the_parameter_on_both_paths(foreach: bool) -> None:
+_NO_CXX = shutil.which(os.environ.get("CXX", "g++")) is None
+
+
+@pytest.mark.parametrize(
+    "foreach", [False, True, pytest.param("deferred", marks=pytest.mark.skipif(_NO_CXX, reason="needs g++"))]
+)
+def test_non_finite_factors_skip_the_parameter_on_both_paths(foreach: bool | str) -> None:
     """Factors that turn non-finite (here: a corrupted checkpoint's NaN factors) skip their parameter,
-    value and state unchanged, and name it; the other parameters step."""
+    value and state unchanged, and name it; the other parameters step. ``deferred``: the grouped fused
+    step that checks on the device and names the parameter when the flags are read."""
     model = tiny_gpt2()
-    opt = adapm.AdaPM(model, lr=1e-3, foreach=foreach, refresh_every=1000)
+    opt = adapm.AdaPM(model, lr=1e-3, foreach=bool(foreach), fused=foreach == "deferred", refresh_every=1000)
+    opt._defer_check = foreach == "deferred"
     data = batches(96, 3)
     train(model, opt, data[:1])
     weight = model.transformer.h[0].mlp.c_fc.weight
@@ -70,7 +78,7 @@ def test_non_finite_factors_skip_the_parameter_on_both_paths(foreach: bool) -> N
     state = {k: v.clone() for k, v in opt.state[weight].items()}
     with pytest.warns(RuntimeWarning, match=r"non-finite low-rank factors.*h\.0\.mlp\.c_fc\.weight"):
         train(model, opt, data[1:2])
-    assert opt.skipped_params == 1
+        assert opt.skipped_params == 1
     assert torch.equal(weight, before)
     for key, value in opt.state[weight].items():
         torch.testing.assert_close(value, state[key], rtol=0, atol=0, equal_nan=True, msg=key)
@@ -243,9 +251,6 @@ def test_cholesky_qr_trains_as_householder_qr(cls: type[adapm.AdaPM], monkeypatc
         assert diff.max() < 2e-3 and diff.mean() < 2e-3 / 1000, (diff.max(), diff.mean())
 
 
-_NO_CXX = shutil.which(os.environ.get("CXX", "g++")) is None
-
-
 @pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.skipif(_NO_CXX, reason="needs g++"))])
 def test_kept_views_follow_new_storage_and_loaded_state(fused: bool) -> None:
     """The grouped step keeps views of parameters and state between steps (with ``fused``, of a kept
@@ -342,3 +347,55 @@ def test_the_fused_step_copies_its_scalars_to_the_device_once() -> None:
     assert top.get("aten::lift_fresh", 0) == 1 and "aten::clone" not in top, top
     assert top.get("aten::_foreach_copy_", 0) >= 1
     assert [id(t) for t in opt._scalar_rows.rows.values()] == rows  # the same tensors, rewritten
+
+
+@pytest.mark.skipif(_NO_CXX, reason="torch.compile on CPU needs g++")
+@pytest.mark.parametrize(("cls", "model_fn", "tracker"), [(adapm.AdaPM, tiny_gpt2, "power"),
+                                                          (adapm.AdaPMMini, tiny_llama, "fixed")])  # fmt: skip
+def test_the_deferred_check_skips_on_the_device_and_settles_at_the_next_read(cls, model_fn, tracker) -> None:
+    """The fused grouped step on an accelerator does not read the finite flags back in the step that made
+    them: parameters with a NaN gradient are masked on the device (values and state exactly as they were,
+    through refreshes too), and the flags are read at the next step or at ``skipped_params``/
+    ``state_dict()``, which put the skipped parameters' step counters back and warn. Run here on CPU
+    (``_defer_check=True``) against the eager grouped step that checks on the host."""
+    torch._dynamo.reset()
+    model = model_fn()
+    twin = copy.deepcopy(model)
+    kwargs = dict(lr=1e-2, foreach=True, refresh_every=3, tracker=tracker)
+    ref, dev = cls(model, **kwargs), cls(twin, fused=True, **kwargs)
+    dev._defer_check = True
+    named = dict(twin.named_parameters())
+    # a low-rank matrix, one with full momentum (or a fused q/k/v weight), and a norm
+    pattern = r"(h|layers)\.0\.mlp\.(c_fc|up_proj)|h\.1\.attn\.c_attn|layers\.1\.self_attn\.v_proj|ln_f|model\.norm"
+    bad = [n for n in named if re.search(rf"({pattern})\.weight$", n)]
+    assert len(bad) == 3
+    gen = torch.Generator().manual_seed(0)
+    for step in range(7):
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            g = torch.randn(p.shape, generator=gen)
+            if step == 3 and name in bad:
+                g.view(-1)[0] = float("nan")
+            p.grad, q.grad = g, g.clone()
+        before = {n: (named[n].detach().clone(), {k: v.clone() for k, v in dev.state[named[n]].items()}) for n in bad}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the host check's warning
+            ref.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no warning (and no fallback to eager) in the step
+            dev.step()
+        assert dev._pending is not None  # this step's flags are not read yet
+        if step == 3:
+            for n in bad:
+                assert torch.equal(named[n], before[n][0]), n
+                for key, value in dev.state[named[n]].items():
+                    if key != "step":
+                        assert torch.equal(value, before[n][1][key]), (n, key)
+            with pytest.warns(RuntimeWarning, match="skipped 3 parameter"):
+                assert dev.skipped_params == 3
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(q, p, msg=name)
+            for key, value in ref.state[p].items():
+                torch.testing.assert_close(dev.state[q][key], value, msg=f"{name} {key}")
+    steps = {i: int(s["step"]) for i, s in dev.state_dict()["state"].items()}
+    assert steps == {i: int(s["step"]) for i, s in ref.state_dict()["state"].items()}
+    assert sorted(steps.values()).count(6) == 3 and max(steps.values()) == 7

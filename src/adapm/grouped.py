@@ -102,6 +102,10 @@ class Block:
     shard: ShardInfo | None = None
     """Which rows of a parameter sharded across ranks (FSDP2) this rank holds; None when held whole.
     ``target``, ``grad`` and ``state`` are then this rank's local tensors."""
+    ok: Tensor | None = None
+    """With the deferred finite check (:class:`adapm.AdaPM`), a 0-d boolean on the device: False when this
+    parameter's gradient or stored factors are not finite, and then the step leaves its values and state
+    as they were (masked on the device, no host sync). None: the check was done on the host before."""
 
     @property
     def shard_key(self) -> tuple[Any, ...] | None:
@@ -203,6 +207,23 @@ def stacked(tensors: Sequence[Tensor]) -> Tensor:
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
 
 
+def stack_mask(blocks: Sequence[Block], dims: int) -> Tensor | None:
+    """The blocks' :attr:`Block.ok` flags as one ``(B, 1, ..., 1)`` mask (``dims`` dimensions in all), or
+    None when the step checked finiteness on the host."""
+    if blocks[0].ok is None:
+        return None
+    return torch.stack([cast(Tensor, b.ok) for b in blocks]).view(-1, *([1] * (dims - 1)))
+
+
+def kept_moments(blocks: Sequence[Block], sq: Tensor) -> Tensor:
+    """Per-block means of ``g^2`` (``(B, n_blocks)``) with a skipped block's (:attr:`Block.ok` False) replaced
+    by its second moment, so that the EMA (a ``lerp``) leaves that moment exactly as it was."""
+    mask = stack_mask(blocks, 2)
+    if mask is None:
+        return sq
+    return torch.where(mask, sq, torch.stack([b.second_moment() for b in blocks]))
+
+
 def stacked_matrices(blocks: Sequence[Block]) -> Tensor:
     """The blocks' gradients as one ``(B, *matrix shape)`` tensor (interleaved segments are gathered)."""
     return as_matrices(stacked([b.grad for b in blocks]), blocks[0].seg)
@@ -268,17 +289,18 @@ def _track_stack(chunk: list[Block], due: set[int]) -> dict[int, Tensor]:
     group = first.group
     g = as_matrices(torch.stack([b.grad for b in chunk]), first.seg)  # (a view here: g is fresh)
     if not first.layout.second_policy.elementwise:
-        sq = block_sq_means(g, first.seg.block, first.shard, first.seg.shape)
+        sq = kept_moments(chunk, block_sq_means(g, first.seg.block, first.shard, first.seg.shape))
         for b, row in zip(chunk, sq.unbind(0)):
             b.sq_mean = row
     lefts, rights = zip(*(b.factors() for b in chunk))
-    # The stored factors were checked finite with the gradients (one host sync per step, in
+    # The stored factors were checked finite with the gradients (on the host, one sync per step, in
     # AdaPM._finite_items); entries of the new ones that are not finite keep their old values, on the
-    # device (no host sync per stack).
+    # device (no host sync per stack). With the deferred check, skipped blocks keep their factors whole.
+    mask = stack_mask(chunk, 3)
     momentum, new_left, new_right = lowrank_momentum(
         torch.stack(lefts), torch.stack(rights), g, group["betas"][0], first.t,
-        tracker=group["tracker"], correction=group["correction"], refresh=False, generator=None, out=g, guard=True,
-        reduce=first.reduce,
+        tracker=group["tracker"], correction=group["correction"], refresh=False, generator=None, out=g,
+        guard=True if mask is None else mask, reduce=first.reduce,
     )  # fmt: skip
     kept = [i for i, b in enumerate(chunk) if id(b) not in due]
     if kept:
@@ -298,11 +320,15 @@ def _track_single(b: Block, generator: torch.Generator, out: Tensor) -> None:
     momentum computed into ``out`` (its slot of the stack's momenta, which its tail already reads)."""
     group = b.group
     left, right = b.factors()
+    inputs = (left, right, b.seg.matrix(b.grad))
+    if b.ok is not None:  # a skipped block's inputs may be non-finite, which the SVD refuses: zeros instead
+        inputs = tuple(torch.where(b.ok, x, 0.0) for x in inputs)
     _, new_left, new_right = lowrank_momentum(
-        left, right, b.seg.matrix(b.grad), group["betas"][0], b.t, tracker=group["tracker"],
-        correction=group["correction"], refresh=True, generator=generator, out=out, guard=True, reduce=b.reduce,
-        global_rows=b.seg.shape[0],
+        *inputs, group["betas"][0], b.t, tracker=group["tracker"], correction=group["correction"], refresh=True,
+        generator=generator, out=out, guard=b.ok is None, reduce=b.reduce, global_rows=b.seg.shape[0],
     )  # fmt: skip
+    if b.ok is not None:  # a skipped block keeps its factors
+        new_left, new_right = torch.where(b.ok, new_left, left), torch.where(b.ok, new_right, right)
     left.copy_(new_left)
     right.copy_(new_right)
 
@@ -328,7 +354,7 @@ def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:
         shard = members[0].shard
         for chunk in stacks(members):
             if fresh:
-                rows = list(block_sq_means(stacked_matrices(chunk), block, shard, shape).unbind(0))
+                rows = list(kept_moments(chunk, block_sq_means(stacked_matrices(chunk), block, shard, shape)).unbind(0))
             else:
                 rows = [cast(Tensor, b.sq_mean) for b in chunk]
             local_shape = shape if shard is None else tuple(chunk[0].seg.matrix(chunk[0].grad).shape)
@@ -342,9 +368,13 @@ def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:
             epsilons += [eps] * len(chunk)
     if not vs:
         return {}
+    masked = blocks[0].ok is not None
     for beta2, (moments, rows) in by_beta2.items():  # v <- b2 v + (1 - b2) mean(g^2), per block
-        torch._foreach_mul_(moments, beta2)
-        torch._foreach_add_(moments, rows, alpha=1.0 - beta2)
+        if masked:  # a skipped block's row is its v: the lerp leaves it exactly as it was
+            torch._foreach_lerp_(moments, rows, 1.0 - beta2)
+        else:
+            torch._foreach_mul_(moments, beta2)
+            torch._foreach_add_(moments, rows, alpha=1.0 - beta2)
     values = torch._foreach_sqrt(vs)  # sqrt(v) / sqrt(1 - b2^t) + eps
     torch._foreach_div_(values, divisors)
     torch._foreach_add_(values, epsilons)
@@ -394,9 +424,18 @@ class ScalarRows:
             pool = self._pool.setdefault(device, [])
             while len(pool) < len(keys):
                 pool.append(torch.empty(len(values[0]), dtype=torch.float32, device=device))
-            source = torch.tensor(values, dtype=torch.float32, device=device)
+            source = host_to_device(values, device)
             torch._foreach_copy_(pool[: len(keys)], list(source.unbind(0)))
             self.rows.update(((device, key), row) for key, row in zip(keys, pool))
+
+
+def host_to_device(values: Any, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``values`` as a tensor on ``device``; to a CUDA device from pinned memory without blocking (a copy
+    from pageable memory would synchronize the host with the device)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def elementwise_tails(
@@ -416,13 +455,14 @@ def elementwise_tails(
         else:
             source = b.grad
         second = b.second_moment() if full else denominators[id(b)]
-        groups.setdefault(key, []).append((b.target, b.grad, source, second))
+        groups.setdefault(key, []).append((b.target, b.grad, source, second, b.ok))
     if fused is not None and fused.fused and groups and scalars is None:
         scalars = ScalarRows()
         scalars.write(blocks)
     for key, rows in groups.items():
         source, full, beta1, beta2, lr, decay, bc1, bc2s, eps, clip = key
-        targets, grads, sources, seconds = (list(column) for column in zip(*rows))
+        targets, grads, sources, seconds, oks = (list(column) for column in zip(*rows))
+        masked = oks[0] is not None
         lists: dict[str, Any] = dict(
             vs=seconds if full else None,
             ms=sources if source == "ema" else None,
@@ -431,10 +471,17 @@ def elementwise_tails(
         )
         if fused is not None and fused.fused and scalars is not None:
             try:
-                fused_foreach_update(targets, grads, **lists, scalars=scalars.rows[targets[0].device, key[2:]])
+                fused_foreach_update(targets, grads, **lists, scalars=scalars.rows[targets[0].device, key[2:]],
+                                     oks=oks if masked else None)  # fmt: skip
                 continue
             except Exception as err:  # compilation failures surface as many exception types
                 fused.disable_fused(err)
+        if masked:  # the eager fallback of a deferred check (compilation failed): read the flags here
+            keep = [bool(ok) for ok in oks]
+            targets, grads = [x for x, k in zip(targets, keep) if k], [x for x, k in zip(grads, keep) if k]
+            lists = {name: None if xs is None else [x for x, k in zip(xs, keep) if k] for name, xs in lists.items()}
+            if not targets:
+                continue
         foreach_elementwise_update(
             targets, grads, **lists,
             beta1=beta1, beta2=beta2, lr=lr, decay=decay, bias_correction1=bc1, bias_correction2_sqrt=bc2s,

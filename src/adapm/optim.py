@@ -6,6 +6,7 @@ import functools
 import math
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -20,6 +21,7 @@ from adapm.grouped import (
     Views,
     copy_chunks,
     elementwise_tails,
+    host_to_device,
     second_moment_denominators,
     step_lowrank,
 )
@@ -195,6 +197,10 @@ class AdaPM(Optimizer):
 
     A parameter whose gradient contains inf or NaN is skipped for that step (value and state left
     unchanged) and a ``RuntimeWarning`` names it: one bad batch cannot poison the low-rank factors.
+    The check reads one flag per parameter back to the host once per step; with ``fused=True`` on an
+    accelerator it does not: the skip is a mask on the device, and the flags are read at the next step
+    (or when ``skipped_params`` or ``state_dict()`` is read), which is when the warning comes and the
+    skipped parameters' step counters are put back.
     Optimizer state is float32 whatever the parameter dtype.
 
     Example:
@@ -203,6 +209,10 @@ class AdaPM(Optimizer):
     """
 
     _default_second_moment = "full"
+    _defer_check: bool | None = None
+    """Whether the finite check is deferred (see :meth:`step`): None (default) where it saves a device
+    sync, i.e. ``fused=True`` grouped steps on an accelerator with float32 state; the tests set True to
+    run that path on CPU."""
     _cpu_row_chunks = True
     """Chunk the eager tail of low-rank and fused blocks by rows on CPU (accelerators never chunk);
     ``benchmarks/op_count.py`` turns it off to count the ops an accelerator would see."""
@@ -259,8 +269,9 @@ class AdaPM(Optimizer):
         self._scalar_rows = ScalarRows()
         self.fused = fused
         self.foreach = foreach
-        self.skipped_params = 0
-        """Parameters the last ``step()`` skipped (non-finite or overflowing gradients, or factors)."""
+        self._skipped = 0
+        self._pending: _Pending | None = None
+        self._oks: dict[Tensor, Tensor] = {}
 
         if strict is not None and not isinstance(strict, bool):
             raise TypeError(f"Invalid strict: {strict!r}; expected True, False or None")
@@ -400,6 +411,7 @@ class AdaPM(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults/state/param_groups; keep the step's own settings too.
+        self._drain()
         return {**super().__getstate__(), "fused": self.fused, "foreach": self.foreach}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -410,11 +422,30 @@ class AdaPM(Optimizer):
         super().__setstate__(state)
         self.fused = fused
         self.foreach = foreach
-        self.skipped_params = 0
+        self._skipped = 0
+        self._pending = None
+        self._oks = {}
         self._buffers = {}
         self._views = Views()
         self._scalar_rows = ScalarRows()
         self._rebuild_layouts()
+
+    @property
+    def skipped_params(self) -> int:
+        """Parameters the last ``step()`` skipped (non-finite or overflowing gradients, or factors). With a
+        deferred check (``fused=True`` on an accelerator) reading this waits for that step's flags."""
+        self._drain()
+        return self._skipped
+
+    @skipped_params.setter
+    def skipped_params(self, value: int) -> None:
+        self._skipped = value
+
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`torch.optim.Optimizer.state_dict` (a deferred finite check is settled first, so the
+        step counters of skipped parameters are right)."""
+        self._drain()
+        return super().state_dict()
 
     def layout(self, param: Tensor) -> ParamLayout:
         """The resolved layout (segments, policies, state shapes) of one parameter."""
@@ -478,6 +509,13 @@ class AdaPM(Optimizer):
         float32 (it would make the second moment inf for good), on any rank; and, for the grouped step,
         those whose stored low-rank factors are not finite (e.g. from a corrupted checkpoint). One host
         sync per step for both."""
+        finite, owners = self._finite_flags(items)
+        return self._settle(items, finite.tolist(), owners)
+
+    def _finite_flags(self, items: list[tuple[dict[str, Any], Tensor]]) -> tuple[Tensor, list[int]]:
+        """On the device: one flag per item (its gradient is finite and its square does not overflow), then
+        one per stored low-rank factor (finite), agreed across the ranks that shard a parameter; and the
+        ``id`` of each factor's parameter."""
         grads = [local(cast(Tensor, p.grad)) for _, p in items]
         # The float32 norm is inf (or above the bound) exactly when some entry is non-finite or the sum
         # of squares overflows, so every per-entry and per-block mean of g^2 stays finite otherwise.
@@ -490,7 +528,13 @@ class AdaPM(Optimizer):
         groups = {self._shard(p).group for _, p in items} - {None}
         for group in groups:  # a sharded parameter's rows: every rank must decide alike
             finite = agree_all(finite, group)
-        flags = finite.tolist()
+        return finite, owners
+
+    def _settle(
+        self, items: list[tuple[dict[str, Any], Tensor]], flags: list[bool], owners: list[int]
+    ) -> list[tuple[dict[str, Any], Tensor]]:
+        """The items whose flags (from :meth:`_finite_flags`, read on the host) are all true; the others are
+        counted in :attr:`skipped_params` and named in a warning."""
         bad_factors = {owners[i] for i, ok in enumerate(flags[len(items) :]) if not ok}
         flags = flags[: len(items)]
         kept, skipped, corrupted = [], [], []
@@ -518,6 +562,57 @@ class AdaPM(Optimizer):
                     owners.append(id(p))
                     factors.append(local(value))
         return owners, factors
+
+    def _defer(self, items: list[tuple[dict[str, Any], Tensor]]) -> bool:
+        """Whether this step checks finiteness on the device and reads the flags back at the next step
+        (:meth:`_drain`) instead of now: only where every item takes the grouped step with compiled tails
+        (whose masks make a skip cheap) and float32 state (a skipped block's low-precision state would be
+        rounded again)."""
+        if self._defer_check is False or not self.fused:
+            return False
+        if self._defer_check is None and items[0][1].device.type == "cpu":
+            return False
+        return all(self._grouped(p) and not self._layouts[p].low_precision_keys for _, p in items)
+
+    def _deferred_flags(self, items: list[tuple[dict[str, Any], Tensor]]) -> None:
+        """The deferred finite check: each item's flag (its gradient and stored factors finite) lands in a
+        0-d boolean kept for its parameter (the grouped step masks with it), and the flags start their copy
+        to the host, read at the next step (:meth:`_drain`) to settle the step counters and warn."""
+        finite, owners = self._finite_flags(items)
+        n = len(items)
+        ok = finite[:n]
+        if owners:  # a parameter whose stored factors are not finite is skipped whole
+            position = {id(p): i for i, (_, p) in enumerate(items)}
+            index = host_to_device([position[o] for o in owners], finite.device, torch.int64)
+            bad = torch.zeros(n, dtype=torch.float32, device=finite.device)
+            bad.index_add_(0, index, (~finite[n:]).to(torch.float32))
+            ok = ok & (bad == 0)
+        for _, p in items:
+            if p not in self._oks:
+                self._oks[p] = torch.ones((), dtype=torch.bool, device=finite.device)
+        torch._foreach_copy_([self._oks[p] for _, p in items], list(ok.unbind(0)))
+        event = None
+        host = finite
+        if finite.device.type == "cuda":
+            host = finite.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._pending = _Pending(items, owners, host, event)
+
+    def _drain(self) -> None:
+        """Settle a deferred finite check (see :meth:`_deferred_flags`): the skipped parameters' step
+        counters go back by one (their step left values and state as they were) and a warning names them.
+        On CUDA this waits for the flags' copy, which the device made a step ago."""
+        pending = getattr(self, "_pending", None)
+        if pending is None:
+            return
+        self._pending = None
+        if pending.event is not None:
+            pending.event.synchronize()
+        kept = {id(p) for _, p in self._settle(pending.items, pending.flags.tolist(), pending.owners)}
+        for _, p in pending.items:
+            if id(p) not in kept and self.state[p]:
+                self.state[p]["step"] -= 1
 
     @staticmethod
     def _warn_skipped(names: list[str], why: str) -> None:
@@ -552,7 +647,8 @@ class AdaPM(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         items: list[tuple[dict[str, Any], Tensor]] = []
-        self.skipped_params = 0
+        self._drain()
+        self._skipped = 0
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -571,7 +667,12 @@ class AdaPM(Optimizer):
                 items.append((group, p))
         if items:
             rejected: list[Tensor] = []
-            kept = self._finite_items(items)
+            deferred = self._defer(items)
+            if deferred:
+                self._deferred_flags(items)
+                kept = items
+            else:
+                kept = self._finite_items(items)
             for _, p in kept:
                 if not self.state[p]:
                     self._init_state(p, self._layouts[p], self.state[p])
@@ -588,12 +689,12 @@ class AdaPM(Optimizer):
                 elif not self._step_param(group, p, t):
                     rejected.append(p)
             if together:
-                self._grouped_step(together)
+                self._grouped_step(together, deferred)
             for p in rejected:
                 self.state[p]["step"] -= 1
             if rejected:
                 rejected_names = [self._layouts[p].name for p in rejected]
-                self.skipped_params += len(rejected)
+                self._skipped += len(rejected)
                 self._warn_skipped(rejected_names, "non-finite low-rank factors")
         return loss
 
@@ -602,15 +703,16 @@ class AdaPM(Optimizer):
         CPU), sharded (FSDP2) or not. ``fused`` compiles the tails of either."""
         return self.foreach if self.foreach is not None else p.device.type != "cpu"
 
-    def _grouped_step(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> None:
+    def _grouped_step(self, items: list[tuple[dict[str, Any], Tensor, int]], deferred: bool = False) -> None:
         """Step ``(group, param, t)`` items with the grouped step (no host sync: its low-rank factors were
-        checked with the gradients, see :meth:`_finite_items`).
+        checked with the gradients, see :meth:`_finite_items`; ``deferred``: or are being checked, and the
+        step is masked on the device by each parameter's flag, see :meth:`_deferred_flags`).
 
         Parameters or gradients that are not float32 (bf16 training) are stepped on float32 working
         copies; those are made for at most ``GROUP_ELEMENTS`` entries at a time, so the step's transient
         memory stays bounded instead of doubling the model in float32."""
         for chunk in copy_chunks(items, lambda item: self._copy_numel(item[1])):
-            self._grouped_chunk(chunk)
+            self._grouped_chunk(chunk, deferred)
 
     def _copy_numel(self, p: Tensor) -> int:
         """Entries of the float32 working copies a step of ``p`` makes: of a parameter or gradient that is
@@ -621,7 +723,7 @@ class AdaPM(Optimizer):
             n += sum(layout.state_specs()[key].numel for key in layout.low_precision_keys)
         return n
 
-    def _grouped_chunk(self, items: list[tuple[dict[str, Any], Tensor, int]]) -> None:
+    def _grouped_chunk(self, items: list[tuple[dict[str, Any], Tensor, int]], deferred: bool = False) -> None:
         blocks: list[Block] = []
         copies: list[tuple[Tensor, Tensor]] = []
         items = [(group, p, t) for group, p, t in items if p.numel() > 0]
@@ -651,7 +753,8 @@ class AdaPM(Optimizer):
                 key = "param" if target is p else "alias"
                 targets = [views.get(p, key, s.name, functools.partial(s.view, target)) for s in layout.segments]
             for seg, target_seg, grad_seg in zip(layout.segments, targets, layout.views(g)):
-                blocks.append(Block(p, group, layout, seg, t, target_seg, grad_seg, state, views=views, shard=shard))
+                blocks.append(Block(p, group, layout, seg, t, target_seg, grad_seg, state, views=views, shard=shard,
+                                    ok=self._oks[p] if deferred else None))  # fmt: skip
         scalars = None
         if self.fused:  # the compiled tails' scalars of the whole chunk: one copy to the device
             scalars = self._scalar_rows
@@ -967,6 +1070,7 @@ class AdaPM(Optimizer):
             ValueError: naming the first param group or parameter whose policy, state shapes or state
                 dtype differ.
         """
+        self._drain()
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -1035,6 +1139,18 @@ class AdaPM(Optimizer):
                 specs = layout.state_specs()
                 self.state[p] = {key: value.to(device="cpu" if key == "step" else p.device, dtype=specs[key].dtype)
                                  for key, value in values.items()}  # fmt: skip
+
+
+@dataclass
+class _Pending:
+    """A deferred finite check whose flags the host has not read yet (see :meth:`AdaPM._deferred_flags`)."""
+
+    items: list[tuple[dict[str, Any], Tensor]]
+    owners: list[int]
+    flags: Tensor
+    """Per item, then per stored factor: on the host (copied without blocking on CUDA), or on the device."""
+    event: Any
+    """The CUDA event after the copy (None elsewhere)."""
 
 
 def _convert_state(values: dict[str, Tensor], saved: ParamLayout, ours: ParamLayout) -> dict[str, Tensor]:

@@ -102,7 +102,7 @@ def lowrank_momentum(
     generator: torch.Generator | None,
     reduce: Reduce | None = None,
     out: Tensor | None = None,
-    guard: bool = False,
+    guard: bool | Tensor = False,
     global_rows: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One low-rank momentum step. Returns ``(corrected momentum, L_t, R_t)``; inputs are untouched
@@ -126,7 +126,10 @@ def lowrank_momentum(
             computed in it (large fresh allocations are slow: every new page faults).
         guard: keep the previous value of any entry of the new factors that is not finite (without a
             host sync; the momentum is then corrected against the guarded factors). Finite inputs give
-            finite factors (the trackers are scale-safe), so this only guards the unforeseen.
+            finite factors (the trackers are scale-safe), so this only guards the unforeseen. A boolean
+            tensor instead (``(B, 1, 1)`` for a batch, 0-d for one matrix) keeps the previous factors of
+            the blocks where it is False, whole: the device-side skip of a step whose gradient was not
+            finite (see :class:`adapm.AdaPM`'s deferred check).
         global_rows: for a row-sharded matrix, its rows on all ranks (a refresh needs them).
     """
     policy = TRACKER.get(tracker)
@@ -147,8 +150,7 @@ def lowrank_momentum(
                                          global_rows=global_rows)  # fmt: skip
     else:
         left, right = policy.track(m, left, right, reduce)
-    if guard:
-        left, right = _finite_or(left, previous[0]), _finite_or(right, previous[1])
+    left, right = _guarded(left, previous[0], guard), _guarded(right, previous[1], guard)
     c = correction_coefficient(correction, beta1, step)
     if c == 0.0:
         return m, left, right
@@ -156,9 +158,12 @@ def lowrank_momentum(
     return _addmm_(m, left, right, beta=1.0 + c, alpha=-c), left, right
 
 
-def _finite_or(new: Tensor, old: Tensor) -> Tensor:
-    """``new`` where it is finite, ``old`` elsewhere (no host sync)."""
-    return torch.where(torch.isfinite(new), new, old)
+def _guarded(new: Tensor, old: Tensor, guard: bool | Tensor) -> Tensor:
+    """``new`` where ``guard`` (a mask) is True, else ``old``; with ``guard=True``, ``new`` where it is
+    finite; with False, ``new`` (no host sync in any case)."""
+    if isinstance(guard, Tensor):
+        return torch.where(guard, new, old)
+    return torch.where(torch.isfinite(new), new, old) if guard else new
 
 
 def _into(out: Tensor | None, grad: Tensor) -> Tensor:
@@ -177,7 +182,7 @@ def _addmm_(x: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float) -> Te
 
 def _fixed_basis_momentum(
     q: Tensor, right: Tensor, grad: Tensor, beta1: float, c: float, reduce: Reduce | None, out: Tensor | None,
-    guard: bool = False,
+    guard: bool | Tensor = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The ``fixed`` tracker between refreshes: the basis ``Q = L`` (orthonormal columns, from the
     last randomized SVD) is kept, so ``L_t R_t = Q Q^T m_t`` needs only ``P = Q^T g``:
@@ -190,9 +195,7 @@ def _fixed_basis_momentum(
     p = q.mT @ grad
     if reduce is not None:
         p = reduce(p)
-    right_t = torch.lerp(right, p, 1.0 - beta1)
-    if guard:
-        right_t = _finite_or(right_t, right)
+    right_t = _guarded(torch.lerp(right, p, 1.0 - beta1), right, guard)
     a = (1.0 + c) * (1.0 - beta1)
     coef = torch.add(right_t, p, alpha=-a)
     return _addmm_(_into(out, grad), q, coef, beta=a, alpha=1.0), q, right_t

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -245,21 +245,32 @@ def fused_elementwise_update(
         kernel(*args, scalars)
 
 
-def _foreach_body(ema: bool, full: bool) -> Any:
+def _foreach_body(ema: bool, full: bool, masked: bool) -> Any:
     body = _FUSED_KERNELS[ema, full]
 
     def run(targets: list[Tensor], grads: list[Tensor], sources: list[Tensor], seconds: list[Tensor],
-            s: Tensor) -> None:  # fmt: skip
-        for target, grad, source, second in zip(targets, grads, sources, seconds):
-            body(*(x.reshape(1, -1) if x.dim() < 2 else x for x in (target, grad, source, second)), s)
+            s: Tensor, oks: list[Tensor] | None = None) -> None:  # fmt: skip
+        for i, (target, grad, source, second) in enumerate(zip(targets, grads, sources, seconds)):
+            args = [x.reshape(1, -1) if x.dim() < 2 else x for x in (target, grad, source, second)]
+            if not masked:
+                body(*args, s)
+                continue
+            # The tensors the body updates (the parameter; m and v where they are state): their old
+            # values where this block's ``ok`` is False. In the graph this is one pass, not a copy.
+            written = [args[0]] + ([args[2]] if ema else []) + ([args[3]] if full else [])
+            old = [x.clone() for x in written]
+            body(*args, s)
+            ok = cast(list[Tensor], oks)[i]
+            for x, before in zip(written, old):
+                x.copy_(torch.where(ok, x, before))
 
     return run
 
 
 @functools.cache
-def _compiled_foreach(ema: bool, full: bool, threads: int) -> Any:
+def _compiled_foreach(ema: bool, full: bool, masked: bool, threads: int) -> Any:
     del threads
-    return torch.compile(_foreach_body(ema, full), dynamic=True, fullgraph=True)
+    return torch.compile(_foreach_body(ema, full, masked), dynamic=True, fullgraph=True)
 
 
 def fused_foreach_update(
@@ -271,19 +282,25 @@ def fused_foreach_update(
     denoms: list[Tensor] | None,
     numerators: list[Tensor] | None = None,
     scalars: Tensor,
+    oks: list[Tensor] | None = None,
 ) -> None:
     """:func:`foreach_elementwise_update` as one compiled call for all the blocks (arguments as there;
     the scalars from :func:`fused_scalars`): one pass over each block's memory instead of 5-8, and one
     dispatched op instead of one per arithmetic step. Equal to the eager form up to float32 rounding.
-    Raises whatever ``torch.compile`` raises if no kernel can be built; callers fall back."""
+    ``oks``: one boolean 0-d tensor per block; a block whose flag is False keeps its parameter and state
+    (the device-side skip of a non-finite gradient: no host sync). Raises whatever ``torch.compile``
+    raises if no kernel can be built; callers fall back."""
     second = vs if vs is not None else denoms
     if second is None:
         raise ValueError("fused_foreach_update: one of vs (full) or denoms (block) is required")
     sources = ms if ms is not None else (numerators if numerators is not None else grads)
-    kernel = _compiled_foreach(ms is not None, vs is not None, torch.get_num_threads())
+    kernel = _compiled_foreach(ms is not None, vs is not None, oks is not None, torch.get_num_threads())
     # In-graph views (1-d tensors as rows) dispatch nothing per tensor; called under no_grad (the step).
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        kernel(targets, grads, sources, second, scalars)
+        if oks is None:
+            kernel(targets, grads, sources, second, scalars)
+        else:
+            kernel(targets, grads, sources, second, scalars, oks)
 
 
 _RECOMPILE_LIMIT = 64
