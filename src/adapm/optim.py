@@ -21,7 +21,6 @@ from adapm.grouped import (
     Views,
     copy_chunks,
     elementwise_tails,
-    host_to_device,
     second_moment_denominators,
     step_lowrank,
 )
@@ -578,26 +577,37 @@ class AdaPM(Optimizer):
         """The deferred finite check: each item's flag (its gradient and stored factors finite) lands in a
         0-d boolean kept for its parameter (the grouped step masks with it), and the flags start their copy
         to the host, read at the next step (:meth:`_drain`) to settle the step counters and warn."""
-        finite, owners = self._finite_flags(items)
-        n = len(items)
-        ok = finite[:n]
-        if owners:  # a parameter whose stored factors are not finite is skipped whole
+        grads = [local(cast(Tensor, p.grad)) for _, p in items]
+        owners, factors = self._stored_factors(items)
+        norms = torch._foreach_norm(grads + factors, 2, dtype=torch.float32)  # type: ignore[call-arg]
+        if factors:  # a parameter whose stored factors are not finite is skipped whole: their norms times
+            # zero (NaN where not finite, else 0) are added to its gradient's, each parameter once per op
+            zeroed = torch._foreach_mul(norms[len(grads) :], 0.0)
             position = {id(p): i for i, (_, p) in enumerate(items)}
-            index = host_to_device([position[o] for o in owners], finite.device, torch.int64)
-            bad = torch.zeros(n, dtype=torch.float32, device=finite.device)
-            bad.index_add_(0, index, (~finite[n:]).to(torch.float32))
-            ok = ok & (bad == 0)
+            passes: list[tuple[list[Tensor], list[Tensor]]] = []
+            seen: dict[int, int] = {}
+            for owner, extra in zip(owners, zeroed):
+                k = seen[owner] = seen.get(owner, -1) + 1
+                if k == len(passes):
+                    passes.append(([], []))
+                passes[k][0].append(norms[position[owner]])
+                passes[k][1].append(extra)
+            for into, extras in passes:
+                torch._foreach_add_(into, extras)
+        finite = torch.stack(norms[: len(grads)]) <= _MAX_GRAD_NORM
+        for group in {self._shard(p).group for _, p in items} - {None}:  # every rank decides alike
+            finite = agree_all(finite, group)
         for _, p in items:
             if p not in self._oks:
                 self._oks[p] = torch.ones((), dtype=torch.bool, device=finite.device)
-        torch._foreach_copy_([self._oks[p] for _, p in items], list(ok.unbind(0)))
+        torch._foreach_copy_([self._oks[p] for _, p in items], list(finite.unbind(0)))
         event = None
         host = finite
         if finite.device.type == "cuda":
             host = finite.to("cpu", non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        self._pending = _Pending(items, owners, host, event)
+        self._pending = _Pending(items, host, event)
 
     def _drain(self) -> None:
         """Settle a deferred finite check (see :meth:`_deferred_flags`): the skipped parameters' step
@@ -609,7 +619,15 @@ class AdaPM(Optimizer):
         self._pending = None
         if pending.event is not None:
             pending.event.synchronize()
-        kept = {id(p) for _, p in self._settle(pending.items, pending.flags.tolist(), pending.owners)}
+        flags = pending.flags.tolist()
+        owners: list[int] = []
+        factor_flags: list[bool] = []
+        if not all(flags):  # which were skipped for their stored factors (read only when some were skipped)
+            owners, factors = self._stored_factors([item for ok, item in zip(flags, pending.items) if not ok])
+            factor_flags = [bool(torch.isfinite(f).all()) for f in factors]
+            corrupted = {owner for owner, ok in zip(owners, factor_flags) if not ok}
+            flags = [ok or id(p) in corrupted for ok, (_, p) in zip(flags, pending.items)]
+        kept = {id(p) for _, p in self._settle(pending.items, flags + factor_flags, owners)}
         for _, p in pending.items:
             if id(p) not in kept and self.state[p]:
                 self.state[p]["step"] -= 1
@@ -1146,9 +1164,9 @@ class _Pending:
     """A deferred finite check whose flags the host has not read yet (see :meth:`AdaPM._deferred_flags`)."""
 
     items: list[tuple[dict[str, Any], Tensor]]
-    owners: list[int]
     flags: Tensor
-    """Per item, then per stored factor: on the host (copied without blocking on CUDA), or on the device."""
+    """Per item (gradient and stored factors finite): on the host (copied without blocking on CUDA), or
+    on the device."""
     event: Any
     """The CUDA event after the copy (None elsewhere)."""
 
