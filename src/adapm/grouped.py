@@ -49,7 +49,12 @@ from adapm.policies.second_moment import (
     stacked_local_block_sums,
 )
 from adapm.policies.trackers import TRACKER
-from adapm.policies.update import foreach_elementwise_update, fused_foreach_update, scalar_values
+from adapm.policies.update import (
+    foreach_elementwise_update,
+    fused_block_moments,
+    fused_foreach_update,
+    scalar_values,
+)
 
 T = TypeVar("T")
 
@@ -215,15 +220,6 @@ def stack_mask(blocks: Sequence[Block], dims: int) -> Tensor | None:
     return torch.stack([cast(Tensor, b.ok) for b in blocks]).view(-1, *([1] * (dims - 1)))
 
 
-def kept_moments(blocks: Sequence[Block], sq: Tensor) -> Tensor:
-    """Per-block means of ``g^2`` (``(B, n_blocks)``) with a skipped block's (:attr:`Block.ok` False) replaced
-    by its second moment, so that the EMA (a ``lerp``) leaves that moment exactly as it was."""
-    mask = stack_mask(blocks, 2)
-    if mask is None:
-        return sq
-    return torch.where(mask, sq, torch.stack([b.second_moment() for b in blocks]))
-
-
 def stacked_matrices(blocks: Sequence[Block]) -> Tensor:
     """The blocks' gradients as one ``(B, *matrix shape)`` tensor (interleaved segments are gathered)."""
     return as_matrices(stacked([b.grad for b in blocks]), blocks[0].seg)
@@ -272,7 +268,7 @@ def step_lowrank(
             momenta = _track_stack(chunk, {id(b) for b, _ in due})
             for b, generator in due:
                 _track_single(b, generator, momenta[id(b)])
-            elementwise_tails(chunk, second_moment_denominators(chunk), fused, scalars)
+            elementwise_tails(chunk, second_moment_denominators(chunk, fused, scalars), fused, scalars)
             for b in chunk:
                 b.numerator = None  # free the stack's momenta
             del momenta
@@ -289,7 +285,7 @@ def _track_stack(chunk: list[Block], due: set[int]) -> dict[int, Tensor]:
     group = first.group
     g = as_matrices(torch.stack([b.grad for b in chunk]), first.seg)  # (a view here: g is fresh)
     if not first.layout.second_policy.elementwise:
-        sq = kept_moments(chunk, block_sq_means(g, first.seg.block, first.shard, first.seg.shape))
+        sq = block_sq_means(g, first.seg.block, first.shard, first.seg.shape)
         for b, row in zip(chunk, sq.unbind(0)):
             b.sq_mean = row
     lefts, rights = zip(*(b.factors() for b in chunk))
@@ -333,12 +329,16 @@ def _track_single(b: Block, generator: torch.Generator, out: Tensor) -> None:
     right.copy_(new_right)
 
 
-def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:
+def second_moment_denominators(
+    blocks: list[Block], fused: Fused | None = None, scalars: ScalarRows | None = None
+) -> dict[int, Tensor]:
     """Update the block second moments of every ``block``-policy segment; return ``id(block) ->
     sqrt(vhat) + eps`` (broadcastable over the segment). The means of ``g^2`` are reduced per stack of
     same-shape, same-layout blocks (or were, with the low-rank tracking); the moments' EMA and the
     denominators then run as ``foreach`` ops over the blocks of every stack at once (the block vectors
-    are small and of any length), and each stack's denominators are shaped with one view."""
+    are small and of any length), or where ``fused`` says so as one compiled call (its scalars from
+    ``scalars``), and each stack's denominators are shaped with one view. A block whose
+    :attr:`Block.ok` is False keeps its moments (masked in the compiled call, else replaced rows)."""
     groups: dict[tuple[Any, ...], list[Block]] = {}
     for b in blocks:
         if not b.layout.second_policy.elementwise:
@@ -346,29 +346,53 @@ def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:
                    b.sq_mean is None, b.shard_key)  # fmt: skip
             groups.setdefault(key, []).append(b)
     chunks: list[tuple[list[Block], tuple[int, ...], tuple[int | None, int], int | None]] = []
-    by_beta2: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
-    vs: list[Tensor] = []
-    divisors: list[float] = []
-    epsilons: list[float] = []
-    for (shape, _view, block, beta2, eps, t, fresh, _shard), members in groups.items():
+    mine: list[Block] = []
+    rows: list[Tensor] = []
+    for (shape, _view, block, _beta2, _eps, _t, fresh, _shard), members in groups.items():
         shard = members[0].shard
         for chunk in stacks(members):
             if fresh:
-                rows = list(kept_moments(chunk, block_sq_means(stacked_matrices(chunk), block, shard, shape)).unbind(0))
+                rows += list(block_sq_means(stacked_matrices(chunk), block, shard, shape).unbind(0))
             else:
-                rows = [cast(Tensor, b.sq_mean) for b in chunk]
+                rows += [cast(Tensor, b.sq_mean) for b in chunk]
             local_shape = shape if shard is None else tuple(chunk[0].seg.matrix(chunk[0].grad).shape)
             chunks.append((chunk, local_shape, block, None if shard is None else shard.offset))
-            mine = [b.second_moment() for b in chunk]
-            ema = by_beta2.setdefault(beta2, ([], []))
-            ema[0].extend(mine)
-            ema[1].extend(rows)
-            vs += mine
-            divisors += [math.sqrt(1 - beta2**t)] * len(chunk)
-            epsilons += [eps] * len(chunk)
-    if not vs:
+            mine += chunk
+    if not mine:
         return {}
+    vs = [b.second_moment() for b in mine]
+    masked = mine[0].ok is not None
+    values = None
+    if fused is not None and fused.fused and scalars is not None:
+        try:
+            values = fused_block_moments(vs, rows, [scalars.rows[b.target.device, tail_key(b)[2:]] for b in mine],
+                                         [cast(Tensor, b.ok) for b in mine] if masked else None)  # fmt: skip
+        except Exception as err:  # compilation failures surface as many exception types
+            fused.disable_fused(err)
+    if values is None:
+        values = _eager_block_moments(mine, vs, rows)
+    out: dict[int, Tensor] = {}
+    start = 0
+    for chunk, shape, block, offset in chunks:
+        part = values[start : start + len(chunk)]
+        start += len(chunk)
+        for b, denom in zip(chunk, stacked_broadcast_blocks(stacked(part), shape, *block, offset).unbind(0)):
+            out[id(b)] = b.seg.as_view(denom)
+    return out
+
+
+def _eager_block_moments(blocks: list[Block], vs: list[Tensor], rows: list[Tensor]) -> list[Tensor]:
+    """The block moments' EMA and denominators of :func:`second_moment_denominators` as ``foreach`` ops. A
+    skipped block's (:attr:`Block.ok` False) row is first replaced by its moment, one op per block: that
+    only happens when the compiled call could not be built."""
     masked = blocks[0].ok is not None
+    if masked:
+        rows = [torch.where(cast(Tensor, b.ok), row, v) for b, v, row in zip(blocks, vs, rows)]
+    by_beta2: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+    for b, v, row in zip(blocks, vs, rows):
+        ema = by_beta2.setdefault(b.group["betas"][1], ([], []))
+        ema[0].append(v)
+        ema[1].append(row)
     for beta2, (moments, rows) in by_beta2.items():  # v <- b2 v + (1 - b2) mean(g^2), per block
         if masked:  # a skipped block's row is its v: the lerp leaves it exactly as it was
             torch._foreach_lerp_(moments, rows, 1.0 - beta2)
@@ -376,16 +400,9 @@ def second_moment_denominators(blocks: list[Block]) -> dict[int, Tensor]:
             torch._foreach_mul_(moments, beta2)
             torch._foreach_add_(moments, rows, alpha=1.0 - beta2)
     values = torch._foreach_sqrt(vs)  # sqrt(v) / sqrt(1 - b2^t) + eps
-    torch._foreach_div_(values, divisors)
-    torch._foreach_add_(values, epsilons)
-    out: dict[int, Tensor] = {}
-    start = 0
-    for chunk, shape, block, offset in chunks:
-        mine = values[start : start + len(chunk)]
-        start += len(chunk)
-        for b, denom in zip(chunk, stacked_broadcast_blocks(stacked(mine), shape, *block, offset).unbind(0)):
-            out[id(b)] = b.seg.as_view(denom)
-    return out
+    torch._foreach_div_(values, [math.sqrt(1 - b.group["betas"][1] ** b.t) for b in blocks])
+    torch._foreach_add_(values, [b.group["eps"] for b in blocks])
+    return list(values)
 
 
 def tail_key(b: Block) -> tuple[Any, ...]:

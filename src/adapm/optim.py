@@ -784,7 +784,7 @@ class AdaPM(Optimizer):
             scalars,
         )
         rest = [b for b in blocks if not b.lowrank]
-        elementwise_tails(rest, second_moment_denominators(rest), self, scalars)
+        elementwise_tails(rest, second_moment_denominators(rest, self, scalars), self, scalars)
         if copies:
             params, targets = zip(*copies)
             torch._foreach_copy_(list(params), list(targets))

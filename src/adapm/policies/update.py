@@ -303,6 +303,41 @@ def fused_foreach_update(
             kernel(targets, grads, sources, second, scalars, oks)
 
 
+def _block_moments_body(masked: bool) -> Any:
+    def run(vs: list[Tensor], rows: list[Tensor], scalars: list[Tensor],
+            oks: list[Tensor] | None = None) -> list[Tensor]:  # fmt: skip
+        out = []
+        for i, (v, row, s) in enumerate(zip(vs, rows, scalars)):
+            _lr, _decay, _bc1, bc2s, eps, _clip, _beta1, beta2 = s.unbind()
+            new = torch.lerp(v, row, 1.0 - beta2)
+            if masked:
+                new = torch.where(cast(list[Tensor], oks)[i], new, v)
+            v.copy_(new)
+            out.append(new.sqrt() / bc2s + eps)
+        return out
+
+    return run
+
+
+@functools.cache
+def _compiled_block_moments(masked: bool, threads: int) -> Any:
+    del threads
+    return torch.compile(_block_moments_body(masked), dynamic=True, fullgraph=True)
+
+
+def fused_block_moments(
+    vs: list[Tensor], rows: list[Tensor], scalars: list[Tensor], oks: list[Tensor] | None = None
+) -> list[Tensor]:
+    """Block second moments as one compiled call: ``v <- lerp(v, row, 1 - beta2)`` in place (``row``: the
+    block means of ``g^2``), and the denominators ``sqrt(v) / sqrt(1 - beta2^t) + eps`` returned, for every
+    block at once (``scalars``: each block's row of :func:`fused_scalars`). ``oks``: as in
+    :func:`fused_foreach_update` (a block whose flag is False keeps its ``v``). Raises whatever
+    ``torch.compile`` raises if no kernel can be built; callers fall back."""
+    kernel = _compiled_block_moments(oks is not None, torch.get_num_threads())
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        return kernel(vs, rows, scalars) if oks is None else kernel(vs, rows, scalars, oks)
+
+
 _RECOMPILE_LIMIT = 64
 """Variants per kernel (layouts: contiguous or strided, vectors, broadcast patterns of the block
 denominators); each compiles once per process and is cached on disk."""
