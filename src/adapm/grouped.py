@@ -336,9 +336,11 @@ def second_moment_denominators(
     sqrt(vhat) + eps`` (broadcastable over the segment). The means of ``g^2`` are reduced per stack of
     same-shape, same-layout blocks (or were, with the low-rank tracking); the moments' EMA and the
     denominators then run as ``foreach`` ops over the blocks of every stack at once (the block vectors
-    are small and of any length), or where ``fused`` says so as one compiled call (its scalars from
-    ``scalars``), and each stack's denominators are shaped with one view. A block whose
-    :attr:`Block.ok` is False keeps its moments (masked in the compiled call, else replaced rows)."""
+    are small and of any length), and each stack's denominators are shaped with one view. With the
+    deferred finite check (blocks with :attr:`Block.ok`, which only ``fused`` steps have) they run as one
+    compiled call instead (its scalars from ``scalars``), masked: a block whose flag is False keeps its
+    moments. (Not otherwise: the call compiles for seconds, and off the deferred path there is no mask
+    to fold in.)"""
     groups: dict[tuple[Any, ...], list[Block]] = {}
     for b in blocks:
         if not b.layout.second_policy.elementwise:
@@ -363,10 +365,10 @@ def second_moment_denominators(
     vs = [b.second_moment() for b in mine]
     masked = mine[0].ok is not None
     values = None
-    if fused is not None and fused.fused and scalars is not None:
+    if masked and fused is not None and fused.fused and scalars is not None:
         try:
             values = fused_block_moments(vs, rows, [scalars.rows[b.target.device, tail_key(b)[2:]] for b in mine],
-                                         [cast(Tensor, b.ok) for b in mine] if masked else None)  # fmt: skip
+                                         [cast(Tensor, b.ok) for b in mine])  # fmt: skip
         except Exception as err:  # compilation failures surface as many exception types
             fused.disable_fused(err)
     if values is None:
