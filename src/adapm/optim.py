@@ -511,21 +511,34 @@ class AdaPM(Optimizer):
         finite, owners = self._finite_flags(items)
         return self._settle(items, finite.tolist(), owners)
 
-    def _finite_flags(self, items: list[tuple[dict[str, Any], Tensor]]) -> tuple[Tensor, list[int]]:
+    def _finite_flags(self, items: list[tuple[dict[str, Any], Tensor]], fold: bool = False) -> tuple[Tensor, list[int]]:
         """On the device: one flag per item (its gradient is finite and its square does not overflow), then
         one per stored low-rank factor (finite), agreed across the ranks that shard a parameter; and the
-        ``id`` of each factor's parameter."""
+        ``id`` of each factor's parameter. ``fold``: each factor's flag goes into its parameter's instead
+        (a parameter whose stored factors are not finite is skipped whole), so there is one per item."""
         grads = [local(cast(Tensor, p.grad)) for _, p in items]
+        owners, factors = self._stored_factors(items)
         # The float32 norm is inf (or above the bound) exactly when some entry is non-finite or the sum
         # of squares overflows, so every per-entry and per-block mean of g^2 stays finite otherwise.
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # type: ignore[call-arg]
-        finite = torch.stack(norms) <= _MAX_GRAD_NORM
-        owners, factors = self._stored_factors(items)
-        if factors:
-            factor_norms = torch._foreach_norm(factors, 2, dtype=torch.float32)  # type: ignore[call-arg]
-            finite = torch.cat([finite, torch.isfinite(torch.stack(factor_norms))])
-        groups = {self._shard(p).group for _, p in items} - {None}
-        for group in groups:  # a sharded parameter's rows: every rank must decide alike
+        norms = torch._foreach_norm(grads + factors, 2, dtype=torch.float32)  # type: ignore[call-arg]
+        if factors and fold:  # factor norms times zero (NaN where not finite, else 0) added to their
+            # parameter's gradient norm, each parameter once per op
+            zeroed = torch._foreach_mul(norms[len(grads) :], 0.0)
+            position = {id(p): i for i, (_, p) in enumerate(items)}
+            passes: list[tuple[list[Tensor], list[Tensor]]] = []
+            seen: dict[int, int] = {}
+            for owner, extra in zip(owners, zeroed):
+                k = seen[owner] = seen.get(owner, -1) + 1
+                if k == len(passes):
+                    passes.append(([], []))
+                passes[k][0].append(norms[position[owner]])
+                passes[k][1].append(extra)
+            for into, extras in passes:
+                torch._foreach_add_(into, extras)
+        finite = torch.stack(norms[: len(grads)]) <= _MAX_GRAD_NORM
+        if factors and not fold:
+            finite = torch.cat([finite, torch.isfinite(torch.stack(norms[len(grads) :]))])
+        for group in {self._shard(p).group for _, p in items} - {None}:  # every rank must decide alike
             finite = agree_all(finite, group)
         return finite, owners
 
@@ -577,26 +590,7 @@ class AdaPM(Optimizer):
         """The deferred finite check: each item's flag (its gradient and stored factors finite) lands in a
         0-d boolean kept for its parameter (the grouped step masks with it), and the flags start their copy
         to the host, read at the next step (:meth:`_drain`) to settle the step counters and warn."""
-        grads = [local(cast(Tensor, p.grad)) for _, p in items]
-        owners, factors = self._stored_factors(items)
-        norms = torch._foreach_norm(grads + factors, 2, dtype=torch.float32)  # type: ignore[call-arg]
-        if factors:  # a parameter whose stored factors are not finite is skipped whole: their norms times
-            # zero (NaN where not finite, else 0) are added to its gradient's, each parameter once per op
-            zeroed = torch._foreach_mul(norms[len(grads) :], 0.0)
-            position = {id(p): i for i, (_, p) in enumerate(items)}
-            passes: list[tuple[list[Tensor], list[Tensor]]] = []
-            seen: dict[int, int] = {}
-            for owner, extra in zip(owners, zeroed):
-                k = seen[owner] = seen.get(owner, -1) + 1
-                if k == len(passes):
-                    passes.append(([], []))
-                passes[k][0].append(norms[position[owner]])
-                passes[k][1].append(extra)
-            for into, extras in passes:
-                torch._foreach_add_(into, extras)
-        finite = torch.stack(norms[: len(grads)]) <= _MAX_GRAD_NORM
-        for group in {self._shard(p).group for _, p in items} - {None}:  # every rank decides alike
-            finite = agree_all(finite, group)
+        finite, _ = self._finite_flags(items, fold=True)
         for _, p in items:
             if p not in self._oks:
                 self._oks[p] = torch.ones((), dtype=torch.bool, device=finite.device)
