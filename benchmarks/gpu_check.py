@@ -271,7 +271,9 @@ def main() -> None:
 
     if device.type == "cuda":
         root = Path(__file__).resolve().parent.parent
-        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-rfE", "-p", "no:cacheprovider", "tests/test_cuda.py"]
+        # In this process, one GPU for one module of tests (and pytest-xdist need not be installed there).
+        cmd = [sys.executable, "-m", "pytest", "-o", "addopts=-q", "-m", "cuda", "-rfE", "-p", "no:cacheprovider",
+               "tests/test_cuda.py"]  # fmt: skip
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False)
         result["cuda_tests"] = {"returncode": proc.returncode, "tail": proc.stdout[-3000:] + proc.stderr[-2000:]}
         print(result["cuda_tests"]["tail"], flush=True)
