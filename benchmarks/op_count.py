@@ -57,11 +57,11 @@ NO_KERNEL_OPS = frozenset(
     {"aten::narrow", "aten::select", "aten::slice", "aten::view", "aten::unbind", "aten::detach", "aten::detach_",
      "aten::unsqueeze", "aten::expand", "aten::t", "aten::transpose", "aten::alias", "aten::lift_fresh",
      "aten::as_strided", "aten::split", "aten::split_with_sizes", "aten::unflatten", "aten::item",
-     "aten::_local_scalar_dense"}
+     "aten::_local_scalar_dense", "aten::mT", "aten::resolve_conj", "aten::resolve_neg"}
 )  # fmt: skip
-"""Top-level ops that launch no device work: views, and host reads of CPU scalars (torch AdamW's step
-counters). ``kernel_ops_per_step`` leaves them out; ``reshape``, ``to`` and ``empty`` stay in (they may copy
-or allocate)."""
+"""Top-level ops that launch no device work: views (``mT``; ``resolve_conj``/``resolve_neg`` return a real
+tensor itself), and host reads of CPU scalars (torch AdamW's step counters). ``kernel_ops_per_step``
+leaves them out; ``reshape``, ``to`` and ``empty`` stay in (they may copy or allocate)."""
 
 
 def kernel_ops(top: dict[str, int]) -> int:

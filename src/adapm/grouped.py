@@ -284,7 +284,9 @@ def _track_stack(chunk: list[Block], due: set[int]) -> dict[int, Tensor]:
     first = chunk[0]
     group = first.group
     g = as_matrices(torch.stack([b.grad for b in chunk]), first.seg)  # (a view here: g is fresh)
-    if not first.layout.second_policy.elementwise:
+    # Block second moments: their g^2 means from the stack, except where the compiled call reduces them
+    # from the gradients itself (the deferred check's, unsharded: see second_moment_denominators).
+    if not first.layout.second_policy.elementwise and (first.ok is None or first.shard is not None):
         sq = block_sq_means(g, first.seg.block, first.shard, first.seg.shape)
         for b, row in zip(chunk, sq.unbind(0)):
             b.sq_mean = row
@@ -333,22 +335,43 @@ def second_moment_denominators(
     blocks: list[Block], fused: Fused | None = None, scalars: ScalarRows | None = None
 ) -> dict[int, Tensor]:
     """Update the block second moments of every ``block``-policy segment; return ``id(block) ->
-    sqrt(vhat) + eps`` (broadcastable over the segment). The means of ``g^2`` are reduced per stack of
-    same-shape, same-layout blocks (or were, with the low-rank tracking); the moments' EMA and the
-    denominators then run as ``foreach`` ops over the blocks of every stack at once (the block vectors
-    are small and of any length), and each stack's denominators are shaped with one view. With the
-    deferred finite check (blocks with :attr:`Block.ok`, which only ``fused`` steps have) they run as one
-    compiled call instead (its scalars from ``scalars``), masked: a block whose flag is False keeps its
-    moments. (Not otherwise: the call compiles for seconds, and off the deferred path there is no mask
-    to fold in.)"""
+    sqrt(vhat) + eps`` (broadcastable over the segment).
+
+    With the deferred finite check (blocks with :attr:`Block.ok`, which only ``fused`` steps have) and
+    no sharded block, everything is one compiled call (its scalars from ``scalars``), masked: the block
+    means of ``g^2`` (or those the low-rank tracking reduced), the EMA, and the denominators shaped to
+    broadcast; a block whose flag is False keeps its moments. Otherwise (and if that call cannot be
+    built) the means of ``g^2`` are reduced per stack of same-shape, same-layout blocks, the moments' EMA
+    and the denominators run as ``foreach`` ops over the blocks of every stack at once (the block vectors
+    are small and of any length), and each stack's denominators are shaped with one view. (Not compiled
+    off the deferred path: the call compiles for seconds, and there is no mask to fold in.)"""
+    mine = [b for b in blocks if not b.layout.second_policy.elementwise]
+    if not mine:
+        return {}
+    if mine[0].ok is not None and fused is not None and fused.fused and scalars is not None \
+            and all(b.shard is None for b in mine):  # fmt: skip
+        specs = tuple((b.sq_mean is None, b.seg.shape, *b.seg.block) for b in mine)
+        try:
+            denoms = fused_block_moments(
+                [b.second_moment() for b in mine], [b.grad if b.sq_mean is None else b.sq_mean for b in mine],
+                [scalars.rows[b.target.device, tail_key(b)[2:]] for b in mine], specs,
+                [cast(Tensor, b.ok) for b in mine],
+            )  # fmt: skip
+            return {id(b): b.seg.as_view(denom) for b, denom in zip(mine, denoms)}
+        except Exception as err:  # compilation failures surface as many exception types
+            fused.disable_fused(err)
+    return _stacked_block_moments(mine)
+
+
+def _stacked_block_moments(mine: list[Block]) -> dict[int, Tensor]:
+    """:func:`second_moment_denominators` with the means of ``g^2`` reduced per stack, and ``foreach`` ops."""
     groups: dict[tuple[Any, ...], list[Block]] = {}
-    for b in blocks:
-        if not b.layout.second_policy.elementwise:
-            key = (b.seg.shape, b.seg.view_shape, b.seg.block, b.group["betas"][1], b.group["eps"], b.t,
-                   b.sq_mean is None, b.shard_key)  # fmt: skip
-            groups.setdefault(key, []).append(b)
+    for b in mine:
+        key = (b.seg.shape, b.seg.view_shape, b.seg.block, b.group["betas"][1], b.group["eps"], b.t,
+               b.sq_mean is None, b.shard_key)  # fmt: skip
+        groups.setdefault(key, []).append(b)
     chunks: list[tuple[list[Block], tuple[int, ...], tuple[int | None, int], int | None]] = []
-    mine: list[Block] = []
+    ordered: list[Block] = []
     rows: list[Tensor] = []
     for (shape, _view, block, _beta2, _eps, _t, fresh, _shard), members in groups.items():
         shard = members[0].shard
@@ -359,20 +382,8 @@ def second_moment_denominators(
                 rows += [cast(Tensor, b.sq_mean) for b in chunk]
             local_shape = shape if shard is None else tuple(chunk[0].seg.matrix(chunk[0].grad).shape)
             chunks.append((chunk, local_shape, block, None if shard is None else shard.offset))
-            mine += chunk
-    if not mine:
-        return {}
-    vs = [b.second_moment() for b in mine]
-    masked = mine[0].ok is not None
-    values = None
-    if masked and fused is not None and fused.fused and scalars is not None:
-        try:
-            values = fused_block_moments(vs, rows, [scalars.rows[b.target.device, tail_key(b)[2:]] for b in mine],
-                                         [cast(Tensor, b.ok) for b in mine])  # fmt: skip
-        except Exception as err:  # compilation failures surface as many exception types
-            fused.disable_fused(err)
-    if values is None:
-        values = _eager_block_moments(mine, vs, rows)
+            ordered += chunk
+    values = _eager_block_moments(ordered, [b.second_moment() for b in ordered], rows)
     out: dict[int, Tensor] = {}
     start = 0
     for chunk, shape, block, offset in chunks:
