@@ -351,6 +351,7 @@ def test_the_fused_step_copies_its_scalars_to_the_device_once() -> None:
 
 @pytest.mark.skipif(_NO_CXX, reason="torch.compile on CPU needs g++")
 @pytest.mark.parametrize(("cls", "model_fn", "tracker"), [(adapm.AdaPM, tiny_gpt2, "power"),
+                                                          (adapm.AdaPMMini, tiny_gpt2, "power"),
                                                           (adapm.AdaPMMini, tiny_llama, "fixed")])  # fmt: skip
 def test_the_deferred_check_skips_on_the_device_and_settles_at_the_next_read(cls, model_fn, tracker) -> None:
     """The fused grouped step on an accelerator does not read the finite flags back in the step that made

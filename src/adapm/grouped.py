@@ -12,7 +12,9 @@ torch.optim's ``foreach`` form, carried over to AdaPM's three kinds of work:
   finite with the gradients (the step's one host sync); entries of the new factors that are not finite
   keep their old values, on the device.
 * **Block second moments** (AdaPM-mini). Same-shape blocks with the same block layout get their block
-  means of ``g^2`` from one reduction over their stacked gradients (the low-rank stacks are reused).
+  means of ``g^2`` from one reduction over their stacked gradients (the low-rank stacks are reused);
+  with ``fused=True`` and the device-side finite check, all of them (means, EMA, denominators) are one
+  compiled call instead.
 * **The elementwise tail** (momentum EMA, second-moment EMA, the update) runs as one ``torch._foreach_*``
   op per arithmetic step for all blocks that share their policies and scalars, or with ``fused=True``
   as one compiled call for them (one pass over each block's memory).
