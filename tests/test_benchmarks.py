@@ -205,6 +205,13 @@ def test_op_count_quick(tmp_path: Path) -> None:
         assert 0 < by_name[name]["ops_per_step"] < by_name[name]["cpu_ops_per_step"]
 
 
+def test_compile_time_quick(tmp_path: Path) -> None:
+    """The fused step's first-step time, measured in a fresh process with an empty Inductor cache."""
+    (row,) = _run("compile_time.py", tmp_path / "ct.json")["rows"]
+    assert row["optimizer"] == "adapm-mini-fixed-fused" and row["fused"]  # compiled, no fallback to eager
+    assert row["first_step_s"] > row["later_step_s"] > 0  # the first step compiles
+
+
 def test_gpu_check_script_runs_its_cpu_smoke_mode(tmp_path: Path) -> None:
     """The prepared GPU script is exercised here on CPU so that a GPU window is spent measuring."""
     out = tmp_path / "g.json"
