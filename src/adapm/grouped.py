@@ -341,11 +341,12 @@ def second_moment_denominators(
 
     With the deferred finite check (blocks with :attr:`Block.ok`, which only ``fused`` steps have) and
     no sharded block, everything is one compiled call (its scalars from ``scalars``), masked: the block
-    means of ``g^2`` (or those the low-rank tracking reduced), the EMA, and the denominators shaped to
-    broadcast; a block whose flag is False keeps its moments. Otherwise (and if that call cannot be
-    built) the means of ``g^2`` are reduced per stack of same-shape, same-layout blocks, the moments' EMA
-    and the denominators run as ``foreach`` ops over the blocks of every stack at once (the block vectors
-    are small and of any length), and each stack's denominators are shaped with one view. (Not compiled
+    means of ``g^2`` of each block's gradient (the low-rank tracking left them to it), the EMA, and the
+    denominators shaped to broadcast; a block whose flag is False keeps its moments. Otherwise (and if
+    that call cannot be built) the means of ``g^2`` are reduced per stack of same-shape, same-layout
+    blocks, the moments' EMA and the denominators run as ``foreach`` ops over the blocks of every stack
+    at once (the block vectors are small and of any length), and each stack's denominators are shaped
+    with one view. (Not compiled
     off the deferred path: the call takes a while to compile, minutes on GPT-2 124M on a 2-core CPU, and
     there is no mask to fold in.)"""
     mine = [b for b in blocks if not b.layout.second_policy.elementwise]
@@ -353,10 +354,10 @@ def second_moment_denominators(
         return {}
     if mine[0].ok is not None and fused is not None and fused.fused and scalars is not None \
             and all(b.shard is None for b in mine):  # fmt: skip
-        specs = tuple((b.sq_mean is None, b.seg.shape, *b.seg.block) for b in mine)
+        specs = tuple((b.seg.shape, *b.seg.block) for b in mine)
         try:
             denoms = fused_block_moments(
-                [b.second_moment() for b in mine], [b.grad if b.sq_mean is None else b.sq_mean for b in mine],
+                [b.second_moment() for b in mine], [b.grad for b in mine],
                 [scalars.rows[b.target.device, tail_key(b)[2:]] for b in mine], specs,
                 [cast(Tensor, b.ok) for b in mine],
             )  # fmt: skip

@@ -303,22 +303,18 @@ def fused_foreach_update(
             kernel(targets, grads, sources, second, scalars, oks)
 
 
-BlockSpec = tuple[bool, tuple[int, ...], int | None, int]
-"""How :func:`fused_block_moments` reads one block's source: ``(fresh, matrix shape, block_dim, block_size)``.
-``fresh``: the source is the block's gradient (any shape with the matrix's entries), reduced to its block
-means of ``g^2`` in the call; otherwise it is those means already."""
+BlockSpec = tuple[tuple[int, ...], int | None, int]
+"""One block's layout for :func:`fused_block_moments`: ``(matrix shape, block_dim, block_size)``."""
 
 
 def _block_moments_body(masked: bool) -> Any:
-    def run(vs: list[Tensor], sources: list[Tensor], scalars: list[Tensor], specs: tuple[BlockSpec, ...],
+    def run(vs: list[Tensor], grads: list[Tensor], scalars: list[Tensor], specs: tuple[BlockSpec, ...],
             oks: list[Tensor] | None = None) -> list[Tensor]:  # fmt: skip
         out = []
-        for i, (v, source, s, (fresh, shape, block_dim, block_size)) in enumerate(zip(vs, sources, scalars, specs)):
+        for i, (v, grad, s, (shape, block_dim, block_size)) in enumerate(zip(vs, grads, scalars, specs)):
             _lr, _decay, _bc1, bc2s, eps, _clip, _beta1, beta2 = s.unbind()
-            row = source
-            if fresh:  # the block means of g^2: one reduction, in the graph
-                pre, n_blocks, post = _block_shape(shape, block_dim, block_size)
-                row = source.reshape(pre, n_blocks, post).square().sum(dim=(0, 2)) / (pre * post)
+            pre, n_blocks, post = _block_shape(shape, block_dim, block_size)  # the block means of g^2
+            row = grad.reshape(pre, n_blocks, post).square().sum(dim=(0, 2)) / (pre * post)
             new = torch.lerp(v, row, 1.0 - beta2)
             if masked:
                 new = torch.where(cast(list[Tensor], oks)[i], new, v)
@@ -336,18 +332,19 @@ def _compiled_block_moments(masked: bool, threads: int) -> Any:
 
 
 def fused_block_moments(
-    vs: list[Tensor], sources: list[Tensor], scalars: list[Tensor], specs: tuple[BlockSpec, ...],
+    vs: list[Tensor], grads: list[Tensor], scalars: list[Tensor], specs: tuple[BlockSpec, ...],
     oks: list[Tensor] | None = None,
 ) -> list[Tensor]:  # fmt: skip
-    """Block second moments as one compiled call, for every block at once: the block means of ``g^2``
-    (of a ``fresh`` source, see :data:`BlockSpec`), ``v <- lerp(v, row, 1 - beta2)`` in place, and the
+    """Block second moments as one compiled call, for every block at once: the block means ``row`` of
+    ``g^2`` (``grads``: any shape with the matrix's entries, read as the matrix of its :data:`BlockSpec`),
+    ``v <- lerp(v, row, 1 - beta2)`` in place, and the
     denominators ``sqrt(v) / sqrt(1 - beta2^t) + eps`` returned, each shaped to broadcast over its block's
     matrix (see :func:`adapm.policies.second_moment.broadcast_blocks`). ``scalars``: each block's row of
     :func:`fused_scalars`. ``oks``: as in :func:`fused_foreach_update` (a block whose flag is False keeps
     its ``v``). Raises whatever ``torch.compile`` raises if no kernel can be built; callers fall back."""
     kernel = _compiled_block_moments(oks is not None, torch.get_num_threads())
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        return kernel(vs, sources, scalars, specs) if oks is None else kernel(vs, sources, scalars, specs, oks)
+        return kernel(vs, grads, scalars, specs) if oks is None else kernel(vs, grads, scalars, specs, oks)
 
 
 _RECOMPILE_LIMIT = 64
