@@ -80,6 +80,13 @@ def train(model, opt, data, scheduler=None) -> list[float]:
     return losses
 
 
+def max_rel_diff(a, b) -> float:
+    """The largest difference between two models' weights, relative to each tensor's largest entry."""
+    return max(
+        float((x - y).abs().max() / x.abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values())
+    )
+
+
 @pytest.fixture
 def gpt2():
     return tiny_gpt2()

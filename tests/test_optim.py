@@ -17,7 +17,7 @@ from torch import nn
 
 import adapm
 
-from conftest import batches, tiny_gpt2, tiny_llama, train
+from conftest import batches, max_rel_diff, tiny_gpt2, tiny_llama, train
 
 
 def _decay_groups(model: nn.Module) -> list[dict]:
@@ -25,12 +25,6 @@ def _decay_groups(model: nn.Module) -> list[dict]:
         {"params": [p for p in model.parameters() if p.dim() >= 2]},
         {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
     ]
-
-
-def _max_rel_diff(a: nn.Module, b: nn.Module) -> float:
-    return max(
-        float((x - y).abs().max() / x.abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values())
-    )
 
 
 def test_full_full_groups_reproduce_torch_adamw_over_100_steps() -> None:
@@ -53,7 +47,7 @@ def test_model_with_full_rules_reproduces_adamw_with_matrix_decay() -> None:
     opt = adapm.AdaPM(ours, lr=3e-3, update_clip=None, rules=[(".", "full")])
     train(ref, adamw, data)
     train(ours, opt, data)
-    assert _max_rel_diff(ref, ours) < 1e-5
+    assert max_rel_diff(ref, ours) < 1e-5
 
 
 def test_block_second_moment_matches_official_adam_mini_on_llama() -> None:
@@ -77,7 +71,7 @@ def test_block_second_moment_matches_official_adam_mini_on_llama() -> None:
     opt = adapm.AdaPMMini(ours, lr=3e-3, update_clip=None, rules=[(".", "full")])
     losses_ref, losses = train(ref, official, data), train(ours, opt, data)
     assert max(abs(a - b) for a, b in zip(losses_ref, losses)) < 1e-5
-    assert _max_rel_diff(ref, ours) < 1e-5
+    assert max_rel_diff(ref, ours) < 1e-5
 
 
 @pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
@@ -109,7 +103,7 @@ def test_fused_matches_eager_on_real_models(cls: type[adapm.AdaPM], tracker: str
         losses_eager = train(eager_model, eager, data)
         assert fused.fused
         assert losses_fused == pytest.approx(losses_eager, abs=1e-4)
-        assert _max_rel_diff(eager_model, fused_model) < 1e-3
+        assert max_rel_diff(eager_model, fused_model) < 1e-3
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs g++")
@@ -583,7 +577,7 @@ def test_blockwise_lr_equals_adamw_with_per_role_lrs_under_a_scheduler() -> None
     schedule = lambda step: 1.0 / (1 + step)  # noqa: E731
     train(ref, adamw, data, torch.optim.lr_scheduler.LambdaLR(adamw, schedule))
     train(ours, opt, data, torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-    assert _max_rel_diff(ref, ours) < 1e-5
+    assert max_rel_diff(ref, ours) < 1e-5
     assert all(g["lr"] == pytest.approx(1e-3 / 13) for g in opt.param_groups)  # base lr, scheduled
     sd = opt.state_dict()
     assert {g.get("lr_ratio") for g in sd["param_groups"]} == {10.0, 8.0, 6.0, 4.0, 1.0}
@@ -610,7 +604,7 @@ def test_grouped_step_equals_the_per_block_reference(cls: type[adapm.AdaPM], mak
         # tests/policies/test_trackers.py); the others stay at float32 rounding.
         tol = 2e-3 if kwargs.get("tracker") == "gd" else 1e-5
         assert train(ref, opt_ref, data) == pytest.approx(train(ours, opt, data), rel=tol / 10)
-        assert _max_rel_diff(ref, ours) < tol, kwargs
+        assert max_rel_diff(ref, ours) < tol, kwargs
         if "tracker" in kwargs:
             continue
         for p_ref, p in zip(ref.parameters(), ours.parameters()):

@@ -50,7 +50,6 @@ from adapm.policies.second_moment import (
     stacked_broadcast_blocks,
     stacked_local_block_sums,
 )
-from adapm.policies.trackers import TRACKER
 from adapm.policies.update import (
     foreach_elementwise_update,
     fused_block_moments,
@@ -74,6 +73,7 @@ class Views:
 
     def __init__(self) -> None:
         self._views: dict[tuple[int, str, str], tuple[Tensor, int, Tensor]] = {}
+        self._stacks: dict[tuple[int, int, tuple[int, ...], torch.dtype], Tensor] = {}
 
     def get(self, base: Tensor, key: str, name: str, make: Callable[[], Tensor]) -> Tensor:
         """The view ``make()`` gives of ``base`` (``key``: which state; ``name``: which segment), kept."""
@@ -84,6 +84,30 @@ class Views:
         view = make()
         self._views[id(base), key, name] = (base, pointer, view)
         return view
+
+    def forget(self, base: Tensor) -> None:
+        """Drop the views kept of ``base`` (it is being replaced: they would keep it alive)."""
+        for k in [k for k in self._views if k[0] == id(base)]:
+            del self._views[k]
+
+    def stack(self, parts: Sequence[Tensor]) -> Tensor | None:
+        """``parts`` as one ``(B, ...)`` view, when they are consecutive same-shape slices of one buffer
+        (factors packed by :func:`factor_stack`): the view kept from the step that packed them. None
+        otherwise. Checked on the host (addresses and strides: no op is dispatched)."""
+        first = parts[0]
+        size, start = first.numel() * first.element_size(), first.data_ptr()
+        for i, part in enumerate(parts):
+            if part.shape != first.shape or not part.is_contiguous() or part.data_ptr() != start + i * size:
+                return None
+        hit = self._stacks.get((start, len(parts), tuple(first.shape), first.dtype))
+        return hit if hit is not None and hit.data_ptr() == start else None
+
+    def keep_stack(self, stack: Tensor, replaced: Sequence[Tensor]) -> None:
+        """Keep ``stack`` (a packed buffer, see :meth:`stack`), and drop the kept stacks of the storages of
+        the ``replaced`` tensors (they would keep old buffers alive)."""
+        gone = {x.untyped_storage().data_ptr() for x in replaced}
+        self._stacks = {k: v for k, v in self._stacks.items() if v.untyped_storage().data_ptr() not in gone}
+        self._stacks[stack.data_ptr(), len(stack), tuple(stack.shape[1:]), stack.dtype] = stack
 
 
 @dataclass
@@ -267,19 +291,71 @@ def step_lowrank(
     for members in groups.values():
         for chunk in stacks(members):
             due = [(b, generator) for b in chunk if (generator := refresh(b)) is not None]
-            momenta = _track_stack(chunk, {id(b) for b, _ in due})
-            for b, generator in due:
-                _track_single(b, generator, momenta[id(b)])
+            _track_stack(chunk, due)
             elementwise_tails(chunk, second_moment_denominators(chunk, fused, scalars), fused, scalars)
             for b in chunk:
                 b.numerator = None  # free the stack's momenta
-            del momenta
 
 
-def _track_stack(chunk: list[Block], due: set[int]) -> dict[int, Tensor]:
-    """Track the stack with batched ops; return each block's momentum matrix by ``id``. The blocks in
-    ``due`` (by ``id``) refresh instead: their factors are left as they were for :func:`_track_single`,
-    which overwrites their momenta. Tracking the whole stack anyway keeps the momentum buffer, whose
+def factor_stack(chunk: Sequence[Block], key: str) -> tuple[list[Tensor], Tensor, bool]:
+    """The chunk's low-rank factors ``key``: each block's part, all of them as one ``(B, ...)`` tensor, and
+    whether that tensor is their storage (writing it writes the state).
+
+    Packed factors: the first step stacks them (one copy, as every step did before) and, where it can,
+    makes each parameter's state tensor a view of that stack (:func:`_repoint`), so later steps take the
+    stack as a view and write the new factors back with one ``copy_`` instead of a ``stack``, an
+    ``unbind`` and a ``_foreach_copy_`` per factor and stack. A checkpoint saves each stack once (shared
+    storage), and views of it load back as they were saved. Not for sharded (FSDP2) or low-precision
+    factors, nor when the chunk's blocks do not cover their parameters' factors in order (e.g. a
+    parameter with no gradient this step): those are stacked each step, as before."""
+    parts = [b.part(key) for b in chunk]
+    views = chunk[0].views
+    if views is not None:
+        packed = views.stack(parts)
+        if packed is not None:
+            return parts, packed, True
+    stack = torch.stack(parts)
+    if views is not None and _repoint(chunk, key, stack):
+        views.keep_stack(stack, parts)
+        return parts, stack, True
+    return parts, stack, False
+
+
+def _repoint(chunk: Sequence[Block], key: str, stack: Tensor) -> bool:
+    """Make each chunk parameter's state ``key`` a view of ``stack`` (which holds their values), if every
+    parameter's blocks in the chunk are consecutive and are its whole state tensor, in order; else
+    change nothing and return False."""
+    plans: list[tuple[Block, Tensor]] = []
+    i = 0
+    while i < len(chunk):
+        b = chunk[i]
+        j = i
+        while j < len(chunk) and chunk[j].p is b.p:
+            j += 1
+        old = b.state.get(key)
+        if (b.shard is not None or key in b.layout.low_precision_keys or not isinstance(old, Tensor)
+                or old.dtype != stack.dtype or not old.is_contiguous()):  # fmt: skip
+            return False
+        whole = stack[i:j] if old.shape == stack[i:j].shape else stack[i] if j == i + 1 else None
+        if whole is None or whole.shape != old.shape:
+            return False
+        size = stack[0].numel() * stack.element_size()
+        if any(chunk[k].part(key).data_ptr() != old.data_ptr() + (k - i) * size for k in range(i, j)):
+            return False
+        plans.append((b, whole))
+        i = j
+    for b, whole in plans:
+        old = b.state[key]
+        if b.views is not None:
+            b.views.forget(old)
+        b.state[key] = whole
+    return True
+
+
+def _track_stack(chunk: list[Block], due: list[tuple[Block, torch.Generator]]) -> None:
+    """Track the stack with batched ops and set each block's :attr:`Block.numerator`. The blocks in ``due``
+    refresh instead (:func:`_track_single`, from their old factors), overwriting their slots of the
+    stack's momenta and new factors. Tracking the whole stack anyway keeps the momentum buffer, whose
     views the tails take, the same shape on every step (dynamo guards on a view's base: a compiled tail
     would be rebuilt as refreshes move through). At the first step every block is due and the factors
     are zero: what the trackers make of them is discarded (non-finite entries are guarded anyway)."""
@@ -292,32 +368,38 @@ def _track_stack(chunk: list[Block], due: set[int]) -> dict[int, Tensor]:
         sq = block_sq_means(g, first.seg.block, first.shard, first.seg.shape)
         for b, row in zip(chunk, sq.unbind(0)):
             b.sq_mean = row
-    lefts, rights = zip(*(b.factors() for b in chunk))
+    lefts, left_stack, left_packed = factor_stack(chunk, "lowrank_L")
+    rights, right_stack, right_packed = factor_stack(chunk, "lowrank_R")
     # The stored factors were checked finite with the gradients (on the host, one sync per step, in
     # AdaPM._finite_items); entries of the new ones that are not finite keep their old values, on the
     # device (no host sync per stack). With the deferred check, skipped blocks keep their factors whole.
     mask = stack_mask(chunk, 3)
     momentum, new_left, new_right = lowrank_momentum(
-        torch.stack(lefts), torch.stack(rights), g, group["betas"][0], first.t,
+        left_stack, right_stack, g, group["betas"][0], first.t,
         tracker=group["tracker"], correction=group["correction"], refresh=False, generator=None, out=g,
         guard=True if mask is None else mask, reduce=first.reduce,
     )  # fmt: skip
-    kept = [i for i, b in enumerate(chunk) if id(b) not in due]
-    if kept:
-        new_lefts, new_rights = new_left.unbind(0), new_right.unbind(0)
-        if not TRACKER[group["tracker"]].keeps_basis:  # e.g. the fixed tracker: L kept between refreshes
-            torch._foreach_copy_([lefts[i] for i in kept], [new_lefts[i] for i in kept])
-        torch._foreach_copy_([rights[i] for i in kept], [new_rights[i] for i in kept])
-    momenta = {}
+    position = {id(b): i for i, b in enumerate(chunk)}
+    for b, generator in due:  # from the old factors (still in the state), into the stacks' slots
+        i = position[id(b)]
+        _track_single(b, generator, momentum[i], new_left[i], new_right[i])
+    for parts, stack, packed, new in ((lefts, left_stack, left_packed, new_left),
+                                      (rights, right_stack, right_packed, new_right)):  # fmt: skip
+        if new is stack:  # a kept basis (the fixed tracker's L): only refreshed slots changed
+            if not packed and due:
+                torch._foreach_copy_([parts[position[id(b)]] for b, _ in due], [new[position[id(b)]] for b, _ in due])
+        elif packed:
+            stack.copy_(new)
+        else:
+            torch._foreach_copy_(parts, list(new.unbind(0)))
     for b, m in zip(chunk, momentum.unbind(0)):
         b.numerator = b.seg.as_view(m)
-        momenta[id(b)] = m
-    return momenta
 
 
-def _track_single(b: Block, generator: torch.Generator, out: Tensor) -> None:
+def _track_single(b: Block, generator: torch.Generator, out: Tensor, left_out: Tensor, right_out: Tensor) -> None:
     """A block due for a refresh (a randomized SVD drawn from ``generator``): the single-matrix path, its
-    momentum computed into ``out`` (its slot of the stack's momenta, which its tail already reads)."""
+    momentum computed into ``out`` (its slot of the stack's momenta, which its tail already reads) and
+    its new factors written to ``left_out`` and ``right_out`` (its slots of the stack's new factors)."""
     group = b.group
     left, right = b.factors()
     inputs = (left, right, b.seg.matrix(b.grad))
@@ -329,8 +411,8 @@ def _track_single(b: Block, generator: torch.Generator, out: Tensor) -> None:
     )  # fmt: skip
     if b.ok is not None:  # a skipped block keeps its factors
         new_left, new_right = torch.where(b.ok, new_left, left), torch.where(b.ok, new_right, right)
-    left.copy_(new_left)
-    right.copy_(new_right)
+    left_out.copy_(new_left)
+    right_out.copy_(new_right)
 
 
 def second_moment_denominators(
