@@ -22,6 +22,7 @@ round-off even though their bases may differ by a rotation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -50,8 +51,9 @@ def unit_scale(x: Tensor, even: bool = False) -> Tensor:
 
     For a matrix ``s`` is a 0-d tensor; for a batch of matrices (``x.dim() > 2``) one per matrix, shaped
     ``(..., 1, 1)`` to broadcast. ``even``: ``s`` is an even power of two, so that ``sqrt(s)`` is exact too."""
-    magnitude = x.abs()  # no detach needed: the scale is built from integer exponents (no gradient)
-    peak = magnitude.amax(dim=(-2, -1), keepdim=True) if x.dim() > 2 else magnitude.amax()
+    # max |x| in one pass, without an |x| temporary (no detach needed: the scale is built from integer
+    # exponents, no gradient flows through it)
+    peak = torch.linalg.vector_norm(x, math.inf, dim=(-2, -1) if x.dim() > 2 else None, keepdim=x.dim() > 2)
     exponent = torch.frexp(peak).exponent
     if even:
         exponent = exponent - exponent % 2
