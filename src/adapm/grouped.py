@@ -7,7 +7,9 @@ torch.optim's ``foreach`` form, carried over to AdaPM's three kinds of work:
   and the residual correction then run as batched ops (``baddbmm``, a batched QR) on the whole
   stack. Blocks due for a refresh (a randomized SVD, about one block in ``refresh_every`` per step) are
   refreshed alone and overwrite their slot of the stack's momenta, so every tensor the tails see keeps
-  its shape from step to step (compiled tails are built once). Stacks are cut at ``GROUP_ELEMENTS``
+  its shape from step to step (compiled tails are built once). The factors of a stack are packed into
+  one buffer at the first step (each parameter's state tensor a view of it: :func:`factor_stack`), so
+  later steps read and write them in place. Stacks are cut at ``GROUP_ELEMENTS``
   entries (at parameter boundaries), which bounds the transient memory. The stored factors are checked
   finite with the gradients (the step's one host sync); entries of the new factors that are not finite
   keep their old values, on the device.
