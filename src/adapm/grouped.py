@@ -87,10 +87,10 @@ class Views:
         self._views[id(base), key, name] = (base, pointer, view)
         return view
 
-    def forget(self, base: Tensor) -> None:
-        """Drop the views kept of ``base`` (it is being replaced: they would keep it alive)."""
-        for k in [k for k in self._views if k[0] == id(base)]:
-            del self._views[k]
+    def forget(self, bases: Sequence[Tensor]) -> None:
+        """Drop the views kept of ``bases`` (they are being replaced: the views would keep them alive)."""
+        gone = {id(base) for base in bases}
+        self._views = {k: v for k, v in self._views.items() if k[0] not in gone}
 
     def stack(self, parts: Sequence[Tensor]) -> Tensor | None:
         """``parts`` as one ``(B, ...)`` view, when they are consecutive same-shape slices of one buffer
@@ -346,10 +346,10 @@ def _repoint(chunk: Sequence[Block], key: str, stack: Tensor) -> bool:
             return False
         plans.append((b, whole))
         i = j
+    views = chunk[0].views
+    if views is not None:
+        views.forget([b.state[key] for b, _ in plans])
     for b, whole in plans:
-        old = b.state[key]
-        if b.views is not None:
-            b.views.forget(old)
         b.state[key] = whole
     return True
 
