@@ -87,7 +87,7 @@ def test_adapm_trains_real_models(cls: type[adapm.AdaPM], tracker: str) -> None:
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs g++")
 @pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
-@pytest.mark.parametrize(("tracker", "foreach"), [("power", False), ("fixed", False), ("power", True)])
+@pytest.mark.parametrize(("tracker", "foreach"), [("power", False), ("fixed", False), ("power", True), ("fixed", True)])
 def test_fused_matches_eager_on_real_models(cls: type[adapm.AdaPM], tracker: str, foreach: bool) -> None:
     """fused=True (compiled elementwise tail) follows the eager trajectory to float32 rounding, on
     GPT-2 (fused QKV segments, non-contiguous) and Llama, with every momentum policy present, on the

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from adapm.distributed import ShardInfo, local
 from adapm.partition.layout import ParamLayout, Segment
+from adapm.policies.correction import correction_coefficient
 from adapm.policies.momentum import lowrank_momentum
 from adapm.policies.second_moment import (
     _block_shape,
@@ -52,9 +53,12 @@ from adapm.policies.second_moment import (
     stacked_broadcast_blocks,
     stacked_local_block_sums,
 )
+from adapm.policies.trackers import TRACKER
 from adapm.policies.update import (
+    fixed_basis_values,
     foreach_elementwise_update,
     fused_block_moments,
+    fused_fixed_basis_momentum,
     fused_foreach_update,
     scalar_values,
 )
@@ -293,7 +297,7 @@ def step_lowrank(
     for members in groups.values():
         for chunk in stacks(members):
             due = [(b, generator) for b in chunk if (generator := refresh(b)) is not None]
-            _track_stack(chunk, due)
+            _track_stack(chunk, due, fused, scalars)
             elementwise_tails(chunk, second_moment_denominators(chunk, fused, scalars), fused, scalars)
             for b in chunk:
                 b.numerator = None  # free the stack's momenta
@@ -354,7 +358,10 @@ def _repoint(chunk: Sequence[Block], key: str, stack: Tensor) -> bool:
     return True
 
 
-def _track_stack(chunk: list[Block], due: list[tuple[Block, torch.Generator]]) -> None:
+def _track_stack(
+    chunk: list[Block], due: list[tuple[Block, torch.Generator]], fused: Fused | None = None,
+    scalars: ScalarRows | None = None,
+) -> None:  # fmt: skip
     """Track the stack with batched ops and set each block's :attr:`Block.numerator`. The blocks in ``due``
     refresh instead (:func:`_track_single`, from their old factors), overwriting their slots of the
     stack's momenta and new factors. Tracking the whole stack anyway keeps the momentum buffer, whose
@@ -375,12 +382,23 @@ def _track_stack(chunk: list[Block], due: list[tuple[Block, torch.Generator]]) -
     # The stored factors were checked finite with the gradients (on the host, one sync per step, in
     # AdaPM._finite_items); entries of the new ones that are not finite keep their old values, on the
     # device (no host sync per stack). With the deferred check, skipped blocks keep their factors whole.
-    mask = stack_mask(chunk, 3)
-    momentum, new_left, new_right = lowrank_momentum(
-        left_stack, right_stack, g, group["betas"][0], first.t,
-        tracker=group["tracker"], correction=group["correction"], refresh=False, generator=None, out=g,
-        guard=True if mask is None else mask, reduce=first.reduce,
-    )  # fmt: skip
+    tracked = None
+    if fused is not None and fused.fused and scalars is not None and first.reduce is None \
+            and TRACKER[group["tracker"]].keeps_basis:  # fmt: skip
+        try:  # the fixed tracker between refreshes as one compiled call (the flags stacked in it)
+            oks = None if first.ok is None else [cast(Tensor, b.ok) for b in chunk]
+            new_right = fused_fixed_basis_momentum(left_stack, right_stack, g, scalars.rows[track_key(first)], oks)
+            tracked = g, left_stack, new_right  # the momentum overwrote g
+        except Exception as err:  # compilation failures surface as many exception types
+            fused.disable_fused(err)
+    if tracked is None:
+        mask = stack_mask(chunk, 3)
+        tracked = lowrank_momentum(
+            left_stack, right_stack, g, group["betas"][0], first.t,
+            tracker=group["tracker"], correction=group["correction"], refresh=False, generator=None, out=g,
+            guard=True if mask is None else mask, reduce=first.reduce,
+        )  # fmt: skip
+    momentum, new_left, new_right = tracked
     position = {id(b): i for i, b in enumerate(chunk)}
     for b, generator in due:  # from the old factors (still in the state), into the stacks' slots
         i = position[id(b)]
@@ -520,6 +538,14 @@ def tail_key(b: Block) -> tuple[Any, ...]:
             bc1, math.sqrt(1 - beta2**b.t), group["eps"], clip)  # fmt: skip
 
 
+def track_key(b: Block) -> tuple[Any, ...]:
+    """The key of a low-rank block's row of fixed-basis scalars in :class:`ScalarRows` (device, then
+    ``("fixed", beta1, (1 + c_t)(1 - beta1))``), for :func:`fused_fixed_basis_momentum`."""
+    beta1 = b.group["betas"][0]
+    a = (1.0 + correction_coefficient(b.group["correction"], beta1, b.t)) * (1.0 - beta1)
+    return b.target.device, ("fixed", beta1, a)
+
+
 class ScalarRows:
     """The compiled tails' scalars: one small float32 tensor per distinct set of scalars, each its own
     tensor kept between steps (dynamo would tell apart views of one table by their storage offsets and
@@ -534,10 +560,13 @@ class ScalarRows:
         """Make :attr:`rows` hold the scalars of every block's tail (by device and :func:`tail_key` scalars)."""
         self.rows = {}
         wanted: dict[torch.device, list[tuple[Any, ...]]] = {}
-        for key in dict.fromkeys((b.target.device, tail_key(b)[2:]) for b in blocks):
+        keys = [(b.target.device, tail_key(b)[2:]) for b in blocks]
+        keys += [track_key(b) for b in blocks if b.lowrank and TRACKER[b.group["tracker"]].keeps_basis]
+        for key in dict.fromkeys(keys):
             wanted.setdefault(key[0], []).append(key[1])
         for device, keys in wanted.items():
-            values = [scalar_values(beta1=k[0], beta2=k[1], lr=k[2], decay=k[3], bias_correction1=k[4],
+            values = [fixed_basis_values(k[1], k[2]) if k[0] == "fixed" else
+                      scalar_values(beta1=k[0], beta2=k[1], lr=k[2], decay=k[3], bias_correction1=k[4],
                                     bias_correction2_sqrt=k[5], eps=k[6], update_clip=k[7]) for k in keys]  # fmt: skip
             pool = self._pool.setdefault(device, [])
             while len(pool) < len(keys):

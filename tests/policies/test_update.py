@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapm.policies.update import elementwise_update, fused_elementwise_update, fused_scalars
+from adapm.policies.correction import correction_coefficient
+from adapm.policies.momentum import lowrank_momentum
+from adapm.policies.trackers import orthonormalize
+from adapm.policies.update import (
+    elementwise_update,
+    fixed_basis_values,
+    fused_elementwise_update,
+    fused_fixed_basis_momentum,
+    fused_scalars,
+)
 
 HYPER = dict(
     beta1=0.9, beta2=0.95, lr=1e-2, decay=1 - 1e-3, eps=1e-8, bias_correction1=0.271, bias_correction2_sqrt=0.31
@@ -61,3 +70,32 @@ def test_fused_tail_needs_a_second_moment() -> None:
     with pytest.raises(ValueError, match="one of v"):
         fused_elementwise_update(x, x, v=None, m=None, numerator=None, denom=None,
                                  scalars=fused_scalars(**HYPER, update_clip=None, device=x.device))  # fmt: skip
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_fixed_basis_momentum_equals_the_eager_tracker(masked: bool) -> None:
+    """The fixed tracker's batched step as one compiled call: the same corrected momentum and new R as
+    ``lowrank_momentum`` to float32 rounding, with a non-finite R entry kept at its old value (host
+    check) or a flagged block's R kept whole (device flags); the basis and R inputs untouched."""
+    g = torch.Generator().manual_seed(0)
+    batch, rows, cols, rank, beta1, step = 3, 12, 10, 2, 0.9, 5
+    q = orthonormalize(torch.randn(batch, rows, rank, generator=g))
+    right = torch.randn(batch, rank, cols, generator=g)
+    grad = torch.randn(batch, rows, cols, generator=g)
+    grad[1, 0, 0] = float("inf")  # R_t of block 1 gets non-finite entries
+    oks = [torch.tensor(True), torch.tensor(False), torch.tensor(True)]
+    mask = torch.stack(oks).view(-1, 1, 1) if masked else True
+    q0, right0 = q.clone(), right.clone()
+    momentum, _, new_right = lowrank_momentum(
+        q, right, grad.clone(), beta1, step, tracker="fixed", correction="unbiased", refresh=False,
+        generator=None, guard=mask,
+    )  # fmt: skip
+    a = (1.0 + correction_coefficient("unbiased", beta1, step)) * (1.0 - beta1)
+    out = grad.clone()
+    fused_right = fused_fixed_basis_momentum(q, right, out, torch.tensor(fixed_basis_values(beta1, a)),
+                                             oks if masked else None)  # fmt: skip
+    assert torch.equal(q, q0) and torch.equal(right, right0)
+    torch.testing.assert_close(fused_right, new_right, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fused_right[1], right0[1]) if masked else torch.isfinite(fused_right).all()
+    keep = [0, 2]  # block 1's momentum holds inf either way (its gradient does)
+    torch.testing.assert_close(out[keep], momentum[keep], rtol=1e-5, atol=1e-6)

@@ -347,6 +347,46 @@ def fused_block_moments(
         return kernel(vs, grads, scalars, specs) if oks is None else kernel(vs, grads, scalars, specs, oks)
 
 
+def _fixed_basis_body(masked: bool) -> Any:
+    def run(q: Tensor, right: Tensor, g: Tensor, s: Tensor, oks: list[Tensor] | None = None) -> Tensor:
+        weight, a = s[0], s[1]  # 1 - beta1, and (1 + c_t)(1 - beta1)
+        p = q.mT @ g
+        new = torch.lerp(right, p, weight)
+        keep = torch.stack(cast(list[Tensor], oks)).view(-1, 1, 1) if masked else torch.isfinite(new)
+        new = torch.where(keep, new, right)
+        g.copy_(a * g + q @ (new - a * p))
+        return new
+
+    return run
+
+
+@functools.cache
+def _compiled_fixed_basis(masked: bool, threads: int) -> Any:
+    del threads
+    return torch.compile(_fixed_basis_body(masked), dynamic=True, fullgraph=True)
+
+
+def fixed_basis_values(beta1: float, a: float) -> list[float]:
+    """The row of scalars of :func:`fused_fixed_basis_momentum`, as long as a row of :func:`scalar_values`
+    (so that both share one table): ``1 - beta1``, ``a = (1 + c_t)(1 - beta1)``, then zeros."""
+    return [1.0 - beta1, a, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def fused_fixed_basis_momentum(
+    q: Tensor, right: Tensor, g: Tensor, scalars: Tensor, oks: list[Tensor] | None = None
+) -> Tensor:
+    """The ``fixed`` tracker's step between refreshes (see
+    :func:`adapm.policies.momentum.lowrank_momentum`) for a stack ``q (B, m, r)``, ``right (B, r, n)``,
+    ``g (B, m, n)`` as one compiled call: the corrected momentum ``a g + Q (R_t - a P)`` overwrites ``g``,
+    and ``R_t = lerp(R, Q^T g, 1 - beta1)`` is returned, each block's old ``R`` kept where its flag in
+    ``oks`` (0-d booleans, one per block) is False, or else entry by entry where ``R_t`` is not finite.
+    ``scalars``: a row of :func:`fixed_basis_values`. Inputs other than ``g`` are untouched. Equal to the
+    eager form to float32 rounding; raises whatever ``torch.compile`` raises if it cannot build the call."""
+    kernel = _compiled_fixed_basis(oks is not None, torch.get_num_threads())
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        return kernel(q, right, g, scalars) if oks is None else kernel(q, right, g, scalars, oks)
+
+
 _RECOMPILE_LIMIT = 64
 """Variants per kernel (layouts: contiguous or strided, vectors, broadcast patterns of the block
 denominators); each compiles once per process and is cached on disk."""
