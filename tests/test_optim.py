@@ -107,12 +107,12 @@ def test_fused_matches_eager_on_real_models(cls: type[adapm.AdaPM], tracker: str
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs g++")
-@pytest.mark.parametrize("foreach", [False, True])
-def test_fused_with_int8_state_matches_eager(foreach: bool) -> None:
+@pytest.mark.parametrize(("tracker", "foreach"), [("power", False), ("power", True), ("fixed", True)])
+def test_fused_with_int8_state_matches_eager(tracker: str, foreach: bool) -> None:
     """The compiled tail runs on the float32 working copies of 8-bit state like on float32 state: the
     same trajectory as the eager step with the same state, to the rounding both draw alike."""
     eager_model, fused_model = tiny_llama(), tiny_llama()
-    kwargs = dict(lr=3e-3, refresh_every=4, foreach=foreach, state_dtype="int8")
+    kwargs = dict(lr=3e-3, refresh_every=4, foreach=foreach, state_dtype="int8", tracker=tracker)
     eager, fused = adapm.AdaPM(eager_model, **kwargs), adapm.AdaPM(fused_model, fused=True, **kwargs)
     data = batches(96, 6)
     with warnings.catch_warnings():

@@ -184,8 +184,9 @@ class AdaPM(Optimizer):
         fused: run the elementwise tail (momentum and second-moment EMAs, the update) compiled with
             ``torch.compile`` instead of as eager PyTorch ops: one pass over each block's memory
             instead of 5-8, equal up to float32 rounding. On the per-block path one kernel per block;
-            on the grouped path one compiled call per group of blocks. The first step compiles
-            (seconds to a minute; cached on disk afterwards); needs a C++ compiler on CPU, and falls
+            on the grouped path one compiled call per group of blocks, and with ``tracker="fixed"``
+            one per stack of same-shape low-rank blocks for their tracking between refreshes. The
+            first step compiles (seconds to minutes; cached on disk afterwards); needs a C++ compiler on CPU, and falls
             back to the eager path with a ``RuntimeWarning`` if compilation fails. Default ``False``.
 
         strict: what to do when the partition cannot apply to some matrices (no preset matched, or a
