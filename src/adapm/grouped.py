@@ -557,7 +557,8 @@ class ScalarRows:
         self.rows: dict[tuple[torch.device, tuple[Any, ...]], Tensor] = {}
 
     def write(self, blocks: Sequence[Block]) -> None:
-        """Make :attr:`rows` hold the scalars of every block's tail (by device and :func:`tail_key` scalars)."""
+        """Make :attr:`rows` hold the scalars of every block's tail (by device and :func:`tail_key` scalars)
+        and of every fixed-basis low-rank stack's tracking (by :func:`track_key`)."""
         self.rows = {}
         wanted: dict[torch.device, list[tuple[Any, ...]]] = {}
         keys = [(b.target.device, tail_key(b)[2:]) for b in blocks]
