@@ -188,12 +188,23 @@ _FUSED_KERNELS = {
 }
 
 
+def _fused_kernel(ema: bool, full: bool) -> Any:
+    return _FUSED_KERNELS[ema, full]
+
+
 @functools.cache
-def _compiled(ema: bool, full: bool, threads: int) -> Any:
-    """The compiled kernel for one (momentum source, second moment) pair; ``threads`` is part of the key
-    because Inductor fixes a kernel's OpenMP thread count when it generates it."""
+def _compiled(make: Any, flags: tuple[bool, ...], threads: int) -> Any:
+    """``make(*flags)`` compiled (dynamic shapes, one graph); ``threads`` is part of the cache key because
+    Inductor fixes a kernel's OpenMP thread count when it generates it."""
     del threads
-    return torch.compile(_FUSED_KERNELS[ema, full], dynamic=True, fullgraph=True)
+    return torch.compile(make(*flags), dynamic=True, fullgraph=True)
+
+
+def _run_compiled(make: Any, flags: tuple[bool, ...], *args: Any) -> Any:
+    """Call the compiled ``make(*flags)`` on ``args``, allowing :data:`_RECOMPILE_LIMIT` variants."""
+    kernel = _compiled(make, flags, torch.get_num_threads())
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        return kernel(*args)
 
 
 def fused_scalars(*, device: torch.device, **values: float | None) -> Tensor:
@@ -237,12 +248,10 @@ def fused_elementwise_update(
     if second is None:
         raise ValueError("fused_elementwise_update: one of v (full) or denom (block) is required")
     source = m if ema else (numerator if numerator is not None else grad)
-    kernel = _compiled(ema, v is not None, torch.get_num_threads())
     # Plain 2-D tensors (detached views of the same storage) keep the number of compiled variants
     # small: parameters would get static shapes, and every rank and size-1 pattern its own graph.
     args = [_as_2d(x) for x in (target, grad, source, second)]
-    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        kernel(*args, scalars)
+    _run_compiled(_fused_kernel, (ema, v is not None), *args, scalars)
 
 
 def _foreach_body(ema: bool, full: bool, masked: bool) -> Any:
@@ -267,12 +276,6 @@ def _foreach_body(ema: bool, full: bool, masked: bool) -> Any:
     return run
 
 
-@functools.cache
-def _compiled_foreach(ema: bool, full: bool, masked: bool, threads: int) -> Any:
-    del threads
-    return torch.compile(_foreach_body(ema, full, masked), dynamic=True, fullgraph=True)
-
-
 def fused_foreach_update(
     targets: list[Tensor],
     grads: list[Tensor],
@@ -294,13 +297,9 @@ def fused_foreach_update(
     if second is None:
         raise ValueError("fused_foreach_update: one of vs (full) or denoms (block) is required")
     sources = ms if ms is not None else (numerators if numerators is not None else grads)
-    kernel = _compiled_foreach(ms is not None, vs is not None, oks is not None, torch.get_num_threads())
     # In-graph views (1-d tensors as rows) dispatch nothing per tensor; called under no_grad (the step).
-    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        if oks is None:
-            kernel(targets, grads, sources, second, scalars)
-        else:
-            kernel(targets, grads, sources, second, scalars, oks)
+    args = (targets, grads, sources, second, scalars) + (() if oks is None else (oks,))
+    _run_compiled(_foreach_body, (ms is not None, vs is not None, oks is not None), *args)
 
 
 BlockSpec = tuple[tuple[int, ...], int | None, int]
@@ -325,12 +324,6 @@ def _block_moments_body(masked: bool) -> Any:
     return run
 
 
-@functools.cache
-def _compiled_block_moments(masked: bool, threads: int) -> Any:
-    del threads
-    return torch.compile(_block_moments_body(masked), dynamic=True, fullgraph=True)
-
-
 def fused_block_moments(
     vs: list[Tensor], grads: list[Tensor], scalars: list[Tensor], specs: tuple[BlockSpec, ...],
     oks: list[Tensor] | None = None,
@@ -342,9 +335,8 @@ def fused_block_moments(
     matrix (see :func:`adapm.policies.second_moment.broadcast_blocks`). ``scalars``: each block's row of
     :func:`fused_scalars`. ``oks``: as in :func:`fused_foreach_update` (a block whose flag is False keeps
     its ``v``). Raises whatever ``torch.compile`` raises if no kernel can be built; callers fall back."""
-    kernel = _compiled_block_moments(oks is not None, torch.get_num_threads())
-    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        return kernel(vs, grads, scalars, specs) if oks is None else kernel(vs, grads, scalars, specs, oks)
+    args = (vs, grads, scalars, specs) + (() if oks is None else (oks,))
+    return _run_compiled(_block_moments_body, (oks is not None,), *args)
 
 
 def _fixed_basis_body(masked: bool) -> Any:
@@ -358,12 +350,6 @@ def _fixed_basis_body(masked: bool) -> Any:
         return new
 
     return run
-
-
-@functools.cache
-def _compiled_fixed_basis(masked: bool, threads: int) -> Any:
-    del threads
-    return torch.compile(_fixed_basis_body(masked), dynamic=True, fullgraph=True)
 
 
 def fixed_basis_values(beta1: float, a: float) -> list[float]:
@@ -382,9 +368,8 @@ def fused_fixed_basis_momentum(
     ``oks`` (0-d booleans, one per block) is False, or else entry by entry where ``R_t`` is not finite.
     ``scalars``: a row of :func:`fixed_basis_values`. Inputs other than ``g`` are untouched. Equal to the
     eager form to float32 rounding; raises whatever ``torch.compile`` raises if it cannot build the call."""
-    kernel = _compiled_fixed_basis(oks is not None, torch.get_num_threads())
-    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        return kernel(q, right, g, scalars) if oks is None else kernel(q, right, g, scalars, oks)
+    args = (q, right, g, scalars) + (() if oks is None else (oks,))
+    return _run_compiled(_fixed_basis_body, (oks is not None,), *args)
 
 
 _RECOMPILE_LIMIT = 64
