@@ -59,6 +59,8 @@ OPTIMIZERS = (
     "adapm-mini-fixed-fused",
     "adapm-foreach",
     "adapm-mini-foreach",
+    "adapm-fixed-fused-foreach",
+    "adapm-mini-fixed-fused-foreach",
     "adapm-bf16",
     "adapm-mini-bf16",
     "adapm-int8",
@@ -69,7 +71,8 @@ OPTIMIZERS = (
 codes with block scales; float32 math on working copies); ``adamw-8bit``: bitsandbytes' AdamW8bit;
 ``*-fixed``: AdaPM with ``tracker="fixed"`` (two skinny matmuls per low-rank block instead of four);
 ``*-fused``: with ``fused=True`` (the elementwise tail as one compiled kernel); ``*-foreach``: the grouped
-step (the default off CPU) timed on CPU."""
+step (the default off CPU) timed on CPU (``*-fixed-fused-foreach``: the fast configuration on that step,
+with the finite check read on the host as on CPU)."""
 MODELS = {"gpt2-124m": "gpt2-124m", "llama-350m": "llama-350m", "quick": "gpt2-20m"}
 
 
