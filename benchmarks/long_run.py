@@ -3,6 +3,7 @@ with several seeds, on three settings (model x corpus), with loss curves and ste
 
     python benchmarks/long_run.py sweep  --out runs/long --jobs 2 --threads 1   # 200 steps, 4 lrs, seed 0
     python benchmarks/long_run.py long   --out runs/long --jobs 2 --threads 1   # 1500 steps (3.1M tokens), 2 seeds
+    python benchmarks/long_run.py bracket --out runs/long --jobs 2 --threads 1  # more lrs around the best long lr
     python benchmarks/long_run.py report --out runs/long --docs docs/benchmarks  # tables, plots, JSON
     python benchmarks/long_run.py sweep  --quick --out /tmp/quick              # smoke: 2 runs of 6 steps
 
@@ -16,7 +17,8 @@ Rows: ``adamw``, ``adamw-blr``, ``adapm``, ``adapm-mini``, ``adapm-mini-blr`` on
 ablations ``adapm-mini:clip_scope=all`` and ``adapm-mini:update_clip=none`` in the sweep, ``adam-mini`` and
 ``sgd-sai`` on the first setting. The long phase runs each row at its best sweep lr (seeds 0 and 1) and
 AdamW and AdaPM-mini also at their better neighbouring lr (seeds 0 and 1: at 1,500 steps on GPT-2 the
-neighbour beat the sweep's pick for both), since the best lr moves with the horizon. Never run in CI
+neighbour beat the sweep's pick for both), since the best lr moves with the horizon; the bracket phase
+then runs them at the factor-2 neighbours of their best long-run lr until it is bracketed. Never run in CI
 (hours of CPU); ``--quick`` is its smoke test.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -176,6 +179,35 @@ def long_tasks(results: dict[str, dict[str, Any]], quick: bool) -> list[Task]:
                 near = [lrs[j] for j in (at - 1, at + 1) if 0 <= j < len(lrs)]
                 neighbour = min(near, key=ranked.index)
                 tasks += [Task("long", setting, spec, neighbour, seed, LONG_STEPS) for seed in LONG_SEEDS]
+    return tasks
+
+
+def bracket_tasks(results: dict[str, dict[str, Any]], settings: tuple[str, ...] | None = None) -> list[Task]:
+    """Long runs that bracket AdamW's and AdaPM-mini's best long-run lr: the best lr moves with the horizon
+    (up on GPT-2, down on Llama here), so the sweep's pick and its better neighbour need not straddle the
+    long-run optimum. For each row in ``NEIGHBOURS`` whose long runs are all recorded, the lr with the
+    lowest mean over ``LONG_SEEDS`` gets its factor-2 neighbours on both sides (outside the sweep grid
+    too), each with every seed, unless already run (an lr with a seed missing gets it); rerun the phase
+    until nothing is added. ``settings``: only these (all by default)."""
+    planned = long_tasks(results, quick=False)
+    tasks = []
+    for setting in settings or tuple(SETTINGS):
+        for spec in NEIGHBOURS:
+            mine = [t for t in planned if (t.setting, t.spec) == (setting, spec)]
+            if not mine or any(t.key not in results for t in mine):
+                continue  # its long runs first
+            finals: dict[float, list[float]] = {}
+            for r in results.values():
+                if r["phase"] == "long" and (r["setting"], r["spec"]) == (setting, spec):
+                    finals.setdefault(r["lr"], []).append(r["final_val_loss"])
+            complete = {lr: statistics.mean(v) for lr, v in finals.items() if len(v) == len(LONG_SEEDS)}
+            if not complete:
+                continue
+            best = min(complete, key=complete.__getitem__)
+            wanted = [lr for lr in finals if lr not in complete]  # an interrupted bracket: its other seeds
+            wanted += [lr for lr in (best / 2, best * 2) if not any(math.isclose(lr, x, rel_tol=1e-9) for x in finals)]
+            news = [Task("long", setting, spec, lr, seed, LONG_STEPS) for lr in wanted for seed in LONG_SEEDS]
+            tasks += [task for task in news if task.key not in results]
     return tasks
 
 
@@ -352,12 +384,13 @@ def report(out: Path, docs: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=("sweep", "long", "report"))
+    parser.add_argument("phase", choices=("sweep", "long", "bracket", "report"))
     parser.add_argument("--out", type=Path, default=Path("runs/long"), help="run directories and results.jsonl")
     parser.add_argument("--docs", type=Path, default=Path("docs/benchmarks"), help="where report writes")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (each its own process)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--quick", action="store_true", help="smoke test: gpt2-1m, 2 runs of a few steps")
+    parser.add_argument("--settings", default="", help="bracket: only these settings (comma-separated)")
     args = parser.parse_args()
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be at least 1")
@@ -365,7 +398,16 @@ def main() -> None:
         report(args.out, args.docs)
         return
     results = load_results(args.out)
-    tasks = sweep_tasks(args.quick) if args.phase == "sweep" else long_tasks(results, args.quick)
+    if args.phase == "sweep":
+        tasks = sweep_tasks(args.quick)
+    elif args.phase == "long":
+        tasks = long_tasks(results, args.quick)
+    else:
+        settings = tuple(s for s in args.settings.split(",") if s)
+        unknown = [s for s in settings if s not in SETTINGS]
+        if unknown:
+            parser.error(f"--settings: unknown {', '.join(unknown)}; expected some of {', '.join(SETTINGS)}")
+        tasks = [] if args.quick else bracket_tasks(results, settings)
     run_phase(tasks, args.out, args.jobs, args.threads, args.quick)
 
 

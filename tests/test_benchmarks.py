@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -193,6 +194,42 @@ def test_long_run_quick_phases_resume_and_report(tmp_path: Path) -> None:
     adamw = next(r for r in report["long"] if r["optimizer"] == "adamw")
     assert adamw["minus_adamw"] == 0.0 and adamw["step_ratio"] == 1.0
     assert (tmp_path / "docs" / "long_run_gpt2-shakespeare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_long_run_bracket_runs_the_neighbours_of_the_best_long_lr_until_it_is_bracketed() -> None:
+    lr_mod = _bench_module("long_run")
+    results: dict[str, dict[str, Any]] = {}
+
+    def record(phase: str, setting: str, spec: str, lr: float, seed: int, loss: float) -> None:
+        task = lr_mod.Task(phase, setting, spec, lr, seed, 1)
+        results[task.key] = {**task.__dict__, "key": task.key, "final_val_loss": loss}
+
+    def long_loss(lr: float, seed: int) -> float:  # the long horizon's optimum: 1.5e-3, two grid steps away
+        return 3.0 + abs(math.log2(lr / 1.5e-3)) + 0.01 * seed
+
+    for i, setting in enumerate(lr_mod.SETTINGS):
+        for spec in lr_mod.CORE + (lr_mod.FIRST_SETTING_ONLY if i == 0 else ()):
+            for lr, loss in zip(lr_mod.grid(spec), (5.1, 5.0, 5.2, 5.3)):  # the sweep: 2nd best, then 1st
+                record("sweep", setting, spec, lr, 0, loss)
+    assert lr_mod.bracket_tasks(results) == []  # the long runs first
+    for task in lr_mod.long_tasks(results, quick=False):
+        record("long", task.setting, task.spec, task.lr, task.seed, long_loss(task.lr, task.seed))
+    mine = ("llama-python-docs",)
+    # The long runs ran 7.5e-4 (the sweep's pick) and 3.75e-4 (its better neighbour): the best, 7.5e-4,
+    # gets 1.5e-3 (both seeds), for AdamW and AdaPM-mini only; then 1.5e-3 gets 3e-3; then nothing.
+    for want in (1.5e-3, 3e-3):
+        tasks = lr_mod.bracket_tasks(results, mine)
+        assert [(t.setting, t.spec, t.seed) for t in tasks] == [
+            (mine[0], spec, seed) for spec in lr_mod.NEIGHBOURS for seed in lr_mod.LONG_SEEDS
+        ]
+        assert all(t.lr == pytest.approx(want) and t.steps == lr_mod.LONG_STEPS for t in tasks)
+        for task in tasks[:-1]:  # interrupted before the last: that run is scheduled again, alone of its lr
+            record("long", task.setting, task.spec, task.lr, task.seed, long_loss(task.lr, task.seed))
+        again = [t for t in lr_mod.bracket_tasks(results, mine) if t.spec == tasks[-1].spec]
+        assert [t.key for t in again] == [tasks[-1].key]
+        record("long", tasks[-1].setting, tasks[-1].spec, tasks[-1].lr, tasks[-1].seed, long_loss(tasks[-1].lr, 1))
+    assert lr_mod.bracket_tasks(results, mine) == []  # 1.5e-3 is the best, with 7.5e-4 and 3e-3 run
+    assert len(lr_mod.bracket_tasks(results)) == 2 * 2 * len(lr_mod.LONG_SEEDS)  # the other two settings
 
 
 def test_op_count_quick(tmp_path: Path) -> None:
