@@ -320,13 +320,13 @@ def plot(rows: list[dict[str, Any]], docs: Path) -> list[Path]:
         mine = [r for r in rows if r["setting"] == setting]
         names = list(dict.fromkeys(r["optimizer"] for r in mine if r["optimizer"] != "adamw"))
         palette = matplotlib.colormaps["tab10"]
-        drawn: set[str] = set()
+        drawn: dict[str, int] = {}
         for row in mine:
             name = row["optimizer"]
-            # AdamW, the reference, in black; an optimizer's second lr dashed in its colour.
+            # AdamW, the reference, in black; an optimizer's further lrs dashed, dotted, ... in its colour.
             color = "black" if name == "adamw" else palette(names.index(name) % 10)
-            style = "--" if name in drawn else "-"
-            drawn.add(name)
+            style = ("-", "--", ":", "-.")[min(drawn.get(name, 0), 3)]
+            drawn[name] = drawn.get(name, 0) + 1
             curves = [dict((int(s), v) for s, v in r["val_curve"]) for r in row["runs"]]
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             mean = [statistics.mean(c[s] for c in curves) for s in steps]
