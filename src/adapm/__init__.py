@@ -5,6 +5,7 @@
 >>> print(opt.partition_report())
 """
 
+from adapm.compiled import CompiledStep, compile_step
 from adapm.config import BLOCKWISE_LR_RATIOS, CLIP_SCOPES, AdaPMConfig, resolve_lr_ratios
 from adapm.optim import AdaPM, AdaPMMini, state_bytes
 from adapm.partition import PartitionReport, Rule, partition
@@ -17,9 +18,11 @@ __all__ = [
     "AdaPM",
     "AdaPMConfig",
     "AdaPMMini",
+    "CompiledStep",
     "PartitionReport",
     "Rule",
     "__version__",
+    "compile_step",
     "partition",
     "resolve_lr_ratios",
     "state_bytes",

@@ -527,15 +527,19 @@ def _eager_block_moments(blocks: list[Block], vs: list[Tensor], rows: list[Tenso
 def tail_key(b: Block) -> tuple[Any, ...]:
     """What a block's elementwise tail is grouped by: its numerator's source, whether its second moment
     is elementwise, then its scalars (beta1, beta2, lr, decay, bias corrections, eps, update clip)."""
-    group, seg = b.group, b.seg
+    return (b.seg.policy.source, b.layout.second_policy.elementwise, *tail_values(b.group, b.seg, b.t))
+
+
+def tail_values(group: dict[str, Any], seg: Segment, t: int) -> tuple[Any, ...]:
+    """The scalars of segment ``seg``'s elementwise tail at step ``t``: ``(beta1, beta2, lr, decay,
+    bias correction 1, sqrt(bias correction 2), eps, update clip or None)``."""
     beta1, beta2 = group["betas"]
     lr = group["lr"] * seg.lr_ratio if seg.lr_ratio != 1.0 else group["lr"]
     policy = seg.policy
     every_block = group["clip_scope"] == "all"
     clip = seg.clip if seg.clip_set else (group["update_clip"] if every_block or policy.in_clip_scope else None)
-    bc1 = 1 - beta1**b.t if policy.bias_correction else 1.0
-    return (policy.source, b.layout.second_policy.elementwise, beta1, beta2, lr, 1 - lr * group["weight_decay"],
-            bc1, math.sqrt(1 - beta2**b.t), group["eps"], clip)  # fmt: skip
+    bc1 = 1 - beta1**t if policy.bias_correction else 1.0
+    return (beta1, beta2, lr, 1 - lr * group["weight_decay"], bc1, math.sqrt(1 - beta2**t), group["eps"], clip)
 
 
 def track_key(b: Block) -> tuple[Any, ...]:

@@ -1059,13 +1059,15 @@ class AdaPM(Optimizer):
         """The seeded generator of a refresh (a randomized SVD) of ``p``'s low-rank segment ``slot`` at step
         ``t``, or None when the factors are tracked this step. Golden-ratio offsets spread the refreshes
         evenly over the period whatever the parameter count."""
-        index = self._index[p]
-        offset = int(((index + 1) * _GOLDEN) % 1.0 * period)
-        if not (t == 1 or (t - offset) % period == 0):
+        if not (t == 1 or (t - self._refresh_offset(p, period)) % period == 0):
             return None
         generator = torch.Generator(device=device)
-        generator.manual_seed(index * 1_000_003 + slot * 7_919 + t)
+        generator.manual_seed(self._index[p] * 1_000_003 + slot * 7_919 + t)
         return generator
+
+    def _refresh_offset(self, p: Tensor, period: int) -> int:
+        """The step (modulo ``period``) at which ``p``'s low-rank segments refresh."""
+        return int(((self._index[p] + 1) * _GOLDEN) % 1.0 * period)
 
     # ----------------------------------------------------------------------------- checkpoints
 

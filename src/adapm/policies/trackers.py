@@ -186,8 +186,21 @@ def randomized_factors(
     rows, cols = m.shape
     if global_rows is None:
         global_rows = rows if reduce is None else int(reduce(torch.tensor([rows], device=m.device)).item())
-    width = min(rank + RSVD_OVERSAMPLING, global_rows, cols)
-    omega = torch.randn(cols, width, generator=generator, dtype=m.dtype, device=m.device)
+    omega = torch.randn(cols, rsvd_width(rank, global_rows, cols), generator=generator, dtype=m.dtype, device=m.device)
+    return factors_from_sketch(m, omega, rank, balanced=balanced, reduce=reduce)
+
+
+def rsvd_width(rank: int, rows: int, cols: int) -> int:
+    """The columns of a randomized SVD's test matrix for a ``rows x cols`` matrix (see
+    :func:`randomized_factors`)."""
+    return min(rank + RSVD_OVERSAMPLING, rows, cols)
+
+
+def factors_from_sketch(
+    m: Tensor, omega: Tensor, rank: int, *, balanced: bool = False, reduce: Reduce | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`randomized_factors` from a drawn Gaussian test matrix ``omega (cols, width)``; batched too:
+    ``m (B, rows, cols)`` with ``omega (B, cols, width)`` gives each matrix what it would get alone."""
     q = orthonormalize(m @ omega, reduce)
     for _ in range(RSVD_POWER_ITERATIONS):
         z = orthonormalize(_project(m, q, reduce))  # (m^T Q): n x width, the same on every rank
@@ -195,10 +208,10 @@ def randomized_factors(
     small = _project(q, m, reduce)  # the same on every rank
     scale = unit_scale(small, even=True)
     u_small, s, vh = torch.linalg.svd(small * scale, full_matrices=False)
-    u = q @ u_small[:, :rank]
+    u = q @ u_small[..., :rank]
     if balanced:
-        root = (s[:rank] / scale).sqrt()
-        return u * root, root[:, None] * vh[:rank]
+        root = (s[..., :rank] / scale.reshape(*s.shape[:-1], 1)).sqrt()
+        return u * root.unsqueeze(-2), root.unsqueeze(-1) * vh[..., :rank, :]
     return u, _project(u, m, reduce)
 
 

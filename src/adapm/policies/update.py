@@ -260,20 +260,26 @@ def _foreach_body(ema: bool, full: bool, masked: bool) -> Any:
     def run(targets: list[Tensor], grads: list[Tensor], sources: list[Tensor], seconds: list[Tensor],
             s: Tensor, oks: list[Tensor] | None = None) -> None:  # fmt: skip
         for i, (target, grad, source, second) in enumerate(zip(targets, grads, sources, seconds)):
-            args = [x.reshape(1, -1) if x.dim() < 2 else x for x in (target, grad, source, second)]
-            if not masked:
-                body(*args, s)
-                continue
-            # The tensors the body updates (the parameter; m and v where they are state): their old
-            # values where this block's ``ok`` is False. In the graph this is one pass, not a copy.
-            written = [args[0]] + ([args[2]] if ema else []) + ([args[3]] if full else [])
-            old = [x.clone() for x in written]
-            body(*args, s)
-            ok = cast(list[Tensor], oks)[i]
-            for x, before in zip(written, old):
-                x.copy_(torch.where(ok, x, before))
+            tail_body(body, ema, full, target, grad, source, second, s, cast(list[Tensor], oks)[i] if masked else None)
 
     return run
+
+
+def tail_body(body: Any, ema: bool, full: bool, target: Tensor, grad: Tensor, source: Tensor, second: Tensor,
+              s: Tensor, ok: Tensor | None) -> None:  # fmt: skip
+    """One block's fused tail (``body``, one of :data:`_FUSED_KERNELS`) inside a traced function; ``ok``: a
+    0-d boolean, False to leave the parameter and the state the body writes as they were."""
+    args = [x.reshape(1, -1) if x.dim() < 2 else x for x in (target, grad, source, second)]
+    if ok is None:
+        body(*args, s)
+        return
+    # The tensors the body updates (the parameter; m and v where they are state): their old values where
+    # this block's ``ok`` is False. In the graph this is one pass, not a copy.
+    written = [args[0]] + ([args[2]] if ema else []) + ([args[3]] if full else [])
+    old = [x.clone() for x in written]
+    body(*args, s)
+    for x, before in zip(written, old):
+        x.copy_(torch.where(ok, x, before))
 
 
 def fused_foreach_update(
@@ -309,19 +315,24 @@ BlockSpec = tuple[tuple[int, ...], int | None, int]
 def _block_moments_body(masked: bool) -> Any:
     def run(vs: list[Tensor], grads: list[Tensor], scalars: list[Tensor], specs: tuple[BlockSpec, ...],
             oks: list[Tensor] | None = None) -> list[Tensor]:  # fmt: skip
-        out = []
-        for i, (v, grad, s, (shape, block_dim, block_size)) in enumerate(zip(vs, grads, scalars, specs)):
-            _lr, _decay, _bc1, bc2s, eps, _clip, _beta1, beta2 = s.unbind()
-            pre, n_blocks, post = _block_shape(shape, block_dim, block_size)  # the block means of g^2
-            row = grad.reshape(pre, n_blocks, post).square().sum(dim=(0, 2)) / (pre * post)
-            new = torch.lerp(v, row, 1.0 - beta2)
-            if masked:
-                new = torch.where(cast(list[Tensor], oks)[i], new, v)
-            v.copy_(new)
-            out.append(broadcast_blocks(new.sqrt() / bc2s + eps, shape, block_dim, block_size))
-        return out
+        return [block_moment(v, grad, s, spec, cast(list[Tensor], oks)[i] if masked else None)
+                for i, (v, grad, s, spec) in enumerate(zip(vs, grads, scalars, specs))]  # fmt: skip
 
     return run
+
+
+def block_moment(v: Tensor, grad: Tensor, s: Tensor, spec: BlockSpec, ok: Tensor | None) -> Tensor:
+    """One block's part of :func:`fused_block_moments` inside a traced function: ``v`` updated in place
+    (kept where the 0-d ``ok`` is False), its denominators returned shaped to broadcast."""
+    shape, block_dim, block_size = spec
+    _lr, _decay, _bc1, bc2s, eps, _clip, _beta1, beta2 = s.unbind()
+    pre, n_blocks, post = _block_shape(shape, block_dim, block_size)  # the block means of g^2
+    row = grad.reshape(pre, n_blocks, post).square().sum(dim=(0, 2)) / (pre * post)
+    new = torch.lerp(v, row, 1.0 - beta2)
+    if ok is not None:
+        new = torch.where(ok, new, v)
+    v.copy_(new)
+    return broadcast_blocks(new.sqrt() / bc2s + eps, shape, block_dim, block_size)
 
 
 def fused_block_moments(
