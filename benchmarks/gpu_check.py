@@ -40,7 +40,9 @@ OPTIMIZERS = ("adamw-fused", "adamw-foreach", "adapm", "adapm-mini", "adapm-fixe
               "adapm-perblock", "adapm-mini-perblock", "adapm-mini-bf16", "adapm-mini-int8")
 """``-fixed``: ``tracker="fixed"``; ``-perblock``: ``foreach=False`` (the single-tensor reference path);
 ``-bf16``, ``-int8``: ``state_dtype`` (large state in bfloat16, or 8-bit codes with block scales);
-``-fused``: ``fused=True`` (compiled tails, timed in a last section)."""
+``-fused``: ``fused=True`` (compiled tails, timed in a later section); ``-compiled``: stepped with
+:func:`adapm.compile_step` (``mode="reduce-overhead"``: the device work as one graph, CUDA graphs on CUDA;
+timed in the last section)."""
 
 
 def make_model(name: str, device: torch.device) -> nn.Module:
@@ -66,7 +68,13 @@ def _make_model(name: str, device: torch.device) -> nn.Module:
     return model.to(torch.bfloat16) if name == "llama-1b" else model
 
 
+def stepper(name: str, opt: torch.optim.Optimizer) -> Any:
+    """What one step of optimizer ``name`` calls: ``opt.step``, or its compiled step (``-compiled``)."""
+    return adapm.compile_step(opt, mode="reduce-overhead") if name.endswith("-compiled") else opt.step
+
+
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    name = name.removesuffix("-compiled")
     if name.startswith("adamw-"):
         flag = {"adamw-fused": {"fused": True}, "adamw-foreach": {"foreach": True}}[name]
         return torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, **flag)
@@ -97,15 +105,17 @@ def step_time(model_name: str, optimizers: list[str], device: torch.device, step
         if name == "adamw-fused" and model_name == "llama-1b" and device.type == "cpu":
             continue
         opt = make_optimizer(name, model)
+        step = stepper(name, opt)
         times = []
         for _ in range(steps + 3):
             sync(device)
             start = time.perf_counter()
-            opt.step()
+            step()
             sync(device)
             times.append(time.perf_counter() - start)
         rows.append({"model": model_name, "optimizer": name, "median_ms": 1e3 * statistics.median(times[3:]),
-                     "first_step_s": times[0], "state_bytes": adapm.state_bytes(opt)})  # fmt: skip
+                     "first_step_s": times[0], "second_step_s": times[1],
+                     "state_bytes": adapm.state_bytes(opt)})  # fmt: skip
         del opt
     ref = next((r["median_ms"] for r in rows if r["optimizer"] == "adamw-fused"), None)
     for r in rows:
@@ -118,11 +128,12 @@ def warmed_up(model_name: str, optimizers: list[str], device: torch.device) -> I
     model = make_model(model_name, device)
     for name in optimizers:
         opt = make_optimizer(name, model)
+        step = stepper(name, opt)
         for seed in range(3):
             fill_grads(model, seed)
-            opt.step()
+            step()
         sync(device)
-        yield name, opt
+        yield name, (opt, step)
         del opt
 
 
@@ -130,19 +141,19 @@ def op_counts(optimizers: list[str], device: torch.device, model_name: str) -> l
     from torch.profiler import ProfilerActivity, profile
 
     rows = []
-    for name, opt in warmed_up(model_name, optimizers, device):
-        total, top = top_level_ops(opt.step)
+    for name, (_, step) in warmed_up(model_name, optimizers, device):
+        total, top = top_level_ops(step)
         launches = kernel_ms = host_syncs = None
         if device.type == "cuda":
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                opt.step()
+                step()
                 sync(device)
             names = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
             launches = sum(1 for e in prof.events() if e.name in names)
             # Time the GPU spent in kernels: against the step's wall time, the launch-bound share.
             kernel_ms = sum(e.self_device_time_total for e in prof.events()
                             if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3  # fmt: skip
-            host_syncs = count_host_syncs(opt)
+            host_syncs = count_host_syncs(step)
         rows.append({"model": model_name, "optimizer": name, "ops_per_step": total,
                      "kernel_ops_per_step": kernel_ops(top), "kernel_launches": launches,
                      "kernel_ms": kernel_ms, "host_syncs": host_syncs,
@@ -155,10 +166,10 @@ def kernel_breakdown(model_name: str, optimizers: list[str], device: torch.devic
     from torch.profiler import ProfilerActivity, profile
 
     rows = []
-    for name, opt in warmed_up(model_name, optimizers, device):
+    for name, (_, step) in warmed_up(model_name, optimizers, device):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                opt.step()
+                step()
             sync(device)
         table = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
         top = {e.key: round(e.self_device_time_total / 3e3, 3) for e in table[:15] if e.self_device_time_total > 0}
@@ -167,13 +178,13 @@ def kernel_breakdown(model_name: str, optimizers: list[str], device: torch.devic
     return rows
 
 
-def count_host_syncs(opt: torch.optim.Optimizer) -> int:
+def count_host_syncs(step: Any) -> int:
     """Device-to-host synchronizations in one step, as ``torch.cuda.set_sync_debug_mode`` reports them."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            opt.step()
+            step()
             torch.cuda.synchronize()
         finally:
             torch.cuda.set_sync_debug_mode("default")
@@ -231,6 +242,12 @@ def tables(result: dict[str, Any]) -> str:
         ("fused_step_time", "fused=True (compiled tails): step time and first step (compilation)",
          [("model", "{}"), ("optimizer", "{}"), ("median_ms", "{:.2f}"), ("ratio_to_adamw_fused", "{:.1f}x"),
           ("first_step_s", "{:.1f}")]),
+        ("compiled_step_time", "adapm.compile_step (one graph, reduce-overhead): step time and compilation",
+         [("model", "{}"), ("optimizer", "{}"), ("median_ms", "{:.2f}"), ("ratio_to_adamw_fused", "{:.1f}x"),
+          ("second_step_s", "{:.1f}")]),
+        ("compiled_op_counts", "adapm.compile_step: ops and kernel launches per step (GPT-2 124M)",
+         [("optimizer", "{}"), ("ops_per_step", "{:,}"), ("kernel_ops_per_step", "{:,}"), ("kernel_launches", "{:,}"),
+          ("kernel_ms", "{:.1f}"), ("host_syncs", "{}")]),
     ]  # fmt: skip
     for key, title, columns in sections:
         if result.get(key):
@@ -302,6 +319,15 @@ def main() -> None:
             save()
         result["fused_op_counts"] = op_counts(fused[1:2], device, models[0]) if fused else []
         print(json.dumps(result["fused_op_counts"], indent=1), flush=True)
+        save()
+        # The compiled step (one graph, compiled at its second step: minutes on a 1B model).
+        compiled = ["adamw-fused", "adapm-compiled", "adapm-mini-compiled"] if on_gpu else []
+        for model_name in models if compiled else []:
+            result.setdefault("compiled_step_time", []).extend(step_time(model_name, compiled, device, steps))
+            print(json.dumps(result["compiled_step_time"], indent=1), flush=True)
+            save()
+        result["compiled_op_counts"] = op_counts(compiled[1:], device, models[0]) if compiled else []
+        print(json.dumps(result["compiled_op_counts"], indent=1), flush=True)
         save()
         if on_gpu:  # where the device time goes (diagnostic)
             chosen = ["adapm", "adapm-mini", "adapm-fixed", "adapm-mini-fixed"]

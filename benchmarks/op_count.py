@@ -5,7 +5,10 @@ Counted with ``torch.profiler`` on CPU on the GPT-2 124M and Llama 350M paramete
 gradients, after three warm-up steps (state allocation, first refreshes; refreshes are spread over the
 period, so a few blocks refresh on any step). An op is top-level when no aten op encloses it. AdaPM is
 counted on the path an accelerator takes (``foreach=True``, no CPU row chunks: ``ops_per_step``) and on
-its CPU default (``cpu_ops_per_step``). Also counts GPT-2 at 24 layers (same width) to show whether the
+its CPU default (``cpu_ops_per_step``). ``*-compiled`` rows count :func:`adapm.compile_step` (the step's
+device work as one Inductor graph: what the graph dispatches as aten ops, i.e. its extern calls such as
+batched matmuls and factorizations, plus the host side's table copy and refresh draws; the seconds its
+first compiled step took are in ``compile_s``). Also counts GPT-2 at 24 layers (same width) to show whether the
 count grows with depth.
 
     python benchmarks/op_count.py --json runs/bench/op_count.json     # GPT-2 124M (12 and 24 layers), Llama 350M
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,8 @@ OPTIMIZERS = (
     "adapm-mini",
     "adapm-fixed-fused",
     "adapm-mini-fixed-fused",
+    "adapm-compiled",
+    "adapm-mini-compiled",
 )
 MODELS = ("gpt2-124m", "gpt2-124m-24l", "llama-350m")
 
@@ -97,12 +103,22 @@ def count(model_name: str, optimizer: str) -> dict[str, Any]:
     row: dict[str, Any] = {"model": model_name, "optimizer": optimizer, "tensors": len(params)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = make_optimizer(optimizer, model)
-        for _ in range(3):
+        compiled = optimizer.endswith("-compiled")
+        opt = make_optimizer(optimizer.removesuffix("-compiled"), model)
+        step = opt.step
+        if compiled:
+            opt.foreach = True  # type: ignore[attr-defined]
+            step = adapm.compile_step(opt)
+        for i in range(3):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen) * 1e-3
-            opt.step()
-        if isinstance(opt, adapm.AdaPM):
+            start = time.perf_counter()
+            step()
+            if compiled and i == 1:
+                row["compile_s"] = round(time.perf_counter() - start, 1)
+        if compiled:
+            row["ops_per_step"], ops = top_level_ops(step)
+        elif isinstance(opt, adapm.AdaPM):
             row["cpu_ops_per_step"] = top_level_ops(opt.step)[0]
             opt.foreach = True
             opt._defer_check = True  # as on an accelerator: with fused=True the finite check is read a step later

@@ -79,6 +79,8 @@ class _Plan:
     compiled: Any = None
     omegas: list[Tensor] = field(default_factory=list)
     """Each stack's test matrices ``(slots, cols, width)``, kept on the device between steps."""
+    aliases: list[Tensor] = field(default_factory=list)
+    """Detached aliases of the parameters (see :meth:`CompiledStep._inputs`)."""
 
     def run(self, params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], table: Tensor,
             omegas: list[Tensor]) -> Tensor:  # fmt: skip
@@ -253,7 +255,16 @@ class CompiledStep:
                 omega.copy_(torch.randn(omega.shape, generator=generator, dtype=omega.dtype, device=omega.device))
         opt = self.optimizer
         states = [[opt.state[p][k] for k in keys] for (_, p), keys in zip(items, plan.keys)]
-        return [p.detach() for _, p in items], [p.grad for _, p in items], states, device_table, plan.omegas
+        # Detached aliases of the parameters, kept between steps (the same tensors each step, so guards on
+        # them hold) unless a parameter's storage was replaced.
+        aliases = plan.aliases
+        if len(aliases) != len(items) or any(a.data_ptr() != p.data_ptr() for a, (_, p) in zip(aliases, items)):
+            plan.aliases = [p.detach() for _, p in items]
+            if self.compile_options.get("mode") in ("reduce-overhead", "max-autotune"):  # CUDA graphs: the
+                # tensors the graph writes in place must keep their addresses
+                for x in plan.aliases + [x for xs in states for x in xs] + [device_table, *plan.omegas]:
+                    torch._dynamo.mark_static_address(x)
+        return plan.aliases, [p.grad for _, p in items], states, device_table, plan.omegas
 
     @torch.no_grad()
     def explain(self) -> Any:
