@@ -30,6 +30,7 @@ tracker policy. Equal to ``opt.step()`` to float32 rounding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -37,7 +38,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from adapm.grouped import Views, tail_values
+from adapm.grouped import GROUP_ELEMENTS, Views, tail_values
 from adapm.partition.layout import ParamLayout, Segment
 from adapm.policies.correction import correction_coefficient
 from adapm.policies.trackers import TRACKER, factors_from_sketch, rsvd_width
@@ -91,42 +92,53 @@ class _Plan:
         n = self.n_rows
         scalars = table[: n * COLUMNS].view(n, COLUMNS)
         schedule = table[n * COLUMNS :]
-        works = [p if p.dtype == torch.float32 else p.float() for p in params]
-        gs = [g if g.dtype == torch.float32 else g.float() for g in grads]
         state = [dict(zip(keys, values)) for keys, values in zip(self.keys, states)]
         oks = []
-        for i, g in enumerate(gs):
-            ok = torch.linalg.vector_norm(g) <= _MAX_GRAD_NORM
+        for i, g in enumerate(grads):
+            ok = torch.linalg.vector_norm(g, dtype=torch.float32) <= _MAX_GRAD_NORM
             for key in ("lowrank_L", "lowrank_R"):
                 if key in state[i]:
                     ok = ok & torch.isfinite(state[i][key]).all()
             oks.append(ok)
-        grad_views = [layout.views(g) for layout, g in zip(self.layouts, gs)]
+        # Segment views of the parameters and gradients; a segment that is not float32 is stepped on a
+        # float32 copy of its own (so the transient memory is a segment's, not the model's, in float32).
+        targets = [layout.views(p) for layout, p in zip(self.layouts, params)]
+        grad_views = [[x.float() for x in layout.views(g)] for layout, g in zip(self.layouts, grads)]
         numerators: dict[tuple[int, int], Tensor] = {}
         offset = 0
-        for k, stack in enumerate(self.stacks):
+        for k, stack in enumerate(self.stacks):  # each stack's tails right after its tracking: its
+            # momenta are freed before the next stack is built, as in the grouped step
             offset = self._track(stack, grad_views, state, oks, scalars, schedule, offset, omegas[k], numerators)
-        for i, (layout, work) in enumerate(zip(self.layouts, works)):
-            full = layout.second_policy.elementwise
-            segments = zip(layout.segments, self.rows[i], layout.views(work), grad_views[i])
-            for j, (seg, row, target, grad) in enumerate(segments):
-                s = scalars[row, :8]
-                source = seg.policy.source
-                if source == "ema":
-                    numerator = seg.as_view(layout.part(state[i]["exp_avg"], "exp_avg", seg))
-                elif source == "given":
-                    numerator = numerators[i, j]
-                else:
-                    numerator = grad
-                second = layout.part(state[i]["exp_avg_sq"], "exp_avg_sq", seg)
-                if not full:
-                    second = seg.as_view(block_moment(second, grad, s, (seg.shape, *seg.block), oks[i]))
-                tail_body(_FUSED_KERNELS[source == "ema", full], source == "ema", full, target, grad, numerator,
-                          second, s, oks[i])  # fmt: skip
-        for p, work in zip(params, works):
-            if work is not p:
-                p.copy_(work)
+            for i, j, _ in stack.members:
+                self._tail(i, j, targets, grad_views, state, oks, scalars, numerators.pop((i, j)))
+        for i, layout in enumerate(self.layouts):
+            for j, seg in enumerate(layout.segments):
+                if seg.policy.source != "given":
+                    self._tail(i, j, targets, grad_views, state, oks, scalars, None)
         return torch.stack(oks)
+
+    def _tail(self, i: int, j: int, targets: list[list[Tensor]], grad_views: list[list[Tensor]],
+              state: list[dict[str, Tensor]], oks: list[Tensor], scalars: Tensor,
+              given: Tensor | None) -> None:  # fmt: skip
+        """Segment ``j`` of parameter ``i``: its block second moments (if block-wise) and its elementwise
+        tail, in place (on a float32 copy written back, for a parameter that is not float32)."""
+        layout = self.layouts[i]
+        seg, target, grad = layout.segments[j], targets[i][j], grad_views[i][j]
+        s = scalars[self.rows[i][j], :8]
+        source = seg.policy.source
+        if source == "ema":
+            numerator = seg.as_view(layout.part(state[i]["exp_avg"], "exp_avg", seg))
+        else:
+            numerator = given if given is not None else grad
+        full = layout.second_policy.elementwise
+        second = layout.part(state[i]["exp_avg_sq"], "exp_avg_sq", seg)
+        if not full:
+            second = seg.as_view(block_moment(second, grad, s, (seg.shape, *seg.block), oks[i]))
+        work = target if target.dtype == torch.float32 else target.float()
+        tail_body(_FUSED_KERNELS[source == "ema", full], source == "ema", full, work, grad, numerator, second, s,
+                  oks[i])  # fmt: skip
+        if work is not target:
+            target.copy_(work)
 
     def _track(self, stack: _Stack, grad_views: list[list[Tensor]], state: list[dict[str, Tensor]], oks: list[Tensor],
                scalars: Tensor, schedule: Tensor, offset: int, omega: Tensor,
@@ -252,7 +264,7 @@ class CompiledStep:
         for omegas, ready in zip(plan.omegas, draws):
             for slot, generator in ready:
                 omega = omegas[slot]
-                omega.copy_(torch.randn(omega.shape, generator=generator, dtype=omega.dtype, device=omega.device))
+                torch.randn(omega.shape, generator=generator, dtype=omega.dtype, device=omega.device, out=omega)
         opt = self.optimizer
         states = [[opt.state[p][k] for k in keys] for (_, p), keys in zip(items, plan.keys)]
         # Detached aliases of the parameters, kept between steps (the same tensors each step, so guards on
@@ -350,16 +362,17 @@ class CompiledStep:
         for layout in layouts:
             rows.append(list(range(n, n + len(layout.segments))))
             n += len(layout.segments)
-        groups: dict[tuple[Any, ...], _Stack] = {}
+        groups: dict[tuple[Any, ...], list[_Stack]] = {}
         for i, ((group, p), layout) in enumerate(zip(items, layouts)):
             for j, (seg, row) in enumerate(zip(layout.segments, rows[i])):
                 if seg.policy.source != "given":
                     continue
-                stack_key = (seg.shape, seg.view_shape, seg.rank, group["tracker"], p.device)
-                stack = groups.setdefault(stack_key, _Stack([], group["tracker"], []))
-                stack.members.append((i, j, seg))
-                stack.rows.append(row)
-        stacks = list(groups.values())
+                kind = groups.setdefault((seg.shape, seg.view_shape, seg.rank, group["tracker"], p.device), [])
+                if not kind or (len(kind[-1].members) + 1) * math.prod(seg.shape) > GROUP_ELEMENTS:
+                    kind.append(_Stack([], group["tracker"], []))  # stacks of at most GROUP_ELEMENTS entries
+                kind[-1].members.append((i, j, seg))
+                kind[-1].rows.append(row)
+        stacks = [stack for kind in groups.values() for stack in kind]
         plan = _Plan(layouts, keys, rows, stacks, n)
         for k, stack in enumerate(stacks):
             i, _, seg = stack.members[0]
