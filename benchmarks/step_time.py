@@ -66,17 +66,25 @@ OPTIMIZERS = (
     "adapm-int8",
     "adapm-mini-int8",
     "adamw-8bit",
+    "adapm-compiled",
+    "adapm-mini-compiled",
+    "adapm-mini-fixed-compiled",
 )
 """``*-bf16``, ``*-int8``: ``state_dtype="bf16"`` or ``"int8"`` (large state stored in bfloat16, or as 8-bit
 codes with block scales; float32 math on working copies); ``adamw-8bit``: bitsandbytes' AdamW8bit;
 ``*-fixed``: AdaPM with ``tracker="fixed"`` (two skinny matmuls per low-rank block instead of four);
 ``*-fused``: with ``fused=True`` (the elementwise tail as one compiled kernel); ``*-foreach``: the grouped
 step (the default off CPU) timed on CPU (``*-fixed-fused-foreach``: the fast configuration on that step,
-with the finite check read on the host as on CPU)."""
+with the finite check read on the host as on CPU); ``*-compiled``: stepped with :func:`adapm.compile_step`
+(the step's device work as one Inductor graph, built in the warm-up: its second step)."""
 MODELS = {"gpt2-124m": "gpt2-124m", "llama-350m": "llama-350m", "quick": "gpt2-20m"}
 
 
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    compiled = name.endswith("-compiled")
+    name = name.removesuffix("-compiled")
+    if compiled:  # the grouped step's state layout (the compiled step's first step is opt.step())
+        name += "-foreach"
     lr = 1e-6  # tiny: the parameters barely move over the rounds
     if name.startswith("adamw-") and name != "adamw-8bit":
         flags = {
@@ -177,13 +185,16 @@ def run(model_name: str, threads_list: list[int], rounds: int, optimizers: list[
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3
     opts = {name: make_optimizer(name, model) for name in optimizers}
+    steps = {name: adapm.compile_step(opt) if name.endswith("-compiled") else opt.step for name, opt in opts.items()}
     warmup: dict[str, float] = {}
     torch.set_num_threads(threads_list[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, opt in opts.items():
+        for name, step in steps.items():
+            if name.endswith("-compiled"):
+                step()  # the first step runs opt.step(); the second builds the graph (its time is reported)
             t = time.perf_counter()
-            opt.step()
+            step()
             warmup[name] = time.perf_counter() - t
     rows = []
     for threads in threads_list:
@@ -192,14 +203,14 @@ def run(model_name: str, threads_list: list[int], rounds: int, optimizers: list[
         wide = measure_matmul(threads, rank=384)
         torch.set_num_threads(threads)
         if threads != threads_list[0]:  # compiled kernels are built per thread count: not timed
-            for name, opt in opts.items():
-                if name.endswith("-fused"):
-                    opt.step()
+            for name, step in steps.items():
+                if name.endswith(("-fused", "-compiled")):
+                    step()
         times: dict[str, list[float]] = {name: [] for name in opts}
         for _ in range(rounds):
-            for name, opt in opts.items():
+            for name, step in steps.items():
                 t = time.perf_counter()
-                opt.step()
+                step()
                 times[name].append(time.perf_counter() - t)
         fwd_bwd = forward_backward_seconds(model, threads, repeats=2 if rounds < 5 else 3)
         for p in model.parameters():  # forward/backward overwrote the gradients: restore them
@@ -208,7 +219,7 @@ def run(model_name: str, threads_list: list[int], rounds: int, optimizers: list[
         for name, ts in times.items():
             q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0], ts[0], ts[0]]
             med = statistics.median(ts)
-            nbytes, flops = cost_model(name, model, opts[name])
+            nbytes, flops = cost_model(name.removesuffix("-compiled"), model, opts[name])
             bound = max(nbytes / bandwidth, flops / (wide if name == "galore" else matmul))
             rows.append(
                 {
@@ -230,7 +241,7 @@ def run(model_name: str, threads_list: list[int], rounds: int, optimizers: list[
                     "state_bytes": adapm.state_bytes(opts[name]),
                 }
             )
-    del opts, model
+    del opts, steps, model
     gc.collect()
     return rows
 

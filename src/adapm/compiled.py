@@ -38,7 +38,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from adapm.grouped import GROUP_ELEMENTS, Views, tail_values
+from adapm.grouped import GROUP_ELEMENTS, Views, host_to_device, tail_values
 from adapm.partition.layout import ParamLayout, Segment
 from adapm.policies.correction import correction_coefficient
 from adapm.policies.trackers import TRACKER, factors_from_sketch, rsvd_width
@@ -204,8 +204,7 @@ class CompiledStep:
         self.optimizer = optimizer
         self.compile_options = {"fullgraph": True, "dynamic": False, **compile_options}
         self._plans: dict[tuple[Any, ...], _Plan] = {}
-        self._host: dict[torch.device, Tensor] = {}
-        self._device_table: dict[torch.device, Tensor] = {}
+        self._tables: dict[torch.device, Tensor] = {}
         self.eager_steps = 0
         """Steps that ran ``opt.step()`` (a parameter's first step)."""
         self.compiles = 0
@@ -250,17 +249,15 @@ class CompiledStep:
 
     def _inputs(self, plan: _Plan, items: list[tuple[dict[str, Any], Tensor]], table: list[float],
                 draws: list[list[tuple[int, torch.Generator]]]) -> tuple[Any, ...]:  # fmt: skip
-        """The graph's arguments: the table copied to the device (one copy, from pinned memory on CUDA) and
+        """The graph's arguments: the table copied to the device (from pinned memory on CUDA) and
         the due refreshes' test matrices drawn into their slots."""
         device = items[0][1].device
-        host = self._host.get(device)
-        if host is None or host.numel() != len(table):
-            host = torch.empty(len(table), dtype=torch.float32, pin_memory=device.type == "cuda")
-            self._host[device] = host
-            self._device_table[device] = torch.empty(len(table), dtype=torch.float32, device=device)
-        host.copy_(torch.tensor(table, dtype=torch.float32))
-        device_table = self._device_table[device]
-        device_table.copy_(host, non_blocking=device.type == "cuda")
+        device_table = self._tables.get(device)
+        if device_table is None or device_table.numel() != len(table):
+            device_table = self._tables[device] = torch.empty(len(table), dtype=torch.float32, device=device)
+        # A fresh pinned buffer each step (torch's caching host allocator keeps it until the copy is done;
+        # a reused one could be overwritten before the device has read it), into the kept table.
+        device_table.copy_(host_to_device(table, device))
         for omegas, ready in zip(plan.omegas, draws):
             for slot, generator in ready:
                 omega = omegas[slot]
