@@ -353,6 +353,8 @@ class CompiledStep:
                 if isinstance(value, Tensor) and value._base is not None:
                     state[key] = value.clone()
                     opt._views = Views()
+        for layout in layouts:  # computed here, not first in the graph (a cached property takes a lock)
+            _ = layout._tiling, layout._parts, layout.low_precision_keys
         keys = [tuple(k for k in layout.state_specs() if k != "step") for layout in layouts]
         rows: list[list[int]] = []
         n = 0

@@ -249,3 +249,30 @@ def test_galore_checkpoints_load_in_a_fresh_process_and_nothing_warns(tmp_path: 
     memory = subprocess.run([sys.executable, "-m", "adapm.cli", "memory", "--model", "gpt2-124m"],
                             capture_output=True, text=True, check=False)  # fmt: skip
     assert memory.returncode == 0 and "galore" in memory.stdout and "gemm_4bit" not in memory.stderr
+
+
+def test_compile_step_trains_as_the_eager_step(play_text: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """``--compile-step``: the loop steps with adapm.compile_step (one compiled graph): the same losses and
+    weights as the eager step to float32 rounding; refused for an optimizer that is not AdaPM's."""
+    from adapm.train.compare import run_config
+    from adapm.train.config import CompareConfig, OptimConfig, PretrainConfig, TrainConfig
+
+    runs = {}
+    for compiled in (False, True):
+        cfg = tiny_config(play_text, cache_dir, tmp_path / str(compiled), "adapm-mini", steps=6, eval_every=6,
+                          checkpoint_every=6, save_model=False)  # fmt: skip
+        cfg.optim.compile_step = compiled
+        pretrain(cfg)
+        run = tmp_path / str(compiled)
+        runs[compiled] = ([json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()],
+                          load_checkpoint(run / "checkpoint.pt")["model"])  # fmt: skip
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for key, value in runs[False][1].items():
+        assert torch.allclose(value, runs[True][1][key], rtol=1e-4, atol=1e-6), key
+    for name, extra in (("adamw", {}), ("adapm-int8", {}), ("adapm", {"state_dtype": "bf16"})):
+        with pytest.raises(ValueError, match=r"compile_step.*AdaPM optimizers with fp32 state only"):
+            OptimConfig(optimizer=name, compile_step=True, **extra)
+    with pytest.raises(ValueError, match=r"compile_step.*false with fsdp"):
+        PretrainConfig(optim=OptimConfig(optimizer="adapm", compile_step=True), train=TrainConfig(fsdp=True))
+    compare = CompareConfig(optimizers="adamw,adapm-mini,adapm-mini-int8", optim=OptimConfig(compile_step=True))
+    assert [run_config(compare, name).optim.compile_step for name in compare.optimizer_list()] == [False, True, False]

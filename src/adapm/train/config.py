@@ -112,9 +112,15 @@ class OptimConfig:
     """AdaPM: partition rules as [[regex, policy], ...] (policy a momentum name or a dict)."""
     fused: bool = AdaPMConfig.fused
     """AdaPM: run the elementwise update as one torch.compile'd kernel (faster; compiles on the first step)."""
+    compile_step: bool = False
+    """AdaPM: step with adapm.compile_step (the step's device work as one compiled graph, built at the
+    second step; unsharded parameters with fp32 state)."""
 
     def __post_init__(self) -> None:
         _check(self.optimizer in OPTIMIZER_NAMES, "optimizer", self.optimizer, f"one of {', '.join(OPTIMIZER_NAMES)}")
+        if self.compile_step:
+            only = f"false for {self.optimizer} (AdaPM optimizers with fp32 state only)"
+            _check(compilable(self.optimizer, self.state_dtype), "compile_step", True, only)
         _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
         self.adapm_config()  # validates every AdaPM hyperparameter, with AdaPM's own messages
 
@@ -228,8 +234,23 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        _check_compile_step(self.optim, self.train)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def compilable(optimizer: str, state_dtype: str) -> bool:
+    """Whether ``optimizer`` (a harness name) with ``state_dtype`` can step with ``adapm.compile_step``."""
+    from adapm.train.registry import get
+
+    spec = get(optimizer)
+    return spec.family.startswith("adapm") and spec.settings.get("state_dtype", state_dtype) == "fp32"
+
+
+def _check_compile_step(optim: OptimConfig, train: TrainConfig) -> None:
+    _check(not (optim.compile_step and train.fsdp), "compile_step", True, "false with fsdp (unsharded parameters only)")
 
 
 @dataclass
@@ -249,6 +270,7 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         parse_names(self.optimizers)
+        _check_compile_step(self.optim, self.train)
 
     def optimizer_list(self) -> list[str]:
         return parse_names(self.optimizers)

@@ -526,11 +526,12 @@ def _train(r: _Run, progress_state: _Progress, resolved: dict[str, Any]) -> dict
     if lines:
         print(f"{r.optim.optimizer}: {r.n_params:,} parameters, optimizer state {adapm.state_bytes(optimizer):,} "
               f"bytes (before its first step), steps {start}-{tc.steps}", flush=True)  # fmt: skip
+    optimizer_step = adapm.compile_step(optimizer) if r.optim.compile_step else optimizer.step
     try:
         for step in range(start, stop):
             t0 = time.perf_counter()
             total, tokens, sums, grad_norm = _forward_backward(r, step)
-            optimizer.step()
+            optimizer_step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             tally.elapsed += time.perf_counter() - t0
