@@ -175,3 +175,28 @@ def test_compiled_steps_checkpoint_and_resume_through_the_optimizer():
         resumed()
     assert resumed.eager_steps == 0
     assert _max_rel(a, c) < 2e-5
+
+
+def test_a_graph_that_cannot_be_compiled_falls_back_to_the_eager_step_with_a_warning():
+    """A backend that fails: a RuntimeWarning naming the error, nothing written by the failed call (the step
+    counters are put back), and every step from then on is opt.step(), equal to a plain eager run."""
+    a = tiny_llama()
+    b = copy.deepcopy(a)
+    oa = adapm.AdaPMMini(a, lr=1e-2, foreach=True)
+    ob = adapm.AdaPMMini(b, lr=1e-2, foreach=True)
+
+    def broken(gm, inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    step = adapm.compile_step(ob, backend=broken)
+    for s in range(3):
+        _grads(a, b, 70 + s)
+        oa.step()
+        if s == 1:
+            with pytest.warns(RuntimeWarning, match="could not be compiled.*no C\\+\\+ compiler here"):
+                step()
+        else:
+            step()
+    assert step.eager_steps == 3 and isinstance(step.failed, Exception)
+    assert _max_rel(a, b) == 0.0
+    assert int(ob.state[next(b.parameters())]["step"]) == 3

@@ -31,6 +31,7 @@ tracker policy. Equal to ``opt.step()`` to float32 rounding.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -209,6 +210,8 @@ class CompiledStep:
         """Steps that ran ``opt.step()`` (a parameter's first step)."""
         self.compiles = 0
         """Plans built (each is one graph, compiled at its first call)."""
+        self.failed: Exception | None = None
+        """Why the graph could not be compiled (then every step runs ``opt.step()``, with a warning once)."""
 
     @torch.no_grad()
     def __call__(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -220,8 +223,8 @@ class CompiledStep:
         items = [(group, p) for group in opt.param_groups for p in group["params"] if p.grad is not None]
         if not items:
             return loss
-        if any(not opt.state[p] for _, p in items):  # first steps: state allocated, factors seeded
-            self.eager_steps += 1
+        if self.failed is not None or any(not opt.state[p] for _, p in items):  # first steps: state
+            self.eager_steps += 1  # allocated, factors seeded (or the graph could not be built)
             opt.step()
             return loss
         self._check(items)
@@ -235,8 +238,18 @@ class CompiledStep:
         if plan.compiled is None:
             plan.compiled = torch.compile(plan.run, **self.compile_options)
             self.compiles += 1
-        with torch._dynamo.config.patch(recompile_limit=64):
-            flags = plan.compiled(*args)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=64):
+                flags = plan.compiled(*args)
+        except Exception as err:  # compilation failures surface as many exception types; nothing was written
+            torch._foreach_add_(counters, -1.0)
+            self.failed = err
+            why = " ".join(str(err).split())[:400]
+            warnings.warn(f"compile_step: the step's graph could not be compiled ({type(err).__name__}: {why}); "
+                          "stepping with opt.step() from now on", RuntimeWarning, stacklevel=2)  # fmt: skip
+            self.eager_steps += 1
+            opt.step()
+            return loss
         from adapm.optim import _Pending
 
         event = None
