@@ -54,7 +54,7 @@ COLUMNS = 11
 
 @dataclass
 class _Stack:
-    """Same-shape low-rank segments tracked together: ``(parameter position, segment)`` each."""
+    """Same-shape low-rank segments tracked together (at most ``GROUP_ELEMENTS`` entries)."""
 
     members: list[tuple[int, int, Segment]]
     """``(parameter position, segment position, segment)`` of each member."""
