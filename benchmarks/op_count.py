@@ -8,7 +8,8 @@ counted on the path an accelerator takes (``foreach=True``, no CPU row chunks: `
 its CPU default (``cpu_ops_per_step``). ``*-compiled`` rows count :func:`adapm.compile_step` (the step's
 device work as one Inductor graph: what the graph dispatches as aten ops, i.e. its extern calls such as
 batched matmuls and factorizations, plus the host side's table copy and refresh draws; the seconds its
-first compiled step took are in ``compile_s``). Also counts GPT-2 at 24 layers (same width) to show whether the
+first compiled step took are in ``compile_s``, and each low-rank stack's refresh slots in ``refresh_slots``).
+Also counts GPT-2 at 24 layers (same width) to show whether the
 count grows with depth.
 
     python benchmarks/op_count.py --json runs/bench/op_count.json     # GPT-2 124M (12 and 24 layers), Llama 350M
@@ -118,6 +119,8 @@ def count(model_name: str, optimizer: str) -> dict[str, Any]:
                 row["compile_s"] = round(time.perf_counter() - start, 1)
         if compiled:
             row["ops_per_step"], ops = top_level_ops(step)
+            # Refreshes each stack's graph runs per step (the most of its blocks that fall due together)
+            row["refresh_slots"] = [s.slots for plan in step._plans.values() for s in plan.stacks]
         elif isinstance(opt, adapm.AdaPM):
             row["cpu_ops_per_step"] = top_level_ops(opt.step)[0]
             opt.foreach = True

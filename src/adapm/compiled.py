@@ -18,8 +18,8 @@ counts, and checks gradients for inf/NaN on the host. That suits a CPU and costs
 
 Refreshes are staggered across blocks (about one in ``refresh_every`` refreshes each step), so a
 stack's graph refreshes a fixed number of slots every step: the most that fall due together in that
-stack (usually one), padded with slots whose result is discarded. That keeps one graph for all steps
-at the cost of a randomized SVD per stack per step. When more fall due at once than the plan has
+stack (one to a few), padded with slots whose result is discarded. That keeps one graph for all steps
+at the cost of that many randomized SVDs per stack and step. When more fall due at once than the plan has
 slots for (e.g. after a skipped step), the plan grows and is compiled again.
 
 The first step of a parameter (which allocates its state and seeds every factor) runs ``opt.step()``.
