@@ -35,6 +35,21 @@ def _max_rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
                for x, y in zip(a.parameters(), b.parameters()))  # fmt: skip
 
 
+def _twins(make, cls, steps: int, seed: int, backend="aot_eager", **options):
+    """Two copies of a model with ``cls`` optimizers (``foreach=True``, ``lr=1e-2``, ``options``): ``a`` stepped
+    eagerly, ``b`` with compile_step; ``steps`` steps on the same gradients (seeds from ``seed``)."""
+    a = make()
+    b = copy.deepcopy(a)
+    oa = cls(a, lr=1e-2, foreach=True, **options)
+    ob = cls(b, lr=1e-2, foreach=True, **options)
+    step = adapm.compile_step(ob, backend=backend)
+    for s in range(steps):
+        _grads(a, b, seed + s)
+        oa.step()
+        step()
+    return a, b, oa, ob, step
+
+
 CASES = [
     ("gpt2", adapm.AdaPMMini, "power", torch.float32),
     ("gpt2", adapm.AdaPM, "fixed", torch.float32),
@@ -103,15 +118,7 @@ def test_compiled_step_skips_a_non_finite_gradient_on_the_device_and_names_it_at
     """A NaN gradient: that parameter and its state stay as they were (masked in the graph), the others
     step as opt.step() steps them (it skips the same parameter), and the flags are read at the next
     step or ``skipped_params``: the warning names it and its step count goes back."""
-    a = tiny_llama()
-    b = copy.deepcopy(a)
-    oa = adapm.AdaPMMini(a, lr=1e-2, foreach=True, refresh_every=3)
-    ob = adapm.AdaPMMini(b, lr=1e-2, foreach=True, refresh_every=3)
-    step = adapm.compile_step(ob, backend="aot_eager")
-    for s in range(3):
-        _grads(a, b, 20 + s)
-        oa.step()
-        step()
+    a, b, oa, ob, step = _twins(tiny_llama, adapm.AdaPMMini, 3, 20, refresh_every=3)
     _grads(a, b, 30)
     name = "model.layers.0.self_attn.q_proj.weight"
     bad = dict(b.named_parameters())[name]
@@ -152,15 +159,7 @@ def test_compiled_step_refuses_what_it_does_not_step_and_naming_why():
 def test_compiled_steps_checkpoint_and_resume_through_the_optimizer():
     """The optimizer keeps the state the graph writes: its state_dict after compiled steps resumes (eager
     or compiled) on the same trajectory."""
-    a = tiny_gpt2()
-    b = copy.deepcopy(a)
-    oa = adapm.AdaPM(a, lr=1e-2, foreach=True, refresh_every=2)
-    ob = adapm.AdaPM(b, lr=1e-2, foreach=True, refresh_every=2)
-    step = adapm.compile_step(ob, backend="aot_eager")
-    for s in range(3):
-        _grads(a, b, 50 + s)
-        oa.step()
-        step()
+    a, b, oa, ob, _ = _twins(tiny_gpt2, adapm.AdaPM, 3, 50, refresh_every=2)
     c = copy.deepcopy(b)
     oc = adapm.AdaPM(c, lr=1e-2, foreach=True, refresh_every=2)
     oc.load_state_dict(copy.deepcopy(ob.state_dict()))

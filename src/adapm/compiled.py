@@ -220,7 +220,7 @@ class CompiledStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        items = [(group, p) for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        items = self._items()
         if not items:
             return loss
         if self.failed is not None or any(not opt.state[p] for _, p in items):  # first steps: state
@@ -250,14 +250,7 @@ class CompiledStep:
             self.eager_steps += 1
             opt.step()
             return loss
-        from adapm.optim import _Pending
-
-        event = None
-        if flags.device.type == "cuda":
-            flags = flags.to("cpu", non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        opt._pending = _Pending(items, flags, event)
+        opt._pend(items, flags)  # read at the next step, as the deferred check of fused=True
         return loss
 
     def _inputs(self, plan: _Plan, items: list[tuple[dict[str, Any], Tensor]], table: list[float],
@@ -294,7 +287,7 @@ class CompiledStep:
         parameters, gradients and state are left alone): ``graph_count``, ``graph_break_count`` and
         ``break_reasons``. Needs every parameter with a gradient to have taken a first step."""
         opt = self.optimizer
-        items = [(group, p) for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        items = self._items()
         if not items or any(not opt.state[p] for _, p in items):
             raise RuntimeError("CompiledStep.explain: take a first step (it allocates the state) before explaining")
         self._check(items)
@@ -304,6 +297,10 @@ class CompiledStep:
         states = [[x.clone() for x in xs] for xs in states]
         copies = [p.clone() for p in params], [g.clone() for g in grads], states, device_table.clone(), omegas
         return torch._dynamo.explain(plan.run)(*copies)
+
+    def _items(self) -> list[tuple[dict[str, Any], Tensor]]:
+        """``(group, param)`` of every parameter with a gradient, in the optimizer's order."""
+        return [(group, p) for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
 
     def _check(self, items: list[tuple[dict[str, Any], Tensor]]) -> None:
         opt = self.optimizer

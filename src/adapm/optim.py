@@ -596,13 +596,17 @@ class AdaPM(Optimizer):
             if p not in self._oks:
                 self._oks[p] = torch.ones((), dtype=torch.bool, device=finite.device)
         torch._foreach_copy_([self._oks[p] for _, p in items], list(finite.unbind(0)))
+        self._pend(items, finite)
+
+    def _pend(self, items: list[tuple[dict[str, Any], Tensor]], flags: Tensor) -> None:
+        """Keep the items' finite flags (one per item, on the device) to be settled at the next step
+        (:meth:`_drain`), their copy to the host started now without blocking."""
         event = None
-        host = finite
-        if finite.device.type == "cuda":
-            host = finite.to("cpu", non_blocking=True)
+        if flags.device.type == "cuda":
+            flags = flags.to("cpu", non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        self._pending = _Pending(items, host, event)
+        self._pending = _Pending(items, flags, event)
 
     def _drain(self) -> None:
         """Settle a deferred finite check (see :meth:`_deferred_flags`): the skipped parameters' step
