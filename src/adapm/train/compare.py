@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapm.train.config import CompareConfig, PretrainConfig, compilable
+from adapm.train.config import CompareConfig, PretrainConfig
 from adapm.train.data import prepare_data
 from adapm.train.loop import CHECKPOINT, METRICS, SUMMARY
 from adapm.train.tables import markdown_table
@@ -57,8 +57,7 @@ def machine_info() -> dict[str, Any]:
 
 def run_config(cfg: CompareConfig, optimizer: str) -> PretrainConfig:
     """The pretraining config of one arm of the comparison (``cfg.out`` must be resolved)."""
-    optim = dataclasses.replace(cfg.optim, optimizer=optimizer, compile_step=cfg.optim.compile_step
-                                and compilable(optimizer, cfg.optim.state_dtype))  # fmt: skip
+    optim = cfg.optim.for_optimizer(optimizer)
     train = dataclasses.replace(cfg.train, out_dir=str(Path(str(cfg.out)) / optimizer))
     return PretrainConfig(data=cfg.data, model=cfg.model, optim=optim, train=train)
 
@@ -191,8 +190,7 @@ def finetune_one(cfg: Any, build_task: Any) -> dict[str, Any]:
     (name,) = cfg.optimizer_list()
     cfg = dataclasses.replace(
         cfg,
-        optim=dataclasses.replace(cfg.optim, optimizer=name,
-                                  compile_step=cfg.optim.compile_step and compilable(name, cfg.optim.state_dtype)),
+        optim=cfg.optim.for_optimizer(name),
         train=dataclasses.replace(cfg.train, out_dir=str(Path(cfg.out) / name)),
     )
     par = parallel.setup()

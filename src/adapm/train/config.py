@@ -124,6 +124,12 @@ class OptimConfig:
         _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
         self.adapm_config()  # validates every AdaPM hyperparameter, with AdaPM's own messages
 
+    def for_optimizer(self, name: str) -> OptimConfig:
+        """These settings for optimizer ``name`` (one arm of a comparison): ``compile_step`` stays on only
+        where it applies (AdaPM optimizers with fp32 state)."""
+        return dataclasses.replace(self, optimizer=name,
+                                   compile_step=self.compile_step and compilable(name, self.state_dtype))  # fmt: skip
+
     def adapm_config(self) -> AdaPMConfig:
         """These settings as AdaPM's validated hyperparameters (the second moment left to the class)."""
         from adapm.train.optimizers import lr_ratios_of
