@@ -151,32 +151,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def cmd_side_by_side(args: argparse.Namespace) -> int:
+    """`adapm compare`, `adapm sft` and `adapm rlhf`: the runs, then the summary's files."""
     from adapm.train.compare import compare, resolve_out
-
-    cfg = resolve_out(from_dict(CompareConfig, _merge(_config_values(args), args)))
-    compare(cfg)
-    print(f"\nwrote {cfg.out}/summary.json, summary.md, loss_vs_step.png, loss_vs_time.png, state_bytes.png")
-    return 0
-
-
-def cmd_sft(args: argparse.Namespace) -> int:
+    from adapm.train.rlhf import rlhf
     from adapm.train.sft import sft
 
-    cfg = from_dict(SFTConfig, _merge(_config_values(args), args))
-    rows = sft(cfg)
-    if rows and len(cfg.optimizer_list()) > 1:
-        print(f"\nwrote {cfg.out}/summary.json, summary.md, loss_vs_step.png, loss_vs_time.png, state_bytes.png")
-    return 0
-
-
-def cmd_rlhf(args: argparse.Namespace) -> int:
-    from adapm.train.rlhf import rlhf
-
-    cfg = from_dict(RLHFConfig, _merge(_config_values(args), args))
-    rows = rlhf(cfg)
-    if rows and len(cfg.optimizer_list()) > 1:
-        print(f"\nwrote {cfg.out}/summary.json, summary.md, reward_vs_step.png, reward_vs_time.png, state_bytes.png")
+    cls, train, plots = {"compare": (CompareConfig, compare, "loss"), "sft": (SFTConfig, sft, "loss"),
+                         "rlhf": (RLHFConfig, rlhf, "reward")}[args.command]  # fmt: skip
+    cfg = from_dict(cls, _merge(_config_values(args), args))
+    if args.command == "compare":
+        cfg = resolve_out(cfg)  # the dated run directory, decided once
+    rows = train(cfg)
+    if args.command == "compare" or (rows and len(cfg.optimizer_list()) > 1):
+        print(f"\nwrote {cfg.out}/summary.json, summary.md, {plots}_vs_step.png, {plots}_vs_time.png, state_bytes.png")
     return 0
 
 
@@ -258,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in SECTIONS.items():
         skip = {"optim": ("optimizer",), "train": ("out_dir",)}.get(section, ())
         _add_fields(c, cls, f"{section}.", skip=skip)
-    c.set_defaults(func=cmd_compare)
+    c.set_defaults(func=cmd_side_by_side)
 
     ft = sub.add_parser(
         "sft",
@@ -274,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in (("data", SFTDataConfig), ("model", FinetuneModelConfig), ("optim", OptimConfig)):
         _add_fields(ft, cls, f"{section}.", skip=("optimizer",) if section == "optim" else (), finetune=True)
     _add_fields(ft, TrainConfig, "train.", skip=("out_dir",), defaults=sft_defaults.train)
-    ft.set_defaults(func=cmd_sft)
+    ft.set_defaults(func=cmd_side_by_side)
 
     rl = sub.add_parser(
         "rlhf",
@@ -288,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in (("model", FinetuneModelConfig), ("optim", OptimConfig)):
         _add_fields(rl, cls, f"{section}.", skip=("optimizer",) if section == "optim" else (), finetune=True)
     _add_fields(rl, TrainConfig, "train.", skip=("out_dir",), defaults=RLHFConfig().train)
-    rl.set_defaults(func=cmd_rlhf)
+    rl.set_defaults(func=cmd_side_by_side)
 
     m = sub.add_parser(
         "memory",

@@ -9,7 +9,8 @@ import torch
 
 from adapm.train.config import OPTIMIZER_NAMES, OptimConfig
 from adapm.train.models import build_model
-from adapm.train.optimizers import DEFAULT_LR, build_optimizer
+from adapm.train.optimizers import build_optimizer
+from adapm.train.registry import REGISTRY
 
 
 def _stream(vocab: int, n: int) -> list[torch.Tensor]:
@@ -28,7 +29,8 @@ def test_optimizer_trains(name: str, family: str) -> None:
     model = build_model(family, 300, 32)
     opt = build_optimizer(model, OptimConfig(optimizer=name))
     # Block-wise variants of AdamW and Adam-mini scale group lrs (the first group is the embedding, x10).
-    assert opt.param_groups[0]["lr"] == DEFAULT_LR[name] * (10 if name in ("adamw-blr", "adam-mini-blr") else 1)
+    scale = 10 if name in ("adamw-blr", "adam-mini-blr") else 1
+    assert opt.param_groups[0]["lr"] == REGISTRY[name].pretrain_lr * scale
     losses = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

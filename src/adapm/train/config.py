@@ -259,8 +259,20 @@ def _check_compile_step(optim: OptimConfig, train: TrainConfig) -> None:
     _check(not (optim.compile_step and train.fsdp), "compile_step", True, "false with fsdp (unsharded parameters only)")
 
 
+class _SideBySide:
+    """What the configs of side-by-side runs (compare, sft, rlhf) share."""
+
+    optimizers: str
+
+    def optimizer_list(self) -> list[str]:
+        return parse_names(self.optimizers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
 @dataclass
-class CompareConfig:
+class CompareConfig(_SideBySide):
     """Everything `adapm compare` needs: the shared run plus the optimizers to put side by side."""
 
     optimizers: str = "adamw,adapm,adapm-mini"
@@ -277,13 +289,6 @@ class CompareConfig:
     def __post_init__(self) -> None:
         parse_names(self.optimizers)
         _check_compile_step(self.optim, self.train)
-
-    def optimizer_list(self) -> list[str]:
-        return parse_names(self.optimizers)
-
-
-def _optimizer_list(text: str) -> list[str]:
-    return parse_names(text)
 
 
 @dataclass
@@ -321,7 +326,7 @@ def _finetune_train(**overrides: Any) -> Any:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(_SideBySide):
     """Everything `adapm sft` needs: the optimizers side by side and the shared fine-tuning run."""
 
     optimizers: str = "adamw,adapm,adapm-mini"
@@ -338,17 +343,11 @@ class SFTConfig:
     )
 
     def __post_init__(self) -> None:
-        _optimizer_list(self.optimizers)
-
-    def optimizer_list(self) -> list[str]:
-        return _optimizer_list(self.optimizers)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        parse_names(self.optimizers)
 
 
 @dataclass
-class RLHFConfig:
+class RLHFConfig(_SideBySide):
     """Everything `adapm rlhf` needs: ReMax (REINFORCE with the greedy response as baseline) with a KL
     penalty to the frozen starting model, side by side for several optimizers."""
 
@@ -382,18 +381,12 @@ class RLHFConfig:
     )
 
     def __post_init__(self) -> None:
-        _optimizer_list(self.optimizers)
+        parse_names(self.optimizers)
         _check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "a number >= 0")
         _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
         _check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
         _check(self.val_prompts >= 1, "val_prompts", self.val_prompts, "an integer >= 1")
         _check(self.max_prompt_length >= 4, "max_prompt_length", self.max_prompt_length, "an integer >= 4")
-
-    def optimizer_list(self) -> list[str]:
-        return _optimizer_list(self.optimizers)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 T = TypeVar("T")

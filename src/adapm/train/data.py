@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,3 +261,14 @@ def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, *key
     gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**62 - 1))
     starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=gen).tolist()
     return torch.from_numpy(np.stack([np.asarray(tokens[s : s + seq_len], dtype=np.int64) for s in starts]))
+
+
+SPLIT_SEED = 1234
+"""Held-out splits are drawn with this fixed seed: every run, optimizer and seed is evaluated alike."""
+
+
+def held_out_split(items: list[Any], n_val: int) -> tuple[list[Any], list[Any]]:
+    """A fixed shuffled split: (the rest, ``n_val`` held-out items)."""
+    order = list(range(len(items)))
+    random.Random(SPLIT_SEED).shuffle(order)
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]

@@ -463,8 +463,11 @@ def _setup(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parall
     n_params = count_parameters(base)
     base.train()
     model = parallel.wrap(base, par, tc.fsdp)
-    lr_source = "--lr" if optim.lr is not None else lr_source_of(task, optim)
-    optim = dataclasses.replace(optim, lr=optim.lr if optim.lr is not None else default_lr(task, optim))
+    if optim.lr is None:  # swept for the model preset where the lr table has it, else the registry's
+        lr, lr_source = registry.lr_with_source(optim.optimizer, task.kind != "pretrain", task.model_name)
+        optim = dataclasses.replace(optim, lr=lr)
+    else:
+        lr_source = "--lr"
     optimizer = build_optimizer(parallel.unwrap(model), optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(_warmup(tc), tc.steps, tc.min_lr_ratio))
     config = {**task.config, "optim": {**task.config.get("optim", {}), "lr": optim.lr}}
@@ -689,17 +692,6 @@ def _check_health(
             f"training stopped at step {done}: {why}; {kept}. Lower the learning rate, check the data, or "
             "resume from the checkpoint"
         )
-
-
-def default_lr(task: Task, optim: OptimConfig) -> float:
-    """The learning rate used when ``optim.lr`` is unset: swept for the model preset where the lr table
-    has it, else the registry's default (fine-tuning uses smaller ones)."""
-    return registry.default_lr(optim.optimizer, finetune=task.kind != "pretrain", model=task.model_name)
-
-
-def lr_source_of(task: Task, optim: OptimConfig) -> str:
-    """Where :func:`default_lr` takes its value from."""
-    return registry.lr_with_source(optim.optimizer, finetune=task.kind != "pretrain", model=task.model_name)[1]
 
 
 def _extra_template(scheduler: Any, task: Task) -> dict[str, Any]:

@@ -34,14 +34,6 @@ from adapm.partition.rules import ATTENTION_AND_MLP_ROLES, model_dims
 from adapm.train import registry
 from adapm.train.config import OptimConfig
 
-DEFAULT_LR: dict[str, float] = {name: spec.pretrain_lr for name, spec in registry.REGISTRY.items()}
-"""Default peak learning rates for the tiny CPU presets, by name (from the registry)."""
-
-FINETUNE_LR: dict[str, float] = {name: spec.finetune_lr for name, spec in registry.REGISTRY.items()}
-"""Default peak learning rates for fine-tuning a pretrained model (`adapm sft`, `adapm rlhf`)."""
-
-"""GaLore applies to 2-D parameters whose name matches this (attention and MLP matrices)."""
-
 
 def _hidden_size(model: nn.Module) -> int:
     hidden = model_dims(model).hidden

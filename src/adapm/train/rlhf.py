@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import random
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,13 +31,12 @@ from torch import nn
 
 from adapm.train import parallel
 from adapm.train.config import RLHFConfig
-from adapm.train.data import embedded_corpus_files, read_jsonl
+from adapm.train.data import embedded_corpus_files, held_out_split, read_jsonl
 from adapm.train.loop import StepResult, Task
 from adapm.train.pretrained import clamp_length, load_causal_lm, load_tokenizer
 
 PROMPT_INSTRUCTION = "Continue this text: "
 """Put before each built-in prompt (the task of the built-in VADER reward: continue positively)."""
-SPLIT_SEED = 1234
 EVAL_SEED = 4321
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
@@ -80,9 +78,7 @@ def split_prompts(prompts: list[str], n_val: int) -> tuple[list[str], list[str]]
     """A fixed shuffled split into (train, held-out ``n_val``)."""
     if len(prompts) <= n_val:
         raise ValueError(f"--val-prompts {n_val}: need more prompts than that, got {len(prompts)}")
-    order = list(range(len(prompts)))
-    random.Random(SPLIT_SEED).shuffle(order)
-    return [prompts[i] for i in order[n_val:]], [prompts[i] for i in order[:n_val]]
+    return held_out_split(prompts, n_val)
 
 
 def vader_reward() -> RewardFn:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,10 @@ from torch import nn
 
 from adapm.train import parallel
 from adapm.train.config import SFTConfig, SFTDataConfig
+from adapm.train.data import held_out_split
 from adapm.train.loop import StepResult, Task, autocast
 from adapm.train.pretrained import clamp_length, load_causal_lm, load_tokenizer
 from adapm.train.sft_data import IGNORE_INDEX, builtin_examples, load_records, tokenize
-
-SPLIT_SEED = 1234
-"""The held-out split is drawn with this fixed seed, so every run and seed is evaluated on the same examples."""
 
 
 @dataclass
@@ -44,10 +41,7 @@ def split_records(records: list[Any], val_fraction: float) -> tuple[list[Any], l
     """A fixed shuffled split: (train, held-out), each non-empty."""
     if len(records) < 2:
         raise ValueError(f"--data: need at least 2 examples for a train and a held-out split, got {len(records)}")
-    order = list(range(len(records)))
-    random.Random(SPLIT_SEED).shuffle(order)
-    n_val = min(len(records) - 1, max(1, round(val_fraction * len(records))))
-    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+    return held_out_split(records, min(len(records) - 1, max(1, round(val_fraction * len(records)))))
 
 
 def prepare_sft_data(cfg: SFTDataConfig, tokenizer: Any) -> SFTData:
