@@ -93,7 +93,7 @@ def run_config(task: Task, out: Path, threads: int, quick: bool) -> PretrainConf
             steps=task.steps,
             batch_size=16,
             eval_every=max(1, task.steps // 15),
-            eval_batches=16,
+            eval_batches=2 if quick else 16,
             log_every=every,
             checkpoint_every=100,
             seed=task.seed,

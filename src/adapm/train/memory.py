@@ -22,6 +22,7 @@ from adapm.train.hub import cached_snapshot, looks_like_hub_id
 from adapm.train.models import MODEL_PRESETS, build_model
 from adapm.train.optimizers import build_optimizer
 from adapm.train.registry import PAPER_OPTIMIZERS
+from adapm.train.tables import markdown_table
 
 PAPER_TABLE2: dict[str, dict[str, float]] = {
     "llama-350m": {"adamw": 2.72e9, "adam-mini": 1.36e9, "adapm": 1.48e9, "adapm-mini": 0.12e9},
@@ -116,21 +117,14 @@ def format_memory_table(name: str, rows: list[MemoryRow]) -> str:
     """A Markdown table of :func:`memory_table` rows."""
     params = sum(p.numel() for p in meta_model(name).parameters())
     has_paper = any(r.paper_bytes is not None for r in rows)
-    head = "| optimizer | state (ours) | vs AdamW |" + (" paper Table 2 | ours / paper |" if has_paper else "")
-    sep = "|---|---:|---:|" + ("---:|---:|" if has_paper else "")
+    cells = [{"optimizer": r.optimizer, "ours": r.state_bytes / 1e9, "vs": 100 * r.ratio_to_adamw,
+              "paper": r.paper_bytes and r.paper_bytes / 1e9,
+              "ratio": r.paper_bytes and r.state_bytes / r.paper_bytes} for r in rows]  # fmt: skip
+    columns = [("optimizer", "{}"), ("ours", "state (ours)", "{:.3f} GB"), ("vs", "vs AdamW", "{:.1f}%")]
+    if has_paper:
+        columns += [("paper", "paper Table 2", "{:.2f} GB"), ("ratio", "ours / paper", "{:.2f}")]
     kinds = "float32 state (bf16 and 8-bit in the -bf16, -int8 and -8bit rows)"
-    title = f"{name}: {params / 1e6:,.1f}M parameters, {kinds}, 1 GB = 1e9 bytes"
-    lines = [title, "", head, sep]
-    for r in rows:
-        line = f"| {r.optimizer} | {r.state_bytes / 1e9:.3f} GB | {100 * r.ratio_to_adamw:.1f}% |"
-        if has_paper:
-            line += (
-                f" {r.paper_bytes / 1e9:.2f} GB | {r.state_bytes / r.paper_bytes:.2f} |"
-                if r.paper_bytes
-                else " - | - |"
-            )
-        lines.append(line)
-    return "\n".join(lines)
+    return f"{name}: {params / 1e6:,.1f}M parameters, {kinds}, 1 GB = 1e9 bytes\n\n" + markdown_table(cells, columns)
 
 
 @dataclass(frozen=True)
@@ -186,18 +180,14 @@ def training_memory(
 
 def format_training_memory(name: str, rows: list[TrainingMemoryRow], batch_size: int, seq_len: int, dtype: str) -> str:
     """A Markdown table of :func:`training_memory` rows, with the GPU sizes each total fits in."""
-    gb = 1e9
-    lines = [
-        f"{name}, {dtype} parameters, batch {batch_size} x {seq_len} tokens (1 GB = 1e9 bytes; activations are an "
-        "estimate without recomputation)",
-        "",
-        "| optimizer | weights | gradients | optimizer state | activations (est.) | total | fits in |",
-        "|---|---:|---:|---:|---:|---:|---|",
-    ]
+    title = (f"{name}, {dtype} parameters, batch {batch_size} x {seq_len} tokens (1 GB = 1e9 bytes; activations "
+             "are an estimate without recomputation)")  # fmt: skip
+    cells = []
     for r in rows:
-        fits = ", ".join(f"{size} GiB" for size in (24, 40, 80) if r.total <= size * 2**30) or "none of 24/40/80 GiB"
-        lines.append(
-            f"| {r.optimizer} | {r.weights / gb:.2f} GB | {r.gradients / gb:.2f} GB | {r.optimizer_state / gb:.2f} GB "
-            f"| {r.activations_estimate / gb:.2f} GB | {r.total / gb:.2f} GB | {fits} |"
-        )
-    return "\n".join(lines)
+        fits = ", ".join(f"{size} GiB" for size in (24, 40, 80) if r.total <= size * 2**30)
+        gb = {k: v / 1e9 for k, v in r.__dict__.items() if k != "optimizer"}
+        cells.append({**gb, "optimizer": r.optimizer, "total": r.total / 1e9, "fits": fits or "none of 24/40/80 GiB"})
+    headings = {"weights": "weights", "gradients": "gradients", "optimizer_state": "optimizer state",
+                "activations_estimate": "activations (est.)", "total": "total"}  # fmt: skip
+    columns = [("optimizer", "{}"), *((k, h, "{:.2f} GB") for k, h in headings.items()), ("fits", "fits in", "{}")]
+    return title + "\n\n" + markdown_table(cells, columns)
