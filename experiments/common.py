@@ -46,7 +46,7 @@ def optim_config(arm: Arm) -> OptimConfig:
 
 def one_run(model: str, arm: Arm, seed: int, steps: int, batch_size: int, threads: int, root: str) -> dict[str, Any]:
     """One seeded pretraining run of ``arm`` (executed in a worker process)."""
-    from adapm.train.loop import pretrain
+    from adapm.train.loop import METRICS, pretrain, read_metrics
 
     cfg = PretrainConfig(
         data=DataConfig(),
@@ -69,7 +69,7 @@ def one_run(model: str, arm: Arm, seed: int, steps: int, batch_size: int, thread
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         summary = pretrain(cfg)
-    curve = [json.loads(line) for line in (Path(cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    curve = read_metrics(Path(cfg.train.out_dir) / METRICS)
     return {
         "model": model,
         "arm": arm.name,

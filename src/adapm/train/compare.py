@@ -16,7 +16,7 @@ from typing import Any
 
 from adapm.train.config import CompareConfig, PretrainConfig
 from adapm.train.data import prepare_data
-from adapm.train.loop import CHECKPOINT, METRICS, SUMMARY
+from adapm.train.loop import CHECKPOINT, METRICS, SUMMARY, read_metrics
 from adapm.train.tables import markdown_table
 
 DEFAULT_COMPARE_ROOT = Path("runs/compare")
@@ -60,12 +60,6 @@ def run_config(cfg: CompareConfig, optimizer: str) -> PretrainConfig:
     optim = cfg.optim.for_optimizer(optimizer)
     train = dataclasses.replace(cfg.train, out_dir=str(Path(str(cfg.out)) / optimizer))
     return PretrainConfig(data=cfg.data, model=cfg.model, optim=optim, train=train)
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def new_run_dir(root: Path) -> Path:
@@ -244,7 +238,7 @@ def summarize_runs(out: Path, names: list[str], reference: Any = None) -> list[d
     for name in names:
         path = out / name / SUMMARY
         if path.exists():
-            runs[name] = (json.loads(path.read_text()), _read_metrics(out / name / METRICS))
+            runs[name] = (json.loads(path.read_text()), read_metrics(out / name / METRICS))
     if not runs:
         return []
     adamw_bytes = None

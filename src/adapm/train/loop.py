@@ -323,11 +323,16 @@ def _read_summary(out: Path, steps: int) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) and summary.get("steps") == steps else None
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (none if it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _metrics_history(path: Path) -> tuple[float | None, list[float]]:
     """The last training loss and every tokens/s figure logged in ``metrics.jsonl``."""
-    if not path.exists():
-        return None, []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_metrics(path)
     losses = [r["train_loss"] for r in records if "train_loss" in r]
     return (losses[-1] if losses else None), [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
 
