@@ -90,9 +90,21 @@ def test_finetune_help_shows_finetuning_defaults(command: str, capsys: pytest.Ca
         main([command, "--help"])
     assert exc.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "SmolLM2-135M-Instruct" in out and "adamw 2e-05" in out and "--optimizers" in out
+    assert "SmolLM2-135M-Instruct" in out and "Fine-tuning defaults: adamw 2e-05" in out and "--optimizers" in out
+    assert "pretrain --help" not in out and "swept" not in out  # pretraining's defaults are not these
     steps = "(default: 30)" if command == "sft" else "(default: 20)"
     assert f"Optimizer steps. {steps}" in out
+    # Group descriptions in full (the first paragraph of each config's docstring, not its first line).
+    tail = "the shared fine-tuning run." if command == "sft" else "side by side for several optimizers."
+    assert tail in out
+
+
+def test_pretrain_help_lists_the_swept_and_the_registry_lrs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "For the presets gpt2-1m, llama-1m: the best lr of a sweep on them; otherwise: adamw 0.003," in out
+    assert "(default: None). For" not in out
 
 
 def test_finetune_errors_name_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

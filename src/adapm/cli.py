@@ -67,7 +67,8 @@ def _add_fields(
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     title = {"top.": "comparison", "data.": "data", "model.": "model", "optim.": "optimizer", "train.": "training"}
-    group = parser.add_argument_group(title[dest_prefix], cls.__doc__.splitlines()[0] if cls.__doc__ else None)
+    about = " ".join(cls.__doc__.split("\n\n")[0].split()) if cls.__doc__ else None  # the whole first paragraph
+    group = parser.add_argument_group(title[dest_prefix], about)
     for f in dataclasses.fields(cls):
         if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
             continue
@@ -78,15 +79,20 @@ def _add_fields(
         default = f.default if f.default is not dataclasses.MISSING else None
         if defaults is not None:
             default = getattr(defaults, f.name)
-        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        help_text = docs.get(f.name, "") + ("" if f.name == "lr" else f" (default: {default})")
         if f.name == "model" and cls is ModelConfig:
             from adapm.train.models import MODEL_PRESETS
 
             help_text += f". Presets: {', '.join(MODEL_PRESETS)}"
         if f.name == "lr":
-            from adapm.train.registry import default_lr
+            from adapm.train.registry import _swept, default_lr
 
-            help_text += ". Defaults: " + ", ".join(f"{k} {default_lr(k, finetune):g}" for k in OPTIMIZER_NAMES)
+            listed = ", ".join(f"{k} {default_lr(k, finetune):g}" for k in OPTIMIZER_NAMES)
+            if finetune:
+                help_text += f" Fine-tuning defaults: {listed}."
+            else:
+                presets = ", ".join(sorted(_swept()))
+                help_text += f" For the presets {presets}: the best lr of a sweep on them; otherwise: {listed}."
         help_text = help_text.replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         dest = f"{dest_prefix}{f.name}"

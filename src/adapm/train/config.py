@@ -82,7 +82,7 @@ class OptimConfig:
     learning-rate variant adamw-blr, adam-mini-blr, adapm-blr, adapm-mini-blr, or a low-precision-state
     variant adapm-bf16, adapm-mini-bf16, adapm-int8, adapm-mini-int8."""
     lr: float | None = None
-    """Peak learning rate. Default: the optimizer's own default (see `adapm pretrain --help`)."""
+    """Peak learning rate. Default: set per optimizer (and, for pretraining, per model preset), as listed here."""
     weight_decay: float = AdaPMConfig.weight_decay
     """Decoupled weight decay on matrices."""
     beta1: float = AdaPMConfig.betas[0]
