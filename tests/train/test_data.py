@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from adapm.train.config import DataConfig
-from adapm.train.data import get_batch, load_texts, load_tokenizer, prepare_data
+from adapm.train.data import get_batch, load_texts, load_tokenizer, prepare_data, train_tokenizer
 
 
 def test_embedded_corpus_is_the_shakespeare_plays() -> None:
@@ -111,3 +111,12 @@ def test_text_field_selects_the_jsonl_field(tmp_path: Path) -> None:
     assert load_texts(path, text_field="body") == ["first document", "second one"]
     with pytest.raises(ValueError, match=r"string field 'text' \(--text-field\)"):
         load_texts(path)
+
+
+def test_training_a_tokenizer_prints_nothing_in_a_batch_job(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """No progress bars (which print bare newlines) when stderr is not a terminal, as under pytest."""
+    texts = [f"line {i} of a small corpus, with words that repeat and repeat" for i in range(200)]
+    tok = train_tokenizer(texts, 300, tmp_path / "tok")
+    assert len(tok) <= 300 and tok.eos_token == "<|endoftext|>"
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +166,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"])
+    # The trainer's progress bars only on a terminal: in batch jobs they print bare newlines.
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
+                            show_progress=sys.stderr.isatty())  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_file = out_dir / f".tokenizer.json.tmp{os.getpid()}"
     bpe.save(str(tmp_file))
