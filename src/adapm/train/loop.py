@@ -532,8 +532,7 @@ def _train(r: _Run, progress_state: _Progress, resolved: dict[str, Any]) -> dict
     lines = par.is_main and not bar
     progress = _progress_bar(tc.steps, start, bar, r.optim.optimizer)
     if lines:
-        print(f"{r.optim.optimizer}: {r.n_params:,} parameters, optimizer state {adapm.state_bytes(optimizer):,} "
-              f"bytes (before its first step), steps {start}-{tc.steps}", flush=True)  # fmt: skip
+        print(f"{r.optim.optimizer}: {r.n_params:,} parameters, steps {start}-{tc.steps}", flush=True)
     optimizer_step = adapm.compile_step(optimizer) if r.optim.compile_step else optimizer.step
     try:
         for step in range(start, stop):
@@ -571,6 +570,8 @@ def _train(r: _Run, progress_state: _Progress, resolved: dict[str, Any]) -> dict
                 window.pause(t_ckpt)
             progress.update(1)
             progress.set_postfix(loss=f"{train_loss:.3f}")
+            if lines and step == start:  # once, when the (lazily made) state exists
+                print(f"{r.optim.optimizer}: optimizer state {adapm.state_bytes(optimizer):,} bytes", flush=True)
             if lines and "tokens_per_s" in record:
                 _log_line(r.optim.optimizer, done, tc.steps, train_loss, scheduler.get_last_lr()[0], record)
     finally:
