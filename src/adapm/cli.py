@@ -83,13 +83,13 @@ def _add_fields(
 
             help_text += f". Presets: {', '.join(MODEL_PRESETS)}"
         if f.name == "lr":
-            from adapm.train.registry import _swept, default_lr
+            from adapm.train.registry import default_lr, swept
 
             listed = ", ".join(f"{k} {default_lr(k, finetune):g}" for k in OPTIMIZER_NAMES)
             if finetune:
                 help_text += f" Fine-tuning defaults: {listed}."
             else:
-                presets = ", ".join(sorted(_swept()))
+                presets = ", ".join(sorted(swept()))
                 help_text += f" For the presets {presets}: the best lr of a sweep on them; otherwise: {listed}."
         help_text = help_text.replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")

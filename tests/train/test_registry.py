@@ -23,10 +23,10 @@ def test_swept_lrs_win_over_defaults_and_say_so(monkeypatch: pytest.MonkeyPatch,
     table = tmp_path / "lr_table.json"
     table.write_text(json.dumps({"lrs": {"gpt2-1m": {"adapm-mini": 0.0015}}}))
     monkeypatch.setattr(registry, "LR_TABLE_PATH", table)
-    registry._swept.cache_clear()
+    registry.swept.cache_clear()
     try:
         assert registry.lr_with_source("adapm-mini", model="gpt2-1m") == (0.0015, "swept for gpt2-1m")
         assert registry.lr_with_source("adapm-mini", model="llama-1m") == (3e-3, "default")
         assert registry.lr_with_source("adapm-mini", finetune=True, model="gpt2-1m") == (2e-5, "default")
     finally:
-        registry._swept.cache_clear()
+        registry.swept.cache_clear()

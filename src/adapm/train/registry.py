@@ -94,7 +94,8 @@ def parse_names(text: str, flag: str = "optimizers") -> list[str]:
 
 
 @cache
-def _swept() -> dict[str, dict[str, float]]:
+def swept() -> dict[str, dict[str, float]]:
+    """The lr table: the best lr of a sweep, by model preset and optimizer (empty if it is missing)."""
     return json.loads(LR_TABLE_PATH.read_text())["lrs"] if LR_TABLE_PATH.exists() else {}
 
 
@@ -104,9 +105,9 @@ def lr_with_source(name: str, finetune: bool = False, model: str | None = None) 
     spec = get(name)
     if finetune:
         return spec.finetune_lr, "default"
-    swept = _swept().get(model or "", {}).get(spec.lr_of or name)
-    if swept is not None:
-        return float(swept), f"swept for {model}"
+    best = swept().get(model or "", {}).get(spec.lr_of or name)
+    if best is not None:
+        return float(best), f"swept for {model}"
     return spec.pretrain_lr, "default"
 
 
