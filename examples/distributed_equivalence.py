@@ -21,7 +21,7 @@ def main() -> None:
         out = Path(tmp) / "eq.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER)]
-        subprocess.run([*cmd, "equivalence", str(out)], check=True, env=env, capture_output=True)
+        subprocess.run([*cmd, "equivalence", str(out), "all"], check=True, env=env, capture_output=True)
         rows = [r for r in json.loads(out.read_text()) if "model" in r]
     print("20 steps, global batch 4 x 16 tokens split over 2 ranks; relative differences to one process")
     print("(params: ||a - b|| / ||a|| over all parameters; 'excl.' leaves out GPT-2's fused QKV bias, whose")

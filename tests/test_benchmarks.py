@@ -26,8 +26,9 @@ def _run(script: str, out: Path, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_step_time_quick(tmp_path: Path) -> None:
-    result = _run("step_time.py", tmp_path / "st.json", "--optimizers", "adamw-fused,adamw-foreach,adapm,adapm-mini")
+def test_step_time_quick_and_its_json_read_back(tmp_path: Path) -> None:
+    saved = tmp_path / "st.json"
+    result = _run("step_time.py", saved, "--optimizers", "adamw-fused,adamw-foreach,adapm,adapm-mini")
     rows = result["rows"]
     assert {r["optimizer"] for r in rows} == {"adamw-fused", "adamw-foreach", "adapm", "adapm-mini"}
     for r in rows:
@@ -36,6 +37,16 @@ def test_step_time_quick(tmp_path: Path) -> None:
     assert next(r for r in rows if r["optimizer"] == "adamw-fused")["ratio_to_adamw"] == 1.0
     assert next(r for r in rows if r["optimizer"] == "adamw-foreach")["ratio_to_adamw_foreach"] == 1.0
     assert result["machine"]["torch"]
+    # --from-json prints the table of a saved run again (and refuses another file)
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--from-json", str(saved)],
+                          capture_output=True, text=True, env=env, timeout=300, check=True)  # fmt: skip
+    assert "ratio_to_adamw_foreach" in proc.stdout and "| quick | 1 | adamw-foreach |" in proc.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    proc = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--from-json", str(bad)],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)  # fmt: skip
+    assert proc.returncode != 0 and f"--from-json {bad}" in proc.stderr
 
 
 def test_peak_memory_quick(tmp_path: Path) -> None:
@@ -129,20 +140,6 @@ def test_foreach_ratios_direct_and_chained() -> None:
     st.add_foreach_ratios(rows)
     assert [r["ratio_to_adamw_foreach"] for r in rows] == pytest.approx([0.25, 1.0, 2.0, 0.25, 0.75])
     assert [r["foreach_ratio_chained"] for r in rows] == [False, False, False, True, True]
-
-
-def test_step_time_from_json(tmp_path: Path) -> None:
-    saved = tmp_path / "st.json"
-    _run("step_time.py", saved, "--optimizers", "adamw-fused,adamw-foreach,adapm")
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--from-json", str(saved)],
-                          capture_output=True, text=True, env=env, timeout=300, check=True)  # fmt: skip
-    assert "ratio_to_adamw_foreach" in proc.stdout and "| quick | 1 | adamw-foreach |" in proc.stdout
-    bad = tmp_path / "bad.json"
-    bad.write_text("{}")
-    proc = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--from-json", str(bad)],
-                          capture_output=True, text=True, env=env, timeout=300, check=False)  # fmt: skip
-    assert proc.returncode != 0 and f"--from-json {bad}" in proc.stderr
 
 
 def test_profile_step_quick(tmp_path: Path) -> None:

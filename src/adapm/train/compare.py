@@ -177,8 +177,7 @@ def finetune_one(cfg: Any, build_task: Any) -> dict[str, Any]:
     """One fine-tuning run (SFT or RLHF) with the single optimizer of ``cfg.optimizers``, into
     ``cfg.out/NAME``: ``build_task(cfg, model_dir, par)`` makes its :class:`~adapm.train.loop.Task`.
     Under torchrun every rank calls this; rank 0 prepares the default model first."""
-    from adapm.train import parallel
-    from adapm.train.loop import default_threads, run
+    from adapm.train.loop import launch
     from adapm.train.pretrained import resolve_model_dir
 
     (name,) = cfg.optimizer_list()
@@ -187,24 +186,17 @@ def finetune_one(cfg: Any, build_task: Any) -> dict[str, Any]:
         optim=cfg.optim.for_optimizer(name),
         train=dataclasses.replace(cfg.train, out_dir=str(Path(cfg.out) / name)),
     )
-    par = parallel.setup()
-    try:
-        import torch
 
-        torch.set_num_threads(cfg.train.threads or default_threads())
-        if not par.is_main:
-            par.barrier()  # rank 0 converts the default model into the cache first
-        model_dir = resolve_model_dir(cfg.model.model, cfg.model.cache_dir)
-        if par.is_main:
-            par.barrier()
-        return run(build_task(cfg, model_dir, par), cfg.optim, cfg.train, par)
-    finally:
-        parallel.teardown(par)
+    def task_of(par: Any) -> Any:
+        return build_task(cfg, resolve_model_dir(cfg.model.model, cfg.model.cache_dir), par)
+
+    return launch(task_of, cfg.optim, cfg.train)
 
 
-def finetune_side_by_side(cfg: Any, command: str, one: Any) -> list[dict[str, Any]]:
+def finetune_side_by_side(cfg: Any, command: str, build_task: Any) -> list[dict[str, Any]]:
     """`adapm sft` / `adapm rlhf`: one run per optimizer of ``cfg.optimizers`` (several: side by side,
-    each in a fresh process running ``adapm COMMAND``), then the summary. ``one(cfg)`` runs one."""
+    each in a fresh process running ``adapm COMMAND``), then the summary. ``build_task`` as in
+    :func:`finetune_one`."""
     from adapm.train import parallel
     from adapm.train.pretrained import resolve_model_dir
 
@@ -212,11 +204,11 @@ def finetune_side_by_side(cfg: Any, command: str, one: Any) -> list[dict[str, An
     if parallel.launched_by_torchrun():
         if len(names) > 1:
             raise ValueError("--optimizers: under torchrun give one optimizer (run the others one after another)")
-        one(cfg)
+        finetune_one(cfg, build_task)
         return summarize_runs(Path(cfg.out), names) if parallel.rank_from_env() == 0 else []
     resolve_model_dir(cfg.model.model, cfg.model.cache_dir)  # convert the default model once, up front
     if len(names) == 1:
-        one(cfg)
+        finetune_one(cfg, build_task)
         if os.environ.get(CHILD_RUN_ENV) == "1":  # one run of a side-by-side comparison: no one-row table
             return []
         return summarize_runs(Path(cfg.out), names)

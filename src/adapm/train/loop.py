@@ -159,16 +159,25 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     Under torchrun every rank calls this; the model is wrapped in DDP, or sharded with FSDP2 when
     ``cfg.train.fsdp``; rank 0 writes the run directory.
     """
+    return launch(lambda par: pretrain_task(cfg, prepare_data(cfg.data), par), cfg.optim, cfg.train)
+
+
+def launch(task_of: Callable[[parallel.Parallel], Task], optim: OptimConfig, tc: TrainConfig) -> dict[str, Any]:
+    """Join the torchrun job if there is one, build the task with ``task_of(par)`` and :func:`run` it.
+
+    Rank 0 builds first, then the other ranks: it fills the caches (token ids, a converted model) that
+    they then read. ``task_of`` must not communicate with the other ranks.
+    """
     par = parallel.setup()
     try:
-        torch.set_num_threads(cfg.train.threads or default_threads())
-        refuse_overwrite(cfg.train, par)
+        torch.set_num_threads(tc.threads or default_threads())
+        refuse_overwrite(tc, par)
         if not par.is_main:
-            par.barrier()  # rank 0 tokenizes and fills the cache first
-        data = prepare_data(cfg.data)
+            par.barrier()
+        task = task_of(par)
         if par.is_main:
             par.barrier()
-        return run(pretrain_task(cfg, data, par), cfg.optim, cfg.train, par)
+        return run(task, optim, tc, par)
     finally:
         parallel.teardown(par)
 

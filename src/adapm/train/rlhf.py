@@ -332,13 +332,6 @@ def rlhf_task(cfg: RLHFConfig, model_dir: Path, par: parallel.Parallel) -> Task:
     )
 
 
-def rlhf_one(cfg: RLHFConfig) -> dict[str, Any]:
-    """One ReMax run with the single optimizer of ``cfg.optimizers``, into ``cfg.out/NAME``."""
-    from adapm.train.compare import finetune_one
-
-    return finetune_one(cfg, rlhf_task)
-
-
 def rlhf(cfg: RLHFConfig) -> list[dict[str, Any]]:
     """`adapm rlhf`: one ReMax run per optimizer of ``cfg.optimizers`` (several: side by side, each in a
     fresh process), then ``cfg.out/summary.json``, ``summary.md`` and plots. Returns the summary rows."""
@@ -346,4 +339,4 @@ def rlhf(cfg: RLHFConfig) -> list[dict[str, Any]]:
 
     if cfg.reward != "vader" and not (Path(cfg.reward).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"--reward: {cfg.reward} is neither 'vader' nor a Hugging Face model directory")
-    return finetune_side_by_side(cfg, "rlhf", rlhf_one)
+    return finetune_side_by_side(cfg, "rlhf", rlhf_task)

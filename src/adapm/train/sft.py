@@ -116,9 +116,12 @@ def evaluate_sft(
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
-def sft_task(cfg: SFTConfig, model_dir: Path, tokenizer: Any, data: SFTData, par: parallel.Parallel) -> Task:
-    """Fine-tuning as a :class:`adapm.train.loop.Task`."""
+def sft_task(cfg: SFTConfig, model_dir: Path, par: parallel.Parallel) -> Task:
+    """Fine-tuning as a :class:`adapm.train.loop.Task` (the examples are tokenized here)."""
     tc = cfg.train
+    tokenizer = load_tokenizer(model_dir)
+    max_length = clamp_length(model_dir, cfg.data.max_length, "--max-length")
+    data = prepare_sft_data(dataclasses.replace(cfg.data, max_length=max_length), tokenizer)
 
     def step(model: nn.Module, step: int, micro: int) -> StepResult:
         key = (step, micro) if not par.enabled else (step, micro, par.rank)
@@ -146,23 +149,9 @@ def sft_task(cfg: SFTConfig, model_dir: Path, tokenizer: Any, data: SFTData, par
     )
 
 
-def finetune_one(cfg: SFTConfig) -> dict[str, Any]:
-    """One fine-tuning run with the single optimizer of ``cfg.optimizers``, into ``cfg.out/NAME``.
-    Under torchrun every rank calls this."""
-    from adapm.train.compare import finetune_one as run_one
-
-    def build(cfg: SFTConfig, model_dir: Path, par: parallel.Parallel) -> Task:
-        tokenizer = load_tokenizer(model_dir)
-        max_length = clamp_length(model_dir, cfg.data.max_length, "--max-length")
-        data = prepare_sft_data(dataclasses.replace(cfg.data, max_length=max_length), tokenizer)
-        return sft_task(cfg, model_dir, tokenizer, data, par)
-
-    return run_one(cfg, build)
-
-
 def sft(cfg: SFTConfig) -> list[dict[str, Any]]:
     """`adapm sft`: one run per optimizer of ``cfg.optimizers`` (several: side by side, each in a fresh
     process), then ``cfg.out/summary.json``, ``summary.md`` and plots. Returns the summary rows."""
     from adapm.train.compare import finetune_side_by_side
 
-    return finetune_side_by_side(cfg, "sft", finetune_one)
+    return finetune_side_by_side(cfg, "sft", sft_task)
