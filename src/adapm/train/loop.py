@@ -436,7 +436,8 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
     """The shared training loop: train ``task`` with ``optim`` for ``tc.steps``; returns the summary
     (also written to ``tc.out_dir/summary.json`` by rank 0), or ``{"stopped_at": step}`` at ``tc.stop_at``.
 
-    Resuming a finished run changes no file and returns its summary.
+    Resuming a finished run changes no file and returns its summary. Called by :func:`launch`, which
+    has already refused to overwrite an existing run.
 
     Raises:
         TrainingStopped: the loss stayed non-finite, or every parameter was skipped, for
@@ -465,11 +466,9 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
 
 
 def _setup(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel) -> _Run:
-    """Refuse to overwrite a finished run, then build the model (seeded), the optimizer with its
-    resolved lr, and the warmup-cosine schedule."""
+    """Build the model (seeded), the optimizer with its resolved lr, and the warmup-cosine schedule."""
     out = Path(tc.out_dir)
     sharded = par.enabled and tc.fsdp
-    refuse_overwrite(tc, par)
     if par.is_main:
         remove_stale_temporaries(out)
     torch.manual_seed(tc.seed)
