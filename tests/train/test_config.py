@@ -11,20 +11,28 @@ import pytest
 from adapm.train.config import (
     CompareConfig,
     DataConfig,
+    FinetuneModelConfig,
     ModelConfig,
     OptimConfig,
     PretrainConfig,
+    RLHFConfig,
+    SFTConfig,
+    SFTDataConfig,
     TrainConfig,
     field_docs,
     from_dict,
     read_config_file,
 )
 
+SIDE_BY_SIDE = [CompareConfig, SFTConfig, RLHFConfig]
 
-@pytest.mark.parametrize("cls", [DataConfig, ModelConfig, OptimConfig, TrainConfig, CompareConfig])
+
+@pytest.mark.parametrize(
+    "cls", [DataConfig, ModelConfig, OptimConfig, TrainConfig, SFTDataConfig, FinetuneModelConfig, *SIDE_BY_SIDE]
+)
 def test_every_field_has_a_docstring(cls: type) -> None:
     docs = field_docs(cls)
-    nested = {"data", "model", "optim", "train"} if cls is CompareConfig else set()
+    nested = {"data", "model", "optim", "train"} if cls in SIDE_BY_SIDE else set()
     for f in dataclasses.fields(cls):
         if f.name not in nested:
             assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
@@ -52,6 +60,16 @@ def test_every_field_has_a_docstring(cls: type) -> None:
 def test_bad_values_name_the_field(build, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize("cls", [PretrainConfig, *SIDE_BY_SIDE])
+def test_every_run_config_checks_its_optimizers_and_compile_step(cls: type) -> None:
+    """Pretraining and the three side-by-side runs refuse the same things when they are built."""
+    with pytest.raises(ValueError, match=r"Invalid compile_step: True; expected false with fsdp"):
+        cls(optim=OptimConfig(optimizer="adapm", compile_step=True), train=TrainConfig(fsdp=True))
+    if cls is not PretrainConfig:
+        with pytest.raises(ValueError, match=r"Invalid optimizers: 'lion'"):
+            cls(optimizers="adamw,lion")
 
 
 def test_from_dict_nested_and_unknown_keys() -> None:

@@ -263,6 +263,12 @@ class _SideBySide:
     """What the configs of side-by-side runs (compare, sft, rlhf) share."""
 
     optimizers: str
+    optim: OptimConfig
+    train: TrainConfig
+
+    def __post_init__(self) -> None:
+        parse_names(self.optimizers)
+        _check_compile_step(self.optim, self.train)
 
     def optimizer_list(self) -> list[str]:
         return parse_names(self.optimizers)
@@ -285,10 +291,6 @@ class CompareConfig(_SideBySide):
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self) -> None:
-        parse_names(self.optimizers)
-        _check_compile_step(self.optim, self.train)
 
 
 @dataclass
@@ -342,9 +344,6 @@ class SFTConfig(_SideBySide):
         )
     )
 
-    def __post_init__(self) -> None:
-        parse_names(self.optimizers)
-
 
 @dataclass
 class RLHFConfig(_SideBySide):
@@ -381,7 +380,7 @@ class RLHFConfig(_SideBySide):
     )
 
     def __post_init__(self) -> None:
-        parse_names(self.optimizers)
+        super().__post_init__()
         _check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "a number >= 0")
         _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
         _check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
