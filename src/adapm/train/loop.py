@@ -299,20 +299,18 @@ class _Progress:
     schedule_steps: int = 0
 
 
-def _load(
-    ckpt_path: Path, sharded: bool, model: nn.Module, optimizer: Any, scheduler: Any, task: Task, par: Any
-) -> _Progress:
-    if sharded:
-        extra = parallel.dcp_load(ckpt_path, model, optimizer, _extra_template(scheduler, task))
-        scheduler.load_state_dict(extra["scheduler"])
+def _load(r: _Run) -> _Progress:
+    """Restore the model, optimizer, schedule and RNG from the run's checkpoint; returns where it was."""
+    if r.sharded:
+        extra = parallel.dcp_load(r.ckpt_path, r.model, r.optimizer, _extra_template(r.scheduler))
     else:
-        extra = load_checkpoint(ckpt_path)
-        parallel.unwrap(model).load_state_dict(extra["model"])
-        optimizer.load_state_dict(extra["optimizer"])
-        scheduler.load_state_dict(extra["scheduler"])
+        extra = load_checkpoint(r.ckpt_path)
+        parallel.unwrap(r.model).load_state_dict(extra["model"])
+        r.optimizer.load_state_dict(extra["optimizer"])
+    r.scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng"])
     saved = extra.get("config") or None
-    lambdas = scheduler.lr_lambdas
+    lambdas = r.scheduler.lr_lambdas
     return _Progress(
         start=int(extra["step"]),
         elapsed=float(extra["elapsed"]),
@@ -447,7 +445,7 @@ def run(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parallel)
     r = _setup(task, optim, tc, par)
     progress_state = _Progress(schedule_steps=tc.steps)
     if tc.resume and r.ckpt_path.exists():
-        progress_state = _load(r.ckpt_path, r.sharded, r.model, r.optimizer, r.scheduler, task, par)
+        progress_state = _load(r)
         check_resume(progress_state.saved_config, r.config, progress_state.start, tc)
         if progress_state.start >= tc.steps:
             finished = _read_summary(r.out, tc.steps)
@@ -708,7 +706,7 @@ def _check_health(
         )
 
 
-def _extra_template(scheduler: Any, task: Task) -> dict[str, Any]:
+def _extra_template(scheduler: Any) -> dict[str, Any]:
     return {
         "rng": torch.get_rng_state(),
         "step": 0,
