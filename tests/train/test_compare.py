@@ -6,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from adapm.train.compare import compare
+from adapm.train.compare import compare, summarize
 from adapm.train.config import CompareConfig
 
 from conftest import tiny_config
@@ -41,3 +41,7 @@ def test_compare_two_optimizers(play_text: Path, cache_dir: Path, tmp_path: Path
     assert "| adapm-mini |" in (out / "summary.md").read_text()
     for png in ("loss_vs_step.png", "loss_vs_time.png", "state_bytes.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # Summarized without AdamW's run, the ratio comes from AdamW's meta-device state count: the same.
+    alone = summarize(dataclasses.replace(cfg, optimizers="adapm-mini"))
+    assert [r["optimizer"] for r in alone] == ["adapm-mini"]
+    assert alone[0]["ratio_to_adamw"] == rows[1]["ratio_to_adamw"]

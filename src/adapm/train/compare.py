@@ -264,7 +264,7 @@ def summarize_runs(out: Path, names: list[str], reference: Any = None) -> list[d
     (out / "run_info.json").write_text(json.dumps(header, indent=2))
     table = format_table(rows, header)
     (out / "summary.md").write_text(table + "\n")
-    _plot(out, runs, first.get("primary", "val_loss"))
+    _plot(out, runs, first.get("primary", "val_loss"), rows)
     print(table)
     return rows
 
@@ -341,7 +341,11 @@ def smooth(values: list[float], weight: float = 0.6) -> list[float]:
     return out
 
 
-def _plot(out: Path, runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]], primary: str) -> None:
+def _plot(
+    out: Path, runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]], primary: str, rows: list[dict[str, Any]]
+) -> None:
+    """Loss (or reward) against steps and against time, and the optimizer state of each row as a bar
+    chart in % of AdamW's (as the table: from AdamW's run, or its meta-device count without one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -381,13 +385,12 @@ def _plot(out: Path, runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
-    names = list(runs)
-    adamw = runs["adamw"][0]["state_bytes"] if "adamw" in runs else None
-    values = [runs[n][0]["state_bytes"] / 1e6 for n in names]
-    ax.bar(names, values, color="tab:blue")
-    for i, n in enumerate(names):
-        share = f" ({100 * runs[n][0]['state_bytes'] / adamw:.0f}% of AdamW)" if adamw else ""
+    values = [row["state_bytes"] / 1e6 for row in rows]
+    ax.bar([row["optimizer"] for row in rows], values, color="tab:blue")
+    for i, row in enumerate(rows):
+        share = f" ({100 * row['ratio_to_adamw']:.0f}% of AdamW)" if row["ratio_to_adamw"] else ""
         ax.text(i, values[i], f"{values[i]:.2f} MB{share}", ha="center", va="bottom", fontsize=8)
+    ax.margins(y=0.12)  # room for the labels above the bars
     ax.set_ylabel("optimizer state (MB)")
     ax.set_title(f"Optimizer state, {first['model']}", fontsize=9)
     fig.tight_layout()
