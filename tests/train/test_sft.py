@@ -81,6 +81,9 @@ def test_sft_run_directory_and_improvement(tiny_lm_dir: Path, tmp_path: Path) ->
     assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.2
     assert summary["final_val_ppl"] == pytest.approx(torch.tensor(summary["final_val_loss"]).exp().item(), rel=1e-5)
     assert rows[0]["optimizer"] == "adapm" and (tmp_path / "sft" / "summary.md").exists()
+    # Without an AdamW run, "vs AdamW" is against AdamW's state on this model: two float32 moments per weight.
+    weights = sum(p.numel() for p in load_causal_lm(tiny_lm_dir).parameters())
+    assert rows[0]["ratio_to_adamw"] == pytest.approx(summary["state_bytes"] / (8 * weights), rel=1e-3)
     assert load_tokenizer(run / "model").eos_token_id is not None  # the fine-tuned model is usable as --model
 
 

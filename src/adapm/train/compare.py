@@ -201,19 +201,25 @@ def finetune_side_by_side(cfg: Any, command: str, build_task: Any) -> list[dict[
     from adapm.train.pretrained import resolve_model_dir
 
     names = cfg.optimizer_list()
+
+    def reference() -> int:  # AdamW's state on this model, for "vs AdamW" when AdamW is not among the runs
+        from adapm.train.memory import count_state_bytes, meta_model
+
+        return count_state_bytes(meta_model(str(resolve_model_dir(cfg.model.model, cfg.model.cache_dir))), "adamw")
+
     if parallel.launched_by_torchrun():
         if len(names) > 1:
             raise ValueError("--optimizers: under torchrun give one optimizer (run the others one after another)")
         finetune_one(cfg, build_task)
-        return summarize_runs(Path(cfg.out), names) if parallel.rank_from_env() == 0 else []
+        return summarize_runs(Path(cfg.out), names, reference) if parallel.rank_from_env() == 0 else []
     resolve_model_dir(cfg.model.model, cfg.model.cache_dir)  # convert the default model once, up front
     if len(names) == 1:
         finetune_one(cfg, build_task)
         if os.environ.get(CHILD_RUN_ENV) == "1":  # one run of a side-by-side comparison: no one-row table
             return []
-        return summarize_runs(Path(cfg.out), names)
+        return summarize_runs(Path(cfg.out), names, reference)
     configs = {name: dataclasses.replace(cfg, optimizers=name).to_dict() for name in names}
-    return side_by_side(Path(cfg.out), command, configs)
+    return side_by_side(Path(cfg.out), command, configs, reference)
 
 
 def summarize(cfg: CompareConfig) -> list[dict[str, Any]]:
