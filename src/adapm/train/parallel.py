@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,12 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
 def wrap(model: nn.Module, par: Parallel, fsdp: bool) -> nn.Module:
     """DDP, or FSDP2 ``fully_shard`` per transformer block and at the root, on a 1-D mesh."""
     if not par.enabled:
+        if fsdp:
+            warnings.warn(
+                "--fsdp has no effect in a single process: the model trains unsharded. To shard it, launch "
+                "with torchrun (torchrun --standalone --nproc_per_node=N -m adapm.cli COMMAND ... --fsdp)",
+                stacklevel=2,
+            )
         return model
     if not fsdp:
         from torch.nn.parallel import DistributedDataParallel
