@@ -51,6 +51,7 @@ def test_every_field_has_a_docstring(cls: type) -> None:
         (lambda: OptimConfig(rank_ratio=0.0), "Invalid rank_ratio"),
         (lambda: OptimConfig(tracker="x"), "Invalid tracker"),
         (lambda: OptimConfig(state_dtype="int4"), "Invalid state_dtype: 'int4'"),
+        (lambda: OptimConfig(optimizer="galore", lr_ratios="blockwise"), "Invalid lr_ratios: 'blockwise'.*galore"),
         (lambda: TrainConfig(steps=0), "Invalid steps: 0"),
         (lambda: TrainConfig(grad_clip=0.0), "Invalid grad_clip"),
         (lambda: TrainConfig(min_lr_ratio=2.0), "Invalid min_lr_ratio"),
@@ -70,6 +71,10 @@ def test_every_run_config_checks_its_optimizers_and_compile_step(cls: type) -> N
     if cls is not PretrainConfig:
         with pytest.raises(ValueError, match=r"Invalid optimizers: 'lion'"):
             cls(optimizers="adamw,lion")
+        # Each run's settings: block-wise lrs would be ignored by SGD-SaI, so they are refused up front.
+        with pytest.raises(ValueError, match=r"Invalid lr_ratios: 'blockwise'; expected null for sgd-sai"):
+            cls(optimizers="adamw,sgd-sai", optim=OptimConfig(lr_ratios="blockwise"))
+        assert cls(optimizers="adamw,adam-mini,adapm-mini", optim=OptimConfig(lr_ratios="blockwise"))
 
 
 def test_from_dict_nested_and_unknown_keys() -> None:

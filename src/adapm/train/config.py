@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from adapm.config import AdaPMConfig
-from adapm.train.registry import OPTIMIZER_NAMES, parse_names
+from adapm.train.registry import BLOCKWISE_LR_FAMILIES, OPTIMIZER_NAMES, get, parse_names
 
 
 def _check(condition: bool, name: str, value: Any, expected: str) -> None:
@@ -107,7 +107,8 @@ class OptimConfig:
     the bytes) or int8 (a quarter, plus a float32 scale per 256 entries); float32 math, stochastic rounding."""
     lr_ratios: str | None = None
     """Block-wise learning rates (AdaPM, AdamW, Adam-mini): blockwise (embeddings x10, query/key x8, MLP x6,
-    value/attention output x4, the rest x1) or a JSON object by role; null for one lr."""
+    value/attention output x4, the rest x1) or a JSON object by role; null for one lr. Refused for the other
+    optimizers."""
     rules: list[list[Any]] | None = None
     """AdaPM: partition rules as [[regex, policy], ...] (policy a momentum name or a dict)."""
     fused: bool = AdaPMConfig.fused
@@ -122,6 +123,9 @@ class OptimConfig:
             only = f"false for {self.optimizer} (AdaPM optimizers with fp32 state only)"
             _check(compilable(self.optimizer, self.state_dtype), "compile_step", True, only)
         _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
+        blockwise = self.lr_ratios is None or get(self.optimizer).family in BLOCKWISE_LR_FAMILIES
+        only = f"null for {self.optimizer} (block-wise learning rates apply to AdamW, Adam-mini and AdaPM only)"
+        _check(blockwise, "lr_ratios", self.lr_ratios, only)
         self.adapm_config()  # validates every AdaPM hyperparameter, with AdaPM's own messages
 
     def for_optimizer(self, name: str) -> OptimConfig:
@@ -249,8 +253,6 @@ class PretrainConfig:
 
 def compilable(optimizer: str, state_dtype: str) -> bool:
     """Whether ``optimizer`` (a harness name) with ``state_dtype`` can step with ``adapm.compile_step``."""
-    from adapm.train.registry import get
-
     spec = get(optimizer)
     return spec.family.startswith("adapm") and spec.settings.get("state_dtype", state_dtype) == "fp32"
 
@@ -267,7 +269,8 @@ class _SideBySide:
     train: TrainConfig
 
     def __post_init__(self) -> None:
-        parse_names(self.optimizers)
+        for name in parse_names(self.optimizers):
+            self.optim.for_optimizer(name)  # each run's settings are checked before any run starts
         _check_compile_step(self.optim, self.train)
 
     def optimizer_list(self) -> list[str]:

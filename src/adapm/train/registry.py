@@ -71,6 +71,8 @@ _SPECS = (
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in _SPECS}
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(REGISTRY)
 """Every optimizer name, in the order tables list them."""
+BLOCKWISE_LR_FAMILIES: tuple[str, ...] = ("adamw", "adam-mini", "adapm", "adapm-mini")
+"""The families whose builders take block-wise learning rates (``lr_ratios``)."""
 PAPER_OPTIMIZERS: tuple[str, ...] = ("adamw", "adam-mini", "adafactor", "galore", "adapm", "adapm-mini")
 """The optimizers of the paper's comparison (the default set of benchmarks and `adapm memory`)."""
 
