@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--model",
         required=True,
-        help="a model preset (e.g. gpt2-1.5b, llama-350m, llama-7b) or a local HF model directory",
+        help="a model preset (e.g. gpt2-1.5b, llama-350m, llama-7b), a local HF model directory or its config.json, "
+        "or a model id already in the local Hugging Face cache",
     )
     m.add_argument(
         "--optimizers",
