@@ -111,6 +111,10 @@ def test_block_wise_lr_variants_scale_by_role() -> None:
     assert {g.get("lr_ratio") for g in ours.param_groups if g["role"] == "mlp"} == {3.0}
     with pytest.raises(ValueError, match="unknown role"):
         OptimConfig(optimizer="adamw", lr_ratios='{"ffn": 3}')
+    # Without --lr, adamw with block-wise lrs is adamw-blr: the same base lr, so the same lr per tensor.
+    plain = build_optimizer(model, OptimConfig(optimizer="adamw", lr_ratios="blockwise"))
+    variant = build_optimizer(model, OptimConfig(optimizer="adamw-blr"))
+    assert [g["lr"] for g in plain.param_groups] == [g["lr"] for g in variant.param_groups]
 
 
 def test_galore_projects_the_attention_and_mlp_matrices_the_presets_recognise() -> None:

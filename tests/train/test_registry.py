@@ -30,3 +30,15 @@ def test_swept_lrs_win_over_defaults_and_say_so(monkeypatch: pytest.MonkeyPatch,
         assert registry.lr_with_source("adapm-mini", finetune=True, model="gpt2-1m") == (2e-5, "default")
     finally:
         registry.swept.cache_clear()
+
+
+def test_block_wise_lrs_on_a_plain_name_take_its_blr_variants_base_lr() -> None:
+    """``--optimizer adamw --lr-ratios ...`` starts from adamw-blr's base lr, not AdamW's own (which the
+    x10 multipliers would push far out of range); a -blr name or an explicit --lr is left as it is."""
+    for name, blr in (("adamw", "adamw-blr"), ("adam-mini", "adam-mini-blr"), ("adapm-mini", "adapm-mini-blr"),
+                      ("adapm-bf16", "adapm-blr")):  # fmt: skip
+        for finetune in (False, True):
+            ours = registry.lr_with_source(name, finetune, "gpt2-1m", blockwise=True)
+            assert ours == registry.lr_with_source(blr, finetune, "gpt2-1m"), (name, finetune)
+            assert ours[0] < registry.default_lr(name, finetune, "gpt2-1m")
+    assert registry.lr_with_source("adamw-blr", blockwise=True) == registry.lr_with_source("adamw-blr")

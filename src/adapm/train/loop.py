@@ -475,7 +475,9 @@ def _setup(task: Task, optim: OptimConfig, tc: TrainConfig, par: parallel.Parall
     base.train()
     model = parallel.wrap(base, par, tc.fsdp)
     if optim.lr is None:  # swept for the model preset where the lr table has it, else the registry's
-        lr, lr_source = registry.lr_with_source(optim.optimizer, task.kind != "pretrain", task.model_name)
+        lr, lr_source = registry.lr_with_source(
+            optim.optimizer, task.kind != "pretrain", task.model_name, blockwise=optim.lr_ratios is not None
+        )
         optim = dataclasses.replace(optim, lr=lr)
     else:
         lr_source = "--lr"

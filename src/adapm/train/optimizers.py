@@ -219,7 +219,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if builder is None:
         raise ValueError(f"Invalid optimizer: {cfg.optimizer!r} has no builder for family {spec.family!r}")
     cfg = resolved_config(cfg)
-    return builder(model, cfg, cfg.lr if cfg.lr is not None else registry.default_lr(cfg.optimizer))
+    lr = cfg.lr if cfg.lr is not None else registry.default_lr(cfg.optimizer, blockwise=cfg.lr_ratios is not None)
+    return builder(model, cfg, lr)
 
 
 def import_quiet(module: str) -> Any:

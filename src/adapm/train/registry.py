@@ -101,18 +101,24 @@ def swept() -> dict[str, dict[str, float]]:
     return json.loads(LR_TABLE_PATH.read_text())["lrs"] if LR_TABLE_PATH.exists() else {}
 
 
-def lr_with_source(name: str, finetune: bool = False, model: str | None = None) -> tuple[float, str]:
+def lr_with_source(
+    name: str, finetune: bool = False, model: str | None = None, blockwise: bool = False
+) -> tuple[float, str]:
     """The default peak lr of ``name`` and where it comes from: for pretraining a preset the lr table
-    swept it for, that lr ("swept"); else the registry's default ("default")."""
+    swept it for, that lr ("swept"); else the registry's default ("default"). ``blockwise``: the run
+    sets block-wise lrs itself (``lr_ratios``), so a plain name takes the base lr of its family's
+    ``-blr`` variant, which the multipliers (up to x10) were tuned with."""
     spec = get(name)
+    if blockwise and "lr_ratios" not in spec.settings:
+        spec = REGISTRY.get(f"{spec.family}-blr", spec)
     if finetune:
         return spec.finetune_lr, "default"
-    best = swept().get(model or "", {}).get(spec.lr_of or name)
+    best = swept().get(model or "", {}).get(spec.lr_of or spec.name)
     if best is not None:
         return float(best), f"swept for {model}"
     return spec.pretrain_lr, "default"
 
 
-def default_lr(name: str, finetune: bool = False, model: str | None = None) -> float:
+def default_lr(name: str, finetune: bool = False, model: str | None = None, blockwise: bool = False) -> float:
     """The default peak lr of ``name`` for pretraining ``model`` (or fine-tuning): see :func:`lr_with_source`."""
-    return lr_with_source(name, finetune, model)[0]
+    return lr_with_source(name, finetune, model, blockwise)[0]
