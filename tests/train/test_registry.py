@@ -17,6 +17,8 @@ def test_every_name_has_a_builder_and_unknown_names_are_errors() -> None:
         registry.parse_names("adamw,lion", "--optimizers")
     with pytest.raises(ValueError, match="at least one name"):
         registry.parse_names(" , ")
+    with pytest.raises(ValueError, match="adamw is listed twice"):  # one run directory per name
+        registry.parse_names("adamw,adapm, adamw")
 
 
 def test_swept_lrs_win_over_defaults_and_say_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

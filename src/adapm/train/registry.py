@@ -86,12 +86,14 @@ def get(name: str, flag: str = "optimizer") -> OptimizerSpec:
 
 
 def parse_names(text: str, flag: str = "optimizers") -> list[str]:
-    """A comma-separated list of known names (at least one)."""
+    """A comma-separated list of known names (at least one, each once)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise ValueError(f"Invalid {flag}: {text!r}; expected at least one name")
-    for name in names:
+    for i, name in enumerate(names):
         get(name, flag)
+        if name in names[:i]:
+            raise ValueError(f"Invalid {flag}: {text!r}; {name} is listed twice (each run needs its own name)")
     return names
 
 
