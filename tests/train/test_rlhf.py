@@ -61,6 +61,19 @@ def test_load_prompts_formats_and_errors(tmp_path: Path) -> None:
         load_prompts(tmp_path / "missing.txt")
 
 
+def test_bad_prompts_fail_once_before_any_run(tiny_lm_dir: Path, tmp_path: Path) -> None:
+    """Side by side, missing prompts or too few for --val-prompts is one error before any run starts."""
+    (tmp_path / "p.txt").write_text("one\ntwo\n")
+    cases = [("missing.txt", FileNotFoundError, "--prompts: no such file"),
+             ("p.txt", ValueError, "--val-prompts 3: need more prompts than that, got 2")]  # fmt: skip
+    for prompts, error, match in cases:
+        cfg = rlhf_config(tiny_lm_dir, tmp_path / "side")
+        cfg.optimizers, cfg.prompts = "adamw,adapm", str(tmp_path / prompts)
+        with pytest.raises(error, match=match):
+            rlhf(cfg)
+        assert not (tmp_path / "side").exists()
+
+
 def test_batched_generation_matches_hf_generate(tiny_lm_dir: Path) -> None:
     """Left padding, positions and the KV cache: greedy responses of a padded batch equal Hugging
     Face's generate() on each prompt alone."""

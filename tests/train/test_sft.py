@@ -112,3 +112,12 @@ def test_user_jsonl_and_errors(tiny_lm_dir: Path, tmp_path: Path) -> None:
         resolve_model_dir(str(tmp_path))
     with pytest.raises(ValueError, match="Invalid optimizers: 'sgd'"):
         SFTConfig(optimizers="adamw,sgd")
+    # Side by side, a missing or too small file is one error before any run starts (not one per run).
+    (tmp_path / "one.jsonl").write_text(json.dumps({"prompt": "Say yes.", "response": "yes"}) + "\n")
+    for bad, error, match in (("missing.jsonl", FileNotFoundError, "--data: no such file"),
+                              ("one.jsonl", ValueError, "--data: need at least 2 examples")):  # fmt: skip
+        cfg = sft_config(tiny_lm_dir, tmp_path / "side", optimizers="adamw,adapm")
+        cfg.data = SFTDataConfig(data=str(tmp_path / bad))
+        with pytest.raises(error, match=match):
+            sft(cfg)
+        assert not (tmp_path / "side").exists()

@@ -337,6 +337,9 @@ def rlhf(cfg: RLHFConfig) -> list[dict[str, Any]]:
     fresh process), then ``cfg.out/summary.json``, ``summary.md`` and plots. Returns the summary rows."""
     from adapm.train.compare import finetune_side_by_side
 
+    # Bad inputs are one error here, not one per optimizer's run.
     if cfg.reward != "vader" and not (Path(cfg.reward).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"--reward: {cfg.reward} is neither 'vader' nor a Hugging Face model directory")
+    if cfg.prompts is not None:
+        split_prompts(load_prompts(cfg.prompts), cfg.val_prompts)
     return finetune_side_by_side(cfg, "rlhf", rlhf_task)

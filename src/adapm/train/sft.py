@@ -154,4 +154,6 @@ def sft(cfg: SFTConfig) -> list[dict[str, Any]]:
     process), then ``cfg.out/summary.json``, ``summary.md`` and plots. Returns the summary rows."""
     from adapm.train.compare import finetune_side_by_side
 
+    if cfg.data.data is not None:  # a bad file is one error here, not one per optimizer's run
+        split_records(load_records(cfg.data.data), cfg.data.val_fraction)
     return finetune_side_by_side(cfg, "sft", sft_task)
