@@ -157,18 +157,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_side_by_side(args: argparse.Namespace) -> int:
     """`adapm compare`, `adapm sft` and `adapm rlhf`: the runs, then the summary's files."""
-    from adapm.train.compare import compare, resolve_out
+    from adapm.train.compare import compare
     from adapm.train.rlhf import rlhf
     from adapm.train.sft import sft
 
-    cls, train, plots = {"compare": (CompareConfig, compare, "loss"), "sft": (SFTConfig, sft, "loss"),
-                         "rlhf": (RLHFConfig, rlhf, "reward")}[args.command]  # fmt: skip
-    cfg = from_dict(cls, _merge(_config_values(args), args))
-    if args.command == "compare":
-        cfg = resolve_out(cfg)  # the dated run directory, decided once
-    rows = train(cfg)
-    if args.command == "compare" or (rows and len(cfg.optimizer_list()) > 1):
-        print(f"\nwrote {cfg.out}/summary.json, summary.md, {plots}_vs_step.png, {plots}_vs_time.png, state_bytes.png")
+    commands = {"compare": (CompareConfig, compare), "sft": (SFTConfig, sft), "rlhf": (RLHFConfig, rlhf)}
+    cls, train = commands[args.command]
+    train(from_dict(cls, _merge(_config_values(args), args)))  # prints the table and the files it wrote
     return 0
 
 

@@ -6,8 +6,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
+
 from adapm.train.compare import compare, summarize
-from adapm.train.config import CompareConfig
+from adapm.train.config import CompareConfig, DataConfig, ModelConfig
 
 from conftest import tiny_config
 
@@ -45,3 +47,14 @@ def test_compare_two_optimizers(play_text: Path, cache_dir: Path, tmp_path: Path
     alone = summarize(dataclasses.replace(cfg, optimizers="adapm-mini"))
     assert [r["optimizer"] for r in alone] == ["adapm-mini"]
     assert alone[0]["ratio_to_adamw"] == rows[1]["ratio_to_adamw"]
+
+
+def test_bad_inputs_fail_before_a_run_directory_is_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing --data or --init-from is one error before anything is written (no dated directory, no
+    runs/compare/latest pointing at an empty one), not one error per optimizer's process."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="--data: no such file or directory"):
+        compare(CompareConfig(data=DataConfig(data=str(tmp_path / "missing.txt"))))
+    with pytest.raises(FileNotFoundError, match=r"--init-from: .* \(no config\.json\)"):
+        compare(CompareConfig(model=ModelConfig(init_from=str(tmp_path))))
+    assert list(tmp_path.iterdir()) == []

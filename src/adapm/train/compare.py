@@ -17,6 +17,7 @@ from typing import Any
 from adapm.train.config import CompareConfig, PretrainConfig
 from adapm.train.data import prepare_data
 from adapm.train.loop import CHECKPOINT, METRICS, SUMMARY, read_metrics
+from adapm.train.models import checkpoint_dir
 from adapm.train.tables import markdown_table
 
 DEFAULT_COMPARE_ROOT = Path("runs/compare")
@@ -117,13 +118,17 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     Raises:
         RuntimeError: if any run failed (the others still ran and are summarised).
     """
+    # Bad data or --init-from is one error here, before a run directory is made, not one per run; and the
+    # runs then share the token cache instead of racing to write it.
+    if cfg.model.init_from is not None:
+        checkpoint_dir(cfg.model.init_from)
+    prepare_data(cfg.data)
     cfg = resolve_out(cfg)
     out = Path(str(cfg.out))
     if cfg.train.resume and _finished(out, cfg.optimizer_list(), cfg.train.steps):
         print((out / "summary.md").read_text(), end="")
         return json.loads((out / "summary.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    prepare_data(cfg.data)  # tokenize once here, so the runs share the cache instead of racing for it
     configs = {name: run_config(cfg, name).to_dict() for name in cfg.optimizer_list()}
     return side_by_side(out, "pretrain", configs, reference=lambda: _adamw_reference(cfg))
 
@@ -270,8 +275,9 @@ def summarize_runs(out: Path, names: list[str], reference: Any = None) -> list[d
     (out / "run_info.json").write_text(json.dumps(header, indent=2))
     table = format_table(rows, header)
     (out / "summary.md").write_text(table + "\n")
-    _plot(out, runs, first.get("primary", "val_loss"), rows)
+    plots = _plot(out, runs, first.get("primary", "val_loss"), rows)
     print(table)
+    print(f"\nwrote {out}/summary.json, summary.md, {', '.join(plots)}")
     return rows
 
 
@@ -349,9 +355,10 @@ def smooth(values: list[float], weight: float = 0.6) -> list[float]:
 
 def _plot(
     out: Path, runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]], primary: str, rows: list[dict[str, Any]]
-) -> None:
+) -> list[str]:
     """Loss (or reward) against steps and against time, and the optimizer state of each row as a bar
-    chart in % of AdamW's (as the table: from AdamW's run, or its meta-device count without one)."""
+    chart in % of AdamW's (as the table: from AdamW's run, or its meta-device count without one).
+    Returns the file names written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -402,3 +409,4 @@ def _plot(
     fig.tight_layout()
     fig.savefig(out / "state_bytes.png", dpi=120)
     plt.close(fig)
+    return [f"{ylabel}_vs_step.png", f"{ylabel}_vs_time.png", "state_bytes.png"]

@@ -108,14 +108,19 @@ def build_model(
         return AutoModelForCausalLM.from_config(config)
 
 
+def checkpoint_dir(path: str | Path) -> Path:
+    """``path`` if it is a local Hugging Face checkpoint directory (``--init-from``), else an error saying so."""
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--init-from: {path} is not a Hugging Face checkpoint directory (no config.json)")
+    return path
+
+
 def load_pretrained(path: str | Path) -> nn.Module:
     """A causal LM from a local Hugging Face checkpoint directory (never downloads)."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(path).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--init-from: {path} is not a Hugging Face checkpoint directory (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(checkpoint_dir(path)), local_files_only=True, dtype=torch.float32)
 
 
 def count_parameters(model: nn.Module) -> int:
