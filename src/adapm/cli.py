@@ -263,9 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser(
         "memory",
-        help="optimizer-state bytes at paper scale (meta device, no allocation)",
-        description="Count every optimizer's state bytes for a model preset on the meta device "
-        "(nothing allocated) and print them beside the paper's Table 2 where it has the model.",
+        help="optimizer-state bytes, or with --batch-size a training step's memory (meta device, nothing allocated)",
+        description="Count every optimizer's state bytes for a model on the meta device (nothing allocated) "
+        "and print them beside the paper's Table 2 where it has the model. With --batch-size (and --seq-len, "
+        "--dtype): weights, gradients, optimizer state and an activation estimate per optimizer, and which "
+        "of 24, 40 and 80 GiB the total fits in.",
     )
     m.add_argument(
         "--model",
