@@ -146,3 +146,19 @@ def test_adamw_8bit_is_bitsandbytes_with_8bit_moments() -> None:
     wte = model.transformer.wte.weight
     assert opt.state[wte]["state1"].dtype == torch.uint8 and opt.state[wte]["state2"].dtype == torch.uint8
     assert {g["weight_decay"] for g in opt.param_groups} == {0.1, 0.0}  # decay on matrices only
+
+
+def test_settings_an_optimizer_does_not_use_warn() -> None:
+    from adapm.train.optimizers import BUILDERS, UNUSED
+
+    assert set(UNUSED) == set(BUILDERS)
+    model = build_model("gpt2-1m", vocab_size=64, seq_len=16)
+    with pytest.warns(UserWarning, match=r"adamw does not use rank_ratio=0.2, tracker='gd'"):
+        build_optimizer(model, OptimConfig(optimizer="adamw", rank_ratio=0.2, tracker="gd"))
+    with pytest.warns(UserWarning, match=r"sgd-sai does not use beta2=0.9"):
+        build_optimizer(model, OptimConfig(optimizer="sgd-sai", beta2=0.9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the settings it reads, or defaults: no warning
+        build_optimizer(model, OptimConfig(optimizer="adapm-mini", rank_ratio=0.2, tracker="gd", beta2=0.9))
+        build_optimizer(model, OptimConfig(optimizer="adamw", beta1=0.8, beta2=0.9, weight_decay=0.0))
+        build_optimizer(model, OptimConfig(optimizer="adamw-blr"))

@@ -199,6 +199,28 @@ BUILDERS: dict[str, Callable[[nn.Module, OptimConfig, float], torch.optim.Optimi
 }
 """One builder per family of the registry."""
 
+_ADAPM_ONLY = ("rank_ratio", "refresh_every", "tracker", "correction", "update_clip", "clip_scope", "state_dtype",
+               "rules", "fused")  # fmt: skip
+UNUSED: dict[str, tuple[str, ...]] = {
+    "adamw": _ADAPM_ONLY,
+    "adamw-8bit": _ADAPM_ONLY,
+    "adam-mini": _ADAPM_ONLY,
+    "adafactor": ("beta2", *_ADAPM_ONLY),
+    "galore": _ADAPM_ONLY,
+    "sgd-sai": ("beta2", *_ADAPM_ONLY),
+    "adapm": (),
+    "adapm-mini": (),
+}
+"""The :class:`~adapm.train.config.OptimConfig` settings each family's builder does not read."""
+
+
+def unused_settings(cfg: OptimConfig) -> list[str]:
+    """The settings of ``cfg`` changed from their defaults that its optimizer does not use, as
+    ``name=value``."""
+    defaults = OptimConfig()
+    unused = UNUSED.get(registry.get(cfg.optimizer).family, ())
+    return [f"{k}={getattr(cfg, k)!r}" for k in unused if getattr(cfg, k) != getattr(defaults, k)]
+
 
 def resolved_config(cfg: OptimConfig) -> OptimConfig:
     """``cfg`` with the settings its registry variant fixes (where ``cfg`` left them at the default)."""
@@ -213,11 +235,21 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
     Raises:
         ValueError: an unknown optimizer name, or one without a builder.
+
+    Warns:
+        UserWarning: ``cfg`` changes settings the optimizer does not use (see :func:`unused_settings`).
     """
     spec = registry.get(cfg.optimizer)
     builder = BUILDERS.get(spec.family)
     if builder is None:
         raise ValueError(f"Invalid optimizer: {cfg.optimizer!r} has no builder for family {spec.family!r}")
+    unused = unused_settings(cfg)
+    if unused:
+        warnings.warn(
+            f"{cfg.optimizer} does not use {', '.join(unused)}: they have no effect on its run (the AdaPM settings "
+            "apply to adapm optimizers only; adafactor and sgd-sai have no beta2)",
+            stacklevel=2,
+        )
     cfg = resolved_config(cfg)
     lr = cfg.lr if cfg.lr is not None else registry.default_lr(cfg.optimizer, blockwise=cfg.lr_ratios is not None)
     return builder(model, cfg, lr)
