@@ -60,3 +60,16 @@ def test_an_id_that_is_not_cached_names_the_id_and_the_cache(tmp_path: Path) -> 
     assert proc.returncode != 0
     assert "'someone/absent' is neither a local path nor a dataset repository in the Hugging Face cache" in proc.stderr
     assert str(cache) in proc.stderr and "nothing is downloaded" in proc.stderr
+
+
+def test_a_missing_file_is_a_missing_file_not_a_hub_id(tmp_path: Path) -> None:
+    from adapm.train.hub import looks_like_hub_id
+
+    assert looks_like_hub_id("someone/tiny-stories") and looks_like_hub_id("org/model.v2")
+    for value in ("data/train.jsonl", "corpus/plays.txt", "d/shard.parquet"):
+        assert not looks_like_hub_id(value), value
+    cache = tmp_path / "empty"
+    cache.mkdir()
+    proc = _run("from adapm.train.data import load_texts; load_texts('data/train.jsonl')", cache)
+    assert proc.returncode != 0
+    assert "--data: no such file or directory: data/train.jsonl" in proc.stderr

@@ -16,9 +16,15 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 """``org/name``, as the Hub spells repository ids."""
 
 
+FILE_SUFFIXES = frozenset({".txt", ".md", ".json", ".jsonl", ".parquet", ".csv", ".arrow", ".yaml", ".yml", ".pt"})
+"""Suffixes that make ``dir/name.jsonl`` a (missing) local file rather than a repository id."""
+
+
 def looks_like_hub_id(value: str) -> bool:
-    """Whether ``value`` has the form of a Hub repository id (and is not an existing local path)."""
-    return bool(HUB_ID.match(value)) and not Path(value).expanduser().exists()
+    """Whether ``value`` has the form of a Hub repository id (and is neither an existing local path nor
+    a file name such as ``data/train.jsonl``)."""
+    path = Path(value).expanduser()
+    return bool(HUB_ID.match(value)) and path.suffix.lower() not in FILE_SUFFIXES and not path.exists()
 
 
 def cached_snapshot(repo_id: str, repo_type: str, flag: str) -> Path:
