@@ -278,6 +278,10 @@ def test_loading_a_mismatched_partition_names_the_parameter() -> None:
     fewer = adapm.AdaPM(tiny_gpt2(n_layer=1), lr=1e-3)
     with pytest.raises(ValueError, match="param groups"):
         fewer.load_state_dict(sd)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train(model, adamw, batches(96, 1))
+    with pytest.raises(ValueError, match="is not an AdaPM optimizer's"):
+        opt.load_state_dict(adamw.state_dict())
 
 
 def test_nonfinite_gradient_is_skipped_with_a_warning_and_does_not_poison_state() -> None:

@@ -1091,6 +1091,12 @@ class AdaPM(Optimizer):
         """
         self._drain()
         saved_groups = state_dict["param_groups"]
+        if any("momentum" not in group for group in saved_groups):
+            raise ValueError(
+                "loaded state dict is not an AdaPM optimizer's (its param groups have no 'momentum' policy, as "
+                "torch.optim.AdamW's have not): AdaPM cannot continue another optimizer's state. Load a state "
+                "dict saved by AdaPM on this model, or start the optimizer fresh (do not load it)"
+            )
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"loaded state dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
