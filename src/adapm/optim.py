@@ -25,7 +25,7 @@ from adapm.grouped import (
     step_lowrank,
 )
 from adapm.partition.layout import ParamLayout, build_layout
-from adapm.partition.report import PartitionReport
+from adapm.partition.report import PartitionReport, some_names
 from adapm.partition.rules import partition
 from adapm.policies.momentum import lowrank_momentum
 from adapm.policies.precision import Run, Stored, is_scale_key, read_working, scale_key, write_working
@@ -307,12 +307,12 @@ class AdaPM(Optimizer):
             parts = []
             if unknown:
                 what = "matrix" if len(unknown) == 1 else "matrices"
-                parts.append(f"{len(unknown)} {what} matched no preset ({', '.join(unknown)})")
+                parts.append(f"{len(unknown)} {what} matched no preset ({some_names(unknown)})")
             if whole:
                 what = "weight" if len(whole) == 1 else "weights"
                 parts.append(
                     f"{len(whole)} fused {what} whose layout is not known for this model kept whole "
-                    f"({', '.join(whole)})"
+                    f"({some_names(whole)})"
                 )
             message = (
                 f"AdaPM: {' and '.join(parts)}: they keep full momentum and a full second moment, "

@@ -647,6 +647,14 @@ def test_construction_warns_once_about_what_the_partition_could_not_reach() -> N
         warnings.simplefilter("error")
         opt = adapm.AdaPMMini(bert, lr=1e-3, rules=[(r"^adapter\.weight$", "lowrank")], strict=True)
     assert opt.partition_report().unmatched == []
+    # Many unknown matrices (LoRA adapters, an unknown architecture): five names and a count, not hundreds.
+    bert.adapters = nn.ModuleList(nn.Linear(32, 32) for _ in range(8))
+    with pytest.warns(UserWarning, match=r"9 matrices matched no preset \(adapter\.weight, adapters\.0\.weight, "
+                      r"adapters\.1\.weight, adapters\.2\.weight, adapters\.3\.weight and 4 more; "
+                      r"partition_report\(\) marks them all with \(!\)\)"):  # fmt: skip
+        opt = adapm.AdaPMMini(bert, lr=1e-3)
+    assert len(opt.partition_report().unmatched) == 9
+    assert "and 4 more" in str(opt.partition_report())
 
 
 @pytest.mark.parametrize("kind", FUSED_FAMILIES)

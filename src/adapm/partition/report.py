@@ -131,9 +131,17 @@ class PartitionReport:
         if self.unmatched:
             out.append(
                 f"(!) {len(self.unmatched)} matrices matched no preset or rule and keep full momentum and "
-                f"full second moment: {', '.join(self.unmatched)}. Pass rules=[(pattern, policy), ...] to change that."
+                f"full second moment: {some_names(self.unmatched)}. Pass rules=[(pattern, policy), ...] to change that."
             )
         return "\n".join(out)
+
+
+def some_names(names: list[str], shown: int = 5) -> str:
+    """``names`` joined with commas, the first ``shown`` of them and a count of the rest (a LoRA model
+    or an unknown architecture can have hundreds)."""
+    if len(names) <= shown:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])} and {len(names) - shown} more; partition_report() marks them all with (!)"
 
 
 def format_bytes(n: int) -> str:
