@@ -65,6 +65,12 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "nothing").mkdir()
     with pytest.raises(ValueError, match="holds no"):
         load_texts(tmp_path / "nothing")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(ValueError, match=r"ints\.parquet: the 'body' column must hold strings \(--text-field\)"):
+        load_texts(tmp_path / "ints.parquet", text_field="body")
 
 
 def test_tokenizer_is_trained_once_and_cached(play_text: Path, tmp_path: Path) -> None:

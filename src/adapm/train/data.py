@@ -74,10 +74,10 @@ def _texts_from_jsonl(path: Path, field: str) -> list[str]:
     return texts
 
 
-def _texts_from_column(column: Any, source: Path) -> list[str]:
+def _texts_from_column(column: Any, source: Path, field: str) -> list[str]:
     texts = list(column)
     if not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"{source}: the 'text' column must hold strings")
+        raise ValueError(f"{source}: the {field!r} column must hold strings (--text-field)")
     return texts
 
 
@@ -129,7 +129,7 @@ def _texts_from_file(path: Path, text_field: str) -> list[str]:
         table = pq.read_table(path)
         if text_field not in table.column_names:
             raise ValueError(f"{path}: no {text_field!r} column (columns: {table.column_names}); set --text-field")
-        return _texts_from_column(table.column(text_field).to_pylist(), path)
+        return _texts_from_column(table.column(text_field).to_pylist(), path, text_field)
     return [_decode(path, path.read_bytes())]
 
 
@@ -144,7 +144,7 @@ def _texts_from_saved_dataset(path: Path, field: str) -> list[str]:
         raise ValueError(
             f"{path}: the saved dataset has no {field!r} column (columns: {loaded.column_names}); set --text-field"
         )
-    return _texts_from_column(loaded[field], path)
+    return _texts_from_column(loaded[field], path, field)
 
 
 def corpus_hash(texts: list[str]) -> str:
