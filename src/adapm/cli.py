@@ -176,11 +176,11 @@ def cmd_memory(args: argparse.Namespace) -> int:
         from adapm.train.memory import format_training_memory, training_memory
 
         batch, seq, dtype = args.batch_size or 1, args.seq_len or 1024, args.dtype or "fp32"
-        full = training_memory(args.model, names, batch, seq, dtype)
+        full = training_memory(args.model, names, batch, seq, dtype, args.attention)
         if args.json:
             print(json.dumps([{**r.__dict__, "total": r.total} for r in full], indent=2))
         else:
-            print(format_training_memory(args.model, full, batch, seq, dtype))
+            print(format_training_memory(args.model, full, batch, seq, dtype, args.attention))
         return 0
     rows = memory_table(args.model, names)
     if args.json:
@@ -284,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=None, help="with --seq-len/--dtype: count a whole training step")
     m.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024 with --batch-size)")
     m.add_argument("--dtype", default=None, help="parameter dtype: fp32, bf16 or fp16 (default fp32)")
+    m.add_argument(
+        "--attention",
+        default="sdpa",
+        help="with --batch-size: sdpa (a fused kernel such as FlashAttention keeps no s x s matrix; the default) "
+        "or eager (the attention scores are kept for backward)",
+    )
     m.set_defaults(func=cmd_memory)
 
     cp = sub.add_parser(

@@ -55,9 +55,83 @@ def test_training_memory_adds_weights_gradients_state_and_activations(capsys: py
     assert adamw.total == adamw.weights + adamw.gradients + adamw.optimizer_state + adamw.activations_estimate
     assert main(["memory", "--model", "gpt2-124m", "--batch-size", "4", "--seq-len", "512", "--dtype", "bf16",
                  "--optimizers", "adamw,adapm-mini"]) == 0  # fmt: skip
-    assert "activations (est.)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "activations counted from the model's forward on the meta device" in out and "| activations |" in out
+    assert {r.activations_method for r in rows} == {"counted"}
     with pytest.raises(ValueError, match="Invalid --dtype: 'int4'"):
         training_memory("gpt2-124m", ("adamw",), 1, 8, "int4")
+    with pytest.raises(ValueError, match="Invalid --attention: 'flash'"):
+        training_memory("gpt2-124m", ("adamw",), 1, 8, "bf16", "flash")
+    # Eager attention keeps the s x s scores: the gap grows with the square of the sequence length.
+    eager = training_memory("gpt2-124m", ("adamw",), 1, 2048, "bf16", "eager")[0].activations_estimate
+    sdpa = training_memory("gpt2-124m", ("adamw",), 1, 2048, "bf16", "sdpa")[0].activations_estimate
+    assert eager > 2 * sdpa
+
+
+def _saved_bytes_of_a_real_forward(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """What a real forward and loss on the CPU save for backward: distinct storages, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mixtral"])
+def test_counted_activations_are_what_a_real_forward_saves(family: str) -> None:
+    import transformers as tf
+
+    from adapm.train.memory import activation_bytes
+
+    def make(attention: str) -> torch.nn.Module:
+        if family == "gpt2":
+            return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=256,
+                                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                                    attn_implementation=attention))  # fmt: skip
+        if family == "mixtral":  # bf16: its grouped expert matmuls run on the meta device in bf16 only
+            return tf.MixtralForCausalLM(tf.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                          num_attention_heads=4, num_key_value_heads=2,
+                                                          num_local_experts=4, vocab_size=300,
+                                                          attn_implementation=attention)).bfloat16()  # fmt: skip
+        return tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                                  attn_implementation=attention))  # fmt: skip
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (2, 256))
+    for attention in ("eager", "sdpa"):
+        real = make(attention).train()
+        with torch.device("meta"):
+            meta = make(attention)
+        counted, method = activation_bytes(meta, 2, 256, attention)
+        measured = _saved_bytes_of_a_real_forward(real, ids)
+        assert method == "counted"
+        if attention == "eager":  # the meta device runs this very code: the same tensors
+            assert counted == measured, (family, counted, measured)
+        else:  # the CPU's fused sdpa kernel keeps its own extras (log-sum-exp) and not the eager code's others
+            assert abs(counted - measured) < 0.15 * measured, (family, counted, measured)
+
+
+def test_a_forward_that_cannot_run_on_meta_falls_back_to_the_formula(tmp_path) -> None:
+    import json
+
+    from adapm.train.memory import training_memory
+
+    full, _ = FAMILY_CONFIGS["t5-base"]  # T5's forward needs a decoder_start_token_id this config lacks
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(full))
+    eager, sdpa = (training_memory(str(path), ("adapm-mini",), 1, 4096, "bf16", a)[0] for a in ("eager", "sdpa"))
+    assert eager.activations_method == sdpa.activations_method == "formula"
+    assert eager.activations_estimate > sdpa.activations_estimate > 1e9
+    mixtral, _ = FAMILY_CONFIGS["mixtral-8x7b"]  # fp32 experts do not run on the meta device, bf16 ones do
+    path.write_text(json.dumps(mixtral))
+    methods = [training_memory(str(path), ("adamw",), 1, 512, d)[0].activations_method for d in ("fp32", "bf16")]
+    assert methods == ["formula", "counted"]
 
 
 # Real-size configs as a user's config.json would give them (no weights needed), and a tiny version of each.

@@ -136,6 +136,8 @@ class TrainingMemoryRow:
     gradients: int
     optimizer_state: int
     activations_estimate: int
+    activations_method: str = "counted"
+    """How the activations were found: "counted" (the model's forward on the meta device) or "formula"."""
 
     @property
     def total(self) -> int:
@@ -143,51 +145,111 @@ class TrainingMemoryRow:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTENTION = ("sdpa", "eager")
+"""How attention is computed in training: ``sdpa`` with a fused kernel (FlashAttention or memory-efficient,
+what GPUs run; it keeps no s x s matrix) or ``eager`` (the scores and probabilities are kept for backward)."""
 
 
-def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, dtype_bytes: int) -> int:
-    """An estimate of the activations a forward pass keeps for backward, without recomputation: per layer
-    ``s b h (34 + 5 a s / h)`` bytes at 2-byte precision (Korthikanti et al., "Reducing Activation
-    Recomputation in Large Transformer Models", 2022), scaled to ``dtype_bytes``, plus the logits and
-    their softmax in float32. An estimate: attention kernels that do not keep the s x s scores (SDPA,
-    FlashAttention) keep less."""
+def saved_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, attention: str = "sdpa") -> int:
+    """Bytes of the tensors that ``model``'s forward (and loss) saves for backward, on the meta device.
+
+    The model's own forward runs on shapes only (``model`` must be on the meta device, in its training
+    dtype), and every tensor autograd saves is counted once per storage, parameters excluded. The meta
+    device computes attention eagerly, so the count holds the ``(batch, heads, s, s)`` scores and
+    probabilities; with ``attention="sdpa"`` those are left out, as a fused kernel does not keep them.
+
+    Raises:
+        Exception: whatever the forward raises where it cannot run on the meta device (e.g. routing that
+            depends on the values, as in mixture-of-experts layers).
+    """
+    storages: dict[int, int] = {}
+    scores: set[int] = set()  # storages saved as (batch, heads, s, s), in whatever view
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage._cdata] = storage.nbytes()
+        if t.dim() == 4 and tuple(t.shape[-2:]) == (seq_len, seq_len):
+            scores.add(storage._cdata)
+        return t
+
+    ids = torch.zeros((batch_size, seq_len), dtype=torch.long, device="meta")
+    was_training = model.training
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            try:
+                model(input_ids=ids, labels=ids)
+            except TypeError:  # a base model without a loss
+                model(input_ids=ids)
+    finally:
+        model.train(was_training)
+    left_out = params | (scores if attention != "eager" else set())
+    return sum(n for key, n in storages.items() if key not in left_out)
+
+
+def formula_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, dtype_bytes: int, attention: str) -> int:
+    """An estimate for a model whose forward does not run on the meta device: per layer ``s b h (34 + 5 a
+    s / h)`` bytes at 2-byte precision (Korthikanti et al., "Reducing Activation Recomputation in Large
+    Transformer Models", 2022; the ``5 a s / h`` term, the s x s scores, only for ``eager``), scaled to
+    ``dtype_bytes``, plus the logits and their softmax in float32."""
     config = model.config  # type: ignore[attr-defined]
-    layers = next(getattr(config, k) for k in ("num_hidden_layers", "n_layer") if hasattr(config, k))
-    hidden = next(getattr(config, k) for k in ("hidden_size", "n_embd") if hasattr(config, k))
-    heads = next(getattr(config, k) for k in ("num_attention_heads", "n_head") if hasattr(config, k))
+    layers = next(getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k))
+    hidden = next(getattr(config, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(config, k))
+    heads = next(getattr(config, k) for k in ("num_attention_heads", "n_head", "num_heads") if hasattr(config, k))
     s, b = seq_len, batch_size
-    per_layer = s * b * hidden * (34 + 5 * heads * s / hidden) * dtype_bytes / 2
+    scores = 5 * heads * s / hidden if attention == "eager" else 0
+    per_layer = s * b * hidden * (34 + scores) * dtype_bytes / 2
     logits = 2 * 4 * b * s * config.vocab_size
     return int(layers * per_layer + logits)
 
 
+def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, attention: str = "sdpa") -> tuple[int, str]:
+    """The activations a training step keeps (no recomputation) and how they were found: ``counted`` by
+    :func:`saved_activation_bytes`, or by ``formula`` (:func:`formula_activation_bytes`) where the forward
+    does not run on the meta device."""
+    try:
+        return saved_activation_bytes(model, batch_size, seq_len, attention), "counted"
+    except Exception:  # any forward that needs values (routing, config defaults it lacks): the formula
+        dtype_bytes = next(model.parameters()).element_size()
+        return formula_activation_bytes(model, batch_size, seq_len, dtype_bytes, attention), "formula"
+
+
 def training_memory(
-    name: str, optimizers: tuple[str, ...], batch_size: int, seq_len: int, dtype: str
+    name: str, optimizers: tuple[str, ...], batch_size: int, seq_len: int, dtype: str, attention: str = "sdpa"
 ) -> list[TrainingMemoryRow]:
     """Weights, gradients, optimizer state (counted through each optimizer's own code on the meta device;
-    AdaPM keeps float32 state whatever the parameter dtype unless ``state_dtype`` is ``bf16`` or ``int8``, torch's
-    optimizers the parameter dtype) and
-    an activation estimate, for training ``name`` with parameters in ``dtype``."""
+    AdaPM keeps float32 state whatever the parameter dtype unless ``state_dtype`` is ``bf16`` or ``int8``,
+    torch's optimizers the parameter dtype) and the activations (:func:`activation_bytes`), for training
+    ``name`` with parameters in ``dtype``."""
     if dtype not in DTYPES:
         raise ValueError(f"Invalid --dtype: {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if attention not in ATTENTION:
+        raise ValueError(f"Invalid --attention: {attention!r}; expected one of {', '.join(ATTENTION)}")
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"Invalid --batch-size/--seq-len: {batch_size}/{seq_len}; expected integers >= 1")
     model = meta_model(name).to(DTYPES[dtype])
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    acts = activation_bytes(model, batch_size, seq_len, torch.tensor([], dtype=DTYPES[dtype]).element_size())
-    return [TrainingMemoryRow(opt, n_bytes, n_bytes, count_state_bytes(model, opt), acts) for opt in optimizers]
+    acts, method = activation_bytes(model, batch_size, seq_len, attention)
+    return [TrainingMemoryRow(opt, n_bytes, n_bytes, count_state_bytes(model, opt), acts, method)
+            for opt in optimizers]  # fmt: skip
 
 
-def format_training_memory(name: str, rows: list[TrainingMemoryRow], batch_size: int, seq_len: int, dtype: str) -> str:
+def format_training_memory(
+    name: str, rows: list[TrainingMemoryRow], batch_size: int, seq_len: int, dtype: str, attention: str = "sdpa"
+) -> str:
     """A Markdown table of :func:`training_memory` rows, with the GPU sizes each total fits in."""
+    how = ("counted from the model's forward on the meta device" if rows[0].activations_method == "counted"
+           else "estimated by formula (the forward does not run on the meta device)")  # fmt: skip
+    kept = "no s x s attention matrix (fused sdpa kernel)" if attention == "sdpa" else "eager attention's s x s scores"
     title = (f"{name}, {dtype} parameters, batch {batch_size} x {seq_len} tokens (1 GB = 1e9 bytes; activations "
-             "are an estimate without recomputation)")  # fmt: skip
+             f"{how}, without recomputation, with {kept})")  # fmt: skip
     cells = []
     for r in rows:
         fits = ", ".join(f"{size} GiB" for size in (24, 40, 80) if r.total <= size * 2**30)
-        gb = {k: v / 1e9 for k, v in r.__dict__.items() if k != "optimizer"}
+        gb = {k: v / 1e9 for k, v in r.__dict__.items() if isinstance(v, int)}
         cells.append({**gb, "optimizer": r.optimizer, "total": r.total / 1e9, "fits": fits or "none of 24/40/80 GiB"})
     headings = {"weights": "weights", "gradients": "gradients", "optimizer_state": "optimizer state",
-                "activations_estimate": "activations (est.)", "total": "total"}  # fmt: skip
+                "activations_estimate": "activations", "total": "total"}  # fmt: skip
     columns = [("optimizer", "{}"), *((k, h, "{:.2f} GB") for k, h in headings.items()), ("fits", "fits in", "{}")]
     return title + "\n\n" + markdown_table(cells, columns)
