@@ -172,15 +172,16 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from adapm.train.registry import parse_names
 
     names = tuple(parse_names(args.optimizers, "--optimizers"))
-    if args.batch_size is not None or args.seq_len is not None or args.dtype is not None:
+    if any(v is not None for v in (args.batch_size, args.seq_len, args.dtype, args.attention)):
         from adapm.train.memory import format_training_memory, training_memory
 
         batch, seq, dtype = args.batch_size or 1, args.seq_len or 1024, args.dtype or "fp32"
-        full = training_memory(args.model, names, batch, seq, dtype, args.attention)
+        attention = args.attention or "sdpa"
+        full = training_memory(args.model, names, batch, seq, dtype, attention)
         if args.json:
             print(json.dumps([{**r.__dict__, "total": r.total} for r in full], indent=2))
         else:
-            print(format_training_memory(args.model, full, batch, seq, dtype, args.attention))
+            print(format_training_memory(args.model, full, batch, seq, dtype, attention))
         return 0
     rows = memory_table(args.model, names)
     if args.json:
@@ -286,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default=None, help="parameter dtype: fp32, bf16 or fp16 (default fp32)")
     m.add_argument(
         "--attention",
-        default="sdpa",
+        default=None,
         help="with --batch-size: sdpa (a fused kernel such as FlashAttention keeps no s x s matrix; the default) "
         "or eager (the attention scores are kept for backward)",
     )

@@ -58,6 +58,8 @@ def test_training_memory_adds_weights_gradients_state_and_activations(capsys: py
     out = capsys.readouterr().out
     assert "activations counted from the model's forward on the meta device" in out and "| activations |" in out
     assert {r.activations_method for r in rows} == {"counted"}
+    assert main(["memory", "--model", "gpt2-124m", "--attention", "eager", "--optimizers", "adamw"]) == 0
+    assert "batch 1 x 1024 tokens" in (out := capsys.readouterr().out) and "eager attention's s x s scores" in out
     with pytest.raises(ValueError, match="Invalid --dtype: 'int4'"):
         training_memory("gpt2-124m", ("adamw",), 1, 8, "int4")
     with pytest.raises(ValueError, match="Invalid --attention: 'flash'"):
