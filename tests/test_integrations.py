@@ -121,3 +121,21 @@ def test_hf_trainer_keeps_block_wise_lr_ratios(tmp_path: Path) -> None:
             assert {g.get("lr_ratio") for g in opt.param_groups} == {10.0, 8.0, 6.0, 4.0, 1.0}
         finals[ratios] = model.model.embed_tokens.weight.detach().clone()
     assert not torch.equal(finals[None], finals["blockwise"])
+
+
+def test_hf_trainer_builds_adapm_from_optimizer_cls_and_kwargs(tmp_path: Path) -> None:
+    """Trainer builds the optimizer itself from ``optimizer_cls_and_kwargs``: with the model in the kwargs
+    AdaPM gets names and its partition; with Trainer's bare param groups it warns that it cannot apply."""
+    from transformers import Trainer
+
+    model = tiny_llama()
+    trainer = Trainer(model=model, args=_args(tmp_path / "a", save_steps=100), train_dataset=_Counting(),
+                      optimizer_cls_and_kwargs=(adapm.AdaPMMini, {"model": model, "lr": 3e-3}))  # fmt: skip
+    result = trainer.train()
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate may wrap it
+    assert isinstance(opt, adapm.AdaPMMini)
+    assert opt.partition_report().ratio_to_adamw < 0.3 and result.training_loss < 4.5
+    bare = Trainer(model=tiny_llama(), args=_args(tmp_path / "b", max_steps=1), train_dataset=_Counting(),
+                   optimizer_cls_and_kwargs=(adapm.AdaPMMini, {"lr": 3e-3}))  # fmt: skip
+    with pytest.warns(UserWarning, match="without names, so its partition cannot apply"):
+        bare.train()
