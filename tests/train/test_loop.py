@@ -137,8 +137,10 @@ def test_resume_refuses_changed_settings(
         pretrain(cfg)
     assert [k for k in named if k in str(exc.value)] == named
     assert _snapshot(run) == before
-    # Settings that do not change the trajectory may change.
-    pretrain(tiny_config(play_text, cache_dir, run, resume=True, eval_every=2, log_every=1, save_model=False))
+    # Settings that do not change the trajectory may change, logging to TensorBoard from here on included.
+    pretrain(tiny_config(play_text, cache_dir, run, resume=True, eval_every=2, log_every=1, save_model=False,
+                         report_to="tensorboard"))  # fmt: skip
+    assert any((run / "tensorboard").iterdir())
 
 
 def test_extending_a_finished_run_is_explicit_and_keeps_its_schedule(

@@ -223,6 +223,7 @@ RESUME_FREE_KEYS = frozenset(
         "train.save_model",
         "train.threads",
         "train.max_bad_steps",
+        "train.report_to",
     }
 )
 """Config keys that may change on --resume: they do not change the trajectory of the weights."""
