@@ -49,6 +49,19 @@ def test_compare_two_optimizers(play_text: Path, cache_dir: Path, tmp_path: Path
     assert alone[0]["ratio_to_adamw"] == rows[1]["ratio_to_adamw"]
 
 
+def test_a_comparison_stopped_with_stop_at_says_how_to_continue(
+    play_text: Path, cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = tiny_config(play_text, cache_dir, tmp_path / "unused", steps=6, stop_at=3, save_model=False)
+    cfg = CompareConfig(optimizers="adapm-mini", out=str(tmp_path / "cmp"), data=base.data, model=base.model,
+                        train=base.train)  # fmt: skip
+    assert compare(cfg) == []
+    assert "adapm-mini stopped before the last step (--stop-at)" in capsys.readouterr().out
+    resumed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stop_at=None, resume=True))
+    assert [r["optimizer"] for r in compare(resumed)] == ["adapm-mini"]
+    assert "stopped before" not in capsys.readouterr().out
+
+
 def test_bad_inputs_fail_before_a_run_directory_is_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A missing --data or --init-from is one error before anything is written (no dated directory, no
     runs/compare/latest pointing at an empty one), not one error per optimizer's process."""

@@ -175,6 +175,10 @@ def side_by_side(
     rows = summarize_runs(out, list(configs), reference)
     if failed:
         raise RuntimeError(f"these runs failed: {', '.join(failed)} (see their output above; the rest are in {out})")
+    stopped = [name for name in configs if not (out / name / SUMMARY).exists()]
+    if stopped:  # --stop-at: checkpoints, no summaries yet
+        print(f"\n{', '.join(stopped)} stopped before the last step (--stop-at), with checkpoints in {out}: run "
+              "the same command again with --resume to continue", flush=True)
     return rows
 
 
