@@ -87,9 +87,10 @@ def test_sft_run_directory_and_improvement(tiny_lm_dir: Path, tmp_path: Path) ->
     assert load_tokenizer(run / "model").eos_token_id is not None  # the fine-tuned model is usable as --model
 
 
-def test_sft_resume_continues_exactly(tiny_lm_dir: Path, tmp_path: Path) -> None:
+def test_sft_resume_continues_exactly(tiny_lm_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sft(sft_config(tiny_lm_dir, tmp_path / "a", save_model=False))
-    sft(sft_config(tiny_lm_dir, tmp_path / "b", save_model=False, stop_at=3))
+    assert sft(sft_config(tiny_lm_dir, tmp_path / "b", save_model=False, stop_at=3)) == []
+    assert "stopped before the last step (--stop-at)" in capsys.readouterr().out
     sft(sft_config(tiny_lm_dir, tmp_path / "b", save_model=False, resume=True))
     a = load_checkpoint(tmp_path / "a" / "adapm" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "b" / "adapm" / "checkpoint.pt")

@@ -175,11 +175,16 @@ def side_by_side(
     rows = summarize_runs(out, list(configs), reference)
     if failed:
         raise RuntimeError(f"these runs failed: {', '.join(failed)} (see their output above; the rest are in {out})")
-    stopped = [name for name in configs if not (out / name / SUMMARY).exists()]
-    if stopped:  # --stop-at: checkpoints, no summaries yet
+    _say_stopped(out, list(configs))
+    return rows
+
+
+def _say_stopped(out: Path, names: list[str]) -> None:
+    """Name the runs that stopped at ``--stop-at`` (a checkpoint, no summary yet) and how to continue."""
+    stopped = [name for name in names if not (out / name / SUMMARY).exists()]
+    if stopped:
         print(f"\n{', '.join(stopped)} stopped before the last step (--stop-at), with checkpoints in {out}: run "
               "the same command again with --resume to continue", flush=True)
-    return rows
 
 
 def finetune_one(cfg: Any, build_task: Any) -> dict[str, Any]:
@@ -220,13 +225,19 @@ def finetune_side_by_side(cfg: Any, command: str, build_task: Any) -> list[dict[
         if len(names) > 1:
             raise ValueError("--optimizers: under torchrun give one optimizer (run the others one after another)")
         finetune_one(cfg, build_task)
-        return summarize_runs(Path(cfg.out), names, reference) if parallel.rank_from_env() == 0 else []
+        if parallel.rank_from_env() != 0:
+            return []
+        rows = summarize_runs(Path(cfg.out), names, reference)
+        _say_stopped(Path(cfg.out), names)
+        return rows
     resolve_model_dir(cfg.model.model, cfg.model.cache_dir)  # convert the default model once, up front
     if len(names) == 1:
         finetune_one(cfg, build_task)
         if os.environ.get(CHILD_RUN_ENV) == "1":  # one run of a side-by-side comparison: no one-row table
             return []
-        return summarize_runs(Path(cfg.out), names, reference)
+        rows = summarize_runs(Path(cfg.out), names, reference)
+        _say_stopped(Path(cfg.out), names)
+        return rows
     configs = {name: dataclasses.replace(cfg, optimizers=name).to_dict() for name in names}
     return side_by_side(Path(cfg.out), command, configs, reference)
 
