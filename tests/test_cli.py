@@ -182,3 +182,29 @@ def test_no_hugging_face_progress_bars(tmp_path: Path, play_text: Path, cache_di
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Writing model shards" not in proc.stderr + proc.stdout
     assert (tmp_path / "run" / "model" / "config.json").exists()
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_continue(tmp_path: Path, play_text: Path, cache_dir: Path) -> None:
+    """SIGINT to the process group (what Ctrl-C sends) during a comparison: the parent and the run it
+    started each print one line, exit 130, and --resume continues from the checkpoint."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "cmp"
+    args = [sys.executable, "-m", "adapm.cli", "compare", "--optimizers", "adamw", "--steps", "100000", "--data",
+            str(play_text), "--cache-dir", str(cache_dir), "--vocab-size", "300", "--seq-len", "32", "--batch-size",
+            "2", "--eval-every", "100000", "--checkpoint-every", "2", "--log-every", "1", "--no-save-model",
+            "--no-progress", "--threads", "1", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (out / "adamw" / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert (out / "adamw" / "checkpoint.pt").exists()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.count("adapm compare: interrupted: run the same command again with --resume") == 1
+    assert stderr.count("adapm pretrain: interrupted: run the same command again with --resume") == 1

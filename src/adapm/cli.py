@@ -323,6 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         print(f"adapm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback per process
+        resumable = args.command in ("pretrain", "compare", "sft", "rlhf")
+        hint = ": run the same command again with --resume to continue from the last checkpoint" if resumable else ""
+        print(f"\nadapm {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

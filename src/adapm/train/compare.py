@@ -167,10 +167,16 @@ def side_by_side(
         cfg_file.write_text(json.dumps(run_cfg, indent=2))
         print(f"== {name}: training in a fresh process ({cfg_file})", flush=True)
         env = {**os.environ, CHILD_RUN_ENV: "1"}  # the child trains; this process writes the one summary
-        proc = subprocess.run(
-            [sys.executable, "-m", "adapm.cli", command, "--config", str(cfg_file)], check=False, env=env
-        )
-        if proc.returncode != 0:
+        proc = subprocess.Popen([sys.executable, "-m", "adapm.cli", command, "--config", str(cfg_file)], env=env)
+        try:
+            returncode = proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the run too: let it stop cleanly and say so, then stop
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+        if returncode != 0:
             failed.append(name)
     rows = summarize_runs(out, list(configs), reference)
     if failed:
