@@ -162,6 +162,8 @@ def saved_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, atte
         Exception: whatever the forward raises where it cannot run on the meta device (e.g. routing that
             depends on the values, as in mixture-of-experts layers).
     """
+    # Storages are told apart by ``_cdata`` (the address of the storage object): on the meta device every
+    # data_ptr() is 0, and a Python storage object is made anew for each access.
     storages: dict[int, int] = {}
     scores: set[int] = set()  # storages saved as (batch, heads, s, s), in whatever view
     params = {p.untyped_storage()._cdata for p in model.parameters()}
