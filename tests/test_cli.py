@@ -186,7 +186,7 @@ def test_no_hugging_face_progress_bars(tmp_path: Path, play_text: Path, cache_di
 
 def test_ctrl_c_is_one_line_that_says_how_to_continue(tmp_path: Path, play_text: Path, cache_dir: Path) -> None:
     """SIGINT to the process group (what Ctrl-C sends) during a comparison: the parent and the run it
-    started each print one line, exit 130, and --resume continues from the checkpoint."""
+    started each print one line (no traceback) that says to rerun with --resume, and exit 130."""
     import os
     import signal
     import time
