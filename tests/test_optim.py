@@ -798,3 +798,55 @@ def test_one_bad_batch_cannot_poison_low_precision_state(bad: float, foreach: bo
         assert all(torch.equal(before[p][k], v) for k, v in opt.state[p].items())
     train(model, opt, data[3:])
     assert all(torch.isfinite(v).all() for s in opt.state.values() for v in s.values())
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_named_param_groups_get_the_partition_and_keep_their_settings(make) -> None:
+    """torch's named param groups (``{"params": [(name, p), ...]}``), e.g. weight decay for matrices
+    only, get the same partition as ``model.named_parameters()``, and each group's settings apply."""
+    data = batches(96, 8)
+    ref, ours = make(), make()
+    # The same parameter order (matrices, then vectors): a low-rank tracker's start depends on it.
+    order = sorted(ref.named_parameters(), key=lambda np: np[1].dim() < 2)
+    opt_ref = adapm.AdaPMMini(order, lr=3e-3, weight_decay=0.1)  # the partition exempts vectors from decay
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "parameters without names" warning
+        opt = adapm.AdaPMMini(
+            [
+                {"params": [(n, p) for n, p in ours.named_parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                {"params": [(n, p) for n, p in ours.named_parameters() if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=3e-3,
+        )
+    assert opt.partition_report().state_bytes == opt_ref.partition_report().state_bytes
+    assert {g["names"][0]: g["momentum"] for g in opt.param_groups} == {
+        g["names"][0]: g["momentum"] for g in opt_ref.param_groups
+    }
+    train(ref, opt_ref, data)
+    train(ours, opt, data)
+    assert max_rel_diff(ref, ours) < 1e-6
+
+    # A group's own settings win over the partition's: here lr and momentum of the vectors' group.
+    model = make()
+    opt = adapm.AdaPM(
+        [
+            {"params": [(n, p) for n, p in model.named_parameters() if p.dim() >= 2]},
+            {"params": [(n, p) for n, p in model.named_parameters() if p.dim() < 2], "lr": 1e-4, "momentum": "none"},
+        ],
+        lr=3e-3,
+    )
+    vectors = [g for g in opt.param_groups if g["role"] == "vector"]
+    assert vectors and all(g["lr"] == 1e-4 and g["momentum"] == "none" for g in vectors)
+    assert {g["lr"] for g in opt.param_groups if g["role"] != "vector"} == {3e-3}
+
+
+def test_named_and_unnamed_param_groups_cannot_be_mixed() -> None:
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="param group 1 has parameters without names"):
+        adapm.AdaPM(
+            [
+                {"params": [(n, p) for n, p in model.named_parameters() if p.dim() >= 2]},
+                {"params": [p for p in model.parameters() if p.dim() < 2]},
+            ],
+            lr=1e-3,
+        )

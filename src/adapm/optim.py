@@ -93,6 +93,33 @@ def _rows(x: Tensor | None, r0: int, r1: int, rows: int) -> Tensor | None:
     return x[r0:r1]
 
 
+def _is_named(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+
+
+def _named_groups(items: list[Any]) -> list[dict[str, Any]] | None:
+    """The user's param groups when they hold ``(name, parameter)`` pairs (torch's named param groups),
+    else None. Groups with names and groups without cannot be mixed (as in torch)."""
+    if not items or not all(isinstance(g, dict) for g in items):
+        return None
+    named = [bool(list(g.get("params", []))) and all(_is_named(x) for x in g["params"]) for g in items]
+    if not any(named):
+        return None
+    if not all(named):
+        raise ValueError(
+            "all optimizer param groups should be with names or without names: param group "
+            f"{named.index(False)} has parameters without names; give every group (name, parameter) pairs"
+        )
+    return [{**g, "params": list(g["params"])} for g in items]
+
+
+def _apply_group_settings(groups: list[dict[str, Any]], named_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The partition's groups (one per parameter) with the settings of the user's named group that
+    holds each parameter (``lr``, ``weight_decay``, policy keys...), which win over the partition's."""
+    settings = {id(p): {k: v for k, v in g.items() if k != "params"} for g in named_groups for _, p in g["params"]}
+    return [{**group, **settings[id(group["params"][0])]} for group in groups]
+
+
 class AdaPM(Optimizer):
     r"""AdaPM: Adam with momentum only where it pays (adaptive partial momentum).
 
@@ -342,10 +369,10 @@ class AdaPM(Optimizer):
                     "or an nn.Module, but got " + torch.typename(params)
                 )
             items = list(params)
-            is_named = bool(items) and all(
-                isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items
-            )
-            named = items if is_named else None
+            named = items if bool(items) and all(_is_named(x) for x in items) else None
+            named_groups = _named_groups(items)
+            if named_groups is not None:
+                named = [pair for g in named_groups for pair in g["params"]]
             if named is None:
                 if rules is not None or ratios is not None:
                     raise ValueError(
@@ -364,6 +391,8 @@ class AdaPM(Optimizer):
             weight_decay=weight_decay,
             lr_ratios=ratios,
         )
+        if model is None and named_groups is not None:
+            groups = _apply_group_settings(groups, named_groups)
         return groups, True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
