@@ -208,3 +208,14 @@ def test_ctrl_c_is_one_line_that_says_how_to_continue(tmp_path: Path, play_text:
     assert "Traceback" not in stderr
     assert stderr.count("adapm compare: interrupted: run the same command again with --resume") == 1
     assert stderr.count("adapm pretrain: interrupted: run the same command again with --resume") == 1
+
+
+@pytest.mark.parametrize("command", ["pretrain", "compare", "sft", "rlhf"])
+def test_help_lists_every_optimizer_name_from_the_registry(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from adapm.train.registry import OPTIMIZER_NAMES
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
+    names = out.split("Names: ", 1)[1]
+    assert all(name in names for name in OPTIMIZER_NAMES)

@@ -82,6 +82,8 @@ def _add_fields(
             from adapm.train.models import MODEL_PRESETS
 
             help_text += f". Presets: {', '.join(MODEL_PRESETS)}"
+        if f.name in ("optimizer", "optimizers"):
+            help_text += f". Names: {', '.join(OPTIMIZER_NAMES)}"
         if f.name == "lr":
             from adapm.train.registry import default_lr, swept
 

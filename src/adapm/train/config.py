@@ -58,7 +58,7 @@ class ModelConfig:
     """Which model to train."""
 
     model: str = "gpt2-1m"
-    """A size preset (see `adapm pretrain --help` for the list), e.g. gpt2-1m, gpt2-5m, llama-20m."""
+    """A size preset, e.g. gpt2-1m, gpt2-5m, llama-20m."""
     init_from: str | None = None
     """A local Hugging Face checkpoint directory to start from instead of a fresh preset."""
 
@@ -78,9 +78,8 @@ class OptimConfig:
     """The optimizer and its hyperparameters."""
 
     optimizer: str = "adapm"
-    """An optimizer name: adamw, adamw-8bit, adam-mini, adafactor, galore, sgd-sai, adapm, adapm-mini, or a block-wise
-    learning-rate variant adamw-blr, adam-mini-blr, adapm-blr, adapm-mini-blr, or a low-precision-state
-    variant adapm-bf16, adapm-mini-bf16, adapm-int8, adapm-mini-int8."""
+    """An optimizer name (names ending in -blr use block-wise learning rates; -bf16 and -int8,
+    low-precision optimizer state)."""
     lr: float | None = None
     """Peak learning rate. Default: set per optimizer (and, for pretraining, per model preset), as listed here."""
     weight_decay: float = AdaPMConfig.weight_decay
