@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ def worker(optimizer: str, model_name: str, steps: int, batch: int, seq: int) ->
 
     import adapm
     from adapm.train.config import OptimConfig
+    from adapm.train.loop import peak_rss_bytes
     from adapm.train.models import build_model
     from adapm.train.optimizers import build_optimizer
 
@@ -43,7 +43,7 @@ def worker(optimizer: str, model_name: str, steps: int, batch: int, seq: int) ->
     x = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     model(input_ids=x, labels=x).loss.backward()  # gradients exist before the optimizer: same base for all
     model.zero_grad(set_to_none=True)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak_rss_bytes()
     opt = build_optimizer(model, OptimConfig(optimizer=optimizer, lr=1e-5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -53,7 +53,7 @@ def worker(optimizer: str, model_name: str, steps: int, batch: int, seq: int) ->
             opt.zero_grad(set_to_none=True)
     return {
         "optimizer": optimizer,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),  # this process only (ru_maxrss would include the parent)
         "peak_rss_before_optimizer_bytes": before,
         "state_bytes": adapm.state_bytes(opt),
     }

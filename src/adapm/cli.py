@@ -173,6 +173,13 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from adapm.train.memory import format_memory_table, memory_table
     from adapm.train.registry import parse_names
 
+    if args.optimizers is None:  # the default list, less the baselines whose packages are not installed
+        from adapm.train.registry import missing_package
+
+        left_out = [n for n in MEMORY_OPTIMIZERS if missing_package(n)]
+        if left_out:
+            print(f"adapm memory: left out {', '.join(left_out)}: pip install 'adapm[baselines]'", file=sys.stderr)
+        args.optimizers = ",".join(n for n in MEMORY_OPTIMIZERS if n not in left_out)
     names = tuple(parse_names(args.optimizers, "--optimizers"))
     if any(v is not None for v in (args.batch_size, args.seq_len, args.dtype, args.attention)):
         from adapm.train.memory import format_training_memory, training_memory
@@ -280,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--optimizers",
-        default=",".join(MEMORY_OPTIMIZERS),
-        help=f"comma-separated optimizer names (any of {', '.join(OPTIMIZER_NAMES)})",
+        default=None,
+        help=f"comma-separated optimizer names (any of {', '.join(OPTIMIZER_NAMES)}; default: "
+        f"{','.join(MEMORY_OPTIMIZERS)}, less those whose packages are not installed)",
     )
     m.add_argument("--json", action="store_true", help="print a JSON list of {optimizer, state_bytes, ratio_to_adamw}")
     m.add_argument("--batch-size", type=int, default=None, help="with --seq-len/--dtype: count a whole training step")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from adapm.train.checkpoint import load_checkpoint, save_checkpoint
-from adapm.train.loop import WarmupCosine, pretrain
+from adapm.train.loop import WarmupCosine, peak_rss_bytes, pretrain
 
 from conftest import tiny_config
 
@@ -277,3 +279,14 @@ def test_compile_step_trains_as_the_eager_step(play_text: Path, cache_dir: Path,
             OptimConfig(optimizer=name, compile_step=True, **extra)
     compare = CompareConfig(optimizers="adamw,adapm-mini,adapm-mini-int8", optim=OptimConfig(compile_step=True))
     assert [run_config(compare, name).optim.compile_step for name in compare.optimizer_list()] == [False, True, False]
+
+
+def test_peak_rss_is_the_process_own_not_its_parent() -> None:
+    """A run started by a bigger process (as `adapm compare` starts each optimizer's run) reports its
+    own peak: getrusage's ru_maxrss would report the parent's, which Linux carries across exec."""
+    ballast = torch.ones(2**30, dtype=torch.uint8)  # 1 GiB, every page touched
+    assert peak_rss_bytes() >= ballast.numel()
+    code = "from adapm.train.loop import peak_rss_bytes; print(peak_rss_bytes())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    del ballast
+    assert 0 < int(child.stdout) < 2**30

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,32 @@ def test_block_wise_lrs_on_a_plain_name_take_its_blr_variants_base_lr() -> None:
             assert ours == registry.lr_with_source(blr, finetune, "gpt2-1m"), (name, finetune)
             assert ours[0] < registry.default_lr(name, finetune, "gpt2-1m")
     assert registry.lr_with_source("adamw-blr", blockwise=True) == registry.lr_with_source("adamw-blr")
+
+
+def test_an_optimizer_whose_package_is_missing_is_a_clear_error_up_front(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the baselines' packages (e.g. adapm installed with [train] only), naming one is an error
+    that names the package and the extra, before any run starts; `adapm memory`'s default list leaves
+    them out and says so. ``sys.modules[name] = None`` is how Python itself marks a module as absent."""
+    from adapm.cli import main
+    from adapm.train.config import CompareConfig, OptimConfig
+    from adapm.train.models import build_model
+    from adapm.train.optimizers import build_optimizer
+
+    monkeypatch.setitem(sys.modules, "galore_torch", None)
+    assert registry.missing_package("galore") == "galore-torch" and registry.missing_package("adamw") is None
+    message = r"galore needs the galore-torch package, which is not installed: pip install 'adapm\[baselines\]'"
+    with pytest.raises(ValueError, match="Invalid --optimizers: " + message):
+        registry.parse_names("adamw,galore", "--optimizers")
+    with pytest.raises(ValueError, match=message):
+        CompareConfig(optimizers="adamw,galore")  # before the AdamW run, not after it
+    with pytest.raises(ValueError, match=message):
+        build_optimizer(build_model("gpt2-1m", vocab_size=256, seq_len=32), OptimConfig(optimizer="galore", lr=1e-3))
+
+    assert main(["memory", "--model", "gpt2-124m", "--optimizers", "adamw,galore"]) == 2
+    assert "galore needs the galore-torch package" in capsys.readouterr().err
+    assert main(["memory", "--model", "gpt2-124m"]) == 0
+    captured = capsys.readouterr()
+    assert "left out galore: pip install 'adapm[baselines]'" in captured.err
+    assert "| galore |" not in captured.out and "| adapm-mini |" in captured.out

@@ -55,8 +55,21 @@ class WarmupCosine:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports kB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process so far.
+
+    On Linux the high-water mark of this process's own memory (``VmHWM``): ``getrusage``'s
+    ``ru_maxrss`` survives ``exec``, so a run that ``adapm compare`` starts would report the parent's
+    peak wherever that is higher. Elsewhere ``ru_maxrss`` (bytes on macOS, kB on other systems).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def default_threads() -> int:

@@ -234,12 +234,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     """The optimizer ``cfg.optimizer`` for ``model`` (lr: ``cfg.lr`` or the optimizer's default).
 
     Raises:
-        ValueError: an unknown optimizer name, or one without a builder.
+        ValueError: an unknown optimizer name, one without a builder, or one whose package is not installed.
 
     Warns:
         UserWarning: ``cfg`` changes settings the optimizer does not use (see :func:`unused_settings`).
     """
     spec = registry.get(cfg.optimizer)
+    registry.require(cfg.optimizer)
     builder = BUILDERS.get(spec.family)
     if builder is None:
         raise ValueError(f"Invalid optimizer: {cfg.optimizer!r} has no builder for family {spec.family!r}")

@@ -8,6 +8,7 @@ plus settings of :class:`adapm.train.config.OptimConfig`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from functools import cache
@@ -85,13 +86,32 @@ def get(name: str, flag: str = "optimizer") -> OptimizerSpec:
     return spec
 
 
+def missing_package(name: str) -> str | None:
+    """The pip package that optimizer ``name`` needs and that is not installed (None if nothing is missing)."""
+    extra = get(name).extra
+    if extra is None or importlib.util.find_spec(extra.replace("-", "_")) is not None:
+        return None
+    return extra
+
+
+def require(name: str, flag: str = "optimizer") -> None:
+    """A ``ValueError`` naming ``flag`` and the pip package when ``name`` needs one that is not installed."""
+    extra = missing_package(name)
+    if extra is not None:
+        raise ValueError(
+            f"Invalid {flag}: {name} needs the {extra} package, which is not installed: "
+            f"pip install 'adapm[baselines]' (or pip install {extra})"
+        )
+
+
 def parse_names(text: str, flag: str = "optimizers") -> list[str]:
-    """A comma-separated list of known names (at least one, each once)."""
+    """A comma-separated list of known names (at least one, each once), whose packages are installed."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise ValueError(f"Invalid {flag}: {text!r}; expected at least one name")
     for i, name in enumerate(names):
         get(name, flag)
+        require(name, flag)
         if name in names[:i]:
             raise ValueError(f"Invalid {flag}: {text!r}; {name} is listed twice (each run needs its own name)")
     return names
