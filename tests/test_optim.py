@@ -230,6 +230,10 @@ def test_add_param_group_with_policy_keys() -> None:
     assert opt.state[extra.weight]["lowrank_L"].shape == (12, 3)
     with pytest.raises(ValueError, match="unknown keys \\['momentun'\\]"):
         opt.add_param_group({"params": [extra.bias], "momentun": "full"})
+    # torch's named params: the name shows in the report and in messages.
+    more = nn.Linear(4, 4, bias=False)
+    opt.add_param_group({"params": more.named_parameters(prefix="more"), "lr": 1e-4})
+    assert opt.layout(more.weight).name == "more.weight" and "more.weight" in str(opt.partition_report())
 
 
 def _state_bytes_io(obj: object) -> io.BytesIO:

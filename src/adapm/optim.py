@@ -405,6 +405,14 @@ class AdaPM(Optimizer):
             raise ValueError(
                 f"param group {index} has unknown keys {sorted(unknown)}; allowed keys: {sorted(_GROUP_KEYS)}"
             )
+        params = param_group.get("params")
+        if params is not None and not isinstance(params, (Tensor, set)):
+            params = list(params)  # a generator such as module.named_parameters() is read once
+            param_group = {**param_group, "params": params}
+        if isinstance(params, list) and params and all(_is_named(x) for x in params):
+            # (name, parameter) pairs: the names go to messages and the report, whatever the other groups hold
+            param_group = {**param_group, "params": [p for _, p in params]}
+            param_group.setdefault("names", [n for n, _ in params])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if isinstance(group["betas"], list):
