@@ -854,3 +854,15 @@ def test_named_and_unnamed_param_groups_cannot_be_mixed() -> None:
             ],
             lr=1e-3,
         )
+
+
+def test_param_groups_may_hold_generators() -> None:
+    """As in torch, a group's params may be a generator, named or not (read once)."""
+    model = tiny_llama()
+    named = adapm.AdaPMMini([{"params": model.named_parameters(), "weight_decay": 0.0}], lr=1e-3)
+    reference = adapm.AdaPMMini(model.named_parameters(), lr=1e-3)
+    assert named.partition_report().state_bytes == reference.partition_report().state_bytes
+    assert all(g["weight_decay"] == 0.0 for g in named.param_groups)
+    with pytest.warns(UserWarning, match="without names"):
+        plain = adapm.AdaPM([{"params": model.parameters()}], lr=1e-3)
+    assert sum(len(g["params"]) for g in plain.param_groups) == len(list(model.parameters()))

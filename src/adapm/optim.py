@@ -97,20 +97,28 @@ def _is_named(x: Any) -> bool:
     return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
 
 
-def _named_groups(items: list[Any]) -> list[dict[str, Any]] | None:
-    """The user's param groups when they hold ``(name, parameter)`` pairs (torch's named param groups),
-    else None. Groups with names and groups without cannot be mixed (as in torch)."""
+def _as_list(params: Any) -> Any:
+    """A group's ``params`` as a list (a generator is read once); a tensor or a set as it is (torch
+    takes the one and refuses the other)."""
+    return params if params is None or isinstance(params, (Tensor, set)) else list(params)
+
+
+def _all_named(params: Any) -> bool:
+    return isinstance(params, list) and bool(params) and all(_is_named(x) for x in params)
+
+
+def _groups_are_named(items: list[Any]) -> bool:
+    """Whether the user's param groups hold ``(name, parameter)`` pairs (torch's named param groups).
+    Groups with names and groups without cannot be mixed (as in torch)."""
     if not items or not all(isinstance(g, dict) for g in items):
-        return None
-    named = [bool(list(g.get("params", []))) and all(_is_named(x) for x in g["params"]) for g in items]
-    if not any(named):
-        return None
-    if not all(named):
+        return False
+    named = [_all_named(g.get("params")) for g in items]
+    if any(named) and not all(named):
         raise ValueError(
             "all optimizer param groups should be with names or without names: param group "
             f"{named.index(False)} has parameters without names; give every group (name, parameter) pairs"
         )
-    return [{**g, "params": list(g["params"])} for g in items]
+    return all(named)
 
 
 def _apply_group_settings(groups: list[dict[str, Any]], named_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -357,6 +365,7 @@ class AdaPM(Optimizer):
         """The param groups, and whether the partition applied: True (from names), False (bare parameters
         or groups without any policy key), None (groups that set their own policies)."""
         model = params if isinstance(params, nn.Module) else None
+        named_groups: list[Any] | None = None
         if model is not None:
             for name, module in model.named_modules():
                 if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
@@ -368,9 +377,10 @@ class AdaPM(Optimizer):
                     "params argument given to the optimizer should be an iterable of Tensors or dicts, "
                     "or an nn.Module, but got " + torch.typename(params)
                 )
-            items = list(params)
+            items = [{**x, "params": _as_list(x["params"])} if isinstance(x, dict) and "params" in x else x
+                     for x in params]  # fmt: skip
             named = items if bool(items) and all(_is_named(x) for x in items) else None
-            named_groups = _named_groups(items)
+            named_groups = items if _groups_are_named(items) else None
             if named_groups is not None:
                 named = [pair for g in named_groups for pair in g["params"]]
             if named is None:
@@ -391,7 +401,7 @@ class AdaPM(Optimizer):
             weight_decay=weight_decay,
             lr_ratios=ratios,
         )
-        if model is None and named_groups is not None:
+        if named_groups is not None:
             groups = _apply_group_settings(groups, named_groups)
         return groups, True
 
@@ -405,11 +415,9 @@ class AdaPM(Optimizer):
             raise ValueError(
                 f"param group {index} has unknown keys {sorted(unknown)}; allowed keys: {sorted(_GROUP_KEYS)}"
             )
-        params = param_group.get("params")
-        if params is not None and not isinstance(params, (Tensor, set)):
-            params = list(params)  # a generator such as module.named_parameters() is read once
-            param_group = {**param_group, "params": params}
-        if isinstance(params, list) and params and all(_is_named(x) for x in params):
+        params = _as_list(param_group.get("params"))
+        param_group = {**param_group, "params": params}
+        if _all_named(params):
             # (name, parameter) pairs: the names go to messages and the report, whatever the other groups hold
             param_group = {**param_group, "params": [p for _, p in params]}
             param_group.setdefault("names", [n for n, _ in params])
