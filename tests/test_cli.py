@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -209,6 +210,38 @@ def test_ctrl_c_is_one_line_that_says_how_to_continue(tmp_path: Path, play_text:
     assert stderr.count("adapm compare: interrupted: run the same command again with --resume") == 1
     assert stderr.count("adapm pretrain: interrupted: run the same command again with --resume") == 1
 
+
+
+def test_a_run_killed_by_a_signal_is_named_and_resumes(tmp_path: Path, play_text: Path, cache_dir: Path) -> None:
+    """A run killed by SIGKILL (what the out-of-memory killer sends) cannot say why itself: the
+    comparison names the signal, runs the others, says the killed run kept a checkpoint, and the same
+    command with --resume finishes it."""
+    import signal
+    import time
+
+    out = tmp_path / "cmp"
+    args = [sys.executable, "-m", "adapm.cli", "compare", "--optimizers", "adamw,adapm", "--steps", "40", "--data",
+            str(play_text), "--cache-dir", str(cache_dir), "--vocab-size", "300", "--seq-len", "32", "--batch-size",
+            "2", "--eval-every", "20", "--eval-batches", "1", "--checkpoint-every", "2", "--no-save-model",
+            "--no-progress", "--threads", "1", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "adamw" / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(children) == 1  # the adamw run
+    os.kill(int(children[0]), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 2
+    assert "== adamw: killed by SIGKILL (the system's out-of-memory killer sends it)" in stderr
+    assert "these runs failed: adamw" in stderr
+    assert "adamw kept a checkpoint: run the same command again with --resume to continue" in stderr
+    assert (out / "adapm" / "summary.json").exists() and not (out / "adamw" / "summary.json").exists()
+
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, check=False, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["optimizer"] for r in summary} == {"adamw", "adapm"}
 
 @pytest.mark.parametrize("command", ["pretrain", "compare", "sft", "rlhf"])
 def test_help_lists_every_optimizer_name_from_the_registry(command: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -178,9 +179,18 @@ def side_by_side(
             raise
         if returncode != 0:
             failed.append(name)
+        if returncode < 0:  # a signal: the run could not say why itself
+            sig = signal.Signals(-returncode)
+            why = " (the system's out-of-memory killer sends it)" if sig == signal.SIGKILL else ""
+            print(f"== {name}: killed by {sig.name}{why}", file=sys.stderr, flush=True)
     rows = summarize_runs(out, list(configs), reference)
     if failed:
-        raise RuntimeError(f"these runs failed: {', '.join(failed)} (see their output above; the rest are in {out})")
+        resumable = [name for name in failed if (out / name / CHECKPOINT).exists()]
+        hint = (f"; {', '.join(resumable)} kept a checkpoint: run the same command again with --resume to continue"
+                if resumable else "")  # fmt: skip
+        raise RuntimeError(
+            f"these runs failed: {', '.join(failed)} (see their output above; the rest are in {out}){hint}"
+        )
     _say_stopped(out, list(configs))
     return rows
 
