@@ -212,6 +212,29 @@ def test_ctrl_c_is_one_line_that_says_how_to_continue(tmp_path: Path, play_text:
 
 
 
+def test_sigterm_to_a_comparison_stops_its_run_cleanly(tmp_path: Path, play_text: Path, cache_dir: Path) -> None:
+    """SIGTERM (a scheduler's preemption, `kill PID`) to the comparison alone: it passes it on to the
+    run it started, and each says in one line that it was terminated and how to continue (exit 143)."""
+    import signal
+    import time
+
+    out = tmp_path / "cmp"
+    args = [sys.executable, "-m", "adapm.cli", "compare", "--optimizers", "adamw", "--steps", "100000", "--data",
+            str(play_text), "--cache-dir", str(cache_dir), "--vocab-size", "300", "--seq-len", "32", "--batch-size",
+            "2", "--eval-every", "100000", "--checkpoint-every", "2", "--no-save-model", "--no-progress",
+            "--threads", "1", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "adamw" / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert (out / "adamw" / "checkpoint.pt").exists()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert "Traceback" not in stderr
+    hint = "terminated (SIGTERM): run the same command again with --resume"
+    assert stderr.count(f"adapm compare: {hint}") == 1 and stderr.count(f"adapm pretrain: {hint}") == 1
+
 def test_a_run_killed_by_a_signal_is_named_and_resumes(tmp_path: Path, play_text: Path, cache_dir: Path) -> None:
     """A run killed by SIGKILL (what the out-of-memory killer sends) cannot say why itself: the
     comparison names the signal, runs the others, says the killed run kept a checkpoint, and the same

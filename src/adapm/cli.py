@@ -19,6 +19,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import sys
 import typing
 from collections.abc import Sequence
@@ -339,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         check_installed(args.command)
         if args.command in ("pretrain", "sft", "rlhf") and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "0":
@@ -350,11 +353,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         print(f"adapm {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback per process
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: one line, not a traceback per process
         resumable = args.command in ("pretrain", "compare", "sft", "rlhf")
         hint = ": run the same command again with --resume to continue from the last checkpoint" if resumable else ""
-        print(f"\nadapm {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        from adapm.train.loop import Terminated
+
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"\nadapm {args.command}: {what}{hint}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    from adapm.train.loop import Terminated
+
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@ checkpoint, and a checkpoint damaged on disk is refused on load instead of silen
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,43 @@ from adapm.train.optimizers import optimizer_safe_globals
 
 CHECKSUM_KEY = "checksum"
 """Key of the SHA-256 of the payload (every tensor's bytes, dtype and shape, and every other value)."""
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM during the block takes effect when the block is done. An exception
+    raised inside ``torch.save``'s writer leaves the file half-written and reads as an unrelated error
+    ("enforce fail at inline_container.cc"); the previous checkpoint would be intact, but the run would
+    not say it was interrupted. A second signal acts at once (should the block ever hang)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous: dict[int, Any] = {}
+
+    def deliver(signum: int) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(signum)
+
+    def hold(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            deliver(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        if len(received) == 1:
+            deliver(received[0])
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def payload_checksum(payload: Any) -> str:

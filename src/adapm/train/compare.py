@@ -17,7 +17,7 @@ from typing import Any
 
 from adapm.train.config import CompareConfig, PretrainConfig
 from adapm.train.data import prepare_data
-from adapm.train.loop import CHECKPOINT, METRICS, SUMMARY, read_metrics
+from adapm.train.loop import CHECKPOINT, METRICS, SUMMARY, Terminated, read_metrics
 from adapm.train.models import checkpoint_dir
 from adapm.train.tables import markdown_table
 
@@ -171,7 +171,9 @@ def side_by_side(
         proc = subprocess.Popen([sys.executable, "-m", "adapm.cli", command, "--config", str(cfg_file)], env=env)
         try:
             returncode = proc.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the run too: let it stop cleanly and say so, then stop
+        except KeyboardInterrupt as exc:  # Ctrl-C reached the run too: let it stop cleanly and say so, then stop
+            if isinstance(exc, Terminated):  # SIGTERM may have been sent to this process alone: pass it on
+                proc.terminate()
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:

@@ -25,7 +25,7 @@ from torch import nn
 
 import adapm
 from adapm.train import parallel, registry
-from adapm.train.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
+from adapm.train.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, signals_deferred
 from adapm.train.config import OptimConfig, PretrainConfig, TrainConfig
 from adapm.train.data import TokenData, get_batch, prepare_data
 from adapm.train.models import build_model, count_parameters, load_pretrained
@@ -400,6 +400,10 @@ class TrainingStopped(RuntimeError):
     """The loss or the gradients went non-finite for good: the run stops, its last checkpoint intact."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``): handled as Ctrl-C is, with the last checkpoint intact."""
+
+
 @dataclass
 class _Run:
     """A training run's fixed parts, as :func:`run` sets them up."""
@@ -693,13 +697,16 @@ def _periodic(r: _Run, done: int, window: _Window, grad_norm: Any, skipped: int 
 
 
 def _save(r: _Run, extra: dict[str, Any]) -> None:
-    """A checkpoint of the model, optimizer, schedule and ``extra`` (atomic; DCP when sharded)."""
-    if r.sharded:
-        parallel.dcp_save(r.ckpt_path, r.model, r.optimizer, {**extra, "scheduler": r.scheduler.state_dict()}, r.par)
-    elif r.par.is_main:
-        save_checkpoint(r.ckpt_path, {"model": parallel.unwrap(r.model).state_dict(),
-                                      "optimizer": r.optimizer.state_dict(),
-                                      "scheduler": r.scheduler.state_dict(), **extra})  # fmt: skip
+    """A checkpoint of the model, optimizer, schedule and ``extra`` (atomic; DCP when sharded). Ctrl-C
+    or SIGTERM while it is written takes effect once it is complete."""
+    with signals_deferred():
+        if r.sharded:
+            extra = {**extra, "scheduler": r.scheduler.state_dict()}
+            parallel.dcp_save(r.ckpt_path, r.model, r.optimizer, extra, r.par)
+        elif r.par.is_main:
+            save_checkpoint(r.ckpt_path, {"model": parallel.unwrap(r.model).state_dict(),
+                                          "optimizer": r.optimizer.state_dict(),
+                                          "scheduler": r.scheduler.state_dict(), **extra})  # fmt: skip
     r.par.barrier()
 
 
