@@ -516,6 +516,8 @@ def _family(kind: str) -> nn.Module:
         "gpt_oss": lambda: T.GptOssForCausalLM(T.GptOssConfig(
             intermediate_size=16, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
             layer_types=["full_attention", "full_attention"], **moe)),
+        "glm": lambda: T.GlmForCausalLM(T.GlmConfig(intermediate_size=64, head_dim=8, **moe)),
+        "glm4": lambda: T.Glm4ForCausalLM(T.Glm4Config(intermediate_size=64, head_dim=8, **moe)),
         "llama4": lambda: T.Llama4ForCausalLM(T.Llama4TextConfig(
             intermediate_size=16, intermediate_size_mlp=64, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
             moe_layers=[0, 1], interleave_moe_layer_step=1, **moe)),
@@ -523,7 +525,8 @@ def _family(kind: str) -> nn.Module:
     return configs[kind]()
 
 
-FAMILIES = ("phi", "gptj", "opt", "t5", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama4", "gpt_oss")
+FAMILIES = ("phi", "gptj", "opt", "t5", "gemma2", "glm", "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama4",
+            "gpt_oss")
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -674,15 +677,16 @@ def test_fused_families_train_with_the_state_the_report_counts(kind: str) -> Non
     assert opt.partition_report().ratio_to_adamw < 0.2
 
 
-def test_phi3_gate_up_segments_match_the_real_mlp() -> None:
-    model, _ = _fused_family("phi3")
+@pytest.mark.parametrize("kind", ["phi3", "glm", "glm4"])
+def test_gate_up_segments_match_the_real_mlp(kind: str) -> None:
+    model = _fused_family(kind)[0] if kind == "phi3" else _family(kind)
     opt = adapm.AdaPMMini(model, lr=1e-3)
     mlp = model.model.layers[0].mlp
     weight = mlp.gate_up_proj.weight
     assert [s.name.rsplit("[", 1)[1] for s in opt.layout(weight).segments] == ["gate]", "up]"]
     seen: list[torch.Tensor] = []
     mlp.activation_fn.register_forward_hook(lambda _m, args, out: seen.append(args[0].detach().clone()))
-    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 5, weight.shape[1], generator=torch.Generator().manual_seed(0))
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         seen.clear()

@@ -120,11 +120,11 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                layout="codegen", model_types=("codegen",)),
     PresetRule("mpt", r"(^|\.)attn\.Wqkv\.weight$", ("query", "key", "value"), ("Linear",),
                model_types=("mpt",)),  # [q | k | v]: MPT's attention chunks it in three
-    # Phi-3: [q | k | v] with grouped-query attention, and [gate | up].
+    # Phi-3: [q | k | v] with grouped-query attention, and [gate | up] (as GLM and GLM-4's MLP).
     PresetRule("phi3", r"(^|\.)self_attn\.qkv_proj\.weight$", ("query", "key", "value"), ("Linear",),
                layout="qkv_sizes", model_types=("phi3",)),
     PresetRule("phi3", r"(^|\.)mlp\.gate_up_proj\.weight$", ("mlp", "mlp"), ("Linear",),
-               segment_names=("gate", "up"), model_types=("phi3",)),
+               segment_names=("gate", "up"), model_types=("phi3", "glm", "glm4")),
     # T5 (encoder-decoder): shared embedding, self- and cross-attention, the feed-forward.
     PresetRule("t5", r"(^|\.)shared\.weight$", ("embedding",)),
     PresetRule("t5", r"(^|\.)(SelfAttention|EncDecAttention)\.q\.weight$", ("query",)),
