@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -59,7 +58,8 @@ def peak_rss_bytes() -> int:
 
     On Linux the high-water mark of this process's own memory (``VmHWM``): ``getrusage``'s
     ``ru_maxrss`` survives ``exec``, so a run that ``adapm compare`` starts would report the parent's
-    peak wherever that is higher. Elsewhere ``ru_maxrss`` (bytes on macOS, kB on other systems).
+    peak wherever that is higher. Elsewhere ``ru_maxrss`` (bytes on macOS, kB on other systems), and 0
+    where neither exists (Windows).
     """
     try:
         with open("/proc/self/status") as status:
@@ -68,6 +68,10 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    try:
+        import resource
+    except ImportError:
+        return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
