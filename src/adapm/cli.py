@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -340,7 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    # SIGTERM (a scheduler's preemption) ends the command as Ctrl-C does; restored when main returns.
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_term = main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if on_term:
         signal.signal(signal.SIGTERM, _terminated)
     try:
         check_installed(args.command)
@@ -361,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         print(f"\nadapm {args.command}: {what}{hint}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if on_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _terminated(signum: int, frame: Any) -> None:

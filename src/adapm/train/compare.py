@@ -182,9 +182,8 @@ def side_by_side(
         if returncode != 0:
             failed.append(name)
         if returncode < 0:  # a signal: the run could not say why itself
-            sig = signal.Signals(-returncode)
-            why = " (the system's out-of-memory killer sends it)" if sig == signal.SIGKILL else ""
-            print(f"== {name}: killed by {sig.name}{why}", file=sys.stderr, flush=True)
+            why = " (the system's out-of-memory killer sends it)" if -returncode == signal.SIGKILL else ""
+            print(f"== {name}: killed by {_signal_name(-returncode)}{why}", file=sys.stderr, flush=True)
     rows = summarize_runs(out, list(configs), reference)
     if failed:
         resumable = [name for name in failed if (out / name / CHECKPOINT).exists()]
@@ -195,6 +194,13 @@ def side_by_side(
         )
     _say_stopped(out, list(configs))
     return rows
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _say_stopped(out: Path, names: list[str]) -> None:
