@@ -499,6 +499,45 @@ def test_a_parameter_reshaped_after_construction_is_named() -> None:
         opt.step()
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_policy_keys_edited_in_param_groups_take_effect_or_fail_clearly(foreach: bool) -> None:
+    """Edits of a group's policy keys after construction are followed, as torch follows edits of ``lr``:
+    before the first step any policy, afterwards what the state allows (an lr ratio); a policy that
+    needs other state is refused by name, and the step changes nothing."""
+    data = batches(96, 4)
+    model, ref_model = tiny_llama(), tiny_llama()
+    opt = adapm.AdaPMMini(model, lr=1e-2, foreach=foreach)
+    for group in opt.param_groups:
+        if "q_proj" in group["names"][0]:
+            group["momentum"] = "none"
+    ref = adapm.AdaPMMini(ref_model, lr=1e-2, foreach=foreach, rules=[(r"q_proj", "none")])
+    assert opt.partition_report().state_bytes == ref.partition_report().state_bytes
+    train(model, opt, data[:2])
+    train(ref_model, ref, data[:2])
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert "lowrank_L" not in opt.state[q] and adapm.state_bytes(opt) == adapm.state_bytes(ref)
+    for group in opt.param_groups:  # with state: a new lr ratio is followed at once
+        group["lr_ratio"] = 2.0
+    for group in ref.param_groups:
+        group["lr"] *= 2.0
+    train(model, opt, data[2:])
+    train(ref_model, ref, data[2:])
+    assert max_rel_diff(model, ref_model) < 1e-6
+    opt.load_state_dict(opt.state_dict())  # its own checkpoint loads back
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        if "q_proj" in group["names"][0]:
+            group["momentum"] = "lowrank"
+    match = r"param group \d+ \('model\.layers\.0\.self_attn\.q_proj\.weight'\) was edited after its state was " \
+        r"created \(momentum 'none' -> 'lowrank'\).*build a new optimizer"
+    with pytest.raises(ValueError, match=match):
+        train(model, opt, data[:1])
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match=match):  # nor can a checkpoint of the edited groups be written
+        opt.state_dict()
+
+
 def test_rank_mismatch_on_load_names_the_differing_field() -> None:
     model = tiny_gpt2(n_embd=64)
     opt = adapm.AdaPM(model, lr=1e-3)

@@ -227,6 +227,7 @@ class CompiledStep:
             self.eager_steps += 1  # allocated, factors seeded (or the graph could not be built)
             opt.step()
             return loss
+        opt._sync_layouts()
         self._check(items)
         opt._drain()
         opt._skipped = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import warnings
@@ -79,6 +80,13 @@ _GROUP_KEYS = frozenset(
 _SCHEDULER_KEYS = frozenset({"initial_lr", "base_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
 # Keys whose value must agree between a loaded state dict and this optimizer.
 _POLICY_GROUP_KEYS = ("momentum", "second_moment", "split_dim")
+# The group keys a parameter's layout is built from (see adapm.partition.layout.build_layout).
+_LAYOUT_KEYS = ("momentum", "second_moment", "rank_ratio", "block", "split_dim", "segments", "experts", "role",
+                "lr_ratio", "state_dtype")  # fmt: skip
+
+
+def _layout_keys(group: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(map(group.get, _LAYOUT_KEYS))
 
 _GOLDEN = 0.6180339887498949
 # sqrt(float32 max) / 2: a gradient of larger norm would overflow g^2 (or its block sums) in float32.
@@ -298,6 +306,8 @@ class AdaPM(Optimizer):
         """The validated hyperparameters this optimizer was built with (param groups may override them)."""
         ratios = resolve_lr_ratios(lr_ratios)
         self._layouts: dict[Tensor, ParamLayout] = {}
+        self._group_keys: list[tuple[Any, ...]] = []
+        """Per param group, the values of its layout keys its parameters' layouts were built from."""
         self._index: dict[Tensor, int] = {}
         self._shards: dict[Tensor, ShardInfo] = {}
         self._buffers: dict[tuple[Any, ...], Tensor] = {}
@@ -443,9 +453,10 @@ class AdaPM(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        self._group_keys.append(copy.deepcopy(_layout_keys(group)))
 
     def _rebuild_layouts(self) -> None:
-        self._layouts, self._index, self._shards = {}, {}, {}
+        self._layouts, self._index, self._shards, self._group_keys = {}, {}, {}, []
         k = 0
         for i, group in enumerate(self.param_groups):
             names = group.get("names")
@@ -454,6 +465,41 @@ class AdaPM(Optimizer):
                 self._layouts[p] = build_layout(name, tuple(p.shape), group)
                 self._index[p] = k
                 k += 1
+            self._group_keys.append(copy.deepcopy(_layout_keys(group)))
+
+    def _sync_layouts(self) -> None:
+        """Follow edits of a param group's policy keys (``momentum``, ``second_moment``, ``rank_ratio``,
+        ``block``, ``lr_ratio``, ``state_dtype``...) made after construction, as torch optimizers follow
+        edits of ``lr``: a parameter without state yet takes its new layout (validated); one with state
+        takes it where the state stays valid (e.g. a new ``lr_ratio``), and otherwise this raises.
+
+        Raises:
+            ValueError: naming the group, the parameter and the changed keys, when the new policy would
+                need other state than the parameter holds (its state cannot be carried over).
+        """
+        for i, group in enumerate(self.param_groups):
+            before = self._group_keys[i]
+            if _layout_keys(group) == before:
+                continue
+            changed = ", ".join(f"{key} {old!r} -> {group.get(key)!r}"
+                                for key, old in zip(_LAYOUT_KEYS, before) if group.get(key) != old)  # fmt: skip
+            names = group.get("names")
+            layouts = {}
+            for j, p in enumerate(group["params"]):
+                name = names[j] if names else f"param_groups[{i}][{j}]"
+                layout = build_layout(name, tuple(p.shape), group)
+                old_layout = self._layouts[p]
+                state = self.state.get(p)
+                if state and (_layout_difference(old_layout, layout) or layout.state_dtype != old_layout.state_dtype):
+                    raise ValueError(
+                        f"param group {i} ('{name}') was edited after its state was created ({changed}); its "
+                        "state depends on these policy keys, so they cannot change mid-training. Set them back, or "
+                        "build a new optimizer with the new policy (rules=[...] or param group keys; its "
+                        "state starts fresh)"
+                    )
+                layouts[p] = layout
+            self._layouts.update(layouts)
+            self._group_keys[i] = copy.deepcopy(_layout_keys(group))
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults/state/param_groups; keep the step's own settings too.
@@ -491,6 +537,7 @@ class AdaPM(Optimizer):
         """As :meth:`torch.optim.Optimizer.state_dict` (a deferred finite check is settled first, so the
         step counters of skipped parameters are right)."""
         self._drain()
+        self._sync_layouts()
         return super().state_dict()
 
     def layout(self, param: Tensor) -> ParamLayout:
@@ -499,6 +546,7 @@ class AdaPM(Optimizer):
 
     def partition_report(self) -> PartitionReport:
         """Which block gets which policy and its state bytes (computed without allocating state)."""
+        self._sync_layouts()
         pairs = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -512,6 +560,7 @@ class AdaPM(Optimizer):
         at paper scale through the real allocation code; it also gives checkpoint loaders (e.g.
         ``torch.distributed.checkpoint``) a complete state to load into.
         """
+        self._sync_layouts()
         for group in self.param_groups:
             for p in group["params"]:
                 if not self.state[p]:
@@ -711,6 +760,7 @@ class AdaPM(Optimizer):
                 loss = closure()
         items: list[tuple[dict[str, Any], Tensor]] = []
         self._drain()
+        self._sync_layouts()
         self._skipped = 0
         for group in self.param_groups:
             for p in group["params"]:

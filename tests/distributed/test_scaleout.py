@@ -92,6 +92,18 @@ def test_dcp_resume_is_exact_and_reshards_to_one_process(optimizer: str, tmp_pat
     assert reshard["world_size"] == 1 and reshard["reshard_param_rel"] < (5e-3 if optimizer == "adapm-int8" else 1e-5)
 
 
+def test_zero_redundancy_optimizer_runs_adapm_without_the_partition(tmp_path: Path) -> None:
+    """torch's ZeroRedundancyOptimizer(optimizer_class=AdaPM) hands each rank bare parameters: the steps
+    match one process on the same bare parameters, the state is split between the ranks, and the warning
+    says that the partition cannot apply (docs/distributed.md points to FSDP2 instead)."""
+    _torchrun(2, "zero", str(tmp_path / "zero.json"))
+    result = json.loads((tmp_path / "zero.json").read_text())
+    assert result["loss_rel"] < 1e-5 and result["param_rel"] < 1e-5, result
+    per_rank = result["state_bytes_per_rank"]
+    assert sum(per_rank) == result["ref_state_bytes"] and min(per_rank) > 0, result
+    assert any("parameters without names" in w for w in result["warnings"]), result["warnings"]
+
+
 def _pretrain_args(play_text: Path, cache_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
         "pretrain", "--data", str(play_text), "--vocab-size", "300", "--seq-len", "32", "--cache-dir", str(cache_dir),

@@ -4,6 +4,7 @@ single-process run, and torch.distributed.checkpoint save / resume / reshard.
     torchrun --standalone --nproc_per_node=2 tests/distributed/worker.py equivalence OUT.json
     torchrun --standalone --nproc_per_node=2 tests/distributed/worker.py checkpoint OUT.json CKPT_DIR
     torchrun --standalone --nproc_per_node=1 tests/distributed/worker.py reshard OUT.json CKPT_DIR
+    torchrun --standalone --nproc_per_node=2 tests/distributed/worker.py zero OUT.json
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -282,11 +284,45 @@ def reshard(out_file: str, ckpt_dir: str, opt_name: str = "adapm-mini") -> None:
         json.dump({"world_size": dist.get_world_size(), "reshard_param_rel": rel_diff(straight, resumed)}, f)
 
 
+def zero(out_file: str) -> None:
+    """torch's ZeroRedundancyOptimizer with AdaPM as each rank's optimizer, against one process with
+    AdaPM on the same bare parameters (ZeRO hands its optimizer bare parameters, so no partition)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    data = batches(STEPS)
+    ref = make_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_opt = adapm.AdaPM(ref.parameters(), lr=3e-3)
+    ref_losses = train(ref, ref_opt, data, 0, 1)
+    ddp = DistributedDataParallel(make_model("llama"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=adapm.AdaPM, lr=3e-3)
+    losses = train(ddp, opt, data, rank, world)
+    state_bytes: list[int] = [0] * world
+    dist.all_gather_object(state_bytes, adapm.state_bytes(opt.optim))
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump(
+                {
+                    "loss_rel": max(abs(a - b) / abs(a) for a, b in zip(ref_losses, losses)),
+                    "param_rel": rel_diff(full_params(ref), full_params(ddp)),
+                    "warnings": [str(w.message) for w in caught],
+                    "state_bytes_per_rank": state_bytes,
+                    "ref_state_bytes": adapm.state_bytes(ref_opt),
+                },
+                f,
+                indent=2,
+            )
+
+
 def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     command, out_file, *rest = sys.argv[1:]
-    {"equivalence": equivalence, "checkpoint": checkpoint, "reshard": reshard}[command](out_file, *rest)
+    {"equivalence": equivalence, "checkpoint": checkpoint, "reshard": reshard, "zero": zero}[command](out_file, *rest)
     # Every rank waits for the others' collectives before leaving: a rank that destroyed the group while
     # another's gloo work was pending was seen aborting at exit ("terminate called without an active
     # exception", rarely, 2 processes on 2 cores), as in adapm.train.parallel.teardown.
