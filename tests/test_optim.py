@@ -883,6 +883,32 @@ def test_named_param_groups_get_the_partition_and_keep_their_settings(make) -> N
     assert {g["lr"] for g in opt.param_groups if g["role"] != "vector"} == {3e-3}
 
 
+def test_per_group_scheduler_arguments_reach_the_users_groups_through_user_group() -> None:
+    """AdaPM's param groups are the partition's (one per parameter); each records the index of the
+    user's group it came from, so per-group scheduler arguments (a list of lr lambdas, OneCycleLR's
+    max_lr) map onto them, and LambdaLR's state dict stays loadable."""
+    data = batches(96, 4)
+    model, ref_model = tiny_llama(), tiny_llama()
+
+    def groups(m: nn.Module, lrs: tuple[float, float]) -> list[dict]:
+        return [{"params": [(n, p) for n, p in m.named_parameters() if p.dim() >= 2], "lr": lrs[0]},
+                {"params": [(n, p) for n, p in m.named_parameters() if p.dim() < 2], "lr": lrs[1]}]  # fmt: skip
+
+    opt = adapm.AdaPMMini(groups(model, (3e-3, 3e-3)), lr=3e-3)
+    assert {g["user_group"] for g in opt.param_groups} == {0, 1} and len(opt.param_groups) > 2
+    factors = (lambda step: 1.0, lambda step: 0.25)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, [factors[g["user_group"]] for g in opt.param_groups])
+    ref = adapm.AdaPMMini(groups(ref_model, (3e-3, 3e-3 * 0.25)), lr=3e-3)
+    train(model, opt, data, scheduler)
+    train(ref_model, ref, data)
+    assert max_rel_diff(model, ref_model) < 1e-6
+    adapm.AdaPMMini(groups(tiny_llama(), (3e-3, 3e-3)), lr=3e-3).load_state_dict(opt.state_dict())
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[(1e-3, 1e-4)[g["user_group"]] for g in opt.param_groups], total_steps=10
+    )
+    assert {g["max_lr"] for g in one_cycle.optimizer.param_groups} == {1e-3, 1e-4}
+
+
 def test_named_and_unnamed_param_groups_cannot_be_mixed() -> None:
     model = tiny_llama()
     with pytest.raises(ValueError, match="param group 1 has parameters without names"):

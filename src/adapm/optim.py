@@ -74,6 +74,7 @@ _GROUP_KEYS = frozenset(
         "lr_ratio",
         "experts",
         "kept_whole",
+        "user_group",
     }
 )
 # Keys that LR/momentum schedulers write into param groups.
@@ -131,9 +132,10 @@ def _groups_are_named(items: list[Any]) -> bool:
 
 def _apply_group_settings(groups: list[dict[str, Any]], named_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The partition's groups (one per parameter) with the settings of the user's named group that
-    holds each parameter (``lr``, ``weight_decay``, policy keys...), which win over the partition's."""
-    settings = {id(p): {k: v for k, v in g.items() if k not in ("params", "names")}
-                for g in named_groups for _, p in g["params"]}  # fmt: skip
+    holds each parameter (``lr``, ``weight_decay``, policy keys...), which win over the partition's, and
+    that group's index as ``user_group`` (for per-group scheduler arguments)."""
+    settings = {id(p): {**{k: v for k, v in g.items() if k not in ("params", "names")}, "user_group": index}
+                for index, g in enumerate(named_groups) for _, p in g["params"]}  # fmt: skip
     return [{**group, **settings[id(group["params"][0])]} for group in groups]
 
 
