@@ -49,6 +49,14 @@ def test_step_time_quick_and_its_json_read_back(tmp_path: Path) -> None:
     assert proc.returncode != 0 and f"--from-json {bad}" in proc.stderr
 
 
+def test_data_prep_quick(tmp_path: Path) -> None:
+    """Streamed and whole-at-once data preparation give the same tokens for both corpus shapes."""
+    rows = _run("data_prep.py", tmp_path / "dp.json")["rows"]
+    assert {(r["shape"], r["mode"]) for r in rows} == {(s, m) for s in ("documents", "one-file")
+                                                       for m in ("streamed", "whole")}  # fmt: skip
+    assert all(r["same_tokens_as_whole"] is True and r["tokens"] > 500_000 and r["peak_rss_bytes"] > 0 for r in rows)
+
+
 def test_peak_memory_quick(tmp_path: Path) -> None:
     rows = _run("peak_memory.py", tmp_path / "pm.json", "--optimizers", "adamw,adapm-mini", "--repeats", "2")["rows"]
     mini = next(r for r in rows if r["optimizer"] == "adapm-mini")

@@ -105,6 +105,47 @@ def test_prepare_data_split_cache_and_batches(play_text: Path, tmp_path: Path) -
     assert not np.array_equal(a, get_batch(data.train, 4, 32, 0, 6, 0))
 
 
+def test_tokenizing_streams_in_batches_and_pieces_with_the_ids_of_whole_documents(
+    play_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Long documents are tokenized (and the BPE trained) in pieces, and documents in batches, so memory
+    stays flat for large corpora; the tokenizer and the token ids are those of whole documents."""
+    from adapm.train import data as data_module
+
+    hamlet = play_text.read_text()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a_hamlet.txt").write_text(hamlet)
+    (corpus / "b_short.txt").write_text("To be, or not to be: that is the question.\n" * 40)
+    whole = DataConfig(data=str(corpus), vocab_size=300, seq_len=32, cache_dir=str(tmp_path / "whole"))
+    tok, _ = load_tokenizer(whole, load_texts(corpus))
+    expected = [i for text in load_texts(corpus) for i in [*tok(text, add_special_tokens=False)["input_ids"], 0]]
+    assert tok.eos_token_id == 0
+    reference = prepare_data(whole)
+    assert np.concatenate([reference.train, reference.val]).tolist() == expected
+
+    monkeypatch.setattr(data_module, "PIECE_CHARS", 3000)  # Hamlet: ~60 pieces
+    monkeypatch.setattr(data_module, "_BATCH_CHARS", 20_000)  # ~10 batches
+    assert len(list(data_module._pieces(hamlet))) > 40
+    assert "".join(data_module._pieces(hamlet)) == hamlet
+    streamed = prepare_data(DataConfig(data=str(corpus), vocab_size=300, seq_len=32, cache_dir=str(tmp_path / "s")))
+    assert streamed.tokenizer.get_vocab() == tok.get_vocab()
+    assert np.array_equal(streamed.train, reference.train) and np.array_equal(streamed.val, reference.val)
+    assert sorted(p.name for p in streamed.cache_dir.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+    # The cuts are exact for tiktoken-style pre-tokenization too (Llama 3's pattern on the same BPE).
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+
+    tiktoken_style = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
+    tiktoken_style.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=False)]
+    )
+    pieces = [i for piece in data_module._pieces(hamlet) for i in tiktoken_style.encode(piece).ids]
+    assert pieces == tiktoken_style.encode(hamlet).ids
+
+
 def test_too_little_text(tmp_path: Path) -> None:
     (tmp_path / "short.txt").write_text("to be or not to be " * 20)
     with pytest.raises(ValueError, match=r"only \d+ tokens; need at least"):

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -167,7 +168,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Any:
 
     bpe = ByteLevelBPETokenizer()
     # The trainer's progress bars only on a terminal: in batch jobs they print bare newlines.
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
+    pieces = (piece for text in texts for piece in _pieces(text))  # one huge string would take GBs
+    bpe.train_from_iterator(pieces, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
                             show_progress=sys.stderr.isatty())  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_file = out_dir / f".tokenizer.json.tmp{os.getpid()}"
@@ -233,22 +235,7 @@ def prepare_data(cfg: DataConfig) -> TokenData:
     meta_file = cache / "meta.json"
     if not meta_file.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        eos = tokenizer.eos_token_id
-        ids: list[int] = []
-        for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            ids.extend(encoded)
-            ids.append(eos)
-        all_ids = np.asarray(ids, dtype=dtype)
-        n_val = max(int(len(all_ids) * cfg.val_fraction), cfg.seq_len + 2)
-        if len(all_ids) - n_val < 4 * (cfg.seq_len + 1):
-            raise ValueError(
-                f"--data: only {len(all_ids)} tokens; need at least {n_val + 4 * (cfg.seq_len + 1)} "
-                f"for seq_len {cfg.seq_len} (use more text or a smaller --seq-len)"
-            )
-        for name, part in (("train", all_ids[:-n_val]), ("val", all_ids[-n_val:])):
-            tmp = cache / f".{name}.bin.tmp{os.getpid()}"
-            part.tofile(tmp)
-            os.replace(tmp, cache / f"{name}.bin")
+        _write_splits(texts, tokenizer, cache, dtype, cfg)
         _atomic_write_text(meta_file, json.dumps({"dtype": np.dtype(dtype).name, "vocab_size": vocab_size}))
     meta = json.loads(meta_file.read_text())
     train = np.memmap(cache / "train.bin", dtype=meta["dtype"], mode="r")
@@ -256,6 +243,84 @@ def prepare_data(cfg: DataConfig) -> TokenData:
     if len(val) < cfg.seq_len + 2 or len(train) < cfg.seq_len + 2:
         raise ValueError(f"--data: too few tokens for seq_len {cfg.seq_len}; use more text or a smaller --seq-len")
     return TokenData(train=train, val=val, tokenizer=tokenizer, vocab_size=vocab_size, cache_dir=cache)
+
+
+PIECE_CHARS = 1 << 20
+"""Documents longer than this many characters are tokenized (and the BPE trained) in pieces of about
+this size, cut between two non-space characters either after a newline or before a space: where
+byte-level BPE pre-tokenization (GPT-2's, and tiktoken-style) starts a new word anyway, so the ids are
+those of the whole document."""
+_BATCH_CHARS = 1 << 23
+_CUT = re.compile(r"(?<=\S)(?:\n(?=\S)|(?= \S))")  # the cut is the match's end
+
+
+def _pieces(text: str) -> Iterator[str]:
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        cut = _CUT.search(text, start + PIECE_CHARS)
+        if cut is None:
+            break
+        yield text[start : cut.end()]
+        start = cut.end()
+    yield text[start:]
+
+
+def _token_chunks(texts: list[str], tokenizer: Any, dtype: Any) -> Iterator[np.ndarray]:
+    """The token ids of ``texts``, each document followed by the eos token, in arrays of a few million
+    tokens: tokenized a batch of documents (or pieces of a long one) at a time, so memory stays flat
+    whatever the corpus size."""
+    eos = tokenizer.eos_token_id
+    batch: list[str] = []
+    ends: list[bool] = []
+    size = 0
+
+    def flush() -> np.ndarray:
+        parts = []
+        for ids, end in zip(tokenizer(batch, add_special_tokens=False)["input_ids"], ends):
+            parts.append(np.asarray(ids, dtype=dtype))
+            if end:
+                parts.append(np.asarray([eos], dtype=dtype))
+        batch.clear()
+        ends.clear()
+        return np.concatenate(parts)
+
+    for text in texts:
+        pieces = list(_pieces(text)) if len(text) > PIECE_CHARS else [text]
+        for i, piece in enumerate(pieces):
+            batch.append(piece)
+            ends.append(i == len(pieces) - 1)
+            size += len(piece)
+            if size >= _BATCH_CHARS:
+                yield flush()
+                size = 0
+    if batch:
+        yield flush()
+
+
+def _write_splits(texts: list[str], tokenizer: Any, cache: Path, dtype: Any, cfg: DataConfig) -> None:
+    """Tokenize ``texts`` into ``cache/train.bin`` and ``cache/val.bin`` (the held-out tail), streaming
+    to disk; both files appear complete or not at all."""
+    tmp_all = cache / f".all.bin.tmp{os.getpid()}"
+    tmp_val = cache / f".val.bin.tmp{os.getpid()}"
+    try:
+        n = 0
+        with open(tmp_all, "wb") as out:
+            for chunk in _token_chunks(texts, tokenizer, dtype):
+                chunk.tofile(out)
+                n += len(chunk)
+        n_val = max(int(n * cfg.val_fraction), cfg.seq_len + 2)
+        if n - n_val < 4 * (cfg.seq_len + 1):
+            raise ValueError(
+                f"--data: only {n} tokens; need at least {n_val + 4 * (cfg.seq_len + 1)} "
+                f"for seq_len {cfg.seq_len} (use more text or a smaller --seq-len)"
+            )
+        np.array(np.memmap(tmp_all, dtype=dtype, mode="r")[n - n_val :]).tofile(tmp_val)
+        os.truncate(tmp_all, (n - n_val) * np.dtype(dtype).itemsize)
+        os.replace(tmp_val, cache / "val.bin")
+        os.replace(tmp_all, cache / "train.bin")
+    finally:
+        tmp_all.unlink(missing_ok=True)
+        tmp_val.unlink(missing_ok=True)
 
 
 def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, *key: int) -> torch.Tensor:
