@@ -73,6 +73,24 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
         load_texts(tmp_path / "ints.parquet", text_field="body")
 
 
+def test_jsonl_lines_end_at_newlines_only(tmp_path: Path) -> None:
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (``json.dumps(ensure_ascii=False)``
+    writes them so); a byte order mark, CRLF line ends and an upper-case suffix are read too, and an
+    invalid byte is reported with its offset in the file."""
+    texts = ["line\u2028separator", "next\x85line and \u2029paragraph", "plain"]
+    data = "\ufeff" + "\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\r\n"
+    (tmp_path / "d.jsonl").write_text(data, encoding="utf-8", newline="")
+    assert load_texts(tmp_path / "d.jsonl") == texts
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "UPPER.JSONL").write_text(data, encoding="utf-8", newline="")
+    assert load_texts(folder) == texts  # the records, not the file as one text
+    first = json.dumps({"text": "ok"}).encode() + b"\n"
+    (tmp_path / "bad.jsonl").write_bytes(first + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=rf"bad\.jsonl: not valid UTF-8 at byte {len(first) + 13}"):
+        load_texts(tmp_path / "bad.jsonl")
+
+
 def test_tokenizer_is_trained_once_and_cached(play_text: Path, tmp_path: Path) -> None:
     cfg = DataConfig(data=str(play_text), vocab_size=300, cache_dir=str(tmp_path))
     texts = load_texts(play_text)

@@ -54,14 +54,26 @@ def _decode(path: Path, raw: bytes) -> str:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """``(line number, parsed value)`` for every non-blank line of a UTF-8 JSONL file (errors name the
-    file and line)."""
-    for lineno, line in enumerate(_decode(path, path.read_bytes()).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+    file and line), read a line at a time. Lines end at ``\\n`` only: JSON strings may hold U+2028 or
+    U+0085 unescaped. A leading byte order mark is skipped."""
+    offset = 0
+    with open(path, "rb") as lines:
+        for lineno, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"{path}: not valid UTF-8 at byte {offset + exc.start} ({exc.reason}); convert the file to UTF-8"
+                ) from exc
+            offset += len(raw)
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
 
 
 def _texts_from_jsonl(path: Path, field: str) -> list[str]:
@@ -122,9 +134,10 @@ def load_texts(data: str | Path | None, cache_dir: str | Path | None = None, tex
 
 def _texts_from_file(path: Path, text_field: str) -> list[str]:
     """The documents of one file: a JSON Lines or Parquet file's ``text_field``, else the whole file."""
-    if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
         return _texts_from_jsonl(path, text_field)
-    if path.suffix == ".parquet":
+    if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
