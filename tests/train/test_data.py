@@ -57,7 +57,7 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"latin1.txt: not valid UTF-8 at byte 3"):
         load_texts(tmp_path / "latin1.txt")
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: each line must be an object with a string field 'text'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: each record must be an object with a string field 'text'"):
         load_texts(tmp_path / "bad.jsonl")
     (tmp_path / "broken.jsonl").write_text('{"text": \n')
     with pytest.raises(ValueError, match=r"broken.jsonl:1: invalid JSON"):
@@ -89,6 +89,22 @@ def test_jsonl_lines_end_at_newlines_only(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_bytes(first + b'{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=rf"bad\.jsonl: not valid UTF-8 at byte {len(first) + 13}"):
         load_texts(tmp_path / "bad.jsonl")
+
+
+def test_json_files_hold_an_array_or_json_lines(tmp_path: Path) -> None:
+    """A ``.json`` file is a JSON array of records, or JSON Lines (``datasets``' ``to_json`` writes
+    those); it was read as one plain text, brackets and keys included."""
+    records = [{"text": "first document"}, {"text": "second one"}]
+    (tmp_path / "array.json").write_text(json.dumps(records, indent=2))
+    assert load_texts(tmp_path / "array.json") == ["first document", "second one"]
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert load_texts(tmp_path / "lines.json") == ["first document", "second one"]
+    (tmp_path / "bad.json").write_text(json.dumps([{"text": "ok"}, {"body": "no"}]))
+    with pytest.raises(ValueError, match=r"bad\.json\[1\]: each record must be an object with a string field 'text'"):
+        load_texts(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text('[{"text": "ok"},\n{"text": ]')
+    with pytest.raises(ValueError, match=r"broken\.json:2: invalid JSON"):
+        load_texts(tmp_path / "broken.json")
 
 
 def test_tokenizer_is_trained_once_and_cached(play_text: Path, tmp_path: Path) -> None:

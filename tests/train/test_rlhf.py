@@ -59,6 +59,9 @@ def test_load_prompts_formats_and_errors(tmp_path: Path) -> None:
         load_prompts(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="--prompts: no such file"):
         load_prompts(tmp_path / "missing.txt")
+    # A .json array of such objects (it was read as text, one "prompt" per line of JSON).
+    (tmp_path / "p.json").write_text(json.dumps([{"prompt": "Tell me a story."}, {"prompt": "And another."}]))
+    assert load_prompts(tmp_path / "p.json") == ["Tell me a story.", "And another."]
 
 
 def test_bad_prompts_fail_once_before_any_run(tiny_lm_dir: Path, tmp_path: Path) -> None:

@@ -35,6 +35,12 @@ def test_jsonl_formats_and_errors(tmp_path: Path) -> None:
         load_records(bad)
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_records(tmp_path / "missing.jsonl")
+    # A .json array of records (Alpaca-style files), errors naming the item.
+    (tmp_path / "d.json").write_text(json.dumps([{"prompt": "a", "response": "b"}, chat]))
+    assert load_records(tmp_path / "d.json") == [{"prompt": "a", "response": "b"}, chat]
+    (tmp_path / "bad.json").write_text(json.dumps([{"prompt": "a", "response": "b"}, {"instruction": "x"}]))
+    with pytest.raises(ValueError, match=r"bad\.json\[1\]: expected"):
+        load_records(tmp_path / "bad.json")
 
 
 def test_loss_only_on_response_tokens(play_text: Path, cache_dir: Path) -> None:

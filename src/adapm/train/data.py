@@ -76,13 +76,30 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
 
 
-def _texts_from_jsonl(path: Path, field: str) -> list[str]:
-    texts = []
+def read_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, value)`` for each record of a JSON Lines file, or of a ``.json`` file that holds a JSON
+    array (``where`` is ``path:line`` or ``path[index]``, for messages). A ``.json`` file that does not
+    start with ``[`` is read as JSON Lines, as ``datasets``' ``to_json`` writes it."""
+    if path.suffix.lower() == ".json":
+        with open(path, "rb") as f:
+            head = f.read(1024).decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")
+        if head.startswith("["):
+            try:
+                items = json.loads(_decode(path, path.read_bytes()).removeprefix("\ufeff"))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+            for index, item in enumerate(items):
+                yield f"{path}[{index}]", item
+            return
     for lineno, record in read_jsonl(path):
+        yield f"{path}:{lineno}", record
+
+
+def _texts_from_records(path: Path, field: str) -> list[str]:
+    texts = []
+    for where, record in read_records(path):
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise ValueError(
-                f"{path}:{lineno}: each line must be an object with a string field {field!r} (--text-field)"
-            )
+            raise ValueError(f"{where}: each record must be an object with a string field {field!r} (--text-field)")
         texts.append(record[field])
     return texts
 
@@ -133,10 +150,10 @@ def load_texts(data: str | Path | None, cache_dir: str | Path | None = None, tex
 
 
 def _texts_from_file(path: Path, text_field: str) -> list[str]:
-    """The documents of one file: a JSON Lines or Parquet file's ``text_field``, else the whole file."""
+    """The documents of one file: a JSON Lines, JSON or Parquet file's ``text_field``, else the whole file."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _texts_from_jsonl(path, text_field)
+    if suffix in (".jsonl", ".json"):
+        return _texts_from_records(path, text_field)
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from adapm.train import parallel
 from adapm.train.config import RLHFConfig
-from adapm.train.data import embedded_corpus_files, held_out_split, read_jsonl
+from adapm.train.data import embedded_corpus_files, held_out_split, read_records
 from adapm.train.loop import StepResult, Task
 from adapm.train.pretrained import clamp_length, load_causal_lm, load_tokenizer
 
@@ -57,15 +57,16 @@ def builtin_prompts() -> list[str]:
 
 
 def load_prompts(path: str | Path) -> list[str]:
-    """Prompts from a JSONL file (a 'prompt' string per line) or a text file (one prompt per line)."""
+    """Prompts from a JSONL file (a 'prompt' string per line) or a ``.json`` array of such objects, or a
+    text file (one prompt per line)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"--prompts: no such file: {path}")
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() in (".jsonl", ".json"):
         prompts = []
-        for lineno, record in read_jsonl(path):
+        for where, record in read_records(path):
             if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)):
-                raise ValueError(f"{path}:{lineno}: expected an object with a 'prompt' string")
+                raise ValueError(f"{where}: expected an object with a 'prompt' string")
             prompts.append(record["prompt"])
     else:
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from adapm.train.data import read_jsonl
+from adapm.train.data import read_records
 
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss (the prompt), as Hugging Face models expect."""
@@ -63,13 +63,13 @@ def builtin_examples(modules: Iterable[str] = STDLIB_MODULES, min_words: int = 6
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records from a JSONL file: each line ``{"prompt", "response"}`` or ``{"messages": [...]}``
+    """Records from a JSONL file (or a ``.json`` array): each ``{"prompt", "response"}`` or ``{"messages": [...]}``
     (chat format with ``role``/``content``; the last message must be the assistant's)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"--data: no such file: {path}")
     records = []
-    for lineno, record in read_jsonl(path):
+    for where, record in read_records(path):
         if (
             isinstance(record, dict)
             and isinstance(record.get("prompt"), str)
@@ -78,7 +78,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
             records.append(record)
         else:
             raise ValueError(
-                f"{path}:{lineno}: expected {{'prompt': str, 'response': str}} or "
+                f"{where}: expected {{'prompt': str, 'response': str}} or "
                 "{'messages': [{'role', 'content'}, ...]} ending with an assistant message"
             )
     if not records:
