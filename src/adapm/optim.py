@@ -544,6 +544,7 @@ class AdaPM(Optimizer):
 
     def layout(self, param: Tensor) -> ParamLayout:
         """The resolved layout (segments, policies, state shapes) of one parameter."""
+        self._sync_layouts()
         return self._layouts[param]
 
     def partition_report(self) -> PartitionReport:
