@@ -65,6 +65,38 @@ def test_grouped_step_matches_the_per_block_step_on_cuda(cls: type[adapm.AdaPM],
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_model_spread_over_devices_steps_like_one_on_a_single_device(foreach: bool) -> None:
+    """Parameters on several devices (as ``device_map="auto"`` places a model too big for one GPU; here
+    half on the CPU, half on CUDA): the finite flags gather on one device, the grouped step stacks only
+    blocks of one device, and the steps match a run on the CPU alone (within the devices' rounding, as
+    in test_cuda_matches_cpu); a non-finite gradient on either device skips only its parameter."""
+    spread, ref = tiny_llama(), tiny_llama()
+    spread.model.layers[1].cuda()
+    spread.lm_head.cuda()
+    devices = {p.device.type for p in spread.parameters()}
+    assert devices == {"cpu", "cuda"}
+    opt = adapm.AdaPMMini(spread, lr=2e-3, foreach=foreach)
+    opt_ref = adapm.AdaPMMini(ref, lr=2e-3, foreach=foreach)
+    for step in range(6):
+        _same_gradients([spread, ref], step)
+        opt.step()
+        opt_ref.step()
+    for a, b in zip(spread.parameters(), ref.parameters()):
+        diff = (a.detach().cpu() - b.detach()).abs()
+        assert diff.max() < 2e-3 and diff.mean() < 2e-3 / 10, (diff.max(), diff.mean())
+    on_cuda = spread.model.layers[1].mlp.up_proj.weight
+    on_cpu = spread.model.layers[0].mlp.up_proj.weight
+    _same_gradients([spread], 6)
+    on_cuda.grad[0, 0] = float("nan")
+    before = on_cuda.detach().clone(), on_cpu.detach().clone()
+    with pytest.warns(RuntimeWarning, match=r"layers\.1\.mlp\.up_proj"):
+        opt.step()
+    assert torch.equal(before[0], on_cuda) and not torch.equal(before[1], on_cpu) and opt.skipped_params == 1
+    with pytest.raises(ValueError, match="several devices"):
+        adapm.compile_step(opt)()
+
+
 def test_bf16_parameters_keep_float32_state_on_cuda() -> None:
     model = tiny_llama().cuda().to(torch.bfloat16)
     opt = adapm.AdaPMMini(model, lr=2e-3)

@@ -305,6 +305,12 @@ class CompiledStep:
 
     def _check(self, items: list[tuple[dict[str, Any], Tensor]]) -> None:
         opt = self.optimizer
+        devices = sorted({str(p.device) for _, p in items})
+        if len(devices) > 1:
+            raise ValueError(
+                f"compile_step: the parameters are on several devices ({', '.join(devices)}); the compiled step "
+                "takes one: use opt.step() (fused=True compiles its tails)"
+            )
         for _, p in items:
             layout = opt._layouts[p]
             if p.grad is not None and p.grad.is_sparse:

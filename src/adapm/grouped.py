@@ -292,7 +292,7 @@ def step_lowrank(
     for b in blocks:
         g = b.group
         key = (b.seg.shape, b.seg.view_shape, b.seg.rank, g["tracker"], g["correction"], g["betas"][0], b.t,
-               b.layout.second_moment, b.seg.block, b.shard_key)  # fmt: skip
+               b.layout.second_moment, b.seg.block, b.shard_key, b.target.device)  # fmt: skip
         groups.setdefault(key, []).append(b)
     for members in groups.values():
         for chunk in stacks(members):
@@ -474,12 +474,12 @@ def _stacked_block_moments(mine: list[Block]) -> dict[int, Tensor]:
     groups: dict[tuple[Any, ...], list[Block]] = {}
     for b in mine:
         key = (b.seg.shape, b.seg.view_shape, b.seg.block, b.group["betas"][1], b.group["eps"], b.t,
-               b.sq_mean is None, b.shard_key)  # fmt: skip
+               b.sq_mean is None, b.shard_key, b.target.device)  # fmt: skip
         groups.setdefault(key, []).append(b)
     chunks: list[tuple[list[Block], tuple[int, ...], tuple[int | None, int], int | None]] = []
     ordered: list[Block] = []
     rows: list[Tensor] = []
-    for (shape, _view, block, _beta2, _eps, _t, fresh, _shard), members in groups.items():
+    for (shape, _view, block, _beta2, _eps, _t, fresh, _shard, _device), members in groups.items():
         shard = members[0].shard
         for chunk in stacks(members):
             if fresh:
@@ -596,7 +596,7 @@ def elementwise_tails(
     """The elementwise tail of every block, one foreach op per arithmetic step per (policies, scalars),
     or one compiled call per (policies, scalars) where ``fused`` says so (its scalars from ``scalars``,
     written for these blocks; else made here)."""
-    groups: dict[tuple[Any, ...], list[tuple[Tensor, ...]]] = {}
+    groups: dict[tuple[torch.device, tuple[Any, ...]], list[tuple[Tensor, ...]]] = {}
     for b in blocks:
         key = tail_key(b)
         policy, full = b.seg.policy, key[1]
@@ -607,11 +607,11 @@ def elementwise_tails(
         else:
             source = b.grad
         second = b.second_moment() if full else denominators[id(b)]
-        groups.setdefault(key, []).append((b.target, b.grad, source, second, b.ok))
+        groups.setdefault((b.target.device, key), []).append((b.target, b.grad, source, second, b.ok))
     if fused is not None and fused.fused and groups and scalars is None:
         scalars = ScalarRows()
         scalars.write(blocks)
-    for key, rows in groups.items():
+    for (_device, key), rows in groups.items():
         source, full, beta1, beta2, lr, decay, bc1, bc2s, eps, clip = key
         targets, grads, sources, seconds, oks = (list(column) for column in zip(*rows))
         masked = oks[0] is not None

@@ -619,7 +619,7 @@ class AdaPM(Optimizer):
         owners, factors = self._stored_factors(items)
         # The float32 norm is inf (or above the bound) exactly when some entry is non-finite or the sum
         # of squares overflows, so every per-entry and per-block mean of g^2 stays finite otherwise.
-        norms = torch._foreach_norm(grads + factors, 2, dtype=torch.float32)  # type: ignore[call-arg]
+        norms = _norms(grads + factors)
         if factors and fold:  # factor norms times zero (NaN where not finite, else 0) added to their
             # parameter's gradient norm, each parameter once per op
             zeroed = torch._foreach_mul(norms[len(grads) :], 0.0)
@@ -691,9 +691,14 @@ class AdaPM(Optimizer):
         to the host, read at the next step (:meth:`_drain`) to settle the step counters and warn."""
         finite, _ = self._finite_flags(items, fold=True)
         for _, p in items:
-            if p not in self._oks:
-                self._oks[p] = torch.ones((), dtype=torch.bool, device=finite.device)
-        torch._foreach_copy_([self._oks[p] for _, p in items], list(finite.unbind(0)))
+            if p not in self._oks:  # on the parameter's device, which masks with it
+                self._oks[p] = torch.ones((), dtype=torch.bool, device=local(cast(Tensor, p.grad)).device)
+        oks = [self._oks[p] for _, p in items]
+        if all(ok.device == finite.device for ok in oks):
+            torch._foreach_copy_(oks, list(finite.unbind(0)))
+        else:  # parameters on several devices (e.g. a model loaded with device_map="auto")
+            for ok, flag in zip(oks, finite.unbind(0)):
+                ok.copy_(flag)
         self._pend(items, finite)
 
     def _pend(self, items: list[tuple[dict[str, Any], Tensor]], flags: Tensor) -> None:
@@ -1295,6 +1300,24 @@ def _convert_state(values: dict[str, Tensor], saved: ParamLayout, ours: ParamLay
         Stored(stored, scales, spec.nonnegative).encode_(value, None)
         values[key] = stored
     return values
+
+
+def _norms(tensors: list[Tensor]) -> list[Tensor]:
+    """The float32 2-norm of each tensor, all on the first one's device: one foreach op per device (a
+    model spread over several devices, e.g. loaded with ``device_map="auto"``, has its flags gathered
+    on one)."""
+    devices: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        devices.setdefault(t.device, []).append(i)
+    if len(devices) <= 1:
+        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))  # type: ignore[call-arg]
+    home = tensors[0].device
+    norms: list[Tensor] = list(tensors)
+    for indices in devices.values():
+        found = torch._foreach_norm([tensors[i] for i in indices], 2, dtype=torch.float32)  # type: ignore[call-arg]
+        for i, norm in zip(indices, found):
+            norms[i] = norm.to(home)
+    return norms
 
 
 def _layout_difference(saved: ParamLayout, ours: ParamLayout) -> str:
