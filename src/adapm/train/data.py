@@ -315,7 +315,7 @@ def _token_chunks(texts: list[str], tokenizer: Any, dtype: Any) -> Iterator[np.n
         return np.concatenate(parts)
 
     for text in texts:
-        pieces = list(_pieces(text)) if len(text) > PIECE_CHARS else [text]
+        pieces = list(_pieces(text))  # one piece (the text) unless it is long
         for i, piece in enumerate(pieces):
             batch.append(piece)
             ends.append(i == len(pieces) - 1)
