@@ -86,6 +86,33 @@ def test_non_finite_factors_skip_the_parameter_on_both_paths(foreach: bool | str
     assert not torch.equal(model.transformer.h[1].mlp.c_fc.weight, other)
 
 
+
+@pytest.mark.parametrize(
+    "path", [False, True, pytest.param("deferred", marks=pytest.mark.skipif(_NO_CXX, reason="needs g++"))]
+)
+def test_skip_counts_add_up_over_steps_without_reading_each_step(path: bool | str) -> None:
+    """``skipped_total`` sums the skips of every step and ``skipped_streak`` counts the steps in a row
+    that skipped every parameter, read every few steps: on the per-block step, the grouped one, and the
+    deferred check, whose last step is settled by the read."""
+    torch.manual_seed(0)
+    weight, vector = nn.Parameter(torch.randn(16, 12)), nn.Parameter(torch.randn(12))
+    opt = adapm.AdaPM(
+        [{"params": [weight], "momentum": "lowrank"}, {"params": [vector]}], lr=1e-3, foreach=bool(path),
+        fused=path == "deferred",
+    )  # fmt: skip
+    opt._defer_check = path == "deferred"
+    reads = []
+    for i, bad in enumerate(((), (vector,), (weight, vector), (), (weight, vector), (weight, vector), (weight,))):
+        for p in (weight, vector):
+            p.grad = torch.full_like(p, float("nan")) if any(p is q for q in bad) else torch.randn_like(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            opt.step()
+            if i in (3, 5, 6):
+                reads.append((opt.skipped_total, opt.skipped_streak))
+    assert reads == [(3, 0), (7, 2), (8, 0)]
+    assert opt.skipped_params == 1
+
 @pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
 def test_bf16_parameters_keep_float32_state_on_the_grouped_step(cls: type[adapm.AdaPM]) -> None:
     data = batches(96, 4)

@@ -318,6 +318,8 @@ class AdaPM(Optimizer):
         self.fused = fused
         self.foreach = foreach
         self._skipped = 0
+        self._skip_total = 0
+        self._skip_streak = 0
         self._pending: _Pending | None = None
         self._oks: dict[Tensor, Tensor] = {}
 
@@ -517,6 +519,8 @@ class AdaPM(Optimizer):
         self.fused = fused
         self.foreach = foreach
         self._skipped = 0
+        self._skip_total = 0
+        self._skip_streak = 0
         self._pending = None
         self._oks = {}
         self._buffers = {}
@@ -534,6 +538,27 @@ class AdaPM(Optimizer):
     @skipped_params.setter
     def skipped_params(self, value: int) -> None:
         self._skipped = value
+
+    @property
+    def skipped_total(self) -> int:
+        """Parameters skipped, summed over every step since this optimizer was built (or unpickled).
+        A training loop reads it every few steps for the skips since its last read, where reading
+        :attr:`skipped_params` each step would wait for the device each step (with a deferred check)."""
+        self._drain()
+        return self._skip_total
+
+    @property
+    def skipped_streak(self) -> int:
+        """Steps in a row, up to the last one, in which every parameter with a gradient was skipped
+        (0 if the last step stepped any): a run whose every step is skipped is not training."""
+        self._drain()
+        return self._skip_streak
+
+    def _count_skips(self, items: int) -> None:
+        """Add a settled step's :attr:`skipped_params` (of ``items`` parameters with a gradient) to the
+        running counts."""
+        self._skip_total += self._skipped
+        self._skip_streak = self._skip_streak + 1 if self._skipped >= items else 0
 
     def state_dict(self) -> dict[str, Any]:
         """As :meth:`torch.optim.Optimizer.state_dict` (a deferred finite check is settled first, so the
@@ -730,6 +755,7 @@ class AdaPM(Optimizer):
             corrupted = {owner for owner, ok in zip(owners, factor_flags) if not ok}
             flags = [ok or id(p) in corrupted for ok, (_, p) in zip(flags, pending.items)]
         kept = {id(p) for _, p in self._settle(pending.items, flags + factor_flags, owners)}
+        self._count_skips(len(pending.items))
         for _, p in pending.items:
             if id(p) not in kept and self.state[p]:
                 self.state[p]["step"] -= 1
@@ -817,6 +843,8 @@ class AdaPM(Optimizer):
                 rejected_names = [self._layouts[p].name for p in rejected]
                 self._skipped += len(rejected)
                 self._warn_skipped(rejected_names, "non-finite low-rank factors")
+            if not deferred:  # a deferred check is counted when its flags are read (_drain)
+                self._count_skips(len(items))
         return loss
 
     def _grouped(self, p: Tensor) -> bool:

@@ -190,14 +190,54 @@ def test_non_finite_training_stops_and_keeps_the_last_checkpoint(
         value.fill_(float("nan"))  # weights that went bad in memory, then were saved
     save_checkpoint(run / "checkpoint.pt", payload)
     before = (run / "checkpoint.pt").read_bytes()
-    stopped = pytest.raises(TrainingStopped, match=r"stopped at step 7: .*3 steps in a row.*is intact")
+    # checked where the loop reads the device: at the log step (every 2) after the third bad step
+    stopped = pytest.raises(TrainingStopped, match=r"stopped at step 8: .*4 steps in a row.*is intact")
     with stopped, pytest.warns(RuntimeWarning, match="skipped"):
         pretrain(tiny_config(play_text, cache_dir, run, resume=True))
     assert (run / "checkpoint.pt").read_bytes() == before
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["step"] == 6 and lines[-1]["skipped_params"] == 2 * 28  # every tensor, two steps
+    assert [m["step"] for m in lines[-2:]] == [6, 8]
+    assert lines[-1]["skipped_params"] == lines[-2]["skipped_params"] == 2 * 28  # every tensor, two steps
     assert lines[0]["skipped_params"] == 0
 
+
+
+def test_the_loop_reads_the_device_only_at_log_steps_evaluations_and_checkpoints(
+    play_text: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Every read of a tensor's value (``.item()``, ``float()``: ``aten._local_scalar_dense``, which waits
+    for a GPU) made by the harness's own code happens at a step that logs, evaluates or checkpoints:
+    the other steps queue their work without waiting. (Reads inside the optimizer and the model are
+    theirs: AdaPM's per-block CPU step reads its flags.)"""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    harness = str(Path(pretrain.__code__.co_filename).parent)
+
+    class Reads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps: collections.Counter[object] = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten._local_scalar_dense.default:
+                frame, origin, step = sys._getframe(1), None, None
+                while frame is not None:  # the innermost caller outside torch, and the loop's step
+                    name = frame.f_code.co_filename
+                    if origin is None and "/torch/" not in Path(name).as_posix() and name != __file__:
+                        origin = name
+                    if frame.f_code.co_name == "_train" and name.startswith(harness):
+                        step = frame.f_locals.get("step")
+                    frame = frame.f_back
+                if origin is not None and origin.startswith(harness):
+                    self.steps[step] += 1
+            return func(*args, **(kwargs or {}))
+
+    config = tiny_config(play_text, cache_dir, tmp_path / "run", log_every=4, eval_every=8, checkpoint_every=8)
+    with Reads() as reads:
+        pretrain(config)
+    assert set(reads.steps) - {None} == {3, 7}  # steps 4 and 8 (0-based 3, 7) log; 8 evaluates and saves
 
 def test_batch_jobs_get_one_line_per_log_step_and_grad_norms(
     play_text: Path, cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -207,9 +207,10 @@ class TrainConfig:
     overwrite: bool = False
     """Start over in an out_dir that holds a run, deleting its checkpoint, metrics, summary and model."""
     max_bad_steps: int = 3
-    """Stop with an error after this many consecutive steps whose training loss is not finite, or in
-    which the optimizer skipped every parameter (non-finite gradients); a non-finite validation loss
-    stops at once. The last checkpoint is kept intact."""
+    """Stop with an error when this many consecutive steps, up to a log step or checkpoint (where the
+    loop reads the device), had a training loss that is not finite, or saw the optimizer skip every
+    parameter (non-finite gradients); a non-finite validation loss stops at once. The last checkpoint
+    is kept intact."""
     progress: bool = True
     """Show a progress bar when stderr is a terminal (otherwise, and with --no-progress, one line every
     log_every steps)."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -94,9 +94,9 @@ def evaluate(model: nn.Module, data: TokenData, cfg: PretrainConfig, device: tor
         if device is not None:
             x = x.to(device)
         with autocast(cfg.train.bf16, device):
-            losses.append(model(input_ids=x, labels=x).loss.item())
+            losses.append(model(input_ids=x, labels=x).loss.double())
     model.train(was_training)
-    return sum(losses) / len(losses)
+    return torch.stack(losses).mean().item()  # one read of the device for all batches
 
 
 def autocast(bf16: bool, device: torch.device | None = None) -> Any:
@@ -441,11 +441,31 @@ class _Tally:
 
 @dataclass
 class _Window:
-    """What the periodic metrics line sums over the steps since the last one."""
+    """What the loop keeps between its reads of the device. Steps run without waiting for the device;
+    it is read at log steps, evaluations and checkpoints (:func:`_read`), for the last step's loss, the
+    tokens, and the health counts (kept on the device in between)."""
 
     start: float = field(default_factory=time.perf_counter)
+    """When the steps that the next metrics line's tokens/s covers began."""
     tokens: int = 0
-    skipped: int = 0
+    """Tokens (all ranks) read since the last metrics line."""
+    skipped_from: int = 0
+    """The optimizer's ``skipped_total`` at the last metrics line."""
+    unread_tokens: int = 0
+    """This rank's tokens since the last read."""
+    loss: torch.Tensor | None = None
+    """The last step's loss, on the device."""
+    bad_losses: torch.Tensor | None = None
+    """Steps in a row (up to the last) whose loss was not finite, on the device."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The last step's task metrics (this rank's)."""
+
+    def add(self, loss: torch.Tensor, tokens: int, metrics: dict[str, float]) -> None:
+        """One step's results, kept without reading the device."""
+        bad = self.bad_losses if self.bad_losses is not None else torch.zeros((), device=loss.device)
+        self.bad_losses = torch.where(torch.isfinite(loss), 0.0, bad + 1)
+        self.loss, self.metrics = loss, metrics
+        self.unread_tokens += tokens
 
     def pause(self, since: float) -> None:
         """Leave the time since ``since`` (an evaluation, a checkpoint) out of tokens/s."""
@@ -554,9 +574,7 @@ def _train(r: _Run, progress_state: _Progress, resolved: dict[str, Any]) -> dict
     stop = min(tc.steps, tc.stop_at) if tc.stop_at is not None else tc.steps
     tally = _Tally(elapsed=progress_state.elapsed, tokens=progress_state.tokens if start > 0 else 0)
     last_eval: tuple[int, dict[str, float]] = (-1, {})
-    window = _Window()
-    n_tensors = sum(len(g["params"]) for g in optimizer.param_groups)
-    bad_loss_steps = all_skipped_steps = 0
+    window = _Window(skipped_from=getattr(optimizer, "skipped_total", 0))
     # A bar on a terminal; in batch jobs (no TTY) one line every log_every steps instead.
     bar = tc.progress and par.is_main and sys.stderr.isatty()
     lines = par.is_main and not bar
@@ -567,23 +585,25 @@ def _train(r: _Run, progress_state: _Progress, resolved: dict[str, Any]) -> dict
     try:
         for step in range(start, stop):
             t0 = time.perf_counter()
-            total, tokens, sums, grad_norm = _forward_backward(r, step)
+            loss, tokens, step_metrics, grad_norm = _forward_backward(r, step)
             optimizer_step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            tally.elapsed += time.perf_counter() - t0
-            train_loss = tally.train_loss = par.mean(total)
-            skipped = getattr(optimizer, "skipped_params", None)
-            tally.metrics = {k: par.mean(v) for k, v in sums.items()}
-            step_tokens = round(par.mean(tokens) * par.world)
-            tally.tokens += step_tokens
-            window.tokens += step_tokens
-            window.skipped += skipped or 0
+            window.add(loss, tokens, step_metrics)
+            if lines and step == start:  # once, when the (lazily made) state exists
+                print(f"{r.optim.optimizer}: optimizer state {adapm.state_bytes(optimizer):,} bytes", flush=True)
             done = step + 1
-            bad_loss_steps = 0 if math.isfinite(train_loss) else bad_loss_steps + 1
-            all_skipped_steps = all_skipped_steps + 1 if skipped is not None and skipped >= n_tensors else 0
-            record = _periodic(r, done, window, grad_norm, skipped)
-            if done % tc.eval_every == 0 or done == tc.steps:
+            eval_now = done % tc.eval_every == 0 or done == tc.steps
+            save_now = done % tc.checkpoint_every == 0 or done == stop
+            if not (eval_now or save_now or done % tc.log_every == 0 or done == tc.steps):
+                tally.elapsed += time.perf_counter() - t0  # the device may still be busy: read at the next
+                progress.update(1)  # log step, evaluation or checkpoint, which waits for it
+                continue
+            bad_losses, all_skipped = _read(r, window, tally)
+            tally.elapsed += time.perf_counter() - t0
+            train_loss = tally.train_loss
+            record = _periodic(r, done, window, grad_norm)
+            if eval_now:
                 t_eval = time.perf_counter()
                 last_eval = (done, task.evaluate(model))
                 record.update(last_eval[1])
@@ -592,16 +612,14 @@ def _train(r: _Run, progress_state: _Progress, resolved: dict[str, Any]) -> dict
                 log({"step": done, "train_loss": train_loss, **tally.metrics, "lr": scheduler.get_last_lr()[0],
                      "tokens": tally.tokens, "elapsed_s": tally.elapsed, "state_bytes": adapm.state_bytes(optimizer),
                      "peak_rss_bytes": par.max(peak_rss_bytes()), **record})  # fmt: skip
-            _check_health(done, bad_loss_steps, all_skipped_steps, record.get(task.primary), tc, r.ckpt_path)
-            if done % tc.checkpoint_every == 0 or done == stop:
+            _check_health(done, bad_losses, all_skipped, record.get(task.primary), tc, r.ckpt_path)
+            if save_now:
                 t_ckpt = time.perf_counter()
                 _save(r, {"rng": torch.get_rng_state(), "step": done, "elapsed": tally.elapsed, "tokens": tally.tokens,
                           "initial": json.dumps(initial), "config": json.dumps(r.config)})  # fmt: skip
                 window.pause(t_ckpt)
             progress.update(1)
             progress.set_postfix(loss=f"{train_loss:.3f}")
-            if lines and step == start:  # once, when the (lazily made) state exists
-                print(f"{r.optim.optimizer}: optimizer state {adapm.state_bytes(optimizer):,} bytes", flush=True)
             if lines and "tokens_per_s" in record:
                 _log_line(r.optim.optimizer, done, tc.steps, train_loss, scheduler.get_last_lr()[0], record)
     finally:
@@ -662,16 +680,18 @@ def _finish(
     return summary
 
 
-def _forward_backward(r: _Run, step: int) -> tuple[float, int, dict[str, float], Any]:
+def _forward_backward(r: _Run, step: int) -> tuple[torch.Tensor, int, dict[str, float], Any]:
     """One step's gradient: ``grad_accum`` micro-batches, then the clip (or, on a logging step, the
-    norm alone). Returns the summed loss, tokens, the task's metrics and the gradient norm (or None)."""
+    norm alone). Returns the loss (summed over micro-batches, on the device: not read here), tokens, the
+    task's metrics and the gradient norm (or None)."""
     tc = r.tc
-    total, tokens, sums = 0.0, 0, {}
+    total: torch.Tensor | None = None
+    tokens, sums = 0, {}
     for micro in range(tc.grad_accum):
         result = r.task.step(r.model, step, micro)
         loss = result.loss / tc.grad_accum
         loss.backward()
-        total += loss.item()
+        total = loss.detach().float() if total is None else total + loss.detach().float()
         tokens += result.tokens
         for k, v in result.metrics.items():
             sums[k] = sums.get(k, 0.0) + v / tc.grad_accum
@@ -680,12 +700,27 @@ def _forward_backward(r: _Run, step: int) -> tuple[float, int, dict[str, float],
         grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), tc.grad_clip)
     elif (step + 1) % tc.log_every == 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), math.inf)
-    return total, tokens, sums, grad_norm
+    return cast(torch.Tensor, total), tokens, sums, grad_norm
 
 
-def _periodic(r: _Run, done: int, window: _Window, grad_norm: Any, skipped: int | None) -> dict[str, Any]:
+def _read(r: _Run, window: _Window, tally: _Tally) -> tuple[int, int]:
+    """Read what the steps since the last read left on the device (the steps' one wait for it): the
+    last step's loss and metrics (averaged over ranks) and the tokens (summed) go into ``tally``.
+    Returns the steps in a row whose loss was not finite, and in which the optimizer skipped every
+    parameter (AdaPM; 0 for the others)."""
+    par = r.par
+    tally.train_loss = par.mean(cast(torch.Tensor, window.loss))
+    tally.metrics = {k: par.mean(v) for k, v in window.metrics.items()}
+    tokens = round(par.mean(window.unread_tokens) * par.world)
+    tally.tokens += tokens
+    window.tokens += tokens
+    window.unread_tokens = 0
+    return int(par.max(cast(torch.Tensor, window.bad_losses))), getattr(r.optimizer, "skipped_streak", 0)
+
+
+def _periodic(r: _Run, done: int, window: _Window, grad_norm: Any) -> dict[str, Any]:
     """Every ``log_every`` steps (and at the end): tokens/s over the window, the gradient norm, CUDA
-    memory and skipped parameters; an empty record otherwise."""
+    memory and (AdaPM) the parameters skipped since the last line; an empty record otherwise."""
     record: dict[str, Any] = {}
     if done % r.tc.log_every == 0 or done == r.tc.steps:
         now = time.perf_counter()
@@ -694,9 +729,11 @@ def _periodic(r: _Run, done: int, window: _Window, grad_norm: Any, skipped: int 
             record.update(grad_norm=float(grad_norm))
         if r.par.device.type == "cuda":
             record.update(max_memory_allocated=torch.cuda.max_memory_allocated(r.par.device))
-        if skipped is not None:
-            record.update(skipped_params=window.skipped)
-        window.start, window.tokens, window.skipped = now, 0, 0
+        skipped_total = getattr(r.optimizer, "skipped_total", None)
+        if skipped_total is not None:
+            record.update(skipped_params=skipped_total - window.skipped_from)
+            window.skipped_from = skipped_total
+        window.start, window.tokens = now, 0
     return record
 
 

@@ -39,18 +39,19 @@ class Parallel:
         if self.enabled:
             dist.barrier()
 
-    def mean(self, value: float) -> float:
-        """Average of ``value`` over ranks."""
+    def mean(self, value: float | torch.Tensor) -> float:
+        """Average of ``value`` (a number, or a 0-d tensor on this rank's device) over ranks."""
         if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+            return float(value)
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).reshape(1)
         dist.all_reduce(t)
         return float(t.item()) / self.world
 
-    def max(self, value: int) -> int:
+    def max(self, value: int | torch.Tensor) -> int:
+        """Largest ``value`` (a number, or a 0-d tensor on this rank's device) over ranks."""
         if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+            return int(value)
+        t = torch.as_tensor(value, dtype=torch.int64, device=self.device).reshape(1)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 

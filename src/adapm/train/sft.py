@@ -126,10 +126,11 @@ def sft_task(cfg: SFTConfig, model_dir: Path, par: parallel.Parallel) -> Task:
     def step(model: nn.Module, step: int, micro: int) -> StepResult:
         key = (step, micro) if not par.enabled else (step, micro, par.rank)
         batch = collate(sample_batch(data.train, tc.batch_size, tc.seed, *key), data.pad_id)
+        tokens = int(batch["attention_mask"].sum())  # counted on the host, before the copy
         batch = {k: v.to(par.device) for k, v in batch.items()}
         with autocast(tc.bf16, par.device):
             loss = model(**batch).loss
-        return StepResult(loss, int(batch["attention_mask"].sum()))
+        return StepResult(loss, tokens)
 
     return Task(
         kind="sft",
