@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
 
 import adapm
+from adapm.partition.presets import MLA_MODEL_TYPES
 
 from conftest import tiny_gpt2
 
@@ -295,10 +298,17 @@ def _probe_matmuls(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...
     return q, k_t.transpose(-1, -2), v
 
 
-def _what_each_segment_feeds(model: nn.Module, opt: adapm.AdaPM, weight: nn.Parameter) -> list[str]:
-    """Perturb each segment of a split weight and record which of q, k, v in layer 0 change."""
+def _what_each_segment_feeds(
+    model: nn.Module,
+    opt: adapm.AdaPM,
+    weight: nn.Parameter,
+    probe: Callable[..., tuple[torch.Tensor, ...]] | None = None,
+) -> list[str]:
+    """Perturb each segment of a split weight and record which of q, k, v in layer 0 change (as ``probe``
+    records them; default: :func:`_probe_split`)."""
+    probe = probe or _probe_split
     x = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
-    base = _probe_split(model, x)
+    base = probe(model, x)
     fed = []
     for seg in opt.layout(weight).segments:
         saved = weight.detach().clone()
@@ -306,7 +316,7 @@ def _what_each_segment_feeds(model: nn.Module, opt: adapm.AdaPM, weight: nn.Para
             # Random, not constant: a constant row shift is cancelled by the LayerNorm'd (zero-mean) input.
             delta = torch.randn(seg.shape, generator=torch.Generator().manual_seed(1))
             seg.view(weight.data).add_(seg.as_view(delta))
-        after = _probe_split(model, x)
+        after = probe(model, x)
         with torch.no_grad():
             weight.copy_(saved)
         fed.append("".join(n for n, a, b in zip("qkv", base, after) if (a - b).abs().max() > 1e-3))
@@ -522,11 +532,37 @@ def _family(kind: str) -> nn.Module:
             intermediate_size=16, intermediate_size_mlp=64, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
             moe_layers=[0, 1], interleave_moe_layer_step=1, **moe)),
     }  # fmt: skip
+    if kind.startswith(MLA):
+        return _mla_model(kind)
     return configs[kind]()
 
 
+MLA = MLA_MODEL_TYPES
+"""Every model type declared to have multi-head latent attention."""
+DSA = ("deepseek_v32", "glm_moe_dsa")
+"""Of these, the ones with DeepSeek's sparse-attention indexer, whose matrices no preset claims."""
+
+
+def _mla_model(kind: str) -> nn.Module:
+    """A tiny random model with multi-head latent attention (``kind``: a model type, or ``deepseek_v2-noqlora``
+    for DeepSeek-V2-Lite's plain ``q_proj``), layer 1 a mixture of experts where the family has them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model_type = kind.removesuffix("-noqlora")
+    sizes = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, vocab_size=80, q_lora_rank=None if kind != model_type
+                 else 16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=4,
+                 num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, bos_token_id=0,
+                 eos_token_id=1, pad_token_id=0)  # fmt: skip
+    known = AutoConfig.for_model(model_type)
+    return AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(model_type, **{k: v for k, v in sizes.items() if hasattr(known, k)})
+    )
+
+
 FAMILIES = ("phi", "gptj", "opt", "t5", "gemma2", "glm", "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama4",
-            "gpt_oss")
+            "gpt_oss", *[t for t in MLA if t not in DSA], "deepseek_v2-noqlora")
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -554,7 +590,8 @@ def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None
     assert adapm.state_bytes(opt) == report.state_bytes
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama4"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama4", "deepseek_v2", "deepseek_v3",
+                                  "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "axk1"])
 def test_expert_segments_match_what_each_expert_computes(kind: str) -> None:
     """Each declared expert segment is proven on the model's own forward: perturbing one row of an
     expert's ``gate`` segment changes the activation's input (the gate), a row of its ``up`` segment
@@ -742,3 +779,63 @@ def test_gpt_oss_alternating_gate_and_up_columns_match_its_experts() -> None:
             changed = [j for j in range(base.shape[1]) if one[:, j].abs().max() > 1e-6]
             assert changed == [unit], (name, unit, changed)
             assert torch.allclose(two, 2 * one, atol=1e-5) is linear, (name, unit)
+
+
+def _probe_sdpa(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The query, key and value layer 0 passes to torch's ``scaled_dot_product_attention`` (the model runs
+    unchanged, with its ``sdpa`` attention and its own masks), observed with a torch function mode."""
+    from torch.overrides import TorchFunctionMode
+
+    calls: list[tuple[torch.Tensor, ...]] = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.nn.functional.scaled_dot_product_attention and not calls:
+                calls.append(tuple(t.detach().clone() for t in args[:3]))
+            return func(*args, **(kwargs or {}))
+
+    model.set_attn_implementation("sdpa")
+    model.eval()
+    with torch.no_grad(), Record():
+        model(input_ids=x)
+    return calls[0]
+
+
+@pytest.mark.parametrize("kind", [*MLA, "deepseek_v2-noqlora"])
+def test_latent_attention_segments_and_heads_match_the_real_query_key_value(kind: str) -> None:
+    """Multi-head latent attention, proven on each model's own attention: the latent part of
+    ``kv_a_proj_with_mqa`` feeds keys and values, its rotary part keys only; ``kv_b_proj``'s parts feed
+    exactly the key or the value; and the per-head blocks of the query and of ``kv_b_proj``'s key part
+    change exactly their head. Only DeepSeek's sparse-attention indexer is left unmatched."""
+    model = _mla_model(kind)
+    opt = adapm.AdaPMMini(model, lr=1e-3, strict=False)
+    attn = model.model.layers[0].self_attn
+    kv_a, kv_b = attn.kv_a_proj_with_mqa.weight, attn.kv_b_proj.weight
+    assert [(s.name.rsplit("[", 1)[1], s.momentum) for s in opt.layout(kv_a).segments] == [
+        ("KV]", "full"), ("K]", "lowrank")]
+    assert _what_each_segment_feeds(model, opt, kv_a, _probe_sdpa) == ["kv", "k"]
+    assert [(s.name.rsplit("[", 1)[1], s.momentum) for s in opt.layout(kv_b).segments] == [
+        ("K]", "lowrank"), ("V]", "full")]
+    assert _what_each_segment_feeds(model, opt, kv_b, _probe_sdpa) == ["k", "v"]
+    plain = getattr(attn, "q_proj", None) is not None  # no query latent (DeepSeek-V2-Lite)
+    query = attn.q_proj.weight if plain else attn.q_b_proj.weight
+    if not plain:
+        assert opt.layout(attn.q_a_proj.weight).segments[0].block == (0, 1)  # a latent: no heads
+    x = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    for weight, which, size in ((query, 0, 24), (kv_b, 1, 16)):
+        seg = opt.layout(weight).segments[0]
+        assert seg.momentum == "lowrank" and seg.block == (0, size)
+        base = _probe_sdpa(model, x)[which]
+        for head in range(4):
+            delta = torch.zeros(seg.shape)
+            delta[head * size : (head + 1) * size] = torch.randn(size, seg.shape[1])
+            saved = weight.detach().clone()
+            with torch.no_grad():
+                seg.view(weight.data).add_(seg.as_view(delta))
+            after = _probe_sdpa(model, x)[which]
+            with torch.no_grad():
+                weight.copy_(saved)
+            changed = [h for h in range(4) if (after[:, h] - base[:, h]).abs().max() > 1e-4]
+            assert changed == [head], (kind, which, head, changed)
+    unmatched = opt.partition_report().unmatched
+    assert all(".indexer." in name for name in unmatched) and bool(unmatched) == (kind in DSA), unmatched

@@ -69,7 +69,27 @@ class PresetRule:
     filling consecutive halves."""
     model_types: tuple[str, ...] = ()
     """If given, the rule applies only to models whose ``config.model_type`` is one of these."""
+    head_size: tuple[str, ...] = ()
+    """Config attributes whose sum is this weight's attention head size (the per-head second-moment
+    blocks of its query and key parts), where that is not the model's ``head_dim``."""
+    per_neuron: bool = False
+    """A query or key matrix whose output is not split into heads (a latent projection): per-output-
+    neuron second-moment blocks instead of per-head ones."""
 
+
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu",
+                   "axk1")
+"""Models with DeepSeek-V2's multi-head latent attention, as their modeling code computes it: ``q_a_proj`` then
+``q_b_proj`` (or ``q_proj``) give each head's ``[nope | rope]`` query; ``kv_a_proj_with_mqa`` gives the
+key-value latent then the one rotary key shared by all heads; ``kv_b_proj`` maps the latent to each
+head's ``[key nope | value]``. Every model type here is proven on its own forward in the tests."""
+
+
+MIXTRAL_STYLE_EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts", "DeepseekV2Experts",
+                         "DeepseekV3Experts", "DeepseekV32Experts", "Glm4MoeLiteExperts", "GlmMoeDsaExperts",
+                         "AXK1Experts")
+"""Expert modules holding ``(experts, 2 * intermediate, hidden)`` gate rows then up rows and ``(experts, hidden,
+intermediate)`` down matrices, each used as ``nn.Linear`` weights (every one is proven in the tests)."""
 
 PRESET_RULES: tuple[PresetRule, ...] = (
     # GPT-BigCode: nn.Linear c_attn, per-head [q, k, v] (multi-head) or [q | k | v] with one K/V head.
@@ -86,6 +106,15 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     ),
     PresetRule("gpt2", r"(^|\.)attn\.c_proj\.weight$", ("attn_out",)),
     PresetRule("gpt2", r"(^|\.)mlp\.c_(fc|proj)\.weight$", ("mlp",)),
+    # Multi-head latent attention (DeepSeek-V2/V3 and the models that share it). The latent feeds both
+    # keys and values: it gets a value's full momentum; the query's down-projection has no heads.
+    PresetRule("mla", r"(^|\.)q_a_proj\.weight$", ("query",), per_neuron=True, model_types=MLA_MODEL_TYPES),
+    PresetRule("mla", r"(^|\.)(q_b_proj|q_proj)\.weight$", ("query",),
+               head_size=("qk_nope_head_dim", "qk_rope_head_dim"), model_types=MLA_MODEL_TYPES),
+    PresetRule("mla", r"(^|\.)kv_a_proj_with_mqa\.weight$", ("value", "key"), ("Linear",), layout="mla_kv_a",
+               head_size=("qk_rope_head_dim",), model_types=MLA_MODEL_TYPES),
+    PresetRule("mla", r"(^|\.)kv_b_proj\.weight$", ("key", "value"), ("Linear",), layout="mla_kv_b",
+               head_size=("qk_nope_head_dim",), model_types=MLA_MODEL_TYPES),
     # Llama, Mistral, Qwen2 and their relatives.
     PresetRule("llama", r"(^|\.)embed_tokens\.weight$", ("embedding",)),
     PresetRule("llama", r"(^|\.)q_proj\.weight$", ("query",)),
@@ -135,10 +164,9 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("t5", r"(^|\.)DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight$", ("mlp",)),
     # Mixture-of-experts expert stacks: (experts, 2 * intermediate, hidden) with gate rows then up rows,
     # and (experts, hidden, intermediate), in the module classes whose forward does exactly that.
-    PresetRule("moe", r"(^|\.)experts\.gate_up_proj$", ("mlp", "mlp"), fused_modules=("MixtralExperts",
-               "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts"), layout="experts", segment_names=("gate", "up")),
-    PresetRule("moe", r"(^|\.)experts\.down_proj$", ("mlp",), fused_modules=("MixtralExperts", "Qwen2MoeExperts",
-               "Qwen3MoeExperts", "OlmoeExperts"), layout="experts"),
+    PresetRule("moe", r"(^|\.)experts\.gate_up_proj$", ("mlp", "mlp"), fused_modules=MIXTRAL_STYLE_EXPERTS,
+               layout="experts", segment_names=("gate", "up")),
+    PresetRule("moe", r"(^|\.)experts\.down_proj$", ("mlp",), fused_modules=MIXTRAL_STYLE_EXPERTS, layout="experts"),
     # Llama 4: (experts, hidden, 2 * intermediate) used as x @ W, gate columns then up columns.
     PresetRule("llama4", r"(^|\.)experts\.gate_up_proj$", ("mlp", "mlp"), ("Llama4TextExperts",),
                layout="experts", segment_names=("gate", "up"), split_axis=1),
@@ -200,6 +228,8 @@ def fused_parts(layout: str, config: Any, size: int) -> list[Part] | None:
     heads = _config_int(config, HEAD_COUNT_KEYS)
     if heads is None:
         return None
+    if layout.startswith("mla_"):
+        return _mla_parts(layout, config, heads, size)
     if layout == "falcon":
         if getattr(config, "new_decoder_architecture", False):
             groups = _config_int(config, ("num_kv_heads",)) or heads
@@ -235,3 +265,30 @@ def fused_parts(layout: str, config: Any, size: int) -> list[Part] | None:
 
 
 _QKV = (("Q", "query"), ("K", "key"), ("V", "value"))
+
+
+def _mla_parts(layout: str, config: Any, heads: int, size: int) -> list[Part] | None:
+    """Multi-head latent attention's fused weights: ``mla_kv_a`` is ``[latent | rotary key]``, ``mla_kv_b``
+    is ``[key nope | value]`` for each head in turn (see :data:`MLA_MODEL_TYPES`)."""
+    keys = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+    dims = [_config_int(config, (key,)) for key in keys]
+    if any(d is None for d in dims):
+        return None
+    latent, rope, nope, v = (int(d) for d in dims)  # type: ignore[arg-type]
+    if layout == "mla_kv_a":
+        parts: list[Part] = [("KV", "value", 0, latent, 1, 0), ("K", "key", latent, rope, 1, 0)]
+        return parts if latent + rope == size else None
+    parts = [("K", "key", 0, nope, heads, nope + v), ("V", "value", nope, v, heads, nope + v)]
+    return parts if heads * (nope + v) == size else None
+
+
+def rule_head_size(rule: PresetRule | None, config: Any, head_dim: int | None) -> int | None:
+    """The head size of the weights ``rule`` matches (1: per output neuron), else the model's ``head_dim``."""
+    if rule is None:
+        return head_dim
+    if rule.per_neuron:
+        return 1
+    if rule.head_size:
+        sizes = [_config_int(config, (key,)) for key in rule.head_size]
+        return sum(int(n) for n in sizes if n is not None) if all(sizes) else 1
+    return head_dim

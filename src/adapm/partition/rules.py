@@ -28,6 +28,7 @@ from adapm.partition.presets import (
     SEGMENT_NAMES,
     PresetRule,
     fused_parts,
+    rule_head_size,
 )
 from adapm.policies.momentum import MOMENTUM
 from adapm.policies.precision import STATE_DTYPES
@@ -358,7 +359,7 @@ def partition(
                 role=role,
                 momentum=policy["momentum"],
                 second_moment=policy["second_moment"],
-                block=_role_block(role, out_dim, head_dim, shape),
+                block=_role_block(role, out_dim, rule_head_size(preset, config, head_dim), shape),
             )
             if "rank_ratio" in policy:
                 group["rank_ratio"] = policy["rank_ratio"]
@@ -401,7 +402,7 @@ def partition(
                     "name": seg_name,
                     "role": role,
                     "momentum": policy["momentum"],
-                    "block": _role_block(role, split, head_dim, seg_shape),
+                    "block": _role_block(role, split, rule_head_size(preset, config, head_dim), seg_shape),
                 }
                 if geometry is not None:
                     seg.update(start=start, length=length, groups=count, period=period)
