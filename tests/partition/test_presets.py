@@ -431,12 +431,13 @@ def test_per_head_blocks_follow_the_real_heads(kind: str) -> None:
         assert changed == [head], (kind, head, changed)
 
 
-@pytest.mark.parametrize("kind", ["gpt_neox", "falcon-gqa", "phi3"])
+@pytest.mark.parametrize("kind", ["gpt_neox", "falcon-gqa", "phi3", "deepseek_v3"])
 def test_interleaved_and_unequal_layouts_train_like_the_per_block_reference(kind: str) -> None:
-    """The grouped step on interleaved and unequal segments equals the per-block step, and both train."""
+    """The grouped step on interleaved and unequal segments (and latent attention's) equals the per-block
+    step, and both train."""
     import copy
 
-    model, _ = _fused_family(kind)
+    model = _mla_model(kind) if kind in MLA else _fused_family(kind)[0]
     twin = copy.deepcopy(model)
     opts = [adapm.AdaPMMini(m, lr=1e-3, foreach=f) for m, f in ((model, False), (twin, True))]
     gen = torch.Generator().manual_seed(0)
