@@ -212,8 +212,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Any:
     return tok
 
 
-def load_tokenizer(cfg: DataConfig, texts: list[str]) -> tuple[Any, str]:
-    """The user's tokenizer (``cfg.tokenizer``) or the cached BPE for this corpus; and a cache key."""
+def load_tokenizer(cfg: DataConfig, texts: list[str], texts_hash: str | None = None) -> tuple[Any, str]:
+    """The user's tokenizer (``cfg.tokenizer``) or the cached BPE for this corpus; and a cache key.
+    ``texts_hash``: :func:`corpus_hash` of ``texts``, if the caller has it (hashing reads every text)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if cfg.tokenizer is not None:
@@ -228,7 +229,7 @@ def load_tokenizer(cfg: DataConfig, texts: list[str]) -> tuple[Any, str]:
             raise ValueError(f"--tokenizer: the tokenizer in {path} has no eos token; set one and save it again")
         key = hashlib.sha256(json.dumps(tok.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]
         return tok, key
-    key = f"bpe{cfg.vocab_size}-{corpus_hash(texts)}"
+    key = f"bpe{cfg.vocab_size}-{texts_hash or corpus_hash(texts)}"
     tok_dir = Path(cfg.cache_dir or default_cache_dir()) / "tokenizers" / key
     if (tok_dir / "tokenizer_config.json").exists():
         tok = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
@@ -257,9 +258,10 @@ class TokenData:
 def prepare_data(cfg: DataConfig) -> TokenData:
     """Load, tokenize (cached) and split the corpus."""
     texts = load_texts(cfg.data, cfg.cache_dir, cfg.text_field)
-    tokenizer, tok_key = load_tokenizer(cfg, texts)
+    texts_hash = corpus_hash(texts)
+    tokenizer, tok_key = load_tokenizer(cfg, texts, texts_hash)
     vocab_size = len(tokenizer)
-    key = f"{corpus_hash(texts)}-{tok_key}-val{cfg.val_fraction}"
+    key = f"{texts_hash}-{tok_key}-val{cfg.val_fraction}"
     cache = Path(cfg.cache_dir or default_cache_dir()) / "tokens" / key
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     meta_file = cache / "meta.json"
