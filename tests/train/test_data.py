@@ -201,3 +201,46 @@ def test_training_a_tokenizer_prints_nothing_in_a_batch_job(tmp_path: Path, capf
     assert len(tok) <= 300 and tok.eos_token == "<|endoftext|>"
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+
+
+def test_a_directory_of_token_ids_trains_like_the_text_it_was_made_from(
+    play_text: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """``train.bin``/``val.bin`` (nanoGPT's layout, or our own cache) are taken as they are: with our
+    cache's ``meta.json``, the run equals the run on the text; without it (nanoGPT's uint16 ids), the
+    vocabulary is the largest id + 1, or the ``--tokenizer``'s."""
+    import shutil
+
+    from adapm.train.loop import pretrain
+
+    from conftest import tiny_config
+
+    text_run = tiny_config(play_text, cache_dir, tmp_path / "text", save_model=False)
+    from_text = prepare_data(text_run.data)
+    ids_run = tiny_config(play_text, cache_dir, tmp_path / "ids", save_model=False)
+    ids_run.data.data = str(from_text.cache_dir)  # train.bin, val.bin and meta.json
+    from_ids = prepare_data(ids_run.data)
+    assert from_ids.tokenizer is None and from_ids.vocab_size == from_text.vocab_size == 300
+    assert np.array_equal(from_ids.train, from_text.train) and np.array_equal(from_ids.val, from_text.val)
+    assert from_ids.unigram_loss() == from_text.unigram_loss()
+    a, b = pretrain(text_run), pretrain(ids_run)
+    assert (a["final_val_loss"], a["final_train_loss"]) == (b["final_val_loss"], b["final_train_loss"])
+
+    nanogpt = tmp_path / "nanogpt"
+    nanogpt.mkdir()
+    for name in ("train.bin", "val.bin"):
+        shutil.copy(from_text.cache_dir / name, nanogpt / name)
+    largest = int(max(from_text.train.max(), from_text.val.max()))
+    assert prepare_data(DataConfig(data=str(nanogpt))).vocab_size == largest + 1
+    tok_dir = tmp_path / "tok"
+    from_text.tokenizer.save_pretrained(str(tok_dir))
+    assert prepare_data(DataConfig(data=str(nanogpt), tokenizer=str(tok_dir))).vocab_size == 300
+
+    (nanogpt / "meta.json").write_text(json.dumps({"vocab_size": largest}))
+    with pytest.raises(ValueError, match=rf"holds token id {largest}, outside the {largest} tokens of .*meta\.json"):
+        prepare_data(DataConfig(data=str(nanogpt)))
+    (nanogpt / "meta.json").unlink()
+    with open(nanogpt / "val.bin", "ab") as f:
+        f.write(b"\x00")
+    with pytest.raises(ValueError, match=r"val\.bin: \d+ bytes is not a whole number of uint16 ids.*meta\.json"):
+        prepare_data(DataConfig(data=str(nanogpt)))

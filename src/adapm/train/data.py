@@ -245,18 +245,74 @@ class TokenData:
     train: np.ndarray
     val: np.ndarray
     tokenizer: Any
+    """None for token ids given without a tokenizer (see :func:`pretokenized`)."""
     vocab_size: int
     cache_dir: Path
 
     def unigram_loss(self) -> float:
         """Cross-entropy of the validation tokens under the train split's (add-one) unigram distribution."""
-        counts = np.bincount(self.train, minlength=self.vocab_size).astype(np.float64) + 1.0
+        counts = np.ones(self.vocab_size, dtype=np.float64)
+        for chunk in _chunks(self.train):  # a chunk at a time: bincount widens the ids to 8 bytes
+            counts += np.bincount(chunk, minlength=self.vocab_size)
         logp = np.log(counts / counts.sum())
-        return float(-logp[self.val].mean())
+        return float(-sum(logp[chunk].sum() for chunk in _chunks(self.val)) / len(self.val))
+
+
+def _chunks(ids: np.ndarray, size: int = 1 << 24) -> Iterator[np.ndarray]:
+    for start in range(0, len(ids), size):
+        yield np.asarray(ids[start : start + size])
+
+
+TOKEN_FILES = ("train.bin", "val.bin")
+"""The files of a directory of token ids (nanoGPT's ``prepare.py`` writes these, and so does our cache)."""
+
+
+def pretokenized(path: Path, cfg: DataConfig) -> TokenData:
+    """Token ids already made: ``path/train.bin`` and ``path/val.bin``, flat arrays of ids (uint16, as
+    nanoGPT writes them, unless ``path/meta.json`` says ``{"dtype": "uint32"}``). The vocabulary is the
+    ``--tokenizer``'s, else ``meta.json``'s ``vocab_size``, else the largest id + 1.
+
+    Raises:
+        ValueError: a file is not a whole number of ids, an id is outside the vocabulary, or a split is
+            shorter than ``seq_len + 2``.
+    """
+    meta_file = path / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    try:
+        dtype = np.dtype(meta.get("dtype", "uint16"))
+    except TypeError as exc:
+        raise ValueError(f"{meta_file}: unknown dtype {meta.get('dtype')!r}; use uint16 or uint32") from exc
+    splits = []
+    for name in TOKEN_FILES:
+        file = path / name
+        if file.stat().st_size % dtype.itemsize:
+            raise ValueError(f"{file}: {file.stat().st_size} bytes is not a whole number of {dtype.name} ids; "
+                             f"write {meta_file} with the ids' dtype, e.g. {{\"dtype\": \"uint32\"}}")  # fmt: skip
+        splits.append(np.memmap(file, dtype=dtype, mode="r"))
+    tokenizer = load_tokenizer(cfg, [])[0] if cfg.tokenizer is not None else None
+    largest = max(int(chunk.max()) for ids in splits for chunk in _chunks(ids) if len(chunk))
+    vocab_size = len(tokenizer) if tokenizer is not None else int(meta.get("vocab_size", largest + 1))
+    if largest >= vocab_size:
+        source = "--tokenizer" if tokenizer is not None else str(meta_file)
+        raise ValueError(f"--data: {path} holds token id {largest}, outside the {vocab_size} tokens of {source}; "
+                         "give the tokenizer the ids were made with")  # fmt: skip
+    return _checked(TokenData(train=splits[0], val=splits[1], tokenizer=tokenizer, vocab_size=vocab_size,
+                              cache_dir=path), cfg)  # fmt: skip
+
+
+def _checked(data: TokenData, cfg: DataConfig) -> TokenData:
+    if len(data.val) < cfg.seq_len + 2 or len(data.train) < cfg.seq_len + 2:
+        raise ValueError(f"--data: too few tokens for seq_len {cfg.seq_len}; use more text or a smaller --seq-len")
+    return data
 
 
 def prepare_data(cfg: DataConfig) -> TokenData:
-    """Load, tokenize (cached) and split the corpus."""
+    """Load, tokenize (cached) and split the corpus; or take the token ids of a directory that holds
+    them (see :func:`pretokenized`)."""
+    if cfg.data is not None:
+        path = Path(cfg.data).expanduser()
+        if path.is_dir() and all((path / name).is_file() for name in TOKEN_FILES):
+            return pretokenized(path, cfg)
     texts = load_texts(cfg.data, cfg.cache_dir, cfg.text_field)
     texts_hash = corpus_hash(texts)
     tokenizer, tok_key = load_tokenizer(cfg, texts, texts_hash)
@@ -272,9 +328,7 @@ def prepare_data(cfg: DataConfig) -> TokenData:
     meta = json.loads(meta_file.read_text())
     train = np.memmap(cache / "train.bin", dtype=meta["dtype"], mode="r")
     val = np.memmap(cache / "val.bin", dtype=meta["dtype"], mode="r")
-    if len(val) < cfg.seq_len + 2 or len(train) < cfg.seq_len + 2:
-        raise ValueError(f"--data: too few tokens for seq_len {cfg.seq_len}; use more text or a smaller --seq-len")
-    return TokenData(train=train, val=val, tokenizer=tokenizer, vocab_size=vocab_size, cache_dir=cache)
+    return _checked(TokenData(train=train, val=val, tokenizer=tokenizer, vocab_size=vocab_size, cache_dir=cache), cfg)
 
 
 PIECE_CHARS = 1 << 20

@@ -115,7 +115,8 @@ def _build_model(cfg: PretrainConfig, data: TokenData) -> nn.Module:
                 "pass the model's own tokenizer with --tokenizer"
             )
         return model
-    return build_model(cfg.model.model, data.vocab_size, cfg.data.seq_len, eos_token_id=data.tokenizer.eos_token_id)
+    eos = data.tokenizer.eos_token_id if data.tokenizer is not None else None
+    return build_model(cfg.model.model, data.vocab_size, cfg.data.seq_len, eos_token_id=eos)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -218,7 +219,7 @@ def pretrain_task(cfg: PretrainConfig, data: TokenData, par: parallel.Parallel) 
         evaluate=lambda model: {"val_loss": evaluate(model, data, cfg, par.device)},
         config=cfg.to_dict(),
         derived={"vocab_size": data.vocab_size, "unigram_val_loss": data.unigram_loss()},
-        save_extra=data.tokenizer.save_pretrained,
+        save_extra=data.tokenizer.save_pretrained if data.tokenizer is not None else None,
     )
 
 
