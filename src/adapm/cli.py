@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import typing
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,6 @@ def cmd_side_by_side(args: argparse.Namespace) -> int:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from adapm.train.memory import format_memory_table, memory_table
     from adapm.train.registry import parse_names
 
     if args.optimizers is None:  # the default list, less the baselines whose packages are not installed
@@ -199,6 +199,20 @@ def cmd_memory(args: argparse.Namespace) -> int:
             print(f"adapm memory: left out {', '.join(left_out)}: pip install 'adapm[baselines]'", file=sys.stderr)
         args.optimizers = ",".join(n for n in MEMORY_OPTIMIZERS if n not in left_out)
     names = tuple(parse_names(args.optimizers, "--optimizers"))
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a baseline left out: one line each
+        warnings.simplefilter("default")
+        table = _memory(args, names)
+    for warning in caught:
+        print(f"adapm memory: {warning.message}", file=sys.stderr)
+    print(table)
+    return 0
+
+
+def _memory(args: argparse.Namespace, names: tuple[str, ...]) -> str:
+    """`adapm memory`'s output: the state table, or with --batch-size a training step's memory (JSON with
+    --json)."""
+    from adapm.train.memory import format_memory_table, memory_table
+
     if any(v is not None for v in (args.batch_size, args.seq_len, args.dtype, args.attention)):
         from adapm.train.memory import format_training_memory, training_memory
 
@@ -206,24 +220,13 @@ def cmd_memory(args: argparse.Namespace) -> int:
         attention = args.attention or "sdpa"
         full = training_memory(args.model, names, batch, seq, dtype, attention)
         if args.json:
-            print(json.dumps([{**r.__dict__, "total": r.total} for r in full], indent=2))
-        else:
-            print(format_training_memory(args.model, full, batch, seq, dtype, attention))
-        return 0
+            return json.dumps([{**r.__dict__, "total": r.total} for r in full], indent=2)
+        return format_training_memory(args.model, full, batch, seq, dtype, attention)
     rows = memory_table(args.model, names)
     if args.json:
-        print(
-            json.dumps(
-                [
-                    {"optimizer": r.optimizer, "state_bytes": r.state_bytes, "ratio_to_adamw": r.ratio_to_adamw}
-                    for r in rows
-                ],
-                indent=2,
-            )
-        )
-    else:
-        print(format_memory_table(args.model, rows))
-    return 0
+        keys = ("optimizer", "state_bytes", "ratio_to_adamw")
+        return json.dumps([{k: getattr(r, k) for k in keys} for r in rows], indent=2)
+    return format_memory_table(args.model, rows)
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:

@@ -190,3 +190,29 @@ def test_memory_of_a_config_json_is_what_a_real_step_allocates(family: str, tmp_
         opt.zero_grad()
     with pytest.raises(ValueError, match=r"config\.json file"):
         meta_model(str(tmp_path / "missing"))
+
+
+def test_a_baseline_that_fails_on_the_model_is_left_out_by_name(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The official Adam-mini (1.1.1) fails on DeepSeek-V2's latent attention: `adapm memory` counts
+    the others and says which one it left out and why, in one line."""
+    import transformers as T
+
+    from adapm.cli import main
+
+    T.DeepseekV2Config(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=80, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+    ).save_pretrained(tmp_path)  # fmt: skip
+    config = str(tmp_path / "config.json")
+    with pytest.warns(RuntimeWarning, match=r"adam-mini left out: the adam-mini package fails on this model \("):
+        rows = memory_table(config, ("adamw", "adam-mini", "adapm-mini"))
+    assert [r.optimizer for r in rows] == ["adamw", "adapm-mini"]
+    assert main(["memory", "--model", config, "--optimizers", "adamw,adam-mini,adapm-mini", "--batch-size", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "| adapm-mini |" in out and "| adam-mini |" not in out
+    assert [line for line in err.splitlines() if "left out" in line] == [
+        next(line for line in err.splitlines() if line.startswith("adapm memory: adam-mini left out: the adam-mini"))
+    ]

@@ -21,7 +21,7 @@ from adapm.train.config import OptimConfig
 from adapm.train.hub import cached_snapshot, looks_like_hub_id
 from adapm.train.models import MODEL_PRESETS, build_model
 from adapm.train.optimizers import build_optimizer
-from adapm.train.registry import PAPER_OPTIMIZERS
+from adapm.train.registry import PAPER_OPTIMIZERS, REGISTRY
 from adapm.train.tables import markdown_table
 
 PAPER_TABLE2: dict[str, dict[str, float]] = {
@@ -104,10 +104,27 @@ def count_state_bytes(model: nn.Module, optimizer: str, cfg: OptimConfig | None 
     return nbytes
 
 
+def state_counts(model: nn.Module, optimizers: tuple[str, ...]) -> dict[str, int]:
+    """:func:`count_state_bytes` of each optimizer. A third-party baseline whose own code fails on this
+    model (e.g. the official Adam-mini on DeepSeek's latent attention) is left out with a warning naming
+    it and its error, so that the others are still counted; adapm's and torch's errors are raised."""
+    counts = {}
+    for opt in optimizers:
+        try:
+            counts[opt] = count_state_bytes(model, opt)
+        except Exception as err:
+            package = REGISTRY[opt].extra
+            if package is None:
+                raise
+            warnings.warn(f"{opt} left out: the {package} package fails on this model "
+                          f"({type(err).__name__}: {err})", RuntimeWarning, stacklevel=2)  # fmt: skip
+    return counts
+
+
 def memory_table(name: str, optimizers: tuple[str, ...] = PAPER_OPTIMIZERS) -> list[MemoryRow]:
     """State bytes of each optimizer for model ``name``, with the paper's Table 2 value where it has one."""
     model = meta_model(name)
-    counts = {opt: count_state_bytes(model, opt) for opt in optimizers}
+    counts = state_counts(model, optimizers)
     adamw = counts["adamw"] if "adamw" in counts else count_state_bytes(model, "adamw")
     paper = PAPER_TABLE2.get(name, {})
     return [MemoryRow(opt, n, n / adamw, paper.get(opt)) for opt, n in counts.items()]
@@ -233,8 +250,8 @@ def training_memory(
     model = meta_model(name).to(DTYPES[dtype])
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     acts, method = activation_bytes(model, batch_size, seq_len, attention)
-    return [TrainingMemoryRow(opt, n_bytes, n_bytes, count_state_bytes(model, opt), acts, method)
-            for opt in optimizers]  # fmt: skip
+    return [TrainingMemoryRow(opt, n_bytes, n_bytes, n, acts, method)
+            for opt, n in state_counts(model, optimizers).items()]  # fmt: skip
 
 
 def format_training_memory(
