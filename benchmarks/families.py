@@ -27,6 +27,11 @@ from common import machine_info, markdown_table
 import adapm
 from adapm.train.memory import count_state_bytes, model_from_config
 
+_MLA_TINY = {"moe_intermediate_size": 32, "n_routed_experts": 4, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+             "n_group": 1, "topk_group": 1, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
+             "v_head_dim": 16}
+"""The overrides that make a tiny model of a latent-attention family (with the shared ones below)."""
+
 # Real-size shapes of a well-known checkpoint of each family (its config.json's size fields), and the
 # overrides that make a tiny model (2 layers, hidden 64) of the same family.
 FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -91,6 +96,20 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                                 "head_dim": 64, "num_local_experts": 32, "vocab_size": 201088},
                 {"intermediate_size": 32, "head_dim": 16, "num_local_experts": 4,
                  "layer_types": ["full_attention", "full_attention"]}),
+    "deepseek_v2": ("DeepSeek-V2-Lite", {"model_type": "deepseek_v2", "hidden_size": 2048, "intermediate_size": 10944,
+                                         "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+                                         "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64,
+                                         "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+                                         "q_lora_rank": None, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+                                         "qk_nope_head_dim": 128, "v_head_dim": 128, "vocab_size": 102400},
+                    _MLA_TINY),
+    "deepseek_v3": ("DeepSeek-V3", {"model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432,
+                                    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+                                    "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+                                    "num_experts_per_tok": 8, "first_k_dense_replace": 3, "n_group": 8,
+                                    "topk_group": 4, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+                                    "qk_nope_head_dim": 128, "v_head_dim": 128, "vocab_size": 129280},
+                    {**_MLA_TINY, "q_lora_rank": 16}),
     "codegen": ("CodeGen 350M", {"model_type": "codegen", "n_embd": 1024, "n_layer": 20, "n_head": 16,
                                  "rotary_dim": 32, "vocab_size": 51200},
                 {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8}),
