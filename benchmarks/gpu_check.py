@@ -5,7 +5,9 @@
 3. step time against ``torch.optim.AdamW(fused=True)``, median of timed steps after warm-up, on GPT-2
    124M (float32) and a 1.1B Llama shape (bfloat16 parameters, float32 state);
 4. peak GPU memory of a whole training step (forward, backward, step) per optimizer, with its
-   optimizer-state bytes, on the same two models.
+   optimizer-state bytes, on the same two models;
+5. the harness's training loop (``adapm pretrain``): tokens/s when it reads the device every step
+   (``--log-every 1``) and every 20 steps, as it now does between log steps.
 
 On the GPU machine, from the repository root, with its own torch and transformers:
 
@@ -21,6 +23,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -214,6 +217,32 @@ def peak_memory(model_name: str, optimizers: list[str], device: torch.device) ->
     return rows
 
 
+def harness_loop(device: torch.device, quick: bool, out: Path) -> list[dict[str, Any]]:
+    """tokens/s of ``adapm pretrain`` (GPT-2 124M, 8 x 256 tokens, 60 steps; quick: gpt2-1m, 8 steps)
+    reading the device every step and every 20 (4) steps, for AdamW and AdaPM-mini. The loop runs on
+    CUDA wherever one is present, so this section is CUDA's; the CPU smoke run checks the code path."""
+    from adapm.train.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
+    from adapm.train.data import embedded_corpus_files
+    from adapm.train.loop import pretrain
+
+    steps, every = (8, 4) if quick else (60, 20)
+    data = DataConfig(data=str(embedded_corpus_files()[0]), vocab_size=300) if quick else DataConfig(seq_len=256)
+    rows = []
+    for optimizer in ("adamw", "adapm-mini"):
+        for log_every in (1, every):
+            train = TrainConfig(out_dir=str(out / f"{optimizer}-{log_every}"), steps=steps, batch_size=8,
+                                eval_every=steps, eval_batches=1, log_every=log_every, checkpoint_every=steps,
+                                progress=False, save_model=False, overwrite=True,
+                                threads=torch.get_num_threads())  # fmt: skip
+            model = ModelConfig(model="gpt2-1m" if quick else "gpt2-124m")
+            summary = pretrain(PretrainConfig(data=data, model=model, optim=OptimConfig(optimizer=optimizer),
+                                              train=train))  # fmt: skip
+            rows.append({"model": model.model, "optimizer": optimizer, "log_every": log_every, "steps": steps,
+                         "device": str(device), "tokens_per_s": summary["tokens_per_s"]})  # fmt: skip
+        rows[-1]["speedup"] = rows[-1]["tokens_per_s"] / rows[-2]["tokens_per_s"]
+    return rows
+
+
 def tables(result: dict[str, Any]) -> str:
     """The saved run's sections as Markdown tables (what docs/benchmarks.md shows)."""
     out = [f"{result.get('gpu', result['device'])}, torch {result['torch']}"]
@@ -239,6 +268,9 @@ def tables(result: dict[str, Any]) -> str:
         ("peak_memory", "Peak GPU memory of a training step (forward, backward, step)",
          [("model", "{}"), ("optimizer", "{}"), ("peak_gb", "{:.2f}"), ("peak_vs_adamw", "{:.2f}x"),
           ("state_gb", "{:.3f}")]),
+        ("harness_loop", "adapm pretrain: tokens/s reading the device every step and every 20 steps",
+         [("model", "{}"), ("optimizer", "{}"), ("log_every", "{}"), ("tokens_per_s", "{:,.0f}"),
+          ("speedup", "{:.2f}x")]),
         ("fused_step_time", "fused=True (compiled tails): step time and first step (compilation)",
          [("model", "{}"), ("optimizer", "{}"), ("median_ms", "{:.2f}"), ("ratio_to_adamw_fused", "{:.1f}x"),
           ("first_step_s", "{:.1f}")]),
@@ -308,6 +340,10 @@ def main() -> None:
             "adapm-mini", "adapm-mini-int8"]  # fmt: skip
         result["peak_memory"] = [r for m in models for r in peak_memory(m, measured, device)]
         print(json.dumps(result["peak_memory"], indent=1), flush=True)
+        save()
+        with tempfile.TemporaryDirectory() as runs:
+            result["harness_loop"] = harness_loop(device, args.quick, Path(runs))
+        print(json.dumps(result["harness_loop"], indent=1), flush=True)
         save()
         # Last: the compiled tails compile on the first step (one graph per group of blocks), so this
         # section may outlast a short window; everything above is saved by then. CUDA only (the CPU smoke

@@ -264,6 +264,9 @@ def test_gpu_check_script_runs_its_cpu_smoke_mode(tmp_path: Path) -> None:
     assert {r["optimizer"] for r in result["op_counts"]} >= {"adamw-fused", "adapm", "adapm-mini"}
     assert all(r["median_ms"] > 0 for r in result["step_time"])
     assert result["peak_memory"][0]["state_bytes"] > 0
+    assert [(r["optimizer"], r["log_every"]) for r in result["harness_loop"]] == [
+        ("adamw", 1), ("adamw", 4), ("adapm-mini", 1), ("adapm-mini", 4)]
+    assert all(r["tokens_per_s"] > 0 for r in result["harness_loop"])
 
 
 def test_lr_table_quick(tmp_path: Path) -> None:
