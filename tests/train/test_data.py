@@ -244,3 +244,13 @@ def test_a_directory_of_token_ids_trains_like_the_text_it_was_made_from(
         f.write(b"\x00")
     with pytest.raises(ValueError, match=r"val\.bin: \d+ bytes is not a whole number of uint16 ids.*meta\.json"):
         prepare_data(DataConfig(data=str(nanogpt)))
+    for meta, error in (("{", "not valid JSON"), ('{"dtype": "float32"}', "'float32' is not an unsigned integer"),
+                        ('{"dtype": "banana"}', "'banana' is not an unsigned integer")):
+        (nanogpt / "meta.json").write_text(meta)
+        with pytest.raises(ValueError, match=rf"meta\.json: .*{error}"):
+            prepare_data(DataConfig(data=str(nanogpt)))
+    (nanogpt / "meta.json").unlink()
+    for name in ("train.bin", "val.bin"):
+        (nanogpt / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="too few tokens for seq_len"):
+        prepare_data(DataConfig(data=str(nanogpt)))

@@ -277,20 +277,26 @@ def pretokenized(path: Path, cfg: DataConfig) -> TokenData:
             shorter than ``seq_len + 2``.
     """
     meta_file = path / "meta.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    except ValueError as exc:
+        raise ValueError(f"{meta_file}: not valid JSON ({exc}); write e.g. {{\"dtype\": \"uint16\"}}") from exc
     try:
         dtype = np.dtype(meta.get("dtype", "uint16"))
-    except TypeError as exc:
-        raise ValueError(f"{meta_file}: unknown dtype {meta.get('dtype')!r}; use uint16 or uint32") from exc
+    except TypeError:
+        dtype = np.dtype(object)
+    if dtype.kind != "u":
+        raise ValueError(f"{meta_file}: dtype {meta.get('dtype')!r} is not an unsigned integer type; use uint16 or "
+                         "uint32")  # fmt: skip
     splits = []
     for name in TOKEN_FILES:
         file = path / name
         if file.stat().st_size % dtype.itemsize:
             raise ValueError(f"{file}: {file.stat().st_size} bytes is not a whole number of {dtype.name} ids; "
                              f"write {meta_file} with the ids' dtype, e.g. {{\"dtype\": \"uint32\"}}")  # fmt: skip
-        splits.append(np.memmap(file, dtype=dtype, mode="r"))
+        splits.append(np.memmap(file, dtype=dtype, mode="r") if file.stat().st_size else np.zeros(0, dtype))
     tokenizer = load_tokenizer(cfg, [])[0] if cfg.tokenizer is not None else None
-    largest = max(int(chunk.max()) for ids in splits for chunk in _chunks(ids) if len(chunk))
+    largest = max((int(chunk.max()) for ids in splits for chunk in _chunks(ids) if len(chunk)), default=-1)
     vocab_size = len(tokenizer) if tokenizer is not None else int(meta.get("vocab_size", largest + 1))
     if largest >= vocab_size:
         source = "--tokenizer" if tokenizer is not None else str(meta_file)
