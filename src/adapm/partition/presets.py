@@ -84,6 +84,10 @@ MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite"
 key-value latent then the one rotary key shared by all heads; ``kv_b_proj`` maps the latent to each
 head's ``[key nope | value]``. Every model type here is proven on its own forward in the tests."""
 
+DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
+"""Of those, the models with DeepSeek-V3.2's sparse-attention indexer (``indexer.wq_b``, ``indexer.wk``,
+``indexer.weights_proj``; it picks the keys each query attends to, and is trained by its own loss)."""
+
 
 MIXTRAL_STYLE_EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts", "DeepseekV2Experts",
                          "DeepseekV3Experts", "DeepseekV32Experts", "Glm4MoeLiteExperts", "GlmMoeDsaExperts",
@@ -115,6 +119,12 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                head_size=("qk_rope_head_dim",), model_types=MLA_MODEL_TYPES),
     PresetRule("mla", r"(^|\.)kv_b_proj\.weight$", ("key", "value"), ("Linear",), layout="mla_kv_b",
                head_size=("qk_nope_head_dim",), model_types=MLA_MODEL_TYPES),
+    # DeepSeek-V3.2's sparse-attention indexer: its own per-head queries, one key head, per-head weights.
+    PresetRule("dsa", r"(^|\.)indexer\.wq_b\.weight$", ("query",), head_size=("index_head_dim",),
+               model_types=DSA_MODEL_TYPES),
+    PresetRule("dsa", r"(^|\.)indexer\.wk\.weight$", ("key",), head_size=("index_head_dim",),
+               model_types=DSA_MODEL_TYPES),
+    PresetRule("dsa", r"(^|\.)indexer\.weights_proj\.weight$", ("router",), model_types=DSA_MODEL_TYPES),
     # Llama, Mistral, Qwen2 and their relatives.
     PresetRule("llama", r"(^|\.)embed_tokens\.weight$", ("embedding",)),
     PresetRule("llama", r"(^|\.)q_proj\.weight$", ("query",)),
