@@ -14,7 +14,7 @@ import os
 import random
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,13 +95,15 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}:{lineno}", record
 
 
-def _texts_from_records(path: Path, field: str) -> list[str]:
-    texts = []
+_ROWS = 1024
+"""Rows of a Parquet file or saved dataset read at a time."""
+
+
+def _texts_from_records(path: Path, field: str) -> Iterator[str]:
     for where, record in read_records(path):
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise ValueError(f"{where}: each record must be an object with a string field {field!r} (--text-field)")
-        texts.append(record[field])
-    return texts
+        yield record[field]
 
 
 def _texts_from_column(column: Any, source: Path, field: str) -> list[str]:
@@ -111,14 +113,29 @@ def _texts_from_column(column: Any, source: Path, field: str) -> list[str]:
     return texts
 
 
-def load_texts(data: str | Path | None, cache_dir: str | Path | None = None, text_field: str = "text") -> list[str]:
-    """Documents from ``data`` (see :class:`DataConfig.data`): a path, a corpus name of
+@dataclass(frozen=True)
+class Documents:
+    """The documents of a ``--data`` source, read from disk again at each iteration (a file, a line or
+    a batch of rows at a time), so that preparing a corpus never holds it in memory whole. Blank
+    documents are skipped. Errors in the files (invalid UTF-8 or JSON, a missing field) are raised
+    while iterating, naming the file and line."""
+
+    source: str
+    """What ``--data`` named (for messages)."""
+    read: Callable[[], Iterator[str]]
+
+    def __iter__(self) -> Iterator[str]:
+        return (text for text in self.read() if text.strip())
+
+
+def documents(data: str | Path | None, cache_dir: str | Path | None = None, text_field: str = "text") -> Documents:
+    """The documents of ``data`` (see :class:`DataConfig.data`): a path, a corpus name of
     :mod:`adapm.train.corpora` (built into ``cache_dir`` on first use), a Hugging Face dataset id in the
     local cache (:mod:`adapm.train.hub`), or the embedded corpus for ``None``.
 
     Raises:
         FileNotFoundError: the path does not exist (or a named corpus cannot be built).
-        ValueError: the source is empty, not UTF-8, or lacks a ``text`` field/column.
+        ValueError: a folder without text files.
     """
     from adapm.train.corpora import CORPORA
 
@@ -126,45 +143,56 @@ def load_texts(data: str | Path | None, cache_dir: str | Path | None = None, tex
         data = CORPORA[data](Path(cache_dir or default_cache_dir()))
     if data is None:
         files = embedded_corpus_files()
-        return [_decode(f, f.read_bytes()) for f in files]
+        return Documents("the embedded corpus", lambda: (_decode(f, f.read_bytes()) for f in files))
     if isinstance(data, str) and looks_like_hub_id(data):
         data = cached_snapshot(data, "dataset", "--data")
     path = Path(data).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--data: no such file or directory: {path}")
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        return Documents(str(path), lambda: _texts_from_saved_dataset(path, text_field))
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            texts = _texts_from_saved_dataset(path, text_field)
-        else:
-            suffixes = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
-            files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
-            if not files:
-                raise ValueError(f"--data: {path} holds no {'/'.join(suffixes)} files and is not a saved dataset")
-            texts = [t for f in files for t in _texts_from_file(f, text_field)]
-    else:
-        texts = _texts_from_file(path, text_field)
-    texts = [t for t in texts if t.strip()]
+        suffixes = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+        if not files:
+            raise ValueError(f"--data: {path} holds no {'/'.join(suffixes)} files and is not a saved dataset")
+        return Documents(str(path), lambda: (t for f in files for t in _texts_from_file(f, text_field)))
+    return Documents(str(path), lambda: _texts_from_file(path, text_field))
+
+
+def load_texts(data: str | Path | None, cache_dir: str | Path | None = None, text_field: str = "text") -> list[str]:
+    """The documents of ``data`` (see :func:`documents`) as a list.
+
+    Raises:
+        FileNotFoundError: the path does not exist (or a named corpus cannot be built).
+        ValueError: the source is empty, not UTF-8, or lacks a ``text`` field/column.
+    """
+    docs = documents(data, cache_dir, text_field)
+    texts = list(docs)
     if not texts:
-        raise ValueError(f"--data: {path} contains no text")
+        raise ValueError(f"--data: {docs.source} contains no text")
     return texts
 
 
-def _texts_from_file(path: Path, text_field: str) -> list[str]:
+def _texts_from_file(path: Path, text_field: str) -> Iterator[str]:
     """The documents of one file: a JSON Lines, JSON or Parquet file's ``text_field``, else the whole file."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        return _texts_from_records(path, text_field)
-    if suffix == ".parquet":
+        yield from _texts_from_records(path, text_field)
+    elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        if text_field not in table.column_names:
-            raise ValueError(f"{path}: no {text_field!r} column (columns: {table.column_names}); set --text-field")
-        return _texts_from_column(table.column(text_field).to_pylist(), path, text_field)
-    return [_decode(path, path.read_bytes())]
+        table = pq.ParquetFile(path)
+        names = table.schema_arrow.names
+        if text_field not in names:
+            raise ValueError(f"{path}: no {text_field!r} column (columns: {names}); set --text-field")
+        for batch in table.iter_batches(batch_size=_ROWS, columns=[text_field]):
+            yield from _texts_from_column(batch.column(0).to_pylist(), path, text_field)
+    else:
+        yield _decode(path, path.read_bytes())
 
 
-def _texts_from_saved_dataset(path: Path, field: str) -> list[str]:
+def _texts_from_saved_dataset(path: Path, field: str) -> Iterator[str]:
     import datasets
 
     loaded = datasets.load_from_disk(str(path))
@@ -175,14 +203,31 @@ def _texts_from_saved_dataset(path: Path, field: str) -> list[str]:
         raise ValueError(
             f"{path}: the saved dataset has no {field!r} column (columns: {loaded.column_names}); set --text-field"
         )
-    return _texts_from_column(loaded[field], path, field)
+    for batch in loaded.select_columns([field]).iter(batch_size=_ROWS):
+        yield from _texts_from_column(batch[field], path, field)
 
 
-def corpus_hash(texts: list[str]) -> str:
+def corpus_hash(texts: Iterable[str]) -> str:
     h = hashlib.sha256()
     for t in texts:
         h.update(hashlib.sha256(t.encode()).digest())
     return h.hexdigest()[:16]
+
+
+def _hash_documents(docs: Documents) -> str:
+    """:func:`corpus_hash` of ``docs``, read once; an empty source is an error naming it."""
+    count = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal count
+        for text in docs:
+            count += 1
+            yield text
+
+    key = corpus_hash(counted())
+    if not count:
+        raise ValueError(f"--data: {docs.source} contains no text")
+    return key
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -191,7 +236,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Any:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path) -> Any:
     """Train a ByteLevel BPE on ``texts`` and save it as a ``PreTrainedTokenizerFast`` in ``out_dir``."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -212,7 +257,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Any:
     return tok
 
 
-def load_tokenizer(cfg: DataConfig, texts: list[str], texts_hash: str | None = None) -> tuple[Any, str]:
+def load_tokenizer(cfg: DataConfig, texts: Iterable[str], texts_hash: str | None = None) -> tuple[Any, str]:
     """The user's tokenizer (``cfg.tokenizer``) or the cached BPE for this corpus; and a cache key.
     ``texts_hash``: :func:`corpus_hash` of ``texts``, if the caller has it (hashing reads every text)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -319,8 +364,8 @@ def prepare_data(cfg: DataConfig) -> TokenData:
         path = Path(cfg.data).expanduser()
         if path.is_dir() and all((path / name).is_file() for name in TOKEN_FILES):
             return pretokenized(path, cfg)
-    texts = load_texts(cfg.data, cfg.cache_dir, cfg.text_field)
-    texts_hash = corpus_hash(texts)
+    texts = documents(cfg.data, cfg.cache_dir, cfg.text_field)  # read anew by each pass: never held whole
+    texts_hash = _hash_documents(texts)
     tokenizer, tok_key = load_tokenizer(cfg, texts, texts_hash)
     vocab_size = len(tokenizer)
     key = f"{texts_hash}-{tok_key}-val{cfg.val_fraction}"
@@ -357,7 +402,7 @@ def _pieces(text: str) -> Iterator[str]:
     yield text[start:]
 
 
-def _token_chunks(texts: list[str], tokenizer: Any, dtype: Any) -> Iterator[np.ndarray]:
+def _token_chunks(texts: Iterable[str], tokenizer: Any, dtype: Any) -> Iterator[np.ndarray]:
     """The token ids of ``texts``, each document followed by the eos token, in arrays of a few million
     tokens: tokenized a batch of documents (or pieces of a long one) at a time, so memory stays flat
     whatever the corpus size."""
@@ -389,7 +434,7 @@ def _token_chunks(texts: list[str], tokenizer: Any, dtype: Any) -> Iterator[np.n
         yield flush()
 
 
-def _write_splits(texts: list[str], tokenizer: Any, cache: Path, dtype: Any, cfg: DataConfig) -> None:
+def _write_splits(texts: Iterable[str], tokenizer: Any, cache: Path, dtype: Any, cfg: DataConfig) -> None:
     """Tokenize ``texts`` into ``cache/train.bin`` and ``cache/val.bin`` (the held-out tail), streaming
     to disk; both files appear complete or not at all."""
     tmp_all = cache / f".all.bin.tmp{os.getpid()}"
