@@ -254,3 +254,19 @@ def test_a_directory_of_token_ids_trains_like_the_text_it_was_made_from(
         (nanogpt / name).write_bytes(b"")
     with pytest.raises(ValueError, match="too few tokens for seq_len"):
         prepare_data(DataConfig(data=str(nanogpt)))
+
+
+def test_documents_are_read_from_disk_a_line_at_a_time_at_each_pass(tmp_path: Path) -> None:
+    """Preparing a corpus never holds it whole: its documents come from disk as they are iterated (here a
+    bad line further down is met only when the iteration reaches it), and anew at each pass."""
+    from adapm.train.data import documents
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "first"}\n{"text": "second"}\nnot json\n')
+    docs = documents(path)
+    first = iter(docs)
+    assert [next(first), next(first)] == ["first", "second"]
+    with pytest.raises(ValueError, match=r"d\.jsonl:3: invalid JSON"):
+        next(first)
+    path.write_text('{"text": "third"}\n')
+    assert list(docs) == ["third"]  # a new pass reads the file again
