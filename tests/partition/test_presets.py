@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import adapm
-from adapm.partition.presets import DSA_MODEL_TYPES, MLA_MODEL_TYPES
+from adapm.partition.presets import DSA_MODEL_TYPES, IN_OUT_EXPERTS, MIXTRAL_STYLE_EXPERTS, MLA_MODEL_TYPES
 
 from conftest import tiny_gpt2
 
@@ -560,18 +560,44 @@ def _mla_model(kind: str) -> nn.Module:
     )
 
 
+_TINY = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=80,
+             num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2,
+             n_group=1, topk_group=1, first_k_dense_replace=1, decoder_sparse_step=1, kv_lora_rank=16,
+             q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, bos_token_id=0, eos_token_id=1,
+             pad_token_id=0, mlp_only_layers=[0], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+             mamba_n_groups=1)  # fmt: skip
+"""Size fields that make a tiny model (two layers, hidden 32) of a transformers model type; each is set
+only where the type's config has it."""
+
+
+def _tiny(model_type: str, **overrides: object) -> nn.Module:
+    """A tiny random causal language model of any transformers ``model_type``, from its own config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    known = AutoConfig.for_model(model_type)
+    sizes = {k: v for k, v in {**_TINY, **overrides}.items() if hasattr(known, k)}
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes))
+
+
 FAMILIES = ("phi", "gptj", "opt", "t5", "gemma2", "glm", "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama4",
             "gpt_oss", *MLA, "deepseek_v2-noqlora")
 
+WHOLE_BY_EXPERTS = ("aria_text", "cohere2_moe", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "glm4_moe",
+                    "granitemoe", "granitemoe_swa", "granitemoeshared", "hy_v3", "kolibri1", "mellum", "mimo_v2_flash",
+                    "minimax_m2", "phimoe", "solar_open")
+"""Mixture-of-experts model types whose other matrices have known names: their expert stacks complete them."""
 
-@pytest.mark.parametrize("kind", FAMILIES)
+
+@pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS)
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
     after them is exactly what the partition report counted (for the parameters that had gradients:
     DeepSeek-V3.2's indexer gets none from the language-model loss, its top-k choice has no gradient)."""
     import warnings
 
-    model = _family(kind)
+    model = _family(kind) if kind in FAMILIES else _tiny(kind)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing kept whole, no rule unused
         opt = adapm.AdaPMMini(model, lr=1e-3)
@@ -589,25 +615,49 @@ def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None
         opt.step()
         opt.zero_grad()
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    idle = {n for n, _ in model.named_parameters()} - stepped
+    idle = {n for n, p in model.named_parameters() if p.requires_grad} - stepped
     assert all(".indexer." in n for n in idle) and bool(idle) == (kind in DSA_MODEL_TYPES), idle
     assert adapm.state_bytes(opt) == sum(r.state_bytes for r in report.rows if r.name.split("[")[0] not in idle)
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama4", "deepseek_v2", "deepseek_v3",
-                                  "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "axk1"])
+EXPERTS: dict[str, str] = {
+    "mixtral": "MixtralExperts", "qwen2_moe": "Qwen2MoeExperts", "qwen3_moe": "Qwen3MoeExperts",
+    "olmoe": "OlmoeExperts", "deepseek_v2": "DeepseekV2Experts", "deepseek_v3": "DeepseekV3Experts",
+    "deepseek_v32": "DeepseekV32Experts", "glm4_moe_lite": "Glm4MoeLiteExperts", "glm_moe_dsa": "GlmMoeDsaExperts",
+    "axk1": "AXK1Experts", "axk2": "AXK2Experts", "afmoe": "AfmoeExperts", "bailing_hybrid": "BailingHybridExperts",
+    "cohere2_moe": "Cohere2MoeExperts", "ernie4_5_moe": "Ernie4_5_MoeExperts", "exaone_moe": "ExaoneMoeExperts",
+    "flex_olmo": "FlexOlmoExperts", "flint": "FlintExperts", "glm4_moe": "Glm4MoeExperts",
+    "granitemoe": "GraniteMoeExperts", "granitemoe_swa": "GraniteMoeSWAExperts",
+    "granitemoehybrid": "GraniteMoeHybridExperts", "granitemoeshared": "GraniteMoeSharedExperts",
+    "hy_v3": "HYV3Experts", "inkling_text": "InklingExperts", "jamba": "JambaExperts",
+    "kimi_linear": "KimiLinearExperts", "kolibri1": "Kolibri1Experts", "laguna": "LagunaExperts",
+    "mellum": "MellumExperts", "mimo_v2_flash": "MiMoV2FlashExperts", "minimax": "MiniMaxExperts",
+    "minimax_m2": "MiniMaxM2Experts", "phimoe": "PhimoeExperts", "qwen3_5_moe_text": "Qwen3_5MoeExperts",
+    "qwen3_next": "Qwen3NextExperts", "solar_open": "SolarOpenExperts", "zaya": "ZayaExperts",
+    "llama4": "Llama4TextExperts", "aria_text": "AriaExperts",
+}  # fmt: skip
+"""A model type for each expert module class the presets split, and that class."""
+
+
+def test_every_expert_class_the_presets_split_is_proven_below() -> None:
+    assert sorted(EXPERTS.values()) == sorted(MIXTRAL_STYLE_EXPERTS + IN_OUT_EXPERTS)
+
+
+@pytest.mark.parametrize("kind", sorted(EXPERTS))
 def test_expert_segments_match_what_each_expert_computes(kind: str) -> None:
     """Each declared expert segment is proven on the model's own forward: perturbing one row of an
     expert's ``gate`` segment changes the activation's input (the gate), a row of its ``up`` segment
     changes the output only, and a ``down_proj`` segment changes only its own expert's output."""
-    model = _family(kind)
+    known = kind in FAMILIES
+    model = _family(kind) if known else _tiny(kind, **({"num_experts_per_tok": 1} if kind == "zaya" else {}))
     opt = adapm.AdaPMMini(model, lr=1e-3)
-    experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
+    experts = next(m for m in model.modules() if type(m).__name__ == EXPERTS[kind])
     gate_up, down = experts.gate_up_proj, experts.down_proj
     seen: list[torch.Tensor] = []
     experts.act_fn.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().clone()))
     llama4 = kind == "llama4"  # (in, out) experts run on every expert's share of the tokens at once
-    hidden = gate_up.shape[1] if llama4 else gate_up.shape[-1]
+    in_out = type(experts).__name__ in IN_OUT_EXPERTS
+    hidden = gate_up.shape[1] if in_out else gate_up.shape[-1]
     x = torch.randn(5, hidden, generator=torch.Generator().manual_seed(1))
 
     def run(expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -623,7 +673,7 @@ def test_expert_segments_match_what_each_expert_computes(kind: str) -> None:
         seg = next(s for s in opt.layout(weight).segments if s.name.endswith(f"[{seg_name}]"))
         delta = torch.zeros_like(weight)
         part = seg.view(delta)
-        if llama4:  # an output column of an (in, out) expert
+        if in_out:  # an output column of an (in, out) expert
             part[:, row] = 1.0
         else:
             part[row] = 1.0

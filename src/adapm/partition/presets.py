@@ -91,9 +91,19 @@ DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
 
 MIXTRAL_STYLE_EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts", "DeepseekV2Experts",
                          "DeepseekV3Experts", "DeepseekV32Experts", "Glm4MoeLiteExperts", "GlmMoeDsaExperts",
-                         "AXK1Experts")
+                         "AXK1Experts", "AXK2Experts", "AfmoeExperts", "BailingHybridExperts", "Cohere2MoeExperts",
+                         "Ernie4_5_MoeExperts", "ExaoneMoeExperts", "FlexOlmoExperts",
+                         "FlintExperts", "Glm4MoeExperts", "GraniteMoeExperts", "GraniteMoeSWAExperts",
+                         "GraniteMoeHybridExperts", "GraniteMoeSharedExperts", "HYV3Experts", "InklingExperts",
+                         "JambaExperts", "KimiLinearExperts", "Kolibri1Experts", "LagunaExperts", "MellumExperts",
+                         "MiMoV2FlashExperts", "MiniMaxExperts", "MiniMaxM2Experts", "PhimoeExperts",
+                         "Qwen3_5MoeExperts", "Qwen3NextExperts", "SolarOpenExperts", "ZayaExperts")
 """Expert modules holding ``(experts, 2 * intermediate, hidden)`` gate rows then up rows and ``(experts, hidden,
 intermediate)`` down matrices, each used as ``nn.Linear`` weights (every one is proven in the tests)."""
+
+IN_OUT_EXPERTS = ("Llama4TextExperts", "AriaExperts")
+"""Expert modules holding ``(experts, hidden, 2 * intermediate)`` gate columns then up columns and ``(experts,
+intermediate, hidden)`` down matrices, used as ``x @ W`` (Llama 4, Aria; proven in the tests)."""
 
 PRESET_RULES: tuple[PresetRule, ...] = (
     # GPT-BigCode: nn.Linear c_attn, per-head [q, k, v] (multi-head) or [q | k | v] with one K/V head.
@@ -177,10 +187,10 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("moe", r"(^|\.)experts\.gate_up_proj$", ("mlp", "mlp"), fused_modules=MIXTRAL_STYLE_EXPERTS,
                layout="experts", segment_names=("gate", "up")),
     PresetRule("moe", r"(^|\.)experts\.down_proj$", ("mlp",), fused_modules=MIXTRAL_STYLE_EXPERTS, layout="experts"),
-    # Llama 4: (experts, hidden, 2 * intermediate) used as x @ W, gate columns then up columns.
-    PresetRule("llama4", r"(^|\.)experts\.gate_up_proj$", ("mlp", "mlp"), ("Llama4TextExperts",),
-               layout="experts", segment_names=("gate", "up"), split_axis=1),
-    PresetRule("llama4", r"(^|\.)experts\.down_proj$", ("mlp",), ("Llama4TextExperts",), layout="experts",
+    # Llama 4, Aria: (experts, hidden, 2 * intermediate) used as x @ W, gate columns then up columns.
+    PresetRule("moe-in-out", r"(^|\.)experts\.gate_up_proj$", ("mlp", "mlp"), IN_OUT_EXPERTS, layout="experts",
+               segment_names=("gate", "up"), split_axis=1),
+    PresetRule("moe-in-out", r"(^|\.)experts\.down_proj$", ("mlp",), IN_OUT_EXPERTS, layout="experts",
                split_axis=1),
     # GPT-OSS: (experts, hidden, 2 * intermediate) used as x @ W + b, gate and up columns alternating.
     PresetRule("gpt_oss", r"(^|\.)experts\.gate_up_proj$", ("mlp", "mlp"), ("GptOssExperts",), layout="experts",
