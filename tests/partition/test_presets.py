@@ -855,6 +855,48 @@ def _probe_sdpa(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return calls[0]
 
 
+def _assert_each_head_block_changes_its_head(model: nn.Module, opt: adapm.AdaPM, weight: nn.Parameter, which: int,
+                                             size: int, heads: int) -> None:
+    """``weight``'s first segment is low-rank with per-head blocks of ``size`` rows, and perturbing block h
+    changes head h alone of the query (``which`` 0) or key (1) that layer 0 passes to attention."""
+    seg = opt.layout(weight).segments[0]
+    assert seg.momentum == "lowrank" and seg.block == (0, size)
+    x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    base = _probe_sdpa(model, x)[which]
+    for head in range(heads):
+        delta = torch.zeros(seg.shape)
+        delta[head * size : (head + 1) * size] = torch.randn(size, seg.shape[1])
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            seg.view(weight.data).add_(seg.as_view(delta))
+        after = _probe_sdpa(model, x)[which]
+        with torch.no_grad():
+            weight.copy_(saved)
+        changed = [h for h in range(heads) if (after[:, h] - base[:, h]).abs().max() > 1e-4]
+        assert changed == [head], (which, head, changed)
+
+
+def test_a_multimodal_models_language_model_is_read_with_its_own_config() -> None:
+    """Gemma 3's language model and vision tower each have a config of their own (the top-level config has
+    no head size): the text query gets per-head blocks of the text head size, proven on its attention, and
+    the vision query per-head blocks of the vision head size."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, vocab_size=80, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+    model = T.Gemma3ForConditionalGeneration(T.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=79, boi_token_index=78,
+        eoi_token_index=77))  # fmt: skip
+    assert getattr(model.config, "head_dim", None) is None
+    opt = adapm.AdaPMMini(model, lr=1e-3, strict=False)
+    language, tower = model.model.language_model, model.model.vision_tower
+    _assert_each_head_block_changes_its_head(model, opt, language.layers[0].self_attn.q_proj.weight, 0, 16, heads=4)
+    assert opt.layout(tower.encoder.layers[0].self_attn.q_proj.weight).segments[0].block == (0, 8)
+
+
 @pytest.mark.parametrize("kind", [*MLA, "deepseek_v2-noqlora"])
 def test_latent_attention_segments_and_heads_match_the_real_query_key_value(kind: str) -> None:
     """Multi-head latent attention, proven on each model's own attention: the latent part of
@@ -875,22 +917,8 @@ def test_latent_attention_segments_and_heads_match_the_real_query_key_value(kind
     query = attn.q_proj.weight if plain else attn.q_b_proj.weight
     if not plain:
         assert opt.layout(attn.q_a_proj.weight).segments[0].block == (0, 1)  # a latent: no heads
-    x = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
     for weight, which, size in ((query, 0, 24), (kv_b, 1, 16)):
-        seg = opt.layout(weight).segments[0]
-        assert seg.momentum == "lowrank" and seg.block == (0, size)
-        base = _probe_sdpa(model, x)[which]
-        for head in range(4):
-            delta = torch.zeros(seg.shape)
-            delta[head * size : (head + 1) * size] = torch.randn(size, seg.shape[1])
-            saved = weight.detach().clone()
-            with torch.no_grad():
-                seg.view(weight.data).add_(seg.as_view(delta))
-            after = _probe_sdpa(model, x)[which]
-            with torch.no_grad():
-                weight.copy_(saved)
-            changed = [h for h in range(4) if (after[:, h] - base[:, h]).abs().max() > 1e-4]
-            assert changed == [head], (kind, which, head, changed)
+        _assert_each_head_block_changes_its_head(model, opt, weight, which, size, heads=4)
     assert opt.partition_report().unmatched == []
     if kind in DSA_MODEL_TYPES:
         indexer = attn.indexer

@@ -159,12 +159,10 @@ def head_dim_of(model: nn.Module | None) -> int | None:
 
     Wrappers that keep the model in ``.module`` (DDP) or ``._orig_mod`` (torch.compile) are looked through.
     """
-    while model is not None and getattr(model, "config", None) is None:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
-    config = getattr(model, "config", None)
+    return _head_dim(_config_of(model))
+
+
+def _head_dim(config: Any) -> int | None:
     if config is None:
         return None
     head_dim = getattr(config, "head_dim", None)
@@ -177,12 +175,29 @@ def head_dim_of(model: nn.Module | None) -> int | None:
     return None
 
 
+def _scope(model: nn.Module | None, name: str) -> nn.Module | None:
+    """The model whose config describes parameter ``name``: the innermost Hugging Face model holding it (a
+    multimodal model's language model has a config of its own, e.g. Gemma 3's ``text_config``), else
+    ``model`` itself."""
+    if model is None:
+        return None
+    parts = name.split(".")[:-1]
+    for k in range(len(parts), 0, -1):
+        try:
+            sub = model.get_submodule(".".join(parts[:k]))
+        except AttributeError:
+            continue
+        if getattr(sub, "config", None) is not None and hasattr(type(sub), "config_class"):
+            return sub
+    return model
+
+
 def _match_preset(names: Sequence[str], model: nn.Module | None) -> tuple[str, PresetRule] | None:
     """The first preset rule matching any of a (possibly tied) parameter's names, with that name. Rules
     for given model types only match models of those types; expert-stack rules only their module classes
     (so that another family's expert rule further down can match)."""
-    model_type = _model_type(model)
     for name in names:
+        model_type = _model_type(_scope(model, name))
         for rule in PRESET_RULES:
             if rule.model_types and model_type not in rule.model_types:
                 continue
@@ -244,7 +259,7 @@ def _fused_layout_known(rule: PresetRule, name: str, shape: tuple[int, ...], mod
             return False
         if cls in CONV1D_CLASS_NAMES:
             return True
-        return not rule.plain_model_only or _model_type(model) is None
+        return not rule.plain_model_only or _model_type(_scope(model, name)) is None
     # Names only: an (n, k*n) Conv1D layout is unambiguous; an (k*n, n) nn.Linear weight may be
     # nanoGPT's contiguous layout or a Hugging Face model's interleaved one.
     count = len(rule.roles)
@@ -314,8 +329,6 @@ def partition(
     conv1d_default = any(
         re.search(FUSED_QKV_PATTERN, names[0]) and p.dim() == 2 and p.shape[1] == 3 * p.shape[0] for names, p in entries
     )
-    head_dim = head_dim_of(model)
-    config = _config_of(model)
     groups: list[dict[str, Any]] = []
     kept_whole: list[str] = []
     fused_names: list[tuple[str, list[str]]] = []
@@ -328,6 +341,8 @@ def partition(
         # A tied parameter is reported under the name its preset recognised (e.g. BLOOM's lm_head).
         name = found[0] if found else names[0]
         aliases = [n for n in names if n != name]
+        config = _config_of(_scope(model, name))
+        head_dim = _head_dim(config)
         preset = found[1] if found else None
         out_dim = _out_dim(name, model, conv1d_default) if param.dim() == 2 else 0
         fused = preset is not None and (len(preset.roles) > 1 or experts)
