@@ -32,6 +32,16 @@ _MLA_TINY = {"moe_intermediate_size": 32, "n_routed_experts": 4, "num_experts_pe
              "v_head_dim": 16}
 """The overrides that make a tiny model of a latent-attention family (with the shared ones below)."""
 
+_GATED_DELTANET_REAL = {"hidden_size": 2048, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
+                        "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+                        "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+                        "linear_value_head_dim": 128}
+"""Qwen3-Next's and Qwen3.5-MoE's shared shape: three Gated DeltaNet layers, then one gated full attention."""
+_GATED_DELTANET_TINY = {"moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "head_dim": 16,
+                        "num_experts": 4, "num_experts_per_tok": 2, "linear_num_key_heads": 2,
+                        "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                        "layer_types": ["linear_attention", "full_attention"]}
+
 # Real-size shapes of a well-known checkpoint of each family (its config.json's size fields), and the
 # overrides that make a tiny model (2 layers, hidden 64) of the same family.
 FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -110,6 +120,29 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                                     "topk_group": 4, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
                                     "qk_nope_head_dim": 128, "v_head_dim": 128, "vocab_size": 129280},
                     {**_MLA_TINY, "q_lora_rank": 16}),
+    "glm4_moe": ("GLM-4.5-Air", {"model_type": "glm4_moe", "hidden_size": 4096, "intermediate_size": 10944,
+                                 "moe_intermediate_size": 1408, "num_hidden_layers": 46, "num_attention_heads": 96,
+                                 "num_key_value_heads": 8, "n_routed_experts": 128, "n_shared_experts": 1,
+                                 "num_experts_per_tok": 8, "first_k_dense_replace": 1, "vocab_size": 151552},
+                 {"moe_intermediate_size": 32, "n_routed_experts": 4, "num_experts_per_tok": 2}),
+    "minimax_m2": ("MiniMax-M2", {"model_type": "minimax_m2", "hidden_size": 3072, "intermediate_size": 1536,
+                                  "num_hidden_layers": 62, "num_attention_heads": 48, "num_key_value_heads": 8,
+                                  "head_dim": 128, "num_local_experts": 256, "num_experts_per_tok": 8,
+                                  "vocab_size": 200064},
+                   {"intermediate_size": 32, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_next": ("Qwen3-Next 80B-A3B", {"model_type": "qwen3_next", **_GATED_DELTANET_REAL,
+                                          "intermediate_size": 5632, "num_hidden_layers": 48, "num_experts": 512,
+                                          "num_experts_per_tok": 10, "vocab_size": 151936}, _GATED_DELTANET_TINY),
+    "qwen3_5_moe": ("Qwen3.5 35B-A3B", {"model_type": "qwen3_5_moe_text", **_GATED_DELTANET_REAL,
+                                        "num_hidden_layers": 40, "num_experts": 256, "num_experts_per_tok": 8,
+                                        "vocab_size": 248320}, _GATED_DELTANET_TINY),
+    "olmo_hybrid": ("OLMo Hybrid 7B", {"model_type": "olmo_hybrid", "hidden_size": 3840, "intermediate_size": 11008,
+                                       "num_hidden_layers": 32, "num_attention_heads": 30, "num_key_value_heads": 30,
+                                       "linear_num_key_heads": 30, "linear_num_value_heads": 30,
+                                       "linear_key_head_dim": 96, "linear_value_head_dim": 192, "vocab_size": 100352},
+                    {"linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
+                     "linear_value_head_dim": 16, "layer_types": ["linear_attention", "full_attention"],
+                     "pad_token_id": 0}),
     "codegen": ("CodeGen 350M", {"model_type": "codegen", "n_embd": 1024, "n_layer": 20, "n_head": 16,
                                  "rotary_dim": 32, "vocab_size": 51200},
                 {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8}),

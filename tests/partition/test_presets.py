@@ -303,6 +303,7 @@ def _what_each_segment_feeds(
     opt: adapm.AdaPM,
     weight: nn.Parameter,
     probe: Callable[..., tuple[torch.Tensor, ...]] | None = None,
+    names: str = "qkv",
 ) -> list[str]:
     """Perturb each segment of a split weight and record which of q, k, v in layer 0 change (as ``probe``
     records them; default: :func:`_probe_split`)."""
@@ -319,7 +320,7 @@ def _what_each_segment_feeds(
         after = probe(model, x)
         with torch.no_grad():
             weight.copy_(saved)
-        fed.append("".join(n for n, a, b in zip("qkv", base, after) if (a - b).abs().max() > 1e-3))
+        fed.append("".join(n for n, a, b in zip(names, base, after) if (a - b).abs().max() > 1e-3))
     return fed
 
 
@@ -566,7 +567,8 @@ _TINY = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, sha
              n_group=1, topk_group=1, first_k_dense_replace=1, decoder_sparse_step=1, kv_lora_rank=16,
              q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, bos_token_id=0, eos_token_id=1,
              pad_token_id=0, mlp_only_layers=[0], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
-             mamba_n_groups=1)  # fmt: skip
+             mamba_n_groups=1, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+             linear_value_head_dim=8, linear_conv_kernel_dim=4)  # fmt: skip
 """Size fields that make a tiny model (two layers, hidden 32) of a transformers model type; each is set
 only where the type's config has it."""
 
@@ -578,6 +580,9 @@ def _tiny(model_type: str, **overrides: object) -> nn.Module:
     torch.manual_seed(0)
     known = AutoConfig.for_model(model_type)
     sizes = {k: v for k, v in {**_TINY, **overrides}.items() if hasattr(known, k)}
+    settable = not isinstance(getattr(type(known), "layer_types", None), property)  # Jamba's is derived
+    if settable and "linear_attention" in (getattr(known, "layer_types", None) or []):
+        sizes["layer_types"] = ["linear_attention", "full_attention"]  # one of each
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes))
 
 
@@ -589,8 +594,11 @@ WHOLE_BY_EXPERTS = ("aria_text", "cohere2_moe", "ernie4_5_moe", "exaone_moe", "f
                     "minimax_m2", "phimoe", "solar_open")
 """Mixture-of-experts model types whose other matrices have known names: their expert stacks complete them."""
 
+GATED_DELTANET = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid")
+"""Model types with Gated DeltaNet linear attention (built with one linear and one full attention layer)."""
 
-@pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS)
+
+@pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET)
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
     after them is exactly what the partition report counted (for the parameters that had gradients:
@@ -895,6 +903,93 @@ def test_a_multimodal_models_language_model_is_read_with_its_own_config() -> Non
     language, tower = model.model.language_model, model.model.vision_tower
     _assert_each_head_block_changes_its_head(model, opt, language.layers[0].self_attn.q_proj.weight, 0, 16, heads=4)
     assert opt.layout(tower.encoder.layers[0].self_attn.q_proj.weight).segments[0].block == (0, 8)
+
+
+def _probe_delta_rule(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What layer 0's Gated DeltaNet computes from its input projections: the query, key, value, decay
+    ``g`` and ``beta`` it passes to its delta rule (the model's own function, observed on the way in) and
+    the output gate it passes to its gated norm."""
+    import sys
+
+    layer = model.model.layers[0].linear_attn
+    module = sys.modules[type(layer).__module__]
+    real = module.torch_chunk_gated_delta_rule
+    seen: list[torch.Tensor] = []
+
+    def observed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs: object) -> object:
+        seen.extend(t.detach().clone() for t in (query, key, value, kwargs["g"], kwargs["beta"]))  # type: ignore[union-attr]
+        return real(query, key, value, **kwargs)
+
+    norm = layer.norm if hasattr(layer, "norm") else layer.o_norm
+    handle = norm.register_forward_hook(lambda _m, args, _out: seen.append(args[1].detach().clone()))
+    module.torch_chunk_gated_delta_rule = observed
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=x, use_cache=False)
+    finally:
+        module.torch_chunk_gated_delta_rule = real
+        handle.remove()
+    return tuple(seen[:6])
+
+
+@pytest.mark.parametrize("kind", GATED_DELTANET)
+def test_gated_deltanet_and_gated_attention_parts_feed_what_they_are_declared_as(kind: str) -> None:
+    """Gated DeltaNet, proven on each model's own forward: every declared part of its input projections feeds
+    exactly the query, key, value, output gate (z), decay (g) or beta (b) it is declared as, and each per-head
+    query and key block changes exactly its head. Qwen's gated full attention: the query part of ``q_proj``
+    feeds the attention's query with per-head blocks; its gate part does not reach the attention."""
+    model = _tiny(kind)
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    assert opt.partition_report().unmatched == []
+    linear = model.model.layers[0].linear_attn
+    names = "qkvgbz"
+    feeds = {}
+    for proj in ("in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "q_proj", "k_proj",
+                 "v_proj", "g_proj", "a_proj", "b_proj"):  # fmt: skip
+        if hasattr(linear, proj):
+            weight = getattr(linear, proj).weight
+            fed = _what_each_segment_feeds(model, opt, weight, _probe_delta_rule, names)
+            feeds[proj] = [(s.name.rsplit("[", 1)[-1].rstrip("]") if "[" in s.name else "", s.momentum, f)
+                           for s, f in zip(opt.layout(weight).segments, fed)]  # fmt: skip
+    expected = {
+        "qwen3_next": {"in_proj_qkvz": [("Q", "lowrank", "q"), ("K", "lowrank", "k"), ("V", "full", "v"),
+                                        ("gate", "lowrank", "z")], "in_proj_ba": [("", "full", "gb")]},
+        "olmo_hybrid": {"q_proj": [("", "lowrank", "q")], "k_proj": [("", "lowrank", "k")],
+                        "v_proj": [("", "full", "v")], "g_proj": [("", "lowrank", "z")], "a_proj": [("", "full", "g")],
+                        "b_proj": [("", "full", "b")]},
+    }.get(kind, {"in_proj_qkv": [("Q", "lowrank", "q"), ("K", "lowrank", "k"), ("V", "full", "v")],
+                 "in_proj_z": [("", "lowrank", "z")], "in_proj_a": [("", "full", "g")],
+                 "in_proj_b": [("", "full", "b")]})  # fmt: skip
+    assert feeds == expected
+    fused = getattr(linear, "in_proj_qkvz", None) or getattr(linear, "in_proj_qkv", None)
+    heads = [(fused.weight, 0, 0), (fused.weight, 1, 1)] if fused is not None else [
+        (linear.q_proj.weight, 0, 0), (linear.k_proj.weight, 0, 1)]  # fmt: skip
+    x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    for weight, index, which in heads:  # 2 key heads of 8; a recorded tensor may repeat each for 2 value heads
+        seg = opt.layout(weight).segments[index]
+        assert seg.block == (0, 8) and seg.momentum == "lowrank"
+        base = _probe_delta_rule(model, x)[which]
+        repeat = base.shape[2] // 2
+        for head in range(2):
+            delta = torch.zeros(seg.shape)
+            delta[head * 8 : (head + 1) * 8] = torch.randn(8, seg.shape[1])
+            saved = weight.detach().clone()
+            with torch.no_grad():
+                seg.view(weight.data).add_(seg.as_view(delta))
+            after = _probe_delta_rule(model, x)[which]
+            with torch.no_grad():
+                weight.copy_(saved)
+            changed = [h for h in range(base.shape[2]) if (after[:, :, h] - base[:, :, h]).abs().max() > 1e-4]
+            assert changed == list(range(head * repeat, (head + 1) * repeat)), (which, head, changed)
+    attention = model.model.layers[1].self_attn
+    if kind == "olmo_hybrid":
+        return
+    q_proj = attention.q_proj.weight
+    assert [(s.name.rsplit("[", 1)[1], s.role) for s in opt.layout(q_proj).segments] == [("Q]", "query"),
+                                                                                          ("gate]", "mlp")]  # fmt: skip
+    assert _what_each_segment_feeds(model, opt, q_proj, _probe_sdpa) == ["q", ""]
+    _assert_each_head_block_changes_its_head(model, opt, q_proj, 0, 8, heads=4)
 
 
 @pytest.mark.parametrize("kind", [*MLA, "deepseek_v2-noqlora"])

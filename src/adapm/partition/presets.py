@@ -58,7 +58,9 @@ class PresetRule:
     row ranges. ``qkv_heads``: query, key and value interleaved per head (``[q_h, k_h, v_h]`` for each head
     h). ``qkv_sizes``: query, key and value in consecutive parts of their own sizes (grouped-query
     attention). ``falcon``: Falcon's three layouts, chosen by its config. ``bigcode``: GPT-BigCode's two. ``codegen``:
-    CodeGen's four ``[q | v | k]`` blocks."""
+    CodeGen's four ``[q | v | k]`` blocks. ``mla_kv_a``, ``mla_kv_b``: multi-head latent attention's (see
+    :data:`MLA_MODEL_TYPES`). ``linear_qkv``, ``linear_qkvz``: Gated DeltaNet's (see
+    :data:`GATED_DELTANET_MODEL_TYPES`). ``q_gate_heads``: a query and an output gate per head."""
     segment_names: tuple[str, ...] = ()
     """Names of the segments of one expert (default: the roles' short names)."""
     split_axis: int = 0
@@ -87,6 +89,18 @@ head's ``[key nope | value]``. Every model type here is proven on its own forwar
 DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
 """Of those, the models with DeepSeek-V3.2's sparse-attention indexer (``indexer.wq_b``, ``indexer.wk``,
 ``indexer.weights_proj``; it picks the keys each query attends to, and is trained by its own loss)."""
+
+
+GATED_DELTANET_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "olmo_hybrid")
+"""Models with Gated DeltaNet linear-attention layers (``linear_attn``), as their modeling code computes them:
+per-head queries and keys of ``linear_key_head_dim``, values, an output gate (``z``, OLMo Hybrid's
+``g_proj``), per-head decay and beta inputs (``a``, ``b``) and a depthwise convolution over q, k and v.
+Qwen3-Next fuses them per key head as ``[q | k | v | z]`` (``in_proj_qkvz``) and ``[b | a]``; Qwen3.5 as
+``[q | k | v]``; OLMo Hybrid keeps them apart. Every model type here is proven on its own forward in the tests."""
+
+GATED_ATTENTION_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+"""Models whose full-attention ``q_proj`` holds each head's query then its output gate (``[q_h | gate_h]``),
+the gate multiplying that head's attention output."""
 
 
 MIXTRAL_STYLE_EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts", "DeepseekV2Experts",
@@ -135,6 +149,29 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("dsa", r"(^|\.)indexer\.wk\.weight$", ("key",), head_size=("index_head_dim",),
                model_types=DSA_MODEL_TYPES),
     PresetRule("dsa", r"(^|\.)indexer\.weights_proj\.weight$", ("router",), model_types=DSA_MODEL_TYPES),
+    # Gated DeltaNet linear attention: queries and keys per head of linear_key_head_dim, values, the output
+    # gate (a gate like an MLP's: low-rank momentum), and tiny matrices (the per-head decay and beta inputs,
+    # the depthwise convolution kernels): full momentum.
+    PresetRule("gated-deltanet", r"(^|\.)linear_attn\.in_proj_qkvz\.weight$", ("query", "key", "value", "mlp"),
+               ("Linear",), layout="linear_qkvz", head_size=("linear_key_head_dim",),
+               model_types=GATED_DELTANET_MODEL_TYPES),
+    PresetRule("gated-deltanet", r"(^|\.)linear_attn\.in_proj_qkv\.weight$", ("query", "key", "value"), ("Linear",),
+               layout="linear_qkv", head_size=("linear_key_head_dim",), model_types=GATED_DELTANET_MODEL_TYPES),
+    PresetRule("gated-deltanet", r"(^|\.)linear_attn\.q_proj\.weight$", ("query",), head_size=("linear_key_head_dim",),
+               model_types=GATED_DELTANET_MODEL_TYPES),
+    PresetRule("gated-deltanet", r"(^|\.)linear_attn\.k_proj\.weight$", ("key",), head_size=("linear_key_head_dim",),
+               model_types=GATED_DELTANET_MODEL_TYPES),
+    PresetRule("gated-deltanet", r"(^|\.)linear_attn\.v_proj\.weight$", ("value",),
+               model_types=GATED_DELTANET_MODEL_TYPES),
+    PresetRule("gated-deltanet", r"(^|\.)linear_attn\.(in_proj_z|g_proj)\.weight$", ("mlp",),
+               model_types=GATED_DELTANET_MODEL_TYPES),
+    PresetRule("gated-deltanet", r"(^|\.)linear_attn\.(in_proj_ba|in_proj_a|in_proj_b|a_proj|b_proj|conv1d)\.weight$",
+               ("router",), model_types=GATED_DELTANET_MODEL_TYPES),
+    PresetRule("gated-deltanet", r"(^|\.)linear_attn\.(out_proj|o_proj)\.weight$", ("attn_out",),
+               model_types=GATED_DELTANET_MODEL_TYPES),
+    # Qwen3-Next / Qwen3.5 gated attention: per head, the query then the gate of that head's output.
+    PresetRule("gated-attention", r"(^|\.)self_attn\.q_proj\.weight$", ("query", "mlp"), ("Linear",),
+               layout="q_gate_heads", model_types=GATED_ATTENTION_MODEL_TYPES),
     # Llama, Mistral, Qwen2 and their relatives.
     PresetRule("llama", r"(^|\.)embed_tokens\.weight$", ("embedding",)),
     PresetRule("llama", r"(^|\.)q_proj\.weight$", ("query",)),
@@ -245,9 +282,17 @@ def fused_parts(layout: str, config: Any, size: int) -> list[Part] | None:
     """The segments of a fused query/key/value weight whose split axis has ``size`` entries, read from the
     model's ``config`` as its modeling code reads it; None if the config does not determine them (the
     weight is then kept whole)."""
+    if layout.startswith("linear_"):
+        return _linear_attention_parts(layout, config, size)
     heads = _config_int(config, HEAD_COUNT_KEYS)
     if heads is None:
         return None
+    if layout == "q_gate_heads":
+        hd = _config_int(config, ("head_dim",))
+        if hd is None:
+            return None
+        parts = [("Q", "query", 0, hd, heads, 2 * hd), ("gate", "mlp", hd, hd, heads, 2 * hd)]
+        return parts if heads * 2 * hd == size else None
     if layout.startswith("mla_"):
         return _mla_parts(layout, config, heads, size)
     if layout == "falcon":
@@ -285,6 +330,28 @@ def fused_parts(layout: str, config: Any, size: int) -> list[Part] | None:
 
 
 _QKV = (("Q", "query"), ("K", "key"), ("V", "value"))
+
+
+def _linear_attention_parts(layout: str, config: Any, size: int) -> list[Part] | None:
+    """Gated DeltaNet's fused input projections (see :data:`GATED_DELTANET_MODEL_TYPES`): ``linear_qkv`` is
+    ``[q | k | v]``; ``linear_qkvz`` is ``[q | k | v | z]`` for each key head in turn, its v and z holding that
+    key head's share of the value heads."""
+    keys = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim")
+    dims = [_config_int(config, (key,)) for key in keys]
+    if any(d is None for d in dims):
+        return None
+    nk, nv, dk, dv = (int(d) for d in dims)  # type: ignore[arg-type]
+    if layout == "linear_qkv":
+        q, v = nk * dk, nv * dv
+        parts: list[Part] = [("Q", "query", 0, q, 1, 0), ("K", "key", q, q, 1, 0), ("V", "value", 2 * q, v, 1, 0)]
+        return parts if 2 * q + v == size else None
+    if layout != "linear_qkvz" or nv % nk:
+        return None
+    w = nv // nk * dv
+    period = 2 * dk + 2 * w
+    parts = [("Q", "query", 0, dk, nk, period), ("K", "key", dk, dk, nk, period), ("V", "value", 2 * dk, w, nk, period),
+             ("gate", "mlp", 2 * dk + w, w, nk, period)]  # fmt: skip
+    return parts if nk * period == size else None
 
 
 def _mla_parts(layout: str, config: Any, heads: int, size: int) -> list[Part] | None:
