@@ -244,12 +244,32 @@ def _probe_qkv(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, ..
     return seen
 
 
+def _probe_method(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The first three arguments of ``module``'s method ``name`` (run unchanged) on the model's forward of ``x``."""
+    method, seen = getattr(module, name), []
+
+    def record(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(tuple(t.detach().clone() for t in args[:3]))
+        return method(*args, **kwargs)
+
+    setattr(module, name, record)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=x)
+    finally:
+        delattr(module, name)
+    return seen[0]
+
+
 def _probe_split(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The query, key and value layer 0's attention receives on ``x``: recorded from the model's own
     split method where it has one (BLOOM's ``_reshape``, Falcon's ``_split_heads``, run unchanged),
     else through a registered Hugging Face attention function."""
     if getattr(getattr(model, "config", None), "model_type", None) == "mpt":
         return _probe_matmuls(model, x)
+    if getattr(getattr(model, "config", None), "model_type", None) == "gpt_neox_japanese":
+        return _probe_method(model, model.gpt_neox_japanese.layers[0].attention, "_attn", x)
     attn = (
         next(m for m in model.modules() if hasattr(m, "_split_heads") or hasattr(m, "_reshape"))
         if any(hasattr(m, "_split_heads") or hasattr(m, "_reshape") for m in model.modules())
@@ -353,6 +373,15 @@ def _fused_family(kind: str) -> tuple[nn.Module, nn.Parameter]:
             T.GPTNeoXConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128, **small)
         )
         return model, model.gpt_neox.layers[0].attention.query_key_value.weight
+    if kind == "gpt_neox_japanese":
+        model = T.GPTNeoXJapaneseForCausalLM(T.GPTNeoXJapaneseConfig(
+            hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_multiple_size=2,
+            **small))  # fmt: skip
+        return model, model.gpt_neox_japanese.layers[0].attention.query_key_value.weight
+    if kind == "persimmon":
+        model = T.PersimmonForCausalLM(T.PersimmonConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                                         intermediate_size=128, **small))  # fmt: skip
+        return model, model.model.layers[0].self_attn.query_key_value.weight
     if kind == "bloom":
         model = T.BloomForCausalLM(T.BloomConfig(hidden_size=64, n_layer=1, n_head=4, **small))
         return model, model.transformer.h[0].self_attention.query_key_value.weight
@@ -387,8 +416,8 @@ def _fused_family(kind: str) -> tuple[nn.Module, nn.Parameter]:
     return model, model.model.layers[0].self_attn.qkv_proj.weight
 
 
-FUSED_FAMILIES = ("bigcode-mha", "bigcode-mqa", "gpt_neox", "bloom", "falcon-mqa", "falcon-mha", "falcon-gqa", "phi3",
-                  "codegen", "mpt")
+FUSED_FAMILIES = ("bigcode-mha", "bigcode-mqa", "gpt_neox", "gpt_neox_japanese", "persimmon", "bloom", "falcon-mqa",
+                  "falcon-mha", "falcon-gqa", "phi3", "codegen", "mpt")
 
 
 @pytest.mark.parametrize("kind", FUSED_FAMILIES)
@@ -596,6 +625,58 @@ WHOLE_BY_EXPERTS = ("aria_text", "cohere2_moe", "ernie4_5_moe", "exaone_moe", "f
 
 GATED_DELTANET = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid")
 """Model types with Gated DeltaNet linear attention (built with one linear and one full attention layer)."""
+
+
+def _named_family(kind: str) -> nn.Module:
+    """A tiny model of a family recognised by names alone (no fused weight to split)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=80)
+    models = {
+        "bart": lambda: T.BartForConditionalGeneration(T.BartConfig(
+            d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32, **small)),
+        "gpt_neo": lambda: T.GPTNeoForCausalLM(T.GPTNeoConfig(
+            hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+            max_position_embeddings=32, **small)),
+        "roberta": lambda: T.RobertaForMaskedLM(T.RobertaConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=40, **small)),
+        "big_bird": lambda: T.BigBirdModel(T.BigBirdConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+            attention_type="original_full", **small)),
+        "openai-gpt": lambda: T.OpenAIGPTLMHeadModel(T.OpenAIGPTConfig(n_embd=32, n_layer=1, n_head=4, n_positions=32,
+                                                                       **small)),
+        "lfm2": lambda: _tiny("lfm2"),
+        "afmoe": lambda: _tiny("afmoe"),
+    }  # fmt: skip
+    return models[kind]()
+
+
+@pytest.mark.parametrize(("kind", "names"), [
+    ("bart", {"encoder_attn.out_proj.weight": "attn_out", "self_attn.out_proj.weight": "attn_out"}),
+    ("gpt_neo", {"attn.attention.out_proj.weight": "attn_out"}),
+    ("roberta", {"lm_head.dense.weight": "mlp"}),
+    ("big_bird", {"pooler.weight": "mlp"}),
+    ("openai-gpt", {"positions_embed.weight": "embedding"}),
+    ("lfm2", {"feed_forward.w1.weight": "mlp", "feed_forward.w2.weight": "mlp", "feed_forward.w3.weight": "mlp"}),
+    ("afmoe", {"router.gate.weight": "router"}),
+])  # fmt: skip
+def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) -> None:
+    """Cross-attention and GPT-Neo's attention outputs, RoBERTa's head, BigBird's pooler, GPT-1's positions,
+    LFM2's feed-forward (Meta's w1/w2/w3 naming) and AFMoE's router: nothing left unknown."""
+    import warnings
+
+    model = _named_family(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing unknown
+        opt = adapm.AdaPMMini(model, lr=1e-3)
+    rows = _rows(opt)
+    for suffix, role in names.items():
+        found = [r.role for n, r in rows.items() if n.endswith(suffix)]
+        assert found and set(found) == {role}, (suffix, found)
+    assert opt.partition_report().unmatched == []
 
 
 @pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET)

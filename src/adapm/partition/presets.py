@@ -179,10 +179,11 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("llama", r"(^|\.)v_proj\.weight$", ("value",)),
     PresetRule("llama", r"(^|\.)o_proj\.weight$", ("attn_out",)),
     PresetRule("llama", r"(^|\.)(gate|up|down)_proj\.weight$", ("mlp",)),
+    PresetRule("llama", r"(^|\.)feed_forward\.w[123]\.weight$", ("mlp",)),  # Meta's reference naming, LFM2
     PresetRule("llama", r"(^|\.)lm_head\.weight$", ("output",)),
     # Phi, GPT-J, OPT (their q/k/v_proj, embed_tokens, wte and lm_head are matched above or below).
     PresetRule("phi", r"(^|\.)self_attn\.dense\.weight$", ("attn_out",)),
-    PresetRule("gptj-opt", r"(^|\.)(attn|self_attn)\.out_proj\.weight$", ("attn_out",)),
+    PresetRule("gptj-opt", r"(^|\.)(attn|self_attn|encoder_attn|attention)\.out_proj\.weight$", ("attn_out",)),
     PresetRule("phi-gptj-opt", r"(^|\.)(fc1|fc2|fc_in|fc_out)\.weight$", ("mlp",)),
     PresetRule("opt", r"(^|\.)embed_positions\.weight$", ("embedding",)),
     # GPT-NeoX / Pythia, BLOOM, Falcon: embeddings, attention output and MLP by name. Their fused
@@ -193,7 +194,9 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("neox-bloom-falcon", r"(^|\.)(attention|self_attention)\.dense\.weight$", ("attn_out",)),
     PresetRule("neox-bloom-falcon", r"(^|\.)dense_(h_to_4h|4h_to_h)\.weight$", ("mlp",)),
     PresetRule("gpt_neox", r"(^|\.)attention\.query_key_value\.weight$", ("query", "key", "value"),
-               ("Linear",), layout="qkv_heads", model_types=("gpt_neox",)),
+               ("Linear",), layout="qkv_heads", model_types=("gpt_neox", "gpt_neox_japanese")),
+    PresetRule("persimmon", r"(^|\.)self_attn\.query_key_value\.weight$", ("query", "key", "value"),
+               ("Linear",), layout="qkv_heads", model_types=("persimmon",)),
     PresetRule("bloom", r"(^|\.)self_attention\.query_key_value\.weight$", ("query", "key", "value"),
                ("Linear",), layout="qkv_heads", model_types=("bloom",)),
     PresetRule("falcon", r"(^|\.)self_attention\.query_key_value\.weight$", ("query", "key", "value"),
@@ -238,7 +241,7 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("moe", r"(^|\.)experts\.(gate_up_proj|down_proj)$", ("mlp",), layout="experts"),
     PresetRule("moe", r"(^|\.)experts\.\w+_bias$", ("vector",)),
     # Mixture-of-experts routers (Mixtral, Qwen2-MoE and Qwen3-MoE's mlp.gate, a shared expert's gate).
-    PresetRule("moe", r"(^|\.)router\.weight$", ("router",)),
+    PresetRule("moe", r"(^|\.)router\.(gate\.|layer\.|classifier\.)?weight$", ("router",)),
     PresetRule("moe", r"(^|\.)mlp\.gate\.weight$", ("router",)),
     PresetRule("moe", r"(^|\.)shared_expert_gate\.weight$", ("router",)),
     # BERT-style encoders (BERT, RoBERTa, ...). attention.output must come before output.
@@ -249,6 +252,8 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("bert", r"(^|\.)attention\.output\.dense\.weight$", ("attn_out",)),
     PresetRule("bert", r"(^|\.)(intermediate|output)\.dense\.weight$", ("mlp",)),
     PresetRule("bert", r"(^|\.)(predictions\.transform|pooler)\.dense\.weight$", ("mlp",)),
+    PresetRule("bert", r"(^|\.)(lm_head\.dense|pooler)\.weight$", ("mlp",)),  # RoBERTa's head; BigBird's pooler
+    PresetRule("openai-gpt", r"(^|\.)positions_embed\.weight$", ("embedding",)),
 )
 
 SEGMENT_NAMES: dict[str, str] = {"query": "Q", "key": "K", "value": "V"}
