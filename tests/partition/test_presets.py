@@ -461,13 +461,13 @@ def test_per_head_blocks_follow_the_real_heads(kind: str) -> None:
         assert changed == [head], (kind, head, changed)
 
 
-@pytest.mark.parametrize("kind", ["gpt_neox", "falcon-gqa", "phi3", "deepseek_v3"])
+@pytest.mark.parametrize("kind", ["gpt_neox", "falcon-gqa", "phi3", "deepseek_v3", "qwen3_next", "qwen3_5_text"])
 def test_interleaved_and_unequal_layouts_train_like_the_per_block_reference(kind: str) -> None:
-    """The grouped step on interleaved and unequal segments (and latent attention's) equals the per-block
-    step, and both train."""
+    """The grouped step on interleaved and unequal segments (and latent attention's, Gated DeltaNet's and
+    gated attention's) equals the per-block step, and both train."""
     import copy
 
-    model = _mla_model(kind) if kind in MLA else _fused_family(kind)[0]
+    model = _mla_model(kind) if kind in MLA else _tiny(kind) if kind in GATED_DELTANET else _fused_family(kind)[0]
     twin = copy.deepcopy(model)
     opts = [adapm.AdaPMMini(m, lr=1e-3, foreach=f) for m, f in ((model, False), (twin, True))]
     gen = torch.Generator().manual_seed(0)
