@@ -61,19 +61,16 @@ class ModelConfig:
     """Which model to train."""
 
     model: str = "gpt2-1m"
-    """A size preset, e.g. gpt2-1m, gpt2-5m, llama-20m."""
+    """A size preset, e.g. gpt2-1m, gpt2-5m, llama-20m; or a Hugging Face config.json, model directory or
+    cached model id, whose architecture is trained from a random init at the tokenizer's vocabulary."""
     init_from: str | None = None
     """A local Hugging Face checkpoint directory to start from instead of a fresh preset."""
 
     def __post_init__(self) -> None:
-        from adapm.train.models import MODEL_PRESETS
+        from adapm.train.models import MODEL_PRESETS, config_file
 
-        _check(
-            self.model in MODEL_PRESETS or self.init_from is not None,
-            "model",
-            self.model,
-            f"one of {sorted(MODEL_PRESETS)}",
-        )
+        if self.model not in MODEL_PRESETS and self.init_from is None:
+            config_file(self.model)  # an error naming the model and what it may be
 
 
 @dataclass

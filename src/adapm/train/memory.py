@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,8 +17,7 @@ from torch import nn
 
 import adapm
 from adapm.train.config import OptimConfig
-from adapm.train.hub import cached_snapshot, looks_like_hub_id
-from adapm.train.models import MODEL_PRESETS, build_model
+from adapm.train.models import MODEL_PRESETS, build_model, load_config
 from adapm.train.optimizers import build_optimizer
 from adapm.train.registry import PAPER_OPTIMIZERS, REGISTRY
 from adapm.train.tables import markdown_table
@@ -46,20 +44,7 @@ def meta_model(name: str) -> nn.Module:
     local Hugging Face cache, built on the meta device (nothing allocated, nothing downloaded)."""
     if name in MODEL_PRESETS:
         return build_model(name, device="meta")
-    path = cached_snapshot(name, "model", "--model") if looks_like_hub_id(name) else Path(name).expanduser()
-    config_file = path / "config.json" if path.is_dir() else path
-    if config_file.is_file() and config_file.suffix == ".json":
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(str(config_file), local_files_only=True)
-        except (OSError, ValueError, KeyError) as err:
-            raise ValueError(f"Invalid model: {name!r}: {config_file} is not a Hugging Face config ({err})") from None
-        return model_from_config(config, device="meta")
-    raise ValueError(
-        f"Invalid model: {name!r}; expected a preset {sorted(MODEL_PRESETS)}, a local HF model directory or a "
-        "config.json file"
-    )
+    return model_from_config(load_config(name), device="meta")
 
 
 def model_from_config(config: Any, device: str | torch.device = "meta") -> nn.Module:

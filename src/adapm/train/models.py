@@ -1,4 +1,5 @@
-"""Model size presets (HF GPT2LMHeadModel and LlamaForCausalLM) and loading local checkpoints.
+"""Model size presets (HF GPT2LMHeadModel and LlamaForCausalLM), architectures from Hugging Face configs,
+and loading local checkpoints.
 
 Tiny presets (about 1M, 5M and 20M parameters at a 2048-token vocabulary) train on a CPU; the paper's
 sizes (GPT-2 124M-1.5B with its 50257-token vocabulary, Llama 60M-350M and 7B with 32000 tokens) are
@@ -60,12 +61,55 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
 """Every model size by name; the Llama sizes follow GaLore's and Adam-mini's configs."""
 
 
+def config_file(name: str, flag: str = "--model") -> Path:
+    """The ``config.json`` that ``name`` names: the file itself, a local model directory holding one, or a
+    model id in the local Hugging Face cache (never downloaded)."""
+    from adapm.train.hub import cached_snapshot, looks_like_hub_id
+
+    path = cached_snapshot(name, "model", flag) if looks_like_hub_id(name) else Path(name).expanduser()
+    file = path / "config.json" if path.is_dir() else path
+    if not (file.is_file() and file.suffix == ".json"):
+        raise ValueError(
+            f"Invalid model: {name!r}; expected a preset {sorted(MODEL_PRESETS)}, a local Hugging Face model "
+            "directory, a config.json file or a model id in the local Hugging Face cache"
+        )
+    return file
+
+
+def load_config(name: str, flag: str = "--model") -> Any:
+    """The transformers config that :func:`config_file` finds for ``name``."""
+    from transformers import AutoConfig
+
+    file = config_file(name, flag)
+    try:
+        return AutoConfig.from_pretrained(str(file), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"Invalid model: {name!r}: {file} is not a Hugging Face config ({err})") from None
+
+
+def _from_file(name: str, vocab_size: int | None, seq_len: int) -> Any:
+    """A Hugging Face config given by file, directory or cached id, its vocabulary resized to ``vocab_size``
+    (the data's tokenizer) and its special-token ids kept inside it."""
+    config = load_config(name)
+    text = config.get_text_config()
+    if vocab_size is not None:
+        text.vocab_size = vocab_size
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(text, key, None)
+            if isinstance(value, int) and value >= vocab_size:
+                setattr(text, key, None if key == "pad_token_id" else vocab_size - 1)
+    if getattr(text, "max_position_embeddings", seq_len) < seq_len:
+        text.max_position_embeddings = seq_len
+    return config
+
+
 def hf_config(name: str, vocab_size: int | None = None, seq_len: int = 1024) -> Any:
-    """The transformers config of a preset (``vocab_size`` defaults to the paper's)."""
+    """The transformers config of a preset (``vocab_size`` defaults to the paper's), or of a Hugging Face
+    ``config.json`` (file, model directory or cached model id), resized to ``vocab_size`` when given."""
     from transformers import GPT2Config, LlamaConfig
 
     if name not in MODEL_PRESETS:
-        raise ValueError(f"Invalid model preset: {name!r}; expected one of {sorted(MODEL_PRESETS)}")
+        return _from_file(name, vocab_size, seq_len)
     preset = MODEL_PRESETS[name]
     vocab = vocab_size or preset.paper_vocab or 2048
     if preset.family == "gpt2":
@@ -98,12 +142,14 @@ def build_model(
     eos_token_id: int | None = None,
     device: str | torch.device | None = None,
 ) -> nn.Module:
-    """A freshly initialised causal LM of preset ``name`` (on ``device``, e.g. ``"meta"``)."""
+    """A freshly initialised causal LM of preset ``name``, or of the architecture a Hugging Face config names
+    (see :func:`hf_config`; its weights, if any, are not read), on ``device`` (e.g. ``"meta"``)."""
     from transformers import AutoModelForCausalLM
 
     config = hf_config(name, vocab_size, seq_len)
     if eos_token_id is not None:
-        config.eos_token_id = config.bos_token_id = eos_token_id
+        text = config.get_text_config()
+        text.eos_token_id = text.bos_token_id = eos_token_id
     with torch.device(device or "cpu"):
         return AutoModelForCausalLM.from_config(config)
 
