@@ -984,6 +984,9 @@ def test_a_multimodal_models_language_model_is_read_with_its_own_config() -> Non
     language, tower = model.model.language_model, model.model.vision_tower
     _assert_each_head_block_changes_its_head(model, opt, language.layers[0].self_attn.q_proj.weight, 0, 16, heads=4)
     assert opt.layout(tower.encoder.layers[0].self_attn.q_proj.weight).segments[0].block == (0, 8)
+    from adapm.partition.rules import ModelDims, model_dims
+
+    assert model_dims(model) == ModelDims(hidden=32, heads=4, kv_heads=2)  # the language model's (GaLore, Adam-mini)
 
 
 def _probe_delta_rule(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

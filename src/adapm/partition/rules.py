@@ -142,10 +142,13 @@ class ModelDims:
 
 
 def model_dims(model: nn.Module | None) -> ModelDims:
-    """Hidden size, attention heads and key/value heads of ``model`` (HF and nanoGPT-style configs)."""
+    """Hidden size, attention heads and key/value heads of ``model`` (HF and nanoGPT-style configs; a
+    multimodal model's are its language model's)."""
     config = _config_of(model)
     if config is None:
         return ModelDims(None, None, None)
+    if callable(getattr(config, "get_text_config", None)):
+        config = config.get_text_config()
     heads = _config_value(config, HEAD_COUNT_KEYS)
     return ModelDims(_config_value(config, HIDDEN_SIZE_KEYS), heads, _config_value(config, KV_HEAD_COUNT_KEYS) or heads)
 
