@@ -350,8 +350,10 @@ class AdaPM(Optimizer):
             )
         else:
             whole = [n for g in self.param_groups if g.get("kept_whole") for n in g["names"]]
+            sharded = [n for g in self.param_groups if g.get("kept_whole") == "sharded" for n in g["names"]]
             unknown = [n for n in report.unmatched if n not in whole]
-            if not whole and not unknown:
+            whole = [n for n in whole if n not in sharded]
+            if not whole and not unknown and not sharded:
                 return
             fallback = sum(r.state_bytes for r in report.rows if not r.matched)
             parts = []
@@ -363,6 +365,12 @@ class AdaPM(Optimizer):
                 parts.append(
                     f"{len(whole)} fused {what} whose layout is not known for this model kept whole "
                     f"({some_names(whole)})"
+                )
+            if sharded:
+                what = "weight" if len(sharded) == 1 else "weights"
+                parts.append(
+                    f"{len(sharded)} fused {what} kept whole because FSDP2 shards the rows their parts run along "
+                    f"({some_names(sharded)}; keep those modules unsharded to split them)"
                 )
             message = (
                 f"AdaPM: {' and '.join(parts)}: they keep full momentum and a full second moment, "
@@ -612,17 +620,16 @@ class AdaPM(Optimizer):
             if info.sharded and layout.fused and layout.segments[0].index is not None:
                 raise NotImplementedError(
                     f"AdaPM: '{layout.name}' is a stack of expert matrices, which FSDP2 shards across experts; "
-                    "a per-expert policy needs each expert whole: keep it unsharded (e.g. wrap the experts with "
-                    "DDP or expert parallelism) or give it full momentum with a rule"
+                    "a per-expert policy needs each expert whole: build the optimizer after fully_shard (the stack "
+                    "is then kept whole, with full state) or keep the experts unsharded"
                 )
             if info.sharded and layout.fused and layout.segments[0].dim == 0:
                 kind = "interleaved or unequal q/k/v parts" if layout.segments[0].groups > 1 or len(
                     {s.shape for s in layout.segments}) > 1 else "segments"  # fmt: skip
                 raise NotImplementedError(
                     f"AdaPM: fused parameter '{layout.name}' holds {kind} along its rows (dim 0), which FSDP2 "
-                    "shards across ranks (e.g. GPT-NeoX, BLOOM, Falcon, Phi-3, GPT-BigCode, nanoGPT): train it "
-                    "with DDP, keep that module unsharded, or use a model with separate q/k/v projections "
-                    "(or HF GPT-2's Conv1D layout)"
+                    "shards across ranks: build the optimizer after fully_shard (the weight is then kept whole, "
+                    "with full state), keep that module unsharded, or train it with DDP"
                 )
             self._shards[p] = info
         return info

@@ -248,6 +248,13 @@ def _model_type(model: nn.Module | None) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _rows_sharded(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a DTensor whose rows are sharded (FSDP2's ``Shard(0)``)."""
+    from adapm.distributed import is_dtensor
+
+    return is_dtensor(param) and any(placement.is_shard(0) for placement in param.placements)  # type: ignore[attr-defined]
+
+
 def _fused_layout_known(rule: PresetRule, name: str, shape: tuple[int, ...], model: nn.Module | None) -> bool:
     """Whether the fused weight ``name`` really holds ``rule.roles`` in contiguous equal parts: decided
     by its module class and the model type, never by the name alone."""
@@ -334,6 +341,7 @@ def partition(
     )
     groups: list[dict[str, Any]] = []
     kept_whole: list[str] = []
+    sharded_whole: set[str] = set()
     fused_names: list[tuple[str, list[str]]] = []
     for names, param in entries:
         if not param.requires_grad:
@@ -358,6 +366,10 @@ def partition(
         ):
             kept_whole.append(name)
             preset, fused, experts = None, False, False
+        elif fused and _rows_sharded(param) and (experts or geometry is not None or out_dim == 0):
+            kept_whole.append(name)  # FSDP2 cuts its rows, which its segments run along
+            sharded_whole.add(name)
+            preset, fused, experts = None, False, False
         roles = ("vector",) if param.dim() < 2 else (preset.roles if preset else ("other",))
         group: dict[str, Any] = {
             "params": [param],
@@ -369,7 +381,7 @@ def partition(
             "matched": param.dim() < 2 or preset is not None,
         }
         if name in kept_whole:
-            group["kept_whole"] = True
+            group["kept_whole"] = "sharded" if name in sharded_whole else True
         if not fused:
             role = roles[0]
             policy = _resolve(role, [name, *aliases], user_rules, second_moment, used)
