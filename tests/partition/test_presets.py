@@ -723,7 +723,9 @@ EXPERTS: dict[str, str] = {
     "mellum": "MellumExperts", "mimo_v2_flash": "MiMoV2FlashExperts", "minimax": "MiniMaxExperts",
     "minimax_m2": "MiniMaxM2Experts", "phimoe": "PhimoeExperts", "qwen3_5_moe_text": "Qwen3_5MoeExperts",
     "qwen3_next": "Qwen3NextExperts", "solar_open": "SolarOpenExperts", "zaya": "ZayaExperts",
-    "llama4": "Llama4TextExperts", "aria_text": "AriaExperts",
+    "llama4": "Llama4TextExperts", "aria_text": "AriaExperts", "deepseek_v4": "DeepseekV4Experts",
+    "hy_v4": "HYV4Experts", "beam": "BeamExperts", "minimax_m3_vl_text": "MiniMaxM3VLExperts",
+    "inkling2_text": "Inkling2Experts",
 }  # fmt: skip
 """A model type for each expert module class the presets split, and that class."""
 
@@ -738,12 +740,22 @@ def test_expert_segments_match_what_each_expert_computes(kind: str) -> None:
     expert's ``gate`` segment changes the activation's input (the gate), a row of its ``up`` segment
     changes the output only, and a ``down_proj`` segment changes only its own expert's output."""
     known = kind in FAMILIES
-    model = _family(kind) if known else _tiny(kind, **({"num_experts_per_tok": 1} if kind == "zaya" else {}))
+    extra = {"zaya": {"num_experts_per_tok": 1}, "beam": {"mlp_layer_types": ["dense", "sparse"]}}.get(kind, {})
+    model = _family(kind) if known else _tiny(kind, **extra)
     opt = adapm.AdaPMMini(model, lr=1e-3)
     experts = next(m for m in model.modules() if type(m).__name__ == EXPERTS[kind])
     gate_up, down = experts.gate_up_proj, experts.down_proj
-    seen: list[torch.Tensor] = []
-    experts.act_fn.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().clone()))
+    seen: list[torch.Tensor] = []  # the gate: the activation's input, or the first half of _apply_gate's
+    if hasattr(experts, "_apply_gate"):  # a gated activation of its own (DeepSeek-V4's clamped SwiGLU, ...)
+        apply_gate = experts._apply_gate
+
+        def observed(gate_up: torch.Tensor) -> torch.Tensor:
+            seen.append(gate_up.detach().clone().chunk(2, dim=-1)[0])
+            return apply_gate(gate_up)
+
+        experts._apply_gate = observed
+    else:
+        experts.act_fn.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().clone()))
     llama4 = kind == "llama4"  # (in, out) experts run on every expert's share of the tokens at once
     in_out = type(experts).__name__ in IN_OUT_EXPERTS
     hidden = gate_up.shape[1] if in_out else gate_up.shape[-1]

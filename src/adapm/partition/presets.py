@@ -111,9 +111,11 @@ MIXTRAL_STYLE_EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts",
                          "GraniteMoeHybridExperts", "GraniteMoeSharedExperts", "HYV3Experts", "InklingExperts",
                          "JambaExperts", "KimiLinearExperts", "Kolibri1Experts", "LagunaExperts", "MellumExperts",
                          "MiMoV2FlashExperts", "MiniMaxExperts", "MiniMaxM2Experts", "PhimoeExperts",
-                         "Qwen3_5MoeExperts", "Qwen3NextExperts", "SolarOpenExperts", "ZayaExperts")
+                         "Qwen3_5MoeExperts", "Qwen3NextExperts", "SolarOpenExperts", "ZayaExperts",
+                         "DeepseekV4Experts", "HYV4Experts", "BeamExperts", "MiniMaxM3VLExperts", "Inkling2Experts")
 """Expert modules holding ``(experts, 2 * intermediate, hidden)`` gate rows then up rows and ``(experts, hidden,
-intermediate)`` down matrices, each used as ``nn.Linear`` weights (every one is proven in the tests)."""
+intermediate)`` down matrices, each used as ``nn.Linear`` weights, whatever gated activation they apply to
+the two halves (SwiGLU, or a clamped one as in DeepSeek-V4); every one is proven in the tests."""
 
 IN_OUT_EXPERTS = ("Llama4TextExperts", "AriaExperts")
 """Expert modules holding ``(experts, hidden, 2 * intermediate)`` gate columns then up columns and ``(experts,
