@@ -936,16 +936,17 @@ def test_gpt_oss_alternating_gate_and_up_columns_match_its_experts() -> None:
             assert torch.allclose(two, 2 * one, atol=1e-5) is linear, (name, unit)
 
 
-def _probe_sdpa(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The query, key and value layer 0 passes to torch's ``scaled_dot_product_attention`` (the model runs
-    unchanged, with its ``sdpa`` attention and its own masks), observed with a torch function mode."""
+def _probe_sdpa(model: nn.Module, x: torch.Tensor, call: int = 0) -> tuple[torch.Tensor, ...]:
+    """The query, key and value that the ``call``-th attention (default: layer 0's) passes to torch's
+    ``scaled_dot_product_attention`` (the model runs unchanged, with its ``sdpa`` attention and its own
+    masks), observed with a torch function mode."""
     from torch.overrides import TorchFunctionMode
 
     calls: list[tuple[torch.Tensor, ...]] = []
 
     class Record(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            if func is torch.nn.functional.scaled_dot_product_attention and not calls:
+            if func is torch.nn.functional.scaled_dot_product_attention:
                 calls.append(tuple(t.detach().clone() for t in args[:3]))
             return func(*args, **(kwargs or {}))
 
@@ -953,24 +954,24 @@ def _probe_sdpa(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     model.eval()
     with torch.no_grad(), Record():
         model(input_ids=x)
-    return calls[0]
+    return calls[call]
 
 
 def _assert_each_head_block_changes_its_head(model: nn.Module, opt: adapm.AdaPM, weight: nn.Parameter, which: int,
-                                             size: int, heads: int) -> None:
+                                             size: int, heads: int, call: int = 0) -> None:
     """``weight``'s first segment is low-rank with per-head blocks of ``size`` rows, and perturbing block h
     changes head h alone of the query (``which`` 0) or key (1) that layer 0 passes to attention."""
     seg = opt.layout(weight).segments[0]
     assert seg.momentum == "lowrank" and seg.block == (0, size)
     x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
-    base = _probe_sdpa(model, x)[which]
+    base = _probe_sdpa(model, x, call)[which]
     for head in range(heads):
         delta = torch.zeros(seg.shape)
         delta[head * size : (head + 1) * size] = torch.randn(size, seg.shape[1])
         saved = weight.detach().clone()
         with torch.no_grad():
             seg.view(weight.data).add_(seg.as_view(delta))
-        after = _probe_sdpa(model, x)[which]
+        after = _probe_sdpa(model, x, call)[which]
         with torch.no_grad():
             weight.copy_(saved)
         changed = [h for h in range(heads) if (after[:, h] - base[:, h]).abs().max() > 1e-4]
@@ -1086,6 +1087,33 @@ def test_gated_deltanet_and_gated_attention_parts_feed_what_they_are_declared_as
                                                                                           ("gate]", "mlp")]  # fmt: skip
     assert _what_each_segment_feeds(model, opt, q_proj, _probe_sdpa) == ["q", ""]
     _assert_each_head_block_changes_its_head(model, opt, q_proj, 0, 8, heads=4)
+
+
+def test_heads_are_read_from_each_layers_own_config_where_layers_differ() -> None:
+    """Gemma 4's config holds head_dim per layer (sliding-window layers 8 here, global ones 16; reading it
+    globally is an error in transformers): each layer's query and key get blocks of its own heads, proven on
+    the global layer's attention; the per-layer input path is recognised (embedding, gated MLP)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "gemma4_text", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, per_layer_config={"01": {"head_dim": 16}},
+        layer_types=["sliding_attention", "full_attention"], vocab_size=80, vocab_size_per_layer_input=80,
+        hidden_size_per_layer_input=8, bos_token_id=0, eos_token_id=1, pad_token_id=0)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    assert opt.partition_report().unmatched == []
+    layers = model.model.layers
+    for layer, size in ((layers[0], 8), (layers[1], 16)):
+        assert opt.layout(layer.self_attn.q_proj.weight).segments[0].block == (0, size)
+        assert opt.layout(layer.self_attn.k_proj.weight).segments[0].block == (0, size)
+    rows = _rows(opt)
+    assert rows["model.embed_tokens_per_layer.weight"].role == "embedding"
+    gates = ("per_layer_input_gate", "per_layer_projection")
+    assert {rows[f"model.layers.0.{n}.weight"].role for n in gates} == {"mlp"}
+    # the global layer's query heads, at its attention (the model's second sdpa call)
+    _assert_each_head_block_changes_its_head(model, opt, layers[1].self_attn.q_proj.weight, 0, 16, heads=4, call=1)
 
 
 @pytest.mark.parametrize("kind", [*MLA, "deepseek_v2-noqlora"])

@@ -182,6 +182,11 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("llama", r"(^|\.)o_proj\.weight$", ("attn_out",)),
     PresetRule("llama", r"(^|\.)(gate|up|down)_proj\.weight$", ("mlp",)),
     PresetRule("llama", r"(^|\.)feed_forward\.w[123]\.weight$", ("mlp",)),  # Meta's reference naming, LFM2
+    # Gemma 3n / Gemma 4 per-layer inputs: a per-token embedding for every layer, projected from the input
+    # embeddings and fed through a gated MLP-like path in each layer (gate, activation, product, projection).
+    PresetRule("gemma-per-layer", r"(^|\.)embed_tokens_per_layer\.weight$", ("embedding",)),
+    PresetRule("gemma-per-layer", r"(^|\.)(per_layer_input_gate|per_layer_projection|per_layer_model_projection)"
+               r"\.weight$", ("mlp",)),
     PresetRule("llama", r"(^|\.)lm_head\.weight$", ("output",)),
     # Phi, GPT-J, OPT (their q/k/v_proj, embed_tokens, wte and lm_head are matched above or below).
     PresetRule("phi", r"(^|\.)self_attn\.dense\.weight$", ("attn_out",)),
@@ -277,9 +282,18 @@ Part = tuple[str, str, int, int, int, int]
 ``groups`` runs of ``length`` indices one every ``period`` (``groups == 1``: one run)."""
 
 
+def config_attr(config: Any, key: str) -> Any:
+    """``config.key``, or None where the config does not have it, or holds it per layer only (a heterogeneous
+    config such as Gemma 4's raises on a global read of ``head_dim``: each layer's config says)."""
+    try:
+        return getattr(config, key, None)
+    except RuntimeError:
+        return None
+
+
 def _config_int(config: Any, keys: tuple[str, ...]) -> int | None:
     for key in keys:
-        value = getattr(config, key, None)
+        value = config_attr(config, key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None

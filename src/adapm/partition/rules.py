@@ -27,6 +27,7 @@ from adapm.partition.presets import (
     PRESET_RULES,
     SEGMENT_NAMES,
     PresetRule,
+    config_attr,
     fused_parts,
     rule_head_size,
 )
@@ -126,7 +127,7 @@ def parse_rules(rules: Iterable[Any] | None) -> list[Rule]:
 
 def _config_value(config: Any, keys: Sequence[str]) -> int | None:
     for key in keys:
-        value = getattr(config, key, None)
+        value = config_attr(config, key)
         if isinstance(value, int) and value > 0:
             return value
     return None
@@ -168,7 +169,7 @@ def head_dim_of(model: nn.Module | None) -> int | None:
 def _head_dim(config: Any) -> int | None:
     if config is None:
         return None
-    head_dim = getattr(config, "head_dim", None)
+    head_dim = config_attr(config, "head_dim")
     if isinstance(head_dim, int) and head_dim > 0:
         return head_dim
     heads = _config_value(config, HEAD_COUNT_KEYS)
@@ -193,6 +194,17 @@ def _scope(model: nn.Module | None, name: str) -> nn.Module | None:
         if getattr(sub, "config", None) is not None and hasattr(type(sub), "config_class"):
             return sub
     return model
+
+
+def _layer_config(config: Any, name: str) -> Any:
+    """The config of the layer parameter ``name`` is in, where ``config`` differs per layer (Gemma 4's
+    ``per_layer_config``: sliding and global attention layers have different head sizes), else ``config``."""
+    per_layer = config_attr(config, "per_layer_config")
+    found = re.search(r"(^|\.)layers\.(\d+)\.", name)
+    if per_layer is None or found is None:
+        return config
+    index = int(found.group(2))
+    return per_layer[index] if index < len(per_layer) else config
 
 
 def _match_preset(names: Sequence[str], model: nn.Module | None) -> tuple[str, PresetRule] | None:
@@ -352,7 +364,7 @@ def partition(
         # A tied parameter is reported under the name its preset recognised (e.g. BLOOM's lm_head).
         name = found[0] if found else names[0]
         aliases = [n for n in names if n != name]
-        config = _config_of(_scope(model, name))
+        config = _layer_config(_config_of(_scope(model, name)), name)
         head_dim = _head_dim(config)
         preset = found[1] if found else None
         out_dim = _out_dim(name, model, conv1d_default) if param.dim() == 2 else 0
