@@ -244,13 +244,15 @@ def _probe_qkv(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, ..
     return seen
 
 
-def _probe_method(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The first three arguments of ``module``'s method ``name`` (run unchanged) on the model's forward of ``x``."""
+def _calls(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor) -> list[tuple[tuple, object]]:
+    """The arguments and result of each call of ``module``'s method ``name`` (run unchanged) in the model's
+    forward of ``x``."""
     method, seen = getattr(module, name), []
 
     def record(*args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(tuple(t.detach().clone() for t in args[:3]))
-        return method(*args, **kwargs)
+        out = method(*args, **kwargs)
+        seen.append((args, out))
+        return out
 
     setattr(module, name, record)
     model.eval()
@@ -259,7 +261,12 @@ def _probe_method(model: nn.Module, module: nn.Module, name: str, x: torch.Tenso
             model(input_ids=x)
     finally:
         delattr(module, name)
-    return seen[0]
+    return seen
+
+
+def _probe_method(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The first three arguments of ``module``'s method ``name`` on the model's forward of ``x``."""
+    return tuple(t.detach().clone() for t in _calls(model, module, name, x)[0][0][:3])
 
 
 def _probe_split(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -277,21 +284,7 @@ def _probe_split(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     )
     if attn is None:
         return _probe_qkv(model, x)[0]
-    name = "_split_heads" if hasattr(attn, "_split_heads") else "_reshape"
-    method, seen = getattr(attn, name), []
-
-    def record(*args, **kwargs):  # type: ignore[no-untyped-def]
-        out = method(*args, **kwargs)
-        seen.append(out)
-        return out
-
-    setattr(attn, name, record)
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(input_ids=x)
-    finally:
-        delattr(attn, name)
+    seen = [out for _, out in _calls(model, attn, "_split_heads" if hasattr(attn, "_split_heads") else "_reshape", x)]
     # One call giving (q, k, v) (BLOOM, Falcon), or one call each for q, k and v (CodeGen).
     first = seen[0] if isinstance(seen[0], tuple) else tuple(seen[:3])
     return tuple(t.detach().clone() for t in first)

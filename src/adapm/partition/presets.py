@@ -353,15 +353,21 @@ def fused_parts(layout: str, config: Any, size: int) -> list[Part] | None:
 _QKV = (("Q", "query"), ("K", "key"), ("V", "value"))
 
 
+def _config_ints(config: Any, keys: tuple[str, ...]) -> list[int] | None:
+    """Each of ``keys`` read from ``config`` as a positive integer, or None if any is missing."""
+    dims = [_config_int(config, (key,)) for key in keys]
+    return None if any(d is None for d in dims) else [int(d) for d in dims if d is not None]
+
+
 def _linear_attention_parts(layout: str, config: Any, size: int) -> list[Part] | None:
     """Gated DeltaNet's fused input projections (see :data:`GATED_DELTANET_MODEL_TYPES`): ``linear_qkv`` is
     ``[q | k | v]``; ``linear_qkvz`` is ``[q | k | v | z]`` for each key head in turn, its v and z holding that
     key head's share of the value heads."""
-    keys = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim")
-    dims = [_config_int(config, (key,)) for key in keys]
-    if any(d is None for d in dims):
+    dims = _config_ints(config, ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                 "linear_value_head_dim"))  # fmt: skip
+    if dims is None:
         return None
-    nk, nv, dk, dv = (int(d) for d in dims)  # type: ignore[arg-type]
+    nk, nv, dk, dv = dims
     if layout == "linear_qkv":
         q, v = nk * dk, nv * dv
         parts: list[Part] = [("Q", "query", 0, q, 1, 0), ("K", "key", q, q, 1, 0), ("V", "value", 2 * q, v, 1, 0)]
@@ -378,11 +384,10 @@ def _linear_attention_parts(layout: str, config: Any, size: int) -> list[Part] |
 def _mla_parts(layout: str, config: Any, heads: int, size: int) -> list[Part] | None:
     """Multi-head latent attention's fused weights: ``mla_kv_a`` is ``[latent | rotary key]``, ``mla_kv_b``
     is ``[key nope | value]`` for each head in turn (see :data:`MLA_MODEL_TYPES`)."""
-    keys = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
-    dims = [_config_int(config, (key,)) for key in keys]
-    if any(d is None for d in dims):
+    dims = _config_ints(config, ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"))
+    if dims is None:
         return None
-    latent, rope, nope, v = (int(d) for d in dims)  # type: ignore[arg-type]
+    latent, rope, nope, v = dims
     if layout == "mla_kv_a":
         parts: list[Part] = [("KV", "value", 0, latent, 1, 0), ("K", "key", latent, rope, 1, 0)]
         return parts if latent + rope == size else None
