@@ -798,6 +798,56 @@ def test_expert_segments_match_what_each_expert_computes(kind: str) -> None:
     assert rows[f"{next(n for n, p in model.named_parameters() if p is gate_up)}[E0.gate]"].momentum == "lowrank"
 
 
+def test_nemotron_h_ungated_experts_are_split_per_expert_and_train() -> None:
+    """Nemotron-H's experts have no gate (``down(relu2(up(x)))``): one block per expert of each stack, proven
+    on the experts' own forward (an expert's up rows change its activation input, its down matrix its output
+    only); with its router and embeddings nothing is left unknown, and it trains."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "nemotron_h", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+        layers_block_type=["moe", "full_attention", "mlp"], n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, moe_shared_expert_intermediate_size=16, vocab_size=80, use_mamba_kernels=False,
+        bos_token_id=0, eos_token_id=1, pad_token_id=0)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    assert opt.partition_report().unmatched == []
+    experts = model.model.layers[0].mixer.experts
+    up, down = experts.up_proj, experts.down_proj
+    assert [s.name.rsplit("[", 1)[1] for s in opt.layout(up).segments] == ["E0]", "E1]", "E2]", "E3]"]
+    assert {s.momentum for s in opt.layout(down).segments} == {"lowrank"}
+    seen: list[torch.Tensor] = []
+    experts.act_fn.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().clone()))
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+
+    def run(weight: nn.Parameter | None = None, seg: int = 0, expert: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        saved = None if weight is None else weight.detach().clone()
+        with torch.no_grad():
+            if weight is not None:
+                opt.layout(weight).segments[seg].view(weight.data)[0] += 1.0
+            seen.clear()
+            out = experts(x, torch.full((5, 1), expert), torch.ones(5, 1))
+            if weight is not None:
+                weight.copy_(saved)
+        return seen[0], out
+
+    for expert in (0, 3):
+        act, out = run(expert=expert)
+        act_u, out_u = run(up, expert, expert)
+        assert not torch.equal(act_u[:, 0], act[:, 0]) and torch.equal(act_u[:, 1:], act[:, 1:])
+        assert not torch.equal(out_u, out)
+        assert torch.equal(run(up, 1 - expert // 3, expert)[0], act)  # another expert's up rows: nothing
+        assert not torch.equal(run(down, expert, expert)[1], out)
+        assert torch.equal(run(down, 1 - expert // 3, expert)[1], out)
+    for _ in range(3):
+        ids = torch.randint(2, 80, (2, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_construction_warns_once_about_what_the_partition_could_not_reach() -> None:
     import warnings
 

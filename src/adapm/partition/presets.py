@@ -244,6 +244,10 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                segment_names=("gate", "up"), split_axis=1, interleaved=True),
     PresetRule("gpt_oss", r"(^|\.)experts\.down_proj$", ("mlp",), ("GptOssExperts",), layout="experts",
                split_axis=1),
+    # Nemotron-H: ungated experts, (experts, intermediate, hidden) up and (experts, hidden, intermediate) down.
+    PresetRule("nemotron_h", r"(^|\.)experts\.(up_proj|down_proj)$", ("mlp",), ("NemotronHExperts",),
+               layout="experts"),
+    PresetRule("nemotron_h", r"(^|\.)mixer\.gate\.weight$", ("router",), model_types=("nemotron_h",)),
     # Any other expert stack: kept whole, flagged.
     PresetRule("moe", r"(^|\.)experts\.(gate_up_proj|down_proj)$", ("mlp",), layout="experts"),
     PresetRule("moe", r"(^|\.)experts\.\w+_bias$", ("vector",)),
@@ -261,6 +265,7 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("bert", r"(^|\.)(predictions\.transform|pooler)\.dense\.weight$", ("mlp",)),
     PresetRule("bert", r"(^|\.)(lm_head\.dense|pooler)\.weight$", ("mlp",)),  # RoBERTa's head; BigBird's pooler
     PresetRule("openai-gpt", r"(^|\.)positions_embed\.weight$", ("embedding",)),
+    PresetRule("mamba-nemotron", r"(^|\.)embeddings\.weight$", ("embedding",)),  # Mamba-2's, Nemotron-H's
 )
 
 SEGMENT_NAMES: dict[str, str] = {"query": "Q", "key": "K", "value": "V"}
