@@ -577,6 +577,9 @@ def _mla_model(kind: str) -> nn.Module:
                  else 16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=4,
                  num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, bos_token_id=0,
                  eos_token_id=1, pad_token_id=0)  # fmt: skip
+    if model_type == "kimi_linear":  # layer 0 latent attention, layer 1 Kimi Delta Attention with experts
+        sizes.update(layer_types=["full_attention", "linear_attention"], mlp_layer_types=["dense", "sparse"],
+                     num_experts=4, num_experts_per_token=2, linear_num_heads=2, linear_head_dim=8)  # fmt: skip
     known = AutoConfig.for_model(model_type)
     return AutoModelForCausalLM.from_config(
         AutoConfig.for_model(model_type, **{k: v for k, v in sizes.items() if hasattr(known, k)})
@@ -1045,15 +1048,16 @@ def test_a_multimodal_models_language_model_is_read_with_its_own_config() -> Non
     assert model_dims(model) == ModelDims(hidden=32, heads=4, kv_heads=2)  # the language model's (GaLore, Adam-mini)
 
 
-def _probe_delta_rule(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """What layer 0's Gated DeltaNet computes from its input projections: the query, key, value, decay
-    ``g`` and ``beta`` it passes to its delta rule (the model's own function, observed on the way in) and
-    the output gate it passes to its gated norm."""
+def _probe_delta_rule(model: nn.Module, x: torch.Tensor, layer: nn.Module | None = None,
+                      function: str = "torch_chunk_gated_delta_rule") -> tuple[torch.Tensor, ...]:
+    """What a linear-attention layer (default: layer 0's Gated DeltaNet) computes from its input projections:
+    the query, key, value, decay ``g`` and ``beta`` it passes to its delta rule (the model's own
+    ``function``, observed on the way in) and the output gate it passes to its gated norm."""
     import sys
 
-    layer = model.model.layers[0].linear_attn
+    layer = layer if layer is not None else model.model.layers[0].linear_attn
     module = sys.modules[type(layer).__module__]
-    real = module.torch_chunk_gated_delta_rule
+    real = getattr(module, function)
     seen: list[torch.Tensor] = []
 
     def observed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs: object) -> object:
@@ -1062,13 +1066,13 @@ def _probe_delta_rule(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
 
     norm = layer.norm if hasattr(layer, "norm") else layer.o_norm
     handle = norm.register_forward_hook(lambda _m, args, _out: seen.append(args[1].detach().clone()))
-    module.torch_chunk_gated_delta_rule = observed
+    setattr(module, function, observed)
     try:
         model.eval()
         with torch.no_grad():
             model(input_ids=x, use_cache=False)
     finally:
-        module.torch_chunk_gated_delta_rule = real
+        setattr(module, function, real)
         handle.remove()
     return tuple(seen[:6])
 
@@ -1157,6 +1161,47 @@ def test_heads_are_read_from_each_layers_own_config_where_layers_differ() -> Non
     assert {rows[f"model.layers.0.{n}.weight"].role for n in gates} == {"mlp"}
     # the global layer's query heads, at its attention (the model's second sdpa call)
     _assert_each_head_block_changes_its_head(model, opt, layers[1].self_attn.q_proj.weight, 0, 16, heads=4, call=1)
+
+
+def test_kimi_delta_attention_parts_feed_what_they_are_declared_as() -> None:
+    """Kimi Linear's linear layers (Kimi Delta Attention) share parameter names with its latent-attention
+    layers but not their head sizes: each is matched inside its own module. Proven on the model's forward:
+    q, k and v projections feed the query, key and value of its delta rule (per-head blocks of
+    ``linear_head_dim`` changing exactly their head), the forget gate feeds the decay, ``b_proj`` beta, and
+    the low-rank output gate the gated norm."""
+    model = _mla_model("kimi_linear-noqlora")  # as released: the latent attention's query is a plain q_proj
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    assert opt.partition_report().unmatched == []
+    kda = model.model.layers[1].self_attn
+    assert type(kda).__name__ == "KimiLinearDeltaAttention"
+
+    def probe(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _probe_delta_rule(m, x, kda, "chunk_kimi_delta_attention")
+
+    feeds = {name: (opt.layout(weight).segments[0].momentum, _what_each_segment_feeds(model, opt, weight, probe,
+                                                                                       "qkvgbz")[0])
+             for name, weight in (("q", kda.q_proj.weight), ("k", kda.k_proj.weight), ("v", kda.v_proj.weight),
+                                  ("f_a", kda.forget_gate.f_a_proj.weight), ("f_b", kda.forget_gate.f_b_proj.weight),
+                                  ("b", kda.b_proj.weight), ("g_a", kda.g_a_proj.weight),
+                                  ("g_b", kda.g_b_proj.weight))}  # fmt: skip
+    assert feeds == {"q": ("lowrank", "q"), "k": ("lowrank", "k"), "v": ("full", "v"), "f_a": ("full", "g"),
+                     "f_b": ("full", "g"), "b": ("full", "b"), "g_a": ("lowrank", "z"),
+                     "g_b": ("lowrank", "z")}  # fmt: skip
+    x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    for weight, which in ((kda.q_proj.weight, 0), (kda.k_proj.weight, 1)):
+        seg = opt.layout(weight).segments[0]
+        assert seg.block == (0, 8)
+        base = probe(model, x)[which]
+        for head in range(2):
+            saved = weight.detach().clone()
+            with torch.no_grad():
+                weight[head * 8 : (head + 1) * 8] += torch.randn(8, weight.shape[1])
+            after = probe(model, x)[which]
+            with torch.no_grad():
+                weight.copy_(saved)
+            assert [h for h in range(2) if (after[:, :, h] - base[:, :, h]).abs().max() > 1e-4] == [head]
+    mla_query = model.model.layers[0].self_attn.q_proj.weight  # same name, the latent attention's heads: 16 + 8
+    assert opt.layout(mla_query).segments[0].block == (0, 24)
 
 
 @pytest.mark.parametrize("kind", [*MLA, "deepseek_v2-noqlora"])

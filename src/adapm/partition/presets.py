@@ -77,10 +77,13 @@ class PresetRule:
     per_neuron: bool = False
     """A query or key matrix whose output is not split into heads (a latent projection): per-output-
     neuron second-moment blocks instead of per-head ones."""
+    within: tuple[str, ...] = ()
+    """If given, the rule applies only to parameters inside a module of one of these classes: where a model
+    has two kinds of block whose parameters share names (Kimi Linear's linear and latent attention)."""
 
 
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu",
-                   "axk1")
+                   "axk1", "kimi_linear")
 """Models with DeepSeek-V2's multi-head latent attention, as their modeling code computes it: ``q_a_proj`` then
 ``q_b_proj`` (or ``q_proj``) give each head's ``[nope | rope]`` query; ``kv_a_proj_with_mqa`` gives the
 key-value latent then the one rotary key shared by all heads; ``kv_b_proj`` maps the latent to each
@@ -97,6 +100,12 @@ per-head queries and keys of ``linear_key_head_dim``, values, an output gate (``
 ``g_proj``), per-head decay and beta inputs (``a``, ``b``) and a depthwise convolution over q, k and v.
 Qwen3-Next fuses them per key head as ``[q | k | v | z]`` (``in_proj_qkvz``) and ``[b | a]``; Qwen3.5 as
 ``[q | k | v]``; OLMo Hybrid keeps them apart. Every model type here is proven on its own forward in the tests."""
+
+KDA_MODULES = ("KimiLinearDeltaAttention",)
+"""Kimi Delta Attention (Kimi Linear's linear-attention layers, named ``self_attn`` like its latent-attention
+layers): per-head queries and keys of ``linear_head_dim``, values, a low-rank output gate (``g_a_proj``,
+``g_b_proj``), a low-rank per-channel forget gate (``forget_gate.f_a_proj``, ``f_b_proj``), a per-head beta
+(``b_proj``) and a depthwise convolution over q, k and v. Proven on its own forward in the tests."""
 
 GATED_ATTENTION_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 """Models whose full-attention ``q_proj`` holds each head's query then its output gate (``[q_h | gate_h]``),
@@ -136,6 +145,17 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     ),
     PresetRule("gpt2", r"(^|\.)attn\.c_proj\.weight$", ("attn_out",)),
     PresetRule("gpt2", r"(^|\.)mlp\.c_(fc|proj)\.weight$", ("mlp",)),
+    # Kimi Delta Attention, before the latent attention rules its q_proj would otherwise match: roles as Gated
+    # DeltaNet's (the output gate an MLP gate; the forget gate, beta and convolution tiny: full momentum).
+    PresetRule("kda", r"(^|\.)self_attn\.q_proj\.weight$", ("query",), head_size=("linear_head_dim",),
+               model_types=("kimi_linear",), within=KDA_MODULES),
+    PresetRule("kda", r"(^|\.)self_attn\.k_proj\.weight$", ("key",), head_size=("linear_head_dim",),
+               model_types=("kimi_linear",), within=KDA_MODULES),
+    PresetRule("kda", r"(^|\.)self_attn\.(g_a_proj|g_b_proj)\.weight$", ("mlp",), model_types=("kimi_linear",),
+               within=KDA_MODULES),
+    PresetRule("kda", r"(^|\.)self_attn\.(b_proj|conv1d|forget_gate\.f_a_proj|forget_gate\.f_b_proj)\.weight$",
+               ("router",), model_types=("kimi_linear",), within=KDA_MODULES),
+    PresetRule("kda", r"(^|\.)forget_gate\.A_log$", ("vector",), model_types=("kimi_linear",), within=KDA_MODULES),
     # Multi-head latent attention (DeepSeek-V2/V3 and the models that share it). The latent feeds both
     # keys and values: it gets a value's full momentum; the query's down-projection has no heads.
     PresetRule("mla", r"(^|\.)q_a_proj\.weight$", ("query",), per_neuron=True, model_types=MLA_MODEL_TYPES),

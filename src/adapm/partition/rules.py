@@ -216,6 +216,8 @@ def _match_preset(names: Sequence[str], model: nn.Module | None) -> tuple[str, P
         for rule in PRESET_RULES:
             if rule.model_types and model_type not in rule.model_types:
                 continue
+            if rule.within and not _inside(model, name, rule.within):
+                continue
             if rule.layout == "experts" and rule.fused_modules:
                 owner = _owner(model, name)
                 if owner is None or type(owner).__name__ not in rule.fused_modules:
@@ -258,6 +260,18 @@ def _model_type(model: nn.Module | None) -> str | None:
         model = inner
     value = getattr(getattr(model, "config", None), "model_type", None)
     return value if isinstance(value, str) and value else None
+
+
+def _inside(model: nn.Module | None, name: str, classes: tuple[str, ...]) -> bool:
+    """Whether parameter ``name`` lies inside a module of one of ``classes``."""
+    parts = name.split(".")[:-1]
+    for k in range(len(parts), 0, -1):
+        try:
+            if type(model.get_submodule(".".join(parts[:k]))).__name__ in classes:  # type: ignore[union-attr]
+                return True
+        except AttributeError:
+            continue
+    return False
 
 
 def _rows_sharded(param: torch.Tensor) -> bool:
