@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,21 +179,22 @@ def _head_dim(config: Any) -> int | None:
     return None
 
 
+def _ancestors(model: nn.Module | None, name: str) -> Iterator[nn.Module]:
+    """The modules holding parameter ``name`` in ``model``, innermost first (the model itself excluded)."""
+    parts = name.split(".")[:-1]
+    for k in range(len(parts), 0, -1):
+        try:
+            yield model.get_submodule(".".join(parts[:k]))  # type: ignore[union-attr]
+        except AttributeError:
+            continue
+
+
 def _scope(model: nn.Module | None, name: str) -> nn.Module | None:
     """The model whose config describes parameter ``name``: the innermost Hugging Face model holding it (a
     multimodal model's language model has a config of its own, e.g. Gemma 3's ``text_config``), else
     ``model`` itself."""
-    if model is None:
-        return None
-    parts = name.split(".")[:-1]
-    for k in range(len(parts), 0, -1):
-        try:
-            sub = model.get_submodule(".".join(parts[:k]))
-        except AttributeError:
-            continue
-        if getattr(sub, "config", None) is not None and hasattr(type(sub), "config_class"):
-            return sub
-    return model
+    holders = (m for m in _ancestors(model, name) if getattr(m, "config", None) is not None)
+    return next((m for m in holders if hasattr(type(m), "config_class")), model)
 
 
 def _layer_config(config: Any, name: str) -> Any:
@@ -253,25 +254,13 @@ def _config_of(model: nn.Module | None) -> Any:
 
 
 def _model_type(model: nn.Module | None) -> str | None:
-    while model is not None and getattr(model, "config", None) is None:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
-    value = getattr(getattr(model, "config", None), "model_type", None)
+    value = getattr(_config_of(model), "model_type", None)
     return value if isinstance(value, str) and value else None
 
 
 def _inside(model: nn.Module | None, name: str, classes: tuple[str, ...]) -> bool:
     """Whether parameter ``name`` lies inside a module of one of ``classes``."""
-    parts = name.split(".")[:-1]
-    for k in range(len(parts), 0, -1):
-        try:
-            if type(model.get_submodule(".".join(parts[:k]))).__name__ in classes:  # type: ignore[union-attr]
-                return True
-        except AttributeError:
-            continue
-    return False
+    return any(type(m).__name__ in classes for m in _ancestors(model, name))
 
 
 def _rows_sharded(param: torch.Tensor) -> bool:
