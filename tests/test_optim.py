@@ -103,7 +103,22 @@ def test_fused_matches_eager_on_real_models(cls: type[adapm.AdaPM], tracker: str
         losses_eager = train(eager_model, eager, data)
         assert fused.fused
         assert losses_fused == pytest.approx(losses_eager, abs=1e-4)
-        assert max_rel_diff(eager_model, fused_model) < 1e-3
+        assert _rel_diff_but_key_bias(eager_model, fused_model) < 1e-3
+
+
+def _rel_diff_but_key_bias(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """:func:`max_rel_diff` leaving out GPT-2's key bias (the middle third of ``c_attn.bias``). Its gradient is
+    zero in exact arithmetic (adding the same q.b to every key's logit leaves the softmax unchanged), so what
+    it gets is rounding noise, which Adam's normalization turns into lr-sized steps that differ with the order
+    of float operations (the compiled tail's vector width, which varies with the CPU)."""
+    worst = 0.0
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        if name.endswith("attn.c_attn.bias"):
+            third = x.shape[0] // 3
+            keep = torch.cat([torch.arange(third), torch.arange(2 * third, 3 * third)])
+            x, y = x[keep], y[keep]
+        worst = max(worst, float((x - y).abs().max() / x.abs().max()))
+    return worst
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs g++")

@@ -454,13 +454,19 @@ def test_per_head_blocks_follow_the_real_heads(kind: str) -> None:
         assert changed == [head], (kind, head, changed)
 
 
-@pytest.mark.parametrize("kind", ["gpt_neox", "falcon-gqa", "phi3", "deepseek_v3", "qwen3_next", "qwen3_5_text"])
+@pytest.mark.parametrize("kind", ["gpt_neox", "falcon-gqa", "phi3", "deepseek_v3", "qwen3_next", "qwen3_5_text",
+                                  "mamba2", "mamba"])
 def test_interleaved_and_unequal_layouts_train_like_the_per_block_reference(kind: str) -> None:
-    """The grouped step on interleaved and unequal segments (and latent attention's, Gated DeltaNet's and
-    gated attention's) equals the per-block step, and both train."""
+    """The grouped step on interleaved and unequal segments (and latent attention's, Gated DeltaNet's, gated
+    attention's and Mamba's) equals the per-block step, and both train."""
     import copy
 
-    model = _mla_model(kind) if kind in MLA else _tiny(kind) if kind in GATED_DELTANET else _fused_family(kind)[0]
+    if kind in MLA:
+        model = _mla_model(kind)
+    elif kind in GATED_DELTANET or kind in MAMBA:
+        model = _tiny(kind, **MAMBA.get(kind, {}))
+    else:
+        model = _fused_family(kind)[0]
     twin = copy.deepcopy(model)
     opts = [adapm.AdaPMMini(m, lr=1e-3, foreach=f) for m, f in ((model, False), (twin, True))]
     gen = torch.Generator().manual_seed(0)
@@ -604,9 +610,10 @@ def _tiny(model_type: str, **overrides: object) -> nn.Module:
 
     torch.manual_seed(0)
     known = AutoConfig.for_model(model_type)
-    sizes = {k: v for k, v in {**_TINY, **overrides}.items() if hasattr(known, k)}
+    sizes = {k: v for k, v in {**_TINY, **overrides}.items() if hasattr(known, k) and v is not None}
     settable = not isinstance(getattr(type(known), "layer_types", None), property)  # Jamba's is derived
-    if settable and "linear_attention" in (getattr(known, "layer_types", None) or []):
+    chosen = "layer_types" in overrides  # given (None: the config's own)
+    if settable and not chosen and "linear_attention" in (getattr(known, "layer_types", None) or []):
         sizes["layer_types"] = ["linear_attention", "full_attention"]  # one of each
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes))
 
@@ -621,6 +628,20 @@ WHOLE_BY_EXPERTS = ("aria_text", "cohere2_moe", "ernie4_5_moe", "exaone_moe", "f
 
 GATED_DELTANET = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid")
 """Model types with Gated DeltaNet linear attention (built with one linear and one full attention layer)."""
+
+MAMBA: dict[str, dict[str, object]] = {
+    "mamba2": dict(num_heads=4, head_dim=16, state_size=8, n_groups=2),
+    "bamba": dict(attn_layer_indices=[1], layer_types=None),
+    "falcon_h1": dict(mamba_d_ssm=64, mamba_rms_norm=True),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention"]),
+    "nemotron_h": dict(mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2),
+    "zamba2": dict(layers_block_type=["mamba", "mamba"], layer_types=None),
+    "mamba": dict(state_size=8, intermediate_size=64, time_step_rank=4),
+    "falcon_mamba": dict(state_size=8, intermediate_size=64, time_step_rank=4),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+}  # fmt: skip
+"""State-space model types (Mamba-2 and its hybrids, then Mamba), with the sizes that make them tiny (layer 0 a
+Mamba mixer; two groups of state size 8 where the family has groups)."""
 
 
 def _named_family(kind: str) -> nn.Module:
@@ -675,14 +696,14 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
     assert opt.partition_report().unmatched == []
 
 
-@pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET)
+@pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA))
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
     after them is exactly what the partition report counted (for the parameters that had gradients:
     DeepSeek-V3.2's indexer gets none from the language-model loss, its top-k choice has no gradient)."""
     import warnings
 
-    model = _family(kind) if kind in FAMILIES else _tiny(kind)
+    model = _family(kind) if kind in FAMILIES else _tiny(kind, **MAMBA.get(kind, {}))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing kept whole, no rule unused
         opt = adapm.AdaPMMini(model, lr=1e-3)
@@ -693,7 +714,7 @@ def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None
     for _ in range(5):
         ids = torch.randint(2, 80, (2, 12), generator=gen)
         extra = {"decoder_input_ids": ids} if kind == "t5" else {}
-        loss = model(input_ids=ids, labels=ids, **extra).loss
+        loss = model(input_ids=ids, labels=ids, use_cache=False, **extra).loss  # an all-Mamba Zamba2 needs no cache
         assert torch.isfinite(loss)
         loss.backward()
         stepped |= {n for n, p in model.named_parameters() if p.grad is not None}
@@ -915,15 +936,20 @@ def test_fused_families_train_with_the_state_the_report_counts(kind: str) -> Non
     assert opt.partition_report().ratio_to_adamw < 0.2
 
 
-@pytest.mark.parametrize("kind", ["phi3", "glm", "glm4"])
+@pytest.mark.parametrize("kind", ["phi3", "glm", "glm4", "granitemoeshared", "granitemoehybrid"])
 def test_gate_up_segments_match_the_real_mlp(kind: str) -> None:
-    model = _fused_family(kind)[0] if kind == "phi3" else _family(kind)
+    if kind.startswith("granite"):  # Granite's shared MLP: input_linear is [gate | up]
+        model = _tiny(kind, shared_intermediate_size=32, **MAMBA.get(kind, {}))
+        mlp = model.model.layers[0].shared_mlp
+        weight, activation = mlp.input_linear.weight, mlp.activation
+    else:
+        model = _fused_family(kind)[0] if kind == "phi3" else _family(kind)
+        mlp = model.model.layers[0].mlp
+        weight, activation = mlp.gate_up_proj.weight, mlp.activation_fn
     opt = adapm.AdaPMMini(model, lr=1e-3)
-    mlp = model.model.layers[0].mlp
-    weight = mlp.gate_up_proj.weight
     assert [s.name.rsplit("[", 1)[1] for s in opt.layout(weight).segments] == ["gate]", "up]"]
     seen: list[torch.Tensor] = []
-    mlp.activation_fn.register_forward_hook(lambda _m, args, out: seen.append(args[0].detach().clone()))
+    activation.register_forward_hook(lambda _m, args, out: seen.append(args[0].detach().clone()))
     x = torch.randn(1, 5, weight.shape[1], generator=torch.Generator().manual_seed(0))
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
@@ -952,6 +978,10 @@ def test_gpt_oss_alternating_gate_and_up_columns_match_its_experts() -> None:
     opt = adapm.AdaPMMini(model, lr=1e-3, strict=True)
     experts = model.model.layers[0].mlp.experts
     weight = experts.gate_up_proj
+    for bias in ("gate_up_proj_bias", "down_proj_bias"):  # vectors, as every bias: no weight decay
+        group = _group(opt, f"model.layers.0.mlp.experts.{bias}")
+        assert group["role"] == "vector" and group["weight_decay"] == 0.0
+    assert _group(opt, "model.layers.0.mlp.experts.down_proj")["weight_decay"] == 0.1
     seen: list[torch.Tensor] = []
     method = experts._apply_gate
 
@@ -1234,3 +1264,80 @@ def test_latent_attention_segments_and_heads_match_the_real_query_key_value(kind
         assert opt.layout(indexer.wk.weight).segments[0].block == (0, size) == (0, indexer.wk.weight.shape[0])
         weights = next(n for n, p in model.named_parameters() if p is indexer.weights_proj.weight)
         assert _rows(opt)[weights].role == "router"
+
+
+def _probe_scan(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What layer 0's Mamba mixer computes from its input projections: the C, B, x and time step it passes to
+    its scan (the model's own ``mamba2_chunk_scan`` or ``mamba_selective_scan``, observed on the way in) and the
+    output gate z (passed to the scan by Mamba, to the gated norm by Mamba-2)."""
+    import sys
+
+    from adapm.partition.presets import MAMBA_MIXERS
+
+    mixer = next(m for m in model.modules() if type(m).__name__.endswith(("Mixer", "MambaLayer")))
+    module = sys.modules[type(mixer).__module__]
+    mamba1 = type(mixer).__name__ in MAMBA_MIXERS
+    function = "mamba_selective_scan" if mamba1 else "mamba2_chunk_scan"
+    real = getattr(module, function)
+    seen: list[torch.Tensor] = []
+
+    def observed(hidden: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                 *args: object, **kwargs: object) -> object:
+        if not seen:
+            seen.extend(t.detach().clone() for t in (c, b, hidden, dt))
+            if mamba1:
+                seen.append(kwargs["z"].detach().clone())  # type: ignore[union-attr]
+        return real(hidden, dt, a, b, c, *args, **kwargs)
+
+    handles = [] if mamba1 else [mixer.norm.register_forward_hook(
+        lambda _m, args, _out: seen.append(args[1].detach().clone()) if len(seen) == 4 else None)]  # fmt: skip
+    setattr(module, function, observed)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=x, use_cache=False)
+    finally:
+        setattr(module, function, real)
+        for handle in handles:
+            handle.remove()
+    return tuple(seen[:5])
+
+
+@pytest.mark.parametrize("kind", sorted(MAMBA))
+def test_mamba_mixer_parts_feed_what_they_are_declared_as(kind: str) -> None:
+    """Each Mamba mixer, proven on its model's own forward. Mamba-2's ``in_proj`` parts feed exactly the output
+    gate z, the scan's input x, its B (key), its C (query) and its time steps, as declared, and each group's
+    block of B and C changes exactly that group. Mamba's ``in_proj`` is ``[x | z]``: x feeds the scan's input and,
+    through ``x_proj``, its B, C and time steps; z the output gate."""
+    model = _tiny(kind, **MAMBA[kind])
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    mixer = next(m for m in model.modules() if type(m).__name__.endswith(("Mixer", "MambaLayer")))
+    weight = mixer.in_proj.weight
+    layout = opt.layout(weight)
+    fed = _what_each_segment_feeds(model, opt, weight, _probe_scan, "qkvdz")
+    got = [(s.name.rsplit("[", 1)[1].rstrip("]"), s.role, s.momentum, f) for s, f in zip(layout.segments, fed)]
+    if hasattr(mixer, "x_proj"):
+        assert got == [("x", "value", "full", "qkvd"), ("z", "mlp", "lowrank", "z")]
+        assert _what_each_segment_feeds(model, opt, mixer.x_proj.weight, _probe_scan, "qkvdz") == ["qkd"]
+        assert opt.layout(mixer.A_log).segments[0].momentum == "full"
+        assert _group(opt, next(n for n, p in model.named_parameters() if p is mixer.A_log))["weight_decay"] == 0.0
+        return
+    assert got == [("z", "mlp", "lowrank", "z"), ("x", "value", "full", "v"), ("B", "key", "lowrank", "k"),
+                   ("C", "query", "lowrank", "q"), ("dt", "router", "full", "d")]  # fmt: skip
+    groups, state = mixer.n_groups, mixer.ssm_state_size
+    x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    for index, which in ((2, 1), (3, 0)):  # B, then C
+        seg = layout.segments[index]
+        assert seg.block == (0, state)
+        base = _probe_scan(model, x)[which]  # (batch, seq, groups, state)
+        for group in range(groups):
+            delta = torch.zeros(seg.shape)
+            delta[group * state : (group + 1) * state] = torch.randn(state, seg.shape[1])
+            saved = weight.detach().clone()
+            with torch.no_grad():
+                seg.view(weight.data).add_(seg.as_view(delta))
+            after = _probe_scan(model, x)[which].reshape(base.shape)
+            with torch.no_grad():
+                weight.copy_(saved)
+            changed = [g for g in range(groups) if (after[:, :, g] - base[:, :, g]).abs().max() > 1e-5]
+            assert changed == [group], (which, group, changed)

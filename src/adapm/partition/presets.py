@@ -60,7 +60,8 @@ class PresetRule:
     attention). ``falcon``: Falcon's three layouts, chosen by its config. ``bigcode``: GPT-BigCode's two. ``codegen``:
     CodeGen's four ``[q | v | k]`` blocks. ``mla_kv_a``, ``mla_kv_b``: multi-head latent attention's (see
     :data:`MLA_MODEL_TYPES`). ``linear_qkv``, ``linear_qkvz``: Gated DeltaNet's (see
-    :data:`GATED_DELTANET_MODEL_TYPES`). ``q_gate_heads``: a query and an output gate per head."""
+    :data:`GATED_DELTANET_MODEL_TYPES`). ``q_gate_heads``: a query and an output gate per head. ``mamba2``: a
+    Mamba-2 mixer's ``[z | x | B | C | dt]`` (see :data:`MAMBA2_MIXERS`)."""
     segment_names: tuple[str, ...] = ()
     """Names of the segments of one expert (default: the roles' short names)."""
     split_axis: int = 0
@@ -73,7 +74,8 @@ class PresetRule:
     """If given, the rule applies only to models whose ``config.model_type`` is one of these."""
     head_size: tuple[str, ...] = ()
     """Config attributes whose sum is this weight's attention head size (the per-head second-moment
-    blocks of its query and key parts), where that is not the model's ``head_dim``."""
+    blocks of its query and key parts), where that is not the model's ``head_dim``; ``"a|b"`` reads the first of
+    ``a`` and ``b`` that the config has (families that name one size differently)."""
     per_neuron: bool = False
     """A query or key matrix whose output is not split into heads (a latent projection): per-output-
     neuron second-moment blocks instead of per-head ones."""
@@ -111,6 +113,24 @@ GATED_ATTENTION_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5
 """Models whose full-attention ``q_proj`` holds each head's query then its output gate (``[q_h | gate_h]``),
 the gate multiplying that head's attention output."""
 
+
+MAMBA2_MIXERS = ("Mamba2Mixer", "BambaMixer", "FalconH1Mixer", "GraniteMoeHybridMambaLayer", "NemotronHMamba2Mixer",
+                 "Zamba2MambaMixer")
+"""Mamba-2 (state-space) mixers, as their modeling code computes them: ``in_proj`` gives ``[z | x | B | C | dt]``,
+the output gate ``z`` and the input ``x`` of ``intermediate`` (heads x head size) rows each, ``B`` and ``C`` of
+``groups x state size`` rows each, and one time step per head; a depthwise convolution runs over ``x``, ``B``
+and ``C``; ``out_proj`` maps the gated scan back. Every one is proven on its own forward in the tests."""
+
+MAMBA2_MODEL_TYPES = ("mamba2", "bamba", "falcon_h1", "granitemoehybrid", "nemotron_h", "zamba2")
+"""The model types with those mixers (Mamba-2 alone, and the hybrids that interleave it with attention)."""
+
+MAMBA_MIXERS = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer")
+"""Mamba (version 1) mixers: ``in_proj`` gives ``[x | z]``; ``x_proj`` maps the convolved ``x`` to the time-step
+rank, ``B`` and ``C``; ``dt_proj`` maps the time-step rank to one step per channel; ``A_log`` is a
+``(intermediate, state)`` parameter used as it is. Every one is proven on its own forward in the tests."""
+
+MAMBA_MODEL_TYPES = ("mamba", "falcon_mamba", "jamba")
+"""The model types with those mixers."""
 
 MIXTRAL_STYLE_EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts", "DeepseekV2Experts",
                          "DeepseekV3Experts", "DeepseekV32Experts", "Glm4MoeLiteExperts", "GlmMoeDsaExperts",
@@ -191,6 +211,23 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                ("router",), model_types=GATED_DELTANET_MODEL_TYPES),
     PresetRule("gated-deltanet", r"(^|\.)linear_attn\.(out_proj|o_proj)\.weight$", ("attn_out",),
                model_types=GATED_DELTANET_MODEL_TYPES),
+    # State-space mixers, with Gated DeltaNet's roles where they play the same part: the scan's C reads the state as
+    # a query does and B writes it as a key does (per group of state size), x is what is written (a value), z gates
+    # the output through a SiLU (an MLP gate), the time steps and the convolution kernels are tiny (full
+    # momentum), out_proj is the mixer's output projection. A_log is a parameter used as it is, not a map.
+    PresetRule("mamba2", r"(^|\.)in_proj\.weight$", ("mlp", "value", "key", "query", "router"), ("Linear",),
+               layout="mamba2", head_size=("mamba_d_state|ssm_state_size|state_size",), model_types=MAMBA2_MODEL_TYPES,
+               within=MAMBA2_MIXERS),
+    PresetRule("mamba", r"(^|\.)in_proj\.weight$", ("value", "mlp"), ("Linear",), segment_names=("x", "z"),
+               model_types=MAMBA_MODEL_TYPES, within=MAMBA_MIXERS),
+    PresetRule("mamba", r"(^|\.)(conv1d|x_proj|dt_proj)\.weight$", ("router",), within=MAMBA2_MIXERS + MAMBA_MIXERS),
+    PresetRule("mamba", r"(^|\.)out_proj\.weight$", ("attn_out",), within=MAMBA2_MIXERS + MAMBA_MIXERS),
+    PresetRule("mamba", r"(^|\.)A_log$", ("vector",), within=MAMBA_MIXERS),
+    # Granite's shared MLP: [gate | up], then the down projection.
+    PresetRule("granite", r"(^|\.)shared_mlp\.input_linear\.weight$", ("mlp", "mlp"), ("Linear",),
+               segment_names=("gate", "up"), model_types=("granitemoeshared", "granitemoehybrid")),
+    PresetRule("granite", r"(^|\.)shared_mlp\.output_linear\.weight$", ("mlp",),
+               model_types=("granitemoeshared", "granitemoehybrid")),
     # Qwen3-Next / Qwen3.5 gated attention: per head, the query then the gate of that head's output.
     PresetRule("gated-attention", r"(^|\.)self_attn\.q_proj\.weight$", ("query", "mlp"), ("Linear",),
                layout="q_gate_heads", model_types=GATED_ATTENTION_MODEL_TYPES),
@@ -330,6 +367,8 @@ def fused_parts(layout: str, config: Any, size: int) -> list[Part] | None:
     weight is then kept whole)."""
     if layout.startswith("linear_"):
         return _linear_attention_parts(layout, config, size)
+    if layout == "mamba2":
+        return _mamba2_parts(config, size)
     heads = _config_int(config, HEAD_COUNT_KEYS)
     if heads is None:
         return None
@@ -406,6 +445,26 @@ def _linear_attention_parts(layout: str, config: Any, size: int) -> list[Part] |
     return parts if nk * period == size else None
 
 
+MAMBA2_KEYS = (("mamba_n_heads", "mamba_num_heads", "n_mamba_heads", "num_heads"),
+               ("mamba_d_head", "mamba_head_dim", "mamba_headdim", "head_dim"),
+               ("mamba_d_state", "ssm_state_size", "state_size"), ("mamba_n_groups", "mamba_ngroups", "n_groups"))
+"""Where the Mamba-2 families' configs keep the mixer's heads, head size, state size and groups (a hybrid's
+``head_dim`` is its attention's: the mixer's own names come first)."""
+
+
+def _mamba2_parts(config: Any, size: int) -> list[Part] | None:
+    """A Mamba-2 mixer's ``in_proj`` (see :data:`MAMBA2_MIXERS`): ``[z | x | B | C | dt]``."""
+    dims = [_config_int(config, keys) for keys in MAMBA2_KEYS]
+    if any(d is None for d in dims):
+        return None
+    heads, head_dim, state, groups = (int(d) for d in dims if d is not None)
+    inner, bc = heads * head_dim, groups * state
+    parts: list[Part] = [("z", "mlp", 0, inner, 1, 0), ("x", "value", inner, inner, 1, 0),
+                         ("B", "key", 2 * inner, bc, 1, 0), ("C", "query", 2 * inner + bc, bc, 1, 0),
+                         ("dt", "router", 2 * inner + 2 * bc, heads, 1, 0)]  # fmt: skip
+    return parts if 2 * inner + 2 * bc + heads == size else None
+
+
 def _mla_parts(layout: str, config: Any, heads: int, size: int) -> list[Part] | None:
     """Multi-head latent attention's fused weights: ``mla_kv_a`` is ``[latent | rotary key]``, ``mla_kv_b``
     is ``[key nope | value]`` for each head in turn (see :data:`MLA_MODEL_TYPES`)."""
@@ -427,6 +486,6 @@ def rule_head_size(rule: PresetRule | None, config: Any, head_dim: int | None) -
     if rule.per_neuron:
         return 1
     if rule.head_size:
-        sizes = [_config_int(config, (key,)) for key in rule.head_size]
+        sizes = [_config_int(config, tuple(key.split("|"))) for key in rule.head_size]
         return sum(int(n) for n in sizes if n is not None) if all(sizes) else 1
     return head_dim

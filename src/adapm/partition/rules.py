@@ -334,7 +334,8 @@ def partition(
         second_moment: ``"full"`` (AdaPM) or ``"block"`` (AdaPM-mini) for recognised blocks;
             unrecognised matrices keep Adam's full second moment unless a rule says otherwise.
         rank_ratio: default rank ratio of low-rank blocks.
-        weight_decay: applied to matrices; vectors get none.
+        weight_decay: applied to matrices; vectors get none (1-D parameters, and those the presets declare
+            vectors: an expert stack's biases, Mamba's ``A_log``, used as they are rather than as maps).
         lr_ratios: learning-rate multipliers by role (complete, see :func:`adapm.optim.resolve_lr_ratios`);
             recorded as ``lr_ratio`` on groups and fused segments.
     """
@@ -390,7 +391,7 @@ def partition(
             "params": [param],
             "names": [name],
             "tied": aliases,
-            "weight_decay": weight_decay if param.dim() >= 2 else 0.0,
+            "weight_decay": weight_decay if roles != ("vector",) else 0.0,
             "rank_ratio": rank_ratio,
             "family": preset.family if preset else "",
             "matched": param.dim() < 2 or preset is not None,
