@@ -122,18 +122,41 @@ def test_galore_projects_the_attention_and_mlp_matrices_the_presets_recognise() 
     roles, in any family (T5's SelfAttention.q and DenseReluDense.wi too; no name pattern to miss them)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from adapm.train.optimizers import _attention_and_mlp
+    def projected(model: torch.nn.Module) -> set[str]:
+        opt = build_optimizer(model, OptimConfig(optimizer="galore", lr=1e-3))
+        ids = {id(p) for g in opt.param_groups if "rank" in g for p in g["params"]}
+        return {n for n, p in model.named_parameters() if id(p) in ids}
 
     torch.manual_seed(0)
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=80, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
-    names = {n for n, p in t5.named_parameters() if id(p) in _attention_and_mlp(t5)}
+    names = projected(t5)
     assert "encoder.block.0.layer.0.SelfAttention.q.weight" in names
     assert "decoder.block.0.layer.1.EncDecAttention.o.weight" in names
     assert "encoder.block.0.layer.1.DenseReluDense.wi.weight" in names
     assert not any("embed" in n or "shared" in n or "relative_attention_bias" in n for n in names)
     gpt2 = build_model("gpt2-1m")
-    names = {n for n, p in gpt2.named_parameters() if id(p) in _attention_and_mlp(gpt2)}
+    names = projected(gpt2)
     assert names == {n for n, p in gpt2.named_parameters() if p.dim() == 2 and ("attn" in n or "mlp" in n)}
+
+
+def test_every_optimizer_decays_the_tensors_adapm_decays() -> None:
+    """Side by side, weight decay falls on the same tensors whatever the optimizer: matrices, not vectors
+    (norms, biases, and Mamba's ``(channels, state)`` ``A_log``, which the presets declare a vector)."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=80, hidden_size=32, state_size=8, num_hidden_layers=1,
+                                         intermediate_size=64, time_step_rank=4))  # fmt: skip
+
+    def decayed(name: str) -> set[int]:
+        opt = build_optimizer(model, OptimConfig(optimizer=name, lr=1e-3))
+        return {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+
+    ours = decayed("adapm")
+    mixer = model.backbone.layers[0].mixer
+    assert id(mixer.A_log) not in ours and id(mixer.in_proj.weight) in ours and id(mixer.D) not in ours
+    for name in ("adamw", "adamw-blr", "galore", "adafactor", "sgd-sai", "adapm-mini"):
+        assert decayed(name) == ours, name
 
 
 def test_adamw_8bit_is_bitsandbytes_with_8bit_moments() -> None:

@@ -40,19 +40,25 @@ def _hidden_size(model: nn.Module) -> int:
     return hidden if hidden else max(min(p.shape) for p in model.parameters() if p.dim() == 2)
 
 
-def _attention_and_mlp(model: nn.Module) -> set[int]:
-    """Ids of the attention and MLP matrices, as the partition's presets recognise them."""
+def _roles(model: nn.Module) -> dict[int, str]:
+    """Each trainable tensor's role (by id) as the partition's presets see it ("fused" for a split weight)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unknown matrices simply stay out
+        warnings.simplefilter("ignore")  # unknown matrices are "other"
         groups = adapm.partition(model.named_parameters(remove_duplicate=False), model=model)
-    return {id(g["params"][0]) for g in groups if g.get("role") in ATTENTION_AND_MLP_ROLES}
+    return {id(g["params"][0]): g["role"] for g in groups}
+
+
+def _decays(p: torch.Tensor, roles: dict[int, str]) -> bool:
+    """Weight decay where AdaPM applies it, so that every optimizer decays the same tensors: matrices, not
+    vectors (1-D, or declared vectors such as Mamba's ``A_log`` and an expert stack's biases)."""
+    return roles.get(id(p), "vector") != "vector"
 
 
 def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params, roles = [p for p in model.parameters() if p.requires_grad], _roles(model)
     return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if _decays(p, roles)], "weight_decay": weight_decay},
+        {"params": [p for p in params if not _decays(p, roles)], "weight_decay": 0.0},
     ]
 
 
@@ -96,8 +102,9 @@ def _build_adamw(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.O
     betas = (cfg.beta1, cfg.beta2)
     if not ratios:
         return torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=lr, betas=betas)
+    roles = _roles(model)
     groups = [
-        {"params": [p], "weight_decay": cfg.weight_decay if p.dim() >= 2 else 0.0}
+        {"params": [p], "weight_decay": cfg.weight_decay if _decays(p, roles) else 0.0}
         for p in model.parameters()
         if p.requires_grad
     ]
@@ -154,14 +161,14 @@ def _build_galore(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.
     GaLoreAdamW = import_galore().GaLoreAdamW
 
     rank = max(1, _hidden_size(model) // 2)
-    projected = _attention_and_mlp(model)
+    roles = _roles(model)
     galore, decay, no_decay = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if p.dim() == 2 and id(p) in projected:
+        if p.dim() == 2 and roles.get(id(p)) in ATTENTION_AND_MLP_ROLES:
             galore.append(p)
-        elif p.dim() >= 2:
+        elif _decays(p, roles):
             decay.append(p)
         else:
             no_decay.append(p)
