@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -337,6 +338,21 @@ def _what_each_segment_feeds(
     return fed
 
 
+def _block_perturbed(weight: nn.Parameter, seg: object, block: int, size: int, probe: Callable[[], Any]) -> Any:
+    """What ``probe()`` records with rows ``block * size`` to ``(block + 1) * size`` of segment ``seg`` of
+    ``weight`` perturbed at random (the weight is restored after)."""
+    delta = torch.zeros(seg.shape)  # type: ignore[attr-defined]
+    delta[block * size : (block + 1) * size] = torch.randn(size, seg.shape[1])  # type: ignore[attr-defined]
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        seg.view(weight.data).add_(seg.as_view(delta))  # type: ignore[attr-defined]
+    try:
+        return probe()
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
 def test_hf_gpt2_split_matches_the_real_query_key_value() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -442,14 +458,7 @@ def test_per_head_blocks_follow_the_real_heads(kind: str) -> None:
     x = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
     base = _probe_split(model, x)[0]  # (batch, heads, seq, head_dim)
     for head in range(seg.shape[0] // size):
-        delta = torch.zeros(seg.shape)
-        delta[head * size : (head + 1) * size] = torch.randn(size, seg.shape[1])
-        saved = weight.detach().clone()
-        with torch.no_grad():
-            seg.view(weight.data).add_(seg.as_view(delta))
-        after = _probe_split(model, x)[0]
-        with torch.no_grad():
-            weight.copy_(saved)
+        after = _block_perturbed(weight, seg, head, size, lambda: _probe_split(model, x)[0])
         changed = [h for h in range(base.shape[1]) if (after[:, h] - base[:, h]).abs().max() > 1e-4]
         assert changed == [head], (kind, head, changed)
 
@@ -1042,14 +1051,7 @@ def _assert_each_head_block_changes_its_head(model: nn.Module, opt: adapm.AdaPM,
     x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
     base = _probe_sdpa(model, x, call)[which]
     for head in range(heads):
-        delta = torch.zeros(seg.shape)
-        delta[head * size : (head + 1) * size] = torch.randn(size, seg.shape[1])
-        saved = weight.detach().clone()
-        with torch.no_grad():
-            seg.view(weight.data).add_(seg.as_view(delta))
-        after = _probe_sdpa(model, x, call)[which]
-        with torch.no_grad():
-            weight.copy_(saved)
+        after = _block_perturbed(weight, seg, head, size, lambda: _probe_sdpa(model, x, call)[which])
         changed = [h for h in range(heads) if (after[:, h] - base[:, h]).abs().max() > 1e-4]
         assert changed == [head], (which, head, changed)
 
@@ -1096,6 +1098,15 @@ def _probe_delta_rule(model: nn.Module, x: torch.Tensor, layer: nn.Module | None
 
     norm = layer.norm if hasattr(layer, "norm") else layer.o_norm
     handle = norm.register_forward_hook(lambda _m, args, _out: seen.append(args[1].detach().clone()))
+    _forward_observed(model, x, module, function, observed, [handle])
+    return tuple(seen[:6])
+
+
+def _forward_observed(model: nn.Module, x: torch.Tensor, module: object, function: str, observed: object,
+                      handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """Run ``model`` on ``x`` (eval, no cache) with ``module.function`` replaced by ``observed``; then put the
+    real function back and remove ``handles``."""
+    real = getattr(module, function)
     setattr(module, function, observed)
     try:
         model.eval()
@@ -1103,8 +1114,8 @@ def _probe_delta_rule(model: nn.Module, x: torch.Tensor, layer: nn.Module | None
             model(input_ids=x, use_cache=False)
     finally:
         setattr(module, function, real)
-        handle.remove()
-    return tuple(seen[:6])
+        for handle in handles:
+            handle.remove()
 
 
 @pytest.mark.parametrize("kind", GATED_DELTANET)
@@ -1146,14 +1157,7 @@ def test_gated_deltanet_and_gated_attention_parts_feed_what_they_are_declared_as
         base = _probe_delta_rule(model, x)[which]
         repeat = base.shape[2] // 2
         for head in range(2):
-            delta = torch.zeros(seg.shape)
-            delta[head * 8 : (head + 1) * 8] = torch.randn(8, seg.shape[1])
-            saved = weight.detach().clone()
-            with torch.no_grad():
-                seg.view(weight.data).add_(seg.as_view(delta))
-            after = _probe_delta_rule(model, x)[which]
-            with torch.no_grad():
-                weight.copy_(saved)
+            after = _block_perturbed(weight, seg, head, 8, lambda: _probe_delta_rule(model, x))[which]
             changed = [h for h in range(base.shape[2]) if (after[:, :, h] - base[:, :, h]).abs().max() > 1e-4]
             assert changed == list(range(head * repeat, (head + 1) * repeat)), (which, head, changed)
     attention = model.model.layers[1].self_attn
@@ -1291,15 +1295,7 @@ def _probe_scan(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
     handles = [] if mamba1 else [mixer.norm.register_forward_hook(
         lambda _m, args, _out: seen.append(args[1].detach().clone()) if len(seen) == 4 else None)]  # fmt: skip
-    setattr(module, function, observed)
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(input_ids=x, use_cache=False)
-    finally:
-        setattr(module, function, real)
-        for handle in handles:
-            handle.remove()
+    _forward_observed(model, x, module, function, observed, handles)
     return tuple(seen[:5])
 
 
@@ -1331,13 +1327,7 @@ def test_mamba_mixer_parts_feed_what_they_are_declared_as(kind: str) -> None:
         assert seg.block == (0, state)
         base = _probe_scan(model, x)[which]  # (batch, seq, groups, state)
         for group in range(groups):
-            delta = torch.zeros(seg.shape)
-            delta[group * state : (group + 1) * state] = torch.randn(state, seg.shape[1])
-            saved = weight.detach().clone()
-            with torch.no_grad():
-                seg.view(weight.data).add_(seg.as_view(delta))
-            after = _probe_scan(model, x)[which].reshape(base.shape)
-            with torch.no_grad():
-                weight.copy_(saved)
+            after = _block_perturbed(weight, seg, group, state, lambda: _probe_scan(model, x))[which]
+            after = after.reshape(base.shape)
             changed = [g for g in range(groups) if (after[:, :, g] - base[:, :, g]).abs().max() > 1e-5]
             assert changed == [group], (which, group, changed)
