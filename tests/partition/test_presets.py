@@ -463,31 +463,36 @@ def test_per_head_blocks_follow_the_real_heads(kind: str) -> None:
         assert changed == [head], (kind, head, changed)
 
 
-@pytest.mark.parametrize("kind", ["gpt_neox", "falcon-gqa", "phi3", "deepseek_v3", "qwen3_next", "qwen3_5_text",
-                                  "mamba2", "mamba"])
+@pytest.mark.parametrize("kind", ["gpt_neox", "falcon-gqa", "phi3", "deepseek_v3", "axk2", "qwen3_next", "qwen3_5_text",
+                                  "mamba2", "mamba", "lfm2"])
 def test_interleaved_and_unequal_layouts_train_like_the_per_block_reference(kind: str) -> None:
-    """The grouped step on interleaved and unequal segments (and latent attention's, Gated DeltaNet's, gated
-    attention's and Mamba's) equals the per-block step, and both train."""
+    """The grouped step on interleaved and unequal segments (and latent attention's, A.X K2's query and gate,
+    Gated DeltaNet's, gated attention's, Mamba's and LFM2's short convolution's) equals the per-block step, and
+    both train."""
     import copy
 
     if kind in MLA:
         model = _mla_model(kind)
-    elif kind in GATED_DELTANET or kind in MAMBA:
-        model = _tiny(kind, **MAMBA.get(kind, {}))
+    elif kind in GATED_DELTANET or kind in MAMBA or kind in SHORT_CONV:
+        model = _tiny(kind, **{**MAMBA, **SHORT_CONV}.get(kind, {}))
     else:
         model = _fused_family(kind)[0]
     twin = copy.deepcopy(model)
     opts = [adapm.AdaPMMini(m, lr=1e-3, foreach=f) for m, f in ((model, False), (twin, True))]
     gen = torch.Generator().manual_seed(0)
+    stepped: set[str] = set()
     for _ in range(4):
         ids = torch.randint(0, 50, (2, 8), generator=gen)
         for m, o in zip((model, twin), opts):
             m(input_ids=ids, labels=ids).loss.backward()
+            stepped |= {n for n, p in m.named_parameters() if p.grad is not None}
             o.step()
             o.zero_grad()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert adapm.state_bytes(opts[0]) == opts[0].partition_report().state_bytes
+    idle = {n for n, _ in model.named_parameters()} - stepped  # a sparse-attention indexer (A.X K2) gets no gradient
+    rows = opts[0].partition_report().rows
+    assert adapm.state_bytes(opts[0]) == sum(r.state_bytes for r in rows if r.name.split("[")[0] not in idle)
 
 
 def test_rules_that_match_nothing_warn_and_name_the_segments() -> None:
@@ -590,15 +595,33 @@ def _mla_model(kind: str) -> nn.Module:
     sizes = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, vocab_size=80, q_lora_rank=None if kind != model_type
                  else 16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=4,
-                 num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, bos_token_id=0,
-                 eos_token_id=1, pad_token_id=0)  # fmt: skip
+                 num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, index_head_dim=16,
+                 index_n_heads=4, bos_token_id=0, eos_token_id=1, pad_token_id=0)  # fmt: skip
     if model_type == "kimi_linear":  # layer 0 latent attention, layer 1 Kimi Delta Attention with experts
         sizes.update(layer_types=["full_attention", "linear_attention"], mlp_layer_types=["dense", "sparse"],
                      num_experts=4, num_experts_per_token=2, linear_num_heads=2, linear_head_dim=8)  # fmt: skip
+    if model_type == "dots3_note_text":  # layer 1 a sliding-window layer with sizes of its own, and experts
+        sizes.update(head_dim=24, layer_types=["indexed_attention", "sliding_attention"], swa_num_attention_heads=2,
+                     swa_num_key_value_heads=2, swa_q_lora_rank=16, swa_kv_lora_rank=8, swa_head_dim=20,
+                     swa_qk_nope_head_dim=12, swa_v_head_dim=10, mlp_layer_types=["dense", "sparse"],
+                     shared_experts_intermediate_size=16)  # fmt: skip
+    if model_type == "longcat_flash":  # two attention blocks per layer; experts and identity experts in each layer
+        sizes.update(num_layers=2, head_dim=8, qk_head_dim=24, ffn_hidden_size=64, expert_ffn_hidden_size=16,
+                     zero_expert_num=2, moe_topk=2)  # fmt: skip
     known = AutoConfig.for_model(model_type)
     return AutoModelForCausalLM.from_config(
-        AutoConfig.for_model(model_type, **{k: v for k, v in sizes.items() if hasattr(known, k)})
+        AutoConfig.for_model(model_type, **{k: v for k, v in sizes.items() if _has(known, k)})
     )
+
+
+def _has(config: object, key: str) -> bool:
+    """Whether ``config`` has the field ``key``: also where it is kept per layer (Dots3's head counts, whose
+    global read raises a ``RuntimeError``), and for the sliding-window layers' sizes (``swa_*``), which Dots3's
+    config reads when it is built."""
+    try:
+        return key.startswith("swa_") or hasattr(config, key)
+    except RuntimeError:
+        return True
 
 
 _TINY = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=32,
@@ -632,7 +655,7 @@ FAMILIES = ("phi", "gptj", "opt", "t5", "gemma2", "glm", "glm4", "mixtral", "qwe
 
 WHOLE_BY_EXPERTS = ("aria_text", "cohere2_moe", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "glm4_moe",
                     "granitemoe", "granitemoe_swa", "granitemoeshared", "hy_v3", "kolibri1", "mellum", "mimo_v2_flash",
-                    "minimax_m2", "phimoe", "solar_open")
+                    "minimax_m2", "phimoe", "solar_open", "laguna")
 """Mixture-of-experts model types whose other matrices have known names: their expert stacks complete them."""
 
 GATED_DELTANET = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid")
@@ -651,6 +674,14 @@ MAMBA: dict[str, dict[str, object]] = {
 }  # fmt: skip
 """State-space model types (Mamba-2 and its hybrids, then Mamba), with the sizes that make them tiny (layer 0 a
 Mamba mixer; two groups of state size 8 where the family has groups)."""
+
+SHORT_CONV: dict[str, dict[str, object]] = {
+    "lfm2": dict(layer_types=["conv", "full_attention"]),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "lfm3": dict(layer_types=["conv", "full_attention"]),
+}
+"""Model types with LFM2's gated short convolution, built with layer 0 a convolution and layer 1 attention (with
+experts in LFM2-MoE)."""
 
 
 def _named_family(kind: str) -> nn.Module:
@@ -705,14 +736,14 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
     assert opt.partition_report().unmatched == []
 
 
-@pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA))
+@pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV))
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
     after them is exactly what the partition report counted (for the parameters that had gradients:
     DeepSeek-V3.2's indexer gets none from the language-model loss, its top-k choice has no gradient)."""
     import warnings
 
-    model = _family(kind) if kind in FAMILIES else _tiny(kind, **MAMBA.get(kind, {}))
+    model = _family(kind) if kind in FAMILIES else _tiny(kind, **{**MAMBA, **SHORT_CONV}.get(kind, {}))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing kept whole, no rule unused
         opt = adapm.AdaPMMini(model, lr=1e-3)
@@ -751,7 +782,8 @@ EXPERTS: dict[str, str] = {
     "qwen3_next": "Qwen3NextExperts", "solar_open": "SolarOpenExperts", "zaya": "ZayaExperts",
     "llama4": "Llama4TextExperts", "aria_text": "AriaExperts", "deepseek_v4": "DeepseekV4Experts",
     "hy_v4": "HYV4Experts", "beam": "BeamExperts", "minimax_m3_vl_text": "MiniMaxM3VLExperts",
-    "inkling2_text": "Inkling2Experts",
+    "inkling2_text": "Inkling2Experts", "dots3_note_text": "Dots3NoteExperts", "longcat_flash": "LongcatFlashExperts",
+    "lfm2_moe": "Lfm2MoeExperts",
 }  # fmt: skip
 """A model type for each expert module class the presets split, and that class."""
 
@@ -766,7 +798,8 @@ def test_expert_segments_match_what_each_expert_computes(kind: str) -> None:
     expert's ``gate`` segment changes the activation's input (the gate), a row of its ``up`` segment
     changes the output only, and a ``down_proj`` segment changes only its own expert's output."""
     known = kind in FAMILIES
-    extra = {"zaya": {"num_experts_per_tok": 1}, "beam": {"mlp_layer_types": ["dense", "sparse"]}}.get(kind, {})
+    extra = {"zaya": {"num_experts_per_tok": 1}, "beam": {"mlp_layer_types": ["dense", "sparse"]},
+             "lfm2_moe": SHORT_CONV["lfm2_moe"]}.get(kind, {})
     model = _family(kind) if known else _tiny(kind, **extra)
     opt = adapm.AdaPMMini(model, lr=1e-3)
     experts = next(m for m in model.modules() if type(m).__name__ == EXPERTS[kind])
@@ -780,9 +813,13 @@ def test_expert_segments_match_what_each_expert_computes(kind: str) -> None:
             return apply_gate(gate_up)
 
         experts._apply_gate = observed
-    else:
+    elif isinstance(experts.act_fn, nn.Module):
         experts.act_fn.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().clone()))
+    else:  # a plain function (LFM2-MoE's F.silu)
+        act_fn = experts.act_fn
+        experts.act_fn = lambda gate: (seen.append(gate.detach().clone()), act_fn(gate))[1]
     llama4 = kind == "llama4"  # (in, out) experts run on every expert's share of the tokens at once
+    top_k = 2 if kind == "longcat_flash" else 1
     in_out = type(experts).__name__ in IN_OUT_EXPERTS
     hidden = gate_up.shape[1] if in_out else gate_up.shape[-1]
     x = torch.randn(5, hidden, generator=torch.Generator().manual_seed(1))
@@ -793,7 +830,8 @@ def test_expert_segments_match_what_each_expert_computes(kind: str) -> None:
             if llama4:
                 out = experts(x.repeat(gate_up.shape[0], 1)).view(gate_up.shape[0], 5, hidden)[expert]
                 return seen[0][expert], out
-            out = experts(x, torch.full((5, 1), expert), torch.ones(5, 1))
+            # each token to this expert (in two slots at half weight for LongCat-Flash, whose code needs top-k > 1)
+            out = experts(x, torch.full((5, top_k), expert), torch.full((5, top_k), 1 / top_k))
         return seen[0], out
 
     def perturbed(weight: nn.Parameter, seg_name: str, row: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1024,10 +1062,25 @@ def test_gpt_oss_alternating_gate_and_up_columns_match_its_experts() -> None:
 def _probe_sdpa(model: nn.Module, x: torch.Tensor, call: int = 0) -> tuple[torch.Tensor, ...]:
     """The query, key and value that the ``call``-th attention (default: layer 0's) passes to torch's
     ``scaled_dot_product_attention`` (the model runs unchanged, with its ``sdpa`` attention and its own
-    masks), observed with a torch function mode."""
+    masks), observed with a torch function mode; in a model without an ``sdpa`` attention (HY-V4's, with
+    attention sinks), to its modeling code's ``eager_attention_forward``."""
+    import sys
+
     from torch.overrides import TorchFunctionMode
 
     calls: list[tuple[torch.Tensor, ...]] = []
+    if not getattr(model, "_supports_sdpa", True):
+        module = sys.modules[type(model).__module__]
+        real = module.eager_attention_forward
+
+        def observed(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object,
+                     **kwargs: object) -> object:
+            calls.append((q.detach().clone(), k.detach().clone(), v.detach().clone()))
+            return real(attn, q, k, v, *args, **kwargs)
+
+        model.set_attn_implementation("eager")
+        _forward_observed(model, x, module, "eager_attention_forward", observed, [])
+        return calls[call]
 
     class Record(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
@@ -1243,10 +1296,12 @@ def test_latent_attention_segments_and_heads_match_the_real_query_key_value(kind
     """Multi-head latent attention, proven on each model's own attention: the latent part of
     ``kv_a_proj_with_mqa`` feeds keys and values, its rotary part keys only; ``kv_b_proj``'s parts feed
     exactly the key or the value; and the per-head blocks of the query and of ``kv_b_proj``'s key part
-    change exactly their head. DeepSeek-V3.2's indexer: per-head query blocks, one key head."""
+    change exactly their head. DeepSeek-V3.2's indexer: per-head query blocks, one key head. A.X K2's fused
+    query and gate, and Dots3's and HY-V4's output gates: each head's block gates that head's output alone."""
     model = _mla_model(kind)
     opt = adapm.AdaPMMini(model, lr=1e-3, strict=False)
     attn = model.model.layers[0].self_attn
+    attn = attn[0] if isinstance(attn, nn.ModuleList) else attn  # LongCat-Flash: two attention blocks a layer
     kv_a, kv_b = attn.kv_a_proj_with_mqa.weight, attn.kv_b_proj.weight
     assert [(s.name.rsplit("[", 1)[1], s.momentum) for s in opt.layout(kv_a).segments] == [
         ("KV]", "full"), ("K]", "lowrank")]
@@ -1255,11 +1310,21 @@ def test_latent_attention_segments_and_heads_match_the_real_query_key_value(kind
         ("K]", "lowrank"), ("V]", "full")]
     assert _what_each_segment_feeds(model, opt, kv_b, _probe_sdpa) == ["k", "v"]
     plain = getattr(attn, "q_proj", None) is not None  # no query latent (DeepSeek-V2-Lite)
-    query = attn.q_proj.weight if plain else attn.q_b_proj.weight
+    gated = getattr(attn, "q_gate_proj", None) is not None  # A.X K2: [query | output gate] per head
+    query = attn.q_proj.weight if plain else attn.q_gate_proj.weight if gated else attn.q_b_proj.weight
     if not plain:
         assert opt.layout(attn.q_a_proj.weight).segments[0].block == (0, 1)  # a latent: no heads
     for weight, which, size in ((query, 0, 24), (kv_b, 1, 16)):
         _assert_each_head_block_changes_its_head(model, opt, weight, which, size, heads=4)
+    if gated:
+        assert [(s.name.rsplit("[", 1)[1], s.role) for s in opt.layout(query).segments] == [("Q]", "query"),
+                                                                                            ("gate]", "mlp")]
+        assert _what_each_segment_feeds(model, opt, query, _probe_sdpa) == ["q", ""]
+        _assert_output_gate_blocks_gate_their_head(model, opt, query, attn.o_proj, size=12, heads=4)
+    for gate in (getattr(attn, name, None) for name in ("g_proj", "gate_proj")):  # Dots3's per head, HY-V4's
+        if gate is not None:
+            _assert_output_gate_blocks_gate_their_head(model, opt, gate.weight, attn.o_proj,
+                                                       size=gate.weight.shape[0] // 4, heads=4)
     assert opt.partition_report().unmatched == []
     if kind in DSA_MODEL_TYPES:
         indexer = attn.indexer
@@ -1268,6 +1333,31 @@ def test_latent_attention_segments_and_heads_match_the_real_query_key_value(kind
         assert opt.layout(indexer.wk.weight).segments[0].block == (0, size) == (0, indexer.wk.weight.shape[0])
         weights = next(n for n, p in model.named_parameters() if p is indexer.weights_proj.weight)
         assert _rows(opt)[weights].role == "router"
+
+
+def _assert_output_gate_blocks_gate_their_head(model: nn.Module, opt: adapm.AdaPM, weight: nn.Parameter,
+                                               o_proj: nn.Module, size: int, heads: int) -> None:
+    """``weight``'s last segment, in per-head blocks of ``size`` rows, gates the attention output: perturbing
+    block h changes head h alone of what ``o_proj`` reads, and none of the query, key and value."""
+    seg = opt.layout(weight).segments[-1]
+    assert seg.role == "mlp"
+    x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    seen: list[torch.Tensor] = []
+    handle = o_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+
+    def probe() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        seen.clear()
+        return _probe_sdpa(model, x), seen[0]
+
+    try:
+        base_qkv, base = probe()
+        for head in range(heads):
+            qkv, out = _block_perturbed(weight, seg, head, size, probe)
+            assert all(torch.equal(a, b) for a, b in zip(qkv, base_qkv))
+            changed = (out - base).abs().reshape(-1, heads, out.shape[-1] // heads).amax(dim=(0, 2))
+            assert [h for h in range(heads) if changed[h] > 1e-6] == [head], (head, changed)
+    finally:
+        handle.remove()
 
 
 def _probe_scan(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -1331,3 +1421,56 @@ def test_mamba_mixer_parts_feed_what_they_are_declared_as(kind: str) -> None:
             after = after.reshape(base.shape)
             changed = [g for g in range(groups) if (after[:, :, g] - base[:, :, g]).abs().max() > 1e-5]
             assert changed == [group], (which, group, changed)
+
+
+@pytest.mark.parametrize("kind", sorted(SHORT_CONV))
+def test_short_convolution_parts_feed_what_they_are_declared_as(kind: str) -> None:
+    """LFM2's gated short convolution, proven on each model's own forward: ``in_proj``'s B and x parts feed the
+    convolution's input (B * x) and its C part only the gate on the convolution's output (what ``out_proj``
+    reads); row r of any part changes channel r alone (no heads: per-neuron blocks, as an MLP's have)."""
+    import sys
+
+    model = _tiny(kind, **SHORT_CONV[kind])
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    block = model.model.layers[0].conv
+    weight = block.in_proj.weight
+    segments = opt.layout(weight).segments
+    assert [(s.name.rsplit("[", 1)[1], s.role) for s in segments] == [("B]", "mlp"), ("C]", "mlp"), ("x]", "mlp")]
+    rows = _rows(opt)
+    assert rows["model.layers.0.conv.conv.weight"].role == "router"
+    assert rows["model.layers.0.conv.out_proj.weight"].role == "attn_out"
+    x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    module = sys.modules[type(block).__module__]
+    real = module.causal_conv1d_fn
+    seen: list[torch.Tensor] = []  # the convolution's input (batch, channels, time), out_proj's (batch, time, channels)
+
+    def observed(hidden: torch.Tensor, *args: object, **kwargs: object) -> object:
+        seen.append(hidden.detach().clone())
+        return real(hidden, *args, **kwargs)
+
+    def probe() -> tuple[torch.Tensor, torch.Tensor]:
+        seen.clear()
+        handle = block.out_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+        _forward_observed(model, x, module, "causal_conv1d_fn", observed, [handle])
+        return seen[0], seen[1]
+
+    conv_in, gated = probe()
+    for seg, feeds in zip(segments, ("conv", "gate", "conv")):
+        after_conv_in, after_gated = _block_perturbed(weight, seg, 3, 1, probe)
+        conv_changed = (after_conv_in - conv_in).abs().amax(dim=(0, 2)).nonzero().flatten().tolist()
+        gate_changed = (after_gated - gated).abs().amax(dim=(0, 1)).nonzero().flatten().tolist()
+        assert gate_changed == [3], (seg.name, gate_changed)
+        assert conv_changed == ([3] if feeds == "conv" else []), (seg.name, conv_changed)
+
+
+@pytest.mark.parametrize("kind", ["lfm3", "laguna"])
+def test_output_gates_gate_each_heads_output(kind: str) -> None:
+    """LFM3's and Laguna's ``g_proj``, proven on the model's own attention: each head's block of rows gates that
+    head's output alone, and reaches none of the query, key and value."""
+    model = _tiny(kind, **SHORT_CONV.get(kind, {}))
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    attn = next(m for m in model.modules() if getattr(m, "g_proj", None) is not None)
+    heads = model.config.num_attention_heads
+    o_proj = getattr(attn, "o_proj", None) or attn.out_proj
+    _assert_output_gate_blocks_gate_their_head(model, opt, attn.g_proj.weight, o_proj,
+                                               size=attn.g_proj.weight.shape[0] // heads, heads=heads)

@@ -58,8 +58,8 @@ class PresetRule:
     row ranges. ``qkv_heads``: query, key and value interleaved per head (``[q_h, k_h, v_h]`` for each head
     h). ``qkv_sizes``: query, key and value in consecutive parts of their own sizes (grouped-query
     attention). ``falcon``: Falcon's three layouts, chosen by its config. ``bigcode``: GPT-BigCode's two. ``codegen``:
-    CodeGen's four ``[q | v | k]`` blocks. ``mla_kv_a``, ``mla_kv_b``: multi-head latent attention's (see
-    :data:`MLA_MODEL_TYPES`). ``linear_qkv``, ``linear_qkvz``: Gated DeltaNet's (see
+    CodeGen's four ``[q | v | k]`` blocks. ``mla_kv_a``, ``mla_kv_b``, ``mla_q_gate``: multi-head latent
+    attention's (see :data:`MLA_MODEL_TYPES`). ``linear_qkv``, ``linear_qkvz``: Gated DeltaNet's (see
     :data:`GATED_DELTANET_MODEL_TYPES`). ``q_gate_heads``: a query and an output gate per head. ``mamba2``: a
     Mamba-2 mixer's ``[z | x | B | C | dt]`` (see :data:`MAMBA2_MIXERS`)."""
     segment_names: tuple[str, ...] = ()
@@ -85,13 +85,16 @@ class PresetRule:
 
 
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu",
-                   "axk1", "kimi_linear")
+                   "axk1", "kimi_linear", "axk2", "dots3_note_text", "hy_v4", "longcat_flash")
 """Models with DeepSeek-V2's multi-head latent attention, as their modeling code computes it: ``q_a_proj`` then
 ``q_b_proj`` (or ``q_proj``) give each head's ``[nope | rope]`` query; ``kv_a_proj_with_mqa`` gives the
 key-value latent then the one rotary key shared by all heads; ``kv_b_proj`` maps the latent to each
-head's ``[key nope | value]``. Every model type here is proven on its own forward in the tests."""
+head's ``[key nope | value]``. A.X K2 fuses each head's query with a gate of its output (``q_gate_proj``, from
+``q_a_proj``'s output normed and raw); Dots3 and LongCat-Flash scale the latents; LongCat-Flash has two attention
+blocks per layer; Dots3's sliding-window layers have sizes of their own. Every model type here is proven on its
+own forward in the tests."""
 
-DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
+DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "dots3_note_text", "hy_v4")
 """Of those, the models with DeepSeek-V3.2's sparse-attention indexer (``indexer.wq_b``, ``indexer.wk``,
 ``indexer.weights_proj``; it picks the keys each query attends to, and is trained by its own loss)."""
 
@@ -132,6 +135,11 @@ rank, ``B`` and ``C``; ``dt_proj`` maps the time-step rank to one step per chann
 MAMBA_MODEL_TYPES = ("mamba", "falcon_mamba", "jamba")
 """The model types with those mixers."""
 
+SHORT_CONV_MODULES = ("Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv")
+"""LFM2's and LFM3's gated short convolutions, as their modeling code computes them: ``in_proj`` gives ``[B | C | x]``
+of the hidden size each; a depthwise convolution runs over ``B * x``, ``C`` gates its output channel by channel, and
+``out_proj`` maps it back. Proven on each model's own forward in the tests."""
+
 MIXTRAL_STYLE_EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts", "DeepseekV2Experts",
                          "DeepseekV3Experts", "DeepseekV32Experts", "Glm4MoeLiteExperts", "GlmMoeDsaExperts",
                          "AXK1Experts", "AXK2Experts", "AfmoeExperts", "BailingHybridExperts", "Cohere2MoeExperts",
@@ -141,10 +149,12 @@ MIXTRAL_STYLE_EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts",
                          "JambaExperts", "KimiLinearExperts", "Kolibri1Experts", "LagunaExperts", "MellumExperts",
                          "MiMoV2FlashExperts", "MiniMaxExperts", "MiniMaxM2Experts", "PhimoeExperts",
                          "Qwen3_5MoeExperts", "Qwen3NextExperts", "SolarOpenExperts", "ZayaExperts",
-                         "DeepseekV4Experts", "HYV4Experts", "BeamExperts", "MiniMaxM3VLExperts", "Inkling2Experts")
+                         "DeepseekV4Experts", "HYV4Experts", "BeamExperts", "MiniMaxM3VLExperts", "Inkling2Experts",
+                         "Dots3NoteExperts", "LongcatFlashExperts", "Lfm2MoeExperts")
 """Expert modules holding ``(experts, 2 * intermediate, hidden)`` gate rows then up rows and ``(experts, hidden,
 intermediate)`` down matrices, each used as ``nn.Linear`` weights, whatever gated activation they apply to
-the two halves (SwiGLU, or a clamped one as in DeepSeek-V4); every one is proven in the tests."""
+the two halves (SwiGLU, or a clamped one as in DeepSeek-V4); every one is proven in the tests. (LongCat-Flash's
+``gate_up_proj`` also holds slots for its identity experts, which compute nothing: they get no gradient.)"""
 
 IN_OUT_EXPERTS = ("Llama4TextExperts", "AriaExperts")
 """Expert modules holding ``(experts, hidden, 2 * intermediate)`` gate columns then up columns and ``(experts,
@@ -191,6 +201,16 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("dsa", r"(^|\.)indexer\.wk\.weight$", ("key",), head_size=("index_head_dim",),
                model_types=DSA_MODEL_TYPES),
     PresetRule("dsa", r"(^|\.)indexer\.weights_proj\.weight$", ("router",), model_types=DSA_MODEL_TYPES),
+    # A.X K2: each head's query, then the sigmoid gate of that head's output (an MLP-like gate).
+    PresetRule("mla", r"(^|\.)self_attn\.q_gate_proj\.weight$", ("query", "mlp"), ("Linear",), layout="mla_q_gate",
+               head_size=("qk_nope_head_dim", "qk_rope_head_dim"), model_types=("axk2",)),
+    # A sigmoid or softplus gate of each head's attention output (Dots3, LFM3, Laguna; one value per head or per
+    # channel), read as an MLP gate is.
+    PresetRule("output-gate", r"(^|\.)self_attn\.g_proj\.weight$", ("mlp",),
+               model_types=("dots3_note_text", "lfm3", "laguna")),
+    # Hyper-connections (DeepSeek-V4, HY-V4): tiny matrices mixing the residual streams, full momentum.
+    PresetRule("hyper-connections", r"(^|\.)(attn_hc\.fn|ffn_hc\.fn|hc_head\.hc_fn)$", ("router",),
+               model_types=("deepseek_v4", "hy_v4")),
     # Gated DeltaNet linear attention: queries and keys per head of linear_key_head_dim, values, the output
     # gate (a gate like an MLP's: low-rank momentum), and tiny matrices (the per-head decay and beta inputs,
     # the depthwise convolution kernels): full momentum.
@@ -223,6 +243,12 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("mamba", r"(^|\.)(conv1d|x_proj|dt_proj)\.weight$", ("router",), within=MAMBA2_MIXERS + MAMBA_MIXERS),
     PresetRule("mamba", r"(^|\.)out_proj\.weight$", ("attn_out",), within=MAMBA2_MIXERS + MAMBA_MIXERS),
     PresetRule("mamba", r"(^|\.)A_log$", ("vector",), within=MAMBA_MIXERS),
+    # LFM2/LFM3's short convolution: B, C and x gate one another channel by channel, as an MLP's gate and up do (no
+    # heads, no keys or values); the depthwise kernels are tiny; out_proj is the block's output projection.
+    PresetRule("short-conv", r"(^|\.)conv\.in_proj\.weight$", ("mlp", "mlp", "mlp"), ("Linear",),
+               segment_names=("B", "C", "x"), within=SHORT_CONV_MODULES),
+    PresetRule("short-conv", r"(^|\.)conv\.conv\.weight$", ("router",), within=SHORT_CONV_MODULES),
+    PresetRule("short-conv", r"(^|\.)conv\.out_proj\.weight$", ("attn_out",), within=SHORT_CONV_MODULES),
     # Granite's shared MLP: [gate | up], then the down projection.
     PresetRule("granite", r"(^|\.)shared_mlp\.input_linear\.weight$", ("mlp", "mlp"), ("Linear",),
                segment_names=("gate", "up"), model_types=("granitemoeshared", "granitemoehybrid")),
@@ -312,6 +338,7 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("moe", r"(^|\.)router\.(gate\.|layer\.|classifier\.)?weight$", ("router",)),
     PresetRule("moe", r"(^|\.)mlp\.gate\.weight$", ("router",)),
     PresetRule("moe", r"(^|\.)shared_expert_gate\.weight$", ("router",)),
+    PresetRule("moe", r"(^|\.)feed_forward\.gate\.weight$", ("router",), model_types=("lfm2_moe",)),
     # BERT-style encoders (BERT, RoBERTa, ...). attention.output must come before output.
     PresetRule("bert", r"(^|\.)embeddings\.(word|position|token_type)_embeddings\.weight$", ("embedding",)),
     PresetRule("bert", r"(^|\.)attention\.self\.query\.weight$", ("query",)),
@@ -467,7 +494,8 @@ def _mamba2_parts(config: Any, size: int) -> list[Part] | None:
 
 def _mla_parts(layout: str, config: Any, heads: int, size: int) -> list[Part] | None:
     """Multi-head latent attention's fused weights: ``mla_kv_a`` is ``[latent | rotary key]``, ``mla_kv_b``
-    is ``[key nope | value]`` for each head in turn (see :data:`MLA_MODEL_TYPES`)."""
+    is ``[key nope | value]`` for each head in turn, ``mla_q_gate`` ``[query | output gate]`` for each head in
+    turn, the gate of the value's size (see :data:`MLA_MODEL_TYPES`)."""
     dims = _config_ints(config, ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"))
     if dims is None:
         return None
@@ -475,6 +503,10 @@ def _mla_parts(layout: str, config: Any, heads: int, size: int) -> list[Part] | 
     if layout == "mla_kv_a":
         parts: list[Part] = [("KV", "value", 0, latent, 1, 0), ("K", "key", latent, rope, 1, 0)]
         return parts if latent + rope == size else None
+    if layout == "mla_q_gate":
+        q = nope + rope
+        parts = [("Q", "query", 0, q, heads, q + v), ("gate", "mlp", q, v, heads, q + v)]
+        return parts if heads * (q + v) == size else None
     parts = [("K", "key", 0, nope, heads, nope + v), ("V", "value", nope, v, heads, nope + v)]
     return parts if heads * (nope + v) == size else None
 
