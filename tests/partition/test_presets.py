@@ -667,13 +667,15 @@ MAMBA: dict[str, dict[str, object]] = {
     "falcon_h1": dict(mamba_d_ssm=64, mamba_rms_norm=True),
     "granitemoehybrid": dict(layer_types=["mamba", "attention"]),
     "nemotron_h": dict(mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2),
-    "zamba2": dict(layers_block_type=["mamba", "mamba"], layer_types=None),
+    "zamba2": dict(layers_block_type=["mamba", "hybrid"], layer_types=None, use_shared_attention_adapter=True,
+                   adapter_rank=4, head_dim=None, num_key_value_heads=4),
     "mamba": dict(state_size=8, intermediate_size=64, time_step_rank=4),
     "falcon_mamba": dict(state_size=8, intermediate_size=64, time_step_rank=4),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
 }  # fmt: skip
 """State-space model types (Mamba-2 and its hybrids, then Mamba), with the sizes that make them tiny (layer 0 a
-Mamba mixer; two groups of state size 8 where the family has groups)."""
+Mamba mixer; two groups of state size 8 where the family has groups; Zamba2's layer 1 with its shared transformer
+block and that block's adapters)."""
 
 SHORT_CONV: dict[str, dict[str, object]] = {
     "lfm2": dict(layer_types=["conv", "full_attention"]),
@@ -983,12 +985,17 @@ def test_fused_families_train_with_the_state_the_report_counts(kind: str) -> Non
     assert opt.partition_report().ratio_to_adamw < 0.2
 
 
-@pytest.mark.parametrize("kind", ["phi3", "glm", "glm4", "granitemoeshared", "granitemoehybrid"])
+@pytest.mark.parametrize("kind", ["phi3", "glm", "glm4", "granitemoeshared", "granitemoehybrid", "zamba2"])
 def test_gate_up_segments_match_the_real_mlp(kind: str) -> None:
+    call: dict[str, int] = {}
     if kind.startswith("granite"):  # Granite's shared MLP: input_linear is [gate | up]
         model = _tiny(kind, shared_intermediate_size=32, **MAMBA.get(kind, {}))
         mlp = model.model.layers[0].shared_mlp
         weight, activation = mlp.input_linear.weight, mlp.activation
+    elif kind == "zamba2":  # the shared transformer block's MLP, called with the hybrid layer's index
+        model = _tiny(kind, **MAMBA[kind])
+        mlp = model.model.layers[1].shared_transformer.feed_forward
+        weight, activation, call = mlp.gate_up_proj.weight, mlp.act_fn, {"layer_idx": 1}
     else:
         model = _fused_family(kind)[0] if kind == "phi3" else _family(kind)
         mlp = model.model.layers[0].mlp
@@ -1002,7 +1009,7 @@ def test_gate_up_segments_match_the_real_mlp(kind: str) -> None:
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         seen.clear()
         with torch.no_grad():
-            out = mlp(x)
+            out = mlp(x, **call)
         return seen[0], out
 
     act, out = run()
@@ -1474,3 +1481,26 @@ def test_output_gates_gate_each_heads_output(kind: str) -> None:
     o_proj = getattr(attn, "o_proj", None) or attn.out_proj
     _assert_output_gate_blocks_gate_their_head(model, opt, attn.g_proj.weight, o_proj,
                                                size=attn.g_proj.weight.shape[0] // heads, heads=heads)
+
+
+def test_zamba2_shared_block_adapters_feed_what_they_are_declared_as() -> None:
+    """Zamba2's shared transformer block, proven on the model's own attention: each layer's query, key and value
+    adapters (two low-rank matrices each) feed exactly the query, key or value they are declared as, and the
+    per-head blocks of the query's and key's second matrix change exactly their head; ``linear`` (the block's
+    output into the layer's Mamba input) and the MLP adapters are MLP matrices."""
+    model = _tiny("zamba2", **MAMBA["zamba2"])
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    attn = model.model.layers[1].shared_transformer.self_attn
+    for name, role in (("q", "query"), ("k", "key"), ("v", "value")):
+        adapter = getattr(attn, f"linear_{name}_adapter_list")[0]
+        for weight in (adapter[0].weight, adapter[1].weight):
+            assert opt.layout(weight).segments[0].role == role
+            assert _what_each_segment_feeds(model, opt, weight, _probe_sdpa) == [name]
+    assert opt.layout(attn.linear_q_adapter_list[0][0].weight).segments[0].block == (0, 1)  # a latent: no heads
+    _assert_each_head_block_changes_its_head(model, opt, attn.linear_q_adapter_list[0][1].weight, 0, 16, heads=4)
+    _assert_each_head_block_changes_its_head(model, opt, attn.linear_k_adapter_list[0][1].weight, 1, 16, heads=4)
+    rows = _rows(opt)
+    assert rows["model.layers.1.linear.weight"].role == "mlp"
+    mlp_adapter = "model.layers.1.shared_transformer.feed_forward.gate_up_proj_adapter_list.0.{}.weight"
+    assert {rows[mlp_adapter.format(i)].role for i in (0, 1)} == {"mlp"}
+    assert opt.partition_report().unmatched == []

@@ -249,6 +249,20 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                segment_names=("B", "C", "x"), within=SHORT_CONV_MODULES),
     PresetRule("short-conv", r"(^|\.)conv\.conv\.weight$", ("router",), within=SHORT_CONV_MODULES),
     PresetRule("short-conv", r"(^|\.)conv\.out_proj\.weight$", ("attn_out",), within=SHORT_CONV_MODULES),
+    # Zamba2's shared transformer block (tied across the hybrid layers): its MLP's [gate | up] and each layer's own
+    # low-rank adapters (the first matrix of a query or key adapter a latent without heads, as q_a_proj is); `linear`
+    # maps the block's output into the layer's Mamba input (an MLP-like projection).
+    PresetRule("zamba2", r"(^|\.)shared_transformer\.feed_forward\.gate_up_proj\.weight$", ("mlp", "mlp"), ("Linear",),
+               segment_names=("gate", "up"), model_types=("zamba2",)),
+    PresetRule("zamba2", r"(^|\.)gate_up_proj_adapter_list\.\d+\.[01]\.weight$", ("mlp",), model_types=("zamba2",)),
+    PresetRule("zamba2", r"(^|\.)linear_q_adapter_list\.\d+\.0\.weight$", ("query",), per_neuron=True,
+               model_types=("zamba2",)),
+    PresetRule("zamba2", r"(^|\.)linear_q_adapter_list\.\d+\.1\.weight$", ("query",), model_types=("zamba2",)),
+    PresetRule("zamba2", r"(^|\.)linear_k_adapter_list\.\d+\.0\.weight$", ("key",), per_neuron=True,
+               model_types=("zamba2",)),
+    PresetRule("zamba2", r"(^|\.)linear_k_adapter_list\.\d+\.1\.weight$", ("key",), model_types=("zamba2",)),
+    PresetRule("zamba2", r"(^|\.)linear_v_adapter_list\.\d+\.[01]\.weight$", ("value",), model_types=("zamba2",)),
+    PresetRule("zamba2", r"(^|\.)layers\.\d+\.linear\.weight$", ("mlp",), model_types=("zamba2",)),
     # Granite's shared MLP: [gate | up], then the down projection.
     PresetRule("granite", r"(^|\.)shared_mlp\.input_linear\.weight$", ("mlp", "mlp"), ("Linear",),
                segment_names=("gate", "up"), model_types=("granitemoeshared", "granitemoehybrid")),
