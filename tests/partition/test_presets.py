@@ -677,6 +677,14 @@ MAMBA: dict[str, dict[str, object]] = {
 Mamba mixer; two groups of state size 8 where the family has groups; Zamba2's layer 1 with its shared transformer
 block and that block's adapters)."""
 
+DEEPSEEK_V4 = dict(head_dim=16, qk_rope_head_dim=8, q_lora_rank=16, o_groups=2, o_lora_rank=8, num_key_value_heads=1,
+                   index_n_heads=2, index_head_dim=8, index_topk=2, sliding_window=4, hc_mult=2,
+                   layer_types=["compressed_sparse_attention", "heavily_compressed_attention"],
+                   compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+                   mlp_layer_types=["moe", "moe"])  # fmt: skip
+"""A tiny DeepSeek-V4: layer 0 compressed sparse attention (windows of 2, with the indexer), layer 1 heavily
+compressed attention (windows of 4)."""
+
 SHORT_CONV: dict[str, dict[str, object]] = {
     "lfm2": dict(layer_types=["conv", "full_attention"]),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
@@ -738,14 +746,16 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
     assert opt.partition_report().unmatched == []
 
 
-@pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV))
+@pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV)
+                         + ("deepseek_v4",))
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
     after them is exactly what the partition report counted (for the parameters that had gradients:
-    DeepSeek-V3.2's indexer gets none from the language-model loss, its top-k choice has no gradient)."""
+    DeepSeek-V3.2's and V4's indexers get none from the language-model loss, their top-k choice has no gradient)."""
     import warnings
 
-    model = _family(kind) if kind in FAMILIES else _tiny(kind, **{**MAMBA, **SHORT_CONV}.get(kind, {}))
+    overrides = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4}.get(kind, {})
+    model = _family(kind) if kind in FAMILIES else _tiny(kind, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing kept whole, no rule unused
         opt = adapm.AdaPMMini(model, lr=1e-3)
@@ -764,7 +774,7 @@ def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None
         opt.zero_grad()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     idle = {n for n, p in model.named_parameters() if p.requires_grad} - stepped
-    assert all(".indexer." in n for n in idle) and bool(idle) == (kind in DSA_MODEL_TYPES), idle
+    assert all(".indexer." in n for n in idle) and bool(idle) == (kind in (*DSA_MODEL_TYPES, "deepseek_v4")), idle
     assert adapm.state_bytes(opt) == sum(r.state_bytes for r in report.rows if r.name.split("[")[0] not in idle)
 
 
@@ -1503,4 +1513,31 @@ def test_zamba2_shared_block_adapters_feed_what_they_are_declared_as() -> None:
     assert rows["model.layers.1.linear.weight"].role == "mlp"
     mlp_adapter = "model.layers.1.shared_transformer.feed_forward.gate_up_proj_adapter_list.0.{}.weight"
     assert {rows[mlp_adapter.format(i)].role for i in (0, 1)} == {"mlp"}
+    assert opt.partition_report().unmatched == []
+
+
+def test_deepseek_v4_attention_parts_feed_what_they_are_declared_as() -> None:
+    """DeepSeek-V4's attention, proven on the model's own forward: ``q_b_proj``'s per-head blocks change exactly
+    their head of the query; ``kv_proj`` (one head read as both key and value) and each compressor's ``kv_proj``
+    and softmax gate feed both the key and the value, never the query; the indexer's query and keys get per-head
+    blocks of its head size."""
+    import functools
+
+    model = _tiny("deepseek_v4", **DEEPSEEK_V4)
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    heads = model.config.num_attention_heads
+    for layer in (0, 1):  # compressed sparse attention, then heavily compressed attention
+        attn = model.model.layers[layer].self_attn
+        assert opt.layout(attn.q_a_proj.weight).segments[0].block == (0, 1)  # a latent: no heads
+        _assert_each_head_block_changes_its_head(model, opt, attn.q_b_proj.weight, 0, 16, heads=heads, call=layer)
+        probe = functools.partial(_probe_sdpa, call=layer)
+        for module, role in ((attn.kv_proj, "value"), (attn.compressor.kv_proj, "value"),
+                             (attn.compressor.gate_proj, "mlp")):  # fmt: skip
+            assert opt.layout(module.weight).segments[0].role == role
+            assert _what_each_segment_feeds(model, opt, module.weight, probe) == ["kv"]
+        for module in (attn.o_a_proj, attn.o_b_proj):
+            assert opt.layout(module.weight).segments[0].role == "attn_out"
+    indexer = model.model.layers[0].self_attn.compressor.indexer
+    assert opt.layout(indexer.q_b_proj.weight).segments[0].block == (0, 8)
+    assert opt.layout(indexer.kv_proj.weight).segments[0].block == (0, 8)  # two compressed series of one key head
     assert opt.partition_report().unmatched == []

@@ -208,6 +208,27 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # channel), read as an MLP gate is.
     PresetRule("output-gate", r"(^|\.)self_attn\.g_proj\.weight$", ("mlp",),
                model_types=("dots3_note_text", "lfm3", "laguna")),
+    # DeepSeek-V4's attention: a query latent and per-head queries; one head read as both key and value (as a latent
+    # attention's key-value latent: a value's full momentum); a grouped low-rank output projection in two matrices.
+    # Its compressors pool windows of tokens into more key-value entries, weighted by a softmax gate (an MLP-like
+    # gate) plus a learned position bias; the sparse-attention indexer's compressor makes its keys.
+    PresetRule("deepseek-v4", r"(^|\.)self_attn\.q_a_proj\.weight$", ("query",), per_neuron=True,
+               model_types=("deepseek_v4",)),
+    PresetRule("deepseek-v4", r"(^|\.)self_attn\.q_b_proj\.weight$", ("query",), model_types=("deepseek_v4",)),
+    PresetRule("deepseek-v4", r"(^|\.)self_attn\.(kv_proj|compressor\.kv_proj)\.weight$", ("value",),
+               model_types=("deepseek_v4",)),
+    PresetRule("deepseek-v4", r"(^|\.)self_attn\.(o_a_proj|o_b_proj)\.weight$", ("attn_out",),
+               model_types=("deepseek_v4",)),
+    PresetRule("deepseek-v4", r"(^|\.)(compressor|indexer)\.gate_proj\.weight$", ("mlp",),
+               model_types=("deepseek_v4",)),
+    PresetRule("deepseek-v4", r"(^|\.)(compressor|indexer)\.position_bias$", ("vector",),
+               model_types=("deepseek_v4",)),
+    PresetRule("deepseek-v4", r"(^|\.)indexer\.q_b_proj\.weight$", ("query",), head_size=("index_head_dim",),
+               model_types=("deepseek_v4",)),
+    PresetRule("deepseek-v4", r"(^|\.)indexer\.kv_proj\.weight$", ("key",), head_size=("index_head_dim",),
+               model_types=("deepseek_v4",)),
+    PresetRule("deepseek-v4", r"(^|\.)indexer\.scorer\.weights_proj\.weight$", ("router",),
+               model_types=("deepseek_v4",)),
     # Hyper-connections (DeepSeek-V4, HY-V4): tiny matrices mixing the residual streams, full momentum.
     PresetRule("hyper-connections", r"(^|\.)(attn_hc\.fn|ffn_hc\.fn|hc_head\.hc_fn)$", ("router",),
                model_types=("deepseek_v4", "hy_v4")),
