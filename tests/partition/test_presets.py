@@ -655,7 +655,7 @@ FAMILIES = ("phi", "gptj", "opt", "t5", "gemma2", "glm", "glm4", "mixtral", "qwe
 
 WHOLE_BY_EXPERTS = ("aria_text", "cohere2_moe", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "glm4_moe",
                     "granitemoe", "granitemoe_swa", "granitemoeshared", "hy_v3", "kolibri1", "mellum", "mimo_v2_flash",
-                    "minimax_m2", "phimoe", "solar_open", "laguna")
+                    "minimax_m2", "phimoe", "solar_open", "laguna", "minimax")
 """Mixture-of-experts model types whose other matrices have known names: their expert stacks complete them."""
 
 GATED_DELTANET = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid")
@@ -1353,23 +1353,25 @@ def test_latent_attention_segments_and_heads_match_the_real_query_key_value(kind
 
 
 def _assert_output_gate_blocks_gate_their_head(model: nn.Module, opt: adapm.AdaPM, weight: nn.Parameter,
-                                               o_proj: nn.Module, size: int, heads: int) -> None:
+                                               o_proj: nn.Module, size: int, heads: int,
+                                               probe: Callable[..., tuple[torch.Tensor, ...]] = _probe_sdpa) -> None:
     """``weight``'s last segment, in per-head blocks of ``size`` rows, gates the attention output: perturbing
-    block h changes head h alone of what ``o_proj`` reads, and none of the query, key and value."""
+    block h changes head h alone of what ``o_proj`` reads, and none of the query, key and value (of the same
+    attention, as ``probe`` records them)."""
     seg = opt.layout(weight).segments[-1]
     assert seg.role == "mlp"
     x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
     seen: list[torch.Tensor] = []
     handle = o_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
 
-    def probe() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def run() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         seen.clear()
-        return _probe_sdpa(model, x), seen[0]
+        return probe(model, x), seen[0]
 
     try:
-        base_qkv, base = probe()
+        base_qkv, base = run()
         for head in range(heads):
-            qkv, out = _block_perturbed(weight, seg, head, size, probe)
+            qkv, out = _block_perturbed(weight, seg, head, size, run)
             assert all(torch.equal(a, b) for a, b in zip(qkv, base_qkv))
             changed = (out - base).abs().reshape(-1, heads, out.shape[-1] // heads).amax(dim=(0, 2))
             assert [h for h in range(heads) if changed[h] > 1e-6] == [head], (head, changed)
@@ -1541,3 +1543,23 @@ def test_deepseek_v4_attention_parts_feed_what_they_are_declared_as() -> None:
     assert opt.layout(indexer.q_b_proj.weight).segments[0].block == (0, 8)
     assert opt.layout(indexer.kv_proj.weight).segments[0].block == (0, 8)  # two compressed series of one key head
     assert opt.partition_report().unmatched == []
+
+
+def test_lightning_attention_parts_feed_what_they_are_declared_as() -> None:
+    """MiniMax-Text-01's lightning attention, proven on the model's own forward: ``qkv_proj``'s parts feed exactly
+    the query, key and value its linear attention multiplies, each per-head block of the query and key part changes
+    exactly its head, and ``output_gate``'s per-head blocks gate that head's output alone."""
+    model = _tiny("minimax")
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    attn = model.model.layers[0].self_attn  # a lightning attention layer
+    weight = attn.qkv_proj.weight
+    assert _what_each_segment_feeds(model, opt, weight, _probe_matmuls) == ["q", "k", "v"]
+    x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    base = _probe_matmuls(model, x)
+    for seg, which in zip(opt.layout(weight).segments[:2], (0, 1)):
+        assert seg.block == (0, 8)
+        for head in range(4):
+            after = _block_perturbed(weight, seg, head, 8, lambda: _probe_matmuls(model, x))[which]
+            assert [h for h in range(4) if (after[:, h] - base[which][:, h]).abs().max() > 1e-5] == [head]
+    _assert_output_gate_blocks_gate_their_head(model, opt, attn.output_gate.weight, attn.out_proj, size=8, heads=4,
+                                               probe=_probe_matmuls)

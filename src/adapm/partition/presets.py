@@ -329,6 +329,10 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # Any other model with these names: the layout is not known, so the weight is kept whole.
     PresetRule("fused-qkv", r"(^|\.)(attention|self_attention)\.query_key_value\.weight$",
                ("query", "key", "value")),
+    # MiniMax-Text-01's lightning (linear) attention: [q_h | k_h | v_h] per head, and a sigmoid gate of its output.
+    PresetRule("minimax", r"(^|\.)self_attn\.qkv_proj\.weight$", ("query", "key", "value"), ("Linear",),
+               layout="qkv_heads", model_types=("minimax",)),
+    PresetRule("minimax", r"(^|\.)self_attn\.output_gate\.weight$", ("mlp",), model_types=("minimax",)),
     # CodeGen: four [q | v | k] blocks (its modeling code's mp_num = 4); MPT: [q | k | v].
     PresetRule("codegen", r"(^|\.)attn\.qkv_proj\.weight$", ("query", "key", "value"), ("Linear",),
                layout="codegen", model_types=("codegen",)),
