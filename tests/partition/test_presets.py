@@ -685,6 +685,9 @@ DEEPSEEK_V4 = dict(head_dim=16, qk_rope_head_dim=8, q_lora_rank=16, o_groups=2, 
 """A tiny DeepSeek-V4: layer 0 compressed sparse attention (windows of 2, with the indexer), layer 1 heavily
 compressed attention (windows of 4)."""
 
+GRIFFIN = dict(lru_width=32, block_types=["recurrent", "attention"], layer_types=None)
+"""A tiny RecurrentGemma: layer 0 a recurrent (Griffin) block, layer 1 local attention."""
+
 SHORT_CONV: dict[str, dict[str, object]] = {
     "lfm2": dict(layer_types=["conv", "full_attention"]),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
@@ -747,14 +750,14 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
 
 
 @pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV)
-                         + ("deepseek_v4",))
+                         + ("deepseek_v4", "recurrent_gemma"))
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
     after them is exactly what the partition report counted (for the parameters that had gradients:
     DeepSeek-V3.2's and V4's indexers get none from the language-model loss, their top-k choice has no gradient)."""
     import warnings
 
-    overrides = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4}.get(kind, {})
+    overrides = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "recurrent_gemma": GRIFFIN}.get(kind, {})
     model = _family(kind) if kind in FAMILIES else _tiny(kind, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing kept whole, no rule unused
@@ -1563,3 +1566,52 @@ def test_lightning_attention_parts_feed_what_they_are_declared_as() -> None:
             assert [h for h in range(4) if (after[:, h] - base[which][:, h]).abs().max() > 1e-5] == [head]
     _assert_output_gate_blocks_gate_their_head(model, opt, attn.output_gate.weight, attn.out_proj, size=8, heads=4,
                                                probe=_probe_matmuls)
+
+
+def test_griffin_recurrent_block_parts_feed_what_they_are_declared_as() -> None:
+    """RecurrentGemma's recurrent block, proven on the model's own forward: ``linear_x`` feeds the recurrence (the
+    RG-LRU's input) and not the gate, ``linear_y`` feeds the gate (its GeLU's input) and not the recurrence; each
+    head's block of the RG-LRU's gate weights changes that head's channels alone."""
+    model = _tiny("recurrent_gemma", **GRIFFIN)
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    block = model.model.layers[0].temporal_block
+    x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    seen: list[torch.Tensor] = []
+
+    def probe() -> tuple[torch.Tensor, ...]:
+        """The recurrence's input, the gate's input, and the recurrence's output."""
+        seen.clear()
+        handles = [block.rg_lru.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())),
+                   block.act_fn.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())),
+                   block.rg_lru.register_forward_hook(lambda _m, _a, out: seen.append(out.detach().clone()))]
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=x, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        gate, recurrence, output = seen  # in the order the block runs them: the gate first
+        return recurrence, gate, output
+
+    base = probe()
+    for module, role, feeds in ((block.linear_x, "value", [True, False]), (block.linear_y, "mlp", [False, True])):
+        seg = opt.layout(module.weight).segments[0]
+        assert seg.role == role
+        after = _block_perturbed(module.weight, seg, 0, module.weight.shape[0], probe)
+        assert [not torch.equal(a, b) for a, b in zip(base[:2], after[:2])] == feeds, module
+    heads, width = block.rg_lru.input_gate_weight.shape[:2]
+    for weight in (block.rg_lru.input_gate_weight, block.rg_lru.recurrent_gate_weight):
+        assert opt.layout(weight).segments[0].role == "router"
+        for head in range(heads):
+            saved = weight.detach().clone()
+            with torch.no_grad():
+                weight[head] += 1.0
+            after = probe()[2]
+            with torch.no_grad():
+                weight.copy_(saved)
+            changed = (after - base[2]).abs().amax(dim=(0, 1)).view(heads, width).amax(-1)
+            assert [h for h in range(heads) if changed[h] > 0] == [head]
+    rows = _rows(opt)
+    assert rows["model.layers.0.temporal_block.linear_out.weight"].role == "attn_out"
+    assert opt.partition_report().unmatched == []

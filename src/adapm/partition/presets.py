@@ -135,6 +135,11 @@ rank, ``B`` and ``C``; ``dt_proj`` maps the time-step rank to one step per chann
 MAMBA_MODEL_TYPES = ("mamba", "falcon_mamba", "jamba")
 """The model types with those mixers."""
 
+GRIFFIN_BLOCKS = ("RecurrentGemmaRecurrentBlock",)
+"""RecurrentGemma's recurrent blocks (Griffin's): ``linear_y`` through a GeLU gates the output of the recurrence,
+which runs ``linear_x`` through a depthwise convolution and the RG-LRU (whose input and recurrence gates are
+block-diagonal per head); ``linear_out`` maps it back. Proven on the model's own forward in the tests."""
+
 SHORT_CONV_MODULES = ("Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv")
 """LFM2's and LFM3's gated short convolutions, as their modeling code computes them: ``in_proj`` gives ``[B | C | x]``
 of the hidden size each; a depthwise convolution runs over ``B * x``, ``C`` gates its output channel by channel, and
@@ -284,6 +289,15 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("zamba2", r"(^|\.)linear_k_adapter_list\.\d+\.1\.weight$", ("key",), model_types=("zamba2",)),
     PresetRule("zamba2", r"(^|\.)linear_v_adapter_list\.\d+\.[01]\.weight$", ("value",), model_types=("zamba2",)),
     PresetRule("zamba2", r"(^|\.)layers\.\d+\.linear\.weight$", ("mlp",), model_types=("zamba2",)),
+    # RecurrentGemma's (Griffin's) recurrent block, with Mamba's roles: linear_x feeds the recurrence (a value),
+    # linear_y gates its output through a GeLU (an MLP gate), linear_out is the block's output; the RG-LRU's
+    # block-diagonal input and recurrence gates and the convolution kernels are small (full momentum).
+    PresetRule("griffin", r"(^|\.)temporal_block\.linear_x\.weight$", ("value",), within=GRIFFIN_BLOCKS),
+    PresetRule("griffin", r"(^|\.)temporal_block\.linear_y\.weight$", ("mlp",), within=GRIFFIN_BLOCKS),
+    PresetRule("griffin", r"(^|\.)temporal_block\.linear_out\.weight$", ("attn_out",), within=GRIFFIN_BLOCKS),
+    PresetRule("griffin", r"(^|\.)(temporal_block\.conv_1d\.weight|rg_lru\.(input|recurrent)_gate_weight)$",
+               ("router",), within=GRIFFIN_BLOCKS),
+    PresetRule("griffin", r"(^|\.)rg_lru\.(input|recurrent)_gate_bias$", ("vector",), within=GRIFFIN_BLOCKS),
     # Granite's shared MLP: [gate | up], then the down projection.
     PresetRule("granite", r"(^|\.)shared_mlp\.input_linear\.weight$", ("mlp", "mlp"), ("Linear",),
                segment_names=("gate", "up"), model_types=("granitemoeshared", "granitemoehybrid")),
