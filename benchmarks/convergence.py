@@ -72,7 +72,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
-def one_run(model: str, optimizer: str, lr: float, seed: int, steps: int, threads: int, out: Path) -> dict[str, Any]:
+def one_run(model: str, optimizer: str, lr: float, seed: int, steps: int, threads: int, out: Path,
+            eval_batches: int = 16) -> dict[str, Any]:
     name, options = parse_spec(optimizer)
     cfg = PretrainConfig(
         data=DataConfig(),
@@ -83,7 +84,7 @@ def one_run(model: str, optimizer: str, lr: float, seed: int, steps: int, thread
             steps=steps,
             batch_size=16,
             eval_every=max(1, steps // 4),
-            eval_batches=16,
+            eval_batches=eval_batches,
             log_every=max(1, steps // 10),
             checkpoint_every=steps,
             seed=seed,
@@ -100,18 +101,20 @@ def one_run(model: str, optimizer: str, lr: float, seed: int, steps: int, thread
 
 
 def run_many(
-    tasks: list[tuple[str, str, float, int]], steps: int, threads: int, jobs: int, out: Path, done: Any
+    tasks: list[tuple[str, str, float, int]], steps: int, threads: int, jobs: int, out: Path, done: Any,
+    eval_batches: int = 16,
 ) -> list[dict[str, Any]]:
     """Every (model, optimizer, lr, seed) run, ``jobs`` at a time in spawned processes; ``done(run)`` after each."""
     results: list[dict[str, Any]] = []
     if jobs == 1:
         for model, opt, lr, seed in tasks:
-            results.append(one_run(model, opt, lr, seed, steps, threads, out))
+            results.append(one_run(model, opt, lr, seed, steps, threads, out, eval_batches))
             done(results[-1])
         return results
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(one_run, model, opt, lr, seed, steps, threads, out) for model, opt, lr, seed in tasks]
+        futures = [pool.submit(one_run, model, opt, lr, seed, steps, threads, out, eval_batches)
+                   for model, opt, lr, seed in tasks]  # fmt: skip
         for fut in concurrent.futures.as_completed(futures):
             results.append(fut.result())
             done(results[-1])
@@ -214,6 +217,7 @@ def main() -> None:
         except (ValueError, TypeError) as err:
             parser.error(str(err))
     steps, seeds = (20, 1) if args.quick else (args.steps, args.seeds)
+    eval_batches = 2 if args.quick else 16  # a smoke test's validation loss on 2 batches
     factors = (1.0,) if args.quick else tuple(float(f) for f in args.lr_factors.split(","))
     runs: list[dict[str, Any]] = []
 
@@ -226,7 +230,7 @@ def main() -> None:
     prepare_data(DataConfig())  # tokenize once, before parallel workers share the cache
     with tempfile.TemporaryDirectory() as tmp:
         sweep_tasks = [(m, o, default_lr(parse_spec(o)[0]) * f, 0) for m in models for o in optimizers for f in factors]
-        sweep = run_many(sweep_tasks, steps, args.threads, args.jobs, Path(tmp), done)
+        sweep = run_many(sweep_tasks, steps, args.threads, args.jobs, Path(tmp), done, eval_batches)
         best = {
             (m, o): min(
                 (r for r in sweep if r["model"] == m and r["optimizer"] == o), key=lambda r: r["final_val_loss"]
@@ -235,7 +239,7 @@ def main() -> None:
             for o in optimizers
         }
         seed_tasks = [(m, o, best[m, o]["lr"], s) for m in models for o in optimizers for s in range(1, seeds)]
-        extra = run_many(seed_tasks, steps, args.threads, args.jobs, Path(tmp), done)
+        extra = run_many(seed_tasks, steps, args.threads, args.jobs, Path(tmp), done, eval_batches)
     runs = sweep + extra
     summary = summarize(runs, args.reference)
     print_summary(summary, args.reference)

@@ -44,7 +44,8 @@ def optim_config(arm: Arm) -> OptimConfig:
     return OptimConfig(optimizer=arm.optimizer, **arm.options)
 
 
-def one_run(model: str, arm: Arm, seed: int, steps: int, batch_size: int, threads: int, root: str) -> dict[str, Any]:
+def one_run(model: str, arm: Arm, seed: int, steps: int, batch_size: int, threads: int, root: str,
+            eval_batches: int = 16) -> dict[str, Any]:
     """One seeded pretraining run of ``arm`` (executed in a worker process)."""
     from adapm.train.loop import METRICS, pretrain, read_metrics
 
@@ -57,7 +58,7 @@ def one_run(model: str, arm: Arm, seed: int, steps: int, batch_size: int, thread
             steps=steps,
             batch_size=batch_size,
             eval_every=max(1, steps // 4),
-            eval_batches=16,
+            eval_batches=eval_batches,
             log_every=max(1, steps // 10),
             checkpoint_every=steps,
             seed=seed,
@@ -87,24 +88,26 @@ def one_run(model: str, arm: Arm, seed: int, steps: int, batch_size: int, thread
     }
 
 
-def run_grid(
-    models: list[str], arms: list[Arm], seeds: int, steps: int, batch_size: int, jobs: int, threads: int
-) -> list[dict[str, Any]]:
-    """Every (model, arm, seed) run, ``jobs`` at a time in spawned worker processes."""
+def run_grid(arms: list[Arm], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every (model, arm, seed) run of ``settings`` (see :func:`settings`), ``jobs`` at a time in spawned worker
+    processes."""
     from adapm.train.data import prepare_data
 
     prepare_data(DataConfig())  # tokenize once, before the workers share the cache
-    tasks = [(m, a, s) for m in models for s in range(seeds) for a in arms]
+    jobs = settings["jobs"]
+    run = (settings["steps"], settings["batch_size"], settings["threads"])
+    tasks = [(m, a, s) for m in settings["models"] for s in range(settings["seeds"]) for a in arms]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as root:
         if jobs == 1:  # in this process (smoke tests): no worker start-up
             for m, a, s in tasks:
-                runs.append(one_run(m, a, s, steps, batch_size, threads, root))
+                runs.append(one_run(m, a, s, *run, root, settings["eval_batches"]))
                 print(f"  {m} {a.name} seed {s}: val {runs[-1]['final_val_loss']:.4f}", flush=True)
             return runs
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(one_run, m, a, s, steps, batch_size, threads, root): (m, a, s) for m, a, s in tasks}
+            futures = {pool.submit(one_run, m, a, s, *run, root, settings["eval_batches"]): (m, a, s)
+                       for m, a, s in tasks}  # fmt: skip
             for fut in concurrent.futures.as_completed(futures):
                 r = fut.result()
                 runs.append(r)
@@ -206,11 +209,11 @@ def run_title(runs: list[dict[str, Any]], model: str, settings: dict[str, Any]) 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The run settings after ``--quick``."""
-    if args.quick:
+    if args.quick:  # validation loss on 2 batches, not 16: a smoke test's numbers are not compared
         return {"models": ["gpt2-1m"], "steps": 6, "seeds": 1, "batch_size": 4, "jobs": args.jobs,
-                "threads": args.threads}  # fmt: skip
+                "threads": args.threads, "eval_batches": 2}  # fmt: skip
     return {"models": args.models.split(","), "steps": args.steps, "seeds": args.seeds,
-            "batch_size": args.batch_size, "jobs": args.jobs, "threads": args.threads}  # fmt: skip
+            "batch_size": args.batch_size, "jobs": args.jobs, "threads": args.threads, "eval_batches": 16}  # fmt: skip
 
 
 def write_outputs(args: argparse.Namespace, payload: dict[str, Any], table: str) -> Path:

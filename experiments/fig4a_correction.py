@@ -42,7 +42,7 @@ def main() -> None:
         plot_curves(args.out / f"{args.name}.png", payload["runs"], payload["settings"], TITLE)
         return
     s = settings(args)
-    runs = run_grid(s["models"], ARMS, s["seeds"], s["steps"], s["batch_size"], s["jobs"], s["threads"])
+    runs = run_grid(ARMS, s)
     rows = aggregate(runs, reference_arm="adamw")
     columns = [("model", "model", "{}"), ("arm", "arm", "{}"), ("mean_val_loss", "val loss (mean)", "{:.4f}"),
                ("std_val_loss", "std", "{:.4f}"), ("minus_reference", "minus AdamW", "{:+.4f}"),

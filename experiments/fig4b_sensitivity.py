@@ -24,7 +24,7 @@ ARMS += [Arm(f"refresh {k}", options={"refresh_every": k}) for k in REFRESH if k
 def main() -> None:
     args = parser(__doc__, "fig4b_sensitivity", "gpt2-1m").parse_args()
     s = settings(args)
-    runs = run_grid(s["models"], ARMS, s["seeds"], s["steps"], s["batch_size"], s["jobs"], s["threads"])
+    runs = run_grid(ARMS, s)
     rows = aggregate(runs, reference_arm="adamw")
     columns = [("model", "model", "{}"), ("arm", "arm", "{}"), ("mean_val_loss", "val loss (mean)", "{:.4f}"),
                ("std_val_loss", "std", "{:.4f}"), ("minus_reference", "minus AdamW", "{:+.4f}"),

@@ -38,7 +38,7 @@ def main() -> None:
         plot(args.out / f"{args.name}.png", saved_payload(args))
         return
     s = settings(args)
-    runs = run_grid(s["models"], ARMS, s["seeds"], s["steps"], s["batch_size"], s["jobs"], s["threads"])
+    runs = run_grid(ARMS, s)
     rows = aggregate(runs, reference_arm="adamw")
     adamw = {r["model"]: r["state_bytes"] for r in rows if r["arm"] == "adamw"}
     for r in rows:

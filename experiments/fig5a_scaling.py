@@ -20,7 +20,7 @@ ARMS = [Arm("adamw", optimizer="adamw"), Arm("adapm", optimizer="adapm"), Arm("a
 def main() -> None:
     args = parser(__doc__, "fig5a_scaling", "llama-1m,llama-2m,llama-5m,llama-10m", steps=150, seeds=1).parse_args()
     s = settings(args)
-    runs = run_grid(s["models"], ARMS, s["seeds"], s["steps"], s["batch_size"], s["jobs"], s["threads"])
+    runs = run_grid(ARMS, s)
     rows = aggregate(runs, reference_arm="adamw")
     columns = [("model", "model", "{}"), ("parameters", "parameters", "{:,}"), ("arm", "optimizer", "{}"),
                ("mean_val_loss", "val loss (mean)", "{:.4f}"), ("std_val_loss", "std", "{:.4f}"),

@@ -45,7 +45,7 @@ PAPER = {"all full": 2.962, "QKV,MLP full; Em,O none": 2.964, "QKV,MLP low-rank;
 def main() -> None:
     args = parser(__doc__, "table1_partition", "gpt2-1m,llama-1m", seeds=3).parse_args()
     s = settings(args)
-    runs = run_grid(s["models"], ARMS, s["seeds"], s["steps"], s["batch_size"], s["jobs"], s["threads"])
+    runs = run_grid(ARMS, s)
     rows = aggregate(runs, reference_arm="all full")
     for row in rows:
         row["paper"] = PAPER.get(row["arm"])

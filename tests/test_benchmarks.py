@@ -107,7 +107,7 @@ def test_convergence_optimizer_spec_parsing() -> None:
 def test_convergence_spec_reaches_the_run(tmp_path: Path) -> None:
     """A spec's settings are what the run trains with (read back from the run's config.json)."""
     conv = _bench_module("convergence")
-    run = conv.one_run("gpt2-1m", "adapm-mini:update_clip=none:tracker=fixed", 3e-3, 0, 4, 1, tmp_path)
+    run = conv.one_run("gpt2-1m", "adapm-mini:update_clip=none:tracker=fixed", 3e-3, 0, 4, 1, tmp_path, 2)
     assert run["optimizer"] == "adapm-mini:update_clip=none:tracker=fixed" and run["final_val_loss"] > 0
     (config,) = tmp_path.glob("*/config.json")
     optim = json.loads(config.read_text())["optim"]
