@@ -685,6 +685,10 @@ DEEPSEEK_V4 = dict(head_dim=16, qk_rope_head_dim=8, q_lora_rank=16, o_groups=2, 
 """A tiny DeepSeek-V4: layer 0 compressed sparse attention (windows of 2, with the indexer), layer 1 heavily
 compressed attention (windows of 4)."""
 
+XLSTM = dict(hidden_size=128, embedding_dim=128, num_heads=2, qk_dim_factor=0.5, v_dim_factor=1.0, v_head_dim=None,
+             mode="train", chunk_size=2)
+"""A tiny xLSTM (hidden 128: its config rounds the query and value widths up to multiples of 64), two heads."""
+
 GRIFFIN = dict(lru_width=32, block_types=["recurrent", "attention"], layer_types=None)
 """A tiny RecurrentGemma: layer 0 a recurrent (Griffin) block, layer 1 local attention."""
 
@@ -750,14 +754,15 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
 
 
 @pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV)
-                         + ("deepseek_v4", "recurrent_gemma"))
+                         + ("deepseek_v4", "recurrent_gemma", "xlstm"))
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
     after them is exactly what the partition report counted (for the parameters that had gradients:
     DeepSeek-V3.2's and V4's indexers get none from the language-model loss, their top-k choice has no gradient)."""
     import warnings
 
-    overrides = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "recurrent_gemma": GRIFFIN}.get(kind, {})
+    overrides = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM}.get(
+        kind, {})
     model = _family(kind) if kind in FAMILIES else _tiny(kind, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing kept whole, no rule unused
@@ -1614,4 +1619,49 @@ def test_griffin_recurrent_block_parts_feed_what_they_are_declared_as() -> None:
             assert [h for h in range(heads) if changed[h] > 0] == [head]
     rows = _rows(opt)
     assert rows["model.layers.0.temporal_block.linear_out.weight"].role == "attn_out"
+    assert opt.partition_report().unmatched == []
+
+
+def _probe_mlstm(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The query, key, value, input gate and forget gate that block 0's mLSTM layer passes to its backend, and what
+    its ``out_proj`` reads (the gated, normed output)."""
+    layer = model.backbone.blocks[0].mlstm_layer
+    seen: list[torch.Tensor] = []
+    handles = [
+        layer.mlstm_backend.register_forward_pre_hook(
+            lambda _m, _a, kw: seen.extend(kw[k].detach().clone() for k in ("query", "key", "value", "igate", "fgate")),
+            with_kwargs=True),
+        layer.out_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())),
+    ]  # fmt: skip
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=x, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(seen)
+
+
+def test_xlstm_layer_parts_feed_what_they_are_declared_as() -> None:
+    """xLSTM's mLSTM layer, proven on the model's own forward: q, k, v and the input and forget gates each feed
+    exactly what they are declared as; the output gate reaches only the output; each per-head block of the query
+    and key changes exactly its head."""
+    model = _tiny("xlstm", **XLSTM)
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    layer = model.backbone.blocks[0].mlstm_layer
+    names = "qkvifo"  # o: what out_proj reads
+    for module, role, feeds in ((layer.q, "query", "qo"), (layer.k, "key", "ko"), (layer.v, "value", "vo"),
+                                (layer.igate_preact, "router", "io"), (layer.fgate_preact, "router", "fo"),
+                                (layer.ogate_preact, "mlp", "o")):  # fmt: skip
+        assert opt.layout(module.weight).segments[0].role == role
+        assert _what_each_segment_feeds(model, opt, module.weight, _probe_mlstm, names) == [feeds], module
+    x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    base = _probe_mlstm(model, x)
+    for weight, which in ((layer.q.weight, 0), (layer.k.weight, 1)):
+        seg = opt.layout(weight).segments[0]
+        assert seg.block == (0, 32)
+        for head in range(2):
+            after = _block_perturbed(weight, seg, head, 32, lambda: _probe_mlstm(model, x))[which]
+            assert [h for h in range(2) if (after[:, h] - base[which][:, h]).abs().max() > 1e-5] == [head]
     assert opt.partition_report().unmatched == []

@@ -298,6 +298,18 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("griffin", r"(^|\.)(temporal_block\.conv_1d\.weight|rg_lru\.(input|recurrent)_gate_weight)$",
                ("router",), within=GRIFFIN_BLOCKS),
     PresetRule("griffin", r"(^|\.)rg_lru\.(input|recurrent)_gate_bias$", ("vector",), within=GRIFFIN_BLOCKS),
+    # xLSTM's mLSTM layers (weight_mode "single"; transformers cannot build "fused"): per-head queries, keys and values,
+    # a sigmoid output gate (an MLP gate), per-head input and forget gates (tiny). Its feed-forward is a gated MLP.
+    PresetRule("xlstm", r"(^|\.)mlstm_layer\.q\.weight$", ("query",), head_size=("qk_head_dim",),
+               model_types=("xlstm",)),
+    PresetRule("xlstm", r"(^|\.)mlstm_layer\.k\.weight$", ("key",), head_size=("qk_head_dim",),
+               model_types=("xlstm",)),
+    PresetRule("xlstm", r"(^|\.)mlstm_layer\.v\.weight$", ("value",), model_types=("xlstm",)),
+    PresetRule("xlstm", r"(^|\.)mlstm_layer\.ogate_preact\.weight$", ("mlp",), model_types=("xlstm",)),
+    PresetRule("xlstm", r"(^|\.)mlstm_layer\.(igate_preact|fgate_preact)\.weight$", ("router",),
+               model_types=("xlstm",)),
+    PresetRule("xlstm", r"(^|\.)mlstm_layer\.out_proj\.weight$", ("attn_out",), model_types=("xlstm",)),
+    PresetRule("xlstm", r"(^|\.)ffn\.(proj_up_gate|proj_up|proj_down)\.weight$", ("mlp",), model_types=("xlstm",)),
     # Granite's shared MLP: [gate | up], then the down projection.
     PresetRule("granite", r"(^|\.)shared_mlp\.input_linear\.weight$", ("mlp", "mlp"), ("Linear",),
                segment_names=("gate", "up"), model_types=("granitemoeshared", "granitemoehybrid")),
