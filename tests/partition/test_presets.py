@@ -689,6 +689,9 @@ XLSTM = dict(hidden_size=128, embedding_dim=128, num_heads=2, qk_dim_factor=0.5,
              mode="train", chunk_size=2)
 """A tiny xLSTM (hidden 128: its config rounds the query and value widths up to multiples of 64), two heads."""
 
+RWKV = dict(attention_hidden_size=32, intermediate_size=64)
+"""A tiny RWKV (version 4)."""
+
 GRIFFIN = dict(lru_width=32, block_types=["recurrent", "attention"], layer_types=None)
 """A tiny RecurrentGemma: layer 0 a recurrent (Griffin) block, layer 1 local attention."""
 
@@ -754,15 +757,15 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
 
 
 @pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV)
-                         + ("deepseek_v4", "recurrent_gemma", "xlstm"))
+                         + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv"))
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
     after them is exactly what the partition report counted (for the parameters that had gradients:
     DeepSeek-V3.2's and V4's indexers get none from the language-model loss, their top-k choice has no gradient)."""
     import warnings
 
-    overrides = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM}.get(
-        kind, {})
+    overrides = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM,
+                 "rwkv": RWKV}.get(kind, {})
     model = _family(kind) if kind in FAMILIES else _tiny(kind, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing kept whole, no rule unused
@@ -1664,4 +1667,37 @@ def test_xlstm_layer_parts_feed_what_they_are_declared_as() -> None:
         for head in range(2):
             after = _block_perturbed(weight, seg, head, 32, lambda: _probe_mlstm(model, x))[which]
             assert [h for h in range(2) if (after[:, h] - base[which][:, h]).abs().max() > 1e-5] == [head]
+    assert opt.partition_report().unmatched == []
+
+
+def test_rwkv_time_mixing_parts_feed_what_they_are_declared_as() -> None:
+    """RWKV's time mixing, proven on the model's own forward: ``key`` and ``value`` feed exactly the keys and values of
+    its weighted average (the ``rwkv_linear_attention`` it calls), ``receptance`` only the gate on the result (what
+    ``output`` reads); the key's blocks are per channel, as its recurrence is."""
+    import sys
+
+    model = _tiny("rwkv", **RWKV)
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    attn = model.rwkv.blocks[0].attention
+    module = sys.modules[type(attn).__module__]
+    real = module.rwkv_linear_attention
+
+    def probe(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        seen: list[torch.Tensor] = []
+
+        def observed(decay: torch.Tensor, first: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     *args: object, **kwargs: object) -> object:
+            if not seen:
+                seen.extend((key.detach().clone(), value.detach().clone()))
+            return real(decay, first, key, value, *args, **kwargs)
+
+        handle = attn.output.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+        _forward_observed(model, x, module, "rwkv_linear_attention", observed, [handle])
+        return tuple(seen[:3])
+
+    for linear, role, feeds in ((attn.key, "key", "ko"), (attn.value, "value", "vo"), (attn.receptance, "mlp", "o")):
+        assert opt.layout(linear.weight).segments[0].role == role
+        assert _what_each_segment_feeds(model, opt, linear.weight, probe, "kvo") == [feeds], linear
+    assert opt.layout(attn.key.weight).segments[0].block == (0, 1)
+    assert _rows(opt)["head.weight"].role == "output"
     assert opt.partition_report().unmatched == []

@@ -310,6 +310,16 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                model_types=("xlstm",)),
     PresetRule("xlstm", r"(^|\.)mlstm_layer\.out_proj\.weight$", ("attn_out",), model_types=("xlstm",)),
     PresetRule("xlstm", r"(^|\.)ffn\.(proj_up_gate|proj_up|proj_down)\.weight$", ("mlp",), model_types=("xlstm",)),
+    # RWKV (version 4): its time mixing weights each channel's values by exp(key) with a learned decay (one channel a
+    # "head": per-neuron blocks), and a sigmoid receptance gates the result (an MLP gate); its channel mixing is a
+    # gated MLP; the token-shift mixing coefficients are vectors.
+    PresetRule("rwkv", r"(^|\.)attention\.key\.weight$", ("key",), per_neuron=True, model_types=("rwkv",)),
+    PresetRule("rwkv", r"(^|\.)attention\.value\.weight$", ("value",), model_types=("rwkv",)),
+    PresetRule("rwkv", r"(^|\.)attention\.receptance\.weight$", ("mlp",), model_types=("rwkv",)),
+    PresetRule("rwkv", r"(^|\.)attention\.output\.weight$", ("attn_out",), model_types=("rwkv",)),
+    PresetRule("rwkv", r"(^|\.)feed_forward\.(key|value|receptance)\.weight$", ("mlp",), model_types=("rwkv",)),
+    PresetRule("rwkv", r"(^|\.)time_mix_(key|value|receptance)$", ("vector",), model_types=("rwkv",)),
+    PresetRule("rwkv", r"^head\.weight$", ("output",), model_types=("rwkv",)),
     # Granite's shared MLP: [gate | up], then the down projection.
     PresetRule("granite", r"(^|\.)shared_mlp\.input_linear\.weight$", ("mlp", "mlp"), ("Linear",),
                segment_names=("gate", "up"), model_types=("granitemoeshared", "granitemoehybrid")),
