@@ -655,7 +655,7 @@ FAMILIES = ("phi", "gptj", "opt", "t5", "gemma2", "glm", "glm4", "mixtral", "qwe
 
 WHOLE_BY_EXPERTS = ("aria_text", "cohere2_moe", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "glm4_moe",
                     "granitemoe", "granitemoe_swa", "granitemoeshared", "hy_v3", "kolibri1", "mellum", "mimo_v2_flash",
-                    "minimax_m2", "phimoe", "solar_open", "laguna", "minimax")
+                    "minimax_m2", "phimoe", "solar_open", "laguna", "minimax", "hunyuan_v1_moe", "dots1")
 """Mixture-of-experts model types whose other matrices have known names: their expert stacks complete them."""
 
 GATED_DELTANET = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid")
@@ -765,7 +765,7 @@ def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None
     import warnings
 
     overrides = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM,
-                 "rwkv": RWKV}.get(kind, {})
+                 "rwkv": RWKV, "dots1": {"n_shared_experts": 1}}.get(kind, {})
     model = _family(kind) if kind in FAMILIES else _tiny(kind, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing kept whole, no rule unused
@@ -806,7 +806,7 @@ EXPERTS: dict[str, str] = {
     "llama4": "Llama4TextExperts", "aria_text": "AriaExperts", "deepseek_v4": "DeepseekV4Experts",
     "hy_v4": "HYV4Experts", "beam": "BeamExperts", "minimax_m3_vl_text": "MiniMaxM3VLExperts",
     "inkling2_text": "Inkling2Experts", "dots3_note_text": "Dots3NoteExperts", "longcat_flash": "LongcatFlashExperts",
-    "lfm2_moe": "Lfm2MoeExperts",
+    "lfm2_moe": "Lfm2MoeExperts", "hunyuan_v1_moe": "HunYuanMoEV1Experts", "dots1": "Dots1Experts",
 }  # fmt: skip
 """A model type for each expert module class the presets split, and that class."""
 
@@ -822,7 +822,7 @@ def test_expert_segments_match_what_each_expert_computes(kind: str) -> None:
     changes the output only, and a ``down_proj`` segment changes only its own expert's output."""
     known = kind in FAMILIES
     extra = {"zaya": {"num_experts_per_tok": 1}, "beam": {"mlp_layer_types": ["dense", "sparse"]},
-             "lfm2_moe": SHORT_CONV["lfm2_moe"]}.get(kind, {})
+             "lfm2_moe": SHORT_CONV["lfm2_moe"], "dots1": {"n_shared_experts": 1}}.get(kind, {})
     model = _family(kind) if known else _tiny(kind, **extra)
     opt = adapm.AdaPMMini(model, lr=1e-3)
     experts = next(m for m in model.modules() if type(m).__name__ == EXPERTS[kind])

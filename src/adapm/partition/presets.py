@@ -155,7 +155,8 @@ MIXTRAL_STYLE_EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts",
                          "MiMoV2FlashExperts", "MiniMaxExperts", "MiniMaxM2Experts", "PhimoeExperts",
                          "Qwen3_5MoeExperts", "Qwen3NextExperts", "SolarOpenExperts", "ZayaExperts",
                          "DeepseekV4Experts", "HYV4Experts", "BeamExperts", "MiniMaxM3VLExperts", "Inkling2Experts",
-                         "Dots3NoteExperts", "LongcatFlashExperts", "Lfm2MoeExperts")
+                         "Dots3NoteExperts", "LongcatFlashExperts", "Lfm2MoeExperts", "HunYuanMoEV1Experts",
+                         "Dots1Experts")
 """Expert modules holding ``(experts, 2 * intermediate, hidden)`` gate rows then up rows and ``(experts, hidden,
 intermediate)`` down matrices, each used as ``nn.Linear`` weights, whatever gated activation they apply to
 the two halves (SwiGLU, or a clamped one as in DeepSeek-V4); every one is proven in the tests. (LongCat-Flash's
@@ -414,6 +415,7 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("moe", r"(^|\.)mlp\.gate\.weight$", ("router",)),
     PresetRule("moe", r"(^|\.)shared_expert_gate\.weight$", ("router",)),
     PresetRule("moe", r"(^|\.)feed_forward\.gate\.weight$", ("router",), model_types=("lfm2_moe",)),
+    PresetRule("moe", r"(^|\.)mlp\.gate\.wg\.weight$", ("router",), model_types=("hunyuan_v1_moe",)),
     # BERT-style encoders (BERT, RoBERTa, ...). attention.output must come before output.
     PresetRule("bert", r"(^|\.)embeddings\.(word|position|token_type)_embeddings\.weight$", ("embedding",)),
     PresetRule("bert", r"(^|\.)attention\.self\.query\.weight$", ("query",)),
