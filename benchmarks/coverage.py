@@ -4,7 +4,7 @@ and the matrices of each that match no preset or whose fused layout is kept whol
 
     python benchmarks/coverage.py --json docs/benchmarks/coverage.json   # writes coverage.md beside it
     python benchmarks/coverage.py --model-types llama,qwen3_next          # a few only
-    python benchmarks/coverage.py --quick                                 # llama, qwen3_next, zamba
+    python benchmarks/coverage.py --quick                                 # llama, qwen3_next, ctrl
 
 A model type whose default config transformers itself cannot build is listed as ``not built`` with the
 error, and counted apart.
@@ -27,7 +27,7 @@ from common import machine_info, markdown_table
 
 import adapm
 
-QUICK = ("llama", "qwen3_next", "zamba")
+QUICK = ("llama", "qwen3_next", "ctrl")
 """The model types of ``--quick``: one plain, one with fused linear attention and experts, one not recognised."""
 
 

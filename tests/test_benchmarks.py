@@ -289,12 +289,12 @@ def test_families_table_quick(tmp_path: Path) -> None:
 
 def test_coverage_quick(tmp_path: Path) -> None:
     """The coverage survey: Llama and Qwen3-Next (linear attention, experts) complete at real size on the
-    meta device; Zamba's Mamba layers named as left at AdamW's state."""
+    meta device; CTRL's attention and feed-forward (named Wq, Wk, ... and ffn.N) named as left at AdamW's state."""
     result = _run("coverage.py", tmp_path / "coverage.json")
     rows = {r["model_type"]: r for r in result["rows"]}
     assert rows["llama"]["unrecognised"] == 0 and rows["qwen3_next"]["unrecognised"] == 0
     assert rows["qwen3_next"]["parameters_m"] > 70_000
-    assert "model.layers.N.mamba.in_proj.weight" in rows["zamba"]["names"]
+    assert "transformer.h.N.multi_head_attention.Wq.weight" in rows["ctrl"]["names"]
     assert result["summary"] == {"model_types": 3, "built": 3, "complete": 2, "partial": 1, "not_built": 0}
 
 

@@ -689,6 +689,11 @@ XLSTM = dict(hidden_size=128, embedding_dim=128, num_heads=2, qk_dim_factor=0.5,
              mode="train", chunk_size=2)
 """A tiny xLSTM (hidden 128: its config rounds the query and value widths up to multiples of 64), two heads."""
 
+ZAMBA = dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=0, layer_types=None, head_dim=None,
+             num_key_value_heads=4, n_mamba_heads=2, mamba_d_state=8, mamba_dt_rank=4)
+"""A tiny Zamba (version 1): Mamba layers 0, 1 and 3, and two hybrid layers (2, 3) sharing one transformer block
+(transformers cannot tie a block used once)."""
+
 RWKV = dict(attention_hidden_size=32, intermediate_size=64)
 """A tiny RWKV (version 4)."""
 
@@ -757,7 +762,7 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
 
 
 @pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV)
-                         + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv"))
+                         + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv", "zamba"))
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
     after them is exactly what the partition report counted (for the parameters that had gradients:
@@ -765,7 +770,7 @@ def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None
     import warnings
 
     overrides = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM,
-                 "rwkv": RWKV, "dots1": {"n_shared_experts": 1}}.get(kind, {})
+                 "rwkv": RWKV, "dots1": {"n_shared_experts": 1}, "zamba": ZAMBA}.get(kind, {})
     model = _family(kind) if kind in FAMILIES else _tiny(kind, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing kept whole, no rule unused
@@ -1701,3 +1706,38 @@ def test_rwkv_time_mixing_parts_feed_what_they_are_declared_as() -> None:
     assert opt.layout(attn.key.weight).segments[0].block == (0, 1)
     assert _rows(opt)["head.weight"].role == "output"
     assert opt.partition_report().unmatched == []
+
+
+def test_zamba_mixer_in_proj_alternates_x_and_z_row_by_row() -> None:
+    """Zamba's (version 1) Mamba mixer, proven on the model's own forward: ``in_proj``'s x rows (every other row,
+    from the first) feed exactly the input of each head's scan, its z rows exactly the gate; row r of each part
+    changes channel r alone."""
+    import sys
+
+    model = _tiny("zamba", **ZAMBA)
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    mixer = model.model.layers[0].mamba
+    module = sys.modules[type(mixer).__module__]
+    real = module.mamba_selective_scan
+
+    def probe(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def observed(hidden: torch.Tensor, *args: object, **kwargs: object) -> object:
+            seen.append((hidden.detach().clone(), kwargs["z"].detach().clone()))  # type: ignore[union-attr]
+            return real(hidden, *args, **kwargs)
+
+        _forward_observed(model, x, module, "mamba_selective_scan", observed, [])
+        heads = seen[: mixer.n_mamba_heads]  # layer 0's, one scan per head: (batch, head size, time) each
+        return torch.cat([h for h, _ in heads], dim=1), torch.cat([z for _, z in heads], dim=1)
+
+    weight = mixer.in_proj.weight
+    segments = opt.layout(weight).segments
+    assert [(s.name.rsplit("[", 1)[1], s.role) for s in segments] == [("x]", "value"), ("z]", "mlp")]
+    assert _what_each_segment_feeds(model, opt, weight, probe, "xz") == ["x", "z"]
+    x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    base = probe(model, x)
+    for seg, which in zip(segments, (0, 1)):
+        after = _block_perturbed(weight, seg, 5, 1, lambda: probe(model, x))[which]
+        assert (after - base[which]).abs().amax(dim=(0, 2)).nonzero().flatten().tolist() == [5]
+    assert _rows(opt)["model.layers.2.linear.weight"].role == "mlp"

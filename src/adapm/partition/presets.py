@@ -61,7 +61,8 @@ class PresetRule:
     CodeGen's four ``[q | v | k]`` blocks. ``mla_kv_a``, ``mla_kv_b``, ``mla_q_gate``: multi-head latent
     attention's (see :data:`MLA_MODEL_TYPES`). ``linear_qkv``, ``linear_qkvz``: Gated DeltaNet's (see
     :data:`GATED_DELTANET_MODEL_TYPES`). ``q_gate_heads``: a query and an output gate per head. ``mamba2``: a
-    Mamba-2 mixer's ``[z | x | B | C | dt]`` (see :data:`MAMBA2_MIXERS`)."""
+    Mamba-2 mixer's ``[z | x | B | C | dt]`` (see :data:`MAMBA2_MIXERS`). ``rows_xz``: Zamba's x and z rows,
+    alternating (see :data:`ZAMBA_MIXERS`)."""
     segment_names: tuple[str, ...] = ()
     """Names of the segments of one expert (default: the roles' short names)."""
     split_axis: int = 0
@@ -134,6 +135,10 @@ rank, ``B`` and ``C``; ``dt_proj`` maps the time-step rank to one step per chann
 
 MAMBA_MODEL_TYPES = ("mamba", "falcon_mamba", "jamba")
 """The model types with those mixers."""
+
+ZAMBA_MIXERS = ("ZambaMambaMixer",)
+"""Zamba's (version 1) Mamba mixers: Mamba's parts, with ``in_proj``'s x and z alternating row by row, and ``x_proj``,
+``dt_proj`` (3-D) and their bias, ``A_log`` and ``D`` held per head. Proven on the model's own forward in the tests."""
 
 GRIFFIN_BLOCKS = ("RecurrentGemmaRecurrentBlock",)
 """RecurrentGemma's recurrent blocks (Griffin's): ``linear_y`` through a GeLU gates the output of the recurrence,
@@ -267,8 +272,13 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                within=MAMBA2_MIXERS),
     PresetRule("mamba", r"(^|\.)in_proj\.weight$", ("value", "mlp"), ("Linear",), segment_names=("x", "z"),
                model_types=MAMBA_MODEL_TYPES, within=MAMBA_MIXERS),
-    PresetRule("mamba", r"(^|\.)(conv1d|x_proj|dt_proj)\.weight$", ("router",), within=MAMBA2_MIXERS + MAMBA_MIXERS),
-    PresetRule("mamba", r"(^|\.)out_proj\.weight$", ("attn_out",), within=MAMBA2_MIXERS + MAMBA_MIXERS),
+    PresetRule("zamba", r"(^|\.)in_proj\.weight$", ("value", "mlp"), ("Linear",), layout="rows_xz",
+               model_types=("zamba",), within=ZAMBA_MIXERS),
+    PresetRule("zamba", r"(^|\.)(x_proj_weight|dt_proj_weight)$", ("router",), within=ZAMBA_MIXERS),
+    PresetRule("zamba", r"(^|\.)(dt_proj_bias|A_log|D)$", ("vector",), within=ZAMBA_MIXERS),
+    PresetRule("mamba", r"(^|\.)(conv1d|x_proj|dt_proj)\.weight$", ("router",),
+               within=MAMBA2_MIXERS + MAMBA_MIXERS + ZAMBA_MIXERS),
+    PresetRule("mamba", r"(^|\.)out_proj\.weight$", ("attn_out",), within=MAMBA2_MIXERS + MAMBA_MIXERS + ZAMBA_MIXERS),
     PresetRule("mamba", r"(^|\.)A_log$", ("vector",), within=MAMBA_MIXERS),
     # LFM2/LFM3's short convolution: B, C and x gate one another channel by channel, as an MLP's gate and up do (no
     # heads, no keys or values); the depthwise kernels are tiny; out_proj is the block's output projection.
@@ -289,7 +299,7 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                model_types=("zamba2",)),
     PresetRule("zamba2", r"(^|\.)linear_k_adapter_list\.\d+\.1\.weight$", ("key",), model_types=("zamba2",)),
     PresetRule("zamba2", r"(^|\.)linear_v_adapter_list\.\d+\.[01]\.weight$", ("value",), model_types=("zamba2",)),
-    PresetRule("zamba2", r"(^|\.)layers\.\d+\.linear\.weight$", ("mlp",), model_types=("zamba2",)),
+    PresetRule("zamba2", r"(^|\.)layers\.\d+\.linear\.weight$", ("mlp",), model_types=("zamba", "zamba2")),
     # RecurrentGemma's (Griffin's) recurrent block, with Mamba's roles: linear_x feeds the recurrence (a value),
     # linear_y gates its output through a GeLU (an MLP gate), linear_out is the block's output; the RG-LRU's
     # block-diagonal input and recurrence gates and the convolution kernels are small (full momentum).
@@ -473,6 +483,9 @@ def fused_parts(layout: str, config: Any, size: int) -> list[Part] | None:
         return _linear_attention_parts(layout, config, size)
     if layout == "mamba2":
         return _mamba2_parts(config, size)
+    if layout == "rows_xz":  # Zamba's in_proj: x and z alternate row by row
+        half = size // 2
+        return [("x", "value", 0, 1, half, 2), ("z", "mlp", 1, 1, half, 2)] if size == 2 * half else None
     heads = _config_int(config, HEAD_COUNT_KEYS)
     if heads is None:
         return None
