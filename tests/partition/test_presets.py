@@ -464,17 +464,17 @@ def test_per_head_blocks_follow_the_real_heads(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["gpt_neox", "falcon-gqa", "phi3", "deepseek_v3", "axk2", "qwen3_next", "qwen3_5_text",
-                                  "mamba2", "mamba", "lfm2"])
+                                  "mamba2", "mamba", "zamba", "lfm2"])
 def test_interleaved_and_unequal_layouts_train_like_the_per_block_reference(kind: str) -> None:
     """The grouped step on interleaved and unequal segments (and latent attention's, A.X K2's query and gate,
-    Gated DeltaNet's, gated attention's, Mamba's and LFM2's short convolution's) equals the per-block step, and
-    both train."""
+    Gated DeltaNet's, gated attention's, Mamba's, Zamba's alternating rows and LFM2's short convolution's) equals the
+    per-block step, and both train."""
     import copy
 
     if kind in MLA:
         model = _mla_model(kind)
-    elif kind in GATED_DELTANET or kind in MAMBA or kind in SHORT_CONV:
-        model = _tiny(kind, **{**MAMBA, **SHORT_CONV}.get(kind, {}))
+    elif kind in GATED_DELTANET or kind in MAMBA or kind in SHORT_CONV or kind == "zamba":
+        model = _tiny(kind, **{**MAMBA, **SHORT_CONV, "zamba": ZAMBA}.get(kind, {}))
     else:
         model = _fused_family(kind)[0]
     twin = copy.deepcopy(model)
