@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 import adapm
-from adapm.partition.presets import DSA_MODEL_TYPES, IN_OUT_EXPERTS, MIXTRAL_STYLE_EXPERTS, MLA_MODEL_TYPES
+from adapm.partition.presets import (
+    DSA_MODEL_TYPES,
+    IN_OUT_EXPERTS,
+    MIXTRAL_STYLE_EXPERTS,
+    MLA_MODEL_TYPES,
+    MODERNBERT_MODEL_TYPES,
+)
 
 from conftest import tiny_gpt2
 
@@ -1741,3 +1747,57 @@ def test_zamba_mixer_in_proj_alternates_x_and_z_row_by_row() -> None:
         after = _block_perturbed(weight, seg, 5, 1, lambda: probe(model, x))[which]
         assert (after - base[which]).abs().amax(dim=(0, 2)).nonzero().flatten().tolist() == [5]
     assert _rows(opt)["model.layers.2.linear.weight"].role == "mlp"
+
+
+def _modernbert(kind: str) -> nn.Module:
+    """A tiny ModernBERT (masked language model) or ModernBERT decoder (causal)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=80)
+    config = AutoConfig.for_model(kind, **sizes, pad_token_id=0, bos_token_id=0, eos_token_id=1, cls_token_id=0,
+                                  sep_token_id=1)  # fmt: skip
+    return (AutoModelForCausalLM if kind.endswith("decoder") else AutoModelForMaskedLM).from_config(config)
+
+
+@pytest.mark.parametrize("kind", MODERNBERT_MODEL_TYPES)
+def test_modernbert_parts_feed_what_they_are_declared_as_and_train(kind: str) -> None:
+    """ModernBERT, proven on the model's own forward: ``Wqkv``'s parts feed exactly the query, key and value (with
+    per-head blocks), ``Wi``'s input part feeds the activation and its gate part only the product; every matrix is
+    recognised, and five steps train with the state the report counts."""
+    import warnings
+
+    model = _modernbert(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing unknown, nothing kept whole
+        opt = adapm.AdaPMMini(model, lr=1e-3)
+    layer = model.model.layers[0]
+    if kind == "modernbert":
+        assert _what_each_segment_feeds(model, opt, layer.attn.Wqkv.weight, _probe_sdpa) == ["q", "k", "v"]
+        _assert_each_head_block_changes_its_head(model, opt, layer.attn.Wqkv.weight, 0, 8, heads=4)
+    seen: list[torch.Tensor] = []
+    handle = layer.mlp.act.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().clone()))
+    x = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(0))
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        seen.clear()
+        with torch.no_grad():
+            out = layer.mlp(x)
+        return seen[0], out
+
+    act, out = run()
+    weight = layer.mlp.Wi.weight
+    for seg, activated in zip(opt.layout(weight).segments, (True, False)):
+        act_p, out_p = _block_perturbed(weight, seg, 0, seg.shape[0], run)
+        assert torch.equal(act_p, act) is not activated and not torch.equal(out_p, out)
+    handle.remove()
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(5):
+        ids = torch.randint(2, 80, (2, 12), generator=gen)
+        loss = model(input_ids=ids, labels=ids).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert adapm.state_bytes(opt) == opt.partition_report().state_bytes

@@ -150,6 +150,9 @@ SHORT_CONV_MODULES = ("Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv")
 of the hidden size each; a depthwise convolution runs over ``B * x``, ``C`` gates its output channel by channel, and
 ``out_proj`` maps it back. Proven on each model's own forward in the tests."""
 
+MODERNBERT_MODEL_TYPES = ("modernbert", "modernbert-decoder")
+"""ModernBERT and its decoder (their matrices are named ``Wqkv``, ``Wo``, ``Wi``)."""
+
 MIXTRAL_STYLE_EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts", "DeepseekV2Experts",
                          "DeepseekV3Experts", "DeepseekV32Experts", "Glm4MoeLiteExperts", "GlmMoeDsaExperts",
                          "AXK1Experts", "AXK2Experts", "AfmoeExperts", "BailingHybridExperts", "Cohere2MoeExperts",
@@ -426,6 +429,14 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("moe", r"(^|\.)shared_expert_gate\.weight$", ("router",)),
     PresetRule("moe", r"(^|\.)feed_forward\.gate\.weight$", ("router",), model_types=("lfm2_moe",)),
     PresetRule("moe", r"(^|\.)mlp\.gate\.wg\.weight$", ("router",), model_types=("hunyuan_v1_moe",)),
+    # ModernBERT (and its decoder): [q | k | v] (its attention views it as three parts), the MLP's [input | gate].
+    PresetRule("modernbert", r"(^|\.)tok_embeddings\.weight$", ("embedding",), model_types=MODERNBERT_MODEL_TYPES),
+    PresetRule("modernbert", r"(^|\.)attn\.Wqkv\.weight$", ("query", "key", "value"), ("Linear",),
+               model_types=MODERNBERT_MODEL_TYPES),
+    PresetRule("modernbert", r"(^|\.)attn\.Wo\.weight$", ("attn_out",), model_types=MODERNBERT_MODEL_TYPES),
+    PresetRule("modernbert", r"(^|\.)mlp\.Wi\.weight$", ("mlp", "mlp"), ("Linear",), segment_names=("input", "gate"),
+               model_types=MODERNBERT_MODEL_TYPES),
+    PresetRule("modernbert", r"(^|\.)(mlp\.Wo|head\.dense)\.weight$", ("mlp",), model_types=MODERNBERT_MODEL_TYPES),
     # BERT-style encoders (BERT, RoBERTa, ...). attention.output must come before output.
     PresetRule("bert", r"(^|\.)embeddings\.(word|position|token_type)_embeddings\.weight$", ("embedding",)),
     PresetRule("bert", r"(^|\.)attention\.self\.query\.weight$", ("query",)),
