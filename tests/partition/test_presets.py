@@ -768,7 +768,7 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
 
 
 @pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV)
-                         + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv", "zamba"))
+                         + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv", "zamba", *MODERNBERT_MODEL_TYPES))
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
     after them is exactly what the partition report counted (for the parameters that had gradients:
@@ -777,7 +777,8 @@ def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None
 
     overrides = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM,
                  "rwkv": RWKV, "dots1": {"n_shared_experts": 1}, "zamba": ZAMBA}.get(kind, {})
-    model = _family(kind) if kind in FAMILIES else _tiny(kind, **overrides)
+    model = (_family(kind) if kind in FAMILIES else _modernbert(kind) if kind in MODERNBERT_MODEL_TYPES
+             else _tiny(kind, **overrides))  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing kept whole, no rule unused
         opt = adapm.AdaPMMini(model, lr=1e-3)
@@ -1017,10 +1018,15 @@ def test_fused_families_train_with_the_state_the_report_counts(kind: str) -> Non
     assert opt.partition_report().ratio_to_adamw < 0.2
 
 
-@pytest.mark.parametrize("kind", ["phi3", "glm", "glm4", "granitemoeshared", "granitemoehybrid", "zamba2"])
+@pytest.mark.parametrize("kind", ["phi3", "glm", "glm4", "granitemoeshared", "granitemoehybrid", "zamba2",
+                                  *MODERNBERT_MODEL_TYPES])
 def test_gate_up_segments_match_the_real_mlp(kind: str) -> None:
     call: dict[str, int] = {}
-    if kind.startswith("granite"):  # Granite's shared MLP: input_linear is [gate | up]
+    if kind in MODERNBERT_MODEL_TYPES:  # Wi: [input | gate] in its code's words, the first half activated
+        model = _modernbert(kind)
+        mlp = model.model.layers[0].mlp
+        weight, activation = mlp.Wi.weight, mlp.act
+    elif kind.startswith("granite"):  # Granite's shared MLP: input_linear is [gate | up]
         model = _tiny(kind, shared_intermediate_size=32, **MAMBA.get(kind, {}))
         mlp = model.model.layers[0].shared_mlp
         weight, activation = mlp.input_linear.weight, mlp.activation
@@ -1201,11 +1207,18 @@ def _forward_observed(model: nn.Module, x: torch.Tensor, module: object, functio
     real = getattr(module, function)
     setattr(module, function, observed)
     try:
+        _run_hooked(model, x, handles)
+    finally:
+        setattr(module, function, real)
+
+
+def _run_hooked(model: nn.Module, x: torch.Tensor, handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """Run ``model`` on ``x`` (eval, no cache, no gradients), then remove ``handles`` (the hooks observing it)."""
+    try:
         model.eval()
         with torch.no_grad():
             model(input_ids=x, use_cache=False)
     finally:
-        setattr(module, function, real)
         for handle in handles:
             handle.remove()
 
@@ -1600,16 +1613,10 @@ def test_griffin_recurrent_block_parts_feed_what_they_are_declared_as() -> None:
     def probe() -> tuple[torch.Tensor, ...]:
         """The recurrence's input, the gate's input, and the recurrence's output."""
         seen.clear()
-        handles = [block.rg_lru.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())),
-                   block.act_fn.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())),
-                   block.rg_lru.register_forward_hook(lambda _m, _a, out: seen.append(out.detach().clone()))]
-        try:
-            model.eval()
-            with torch.no_grad():
-                model(input_ids=x, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
+        _run_hooked(model, x, [
+            block.rg_lru.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())),
+            block.act_fn.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())),
+            block.rg_lru.register_forward_hook(lambda _m, _a, out: seen.append(out.detach().clone()))])  # fmt: skip
         gate, recurrence, output = seen  # in the order the block runs them: the gate first
         return recurrence, gate, output
 
@@ -1641,19 +1648,12 @@ def _probe_mlstm(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     its ``out_proj`` reads (the gated, normed output)."""
     layer = model.backbone.blocks[0].mlstm_layer
     seen: list[torch.Tensor] = []
-    handles = [
+    _run_hooked(model, x, [
         layer.mlstm_backend.register_forward_pre_hook(
             lambda _m, _a, kw: seen.extend(kw[k].detach().clone() for k in ("query", "key", "value", "igate", "fgate")),
             with_kwargs=True),
         layer.out_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())),
-    ]  # fmt: skip
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(input_ids=x, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    ])  # fmt: skip
     return tuple(seen)
 
 
@@ -1760,44 +1760,11 @@ def _modernbert(kind: str) -> nn.Module:
     return (AutoModelForCausalLM if kind.endswith("decoder") else AutoModelForMaskedLM).from_config(config)
 
 
-@pytest.mark.parametrize("kind", MODERNBERT_MODEL_TYPES)
-def test_modernbert_parts_feed_what_they_are_declared_as_and_train(kind: str) -> None:
-    """ModernBERT, proven on the model's own forward: ``Wqkv``'s parts feed exactly the query, key and value (with
-    per-head blocks), ``Wi``'s input part feeds the activation and its gate part only the product; every matrix is
-    recognised, and five steps train with the state the report counts."""
-    import warnings
-
-    model = _modernbert(kind)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # nothing unknown, nothing kept whole
-        opt = adapm.AdaPMMini(model, lr=1e-3)
-    layer = model.model.layers[0]
-    if kind == "modernbert":
-        assert _what_each_segment_feeds(model, opt, layer.attn.Wqkv.weight, _probe_sdpa) == ["q", "k", "v"]
-        _assert_each_head_block_changes_its_head(model, opt, layer.attn.Wqkv.weight, 0, 8, heads=4)
-    seen: list[torch.Tensor] = []
-    handle = layer.mlp.act.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().clone()))
-    x = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(0))
-
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
-        seen.clear()
-        with torch.no_grad():
-            out = layer.mlp(x)
-        return seen[0], out
-
-    act, out = run()
-    weight = layer.mlp.Wi.weight
-    for seg, activated in zip(opt.layout(weight).segments, (True, False)):
-        act_p, out_p = _block_perturbed(weight, seg, 0, seg.shape[0], run)
-        assert torch.equal(act_p, act) is not activated and not torch.equal(out_p, out)
-    handle.remove()
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(5):
-        ids = torch.randint(2, 80, (2, 12), generator=gen)
-        loss = model(input_ids=ids, labels=ids).loss
-        assert torch.isfinite(loss)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    assert adapm.state_bytes(opt) == opt.partition_report().state_bytes
+def test_modernbert_query_key_value_parts_feed_what_they_are_declared_as() -> None:
+    """ModernBERT's ``Wqkv``, proven on the model's own attention: its parts feed exactly the query, key and value,
+    and the query's per-head blocks change exactly their head."""
+    model = _modernbert("modernbert")
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    weight = model.model.layers[0].attn.Wqkv.weight
+    assert _what_each_segment_feeds(model, opt, weight, _probe_sdpa) == ["q", "k", "v"]
+    _assert_each_head_block_changes_its_head(model, opt, weight, 0, 8, heads=4)

@@ -429,12 +429,13 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("moe", r"(^|\.)shared_expert_gate\.weight$", ("router",)),
     PresetRule("moe", r"(^|\.)feed_forward\.gate\.weight$", ("router",), model_types=("lfm2_moe",)),
     PresetRule("moe", r"(^|\.)mlp\.gate\.wg\.weight$", ("router",), model_types=("hunyuan_v1_moe",)),
-    # ModernBERT (and its decoder): [q | k | v] (its attention views it as three parts), the MLP's [input | gate].
+    # ModernBERT (and its decoder): [q | k | v] (its attention views it as three parts); the MLP's Wi holds the half
+    # it activates (its code's "input": a gate, in the words used here) then the half it multiplies (its "gate": up).
     PresetRule("modernbert", r"(^|\.)tok_embeddings\.weight$", ("embedding",), model_types=MODERNBERT_MODEL_TYPES),
     PresetRule("modernbert", r"(^|\.)attn\.Wqkv\.weight$", ("query", "key", "value"), ("Linear",),
                model_types=MODERNBERT_MODEL_TYPES),
     PresetRule("modernbert", r"(^|\.)attn\.Wo\.weight$", ("attn_out",), model_types=MODERNBERT_MODEL_TYPES),
-    PresetRule("modernbert", r"(^|\.)mlp\.Wi\.weight$", ("mlp", "mlp"), ("Linear",), segment_names=("input", "gate"),
+    PresetRule("modernbert", r"(^|\.)mlp\.Wi\.weight$", ("mlp", "mlp"), ("Linear",), segment_names=("gate", "up"),
                model_types=MODERNBERT_MODEL_TYPES),
     PresetRule("modernbert", r"(^|\.)(mlp\.Wo|head\.dense)\.weight$", ("mlp",), model_types=MODERNBERT_MODEL_TYPES),
     # BERT-style encoders (BERT, RoBERTa, ...). attention.output must come before output.
