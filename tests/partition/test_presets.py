@@ -768,7 +768,8 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
 
 
 @pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV)
-                         + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv", "zamba", *MODERNBERT_MODEL_TYPES))
+                         + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv", "zamba", "moshi")
+                         + MODERNBERT_MODEL_TYPES)
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
     after them is exactly what the partition report counted (for the parameters that had gradients:
@@ -1768,3 +1769,18 @@ def test_modernbert_query_key_value_parts_feed_what_they_are_declared_as() -> No
     weight = model.model.layers[0].attn.Wqkv.weight
     assert _what_each_segment_feeds(model, opt, weight, _probe_sdpa) == ["q", "k", "v"]
     _assert_each_head_block_changes_its_head(model, opt, weight, 0, 8, heads=4)
+
+
+def test_moshi_wrapped_projections_feed_what_they_are_declared_as() -> None:
+    """Moshi's decoder, proven on the model's own attention: each wrapped projection (``q_proj.linear``, ...) feeds
+    exactly the query, key or value it is declared as, with per-head blocks for the query and key."""
+    model = _tiny("moshi")
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    attn = model.model.layers[0].self_attn
+    for proj, role in (("q", "query"), ("k", "key"), ("v", "value")):
+        weight = getattr(attn, f"{proj}_proj").linear.weight
+        assert opt.layout(weight).segments[0].role == role
+        assert _what_each_segment_feeds(model, opt, weight, _probe_sdpa) == [proj]
+    _assert_each_head_block_changes_its_head(model, opt, attn.q_proj.linear.weight, 0, 8, heads=4)
+    _assert_each_head_block_changes_its_head(model, opt, attn.k_proj.linear.weight, 1, 8, heads=2)
+    assert opt.layout(attn.o_proj.linear.weight).segments[0].role == "attn_out"

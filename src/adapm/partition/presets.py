@@ -355,6 +355,11 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("gemma-per-layer", r"(^|\.)embed_tokens_per_layer\.weight$", ("embedding",)),
     PresetRule("gemma-per-layer", r"(^|\.)(per_layer_input_gate|per_layer_projection|per_layer_model_projection)"
                r"\.weight$", ("mlp",)),
+    # Moshi's decoder wraps each attention projection in a module of its own (``q_proj.linear``).
+    PresetRule("moshi", r"(^|\.)q_proj\.linear\.weight$", ("query",), model_types=("moshi",)),
+    PresetRule("moshi", r"(^|\.)k_proj\.linear\.weight$", ("key",), model_types=("moshi",)),
+    PresetRule("moshi", r"(^|\.)v_proj\.linear\.weight$", ("value",), model_types=("moshi",)),
+    PresetRule("moshi", r"(^|\.)o_proj\.linear\.weight$", ("attn_out",), model_types=("moshi",)),
     PresetRule("llama", r"(^|\.)lm_head\.weight$", ("output",)),
     # Phi, GPT-J, OPT (their q/k/v_proj, embed_tokens, wte and lm_head are matched above or below).
     PresetRule("phi", r"(^|\.)self_attn\.dense\.weight$", ("attn_out",)),
