@@ -480,7 +480,7 @@ def test_interleaved_and_unequal_layouts_train_like_the_per_block_reference(kind
     if kind in MLA:
         model = _mla_model(kind)
     elif kind in GATED_DELTANET or kind in MAMBA or kind in SHORT_CONV or kind == "zamba":
-        model = _tiny(kind, **{**MAMBA, **SHORT_CONV, "zamba": ZAMBA}.get(kind, {}))
+        model = _tiny(kind, **TINY_OVERRIDES.get(kind, {}))
     else:
         model = _fused_family(kind)[0]
     twin = copy.deepcopy(model)
@@ -714,6 +714,11 @@ SHORT_CONV: dict[str, dict[str, object]] = {
 """Model types with LFM2's gated short convolution, built with layer 0 a convolution and layer 1 attention (with
 experts in LFM2-MoE)."""
 
+TINY_OVERRIDES: dict[str, dict[str, object]] = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "zamba": ZAMBA,
+                                                "rwkv": RWKV, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM,
+                                                "dots1": {"n_shared_experts": 1}}  # fmt: skip
+"""The sizes :func:`_tiny` needs beyond its defaults, per model type, wherever the tests build that type."""
+
 
 def _named_family(kind: str) -> nn.Module:
     """A tiny model of a family recognised by names alone (no fused weight to split)."""
@@ -776,10 +781,8 @@ def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None
     DeepSeek-V3.2's and V4's indexers get none from the language-model loss, their top-k choice has no gradient)."""
     import warnings
 
-    overrides = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM,
-                 "rwkv": RWKV, "dots1": {"n_shared_experts": 1}, "zamba": ZAMBA}.get(kind, {})
     model = (_family(kind) if kind in FAMILIES else _modernbert(kind) if kind in MODERNBERT_MODEL_TYPES
-             else _tiny(kind, **overrides))  # fmt: skip
+             else _tiny(kind, **TINY_OVERRIDES.get(kind, {})))  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing kept whole, no rule unused
         opt = adapm.AdaPMMini(model, lr=1e-3)
@@ -835,7 +838,7 @@ def test_expert_segments_match_what_each_expert_computes(kind: str) -> None:
     changes the output only, and a ``down_proj`` segment changes only its own expert's output."""
     known = kind in FAMILIES
     extra = {"zaya": {"num_experts_per_tok": 1}, "beam": {"mlp_layer_types": ["dense", "sparse"]},
-             "lfm2_moe": SHORT_CONV["lfm2_moe"], "dots1": {"n_shared_experts": 1}}.get(kind, {})
+             **TINY_OVERRIDES}.get(kind, {})
     model = _family(kind) if known else _tiny(kind, **extra)
     opt = adapm.AdaPMMini(model, lr=1e-3)
     experts = next(m for m in model.modules() if type(m).__name__ == EXPERTS[kind])
