@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
@@ -470,16 +471,16 @@ def test_per_head_blocks_follow_the_real_heads(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["gpt_neox", "falcon-gqa", "phi3", "deepseek_v3", "axk2", "qwen3_next", "qwen3_5_text",
-                                  "mamba2", "mamba", "zamba", "lfm2"])
+                                  "mamba2", "mamba", "zamba", "lfm2", "jetmoe"])
 def test_interleaved_and_unequal_layouts_train_like_the_per_block_reference(kind: str) -> None:
     """The grouped step on interleaved and unequal segments (and latent attention's, A.X K2's query and gate,
-    Gated DeltaNet's, gated attention's, Mamba's, Zamba's alternating rows and LFM2's short convolution's) equals the
-    per-block step, and both train."""
+    Gated DeltaNet's, gated attention's, Mamba's, Zamba's alternating rows, LFM2's short convolution's and JetMoE's
+    per-head blocks inside its attention experts) equals the per-block step, and both train."""
     import copy
 
     if kind in MLA:
         model = _mla_model(kind)
-    elif kind in GATED_DELTANET or kind in MAMBA or kind in SHORT_CONV or kind == "zamba":
+    elif kind in GATED_DELTANET or kind in MAMBA or kind in SHORT_CONV or kind in ("zamba", "jetmoe"):
         model = _tiny(kind, **TINY_OVERRIDES.get(kind, {}))
     else:
         model = _fused_family(kind)[0]
@@ -714,9 +715,13 @@ SHORT_CONV: dict[str, dict[str, object]] = {
 """Model types with LFM2's gated short convolution, built with layer 0 a convolution and layer 1 attention (with
 experts in LFM2-MoE)."""
 
+MINIMAX_M3 = dict(mlp_layer_types=["dense", "sparse"], dense_intermediate_size=64, shared_intermediate_size=32)
+"""A tiny MiniMax-M3: layer 0 a dense MLP, layer 1 experts with a shared expert."""
+
 TINY_OVERRIDES: dict[str, dict[str, object]] = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "zamba": ZAMBA,
                                                 "rwkv": RWKV, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM,
-                                                "dots1": {"n_shared_experts": 1}}  # fmt: skip
+                                                "dots1": {"n_shared_experts": 1},
+                                                "minimax_m3_vl_text": MINIMAX_M3}  # fmt: skip
 """The sizes :func:`_tiny` needs beyond its defaults, per model type, wherever the tests build that type."""
 
 
@@ -773,7 +778,8 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
 
 
 @pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV)
-                         + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv", "zamba", "moshi")
+                         + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv", "zamba", "moshi", "jetmoe",
+                            "minimax_m3_vl_text")
                          + MODERNBERT_MODEL_TYPES)
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
@@ -958,6 +964,79 @@ def test_nemotron_h_ungated_experts_are_split_per_expert_and_train() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def _route_all_to(router: nn.Module, expert: int) -> torch.utils.hooks.RemovableHandle:
+    """Make a JetMoE top-k router send every token to ``expert``: its logits are replaced, the rest of the model
+    runs unchanged."""
+
+    def force(_m: nn.Module, _args: object, logits: torch.Tensor) -> torch.Tensor:
+        forced = torch.zeros_like(logits)
+        forced[..., expert] = 1.0
+        return forced
+
+    return router.layer.register_forward_hook(force)
+
+
+def test_jetmoe_attention_and_mlp_experts_feed_what_they_are_declared_as() -> None:
+    """JetMoE, on its own forward with every token routed to one expert in turn: each head block of that attention
+    expert's query changes that query head alone (never the keys or values), its output projection changes the
+    output, and another expert's weights change nothing; ``kv_proj`` is ``[key | value]`` with one block per key
+    head; each MLP expert's gate rows feed its activation, its up rows its output only."""
+    model = _tiny("jetmoe", num_experts_per_tok=1)  # one expert per token: the query has the key-value heads' count
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    attn, mlp = model.model.layers[0].self_attention, model.model.layers[0].mlp
+    assert _what_each_segment_feeds(model, opt, attn.kv_proj.weight, _probe_sdpa) == ["k", "v"]
+    _assert_each_head_block_changes_its_head(model, opt, attn.kv_proj.weight, 1, 8, heads=2)
+    query, attn_out = attn.experts.input_linear.weight, attn.experts.output_linear.weight
+    gate_up, down = mlp.input_linear.weight, mlp.output_linear.weight
+    assert [s.name.rsplit("[", 1)[1] for s in opt.layout(gate_up).segments[:3]] == ["E0.gate]", "E0.up]", "E1.gate]"]
+    assert {s.momentum for s in opt.layout(attn_out).segments} == {"none"}
+    x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
+    seen: list[torch.Tensor] = []
+    mlp.activation.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().clone()))
+
+    def segment(weight: nn.Parameter, name: str) -> object:
+        return next(s for s in opt.layout(weight).segments if s.name.endswith(f"[{name}]"))
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=x, use_cache=False).logits
+
+    def mlp_run() -> tuple[torch.Tensor, torch.Tensor]:
+        seen.clear()
+        with torch.no_grad():
+            out = mlp(hidden)
+        return seen[0], out
+
+    model.eval()
+    for expert in (0, 3):
+        other = 3 - expert
+        handles = [_route_all_to(router, expert) for router in (attn.experts.router, mlp.router)]
+        try:
+            q, k, v = _probe_sdpa(model, x)
+            for head in range(2):
+                q_h, k_h, v_h = _block_perturbed(query, segment(query, f"E{expert}"), head, 8,
+                                                 lambda: _probe_sdpa(model, x))  # fmt: skip
+                assert [h for h in range(2) if not torch.equal(q_h[:, h], q[:, h])] == [head]
+                assert torch.equal(k_h, k) and torch.equal(v_h, v)
+            assert torch.equal(_block_perturbed(query, segment(query, f"E{other}"), 0, 8,
+                                                lambda: _probe_sdpa(model, x))[0], q)  # fmt: skip
+            out = logits()
+            assert not torch.equal(_block_perturbed(attn_out, segment(attn_out, f"E{expert}"), 0, 1, logits), out)
+            assert torch.equal(_block_perturbed(attn_out, segment(attn_out, f"E{other}"), 0, 1, logits), out)
+            act, out = mlp_run()
+            act_g, _ = _block_perturbed(gate_up, segment(gate_up, f"E{expert}.gate"), 2, 1, mlp_run)
+            assert [c for c in range(act.shape[-1]) if not torch.equal(act_g[:, c], act[:, c])] == [2]
+            act_u, out_u = _block_perturbed(gate_up, segment(gate_up, f"E{expert}.up"), 2, 1, mlp_run)
+            assert torch.equal(act_u, act) and not torch.equal(out_u, out)
+            assert torch.equal(_block_perturbed(gate_up, segment(gate_up, f"E{other}.gate"), 2, 1, mlp_run)[0], act)
+            assert not torch.equal(_block_perturbed(down, segment(down, f"E{expert}"), 0, 1, mlp_run)[1], out)
+            assert torch.equal(_block_perturbed(down, segment(down, f"E{other}"), 0, 1, mlp_run)[1], out)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 def test_construction_warns_once_about_what_the_partition_could_not_reach() -> None:
     import warnings
 
@@ -1023,10 +1102,19 @@ def test_fused_families_train_with_the_state_the_report_counts(kind: str) -> Non
 
 
 @pytest.mark.parametrize("kind", ["phi3", "glm", "glm4", "granitemoeshared", "granitemoehybrid", "zamba2",
-                                  *MODERNBERT_MODEL_TYPES])
+                                  *MODERNBERT_MODEL_TYPES, "minimax_m3_vl_text", "minimax_m3_vl_text-shared"])
 def test_gate_up_segments_match_the_real_mlp(kind: str) -> None:
+    """Perturbing the gate half of a fused ``[gate | up]`` changes the activation's input and the MLP's output, the up
+    half the output alone."""
+    from torch.overrides import TorchFunctionMode
+
     call: dict[str, int] = {}
-    if kind in MODERNBERT_MODEL_TYPES:  # Wi: [input | gate] in its code's words, the first half activated
+    activation: nn.Module | None = None
+    if kind.startswith("minimax_m3"):  # a clamped SwiGLU, inline: the gate (times alpha) is what torch.sigmoid sees
+        model = _tiny("minimax_m3_vl_text", **MINIMAX_M3)
+        mlp = model.model.layers[1].mlp.shared_experts if kind.endswith("-shared") else model.model.layers[0].mlp
+        weight = mlp.gate_up_proj.weight
+    elif kind in MODERNBERT_MODEL_TYPES:  # Wi: [input | gate] in its code's words, the first half activated
         model = _modernbert(kind)
         mlp = model.model.layers[0].mlp
         weight, activation = mlp.Wi.weight, mlp.act
@@ -1045,12 +1133,20 @@ def test_gate_up_segments_match_the_real_mlp(kind: str) -> None:
     opt = adapm.AdaPMMini(model, lr=1e-3)
     assert [s.name.rsplit("[", 1)[1] for s in opt.layout(weight).segments] == ["gate]", "up]"]
     seen: list[torch.Tensor] = []
-    activation.register_forward_hook(lambda _m, args, out: seen.append(args[0].detach().clone()))
+
+    class SigmoidInputs(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.sigmoid:
+                seen.append(args[0].detach().clone())
+            return func(*args, **(kwargs or {}))
+
+    if activation is not None:
+        activation.register_forward_hook(lambda _m, args, out: seen.append(args[0].detach().clone()))
     x = torch.randn(1, 5, weight.shape[1], generator=torch.Generator().manual_seed(0))
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         seen.clear()
-        with torch.no_grad():
+        with torch.no_grad(), SigmoidInputs() if activation is None else nullcontext():
             out = mlp(x, **call)
         return seen[0], out
 

@@ -174,6 +174,10 @@ IN_OUT_EXPERTS = ("Llama4TextExperts", "AriaExperts")
 """Expert modules holding ``(experts, hidden, 2 * intermediate)`` gate columns then up columns and ``(experts,
 intermediate, hidden)`` down matrices, used as ``x @ W`` (Llama 4, Aria; proven in the tests)."""
 
+JETMOE_EXPERTS = ("JetMoeParallelExperts",)
+"""JetMoE's expert stacks: ``weight`` of ``(experts, out, in)``, expert i applied as ``F.linear(x, weight[i])`` to the
+tokens routed to it (proven on the model's own forward in the tests)."""
+
 PRESET_RULES: tuple[PresetRule, ...] = (
     # GPT-BigCode: nn.Linear c_attn, per-head [q, k, v] (multi-head) or [q | k | v] with one K/V head.
     PresetRule("gpt_bigcode", r"(^|\.)attn\.c_attn\.weight$", ("query", "key", "value"), ("Linear",),
@@ -334,6 +338,19 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("rwkv", r"(^|\.)feed_forward\.(key|value|receptance)\.weight$", ("mlp",), model_types=("rwkv",)),
     PresetRule("rwkv", r"(^|\.)time_mix_(key|value|receptance)$", ("vector",), model_types=("rwkv",)),
     PresetRule("rwkv", r"^head\.weight$", ("output",), model_types=("rwkv",)),
+    # JetMoE: a mixture of attention heads, whose experts each hold the query heads and output projection of one
+    # attention block (the key and value heads, [key | value] in kv_proj, are shared by all of them), and a mixture of
+    # MLP experts, each [gate | up] then down. Its expert stacks are (experts, out, in), used as nn.Linear weights.
+    PresetRule("jetmoe", r"(^|\.)self_attention\.experts\.input_linear\.weight$", ("query",), JETMOE_EXPERTS,
+               layout="experts", model_types=("jetmoe",)),
+    PresetRule("jetmoe", r"(^|\.)self_attention\.experts\.output_linear\.weight$", ("attn_out",), JETMOE_EXPERTS,
+               layout="experts", model_types=("jetmoe",)),
+    PresetRule("jetmoe", r"(^|\.)self_attention\.kv_proj\.weight$", ("key", "value"), ("Linear",),
+               model_types=("jetmoe",)),
+    PresetRule("jetmoe", r"(^|\.)mlp\.input_linear\.weight$", ("mlp", "mlp"), JETMOE_EXPERTS, layout="experts",
+               segment_names=("gate", "up"), model_types=("jetmoe",)),
+    PresetRule("jetmoe", r"(^|\.)mlp\.output_linear\.weight$", ("mlp",), JETMOE_EXPERTS, layout="experts",
+               model_types=("jetmoe",)),
     # Granite's shared MLP: [gate | up], then the down projection.
     PresetRule("granite", r"(^|\.)shared_mlp\.input_linear\.weight$", ("mlp", "mlp"), ("Linear",),
                segment_names=("gate", "up"), model_types=("granitemoeshared", "granitemoehybrid")),
@@ -398,6 +415,9 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                layout="qkv_sizes", model_types=("phi3",)),
     PresetRule("phi3", r"(^|\.)mlp\.gate_up_proj\.weight$", ("mlp", "mlp"), ("Linear",),
                segment_names=("gate", "up"), model_types=("phi3", "glm", "glm4")),
+    # MiniMax-M3's dense MLPs (its dense layers' and its shared experts'): [gate | up], then a clamped SwiGLU.
+    PresetRule("minimax-m3", r"(^|\.)mlp\.(shared_experts\.)?gate_up_proj\.weight$", ("mlp", "mlp"), ("Linear",),
+               segment_names=("gate", "up"), model_types=("minimax_m3_vl_text",), within=("MiniMaxM3VLDenseMLP",)),
     # T5 (encoder-decoder): shared embedding, self- and cross-attention, the feed-forward.
     PresetRule("t5", r"(^|\.)shared\.weight$", ("embedding",)),
     PresetRule("t5", r"(^|\.)(SelfAttention|EncDecAttention)\.q\.weight$", ("query",)),
