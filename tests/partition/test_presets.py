@@ -715,13 +715,16 @@ SHORT_CONV: dict[str, dict[str, object]] = {
 """Model types with LFM2's gated short convolution, built with layer 0 a convolution and layer 1 attention (with
 experts in LFM2-MoE)."""
 
+DOGE = dict(is_moe=True, num_experts=16, num_experts_per_tok=2)
+"""A tiny Doge with its cross-domain mixture of experts (16 retrieval experts, picked by product keys)."""
+
 MINIMAX_M3 = dict(mlp_layer_types=["dense", "sparse"], dense_intermediate_size=64, shared_intermediate_size=32)
 """A tiny MiniMax-M3: layer 0 a dense MLP, layer 1 experts with a shared expert."""
 
 TINY_OVERRIDES: dict[str, dict[str, object]] = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "zamba": ZAMBA,
                                                 "rwkv": RWKV, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM,
                                                 "dots1": {"n_shared_experts": 1},
-                                                "minimax_m3_vl_text": MINIMAX_M3}  # fmt: skip
+                                                "minimax_m3_vl_text": MINIMAX_M3, "doge": DOGE}  # fmt: skip
 """The sizes :func:`_tiny` needs beyond its defaults, per model type, wherever the tests build that type."""
 
 
@@ -779,7 +782,7 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
 
 @pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV)
                          + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv", "zamba", "moshi", "jetmoe",
-                            "minimax_m3_vl_text")
+                            "minimax_m3_vl_text", "doge")
                          + MODERNBERT_MODEL_TYPES)
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
@@ -1035,6 +1038,66 @@ def test_jetmoe_attention_and_mlp_experts_feed_what_they_are_declared_as() -> No
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def test_doge_dynamic_mask_and_retrieval_experts_feed_what_they_are_declared_as() -> None:
+    """Doge, on its own forward: ``dt_proj`` gives each key-value head's dynamic attention mask (row h changes the
+    mask of that head's query heads alone, and never the query, key or value); its experts' ``down_embed`` and
+    ``up_embed`` are tables read row by row at the experts each token picks (a row no token picked changes nothing),
+    as token embeddings are read."""
+    from torch.overrides import TorchFunctionMode
+
+    model = _tiny("doge", **DOGE)
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    assert opt.partition_report().unmatched == []
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+
+    class Record(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[torch.Tensor, ...]] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                self.calls.append(tuple(t.detach().clone() for t in (*args[:3], (kwargs or {})["attn_mask"])))
+            return func(*args, **(kwargs or {}))
+
+    def probe() -> tuple[torch.Tensor, ...]:
+        model.set_attn_implementation("sdpa")
+        model.eval()
+        with torch.no_grad(), Record() as record:
+            model(input_ids=x, use_cache=False)
+        return record.calls[0]
+
+    with torch.no_grad():
+        attn.A.fill_(-1.0)  # its initial 0 makes the mask exp(0 * softplus(dt)) = 1 whatever dt is
+    base = probe()
+    dt = attn.dt_proj.weight
+    assert _rows(opt)["model.layers.0.self_attn.dt_proj.weight"].momentum == "full"
+    for head in range(2):  # two key-value heads, each shared by two query heads
+        after = _block_perturbed(dt, opt.layout(dt).segments[0], head, 1, probe)
+        assert all(torch.equal(a, b) for a, b in zip(after[:3], base[:3]))
+        assert [h for h in range(4) if not torch.equal(after[3][:, h], base[3][:, h])] == [2 * head, 2 * head + 1]
+    picked: list[torch.Tensor] = []
+    mlp.down_embed.register_forward_hook(lambda _m, args, _out: picked.append(args[0]))
+    hidden = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return mlp(hidden)[0]
+
+    out = run()
+    used = set(picked[0].flatten().tolist())
+    assert 0 < len(used) < 16
+    tables = ("model.layers.0.mlp.down_embed.weight", "model.layers.0.mlp.up_embed.weight")
+    assert {(_rows(opt)[n].role, _rows(opt)[n].momentum) for n in tables} == {("embedding", "none")}
+    for table in (mlp.down_embed.weight, mlp.up_embed.weight):
+        seg = opt.layout(table).segments[0]
+        assert seg.block == (0, 1)  # a block per row: per expert
+        for row in range(16):
+            changed = not torch.equal(_block_perturbed(table, seg, row, 1, run), out)
+            assert changed == (row in used), (row, used)
 
 
 def test_construction_warns_once_about_what_the_partition_could_not_reach() -> None:

@@ -351,6 +351,12 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                segment_names=("gate", "up"), model_types=("jetmoe",)),
     PresetRule("jetmoe", r"(^|\.)mlp\.output_linear\.weight$", ("mlp",), JETMOE_EXPERTS, layout="experts",
                model_types=("jetmoe",)),
+    # Doge: dt_proj maps the values to a time step per key-value head that masks its attention dynamically (tiny, as
+    # Mamba's dt); its cross-domain experts are rows of two tables read by index at the experts a token picks, as token
+    # embeddings are read (no momentum, a block per row), picked by a product-key router.
+    PresetRule("doge", r"(^|\.)self_attn\.dt_proj\.weight$", ("router",), model_types=("doge",)),
+    PresetRule("doge", r"(^|\.)mlp\.router_gate\.weight$", ("router",), model_types=("doge",)),
+    PresetRule("doge", r"(^|\.)mlp\.(down_embed|up_embed)\.weight$", ("embedding",), model_types=("doge",)),
     # Granite's shared MLP: [gate | up], then the down projection.
     PresetRule("granite", r"(^|\.)shared_mlp\.input_linear\.weight$", ("mlp", "mlp"), ("Linear",),
                segment_names=("gate", "up"), model_types=("granitemoeshared", "granitemoehybrid")),
