@@ -14,6 +14,7 @@ import adapm
 from adapm.partition.presets import (
     DSA_MODEL_TYPES,
     IN_OUT_EXPERTS,
+    KDA_MODULES,
     MIXTRAL_STYLE_EXPERTS,
     MLA_MODEL_TYPES,
     MODERNBERT_MODEL_TYPES,
@@ -607,6 +608,8 @@ def _mla_model(kind: str) -> nn.Module:
     if model_type == "kimi_linear":  # layer 0 latent attention, layer 1 Kimi Delta Attention with experts
         sizes.update(layer_types=["full_attention", "linear_attention"], mlp_layer_types=["dense", "sparse"],
                      num_experts=4, num_experts_per_token=2, linear_num_heads=2, linear_head_dim=8)  # fmt: skip
+    if model_type == "bailing_hybrid":  # layer 0 latent attention, layer 1 Kimi Delta Attention with experts
+        sizes.update(head_dim=8, num_local_experts=4, layer_types=["full_attention", "linear_attention"])
     if model_type == "dots3_note_text":  # layer 1 a sliding-window layer with sizes of its own, and experts
         sizes.update(head_dim=24, layer_types=["indexed_attention", "sliding_attention"], swa_num_attention_heads=2,
                      swa_num_key_value_heads=2, swa_q_lora_rank=16, swa_kv_lora_rank=8, swa_head_dim=20,
@@ -1465,30 +1468,35 @@ def test_heads_are_read_from_each_layers_own_config_where_layers_differ() -> Non
     _assert_each_head_block_changes_its_head(model, opt, layers[1].self_attn.q_proj.weight, 0, 16, heads=4, call=1)
 
 
-def test_kimi_delta_attention_parts_feed_what_they_are_declared_as() -> None:
-    """Kimi Linear's linear layers (Kimi Delta Attention) share parameter names with its latent-attention
-    layers but not their head sizes: each is matched inside its own module. Proven on the model's forward:
-    q, k and v projections feed the query, key and value of its delta rule (per-head blocks of
-    ``linear_head_dim`` changing exactly their head), the forget gate feeds the decay, ``b_proj`` beta, and
-    the low-rank output gate the gated norm."""
-    model = _mla_model("kimi_linear-noqlora")  # as released: the latent attention's query is a plain q_proj
+@pytest.mark.parametrize("kind", ["kimi_linear", "bailing_hybrid"])
+def test_kimi_delta_attention_parts_feed_what_they_are_declared_as(kind: str) -> None:
+    """Kimi Linear's and Ling's hybrid linear layers (Kimi Delta Attention) share parameter names with their
+    latent-attention layers but not their head sizes: each is matched inside its own module. Proven on the model's
+    forward: q, k and v projections feed the query, key and value of its delta rule (per-head blocks of
+    ``linear_head_dim`` changing exactly their head), the forget gate feeds the decay (tiny where it is low-rank:
+    full momentum; low-rank momentum where it is as large as the query), ``b_proj`` beta, and the output gate the
+    gated norm."""
+    model = _mla_model("kimi_linear-noqlora" if kind == "kimi_linear" else kind)  # Kimi's query as released: q_proj
     opt = adapm.AdaPMMini(model, lr=1e-3)
     assert opt.partition_report().unmatched == []
     kda = model.model.layers[1].self_attn
-    assert type(kda).__name__ == "KimiLinearDeltaAttention"
+    assert type(kda).__name__ in KDA_MODULES
 
     def probe(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _probe_delta_rule(m, x, kda, "chunk_kimi_delta_attention")
 
+    low_rank = kind == "kimi_linear"  # Kimi Linear's gates are low-rank pairs, Ling's full-size matrices
+    gates = ((("f_a", kda.forget_gate.f_a_proj.weight), ("f_b", kda.forget_gate.f_b_proj.weight),
+              ("g_a", kda.g_a_proj.weight), ("g_b", kda.g_b_proj.weight)) if low_rank
+             else (("f", kda.forget_gate.f_proj.weight), ("g", kda.g_proj.weight)))  # fmt: skip
     feeds = {name: (opt.layout(weight).segments[0].momentum, _what_each_segment_feeds(model, opt, weight, probe,
                                                                                        "qkvgbz")[0])
              for name, weight in (("q", kda.q_proj.weight), ("k", kda.k_proj.weight), ("v", kda.v_proj.weight),
-                                  ("f_a", kda.forget_gate.f_a_proj.weight), ("f_b", kda.forget_gate.f_b_proj.weight),
-                                  ("b", kda.b_proj.weight), ("g_a", kda.g_a_proj.weight),
-                                  ("g_b", kda.g_b_proj.weight))}  # fmt: skip
-    assert feeds == {"q": ("lowrank", "q"), "k": ("lowrank", "k"), "v": ("full", "v"), "f_a": ("full", "g"),
-                     "f_b": ("full", "g"), "b": ("full", "b"), "g_a": ("lowrank", "z"),
-                     "g_b": ("lowrank", "z")}  # fmt: skip
+                                  ("b", kda.b_proj.weight), *gates)}  # fmt: skip
+    forget, output = ({"f_a": ("full", "g"), "f_b": ("full", "g")}, {"g_a": ("lowrank", "z"), "g_b": ("lowrank", "z")}
+                      ) if low_rank else ({"f": ("lowrank", "g")}, {"g": ("lowrank", "z")})  # fmt: skip
+    assert feeds == {"q": ("lowrank", "q"), "k": ("lowrank", "k"), "v": ("full", "v"), "b": ("full", "b"), **forget,
+                     **output}  # fmt: skip
     x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
     for weight, which in ((kda.q_proj.weight, 0), (kda.k_proj.weight, 1)):
         seg = opt.layout(weight).segments[0]

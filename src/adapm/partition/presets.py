@@ -86,14 +86,14 @@ class PresetRule:
 
 
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu",
-                   "axk1", "kimi_linear", "axk2", "dots3_note_text", "hy_v4", "longcat_flash")
+                   "axk1", "kimi_linear", "axk2", "dots3_note_text", "hy_v4", "longcat_flash", "bailing_hybrid")
 """Models with DeepSeek-V2's multi-head latent attention, as their modeling code computes it: ``q_a_proj`` then
 ``q_b_proj`` (or ``q_proj``) give each head's ``[nope | rope]`` query; ``kv_a_proj_with_mqa`` gives the
 key-value latent then the one rotary key shared by all heads; ``kv_b_proj`` maps the latent to each
 head's ``[key nope | value]``. A.X K2 fuses each head's query with a gate of its output (``q_gate_proj``, from
 ``q_a_proj``'s output normed and raw); Dots3 and LongCat-Flash scale the latents; LongCat-Flash has two attention
-blocks per layer; Dots3's sliding-window layers have sizes of their own. Every model type here is proven on its
-own forward in the tests."""
+blocks per layer; Dots3's sliding-window layers have sizes of their own; Ling's hybrid gates each head's output
+(``g_proj``). Every model type here is proven on its own forward in the tests."""
 
 DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "dots3_note_text", "hy_v4")
 """Of those, the models with DeepSeek-V3.2's sparse-attention indexer (``indexer.wq_b``, ``indexer.wk``,
@@ -107,11 +107,15 @@ per-head queries and keys of ``linear_key_head_dim``, values, an output gate (``
 Qwen3-Next fuses them per key head as ``[q | k | v | z]`` (``in_proj_qkvz``) and ``[b | a]``; Qwen3.5 as
 ``[q | k | v]``; OLMo Hybrid keeps them apart. Every model type here is proven on its own forward in the tests."""
 
-KDA_MODULES = ("KimiLinearDeltaAttention",)
-"""Kimi Delta Attention (Kimi Linear's linear-attention layers, named ``self_attn`` like its latent-attention
-layers): per-head queries and keys of ``linear_head_dim``, values, a low-rank output gate (``g_a_proj``,
-``g_b_proj``), a low-rank per-channel forget gate (``forget_gate.f_a_proj``, ``f_b_proj``), a per-head beta
-(``b_proj``) and a depthwise convolution over q, k and v. Proven on its own forward in the tests."""
+KDA_MODULES = ("KimiLinearDeltaAttention", "BailingHybridDeltaAttention")
+"""Kimi Delta Attention (the linear-attention layers of Kimi Linear and of Ling's hybrid, named ``self_attn`` like
+their latent-attention layers): per-head queries and keys of ``linear_head_dim``, values, an output gate and a
+per-channel forget gate (Kimi Linear's low-rank: ``g_a_proj`` and ``g_b_proj``, ``forget_gate.f_a_proj`` and
+``f_b_proj``; Ling's full-size: ``g_proj``, ``forget_gate.f_proj``), a per-head beta (``b_proj``) and a depthwise
+convolution over q, k and v. Proven on each model's own forward in the tests."""
+
+KDA_MODEL_TYPES = ("kimi_linear", "bailing_hybrid")
+"""The model types with Kimi Delta Attention layers."""
 
 GATED_ATTENTION_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 """Models whose full-attention ``q_proj`` holds each head's query then its output gate (``[q_h | gate_h]``),
@@ -194,16 +198,17 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("gpt2", r"(^|\.)attn\.c_proj\.weight$", ("attn_out",)),
     PresetRule("gpt2", r"(^|\.)mlp\.c_(fc|proj)\.weight$", ("mlp",)),
     # Kimi Delta Attention, before the latent attention rules its q_proj would otherwise match: roles as Gated
-    # DeltaNet's (the output gate an MLP gate; the forget gate, beta and convolution tiny: full momentum).
+    # DeltaNet's (the output gate an MLP gate; beta, the convolution and a low-rank forget gate tiny: full momentum;
+    # a full-size forget gate, as large as the query, is read as a gate is, like the output gate).
     PresetRule("kda", r"(^|\.)self_attn\.q_proj\.weight$", ("query",), head_size=("linear_head_dim",),
-               model_types=("kimi_linear",), within=KDA_MODULES),
+               model_types=KDA_MODEL_TYPES, within=KDA_MODULES),
     PresetRule("kda", r"(^|\.)self_attn\.k_proj\.weight$", ("key",), head_size=("linear_head_dim",),
-               model_types=("kimi_linear",), within=KDA_MODULES),
-    PresetRule("kda", r"(^|\.)self_attn\.(g_a_proj|g_b_proj)\.weight$", ("mlp",), model_types=("kimi_linear",),
-               within=KDA_MODULES),
+               model_types=KDA_MODEL_TYPES, within=KDA_MODULES),
+    PresetRule("kda", r"(^|\.)self_attn\.(g_a_proj|g_b_proj|g_proj|forget_gate\.f_proj)\.weight$", ("mlp",),
+               model_types=KDA_MODEL_TYPES, within=KDA_MODULES),
     PresetRule("kda", r"(^|\.)self_attn\.(b_proj|conv1d|forget_gate\.f_a_proj|forget_gate\.f_b_proj)\.weight$",
-               ("router",), model_types=("kimi_linear",), within=KDA_MODULES),
-    PresetRule("kda", r"(^|\.)forget_gate\.A_log$", ("vector",), model_types=("kimi_linear",), within=KDA_MODULES),
+               ("router",), model_types=KDA_MODEL_TYPES, within=KDA_MODULES),
+    PresetRule("kda", r"(^|\.)forget_gate\.A_log$", ("vector",), model_types=KDA_MODEL_TYPES, within=KDA_MODULES),
     # Multi-head latent attention (DeepSeek-V2/V3 and the models that share it). The latent feeds both
     # keys and values: it gets a value's full momentum; the query's down-projection has no heads.
     PresetRule("mla", r"(^|\.)q_a_proj\.weight$", ("query",), per_neuron=True, model_types=MLA_MODEL_TYPES),
@@ -222,10 +227,10 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # A.X K2: each head's query, then the sigmoid gate of that head's output (an MLP-like gate).
     PresetRule("mla", r"(^|\.)self_attn\.q_gate_proj\.weight$", ("query", "mlp"), ("Linear",), layout="mla_q_gate",
                head_size=("qk_nope_head_dim", "qk_rope_head_dim"), model_types=("axk2",)),
-    # A sigmoid or softplus gate of each head's attention output (Dots3, LFM3, Laguna; one value per head or per
-    # channel), read as an MLP gate is.
+    # A sigmoid or softplus gate of each head's attention output (Dots3, LFM3, Laguna, Ling's hybrid; one value per head
+    # or per channel), read as an MLP gate is.
     PresetRule("output-gate", r"(^|\.)self_attn\.g_proj\.weight$", ("mlp",),
-               model_types=("dots3_note_text", "lfm3", "laguna")),
+               model_types=("dots3_note_text", "lfm3", "laguna", "bailing_hybrid")),
     # DeepSeek-V4's attention: a query latent and per-head queries; one head read as both key and value (as a latent
     # attention's key-value latent: a value's full momentum); a grouped low-rank output projection in two matrices.
     # Its compressors pool windows of tokens into more key-value entries, weighted by a softmax gate (an MLP-like
