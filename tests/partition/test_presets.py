@@ -727,7 +727,8 @@ MINIMAX_M3 = dict(mlp_layer_types=["dense", "sparse"], dense_intermediate_size=6
 TINY_OVERRIDES: dict[str, dict[str, object]] = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "zamba": ZAMBA,
                                                 "rwkv": RWKV, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM,
                                                 "dots1": {"n_shared_experts": 1},
-                                                "minimax_m3_vl_text": MINIMAX_M3, "doge": DOGE}  # fmt: skip
+                                                "minimax_m3_vl_text": MINIMAX_M3, "doge": DOGE,
+                                                "zaya": {"num_experts_per_tok": 1}}  # fmt: skip
 """The sizes :func:`_tiny` needs beyond its defaults, per model type, wherever the tests build that type."""
 
 
@@ -785,7 +786,7 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
 
 @pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV)
                          + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv", "zamba", "moshi", "jetmoe",
-                            "minimax_m3_vl_text", "doge")
+                            "minimax_m3_vl_text", "doge", "zaya")
                          + MODERNBERT_MODEL_TYPES)
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
@@ -849,8 +850,7 @@ def test_expert_segments_match_what_each_expert_computes(kind: str) -> None:
     expert's ``gate`` segment changes the activation's input (the gate), a row of its ``up`` segment
     changes the output only, and a ``down_proj`` segment changes only its own expert's output."""
     known = kind in FAMILIES
-    extra = {"zaya": {"num_experts_per_tok": 1}, "beam": {"mlp_layer_types": ["dense", "sparse"]},
-             **TINY_OVERRIDES}.get(kind, {})
+    extra = {"beam": {"mlp_layer_types": ["dense", "sparse"]}, **TINY_OVERRIDES}.get(kind, {})
     model = _family(kind) if known else _tiny(kind, **extra)
     opt = adapm.AdaPMMini(model, lr=1e-3)
     experts = next(m for m in model.modules() if type(m).__name__ == EXPERTS[kind])
@@ -1101,6 +1101,33 @@ def test_doge_dynamic_mask_and_retrieval_experts_feed_what_they_are_declared_as(
         for row in range(16):
             changed = not torch.equal(_block_perturbed(table, seg, row, 1, run), out)
             assert changed == (row in used), (row, used)
+
+
+def test_zaya_attention_and_router_parts_feed_what_they_are_declared_as() -> None:
+    """ZAYA, on its own forward: both value matrices (the current token's half of each value head and the previous
+    token's) feed the value alone, the query-key convolutions the query and key alone, and the router network's
+    matrices the experts' routing alone (never the tokens the experts compute on)."""
+    model = _tiny("zaya", **TINY_OVERRIDES["zaya"])
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    assert opt.partition_report().unmatched == []
+    layer = model.model.layers[0]
+    cca, router = layer.self_attn.qkv_proj, layer.mlp.gate
+    with torch.no_grad():
+        layer.self_attn.qk_norm.temp.fill_(1.0)  # its initial 0 scales every key to 0
+    feeds = {name: _what_each_segment_feeds(model, opt, getattr(cca, name).weight, _probe_sdpa)[0]
+             for name in ("v_proj_current", "v_proj_delayed", "conv_qk_depthwise", "conv_qk_grouped")}  # fmt: skip
+    assert feeds == {"v_proj_current": "v", "v_proj_delayed": "v", "conv_qk_depthwise": "qk", "conv_qk_grouped": "qk"}
+    calls: list[tuple[torch.Tensor, ...]] = []
+    layer.mlp.experts.register_forward_pre_hook(lambda _m, args: calls.append(tuple(a.clone() for a in args)))
+
+    def routed(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        calls.clear()
+        _run_hooked(m, x, [])
+        return calls[0]  # layer 0's experts: the tokens, the experts picked and their weights
+
+    for weight in (router.down_proj.weight, router.router_mlp.fc1.weight, router.router_mlp.out_proj.weight):
+        assert _rows(opt)[next(n for n, p in model.named_parameters() if p is weight)].role == "router"
+        assert _what_each_segment_feeds(model, opt, weight, routed, "tiw")[0] in ("w", "iw")
 
 
 def test_construction_warns_once_about_what_the_partition_could_not_reach() -> None:

@@ -362,6 +362,14 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("doge", r"(^|\.)self_attn\.dt_proj\.weight$", ("router",), model_types=("doge",)),
     PresetRule("doge", r"(^|\.)mlp\.router_gate\.weight$", ("router",), model_types=("doge",)),
     PresetRule("doge", r"(^|\.)mlp\.(down_embed|up_embed)\.weight$", ("embedding",), model_types=("doge",)),
+    # ZAYA: its compressed convolutional attention gives each value head half from the current token and half from the
+    # previous one (two value matrices) and mixes queries and keys with small convolutions; its router is a small
+    # network of its own (full momentum, as a router).
+    PresetRule("zaya", r"(^|\.)qkv_proj\.(v_proj_current|v_proj_delayed)\.weight$", ("value",), model_types=("zaya",)),
+    PresetRule("zaya", r"(^|\.)qkv_proj\.(conv_qk_depthwise|conv_qk_grouped)\.weight$", ("router",),
+               model_types=("zaya",)),
+    PresetRule("zaya", r"(^|\.)mlp\.gate\.(down_proj|router_mlp\.fc1|router_mlp\.fc2|router_mlp\.out_proj)\.weight$",
+               ("router",), model_types=("zaya",), within=("ZayaRouter",)),
     # Granite's shared MLP: [gate | up], then the down projection.
     PresetRule("granite", r"(^|\.)shared_mlp\.input_linear\.weight$", ("mlp", "mlp"), ("Linear",),
                segment_names=("gate", "up"), model_types=("granitemoeshared", "granitemoehybrid")),
