@@ -14,6 +14,7 @@ import adapm
 from adapm.partition.presets import (
     DSA_MODEL_TYPES,
     IN_OUT_EXPERTS,
+    INKLING_MODEL_TYPES,
     KDA_MODULES,
     MIXTRAL_STYLE_EXPERTS,
     MLA_MODEL_TYPES,
@@ -724,11 +725,18 @@ DOGE = dict(is_moe=True, num_experts=16, num_experts_per_tok=2)
 MINIMAX_M3 = dict(mlp_layer_types=["dense", "sparse"], dense_intermediate_size=64, shared_intermediate_size=32)
 """A tiny MiniMax-M3: layer 0 a dense MLP, layer 1 experts with a shared expert."""
 
+INKLING = dict(layer_types=["hybrid_sliding", "hybrid"], swa_head_dim=4, swa_num_attention_heads=8,
+               swa_num_key_value_heads=2, d_rel=4, rel_extent=16, sliding_window_size=8)  # fmt: skip
+"""A tiny Inkling (or Inkling 2): layer 0 a sliding-window layer with sizes of its own (8 heads of 4), layer 1 full
+attention (4 heads of 8), relative positions of 4 dimensions per head."""
+
+
 TINY_OVERRIDES: dict[str, dict[str, object]] = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "zamba": ZAMBA,
                                                 "rwkv": RWKV, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM,
                                                 "dots1": {"n_shared_experts": 1},
                                                 "minimax_m3_vl_text": MINIMAX_M3, "doge": DOGE,
-                                                "zaya": {"num_experts_per_tok": 1}}  # fmt: skip
+                                                "zaya": {"num_experts_per_tok": 1}, "inkling_text": INKLING,
+                                                "inkling2_text": INKLING}  # fmt: skip
 """The sizes :func:`_tiny` needs beyond its defaults, per model type, wherever the tests build that type."""
 
 
@@ -786,7 +794,7 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
 
 @pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV)
                          + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv", "zamba", "moshi", "jetmoe",
-                            "minimax_m3_vl_text", "doge", "zaya")
+                            "minimax_m3_vl_text", "doge", "zaya", *INKLING_MODEL_TYPES)
                          + MODERNBERT_MODEL_TYPES)
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
@@ -1128,6 +1136,73 @@ def test_zaya_attention_and_router_parts_feed_what_they_are_declared_as() -> Non
     for weight in (router.down_proj.weight, router.router_mlp.fc1.weight, router.router_mlp.out_proj.weight):
         assert _rows(opt)[next(n for n, p in model.named_parameters() if p is weight)].role == "router"
         assert _what_each_segment_feeds(model, opt, weight, routed, "tiw")[0] in ("w", "iw")
+
+
+@pytest.mark.parametrize("kind", INKLING_MODEL_TYPES)
+def test_inkling_attention_parts_feed_what_they_are_declared_as(kind: str) -> None:
+    """Inkling and Inkling 2, on their own forward: each layer's query gets per-head blocks of that layer's own head
+    size (the sliding-window layer's ``swa_head_dim``), each changing its head alone; each head's block of the
+    relative-position query (``r_proj``, ``d_rel`` rows) changes that head's position bias alone, never the query, key
+    or value; the key and value convolutions (and Inkling 2's per-token taps) feed the key or the value alone; the
+    shared experts are split per expert (gate rows feed that expert's activation, up rows its output only)."""
+    import sys
+
+    model = _tiny(kind, **INKLING)
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    assert opt.partition_report().unmatched == []
+    x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    module = sys.modules[type(model).__module__]
+    real = module.eager_attention_forward
+
+    def probe(m: nn.Module, x: torch.Tensor, call: int = 0) -> tuple[torch.Tensor, ...]:
+        seen: list[tuple[torch.Tensor, ...]] = []
+
+        def observed(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object,
+                     **kwargs: torch.Tensor) -> object:  # fmt: skip
+            seen.append(tuple(t.detach().clone() for t in (q, k, v, kwargs["position_bias"])))
+            return real(attn, q, k, v, *args, **kwargs)
+
+        m.set_attn_implementation("eager")
+        _forward_observed(m, x, module, "eager_attention_forward", observed, [])
+        return seen[call]
+
+    for layer, heads, size in ((0, 8, 4), (1, 4, 8)):
+        attn = model.model.layers[layer].self_attn
+        _assert_each_head_block_changes_its_head(model, opt, attn.q_proj.weight, 0, size, heads=heads, call=layer)
+        r_proj = attn.r_proj.weight
+        seg = opt.layout(r_proj).segments[0]
+        assert seg.momentum == "lowrank" and seg.block == (0, 4)
+        base = probe(model, x, layer)
+        for head in range(heads):
+            after = _block_perturbed(r_proj, seg, head, 4, lambda: probe(model, x, layer))  # noqa: B023
+            assert all(torch.equal(a, b) for a, b in zip(after[:3], base[:3]))
+            assert [h for h in range(heads) if not torch.equal(after[3][:, h], base[3][:, h])] == [head]
+        convs = {"k": attn.k_sconv, "v": attn.v_sconv}
+        for fed, conv in convs.items():
+            weights = [conv.conv1d.weight] if hasattr(conv, "conv1d") else [conv.static_weight, conv.weight_proj.weight]
+            for weight in weights:
+                assert _rows(opt)[next(n for n, p in model.named_parameters() if p is weight)].role == "router"
+                assert _what_each_segment_feeds(model, opt, weight, lambda m, x: probe(m, x, layer), "qkvb") == [fed]  # noqa: B023
+    if kind == "inkling_text":
+        shared = model.model.layers[0].mlp.shared_experts
+        acts: list[torch.Tensor] = []
+        shared.act_fn.register_forward_hook(lambda _m, args, _out: acts.append(args[0].detach().clone()))
+        hidden = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
+
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            acts.clear()
+            with torch.no_grad():
+                out = shared(hidden, torch.ones(5, 2))
+            return acts[0], out  # the gate of each expert: (experts, tokens, intermediate)
+
+        act, out = run()
+        gate, up, down = shared.gate_proj, shared.up_proj, shared.down_proj
+        act_g, _ = _block_perturbed(gate, opt.layout(gate).segments[1], 2, 1, run)
+        assert [(e, c) for e in range(2) for c in range(act.shape[-1])
+                if not torch.equal(act_g[e, :, c], act[e, :, c])] == [(1, 2)]  # fmt: skip
+        act_u, out_u = _block_perturbed(up, opt.layout(up).segments[1], 2, 1, run)
+        assert torch.equal(act_u, act) and not torch.equal(out_u, out)
+        assert not torch.equal(_block_perturbed(down, opt.layout(down).segments[0], 0, 1, run)[1], out)
 
 
 def test_construction_warns_once_about_what_the_partition_could_not_reach() -> None:

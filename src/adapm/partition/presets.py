@@ -178,6 +178,9 @@ IN_OUT_EXPERTS = ("Llama4TextExperts", "AriaExperts")
 """Expert modules holding ``(experts, hidden, 2 * intermediate)`` gate columns then up columns and ``(experts,
 intermediate, hidden)`` down matrices, used as ``x @ W`` (Llama 4, Aria; proven in the tests)."""
 
+INKLING_MODEL_TYPES = ("inkling_text", "inkling2_text")
+"""Inkling and Inkling 2 (their sliding-window layers sized by the config's ``swa_*`` fields)."""
+
 JETMOE_EXPERTS = ("JetMoeParallelExperts",)
 """JetMoE's expert stacks: ``weight`` of ``(experts, out, in)``, expert i applied as ``F.linear(x, weight[i])`` to the
 tokens routed to it (proven on the model's own forward in the tests)."""
@@ -370,6 +373,26 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                model_types=("zaya",)),
     PresetRule("zaya", r"(^|\.)mlp\.gate\.(down_proj|router_mlp\.fc1|router_mlp\.fc2|router_mlp\.out_proj)\.weight$",
                ("router",), model_types=("zaya",), within=("ZayaRouter",)),
+    # Inkling: each head's relative-position query (r_proj, heads of d_rel) scores a learned table of distances
+    # (rel_logits_proj.proj, small); short causal convolutions run over the keys, the values and the residual stream
+    # (Inkling 2's full-attention layers add per-token taps: static_weight, weight_proj); Inkling 2 adds per-head
+    # attention sinks and learned per-channel scales of the query and relative query. Inkling's shared experts are
+    # stacks.
+    PresetRule("inkling", r"(^|\.)self_attn\.r_proj\.weight$", ("query",), head_size=("d_rel",),
+               model_types=INKLING_MODEL_TYPES),
+    PresetRule("inkling", r"(^|\.)(k_sconv|v_sconv|attn_sconv|mlp_sconv|post_attention_convolution|"
+               r"post_mlp_convolution)\.conv1d\.weight$", ("router",), model_types=INKLING_MODEL_TYPES),
+    PresetRule("inkling", r"(^|\.)(k_sconv|v_sconv)\.(static_weight|weight_proj\.weight)$", ("router",),
+               model_types=INKLING_MODEL_TYPES),
+    PresetRule("inkling", r"(^|\.)self_attn\.(rel_logits_proj\.proj|sink_proj\.weight)$", ("router",),
+               model_types=INKLING_MODEL_TYPES),
+    PresetRule("inkling", r"(^|\.)(q_l2_clip|rel_l2_clip)\.scale$", ("vector",), model_types=INKLING_MODEL_TYPES),
+    # Inkling 2's attention over earlier blocks' outputs: learned query vectors (three in a full-attention layer, for
+    # the inputs of its query, key and value).
+    PresetRule("inkling", r"(^|\.)(attention_input|mlp_input|final_input)\.query$", ("vector",),
+               model_types=INKLING_MODEL_TYPES),
+    PresetRule("inkling", r"(^|\.)shared_experts\.(gate_proj|up_proj|down_proj)$", ("mlp",),
+               ("InklingSharedExperts",), layout="experts", model_types=INKLING_MODEL_TYPES),
     # Granite's shared MLP: [gate | up], then the down projection.
     PresetRule("granite", r"(^|\.)shared_mlp\.input_linear\.weight$", ("mlp", "mlp"), ("Linear",),
                segment_names=("gate", "up"), model_types=("granitemoeshared", "granitemoehybrid")),

@@ -199,13 +199,35 @@ def _scope(model: nn.Module | None, name: str) -> nn.Module | None:
 
 def _layer_config(config: Any, name: str) -> Any:
     """The config of the layer parameter ``name`` is in, where ``config`` differs per layer (Gemma 4's
-    ``per_layer_config``: sliding and global attention layers have different head sizes), else ``config``."""
-    per_layer = config_attr(config, "per_layer_config")
+    ``per_layer_config``: sliding and global attention layers have different head sizes; Inkling's sliding-window
+    layers, sized by its ``swa_*`` fields), else ``config``."""
     found = re.search(r"(^|\.)layers\.(\d+)\.", name)
-    if per_layer is None or found is None:
+    if found is None:
         return config
     index = int(found.group(2))
-    return per_layer[index] if index < len(per_layer) else config
+    per_layer = config_attr(config, "per_layer_config")
+    layer = per_layer[index] if per_layer is not None and index < len(per_layer) else config
+    layer_types = config_attr(config, "layer_types")
+    if (
+        config_attr(config, "swa_head_dim") is not None
+        and isinstance(layer_types, (list, tuple))
+        and index < len(layer_types)
+        and "sliding" in str(layer_types[index])
+    ):
+        return _SlidingLayerConfig(layer)
+    return layer
+
+
+class _SlidingLayerConfig:
+    """A config as a sliding-window layer reads it: its ``swa_`` sizes (``swa_head_dim``, ``swa_num_attention_heads``,
+    ...) in place of the global ones, everything else as it is."""
+
+    def __init__(self, config: Any) -> None:
+        self._config = config
+
+    def __getattr__(self, key: str) -> Any:
+        value = config_attr(self._config, f"swa_{key}")
+        return value if value is not None else getattr(self._config, key)
 
 
 def _match_preset(names: Sequence[str], model: nn.Module | None) -> tuple[str, PresetRule] | None:
