@@ -731,12 +731,17 @@ INKLING = dict(layer_types=["hybrid_sliding", "hybrid"], swa_head_dim=4, swa_num
 attention (4 heads of 8), relative positions of 4 dimensions per head."""
 
 
+GEMMA3N = dict(num_kv_shared_layers=0, layer_types=["sliding_attention", "full_attention"], laurel_rank=4,
+               hidden_size_per_layer_input=8, vocab_size_per_layer_input=80, altup_num_inputs=3,
+               activation_sparsity_pattern=[0.0, 0.0])  # fmt: skip
+"""A tiny Gemma 3n: two layers (no key-value sharing), three AltUp streams, LAuReL of rank 4."""
+
 TINY_OVERRIDES: dict[str, dict[str, object]] = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "zamba": ZAMBA,
                                                 "rwkv": RWKV, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM,
                                                 "dots1": {"n_shared_experts": 1},
                                                 "minimax_m3_vl_text": MINIMAX_M3, "doge": DOGE,
                                                 "zaya": {"num_experts_per_tok": 1}, "inkling_text": INKLING,
-                                                "inkling2_text": INKLING}  # fmt: skip
+                                                "inkling2_text": INKLING, "gemma3n_text": GEMMA3N}  # fmt: skip
 """The sizes :func:`_tiny` needs beyond its defaults, per model type, wherever the tests build that type."""
 
 
@@ -763,6 +768,7 @@ def _named_family(kind: str) -> nn.Module:
                                                                        **small)),
         "lfm2": lambda: _tiny("lfm2"),
         "afmoe": lambda: _tiny("afmoe"),
+        "gemma3n_text": lambda: _tiny("gemma3n_text", **GEMMA3N),
     }  # fmt: skip
     return models[kind]()
 
@@ -775,10 +781,15 @@ def _named_family(kind: str) -> nn.Module:
     ("openai-gpt", {"positions_embed.weight": "embedding"}),
     ("lfm2", {"feed_forward.w1.weight": "mlp", "feed_forward.w2.weight": "mlp", "feed_forward.w3.weight": "mlp"}),
     ("afmoe", {"router.gate.weight": "router"}),
+    ("gemma3n_text", {"altup.correction_coefs.weight": "router", "altup.prediction_coefs.weight": "router",
+                      "altup.modality_router.weight": "router", "laurel.linear_left.weight": "mlp",
+                      "laurel.linear_right.weight": "mlp", "altup_projections.1.weight": "mlp",
+                      "altup_unembed_projections.1.weight": "mlp"}),
 ])  # fmt: skip
 def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) -> None:
     """Cross-attention and GPT-Neo's attention outputs, RoBERTa's head, BigBird's pooler, GPT-1's positions,
-    LFM2's feed-forward (Meta's w1/w2/w3 naming) and AFMoE's router: nothing left unknown."""
+    LFM2's feed-forward (Meta's w1/w2/w3 naming), AFMoE's router, Gemma 3n's AltUp and LAuReL: nothing left
+    unknown."""
     import warnings
 
     model = _named_family(kind)
@@ -794,7 +805,7 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
 
 @pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV)
                          + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv", "zamba", "moshi", "jetmoe",
-                            "minimax_m3_vl_text", "doge", "zaya", *INKLING_MODEL_TYPES)
+                            "minimax_m3_vl_text", "doge", "zaya", *INKLING_MODEL_TYPES, "gemma3n_text")
                          + MODERNBERT_MODEL_TYPES)
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds

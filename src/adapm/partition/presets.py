@@ -414,6 +414,13 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("gemma-per-layer", r"(^|\.)embed_tokens_per_layer\.weight$", ("embedding",)),
     PresetRule("gemma-per-layer", r"(^|\.)(per_layer_input_gate|per_layer_projection|per_layer_model_projection)"
                r"\.weight$", ("mlp",)),
+    # Gemma 3n: AltUp keeps extra copies of the residual stream, mixed by tiny coefficient matrices chosen by a modality
+    # router (full momentum), and projected into and out of the extra streams at the ends of the model (MLP-like);
+    # LAuReL adds a low-rank residual branch (two MLP-like matrices) to each layer.
+    PresetRule("gemma3n", r"(^|\.)altup\.(correction_coefs|prediction_coefs|modality_router)\.weight$", ("router",),
+               model_types=("gemma3n_text",)),
+    PresetRule("gemma3n", r"(^|\.)(laurel\.linear_left|laurel\.linear_right|altup_projections\.\d+|"
+               r"altup_unembed_projections\.\d+)\.weight$", ("mlp",), model_types=("gemma3n_text",)),
     # Moshi's decoder wraps each attention projection in a module of its own (``q_proj.linear``).
     PresetRule("moshi", r"(^|\.)q_proj\.linear\.weight$", ("query",), model_types=("moshi",)),
     PresetRule("moshi", r"(^|\.)k_proj\.linear\.weight$", ("key",), model_types=("moshi",)),
