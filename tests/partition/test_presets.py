@@ -1457,6 +1457,27 @@ def test_a_multimodal_models_language_model_is_read_with_its_own_config() -> Non
     assert model_dims(model) == ModelDims(hidden=32, heads=4, kv_heads=2)  # the language model's (GaLore, Adam-mini)
 
 
+def test_a_part_whose_config_has_no_layer_count_is_read_with_its_own_config() -> None:
+    """Idefics2's perceiver resampler has layers (``layers.N``) but a config without ``num_hidden_layers``, so
+    transformers' per-layer view of it cannot be indexed: it is read with its config as it is, and the language
+    model's query keeps its per-head blocks."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    text = dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, vocab_size=80)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14)  # fmt: skip
+    perceiver = dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=4,
+                     resampler_head_dim=8, num_key_value_heads=2)  # fmt: skip
+    config = T.Idefics2Config(text_config=text, vision_config=vision, perceiver_config=perceiver, image_token_id=79)
+    model = T.Idefics2ForConditionalGeneration(config)
+    assert any(".perceiver_resampler.layers.0." in n for n, _ in model.named_parameters())
+    opt = adapm.AdaPMMini(model, lr=1e-3, strict=False)
+    query = model.model.text_model.layers[0].self_attn.q_proj.weight
+    assert opt.layout(query).segments[0].block == (0, 8)
+
+
 def _probe_delta_rule(model: nn.Module, x: torch.Tensor, layer: nn.Module | None = None,
                       function: str = "torch_chunk_gated_delta_rule") -> tuple[torch.Tensor, ...]:
     """What a linear-attention layer (default: layer 0's Gated DeltaNet) computes from its input projections:

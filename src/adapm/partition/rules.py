@@ -206,7 +206,10 @@ def _layer_config(config: Any, name: str) -> Any:
         return config
     index = int(found.group(2))
     per_layer = config_attr(config, "per_layer_config")
-    layer = per_layer[index] if per_layer is not None and index < len(per_layer) else config
+    try:
+        layer = per_layer[index] if per_layer is not None and index < len(per_layer) else config
+    except (AttributeError, IndexError, KeyError, TypeError):  # a view over a config without a layer count (a
+        layer = config  # resampler's, such as Idefics2's perceiver): its layers all share the config
     layer_types = config_attr(config, "layer_types")
     if (
         config_attr(config, "swa_head_dim") is not None
