@@ -1457,6 +1457,64 @@ def test_a_multimodal_models_language_model_is_read_with_its_own_config() -> Non
     assert model_dims(model) == ModelDims(hidden=32, heads=4, kv_heads=2)  # the language model's (GaLore, Adam-mini)
 
 
+def _llava() -> nn.Module:
+    """A tiny LLaVA: a CLIP vision tower (two layers, 2 x 2 patches of 14 pixels), its projector, a Llama."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    text = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, vocab_size=80)  # fmt: skip
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=28, patch_size=14, projection_dim=32)  # fmt: skip
+    return T.LlavaForConditionalGeneration(T.LlavaConfig(text_config=text, vision_config=vision, image_token_id=79))
+
+
+def test_a_vision_towers_embeddings_and_projector_are_recognised_and_train() -> None:
+    """LLaVA's CLIP tower and projector: nothing unknown. The position table is read row by row (row p changes the
+    embedding of patch p alone, as a token embedding's row changes its token's), the patch embedding (a convolution)
+    keeps full momentum, the projector's two matrices are MLP matrices; with an image in the batch, five steps train,
+    holding the state the report counted."""
+    import warnings
+
+    model = _llava()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing unknown
+        opt = adapm.AdaPMMini(model, lr=1e-3)
+    rows = _rows(opt)
+    tower = "model.vision_tower.embeddings."
+    assert (rows[tower + "position_embedding.weight"].role, rows[tower + "position_embedding.weight"].momentum) == (
+        "embedding", "none")  # fmt: skip
+    assert (rows[tower + "patch_embedding.weight"].role, rows[tower + "patch_embedding.weight"].momentum) == (
+        "router", "full")  # fmt: skip
+    assert {rows[f"model.multi_modal_projector.linear_{i}.weight"].role for i in (1, 2)} == {"mlp"}
+    embeddings = model.model.vision_tower.embeddings
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    table = embeddings.position_embedding.weight
+
+    def embed() -> torch.Tensor:
+        with torch.no_grad():
+            return embeddings(pixels)
+
+    base = embed()
+    for row in range(table.shape[0]):  # the class token's position, then one per patch
+        after = _block_perturbed(table, opt.layout(table).segments[0], row, 1, embed)
+        assert [p for p in range(base.shape[1]) if not torch.equal(after[:, p], base[:, p])] == [row]
+    ids = torch.tensor([[1, 79, 79, 79, 79, 5, 6, 7]])
+    stepped: set[str] = set()
+    for _ in range(5):
+        loss = model(input_ids=ids, pixel_values=pixels, labels=ids).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        stepped |= {n for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    idle = {n for n, _ in model.named_parameters()} - stepped  # LLaVA reads the tower's second-to-last layer
+    assert idle and all(n.startswith("model.vision_tower.") for n in idle)
+    assert tower + "patch_embedding.weight" in stepped and tower + "position_embedding.weight" in stepped
+    assert adapm.state_bytes(opt) == sum(r.state_bytes for r in opt.partition_report().rows if r.name not in idle)
+
+
 def test_a_part_whose_config_has_no_layer_count_is_read_with_its_own_config() -> None:
     """Idefics2's perceiver resampler has layers (``layers.N``) but a config without ``num_hidden_layers``, so
     transformers' per-layer view of it cannot be indexed: it is read with its config as it is, and the language

@@ -512,6 +512,12 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("modernbert", r"(^|\.)mlp\.Wi\.weight$", ("mlp", "mlp"), ("Linear",), segment_names=("gate", "up"),
                model_types=MODERNBERT_MODEL_TYPES),
     PresetRule("modernbert", r"(^|\.)(mlp\.Wo|head\.dense)\.weight$", ("mlp",), model_types=MODERNBERT_MODEL_TYPES),
+    # Vision towers (CLIP, SigLIP and their kin in LLaVA, PaliGemma, Gemma 3, Idefics and others): the position table
+    # is read by index as GPT-2's positions are (an embedding); the patch embedding, a convolution over pixels, is
+    # small (full momentum, as other convolution kernels); the projector into the language model is a two-layer MLP.
+    PresetRule("vision", r"(^|\.)embeddings\.position_embedding\.weight$", ("embedding",)),
+    PresetRule("vision", r"(^|\.)embeddings\.patch_embedding\.weight$", ("router",)),
+    PresetRule("vision", r"(^|\.)multi_modal_projector\.linear_[12]\.weight$", ("mlp",)),
     # BERT-style encoders (BERT, RoBERTa, ...). attention.output must come before output.
     PresetRule("bert", r"(^|\.)embeddings\.(word|position|token_type)_embeddings\.weight$", ("embedding",)),
     PresetRule("bert", r"(^|\.)attention\.self\.query\.weight$", ("query",)),
