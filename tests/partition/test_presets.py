@@ -648,8 +648,13 @@ only where the type's config has it."""
 
 
 def _tiny(model_type: str, **overrides: object) -> nn.Module:
-    """A tiny random causal language model of any transformers ``model_type``, from its own config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A tiny random causal language model of any transformers ``model_type``, from its own config; for the language
+    model of a multimodal model that transformers has no causal language model class for (Qwen3-VL-MoE's, ...),
+    that language model alone."""
+    import importlib
+
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
     torch.manual_seed(0)
     known = AutoConfig.for_model(model_type)
@@ -658,7 +663,15 @@ def _tiny(model_type: str, **overrides: object) -> nn.Module:
     chosen = "layer_types" in overrides  # given (None: the config's own)
     if settable and not chosen and "linear_attention" in (getattr(known, "layer_types", None) or []):
         sizes["layer_types"] = ["linear_attention", "full_attention"]  # one of each
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes))
+    config = AutoConfig.for_model(model_type, **sizes)
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM.from_config(config)
+    if model_type in MODEL_MAPPING_NAMES:
+        return AutoModel.from_config(config)
+    modeling = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
+    model_class = next(c for c in vars(modeling).values() if isinstance(c, type) and issubclass(c, PreTrainedModel)
+                       and c.config_class is type(config) and not c.__name__.endswith("PreTrainedModel"))  # fmt: skip
+    return model_class(config)
 
 
 FAMILIES = ("phi", "gptj", "opt", "t5", "gemma2", "glm", "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama4",
@@ -741,7 +754,15 @@ TINY_OVERRIDES: dict[str, dict[str, object]] = {**MAMBA, **SHORT_CONV, "deepseek
                                                 "dots1": {"n_shared_experts": 1},
                                                 "minimax_m3_vl_text": MINIMAX_M3, "doge": DOGE,
                                                 "zaya": {"num_experts_per_tok": 1}, "inkling_text": INKLING,
-                                                "inkling2_text": INKLING, "gemma3n_text": GEMMA3N}  # fmt: skip
+                                                "inkling2_text": INKLING, "gemma3n_text": GEMMA3N,
+                                                "step3p5": {"mlp_layer_types": ["dense", "sparse"]},
+                                                "ernie4_5_vl_moe_text": {"moe_intermediate_size": [16, 16],
+                                                                         "rope_parameters": {
+                                                                             "rope_type": "default",
+                                                                             "rope_theta": 1e4,
+                                                                             "mrope_section": [1, 1, 2]}},
+                                                "glm5_next_text": {"num_key_value_heads": 4, "qk_rope_head_dim": 0,
+                                                                   "mlp_layer_types": ["dense", "sparse"]}}  # fmt: skip
 """The sizes :func:`_tiny` needs beyond its defaults, per model type, wherever the tests build that type."""
 
 
@@ -855,6 +876,11 @@ EXPERTS: dict[str, str] = {
     "hy_v4": "HYV4Experts", "beam": "BeamExperts", "minimax_m3_vl_text": "MiniMaxM3VLExperts",
     "inkling2_text": "Inkling2Experts", "dots3_note_text": "Dots3NoteExperts", "longcat_flash": "LongcatFlashExperts",
     "lfm2_moe": "Lfm2MoeExperts", "hunyuan_v1_moe": "HunYuanMoEV1Experts", "dots1": "Dots1Experts",
+    "qwen3_vl_moe_text": "Qwen3VLMoeTextExperts", "qwen3_omni_moe_text": "Qwen3OmniMoeThinkerTextExperts",
+    "glm4v_moe_text": "Glm4vMoeTextExperts", "ernie4_5_vl_moe_text": "Ernie4_5_VLMoeMoeExperts",
+    "mistral4": "Mistral4Experts", "mistral_large4_text": "MistralLarge4TextExperts",
+    "muse_spark_text": "MuseSparkExperts", "step3p5": "Step3p7Experts", "unlimited_ocr_text": "UnlimitedOcrTextExperts",
+    "glm5_next_text": "Glm5NextTextExperts",
 }  # fmt: skip
 """A model type for each expert module class the presets split, and that class."""
 
@@ -1281,7 +1307,8 @@ def test_fused_families_train_with_the_state_the_report_counts(kind: str) -> Non
 
 
 @pytest.mark.parametrize("kind", ["phi3", "glm", "glm4", "granitemoeshared", "granitemoehybrid", "zamba2",
-                                  *MODERNBERT_MODEL_TYPES, "minimax_m3_vl_text", "minimax_m3_vl_text-shared"])
+                                  *MODERNBERT_MODEL_TYPES, "minimax_m3_vl_text", "minimax_m3_vl_text-shared",
+                                  "glm4v_text", "glm_ocr_text"])
 def test_gate_up_segments_match_the_real_mlp(kind: str) -> None:
     """Perturbing the gate half of a fused ``[gate | up]`` changes the activation's input and the MLP's output, the up
     half the output alone."""
@@ -1301,6 +1328,10 @@ def test_gate_up_segments_match_the_real_mlp(kind: str) -> None:
         model = _tiny(kind, shared_intermediate_size=32, **MAMBA.get(kind, {}))
         mlp = model.model.layers[0].shared_mlp
         weight, activation = mlp.input_linear.weight, mlp.activation
+    elif kind in ("glm4v_text", "glm_ocr_text"):  # a multimodal model's language model alone
+        model = _tiny(kind)
+        mlp = model.layers[0].mlp
+        weight, activation = mlp.gate_up_proj.weight, mlp.activation_fn
     elif kind == "zamba2":  # the shared transformer block's MLP, called with the hybrid layer's index
         model = _tiny(kind, **MAMBA[kind])
         mlp = model.model.layers[1].shared_transformer.feed_forward

@@ -168,7 +168,10 @@ MIXTRAL_STYLE_EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts",
                          "Qwen3_5MoeExperts", "Qwen3NextExperts", "SolarOpenExperts", "ZayaExperts",
                          "DeepseekV4Experts", "HYV4Experts", "BeamExperts", "MiniMaxM3VLExperts", "Inkling2Experts",
                          "Dots3NoteExperts", "LongcatFlashExperts", "Lfm2MoeExperts", "HunYuanMoEV1Experts",
-                         "Dots1Experts")
+                         "Dots1Experts", "Qwen3VLMoeTextExperts", "Qwen3OmniMoeThinkerTextExperts",
+                         "Glm4vMoeTextExperts", "Ernie4_5_VLMoeMoeExperts", "Mistral4Experts",
+                         "MistralLarge4TextExperts", "MuseSparkExperts", "Step3p7Experts", "UnlimitedOcrTextExperts",
+                         "Glm5NextTextExperts")
 """Expert modules holding ``(experts, 2 * intermediate, hidden)`` gate rows then up rows and ``(experts, hidden,
 intermediate)`` down matrices, each used as ``nn.Linear`` weights, whatever gated activation they apply to
 the two halves (SwiGLU, or a clamped one as in DeepSeek-V4); every one is proven in the tests. (LongCat-Flash's
@@ -459,11 +462,12 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                layout="codegen", model_types=("codegen",)),
     PresetRule("mpt", r"(^|\.)attn\.Wqkv\.weight$", ("query", "key", "value"), ("Linear",),
                model_types=("mpt",)),  # [q | k | v]: MPT's attention chunks it in three
-    # Phi-3: [q | k | v] with grouped-query attention, and [gate | up] (as GLM and GLM-4's MLP).
+    # Phi-3: [q | k | v] with grouped-query attention, and [gate | up] (as the MLPs of GLM, GLM-4, GLM-4.1V's and
+    # GLM-OCR's language models).
     PresetRule("phi3", r"(^|\.)self_attn\.qkv_proj\.weight$", ("query", "key", "value"), ("Linear",),
                layout="qkv_sizes", model_types=("phi3",)),
     PresetRule("phi3", r"(^|\.)mlp\.gate_up_proj\.weight$", ("mlp", "mlp"), ("Linear",),
-               segment_names=("gate", "up"), model_types=("phi3", "glm", "glm4")),
+               segment_names=("gate", "up"), model_types=("phi3", "glm", "glm4", "glm4v_text", "glm_ocr_text")),
     # MiniMax-M3's dense MLPs (its dense layers' and its shared experts'): [gate | up], then a clamped SwiGLU.
     PresetRule("minimax-m3", r"(^|\.)mlp\.(shared_experts\.)?gate_up_proj\.weight$", ("mlp", "mlp"), ("Linear",),
                segment_names=("gate", "up"), model_types=("minimax_m3_vl_text",), within=("MiniMaxM3VLDenseMLP",)),
@@ -503,6 +507,8 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("moe", r"(^|\.)shared_expert_gate\.weight$", ("router",)),
     PresetRule("moe", r"(^|\.)feed_forward\.gate\.weight$", ("router",), model_types=("lfm2_moe",)),
     PresetRule("moe", r"(^|\.)mlp\.gate\.wg\.weight$", ("router",), model_types=("hunyuan_v1_moe",)),
+    PresetRule("moe", r"(^|\.)mlp\.(text_moe|vision_moe)\.gate\.weight$", ("router",),
+               model_types=("ernie4_5_vl_moe_text",)),
     # ModernBERT (and its decoder): [q | k | v] (its attention views it as three parts); the MLP's Wi holds the half
     # it activates (its code's "input": a gate, in the words used here) then the half it multiplies (its "gate": up).
     PresetRule("modernbert", r"(^|\.)tok_embeddings\.weight$", ("embedding",), model_types=MODERNBERT_MODEL_TYPES),
