@@ -597,7 +597,7 @@ MLA = MLA_MODEL_TYPES
 def _mla_model(kind: str) -> nn.Module:
     """A tiny random model with multi-head latent attention (``kind``: a model type, or ``deepseek_v2-noqlora``
     for DeepSeek-V2-Lite's plain ``q_proj``), layer 1 a mixture of experts where the family has them."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     torch.manual_seed(0)
     model_type = kind.removesuffix("-noqlora")
@@ -620,9 +620,7 @@ def _mla_model(kind: str) -> nn.Module:
         sizes.update(num_layers=2, head_dim=8, qk_head_dim=24, ffn_hidden_size=64, expert_ffn_hidden_size=16,
                      zero_expert_num=2, moe_topk=2)  # fmt: skip
     known = AutoConfig.for_model(model_type)
-    return AutoModelForCausalLM.from_config(
-        AutoConfig.for_model(model_type, **{k: v for k, v in sizes.items() if _has(known, k)})
-    )
+    return _model_of(AutoConfig.for_model(model_type, **{k: v for k, v in sizes.items() if _has(known, k)}))
 
 
 def _has(config: object, key: str) -> bool:
@@ -648,13 +646,9 @@ only where the type's config has it."""
 
 
 def _tiny(model_type: str, **overrides: object) -> nn.Module:
-    """A tiny random causal language model of any transformers ``model_type``, from its own config; for the language
-    model of a multimodal model that transformers has no causal language model class for (Qwen3-VL-MoE's, ...),
-    that language model alone."""
-    import importlib
-
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+    """A tiny random causal language model of any transformers ``model_type``, from its own config (see
+    :func:`_model_of`)."""
+    from transformers import AutoConfig
 
     torch.manual_seed(0)
     known = AutoConfig.for_model(model_type)
@@ -663,7 +657,18 @@ def _tiny(model_type: str, **overrides: object) -> nn.Module:
     chosen = "layer_types" in overrides  # given (None: the config's own)
     if settable and not chosen and "linear_attention" in (getattr(known, "layer_types", None) or []):
         sizes["layer_types"] = ["linear_attention", "full_attention"]  # one of each
-    config = AutoConfig.for_model(model_type, **sizes)
+    return _model_of(AutoConfig.for_model(model_type, **sizes))
+
+
+def _model_of(config: object) -> nn.Module:
+    """The causal language model of ``config``; for the language model of a multimodal model that transformers has no
+    causal language model class for, that language model alone (its decoder, without a head)."""
+    import importlib
+
+    from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    model_type = config.model_type  # type: ignore[attr-defined]
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return AutoModelForCausalLM.from_config(config)
     if model_type in MODEL_MAPPING_NAMES:
@@ -674,6 +679,19 @@ def _tiny(model_type: str, **overrides: object) -> nn.Module:
     return model_class(config)
 
 
+def _loss(model: nn.Module, ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """The language-model loss on ``ids``; for a decoder without a head (:func:`_model_of`), the mean square of its
+    last hidden states (a loss every parameter of the decoder has a gradient from)."""
+    if "For" not in type(model).__name__:  # Mistral4Model, Qwen3VLMoeTextModel, ...: no head
+        return model(input_ids=ids, **kwargs).last_hidden_state.float().pow(2).mean()
+    return model(input_ids=ids, labels=ids, **kwargs).loss
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The decoder of a causal language model, or the model itself where it is a decoder alone (:func:`_model_of`)."""
+    return model.model if hasattr(model, "model") else model
+
+
 FAMILIES = ("phi", "gptj", "opt", "t5", "gemma2", "glm", "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama4",
             "gpt_oss", *MLA, "deepseek_v2-noqlora")
 
@@ -681,6 +699,12 @@ WHOLE_BY_EXPERTS = ("aria_text", "cohere2_moe", "ernie4_5_moe", "exaone_moe", "f
                     "granitemoe", "granitemoe_swa", "granitemoeshared", "hy_v3", "kolibri1", "mellum", "mimo_v2_flash",
                     "minimax_m2", "phimoe", "solar_open", "laguna", "minimax", "hunyuan_v1_moe", "dots1")
 """Mixture-of-experts model types whose other matrices have known names: their expert stacks complete them."""
+
+LANGUAGE_MODELS_OF_MULTIMODAL = ("qwen3_vl_moe_text", "qwen3_omni_moe_text", "glm4v_moe_text", "glm4v_text",
+                                 "glm_ocr_text", "ernie4_5_vl_moe_text", "unlimited_ocr_text", "muse_spark_text",
+                                 "step3p5")  # fmt: skip
+"""Language models that transformers builds only inside a multimodal model (no causal language model class): the
+tests build the decoder alone (:func:`_model_of`)."""
 
 GATED_DELTANET = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid")
 """Model types with Gated DeltaNet linear attention (built with one linear and one full attention layer)."""
@@ -749,18 +773,27 @@ GEMMA3N = dict(num_kv_shared_layers=0, layer_types=["sliding_attention", "full_a
                activation_sparsity_pattern=[0.0, 0.0])  # fmt: skip
 """A tiny Gemma 3n: two layers (no key-value sharing), three AltUp streams, LAuReL of rank 4."""
 
+MULTIMODAL_ROPE: dict[str, dict[str, object]] = {
+    kind: {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": section, **partial}}
+    for kind, section, partial in (("glm4v_text", [2, 1, 1], {}), ("glm_ocr_text", [2, 1, 1], {}),
+                                   ("glm4v_moe_text", [1, 1, 0], {"partial_rotary_factor": 0.5}))
+}  # fmt: skip
+"""GLM-4.1V's, GLM-OCR's and GLM-4.5V's language models: multimodal rotary sections that fit a head of 8."""
+
 TINY_OVERRIDES: dict[str, dict[str, object]] = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "zamba": ZAMBA,
                                                 "rwkv": RWKV, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM,
                                                 "dots1": {"n_shared_experts": 1},
                                                 "minimax_m3_vl_text": MINIMAX_M3, "doge": DOGE,
                                                 "zaya": {"num_experts_per_tok": 1}, "inkling_text": INKLING,
                                                 "inkling2_text": INKLING, "gemma3n_text": GEMMA3N,
-                                                "step3p5": {"mlp_layer_types": ["dense", "sparse"]},
+                                                "step3p5": {"mlp_layer_types": ["dense", "sparse"],
+                                                            "sliding_window": 4},
                                                 "ernie4_5_vl_moe_text": {"moe_intermediate_size": [16, 16],
                                                                          "rope_parameters": {
                                                                              "rope_type": "default",
                                                                              "rope_theta": 1e4,
                                                                              "mrope_section": [1, 1, 2]}},
+                                                **MULTIMODAL_ROPE,
                                                 "glm5_next_text": {"num_key_value_heads": 4, "qk_rope_head_dim": 0,
                                                                    "mlp_layer_types": ["dense", "sparse"]}}  # fmt: skip
 """The sizes :func:`_tiny` needs beyond its defaults, per model type, wherever the tests build that type."""
@@ -827,6 +860,7 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
 @pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV)
                          + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv", "zamba", "moshi", "jetmoe",
                             "minimax_m3_vl_text", "doge", "zaya", *INKLING_MODEL_TYPES, "gemma3n_text")
+                         + LANGUAGE_MODELS_OF_MULTIMODAL
                          + MODERNBERT_MODEL_TYPES)
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
     """No matrix left unknown; forward, backward and five finite steps; the state each parameter holds
@@ -846,7 +880,7 @@ def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None
     for _ in range(5):
         ids = torch.randint(2, 80, (2, 12), generator=gen)
         extra = {"decoder_input_ids": ids} if kind == "t5" else {}
-        loss = model(input_ids=ids, labels=ids, use_cache=False, **extra).loss  # an all-Mamba Zamba2 needs no cache
+        loss = _loss(model, ids, use_cache=False, **extra)  # an all-Mamba Zamba2 needs no cache
         assert torch.isfinite(loss)
         loss.backward()
         stepped |= {n for n, p in model.named_parameters() if p.grad is not None}
@@ -854,7 +888,9 @@ def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None
         opt.zero_grad()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     idle = {n for n, p in model.named_parameters() if p.requires_grad} - stepped
-    assert all(".indexer." in n for n in idle) and bool(idle) == (kind in (*DSA_MODEL_TYPES, "deepseek_v4")), idle
+    # DeepSeek-V3.2's and V4's indexers get no gradient, nor ERNIE-4.5-VL's vision experts from a batch of text
+    assert all(".indexer." in n or ".vision_moe." in n for n in idle), idle
+    assert bool(idle) == (kind in (*DSA_MODEL_TYPES, "deepseek_v4", "ernie4_5_vl_moe_text")), idle
     assert adapm.state_bytes(opt) == sum(r.state_bytes for r in report.rows if r.name.split("[")[0] not in idle)
 
 
@@ -1746,7 +1782,7 @@ def test_latent_attention_segments_and_heads_match_the_real_query_key_value(kind
     query and gate, and Dots3's and HY-V4's output gates: each head's block gates that head's output alone."""
     model = _mla_model(kind)
     opt = adapm.AdaPMMini(model, lr=1e-3, strict=False)
-    attn = model.model.layers[0].self_attn
+    attn = _decoder(model).layers[0].self_attn
     attn = attn[0] if isinstance(attn, nn.ModuleList) else attn  # LongCat-Flash: two attention blocks a layer
     kv_a, kv_b = attn.kv_a_proj_with_mqa.weight, attn.kv_b_proj.weight
     assert [(s.name.rsplit("[", 1)[1], s.momentum) for s in opt.layout(kv_a).segments] == [
@@ -1911,11 +1947,11 @@ def test_short_convolution_parts_feed_what_they_are_declared_as(kind: str) -> No
         assert conv_changed == ([3] if feeds == "conv" else []), (seg.name, conv_changed)
 
 
-@pytest.mark.parametrize("kind", ["lfm3", "laguna"])
+@pytest.mark.parametrize("kind", ["lfm3", "laguna", "step3p5"])
 def test_output_gates_gate_each_heads_output(kind: str) -> None:
-    """LFM3's and Laguna's ``g_proj``, proven on the model's own attention: each head's block of rows gates that
-    head's output alone, and reaches none of the query, key and value."""
-    model = _tiny(kind, **SHORT_CONV.get(kind, {}))
+    """LFM3's, Laguna's and Step 3.7's language model's ``g_proj``, proven on the model's own attention: each head's
+    block of rows gates that head's output alone, and reaches none of the query, key and value."""
+    model = _tiny(kind, **TINY_OVERRIDES.get(kind, {}))
     opt = adapm.AdaPMMini(model, lr=1e-3)
     attn = next(m for m in model.modules() if getattr(m, "g_proj", None) is not None)
     heads = model.config.num_attention_heads

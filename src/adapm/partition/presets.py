@@ -86,7 +86,8 @@ class PresetRule:
 
 
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu",
-                   "axk1", "kimi_linear", "axk2", "dots3_note_text", "hy_v4", "longcat_flash", "bailing_hybrid")
+                   "axk1", "kimi_linear", "axk2", "dots3_note_text", "hy_v4", "longcat_flash", "bailing_hybrid",
+                   "mistral4", "mistral_large4_text")
 """Models with DeepSeek-V2's multi-head latent attention, as their modeling code computes it: ``q_a_proj`` then
 ``q_b_proj`` (or ``q_proj``) give each head's ``[nope | rope]`` query; ``kv_a_proj_with_mqa`` gives the
 key-value latent then the one rotary key shared by all heads; ``kv_b_proj`` maps the latent to each
@@ -95,7 +96,7 @@ head's ``[key nope | value]``. A.X K2 fuses each head's query with a gate of its
 blocks per layer; Dots3's sliding-window layers have sizes of their own; Ling's hybrid gates each head's output
 (``g_proj``). Every model type here is proven on its own forward in the tests."""
 
-DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "dots3_note_text", "hy_v4")
+DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "dots3_note_text", "hy_v4", "mistral_large4_text")
 """Of those, the models with DeepSeek-V3.2's sparse-attention indexer (``indexer.wq_b``, ``indexer.wk``,
 ``indexer.weights_proj``; it picks the keys each query attends to, and is trained by its own loss)."""
 
@@ -233,10 +234,10 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # A.X K2: each head's query, then the sigmoid gate of that head's output (an MLP-like gate).
     PresetRule("mla", r"(^|\.)self_attn\.q_gate_proj\.weight$", ("query", "mlp"), ("Linear",), layout="mla_q_gate",
                head_size=("qk_nope_head_dim", "qk_rope_head_dim"), model_types=("axk2",)),
-    # A sigmoid or softplus gate of each head's attention output (Dots3, LFM3, Laguna, Ling's hybrid; one value per head
-    # or per channel), read as an MLP gate is.
+    # A sigmoid or softplus gate of each head's attention output (Dots3, LFM3, Laguna, Ling's hybrid, Step 3.7's
+    # language model; one value per head or per channel), read as an MLP gate is.
     PresetRule("output-gate", r"(^|\.)self_attn\.g_proj\.weight$", ("mlp",),
-               model_types=("dots3_note_text", "lfm3", "laguna", "bailing_hybrid")),
+               model_types=("dots3_note_text", "lfm3", "laguna", "bailing_hybrid", "step3p5")),
     # DeepSeek-V4's attention: a query latent and per-head queries; one head read as both key and value (as a latent
     # attention's key-value latent: a value's full momentum); a grouped low-rank output projection in two matrices.
     # Its compressors pool windows of tokens into more key-value entries, weighted by a softmax gate (an MLP-like
@@ -396,6 +397,9 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                model_types=INKLING_MODEL_TYPES),
     PresetRule("inkling", r"(^|\.)shared_experts\.(gate_proj|up_proj|down_proj)$", ("mlp",),
                ("InklingSharedExperts",), layout="experts", model_types=INKLING_MODEL_TYPES),
+    # Muse Spark's mixture of experts runs in a space of its own: projections into and out of it around the experts.
+    PresetRule("muse-spark", r"(^|\.)mlp\.(pre_expert_proj|post_expert_proj)\.weight$", ("mlp",),
+               model_types=("muse_spark_text",)),
     # Granite's shared MLP: [gate | up], then the down projection.
     PresetRule("granite", r"(^|\.)shared_mlp\.input_linear\.weight$", ("mlp", "mlp"), ("Linear",),
                segment_names=("gate", "up"), model_types=("granitemoeshared", "granitemoehybrid")),
