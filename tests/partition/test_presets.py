@@ -1582,6 +1582,73 @@ def test_a_vision_towers_embeddings_and_projector_are_recognised_and_train() -> 
     assert adapm.state_bytes(opt) == sum(r.state_bytes for r in opt.partition_report().rows if r.name not in idle)
 
 
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "glm4v")
+"""Multimodal models with a Qwen-VL-style vision tower (GLM-4.1V's is one too)."""
+
+
+def _qwen_vl(kind: str) -> nn.Module:
+    """A tiny Qwen-VL-style model: a vision tower of two blocks (2 heads of 16; Qwen2-VL's of 8, its width being
+    ``embed_dim`` while its ``hidden_size`` is the language model's), patches of 2 x 2 pixels over 2 frames, merged
+    2 x 2, and a language model of two layers (4 heads of 8)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, vocab_size=80, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                            "mrope_section": [2, 1, 1]})  # fmt: skip
+    vision = dict(depth=2, hidden_size=32, embed_dim=16, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                  patch_size=2, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0], window_size=8,
+                  deepstack_visual_indexes=[0], num_position_embeddings=16)  # fmt: skip
+    config = AutoConfig.for_model(kind, text_config=text, vision_config=vision, image_token_id=79, video_token_id=78,
+                                  vision_start_token_id=77)  # fmt: skip
+    return AutoModelForImageTextToText.from_config(config)
+
+
+@pytest.mark.parametrize("kind", QWEN_VL)
+def test_qwen_vl_vision_attention_parts_feed_what_they_are_declared_as(kind: str) -> None:
+    """A Qwen-VL-style vision tower, proven on its own forward over an image: ``qkv``'s three parts feed exactly the
+    query, key and value of its first block's attention, each query and key block of the module's ``head_dim`` rows
+    changes its head alone (the vision tower's heads, not the language model's); nothing in the model is left
+    unknown."""
+    from torch.overrides import TorchFunctionMode
+
+    model = _qwen_vl(kind)
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    assert opt.partition_report().unmatched == []
+    visual = model.model.visual
+    pixels = torch.randn(4, 3 * 2 * 2 * 2, generator=torch.Generator().manual_seed(1))  # one image of 2 x 2 patches
+    grid = torch.tensor([[1, 2, 2]])
+
+    class Record(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[torch.Tensor, ...]] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                self.calls.append(tuple(t.detach().clone() for t in args[:3]))
+            return func(*args, **(kwargs or {}))
+
+    def probe(_m: nn.Module = model, _x: object = None) -> tuple[torch.Tensor, ...]:
+        visual.set_attn_implementation("sdpa")
+        visual.eval()
+        with torch.no_grad(), Record() as record:
+            visual(pixels, grid_thw=grid)
+        return record.calls[0]  # block 0's query, key and value: (1, heads, tokens, head size)
+
+    qkv = visual.blocks[0].attn.qkv.weight
+    size = 8 if kind == "qwen2_vl" else 16
+    assert [(s.name.rsplit("[", 1)[1], s.momentum, s.block) for s in opt.layout(qkv).segments] == [
+        ("Q]", "lowrank", (0, size)), ("K]", "lowrank", (0, size)), ("V]", "full", (0, 1))]  # fmt: skip
+    assert _what_each_segment_feeds(model, opt, qkv, probe) == ["q", "k", "v"]
+    for which in (0, 1):
+        seg = opt.layout(qkv).segments[which]
+        base = probe()[which]
+        for head in range(2):
+            after = _block_perturbed(qkv, seg, head, size, probe)[which]
+            assert [h for h in range(2) if not torch.equal(after[:, h], base[:, h])] == [head]
+
+
 def test_a_part_whose_config_has_no_layer_count_is_read_with_its_own_config() -> None:
     """Idefics2's perceiver resampler has layers (``layers.N``) but a config without ``num_hidden_layers``, so
     transformers' per-layer view of it cannot be indexed: it is read with its config as it is, and the language

@@ -185,6 +185,15 @@ intermediate, hidden)`` down matrices, used as ``x @ W`` (Llama 4, Aria; proven 
 INKLING_MODEL_TYPES = ("inkling_text", "inkling2_text")
 """Inkling and Inkling 2 (their sliding-window layers sized by the config's ``swa_*`` fields)."""
 
+QWEN_VL_VISION_ATTENTION = ("VisionAttention", "Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention",
+                            "Qwen3VLMoeVisionAttention", "Qwen3_5VisionAttention", "Qwen3_5MoeVisionAttention",
+                            "Qwen3OmniMoeVisionAttention", "Qwen2_5OmniVisionAttention", "Glm4vVisionAttention",
+                            "Glm4vMoeVisionAttention")
+"""The vision towers' attention of Qwen2-VL (its class is plainly ``VisionAttention``), Qwen2.5-VL, Qwen3-VL(-MoE),
+Qwen3.5(-MoE), Qwen2.5-Omni and Qwen3-Omni, and GLM-4.1V and GLM-4.5V: ``qkv`` gives ``[q | k | v]`` (Qwen2.5-Omni's
+separate ``q``, ``k``, ``v``), each of ``num_heads`` heads of the module's ``head_dim``; proven on their own forward
+in the tests."""
+
 JETMOE_EXPERTS = ("JetMoeParallelExperts",)
 """JetMoE's expert stacks: ``weight`` of ``(experts, out, in)``, expert i applied as ``F.linear(x, weight[i])`` to the
 tokens routed to it (proven on the model's own forward in the tests)."""
@@ -528,6 +537,25 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("vision", r"(^|\.)embeddings\.position_embedding\.weight$", ("embedding",)),
     PresetRule("vision", r"(^|\.)embeddings\.patch_embedding\.weight$", ("router",)),
     PresetRule("vision", r"(^|\.)multi_modal_projector\.linear_[12]\.weight$", ("mlp",)),
+    # Qwen-VL-style vision towers (Qwen2-VL to Qwen3.5, Qwen3-Omni, GLM-4.1V/4.5V): each block's attention computes
+    # [q | k | v] from one qkv (heads of its own head_dim) and maps back with proj; Qwen3-VL's blocks have a plain MLP;
+    # the patch embedding is a 3-D convolution (small: full momentum), Qwen3-VL's position table is read by index,
+    # and the mergers into the language model are MLPs.
+    PresetRule("qwen-vl-vision", r"(^|\.)attn\.qkv\.weight$", ("query", "key", "value"), ("Linear",),
+               within=QWEN_VL_VISION_ATTENTION),
+    PresetRule("qwen-vl-vision", r"(^|\.)attn\.q\.weight$", ("query",), within=QWEN_VL_VISION_ATTENTION),
+    PresetRule("qwen-vl-vision", r"(^|\.)attn\.k\.weight$", ("key",), within=QWEN_VL_VISION_ATTENTION),
+    PresetRule("qwen-vl-vision", r"(^|\.)attn\.v\.weight$", ("value",), within=QWEN_VL_VISION_ATTENTION),
+    PresetRule("qwen-vl-vision", r"(^|\.)attn\.proj\.weight$", ("attn_out",), within=QWEN_VL_VISION_ATTENTION),
+    PresetRule("qwen-vl-vision", r"(^|\.)visual\.blocks\.\d+\.mlp\.(linear_fc1|linear_fc2)\.weight$", ("mlp",)),
+    PresetRule("qwen-vl-vision", r"(^|\.)visual\.patch_embed\.proj\.weight$", ("router",)),
+    PresetRule("qwen-vl-vision", r"(^|\.)visual\.pos_embed\.weight$", ("embedding",)),
+    PresetRule("qwen-vl-vision", r"(^|\.)visual\.(merger|deepstack_merger_list\.\d+)\.(mlp\.\d+|linear_fc1|"
+               r"linear_fc2|proj)\.weight$", ("mlp",)),
+    # GLM-4.1V's and GLM-4.5V's 2 x 2 patch merge, a strided convolution into the merger: as every convolution kernel
+    # here, full momentum (low-rank momentum needs a matrix).
+    PresetRule("qwen-vl-vision", r"(^|\.)visual\.downsample\.weight$", ("router",),
+               model_types=("glm4v_vision", "glm4v_moe_vision")),
     # BERT-style encoders (BERT, RoBERTa, ...). attention.output must come before output.
     PresetRule("bert", r"(^|\.)embeddings\.(word|position|token_type)_embeddings\.weight$", ("embedding",)),
     PresetRule("bert", r"(^|\.)attention\.self\.query\.weight$", ("query",)),

@@ -288,6 +288,14 @@ def _inside(model: nn.Module | None, name: str, classes: tuple[str, ...]) -> boo
     return any(type(m).__name__ in classes for m in _ancestors(model, name))
 
 
+def _module_head_dim(model: nn.Module | None, name: str, classes: tuple[str, ...]) -> int | None:
+    """The ``head_dim`` of the innermost module of one of ``classes`` holding parameter ``name``, where it has one
+    (a vision tower's attention, whose config may name its width and heads in ways of its own)."""
+    owner = next((m for m in _ancestors(model, name) if type(m).__name__ in classes), None)
+    value = getattr(owner, "head_dim", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _rows_sharded(param: torch.Tensor) -> bool:
     """Whether ``param`` is a DTensor whose rows are sharded (FSDP2's ``Shard(0)``)."""
     from adapm.distributed import is_dtensor
@@ -396,6 +404,8 @@ def partition(
         config = _layer_config(_config_of(_scope(model, name)), name)
         head_dim = _head_dim(config)
         preset = found[1] if found else None
+        if preset is not None and preset.within:  # the module the rule names knows its own heads best
+            head_dim = _module_head_dim(model, name, preset.within) or head_dim
         out_dim = _out_dim(name, model, conv1d_default) if param.dim() == 2 else 0
         fused = preset is not None and (len(preset.roles) > 1 or experts)
         geometry = None
