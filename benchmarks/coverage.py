@@ -1,10 +1,11 @@
-"""Which transformers architectures the partition recognises: every causal language model type the installed
-transformers knows, built from its default config on the meta device (nothing allocated, nothing downloaded),
-and the matrices of each that match no preset or whose fused layout is kept whole.
+"""Which transformers architectures the partition recognises: every causal language model type and every
+image-text-to-text (multimodal) model type the installed transformers knows, built from its default config on the
+meta device (nothing allocated, nothing downloaded), and the matrices of each that match no preset or whose fused
+layout is kept whole.
 
     python benchmarks/coverage.py --json docs/benchmarks/coverage.json   # writes coverage.md beside it
-    python benchmarks/coverage.py --model-types llama,qwen3_next          # a few only
-    python benchmarks/coverage.py --quick                                 # llama, qwen3_next, ctrl
+    python benchmarks/coverage.py --task causal-lm --model-types llama,qwen3_next   # a few only
+    python benchmarks/coverage.py --quick                                 # llama, qwen3_next, ctrl; qwen2_5_vl
 
 A model type whose default config transformers itself cannot build is listed as ``not built`` with the
 error, and counted apart.
@@ -27,22 +28,36 @@ from common import machine_info, markdown_table
 
 import adapm
 
-QUICK = ("llama", "qwen3_next", "ctrl")
-"""The model types of ``--quick``: one plain, one with fused linear attention and experts, one not recognised."""
+TASKS = {"causal-lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM", "causal language model"),
+         "image-text-to-text": ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "AutoModelForImageTextToText",
+                                "image-text-to-text model")}  # fmt: skip
+"""The kinds of model surveyed: transformers' model-type table of each, its auto class, and what the summary calls
+one."""
+
+QUICK = {"causal-lm": ("llama", "qwen3_next", "ctrl"), "image-text-to-text": ("qwen2_5_vl",)}
+"""The model types of ``--quick``: one plain, one with fused linear attention and experts, one not recognised; one
+multimodal model with a vision tower."""
 
 
-def survey(model_type: str) -> dict[str, Any]:
+def model_types(task: str) -> list[str]:
+    """Every model type of ``task`` that the installed transformers knows."""
+    from transformers.models.auto import modeling_auto
+
+    return sorted(getattr(modeling_auto, TASKS[task][0]))
+
+
+def survey(model_type: str, task: str = "causal-lm") -> dict[str, Any]:
     """One model type: its parameters, the names (layer indices folded to ``N``) of the matrices the partition
     leaves at AdamW's state, and their share of the parameters."""
     import transformers
 
-    row: dict[str, Any] = {"model_type": model_type}
+    row: dict[str, Any] = {"task": task, "model_type": model_type}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             config = transformers.AutoConfig.for_model(model_type)
             with torch.device("meta"):
-                model = transformers.AutoModelForCausalLM.from_config(config)
+                model = getattr(transformers, TASKS[task][1]).from_config(config)
     except Exception as exc:  # transformers' own default config or model code failed: not ours to judge
         return {**row, "built": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
     with warnings.catch_warnings():
@@ -65,33 +80,43 @@ def survey(model_type: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="also write this JSON and a .md table beside it")
-    parser.add_argument("--model-types", help="comma-separated model types (default: every causal LM type)")
-    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    parser.add_argument("--task", choices=[*TASKS, "all"], default="all", help="which kinds of model (default: all)")
+    parser.add_argument("--model-types", help="comma-separated model types (default: every type of the task)")
+    parser.add_argument("--quick", action="store_true",
+                        help="only " + "; ".join(", ".join(types) for types in QUICK.values()))  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    types = args.model_types.split(",") if args.model_types else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    types = list(QUICK) if args.quick else types
-    unknown = [t for t in types if t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
-    if unknown:
-        parser.error(f"--model-types: not causal language model types of this transformers: {', '.join(unknown)}")
+    tasks = list(TASKS) if args.task == "all" else [args.task]
+    chosen = args.model_types.split(",") if args.model_types else None
+    if chosen:
+        known = {t for task in tasks for t in model_types(task)}
+        unknown = [t for t in chosen if t not in known]
+        if unknown:
+            parser.error(f"--model-types: not {' or '.join(TASKS[t][2] for t in tasks)} types of this transformers: "
+                         f"{', '.join(unknown)}")  # fmt: skip
     rows = []
-    for model_type in types:
-        row = survey(model_type)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    built = [r for r in rows if r["built"]]
-    complete = [r for r in built if r["unrecognised"] == 0]
-    summary = {"model_types": len(rows), "built": len(built), "complete": len(complete),
-               "partial": len(built) - len(complete), "not_built": len(rows) - len(built)}  # fmt: skip
-    partial = [{**r, "names": ", ".join(r["names"][:4]) + (" ..." if len(r["names"]) > 4 else "")}
-               for r in built if r["unrecognised"]]  # fmt: skip
-    table = markdown_table(partial, [("model_type", "{}"), ("parameters_m", "{:,.0f}M"), ("unrecognised", "{}"),
-                                     ("unrecognised_pct", "{:.1f}%"), ("names", "{}")])  # fmt: skip
-    text = (f"{summary['model_types']} causal language model types; {summary['built']} built from their default "
-            f"config; every matrix recognised in {summary['complete']}, some left at AdamW's state in "
-            f"{summary['partial']}:\n\n{table}\n")  # fmt: skip
+    for task in tasks:
+        types = list(QUICK[task]) if args.quick else model_types(task)
+        for model_type in types if chosen is None else [t for t in types if t in chosen]:
+            row = survey(model_type, task)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    summary, parts = {}, []
+    for task in tasks:
+        task_rows = [r for r in rows if r["task"] == task]
+        built = [r for r in task_rows if r["built"]]
+        complete = [r for r in built if r["unrecognised"] == 0]
+        summary[task] = {"model_types": len(task_rows), "built": len(built), "complete": len(complete),
+                         "partial": len(built) - len(complete), "not_built": len(task_rows) - len(built)}  # fmt: skip
+        partial = [{**r, "names": ", ".join(r["names"][:4]) + (" ..." if len(r["names"]) > 4 else "")}
+                   for r in built if r["unrecognised"]]  # fmt: skip
+        table = markdown_table(partial, [("model_type", "{}"), ("parameters_m", "{:,.0f}M"), ("unrecognised", "{}"),
+                                         ("unrecognised_pct", "{:.1f}%"), ("names", "{}")])  # fmt: skip
+        counts = summary[task]
+        parts.append(f"{counts['model_types']} {TASKS[task][2]} types; {counts['built']} built from their default "
+                     f"config; every matrix recognised in {counts['complete']}, some left at AdamW's state in "
+                     f"{counts['partial']}" + (f":\n\n{table}\n" if partial else ".\n"))  # fmt: skip
+    text = "\n".join(parts)
     print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -289,13 +289,22 @@ def test_families_table_quick(tmp_path: Path) -> None:
 
 def test_coverage_quick(tmp_path: Path) -> None:
     """The coverage survey: Llama and Qwen3-Next (linear attention, experts) complete at real size on the
-    meta device; CTRL's attention and feed-forward (named Wq, Wk, ... and ffn.N) named as left at AdamW's state."""
+    meta device; CTRL's attention and feed-forward (named Wq, Wk, ... and ffn.N) named as left at AdamW's state;
+    Qwen2.5-VL, vision tower and language model, complete."""
     result = _run("coverage.py", tmp_path / "coverage.json")
     rows = {r["model_type"]: r for r in result["rows"]}
     assert rows["llama"]["unrecognised"] == 0 and rows["qwen3_next"]["unrecognised"] == 0
     assert rows["qwen3_next"]["parameters_m"] > 70_000
     assert "transformer.h.N.multi_head_attention.Wq.weight" in rows["ctrl"]["names"]
-    assert result["summary"] == {"model_types": 3, "built": 3, "complete": 2, "partial": 1, "not_built": 0}
+    assert rows["qwen2_5_vl"]["task"] == "image-text-to-text" and rows["qwen2_5_vl"]["unrecognised"] == 0
+    assert rows["qwen2_5_vl"]["parameters_m"] > 7_000
+    assert result["summary"] == {
+        "causal-lm": {"model_types": 3, "built": 3, "complete": 2, "partial": 1, "not_built": 0},
+        "image-text-to-text": {"model_types": 1, "built": 1, "complete": 1, "partial": 0, "not_built": 0},
+    }
+    assert (tmp_path / "coverage.md").read_text().splitlines()[-1] == (
+        "1 image-text-to-text model types; 1 built from their default config; every matrix recognised in 1, some "
+        "left at AdamW's state in 0.")
 
 
 def test_collectives_quick(tmp_path: Path) -> None:
