@@ -1649,6 +1649,71 @@ def test_qwen_vl_vision_attention_parts_feed_what_they_are_declared_as(kind: str
             assert [h for h in range(2) if not torch.equal(after[:, h], base[:, h])] == [head]
 
 
+def _multimodal(kind: str) -> nn.Module:
+    """A tiny PaliGemma, Idefics3 or Mistral 3 (a SigLIP or Pixtral tower of one layer, its projector, a language
+    model of two layers)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+
+    def text(model_type: str) -> dict[str, object]:
+        return dict(model_type=model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=80)  # fmt: skip
+
+    siglip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14)  # fmt: skip
+    if kind == "paligemma":
+        return T.PaliGemmaForConditionalGeneration(T.PaliGemmaConfig(
+            text_config=text("gemma"), vision_config={"model_type": "siglip_vision_model", **siglip,
+                                                      "projection_dim": 32}, image_token_index=79))  # fmt: skip
+    if kind == "idefics3":
+        return T.Idefics3ForConditionalGeneration(T.Idefics3Config(text_config=text("llama"), vision_config=siglip,
+                                                                   image_token_id=79, scale_factor=2))  # fmt: skip
+    pixtral = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=4, image_size=28, patch_size=14, head_dim=8)  # fmt: skip
+    return T.Mistral3ForConditionalGeneration(T.Mistral3Config(text_config=text("mistral"), vision_config=pixtral,
+                                                               image_token_index=79, spatial_merge_size=2))  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "projector"), [
+    ("paligemma", ["model.multi_modal_projector.linear.weight"]),
+    ("idefics3", ["model.connector.modality_projection.proj.weight"]),
+    ("mistral3", ["model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_2.weight",
+                  "model.multi_modal_projector.patch_merger.merging_layer.weight"]),
+])  # fmt: skip
+def test_projectors_between_a_vision_tower_and_its_language_model_are_mlp_matrices(kind: str,
+                                                                                  projector: list[str]) -> None:
+    """PaliGemma's, Idefics3's and Mistral 3's projectors (and Pixtral's patch merger) are MLP matrices, Pixtral's patch
+    convolution keeps full momentum; nothing else is unknown but the SigLIP pooling head, which these models'
+    forward never reads (it holds no state)."""
+    model = _multimodal(kind)
+    opt = adapm.AdaPMMini(model, lr=1e-3, strict=False)
+    rows = _rows(opt)
+    assert [(rows[n].role, rows[n].momentum) for n in projector] == [("mlp", "lowrank")] * len(projector)
+    if kind == "mistral3":
+        assert (rows["model.vision_tower.patch_conv.weight"].role, rows["model.vision_tower.patch_conv.weight"].momentum
+                ) == ("router", "full")  # fmt: skip
+    assert all(".vision_tower.head." in n for n in opt.partition_report().unmatched)
+
+
+def test_a_matrix_name_on_a_convolution_kernel_is_left_unknown_not_an_error() -> None:
+    """A convolution named as a preset's matrix (``mlp.gate_proj``, low-rank momentum) cannot take low-rank
+    momentum, which needs a matrix: it is left unknown (full state, flagged) and the optimizer builds and steps."""
+
+    class ConvMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_proj = nn.Conv2d(4, 8, 3)
+
+    model = nn.Module()
+    model.mlp = ConvMLP()
+    with pytest.warns(UserWarning, match=r"1 matri\w+ matched no preset \(mlp\.gate_proj\.weight"):
+        opt = adapm.AdaPMMini(model, lr=1e-3)
+    assert opt.partition_report().unmatched == ["mlp.gate_proj.weight"]
+    model.mlp.gate_proj(torch.randn(1, 4, 5, 5)).sum().backward()
+    opt.step()
+
+
 def test_a_part_whose_config_has_no_layer_count_is_read_with_its_own_config() -> None:
     """Idefics2's perceiver resampler has layers (``layers.N``) but a config without ``num_hidden_layers``, so
     transformers' per-layer view of it cannot be indexed: it is read with its config as it is, and the language

@@ -535,8 +535,13 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # is read by index as GPT-2's positions are (an embedding); the patch embedding, a convolution over pixels, is
     # small (full momentum, as other convolution kernels); the projector into the language model is a two-layer MLP.
     PresetRule("vision", r"(^|\.)embeddings\.position_embedding\.weight$", ("embedding",)),
-    PresetRule("vision", r"(^|\.)embeddings\.patch_embedding\.weight$", ("router",)),
-    PresetRule("vision", r"(^|\.)multi_modal_projector\.linear_[12]\.weight$", ("mlp",)),
+    PresetRule("vision", r"(^|\.)(embeddings\.patch_embedding|vision_tower\.patch_conv)\.weight$", ("router",)),
+    # The projectors between a vision tower and its language model (LLaVA's, PaliGemma's, Idefics3's and SmolVLM's
+    # connector, Pixtral's patch merger, DeepSeek-VL's aligner, MiniCPM-V's mergers...): their linear layers are MLP
+    # matrices.
+    PresetRule("vision", r"(^|\.)(multi_modal_projector|projector|connector|aligner|merger|vit_merger|"
+               r"vision_projection)\.(\w+\.)*(linear|linear_\d|linear\d|linear_fc\d|proj|merging_layer|mlp\.\d+)"
+               r"\.weight$", ("mlp",)),
     # Qwen-VL-style vision towers (Qwen2-VL to Qwen3.5, Qwen3-Omni, GLM-4.1V/4.5V): each block's attention computes
     # [q | k | v] from one qkv (heads of its own head_dim) and maps back with proj; Qwen3-VL's blocks have a plain MLP;
     # the patch embedding is a 3-D convolution (small: full momentum), Qwen3-VL's position table is read by index,

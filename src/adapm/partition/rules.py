@@ -397,6 +397,10 @@ def partition(
             continue
         shape = tuple(param.shape)
         found = None if param.dim() < 2 else _match_preset(names, model)
+        if found is not None and param.dim() > 2 and found[1].layout != "experts" and any(
+            PAPER_MOMENTUM[role] == "lowrank" for role in found[1].roles
+        ):  # a name that looks like a matrix's on a convolution kernel: low-rank momentum needs a matrix
+            found = None
         experts = found is not None and found[1].layout == "experts"
         # A tied parameter is reported under the name its preset recognised (e.g. BLOOM's lm_head).
         name = found[0] if found else names[0]
