@@ -1582,8 +1582,8 @@ def test_a_vision_towers_embeddings_and_projector_are_recognised_and_train() -> 
     assert adapm.state_bytes(opt) == sum(r.state_bytes for r in opt.partition_report().rows if r.name not in idle)
 
 
-QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "glm4v")
-"""Multimodal models with a Qwen-VL-style vision tower (GLM-4.1V's is one too)."""
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "glm4v", "glm_ocr")
+"""Multimodal models with a Qwen-VL-style vision tower (GLM-4.1V's and GLM-OCR's are such towers too)."""
 
 
 def _qwen_vl(kind: str) -> nn.Module:

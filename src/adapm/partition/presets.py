@@ -188,11 +188,11 @@ INKLING_MODEL_TYPES = ("inkling_text", "inkling2_text")
 QWEN_VL_VISION_ATTENTION = ("VisionAttention", "Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention",
                             "Qwen3VLMoeVisionAttention", "Qwen3_5VisionAttention", "Qwen3_5MoeVisionAttention",
                             "Qwen3OmniMoeVisionAttention", "Qwen2_5OmniVisionAttention", "Glm4vVisionAttention",
-                            "Glm4vMoeVisionAttention")
+                            "Glm4vMoeVisionAttention", "GlmOcrVisionAttention")
 """The vision towers' attention of Qwen2-VL (its class is plainly ``VisionAttention``), Qwen2.5-VL, Qwen3-VL(-MoE),
-Qwen3.5(-MoE), Qwen2.5-Omni and Qwen3-Omni, and GLM-4.1V and GLM-4.5V: ``qkv`` gives ``[q | k | v]`` (Qwen2.5-Omni's
-separate ``q``, ``k``, ``v``), each of ``num_heads`` heads of the module's ``head_dim``; proven on their own forward
-in the tests."""
+Qwen3.5(-MoE), Qwen2.5-Omni and Qwen3-Omni, GLM-4.1V, GLM-4.5V and GLM-OCR: ``qkv`` gives ``[q | k | v]``
+(Qwen2.5-Omni's separate ``q``, ``k``, ``v``), each of ``num_heads`` heads of the module's ``head_dim``; proven on
+their own forward in the tests."""
 
 JETMOE_EXPERTS = ("JetMoeParallelExperts",)
 """JetMoE's expert stacks: ``weight`` of ``(experts, out, in)``, expert i applied as ``F.linear(x, weight[i])`` to the
@@ -560,7 +560,7 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # GLM-4.1V's and GLM-4.5V's 2 x 2 patch merge, a strided convolution into the merger: as every convolution kernel
     # here, full momentum (low-rank momentum needs a matrix).
     PresetRule("qwen-vl-vision", r"(^|\.)visual\.downsample\.weight$", ("router",),
-               model_types=("glm4v_vision", "glm4v_moe_vision")),
+               model_types=("glm4v_vision", "glm4v_moe_vision", "glm_ocr_vision")),
     # BERT-style encoders (BERT, RoBERTa, ...). attention.output must come before output.
     PresetRule("bert", r"(^|\.)embeddings\.(word|position|token_type)_embeddings\.weight$", ("embedding",)),
     PresetRule("bert", r"(^|\.)attention\.self\.query\.weight$", ("query",)),
