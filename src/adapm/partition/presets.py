@@ -555,8 +555,8 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("qwen-vl-vision", r"(^|\.)visual\.blocks\.\d+\.mlp\.(linear_fc1|linear_fc2)\.weight$", ("mlp",)),
     PresetRule("qwen-vl-vision", r"(^|\.)visual\.patch_embed\.proj\.weight$", ("router",)),
     PresetRule("qwen-vl-vision", r"(^|\.)visual\.pos_embed\.weight$", ("embedding",)),
-    PresetRule("qwen-vl-vision", r"(^|\.)visual\.(merger|deepstack_merger_list\.\d+)\.(mlp\.\d+|linear_fc1|"
-               r"linear_fc2|proj)\.weight$", ("mlp",)),
+    PresetRule("qwen-vl-vision", r"(^|\.)visual\.(merger|merger_list\.\d+|deepstack_merger_list\.\d+)\."
+               r"(mlp\.\d+|linear_fc1|linear_fc2|proj)\.weight$", ("mlp",)),
     # GLM-4.1V's and GLM-4.5V's 2 x 2 patch merge, a strided convolution into the merger: as every convolution kernel
     # here, full momentum (low-rank momentum needs a matrix).
     PresetRule("qwen-vl-vision", r"(^|\.)visual\.downsample\.weight$", ("router",),
