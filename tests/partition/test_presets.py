@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import adapm
 from adapm.partition.presets import (
@@ -304,8 +305,6 @@ def _probe_matmuls(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...
     """Query, key and value as layer 0's attention multiplies them (MPT computes attention inline): the
     operands of its first two ``torch.matmul`` calls, ``q @ k^T`` and ``probs @ v``, observed with a
     torch function mode while the model runs unchanged."""
-    from torch.overrides import TorchFunctionMode
-
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     class Record(TorchFunctionMode):
@@ -687,6 +686,21 @@ def _loss(model: nn.Module, ids: torch.Tensor, **kwargs: object) -> torch.Tensor
     return model(input_ids=ids, labels=ids, **kwargs).loss
 
 
+def _five_steps(model: nn.Module, opt: adapm.AdaPM, loss: Callable[[], torch.Tensor]) -> set[str]:
+    """Five steps of ``opt`` on ``loss()``, each loss finite, the weights finite after them; returns the names of the
+    parameters that had a gradient."""
+    stepped: set[str] = set()
+    for _ in range(5):
+        value = loss()
+        assert torch.isfinite(value)
+        value.backward()
+        stepped |= {n for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    return stepped
+
+
 def _decoder(model: nn.Module) -> nn.Module:
     """The decoder of a causal language model, or the model itself where it is a decoder alone (:func:`_model_of`)."""
     return model.model if hasattr(model, "model") else model
@@ -876,18 +890,13 @@ def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None
     report = opt.partition_report()
     assert report.unmatched == [], report.unmatched
     gen = torch.Generator().manual_seed(0)
-    stepped: set[str] = set()
-    for _ in range(5):
+
+    def loss() -> torch.Tensor:
         ids = torch.randint(2, 80, (2, 12), generator=gen)
         extra = {"decoder_input_ids": ids} if kind == "t5" else {}
-        loss = _loss(model, ids, use_cache=False, **extra)  # an all-Mamba Zamba2 needs no cache
-        assert torch.isfinite(loss)
-        loss.backward()
-        stepped |= {n for n, p in model.named_parameters() if p.grad is not None}
-        opt.step()
-        opt.zero_grad()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    idle = {n for n, p in model.named_parameters() if p.requires_grad} - stepped
+        return _loss(model, ids, use_cache=False, **extra)  # an all-Mamba Zamba2 needs no cache
+
+    idle = {n for n, p in model.named_parameters() if p.requires_grad} - _five_steps(model, opt, loss)
     # DeepSeek-V3.2's and V4's indexers get no gradient, nor ERNIE-4.5-VL's vision experts from a batch of text
     assert all(".indexer." in n or ".vision_moe." in n for n in idle), idle
     assert bool(idle) == (kind in (*DSA_MODEL_TYPES, "deepseek_v4", "ernie4_5_vl_moe_text")), idle
@@ -1129,7 +1138,6 @@ def test_doge_dynamic_mask_and_retrieval_experts_feed_what_they_are_declared_as(
     mask of that head's query heads alone, and never the query, key or value); its experts' ``down_embed`` and
     ``up_embed`` are tables read row by row at the experts each token picks (a row no token picked changes nothing),
     as token embeddings are read."""
-    from torch.overrides import TorchFunctionMode
 
     model = _tiny("doge", **DOGE)
     opt = adapm.AdaPMMini(model, lr=1e-3)
@@ -1137,20 +1145,10 @@ def test_doge_dynamic_mask_and_retrieval_experts_feed_what_they_are_declared_as(
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(0))
 
-    class Record(TorchFunctionMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls: list[tuple[torch.Tensor, ...]] = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            if func is torch.nn.functional.scaled_dot_product_attention:
-                self.calls.append(tuple(t.detach().clone() for t in (*args[:3], (kwargs or {})["attn_mask"])))
-            return func(*args, **(kwargs or {}))
-
     def probe() -> tuple[torch.Tensor, ...]:
         model.set_attn_implementation("sdpa")
         model.eval()
-        with torch.no_grad(), Record() as record:
+        with torch.no_grad(), _SdpaCalls() as record:
             model(input_ids=x, use_cache=False)
         return record.calls[0]
 
@@ -1348,8 +1346,6 @@ def test_fused_families_train_with_the_state_the_report_counts(kind: str) -> Non
 def test_gate_up_segments_match_the_real_mlp(kind: str) -> None:
     """Perturbing the gate half of a fused ``[gate | up]`` changes the activation's input and the MLP's output, the up
     half the output alone."""
-    from torch.overrides import TorchFunctionMode
-
     call: dict[str, int] = {}
     activation: nn.Module | None = None
     if kind.startswith("minimax_m3"):  # a clamped SwiGLU, inline: the gate (times alpha) is what torch.sigmoid sees
@@ -1457,8 +1453,6 @@ def _probe_sdpa(model: nn.Module, x: torch.Tensor, call: int = 0) -> tuple[torch
     attention sinks), to its modeling code's ``eager_attention_forward``."""
     import sys
 
-    from torch.overrides import TorchFunctionMode
-
     calls: list[tuple[torch.Tensor, ...]] = []
     if not getattr(model, "_supports_sdpa", True):
         module = sys.modules[type(model).__module__]
@@ -1473,17 +1467,26 @@ def _probe_sdpa(model: nn.Module, x: torch.Tensor, call: int = 0) -> tuple[torch
         _forward_observed(model, x, module, "eager_attention_forward", observed, [])
         return calls[call]
 
-    class Record(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            if func is torch.nn.functional.scaled_dot_product_attention:
-                calls.append(tuple(t.detach().clone() for t in args[:3]))
-            return func(*args, **(kwargs or {}))
-
     model.set_attn_implementation("sdpa")
     model.eval()
-    with torch.no_grad(), Record():
+    with torch.no_grad(), _SdpaCalls() as record:
         model(input_ids=x)
-    return calls[call]
+    return record.calls[call][:3]
+
+
+class _SdpaCalls(TorchFunctionMode):
+    """While active, records the query, key, value and mask of every call to torch's
+    ``scaled_dot_product_attention`` (the mask None where there is none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, ...]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            mask = (kwargs or {}).get("attn_mask", args[3] if len(args) > 3 else None)
+            self.calls.append(tuple(t.detach().clone() if t is not None else t for t in (*args[:3], mask)))
+        return func(*args, **(kwargs or {}))
 
 
 def _assert_each_head_block_changes_its_head(model: nn.Module, opt: adapm.AdaPM, weight: nn.Parameter, which: int,
@@ -1567,15 +1570,7 @@ def test_a_vision_towers_embeddings_and_projector_are_recognised_and_train() -> 
         after = _block_perturbed(table, opt.layout(table).segments[0], row, 1, embed)
         assert [p for p in range(base.shape[1]) if not torch.equal(after[:, p], base[:, p])] == [row]
     ids = torch.tensor([[1, 79, 79, 79, 79, 5, 6, 7]])
-    stepped: set[str] = set()
-    for _ in range(5):
-        loss = model(input_ids=ids, pixel_values=pixels, labels=ids).loss
-        assert torch.isfinite(loss)
-        loss.backward()
-        stepped |= {n for n, p in model.named_parameters() if p.grad is not None}
-        opt.step()
-        opt.zero_grad()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    stepped = _five_steps(model, opt, lambda: model(input_ids=ids, pixel_values=pixels, labels=ids).loss)
     idle = {n for n, _ in model.named_parameters()} - stepped  # LLaVA reads the tower's second-to-last layer
     assert idle and all(n.startswith("model.vision_tower.") for n in idle)
     assert tower + "patch_embedding.weight" in stepped and tower + "position_embedding.weight" in stepped
@@ -1611,7 +1606,6 @@ def test_qwen_vl_vision_attention_parts_feed_what_they_are_declared_as(kind: str
     query, key and value of its first block's attention, each query and key block of the module's ``head_dim`` rows
     changes its head alone (the vision tower's heads, not the language model's; Qwen2.5-Omni's q, k and v are apart);
     nothing in the model is left unknown but the Omni models' audio towers."""
-    from torch.overrides import TorchFunctionMode
 
     model = _qwen_vl(kind)
     opt = adapm.AdaPMMini(model, lr=1e-3, strict=False)
@@ -1620,22 +1614,12 @@ def test_qwen_vl_vision_attention_parts_feed_what_they_are_declared_as(kind: str
     pixels = torch.randn(4, 3 * 2 * 2 * 2, generator=torch.Generator().manual_seed(1))  # one image of 2 x 2 patches
     grid = torch.tensor([[1, 2, 2]])
 
-    class Record(TorchFunctionMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls: list[tuple[torch.Tensor, ...]] = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            if func is torch.nn.functional.scaled_dot_product_attention:
-                self.calls.append(tuple(t.detach().clone() for t in args[:3]))
-            return func(*args, **(kwargs or {}))
-
     def probe(_m: nn.Module = model, _x: object = None) -> tuple[torch.Tensor, ...]:
         visual.set_attn_implementation("sdpa")
         visual.eval()
-        with torch.no_grad(), Record() as record:
+        with torch.no_grad(), _SdpaCalls() as record:
             visual(pixels, grid_thw=grid)
-        return record.calls[0]  # block 0's query, key and value: (1, heads, tokens, head size)
+        return record.calls[0][:3]  # block 0's query, key and value: (1, heads, tokens, head size)
 
     attn = visual.blocks[0].attn
     size = 8 if kind == "qwen2_vl" else 16
