@@ -229,6 +229,8 @@ class _SlidingLayerConfig:
         self._config = config
 
     def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):  # private names (and ``_config`` itself, before it is set) are not config fields
+            raise AttributeError(key)
         value = config_attr(self._config, f"swa_{key}")
         return value if value is not None else getattr(self._config, key)
 
