@@ -537,15 +537,15 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("vision", r"(^|\.)embeddings\.position_embedding\.weight$", ("embedding",)),
     PresetRule("vision", r"(^|\.)(embeddings\.patch_embedding|vision_tower\.patch_conv)\.weight$", ("router",)),
     # The projectors between a vision tower and its language model (LLaVA's, PaliGemma's, Idefics3's and SmolVLM's
-    # connector, Pixtral's patch merger, DeepSeek-VL's aligner, MiniCPM-V's mergers...): their linear layers are MLP
-    # matrices.
+    # connector, Pixtral's patch merger, DeepSeek-VL's aligner, the mergers of MiniCPM-V and the Qwen-VL family...):
+    # their linear layers are MLP matrices.
     PresetRule("vision", r"(^|\.)(multi_modal_projector|projector|connector|aligner|merger|vit_merger|"
-               r"vision_projection)\.(\w+\.)*(linear|linear_\d|linear\d|linear_fc\d|proj|merging_layer|mlp\.\d+)"
-               r"\.weight$", ("mlp",)),
+               r"vision_projection|(deepstack_)?merger_list\.\d+)\.(\w+\.)*(linear|linear_\d|linear\d|linear_fc\d|"
+               r"proj|merging_layer|mlp\.\d+)\.weight$", ("mlp",)),
     # Qwen-VL-style vision towers (Qwen2-VL to Qwen3.5, Qwen3-Omni, GLM-4.1V/4.5V): each block's attention computes
     # [q | k | v] from one qkv (heads of its own head_dim) and maps back with proj; Qwen3-VL's blocks have a plain MLP;
-    # the patch embedding is a 3-D convolution (small: full momentum), Qwen3-VL's position table is read by index,
-    # and the mergers into the language model are MLPs.
+    # the patch embedding is a 3-D convolution (small: full momentum), Qwen3-VL's position table is read by index
+    # (its mergers into the language model are projectors, above).
     PresetRule("qwen-vl-vision", r"(^|\.)attn\.qkv\.weight$", ("query", "key", "value"), ("Linear",),
                within=QWEN_VL_VISION_ATTENTION),
     PresetRule("qwen-vl-vision", r"(^|\.)attn\.q\.weight$", ("query",), within=QWEN_VL_VISION_ATTENTION),
@@ -555,8 +555,6 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("qwen-vl-vision", r"(^|\.)visual\.blocks\.\d+\.mlp\.(linear_fc1|linear_fc2)\.weight$", ("mlp",)),
     PresetRule("qwen-vl-vision", r"(^|\.)visual\.patch_embed\.proj\.weight$", ("router",)),
     PresetRule("qwen-vl-vision", r"(^|\.)visual\.pos_embed\.weight$", ("embedding",)),
-    PresetRule("qwen-vl-vision", r"(^|\.)visual\.(merger|merger_list\.\d+|deepstack_merger_list\.\d+)\."
-               r"(mlp\.\d+|linear_fc1|linear_fc2|proj)\.weight$", ("mlp",)),
     # GLM-4.1V's and GLM-4.5V's 2 x 2 patch merge, a strided convolution into the merger: as every convolution kernel
     # here, full momentum (low-rank momentum needs a matrix).
     PresetRule("qwen-vl-vision", r"(^|\.)visual\.downsample\.weight$", ("router",),
