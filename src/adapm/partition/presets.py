@@ -194,6 +194,24 @@ Qwen3.5(-MoE), Qwen2.5-Omni and Qwen3-Omni, GLM-4.1V, GLM-4.5V and GLM-OCR: ``qk
 (Qwen2.5-Omni's separate ``q``, ``k``, ``v``), each of ``num_heads`` heads of the module's ``head_dim``; proven on
 their own forward in the tests."""
 
+SAM_VISION_ATTENTION = ("SamVisionAttention", "SamVisionSdpaAttention", "SamHQVisionAttention",
+                        "SamHQVisionSdpaAttention", "GotOcr2VisionAttention", "PPFormulaNetVisionAttention",
+                        "UnlimitedOcrSamVisionAttention", "UnlimitedOcrSamVisionSdpaAttention",
+                        "DeepseekOcr2SamVisionAttention", "DeepseekOcr2SamVisionSdpaAttention")
+"""The attention of SAM's ViT image encoder and the towers built on it (GOT-OCR 2.0 and PP-Chart2Table,
+PP-FormulaNet, DeepSeek-VL's high-resolution tower, Unlimited-OCR, DeepSeek-OCR 2): ``qkv`` gives ``[q | k | v]``, each
+of ``num_attention_heads`` heads of ``hidden_size / num_attention_heads``, with relative position tables ``rel_pos_h``
+and ``rel_pos_w`` (proven on GOT-OCR 2.0's and SAM's own forward in the tests)."""
+
+BLIP_VISION_ATTENTION = ("BlipAttention", "Blip2Attention", "InstructBlipAttention", "InstructBlipVideoAttention")
+"""The vision towers' attention of BLIP, BLIP-2, InstructBLIP and InstructBLIP-Video: ``qkv`` gives ``[q | k | v]``,
+each of ``num_heads`` heads of the module's ``head_dim`` (proven on BLIP-2's own forward in the tests)."""
+
+SIGLIP_POOLING_HEADS = ("SiglipMultiheadAttentionPoolingHead", "Siglip2MultiheadAttentionPoolingHead",
+                        "Phi4MultimodalVisionMultiheadAttentionPoolingHead")
+"""SigLIP's (and SigLIP 2's, Phi-4-multimodal's) attention-pooling head: a learned query ``probe`` attending over the
+tower's output with torch's ``nn.MultiheadAttention`` (``in_proj_weight`` is ``[q | k | v]``, proven in the tests)."""
+
 JETMOE_EXPERTS = ("JetMoeParallelExperts",)
 """JetMoE's expert stacks: ``weight`` of ``(experts, out, in)``, expert i applied as ``F.linear(x, weight[i])`` to the
 tokens routed to it (proven on the model's own forward in the tests)."""
@@ -536,12 +554,20 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # small (full momentum, as other convolution kernels); the projector into the language model is a two-layer MLP.
     PresetRule("vision", r"(^|\.)embeddings\.position_embedding\.weight$", ("embedding",)),
     PresetRule("vision", r"(^|\.)(embeddings\.patch_embedding|vision_tower\.patch_conv)\.weight$", ("router",)),
+    # SigLIP's attention-pooling head (which most multimodal models never run): one learned query (``probe``, a vector)
+    # attends over the tower's output with torch's nn.MultiheadAttention, whose ``in_proj_weight`` is [q | k | v].
+    PresetRule("vision", r"(^|\.)head\.attention\.in_proj_weight$", ("query", "key", "value"), ("MultiheadAttention",),
+               within=SIGLIP_POOLING_HEADS),
+    PresetRule("vision", r"(^|\.)head\.probe$", ("vector",), within=SIGLIP_POOLING_HEADS),
     # The projectors between a vision tower and its language model (LLaVA's, PaliGemma's, Idefics3's and SmolVLM's
     # connector, Pixtral's patch merger, DeepSeek-VL's aligner, the mergers of MiniCPM-V and the Qwen-VL family...):
     # their linear layers are MLP matrices.
     PresetRule("vision", r"(^|\.)(multi_modal_projector|projector|connector|aligner|merger|vit_merger|"
                r"vision_projection|(deepstack_)?merger_list\.\d+)\.(\w+\.)*(linear|linear_\d|linear\d|linear_fc\d|"
                r"proj|merging_layer|mlp\.\d+)\.weight$", ("mlp",)),
+    # ... and those that are one linear layer (Mllama's, Unlimited-OCR's, GOT-OCR 2.0's, DeepSeek-VL's aligner's).
+    PresetRule("vision", r"(^|\.)(multi_modal_projector|multi_modal_projector\.multimodal_projector|"
+               r"aligner\.(high_res_)?vision_proj)\.weight$", ("mlp",)),
     # Qwen-VL-style vision towers (Qwen2-VL to Qwen3.5, Qwen3-Omni, GLM-4.1V/4.5V): each block's attention computes
     # [q | k | v] from one qkv (heads of its own head_dim) and maps back with proj; Qwen3-VL's blocks have a plain MLP;
     # the patch embedding is a 3-D convolution (small: full momentum), Qwen3-VL's position table is read by index
@@ -559,13 +585,34 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # here, full momentum (low-rank momentum needs a matrix).
     PresetRule("qwen-vl-vision", r"(^|\.)visual\.downsample\.weight$", ("router",),
                model_types=("glm4v_vision", "glm4v_moe_vision", "glm_ocr_vision")),
-    # BERT-style encoders (BERT, RoBERTa, ...). attention.output must come before output.
+    # SAM-style ViT image encoders (SAM, GOT-OCR 2.0, DeepSeek-VL's high-resolution tower, Unlimited-OCR, ...): windowed
+    # attention with [q | k | v] from one qkv and relative position tables indexed by the distance between two patches
+    # (tiny and read every step: full momentum, one block per distance); their MLP; the patch embedding and the
+    # convolutions of the neck and of the projectors after it are kernels (full momentum); the absolute position
+    # table, a 4-D tensor added to every image, is left to the default (full state).
+    PresetRule("sam-vision", r"(^|\.)attn\.qkv\.weight$", ("query", "key", "value"), ("Linear",),
+               within=SAM_VISION_ATTENTION),
+    PresetRule("sam-vision", r"(^|\.)attn\.proj\.weight$", ("attn_out",), within=SAM_VISION_ATTENTION),
+    PresetRule("sam-vision", r"(^|\.)attn\.rel_pos_[hw]$", ("router",), within=SAM_VISION_ATTENTION),
+    PresetRule("sam-vision", r"(^|\.)layers\.\d+\.mlp\.lin[12]\.weight$", ("mlp",)),
+    PresetRule("sam-vision", r"(^|\.)patch_embed\.projection\.weight$", ("router",)),
+    PresetRule("sam-vision", r"(^|\.)(neck|high_res_vision_neck|high_res_vision_proj|sam_encoder\.proj|"
+               r"multi_modal_projector)\.(conv\d|conv_upsampler\d)\.weight$", ("router",)),
+    # BLIP's, BLIP-2's and InstructBLIP's vision towers: [q | k | v] from one qkv (heads of the module's head_dim), and
+    # its projection back.
+    PresetRule("blip-vision", r"(^|\.)self_attn\.qkv\.weight$", ("query", "key", "value"), ("Linear",),
+               within=BLIP_VISION_ATTENTION),
+    PresetRule("blip-vision", r"(^|\.)self_attn\.projection\.weight$", ("attn_out",), within=BLIP_VISION_ATTENTION),
+    # BERT-style encoders (BERT, RoBERTa, ...), and the BERT-style Q-Former of BLIP-2 and InstructBLIP (its
+    # cross-attention reads keys and values from the image; its learned queries have their own MLP, ``*_query``) and
+    # BLIP's text model (``crossattention``). attention.output must come before output.
     PresetRule("bert", r"(^|\.)embeddings\.(word|position|token_type)_embeddings\.weight$", ("embedding",)),
-    PresetRule("bert", r"(^|\.)attention\.self\.query\.weight$", ("query",)),
-    PresetRule("bert", r"(^|\.)attention\.self\.key\.weight$", ("key",)),
-    PresetRule("bert", r"(^|\.)attention\.self\.value\.weight$", ("value",)),
-    PresetRule("bert", r"(^|\.)attention\.output\.dense\.weight$", ("attn_out",)),
-    PresetRule("bert", r"(^|\.)(intermediate|output)\.dense\.weight$", ("mlp",)),
+    PresetRule("bert", r"(^|\.)(cross)?attention\.(self|attention)\.query\.weight$", ("query",)),
+    PresetRule("bert", r"(^|\.)(cross)?attention\.(self|attention)\.key\.weight$", ("key",)),
+    PresetRule("bert", r"(^|\.)(cross)?attention\.(self|attention)\.value\.weight$", ("value",)),
+    PresetRule("bert", r"(^|\.)(cross)?attention\.output\.dense\.weight$", ("attn_out",)),
+    PresetRule("bert", r"(^|\.)(intermediate|output)(_query)?\.dense\.weight$", ("mlp",)),
+    PresetRule("bert", r"(^|\.)language_projection\.weight$", ("mlp",)),  # BLIP-2's projector into its language model
     PresetRule("bert", r"(^|\.)(predictions\.transform|pooler)\.dense\.weight$", ("mlp",)),
     PresetRule("bert", r"(^|\.)(lm_head\.dense|pooler)\.weight$", ("mlp",)),  # RoBERTa's head; BigBird's pooler
     PresetRule("openai-gpt", r"(^|\.)positions_embed\.weight$", ("embedding",)),
