@@ -2547,3 +2547,53 @@ def test_siglip_pooling_heads_in_proj_is_query_key_value_with_per_head_blocks() 
             for head in range(4):
                 after = _block_perturbed(weight, seg, head, 8, run)[0]
                 assert [h for h in range(4) if not torch.equal(after[:, h], run()[0][:, h])] == [head]
+
+
+def test_gemma3s_in_out_projector_has_one_block_per_output_column_and_nothing_is_unknown() -> None:
+    """A tiny Gemma 3 with an image: nothing in it is unknown (no warning: SigLIP tower, its pooling head, projector
+    and language model). Its projector is one bare ``(vision width, text width)`` matrix used as ``x @ W``: an MLP
+    matrix with one block per output neuron, i.e. per column (column j changes output feature j alone, on the
+    projector's own forward); five steps train with the image, holding the state the report counted."""
+    import warnings
+
+    import transformers as T
+
+    torch.manual_seed(0)
+    text = dict(model_type="gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=80)  # fmt: skip
+    vision = dict(model_type="siglip_vision_model", hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, image_size=28, patch_size=14)  # fmt: skip
+    model = T.Gemma3ForConditionalGeneration(T.Gemma3Config(text_config=text, vision_config=vision,
+                                                            mm_tokens_per_image=1, image_token_index=79,
+                                                            boi_token_index=78, eoi_token_index=77))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing unknown
+        opt = adapm.AdaPMMini(model, lr=1e-3)
+    projector = model.model.multi_modal_projector
+    weight = projector.mm_input_projection_weight
+    seg = opt.layout(weight).segments[0]
+    assert tuple(weight.shape) == (48, 32) and (seg.role, seg.momentum, seg.block) == ("mlp", "lowrank", (1, 1))
+    with torch.no_grad():
+        weight.normal_()  # (zero at first)
+    features = torch.randn(1, 4, 48, generator=torch.Generator().manual_seed(1))  # a 2 x 2 grid of patches
+
+    def project() -> torch.Tensor:
+        with torch.no_grad():
+            return projector(features)
+
+    base = project()
+    for column in range(32):
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight[:, column] += torch.randn(48)
+        after = project()
+        with torch.no_grad():
+            weight.copy_(saved)
+        assert [j for j in range(32) if not torch.equal(after[..., j], base[..., j])] == [column]
+    ids = torch.tensor([[1, 78, 79, 77, 5, 6]])
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    stepped = _five_steps(model, opt, lambda: model(input_ids=ids, pixel_values=pixels, labels=ids).loss)
+    idle = {n for n, _ in model.named_parameters()} - stepped
+    assert idle and all(".vision_tower.head." in n for n in idle)  # Gemma 3 never runs the pooling head
+    rows = opt.partition_report().rows
+    assert adapm.state_bytes(opt) == sum(r.state_bytes for r in rows if r.name.split("[")[0] not in idle)

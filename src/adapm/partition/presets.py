@@ -68,6 +68,9 @@ class PresetRule:
     split_axis: int = 0
     """For ``experts``: the axis of each expert matrix that is its output and holds the roles: 0 for
     ``nn.Linear``-shaped ``(out, in)`` experts, 1 for ``(in, out)`` experts used as ``x @ W``."""
+    in_out: bool = False
+    """For one role: the matrix is stored ``(in, out)`` and used as ``x @ W`` (a bare parameter, e.g. Gemma 3's
+    projector), so its output neurons are its columns."""
     interleaved: bool = False
     """For ``experts``: the roles alternate along ``split_axis`` (``gate, up, gate, up, ...``) instead of
     filling consecutive halves."""
@@ -566,6 +569,8 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                r"vision_projection|(deepstack_)?merger_list\.\d+)\.(\w+\.)*(linear|linear_\d|linear\d|linear_fc\d|"
                r"proj|merging_layer|mlp\.\d+)\.weight$", ("mlp",)),
     # ... and those that are one linear layer (Mllama's, Unlimited-OCR's, GOT-OCR 2.0's, DeepSeek-VL's aligner's).
+    # Gemma 3's projector: one (in, out) matrix, used as x @ W.
+    PresetRule("vision", r"(^|\.)multi_modal_projector\.mm_input_projection_weight$", ("mlp",), in_out=True),
     PresetRule("vision", r"(^|\.)(multi_modal_projector|multi_modal_projector\.multimodal_projector|"
                r"aligner\.(high_res_)?vision_proj)\.weight$", ("mlp",)),
     # Qwen-VL-style vision towers (Qwen2-VL to Qwen3.5, Qwen3-Omni, GLM-4.1V/4.5V): each block's attention computes

@@ -413,6 +413,8 @@ def partition(
         if preset is not None and preset.within:  # the module the rule names knows its own heads best
             head_dim = _module_head_dim(model, name, preset.within) or head_dim
         out_dim = _out_dim(name, model, conv1d_default) if param.dim() == 2 else 0
+        if preset is not None and preset.in_out and param.dim() == 2 and len(preset.roles) == 1:
+            out_dim = 1
         fused = preset is not None and (len(preset.roles) > 1 or experts)
         geometry = None
         if fused and preset is not None and preset.layout not in ("contiguous", "experts"):
