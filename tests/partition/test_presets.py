@@ -2449,13 +2449,13 @@ def test_blip2_vision_tower_and_q_former_parts_feed_what_they_are_declared_as() 
     the module's ``head_dim`` changing its head alone; the Q-Former's query, key and value (self- and cross-attention)
     feed what they are named, with per-head blocks, the keys and values of the cross-attention read from the image.
     Its output projections are attention outputs (the cross-attention's was an MLP matrix before), its learned
-    queries' MLP and the projector into the language model are MLP matrices; only the learned queries and the vision
-    tower's class and position parameters (not matrices of weights) are left to the default. Five steps train with an
-    image in the batch, holding the state the report counted."""
+    queries' MLP and the projector into the language model are MLP matrices; the learned queries and the class token
+    are vectors; only the vision tower's position table (a (1, positions, width) tensor) is left to the default. Five
+    steps train with an image in the batch, holding the state the report counted."""
     model = _blip2()
     opt = adapm.AdaPMMini(model, lr=1e-3, strict=False)
-    assert opt.partition_report().unmatched == ["query_tokens", "vision_model.embeddings.class_embedding",
-                                                "vision_model.embeddings.position_embedding"]  # fmt: skip
+    assert opt.partition_report().unmatched == ["vision_model.embeddings.position_embedding"]
+    assert {_rows(opt)[n].role for n in ("query_tokens", "vision_model.embeddings.class_embedding")} == {"vector"}
     rows = _rows(opt)
     layer = "qformer.encoder.layer.0."
     expected = {"vision_model.encoder.layers.0.self_attn.projection.weight": ("attn_out", "none"),
@@ -2597,3 +2597,55 @@ def test_gemma3s_in_out_projector_has_one_block_per_output_column_and_nothing_is
     assert idle and all(".vision_tower.head." in n for n in idle)  # Gemma 3 never runs the pooling head
     rows = opt.partition_report().rows
     assert adapm.state_bytes(opt) == sum(r.state_bytes for r in rows if r.name.split("[")[0] not in idle)
+
+
+@pytest.mark.parametrize("kind", ["llama4", "internvl"])
+def test_llama4s_and_internvls_vision_towers_are_recognised_and_train(kind: str) -> None:
+    """Llama 4's vision tower: nothing unknown (no warning); its patch embedding (a linear map of unfolded patches)
+    keeps full momentum; its position table holds a row per position (row p changes the embedding of position p alone,
+    the patches' and the class token's, on the tower's own forward). InternVL's: the attention's ``projection_layer``
+    is the attention output, the patch convolution keeps full momentum, the class token is a vector, and only the
+    ``(1, positions, width)`` position table is left to the default. Each tower trains five steps on an image, holding
+    the state the report counted."""
+    import warnings
+
+    import transformers as T
+
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))  # 2 x 2 patches of 14 pixels
+    if kind == "internvl":
+        model = T.InternVLVisionModel(T.InternVLVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                             intermediate_size=64, image_size=[28, 28],
+                                                             patch_size=[14, 14]))  # fmt: skip
+        opt = adapm.AdaPMMini(model, lr=1e-3, strict=False)
+        assert opt.partition_report().unmatched == ["embeddings.position_embeddings"]
+        expected = {"encoder.layer.0.attention.projection_layer.weight": ("attn_out", "none"),
+                    "embeddings.patch_embeddings.projection.weight": ("router", "full"),
+                    "embeddings.cls_token": ("vector", "full")}  # fmt: skip
+    else:
+        model = T.Llama4VisionModel(T.Llama4VisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                         intermediate_size=128, image_size=28, patch_size=14,
+                                                         vision_output_dim=32, projector_input_dim=32,
+                                                         projector_output_dim=32, pixel_shuffle_ratio=0.5))  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # nothing unknown
+            opt = adapm.AdaPMMini(model, lr=1e-3)
+        expected = {"patch_embedding.linear.weight": ("router", "full"),
+                    "positional_embedding_vlm": ("embedding", "none")}  # fmt: skip
+        table, embedded = model.positional_embedding_vlm, {}
+        model.layernorm_pre.register_forward_pre_hook(lambda _m, args: embedded.update(x=args[0].detach().clone()))
+
+        def embed() -> torch.Tensor:
+            with torch.no_grad():
+                model(pixels)
+            return embedded["x"].reshape(-1, 32)  # (positions, width)
+
+        base = embed()
+        for row in range(table.shape[0]):  # the patches' positions, then the class token's
+            after = _block_perturbed(table, opt.layout(table).segments[0], row, 1, embed)
+            assert [p for p in range(base.shape[0]) if not torch.equal(after[p], base[p])] == [row]
+    rows = _rows(opt)
+    assert {name: (rows[name].role, rows[name].momentum) for name in expected} == expected
+    stepped = _five_steps(model, opt, lambda: model(pixels).last_hidden_state.square().mean())
+    assert stepped == {n for n, _ in model.named_parameters()}
+    assert adapm.state_bytes(opt) == sum(r.state_bytes for r in opt.partition_report().rows)

@@ -557,6 +557,16 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # small (full momentum, as other convolution kernels); the projector into the language model is a two-layer MLP.
     PresetRule("vision", r"(^|\.)embeddings\.position_embedding\.weight$", ("embedding",)),
     PresetRule("vision", r"(^|\.)(embeddings\.patch_embedding|vision_tower\.patch_conv)\.weight$", ("router",)),
+    # ... and those of ViT-style towers (ViT, InternVL: a convolution) and Llama 4's (a linear map of unfolded
+    # patches, as small: full momentum too); Llama 4's position table holds a row per patch position.
+    PresetRule("vision", r"(^|\.)(embeddings\.patch_embeddings\.projection|patch_embedding\.linear)\.weight$",
+               ("router",)),
+    PresetRule("vision", r"(^|\.)positional_embedding_vlm$", ("embedding",)),
+    PresetRule("vision", r"(^|\.)attention\.projection_layer\.weight$", ("attn_out",)),  # InternVL's tower
+    # Learned tokens prepended to or queried by a tower (a class token, BLIP-2's learned queries): one small tensor
+    # each, with one block per tensor as Adam-mini gives such parameters (position tables of shape
+    # (1, positions, width) keep AdamW's state).
+    PresetRule("vision", r"(^|\.)(embeddings\.(cls_token|class_embedding)|query_tokens)$", ("vector",)),
     # SigLIP's attention-pooling head (which most multimodal models never run): one learned query (``probe``, a vector)
     # attends over the tower's output with torch's nn.MultiheadAttention, whose ``in_proj_weight`` is [q | k | v].
     PresetRule("vision", r"(^|\.)head\.attention\.in_proj_weight$", ("query", "key", "value"), ("MultiheadAttention",),
