@@ -1578,8 +1578,9 @@ def test_a_vision_towers_embeddings_and_projector_are_recognised_and_train() -> 
 
 
 QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "qwen2_5_omni_thinker",
-           "qwen3_omni_moe_thinker", "glm4v", "glm_ocr")
-"""Multimodal models with a Qwen-VL-style vision tower (GLM-4.1V's and GLM-OCR's are such towers too)."""
+           "qwen3_omni_moe_thinker", "glm4v", "glm_ocr", "exaone4_5")
+"""Multimodal models with a Qwen-VL-style vision tower (GLM-4.1V's and GLM-OCR's are such towers too, EXAONE 4.5's one
+with grouped-query attention)."""
 
 
 def _qwen_vl(kind: str) -> nn.Module:
@@ -1595,6 +1596,8 @@ def _qwen_vl(kind: str) -> nn.Module:
     vision = dict(depth=2, hidden_size=32, embed_dim=16, intermediate_size=64, num_heads=2, out_hidden_size=32,
                   patch_size=2, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0], window_size=8,
                   deepstack_visual_indexes=[0], num_position_embeddings=16)  # fmt: skip
+    if kind == "exaone4_5":  # one key-value head for the vision tower's two query heads
+        text, vision = {**text, "model_type": "exaone4"}, {**vision, "num_key_value_heads": 1}
     config = AutoConfig.for_model(kind, text_config=text, vision_config=vision, image_token_id=79, video_token_id=78,
                                   vision_start_token_id=77)  # fmt: skip
     return AutoModelForImageTextToText.from_config(config)
@@ -1604,8 +1607,9 @@ def _qwen_vl(kind: str) -> nn.Module:
 def test_qwen_vl_vision_attention_parts_feed_what_they_are_declared_as(kind: str) -> None:
     """A Qwen-VL-style vision tower, proven on its own forward over an image: ``qkv``'s three parts feed exactly the
     query, key and value of its first block's attention, each query and key block of the module's ``head_dim`` rows
-    changes its head alone (the vision tower's heads, not the language model's; Qwen2.5-Omni's q, k and v are apart);
-    nothing in the model is left unknown but the Omni models' audio towers."""
+    changes its head alone (the vision tower's heads, not the language model's; Qwen2.5-Omni's q, k and v are apart;
+    EXAONE 4.5's key has one head, its ``qkv`` parts of their own sizes); nothing in the model is left unknown but the
+    Omni models' audio towers."""
 
     model = _qwen_vl(kind)
     opt = adapm.AdaPMMini(model, lr=1e-3, strict=False)
@@ -1631,13 +1635,13 @@ def test_qwen_vl_vision_attention_parts_feed_what_they_are_declared_as(kind: str
     else:  # Qwen2.5-Omni's q, k and v apart
         weights = [attn.q.weight, attn.k.weight, attn.v.weight]
         assert [_what_each_segment_feeds(model, opt, w, probe)[0] for w in weights] == ["q", "k", "v"]
-    for which in (0, 1):
+    for which, heads in ((0, 2), (1, 1 if kind == "exaone4_5" else 2)):
         seg = opt.layout(weights[which]).segments[which if len(opt.layout(weights[which]).segments) > 1 else 0]
-        assert seg.block == (0, size)
+        assert seg.block == (0, size) and seg.shape[0] == heads * size
         base = probe()[which]
-        for head in range(2):
+        for head in range(heads):
             after = _block_perturbed(weights[which], seg, head, size, probe)[which]
-            assert [h for h in range(2) if not torch.equal(after[:, h], base[:, h])] == [head]
+            assert [h for h in range(heads) if not torch.equal(after[:, h], base[:, h])] == [head]
 
 
 def _multimodal(kind: str) -> nn.Module:

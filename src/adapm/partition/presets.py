@@ -593,6 +593,10 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("qwen-vl-vision", r"(^|\.)attn\.k\.weight$", ("key",), within=QWEN_VL_VISION_ATTENTION),
     PresetRule("qwen-vl-vision", r"(^|\.)attn\.v\.weight$", ("value",), within=QWEN_VL_VISION_ATTENTION),
     PresetRule("qwen-vl-vision", r"(^|\.)attn\.proj\.weight$", ("attn_out",), within=QWEN_VL_VISION_ATTENTION),
+    # EXAONE 4.5's tower is of this kind with grouped-query attention: qkv is [q | k | v] of their own sizes.
+    PresetRule("exaone4_5-vision", r"(^|\.)attn\.qkv\.weight$", ("query", "key", "value"), ("Linear",),
+               layout="qkv_sizes", within=("Exaone4_5_VisionAttention",)),
+    PresetRule("exaone4_5-vision", r"(^|\.)attn\.proj\.weight$", ("attn_out",), within=("Exaone4_5_VisionAttention",)),
     PresetRule("qwen-vl-vision", r"(^|\.)visual\.blocks\.\d+\.mlp\.(linear_fc1|linear_fc2)\.weight$", ("mlp",)),
     PresetRule("qwen-vl-vision", r"(^|\.)visual\.patch_embed\.proj\.weight$", ("router",)),
     PresetRule("qwen-vl-vision", r"(^|\.)visual\.pos_embed\.weight$", ("embedding",)),
