@@ -2653,3 +2653,55 @@ def test_llama4s_and_internvls_vision_towers_are_recognised_and_train(kind: str)
     stepped = _five_steps(model, opt, lambda: model(pixels).last_hidden_state.square().mean())
     assert stepped == {n for n, _ in model.named_parameters()}
     assert adapm.state_bytes(opt) == sum(r.state_bytes for r in opt.partition_report().rows)
+
+
+def test_llama_3_2_visions_tables_are_embeddings_read_by_position_and_by_aspect_ratio() -> None:
+    """Llama 3.2 Vision's tower (Mllama): nothing unknown (no warning). The patch convolution keeps full momentum; the
+    position table holds a row per position (row p changes position p alone, in every tile); the tile tables are read
+    by aspect-ratio id (a row other than the image's id changes nothing); all are embeddings. Five steps train on an
+    image of two tiles, holding the state the report counted."""
+    import warnings
+
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.MllamaVisionModel(T.MllamaVisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_global_layers=1, num_attention_heads=4, intermediate_size=64,
+        image_size=28, patch_size=14, max_num_tiles=2, vision_output_dim=64, intermediate_layers_indices=[0],
+        supported_aspect_ratios=[[1, 1], [1, 2]]))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing unknown
+        opt = adapm.AdaPMMini(model, lr=1e-3)
+    rows = _rows(opt)
+    tables = ["gated_positional_embedding.embedding", "gated_positional_embedding.tile_embedding.weight",
+              "pre_tile_positional_embedding.embedding.weight", "post_tile_positional_embedding.embedding.weight"]
+    assert {n: (rows[n].role, rows[n].momentum) for n in ["patch_embedding.weight", *tables]} == {
+        "patch_embedding.weight": ("router", "full"), **{n: ("embedding", "none") for n in tables}}  # fmt: skip
+    embedding = model.gated_positional_embedding
+    with torch.no_grad():
+        embedding.gate.fill_(0.5)  # (zero at first, which hides the tile table)
+    pixels = torch.randn(1, 1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(1))  # one image of two tiles
+    ratio, mask = torch.tensor([[2]]), torch.tensor([[[1, 1]]])  # aspect ratio [1, 2] (id 2)
+    seen: dict[str, torch.Tensor] = {}
+    embedding.register_forward_hook(lambda _m, _a, out: seen.update(x=out.detach().clone()))
+
+    def embedded() -> torch.Tensor:
+        with torch.no_grad():
+            model(pixel_values=pixels, aspect_ratio_ids=ratio, aspect_ratio_mask=mask)
+        return seen["x"].reshape(2, 5, 32)  # (tiles, positions: the class token's and 2 x 2 patches', width)
+
+    base, table = embedded(), embedding.embedding
+    for row in range(5):
+        after = _block_perturbed(table, opt.layout(table).segments[0], row, 1, embedded)
+        assert [p for p in range(5) if not torch.equal(after[:, p], base[:, p])] == [row]
+    tiles = embedding.tile_embedding.weight
+    for row in range(tiles.shape[0]):
+        after = _block_perturbed(tiles, opt.layout(tiles).segments[0], row, 1, embedded)
+        assert torch.equal(after, base) == (row != 2)
+    def loss() -> torch.Tensor:
+        out = model(pixel_values=pixels, aspect_ratio_ids=ratio, aspect_ratio_mask=mask)
+        return out.last_hidden_state.square().mean()
+
+    stepped = _five_steps(model, opt, loss)
+    assert stepped == {n for n, _ in model.named_parameters()}
+    assert adapm.state_bytes(opt) == sum(r.state_bytes for r in opt.partition_report().rows)

@@ -562,6 +562,12 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("vision", r"(^|\.)(embeddings\.patch_embeddings\.projection|patch_embedding\.linear)\.weight$",
                ("router",)),
     PresetRule("vision", r"(^|\.)positional_embedding_vlm$", ("embedding",)),
+    # Llama 3.2 Vision (Mllama): its patch convolution; a position table with a row per patch position and tables
+    # read by aspect-ratio id (tile positions), all embeddings.
+    PresetRule("vision", r"(^|\.)patch_embedding\.weight$", ("router",), model_types=("mllama_vision_model",)),
+    PresetRule("vision", r"(^|\.)(gated_positional_embedding\.(embedding|tile_embedding\.weight)|"
+               r"(pre|post)_tile_positional_embedding\.embedding\.weight)$", ("embedding",),
+               model_types=("mllama_vision_model",)),
     PresetRule("vision", r"(^|\.)attention\.projection_layer\.weight$", ("attn_out",)),  # InternVL's tower
     # Learned tokens prepended to or queried by a tower (a class token, BLIP-2's learned queries): one small tensor
     # each, with one block per tensor as Adam-mini gives such parameters (position tables of shape
