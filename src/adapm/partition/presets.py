@@ -584,11 +584,11 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("vision", r"(^|\.)(multi_modal_projector|projector|connector|aligner|merger|vit_merger|"
                r"vision_projection|(deepstack_)?merger_list\.\d+)\.(\w+\.)*(linear|linear_\d|linear\d|linear_fc\d|"
                r"proj|merging_layer|mlp\.\d+)\.weight$", ("mlp",)),
-    # ... and those that are one linear layer (Mllama's, Unlimited-OCR's, GOT-OCR 2.0's, DeepSeek-VL's aligner's).
-    # Gemma 3's projector: one (in, out) matrix, used as x @ W.
-    PresetRule("vision", r"(^|\.)multi_modal_projector\.mm_input_projection_weight$", ("mlp",), in_out=True),
+    # ... and those that are one linear layer (Mllama's, Unlimited-OCR's, GOT-OCR 2.0's, DeepSeek-VL's aligner's),
     PresetRule("vision", r"(^|\.)(multi_modal_projector|multi_modal_projector\.multimodal_projector|"
                r"aligner\.(high_res_)?vision_proj)\.weight$", ("mlp",)),
+    # or one bare (in, out) matrix used as x @ W (Gemma 3's).
+    PresetRule("vision", r"(^|\.)multi_modal_projector\.mm_input_projection_weight$", ("mlp",), in_out=True),
     # Qwen-VL-style vision towers (Qwen2-VL to Qwen3.5, Qwen3-Omni, GLM-4.1V/4.5V): each block's attention computes
     # [q | k | v] from one qkv (heads of its own head_dim) and maps back with proj; Qwen3-VL's blocks have a plain MLP;
     # the patch embedding is a 3-D convolution (small: full momentum), Qwen3-VL's position table is read by index
