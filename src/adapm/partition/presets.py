@@ -69,8 +69,8 @@ class PresetRule:
     """For ``experts``: the axis of each expert matrix that is its output and holds the roles: 0 for
     ``nn.Linear``-shaped ``(out, in)`` experts, 1 for ``(in, out)`` experts used as ``x @ W``."""
     in_out: bool = False
-    """For one role: the matrix is stored ``(in, out)`` and used as ``x @ W`` (a bare parameter, e.g. Gemma 3's
-    projector), so its output neurons are its columns."""
+    """The matrix is stored ``(in, out)`` and used as ``x @ W`` (a bare parameter, e.g. Gemma 3's projector), so its
+    output neurons (its blocks, and a fused weight's segments) run along its columns, as in Conv1D's layout."""
     interleaved: bool = False
     """For ``experts``: the roles alternate along ``split_axis`` (``gate, up, gate, up, ...``) instead of
     filling consecutive halves."""

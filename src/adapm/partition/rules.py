@@ -326,8 +326,11 @@ def _fused_layout_known(rule: PresetRule, name: str, shape: tuple[int, ...], mod
     return any(c in rule.fused_modules for c in CONV1D_CLASS_NAMES) and len(shape) == 2 and shape[1] == count * shape[0]
 
 
-def _out_dim(name: str, model: nn.Module | None, conv1d_default: bool) -> int:
-    """The output-neuron axis of a weight: 1 for Conv1D's (in, out) layout, else 0."""
+def _out_dim(name: str, model: nn.Module | None, conv1d_default: bool, in_out: bool = False) -> int:
+    """The output-neuron axis of a weight: 1 for Conv1D's (in, out) layout or one its rule declares ``in_out``, else
+    0."""
+    if in_out:
+        return 1
     owner = _owner(model, name)
     if owner is not None:
         return 1 if type(owner).__name__ in CONV1D_CLASS_NAMES else 0
@@ -412,9 +415,7 @@ def partition(
         preset = found[1] if found else None
         if preset is not None and preset.within:  # the module the rule names knows its own heads best
             head_dim = _module_head_dim(model, name, preset.within) or head_dim
-        out_dim = _out_dim(name, model, conv1d_default) if param.dim() == 2 else 0
-        if preset is not None and preset.in_out and param.dim() == 2 and len(preset.roles) == 1:
-            out_dim = 1
+        out_dim = _out_dim(name, model, conv1d_default, preset is not None and preset.in_out) if param.dim() == 2 else 0
         fused = preset is not None and (len(preset.roles) > 1 or experts)
         geometry = None
         if fused and preset is not None and preset.layout not in ("contiguous", "experts"):
