@@ -6,6 +6,7 @@ finite check, forced here on CPU), each optimizer in a fresh process with an emp
 ``TORCHINDUCTOR_CACHE_DIR``, on a model preset's parameters with pre-filled seeded gradients.
 
     python benchmarks/compile_time.py --json runs/bench/compile_time.json            # GPT-2 124M
+    python benchmarks/compile_time.py --models gpt2-124m-4l,gpt2-124m,gpt2-124m-24l  # 4, 12, 24 layers
     python benchmarks/compile_time.py --quick                                        # gpt2-1m, one optimizer
     python benchmarks/compile_time.py --from-json docs/benchmarks/compile_time.json
 """
@@ -61,14 +62,15 @@ def one(model_name: str, optimizer: str, steps: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gpt2-124m")
+    parser.add_argument("--models", default="gpt2-124m",
+                        help="comma-separated model presets, or gpt2-124m-<N>l (GPT-2 124M's width at depth N)")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="gpt2-1m, adapm-mini-fixed-fused, 2 steps")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--from-json", type=Path, help="print the table of a saved run; no timing")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: time one optimizer in this process
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: time one optimizer (and model) here
     args = parser.parse_args()
     if args.from_json is not None:
         print(markdown_table(saved_rows(parser, args.from_json, "compile_time.py"), COLUMNS))
@@ -77,19 +79,19 @@ def main() -> None:
         parser.error(f"--steps must be at least 1 (got {args.steps})")
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(one(args.model, args.one, args.steps)))
+        print(json.dumps(one(args.models, args.one, args.steps)))
         return
-    model, optimizers, steps = args.model, args.optimizers.split(","), args.steps
+    models, optimizers, steps = args.models.split(","), args.optimizers.split(","), args.steps
     if args.quick:
-        model, optimizers, steps = "gpt2-1m", ["adapm-mini-fixed-fused"], 2
+        models, optimizers, steps = ["gpt2-1m"], ["adapm-mini-fixed-fused"], 2
     unknown = sorted(set(optimizers) - set(OPTIMIZERS))
     if unknown:
         parser.error(f"--optimizers: unknown {unknown}; choose from {list(OPTIMIZERS)}")
     rows = []
-    for name in optimizers:
+    for model, name in ((model, name) for model in models for name in optimizers):
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": str(args.threads)}
-            cmd = [sys.executable, __file__, "--model", model, "--one", name, "--steps", str(steps),
+            cmd = [sys.executable, __file__, "--models", model, "--one", name, "--steps", str(steps),
                    "--threads", str(args.threads)]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             if proc.returncode != 0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import warnings
@@ -53,10 +54,12 @@ MODELS = ("gpt2-124m", "gpt2-124m-24l", "llama-350m")
 
 
 def model_for(name: str) -> nn.Module:
-    if name == "gpt2-124m-24l":
+    """A model preset, or ``gpt2-124m-<N>l``: GPT-2 124M's width at depth N."""
+    depth = re.fullmatch(r"gpt2-124m-(\d+)l", name)
+    if depth is not None:
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        return GPT2LMHeadModel(GPT2Config(n_layer=24, n_embd=768, n_head=12, vocab_size=50257))
+        return GPT2LMHeadModel(GPT2Config(n_layer=int(depth.group(1)), n_embd=768, n_head=12, vocab_size=50257))
     return build_model(name)
 
 

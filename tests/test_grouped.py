@@ -394,6 +394,31 @@ def test_fused_grouped_step_compiles_once_whatever_refreshes() -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.skipif(_NO_CXX, reason="torch.compile on CPU needs g++")
+def test_a_deeper_model_compiles_no_new_graph(monkeypatch) -> None:
+    """The compiled calls of the fused step on an accelerator (the tails and the block moments) take
+    buckets of same-layout blocks, so a model twice as deep reuses the graphs of the shallower one: the
+    first step's compile time does not grow with depth. (Buckets of 2 here, so that 2 layers make whole
+    buckets; one call for all layers made 11 new graphs for the longer lists. The fixed tracker's batched
+    call, not taken here, compiles once per stack size: one graph of the same size whatever the depth.)"""
+    import adapm.policies.update as update
+
+    monkeypatch.setattr(update, "_BUCKET", 2)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters["stats"]
+    graphs = []
+    for n_layer in (2, 4):
+        model = tiny_gpt2(n_layer=n_layer)
+        opt = adapm.AdaPMMini(model, lr=1e-3, foreach=True, fused=True, refresh_every=1000)
+        opt._defer_check = True  # the accelerator's path, on CPU
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
+            train(model, opt, batches(96, 3))
+        graphs.append(counters["unique_graphs"])
+    assert graphs[0] > 0
+    assert graphs[1] == graphs[0]
+
+
 @pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
 def test_the_grouped_step_reads_back_from_the_device_once(cls: type[adapm.AdaPM], monkeypatch) -> None:
     """The grouped step reads tensors back to the host twice per step, however many stacks and refreshes:

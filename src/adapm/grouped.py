@@ -19,7 +19,8 @@ torch.optim's ``foreach`` form, carried over to AdaPM's three kinds of work:
   compiled call instead.
 * **The elementwise tail** (momentum EMA, second-moment EMA, the update) runs as one ``torch._foreach_*``
   op per arithmetic step for all blocks that share their policies and scalars, or with ``fused=True``
-  as one compiled call for them (one pass over each block's memory).
+  as compiled calls for them, one per bucket of same-layout blocks (one pass over each block's memory;
+  the buckets keep the graphs the same whatever the model's depth).
 * **Orthonormalization** of the tracked bases is a batched Cholesky QR off CPU (see
   :func:`adapm.policies.trackers.orthonormalize`).
 * **Sharded parameters** (FSDP2, rows split across ranks) stack their local rows like whole blocks:
@@ -442,7 +443,8 @@ def second_moment_denominators(
     sqrt(vhat) + eps`` (broadcastable over the segment).
 
     With the deferred finite check (blocks with :attr:`Block.ok`, which only ``fused`` steps have) and
-    no sharded block, everything is one compiled call (its scalars from ``scalars``), masked: the block
+    no sharded block, everything is compiled (one call per bucket of same-layout blocks, its scalars from
+    ``scalars``), masked: the block
     means of ``g^2`` of each block's gradient (the low-rank tracking left them to it), the EMA, and the
     denominators shaped to broadcast; a block whose flag is False keeps its moments. Otherwise (and if
     that call cannot be built) the means of ``g^2`` are reduced per stack of same-shape, same-layout
@@ -594,8 +596,8 @@ def elementwise_tails(
     blocks: list[Block], denominators: dict[int, Tensor], fused: Fused | None = None, scalars: ScalarRows | None = None
 ) -> None:
     """The elementwise tail of every block, one foreach op per arithmetic step per (policies, scalars),
-    or one compiled call per (policies, scalars) where ``fused`` says so (its scalars from ``scalars``,
-    written for these blocks; else made here)."""
+    or, where ``fused`` says so, one compiled call per bucket of same-layout blocks of each (policies,
+    scalars) (its scalars from ``scalars``, written for these blocks; else made here)."""
     groups: dict[tuple[torch.device, tuple[Any, ...]], list[tuple[Tensor, ...]]] = {}
     for b in blocks:
         key = tail_key(b)

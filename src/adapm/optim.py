@@ -230,7 +230,8 @@ class AdaPM(Optimizer):
         fused: run the elementwise tail (momentum and second-moment EMAs, the update) compiled with
             ``torch.compile`` instead of as eager PyTorch ops: one pass over each block's memory
             instead of 5-8, equal up to float32 rounding. On the per-block path one kernel per block;
-            on the grouped path one compiled call per group of blocks, and with ``tracker="fixed"``
+            on the grouped path one compiled call per bucket of up to 8 same-layout blocks (so the
+            first step's compile time does not grow with depth), and with ``tracker="fixed"``
             one per stack of same-shape low-rank blocks for their tracking between refreshes. The
             first step compiles (seconds to minutes; cached on disk afterwards); needs a C++ compiler on CPU, and falls
             back to the eager path with a ``RuntimeWarning`` if compilation fails. Default ``False``.

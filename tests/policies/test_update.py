@@ -5,14 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+import adapm.policies.update as update
 from adapm.policies.correction import correction_coefficient
 from adapm.policies.momentum import lowrank_momentum
 from adapm.policies.trackers import orthonormalize
 from adapm.policies.update import (
+    _block_moments_body,
+    _foreach_body,
     elementwise_update,
     fixed_basis_values,
+    fused_block_moments,
     fused_elementwise_update,
     fused_fixed_basis_momentum,
+    fused_foreach_update,
     fused_scalars,
 )
 
@@ -99,3 +104,50 @@ def test_fused_fixed_basis_momentum_equals_the_eager_tracker(masked: bool) -> No
     assert torch.equal(fused_right[1], right0[1]) if masked else torch.isfinite(fused_right).all()
     keep = [0, 2]  # block 1's momentum holds inf either way (its gradient does)
     torch.testing.assert_close(out[keep], momentum[keep], rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_calls_take_buckets_of_same_layout_blocks(monkeypatch) -> None:
+    """The grouped fused tails and block moments call their compiled functions once per bucket of at most
+    ``_BUCKET`` blocks of one layout (so deeper models reuse the graphs), and give what one uncompiled
+    pass over all the blocks in their order gives: each block its own result (the block moments'
+    denominators back in the caller's order), a masked block kept as it was."""
+    monkeypatch.setattr(update, "_BUCKET", 2)
+    calls: list[list[tuple[int, ...]]] = []
+    real = update._run_compiled
+
+    def spy(make, flags, *args):
+        calls.append([tuple(x.shape) for x in args[0]])
+        return real(make, flags, *args)
+
+    monkeypatch.setattr(update, "_run_compiled", spy)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 6), (3, 5), (4, 6), (4, 6), (3, 5)]  # interleaved layouts, as layers' blocks come
+    oks = [torch.tensor(True), torch.tensor(True), torch.tensor(False), torch.tensor(True), torch.tensor(True)]
+    scalars = fused_scalars(**HYPER, update_clip=0.5, device=torch.device("cpu"))
+
+    def tensors(positive: bool = False) -> list[torch.Tensor]:
+        return [(torch.rand if positive else torch.randn)(shape, generator=g) for shape in shapes]
+
+    targets, grads, ms, vs = tensors(), tensors(), tensors(), tensors(positive=True)
+    ours = [[x.clone() for x in xs] for xs in (targets, grads, ms, vs)]
+    fused_foreach_update(*ours[:2], vs=ours[3], ms=ours[2], denoms=None, scalars=scalars, oks=oks)
+    assert calls == [[(4, 6), (4, 6)], [(4, 6)], [(3, 5), (3, 5)]]
+    reference = [[x.clone() for x in xs] for xs in (targets, grads, ms, vs)]
+    _foreach_body(True, True, True)(*reference, scalars, oks)  # one eager pass, the blocks in order
+    for mine, theirs in zip(ours, reference):
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert torch.equal(ours[0][2], targets[2]) and torch.equal(ours[2][2], ms[2])  # the masked block
+
+    calls.clear()
+    specs = tuple((shape, 0, 1) for shape in shapes)  # one block per row
+    moments = [torch.rand(shape[0], generator=g) for shape in shapes]
+    rows = [scalars] * len(shapes)
+    ours_v = [v.clone() for v in moments]
+    denoms = fused_block_moments(ours_v, grads, rows, specs, oks)
+    assert calls == [[(4,), (4,)], [(4,)], [(3,), (3,)]]
+    reference_v = [v.clone() for v in moments]
+    expected = _block_moments_body(True)(reference_v, grads, rows, specs, oks)
+    for mine, theirs in zip(denoms + ours_v, expected + reference_v):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+    assert torch.equal(ours_v[2], moments[2]) and not torch.equal(ours_v[0], moments[0])

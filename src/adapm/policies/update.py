@@ -293,19 +293,23 @@ def fused_foreach_update(
     scalars: Tensor,
     oks: list[Tensor] | None = None,
 ) -> None:
-    """:func:`foreach_elementwise_update` as one compiled call for all the blocks (arguments as there;
-    the scalars from :func:`fused_scalars`): one pass over each block's memory instead of 5-8, and one
-    dispatched op instead of one per arithmetic step. Equal to the eager form up to float32 rounding.
-    ``oks``: one boolean 0-d tensor per block; a block whose flag is False keeps its parameter and state
-    (the device-side skip of a non-finite gradient: no host sync). Raises whatever ``torch.compile``
-    raises if no kernel can be built; callers fall back."""
+    """:func:`foreach_elementwise_update` as compiled calls, one per bucket of up to :data:`_BUCKET`
+    same-layout blocks (arguments as there; the scalars from :func:`fused_scalars`): one pass over each
+    block's memory instead of 5-8, and one dispatched call instead of one op per arithmetic step. Equal
+    to the eager form up to float32 rounding. ``oks``: one boolean 0-d tensor per block; a block whose
+    flag is False keeps its parameter and state (the device-side skip of a non-finite gradient: no host
+    sync). Raises whatever ``torch.compile`` raises if no kernel can be built; callers fall back."""
     second = vs if vs is not None else denoms
     if second is None:
         raise ValueError("fused_foreach_update: one of vs (full) or denoms (block) is required")
     sources = ms if ms is not None else (numerators if numerators is not None else grads)
     # In-graph views (1-d tensors as rows) dispatch nothing per tensor; called under no_grad (the step).
-    args = (targets, grads, sources, second, scalars) + (() if oks is None else (oks,))
-    _run_compiled(_foreach_body, (ms is not None, vs is not None, oks is not None), *args)
+    # One call per bucket of same-layout blocks (see _BUCKET).
+    flags = (ms is not None, vs is not None, oks is not None)
+    for run in _buckets([_signature(*xs) for xs in zip(targets, grads, sources, second)]):
+        lists = [[xs[i] for i in run] for xs in (targets, grads, sources, second)]
+        masks = () if oks is None else ([oks[i] for i in run],)
+        _run_compiled(_foreach_body, flags, *lists, scalars, *masks)
 
 
 BlockSpec = tuple[tuple[int, ...], int | None, int]
@@ -339,15 +343,22 @@ def fused_block_moments(
     vs: list[Tensor], grads: list[Tensor], scalars: list[Tensor], specs: tuple[BlockSpec, ...],
     oks: list[Tensor] | None = None,
 ) -> list[Tensor]:  # fmt: skip
-    """Block second moments as one compiled call, for every block at once: the block means ``row`` of
+    """Block second moments as compiled calls, one per bucket of up to :data:`_BUCKET` same-layout
+    blocks: the block means ``row`` of
     ``g^2`` (``grads``: any shape with the matrix's entries, read as the matrix of its :data:`BlockSpec`),
     ``v <- lerp(v, row, 1 - beta2)`` in place, and the
     denominators ``sqrt(v) / sqrt(1 - beta2^t) + eps`` returned, each shaped to broadcast over its block's
     matrix (see :func:`adapm.policies.second_moment.broadcast_blocks`). ``scalars``: each block's row of
     :func:`fused_scalars`. ``oks``: as in :func:`fused_foreach_update` (a block whose flag is False keeps
     its ``v``). Raises whatever ``torch.compile`` raises if no kernel can be built; callers fall back."""
-    args = (vs, grads, scalars, specs) + (() if oks is None else (oks,))
-    return _run_compiled(_block_moments_body, (oks is not None,), *args)
+    denoms: list[Tensor] = list(vs)  # placeholders, each replaced below
+    for run in _buckets([(_signature(v, g), spec) for v, g, spec in zip(vs, grads, specs)]):  # see _BUCKET
+        masks = () if oks is None else ([oks[i] for i in run],)
+        made = _run_compiled(_block_moments_body, (oks is not None,), [vs[i] for i in run], [grads[i] for i in run],
+                             [scalars[i] for i in run], tuple(specs[i] for i in run), *masks)  # fmt: skip
+        for i, denom in zip(run, made):
+            denoms[i] = denom
+    return denoms
 
 
 def _fixed_basis_body(masked: bool) -> Any:
@@ -386,6 +397,30 @@ def fused_fixed_basis_momentum(
 _RECOMPILE_LIMIT = 64
 """Variants per kernel (layouts: contiguous or strided, vectors, broadcast patterns of the block
 denominators); each compiles once per process and is cached on disk."""
+
+
+_BUCKET = 8
+"""Most blocks one compiled call of :func:`fused_foreach_update` or :func:`fused_block_moments` takes.
+A call's graph is unrolled per block, so compiling it takes longer the more blocks it has: one call for
+every layer's blocks made the first step's compile time grow with the model's depth. Calls take buckets
+of at most this many blocks of one layout (shape, strides, dtype), so the buckets of different layers
+are the same graph: the graphs, and the compile time, stay the same whatever the depth. The cost is one
+call per bucket instead of one per group (tens of microseconds of host time each); the kernels a GPU
+runs are the same."""
+
+
+def _signature(*xs: Tensor) -> tuple[Any, ...]:
+    """What decides a compiled call's graph for one block: its tensors' layouts."""
+    return tuple((tuple(x.shape), x.stride(), x.dtype) for x in xs)
+
+
+def _buckets(signatures: list[Any]) -> list[list[int]]:
+    """Positions of equal ``signatures`` together (in order of first appearance), in runs of at most
+    :data:`_BUCKET`."""
+    alike: dict[Any, list[int]] = {}
+    for i, signature in enumerate(signatures):
+        alike.setdefault(signature, []).append(i)
+    return [run[k : k + _BUCKET] for run in alike.values() for k in range(0, len(run), _BUCKET)]
 
 
 def _as_2d(x: Tensor) -> Tensor:
