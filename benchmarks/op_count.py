@@ -98,6 +98,16 @@ def top_level_ops(step: Any) -> tuple[int, dict[str, int]]:
     return sum(counts.values()), dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def compiled_calls(step: Any) -> int:
+    """Run ``step()`` under the profiler; the calls of ``torch.compile``d code it made (each a guard check
+    and a call into the compiled graph on the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(event.name.startswith("Torch-Compiled Region") for event in prof.events())
+
+
 def count(model_name: str, optimizer: str) -> dict[str, Any]:
     torch._dynamo.reset()  # each row as in its own process: compiled variants of other rows count against limits
     torch.manual_seed(0)
@@ -122,6 +132,7 @@ def count(model_name: str, optimizer: str) -> dict[str, Any]:
                 row["compile_s"] = round(time.perf_counter() - start, 1)
         if compiled:
             row["ops_per_step"], ops = top_level_ops(step)
+            row["compiled_calls_per_step"] = compiled_calls(step)
             # Refreshes each stack's graph runs per step (the most of its blocks that fall due together)
             row["refresh_slots"] = [s.slots for plan in step._plans.values() for s in plan.stacks]
         elif isinstance(opt, adapm.AdaPM):
@@ -133,6 +144,8 @@ def count(model_name: str, optimizer: str) -> dict[str, Any]:
                 for _ in range(2):  # warm-up on this path: with fused=True its compiled calls are built, and
                     opt.step()  # the first step packs the low-rank factors (their views are made at the next)
                 row["ops_per_step"], ops = top_level_ops(opt.step)
+                if opt.fused:
+                    row["compiled_calls_per_step"] = compiled_calls(opt.step)
             finally:
                 adapm.AdaPM._cpu_row_chunks = True
         else:
@@ -153,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     columns = [("model", "{}"), ("optimizer", "{}"), ("tensors", "{}"), ("ops_per_step", "{:,}"),
                ("vs_adamw_foreach", "{:.1f}x"), ("kernel_ops_per_step", "{:,}"), ("kernel_vs_adamw_foreach", "{:.1f}x"),
-               ("cpu_ops_per_step", "{:,}")]  # fmt: skip
+               ("cpu_ops_per_step", "{:,}"), ("compiled_calls_per_step", "{:,}")]  # fmt: skip
     if args.from_json:
         print(markdown_table(saved_rows(parser, args.from_json, "op_count.py"), columns))
         return

@@ -247,6 +247,18 @@ def test_op_count_quick(tmp_path: Path) -> None:
         assert 0 < by_name[name]["ops_per_step"] < by_name[name]["cpu_ops_per_step"]
 
 
+def test_op_count_counts_calls_into_compiled_code() -> None:
+    """``compiled_calls_per_step``: each call of ``torch.compile``d code in the profiled step, none for eager ops."""
+    op_count = _bench_module("op_count")
+    import torch
+
+    double = torch.compile(lambda x: x * 2 + 1, dynamic=True)
+    x = torch.ones(3)
+    double(x)  # compiled here, outside the count
+    assert op_count.compiled_calls(lambda: (double(x), double(x), x + 1)) == 2
+    assert op_count.compiled_calls(lambda: x + 1) == 0
+
+
 def test_compile_time_quick(tmp_path: Path) -> None:
     """The fused step's first-step time, measured in a fresh process with an empty Inductor cache."""
     (row,) = _run("compile_time.py", tmp_path / "ct.json")["rows"]
