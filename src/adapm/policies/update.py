@@ -405,8 +405,8 @@ A call's graph is unrolled per block, so compiling it takes longer the more bloc
 every layer's blocks made the first step's compile time grow with the model's depth. Calls take buckets
 of at most this many blocks of one layout (shape, strides, dtype), so the buckets of different layers
 are the same graph: the graphs, and the compile time, stay the same whatever the depth. The cost is one
-call per bucket instead of one per group (tens of microseconds of host time each); the kernels a GPU
-runs are the same."""
+call per bucket instead of one per group (each a guard check and a call into the graph, on the host);
+the kernels a GPU runs are the same, one per block (docs/benchmarks.md, section 5)."""
 
 
 def _signature(*xs: Tensor) -> tuple[Any, ...]:
