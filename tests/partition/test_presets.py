@@ -2705,3 +2705,97 @@ def test_llama_3_2_visions_tables_are_embeddings_read_by_position_and_by_aspect_
     stepped = _five_steps(model, opt, loss)
     assert stepped == {n for n, _ in model.named_parameters()}
     assert adapm.state_bytes(opt) == sum(r.state_bytes for r in opt.partition_report().rows)
+
+
+def test_pix2struct_attention_heads_are_d_kv_rows_and_nothing_is_unknown() -> None:
+    """Pix2Struct (image encoder and text decoder): nothing unknown (no warning). Its heads are ``d_kv`` rows, which
+    in the image encoder differs from width / heads (its query is heads x d_kv rows, not width; the decoder's is width
+    x width and needs width = heads x d_kv): each query and key block changes its own head alone of what layer 0's
+    self-attention (and the decoder's cross-attention) pass to attention. The patch embedding keeps full momentum;
+    the row and column tables are embeddings; the model trains five steps."""
+    import warnings
+
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.Pix2StructConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, d_kv=4, d_ff=48, num_layers=1, num_heads=8),
+        vision_config=dict(hidden_size=32, d_kv=4, d_ff=48, num_hidden_layers=1, num_attention_heads=2,
+                           patch_embed_hidden_size=12, seq_len=8),
+    )  # fmt: skip
+    model = T.Pix2StructForConditionalGeneration(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing unknown
+        opt = adapm.AdaPMMini(model, lr=1e-3)
+    rows = _rows(opt)
+    expected = {"encoder.encoder.layer.0.attention.value.weight": ("value", "full"),
+                "encoder.encoder.layer.0.attention.output.weight": ("attn_out", "none"),
+                "encoder.encoder.layer.0.mlp.wi_0.weight": ("mlp", "lowrank"),
+                "encoder.encoder.layer.0.mlp.wo.weight": ("mlp", "lowrank"),
+                "encoder.embeddings.patch_projection.weight": ("router", "full"),
+                "encoder.embeddings.row_embedder.weight": ("embedding", "none"),
+                "encoder.embeddings.column_embedder.weight": ("embedding", "none"),
+                "decoder.layer.0.self_attention.attention.value.weight": ("value", "full"),
+                "decoder.layer.0.encoder_decoder_attention.attention.output.weight": ("attn_out", "none")}  # fmt: skip
+    assert {name: (rows[name].role, rows[name].momentum) for name in expected} == expected
+    gen = torch.Generator().manual_seed(1)
+    index = torch.stack([torch.arange(8) // 4 + 1, torch.arange(8) % 4 + 1], -1).float()  # 2 rows x 4 columns
+    patches = torch.cat([index, torch.randn(8, 12, generator=gen)], -1)[None]
+    labels = torch.randint(1, 64, (1, 5), generator=gen)
+    model.set_attn_implementation("sdpa")
+    model.eval()  # no dropout while probing
+
+    def attention_inputs() -> list[tuple[torch.Tensor, ...]]:
+        with torch.no_grad(), _SdpaCalls() as record:
+            model(flattened_patches=patches, attention_mask=torch.ones(1, 8), labels=labels)
+        return record.calls  # the encoder's self-attention, the decoder's self- and cross-attention
+
+    base = attention_inputs()
+    named = dict(model.named_parameters())
+    for call, prefix, heads in ((0, "encoder.encoder.layer.0.attention", 2),
+                                (1, "decoder.layer.0.self_attention.attention", 8),
+                                (2, "decoder.layer.0.encoder_decoder_attention.attention", 8)):  # fmt: skip
+        for which, part in enumerate(("query", "key")):
+            if call == 2 and part == "key":
+                continue  # the cross-attention's keys are the encoder's output: its key matrix is checked as a query's
+            weight = named[f"{prefix}.{part}.weight"]
+            seg = opt.layout(weight).segments[0]
+            assert seg.momentum == "lowrank" and seg.block == (0, 4), (prefix, part)
+            for head in range(heads):
+                after = _block_perturbed(weight, seg, head, 4, attention_inputs)[call][which]
+                changed = [h for h in range(heads) if (after[:, h] - base[call][which][:, h]).abs().max() > 1e-5]
+                assert changed == [head], (prefix, part, head, changed)
+    model.train()
+    stepped = _five_steps(model, opt, lambda: model(flattened_patches=patches, attention_mask=torch.ones(1, 8),
+                                                    labels=labels).loss)  # fmt: skip
+    assert stepped == {n for n, _ in model.named_parameters()}
+
+
+def test_t5_heads_are_d_kv_rows_where_that_is_not_width_over_heads() -> None:
+    """T5 (and its kin: UMT5, LongT5, Switch) sizes a head by ``d_kv``, which need not be width / heads (T5 11B: 1024
+    wide, 128 heads of 128). Each block of ``d_kv`` query or key rows changes its own head alone of what layer 0's
+    self-attention passes to attention."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=32, d_kv=4, d_ff=48, num_layers=1,
+                                                    num_heads=2, decoder_start_token_id=0, pad_token_id=0))  # fmt: skip
+    model.set_attn_implementation("sdpa")
+    model.eval()
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    x = torch.randint(1, 64, (1, 5), generator=torch.Generator().manual_seed(1))
+
+    def encoder_attention() -> tuple[torch.Tensor, ...]:
+        with torch.no_grad(), _SdpaCalls() as record:
+            model(input_ids=x, labels=x)
+        return record.calls[0]
+
+    base = encoder_attention()
+    for which, part in enumerate(("q", "k")):
+        weight = dict(model.named_parameters())[f"encoder.block.0.layer.0.SelfAttention.{part}.weight"]
+        seg = opt.layout(weight).segments[0]
+        assert seg.momentum == "lowrank" and seg.block == (0, 4), part
+        for head in range(2):
+            after = _block_perturbed(weight, seg, head, 4, encoder_attention)[which]
+            changed = [h for h in range(2) if (after[:, h] - base[which][:, h]).abs().max() > 1e-5]
+            assert changed == [head], (part, head, changed)

@@ -169,9 +169,10 @@ def head_dim_of(model: nn.Module | None) -> int | None:
 def _head_dim(config: Any) -> int | None:
     if config is None:
         return None
-    head_dim = config_attr(config, "head_dim")
-    if isinstance(head_dim, int) and head_dim > 0:
-        return head_dim
+    for key in ("head_dim", "d_kv"):  # d_kv: T5's and its kin's (Pix2Struct, UMT5...) size of a head
+        head_dim = config_attr(config, key)
+        if isinstance(head_dim, int) and head_dim > 0:
+            return head_dim
     heads = _config_value(config, HEAD_COUNT_KEYS)
     hidden = _config_value(config, HIDDEN_SIZE_KEYS)
     if heads and hidden and hidden % heads == 0:
