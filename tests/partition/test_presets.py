@@ -2799,3 +2799,44 @@ def test_t5_heads_are_d_kv_rows_where_that_is_not_width_over_heads() -> None:
             after = _block_perturbed(weight, seg, head, 4, encoder_attention)[which]
             changed = [h for h in range(2) if (after[:, h] - base[which][:, h]).abs().max() > 1e-5]
             assert changed == [head], (part, head, changed)
+
+
+def test_kosmos_2_5s_image_encoder_is_read_as_pix2structs() -> None:
+    """Kosmos-2.5's image encoder is built as Pix2Struct's: nothing in it is unknown, each block of ``head_dim`` query
+    or key rows changes its own head alone of the query and keys its attention multiplies, and it trains five steps."""
+    import transformers as T
+    from transformers.models.kosmos2_5 import modeling_kosmos2_5
+
+    torch.manual_seed(0)
+    config = T.Kosmos2_5VisionConfig(hidden_size=32, head_dim=4, num_attention_heads=2, num_hidden_layers=1,
+                                     intermediate_size=48, patch_embed_hidden_size=12)
+    model = modeling_kosmos2_5.Kosmos2_5VisionModel(config)
+    opt = adapm.AdaPMMini(model, lr=1e-3, strict=True)  # nothing unknown
+    rows = _rows(opt)
+    expected = {"encoder.layer.0.attention.value.weight": "value",
+                "encoder.layer.0.attention.output.weight": "attn_out", "encoder.layer.0.mlp.wi_1.weight": "mlp",
+                "embeddings.patch_projection.weight": "router", "embeddings.column_embedder.weight": "embedding"}
+    assert {name: rows[name].role for name in expected} == expected
+    gen = torch.Generator().manual_seed(1)
+    index = torch.stack([torch.arange(8) // 4 + 1, torch.arange(8) % 4 + 1], -1).float()  # 2 rows x 4 columns
+    patches = torch.cat([index, torch.randn(8, 12, generator=gen)], -1)[None]
+    model.eval()
+
+    def attention_inputs() -> tuple[torch.Tensor, ...]:  # its eager attention: the query and the keys transposed
+        with torch.no_grad(), _MatmulCalls() as record:
+            model(flattened_patches=patches, attention_mask=torch.ones(1, 8))
+        return record.calls[0]
+
+    base = attention_inputs()
+    for which, part in enumerate(("query", "key")):
+        weight = dict(model.named_parameters())[f"encoder.layer.0.attention.{part}.weight"]
+        seg = opt.layout(weight).segments[0]
+        assert seg.momentum == "lowrank" and seg.block == (0, 4), part
+        for head in range(2):
+            after = _block_perturbed(weight, seg, head, 4, attention_inputs)[which]
+            changed = [h for h in range(2) if (after[:, h] - base[which][:, h]).abs().max() > 1e-5]
+            assert changed == [head], (part, head, changed)
+    model.train()
+    stepped = _five_steps(model, opt, lambda: model(flattened_patches=patches,
+                                                    attention_mask=torch.ones(1, 8)).last_hidden_state.square().mean())
+    assert stepped == {n for n, _ in model.named_parameters()}

@@ -215,8 +215,9 @@ SIGLIP_POOLING_HEADS = ("SiglipMultiheadAttentionPoolingHead", "Siglip2Multihead
 """SigLIP's (and SigLIP 2's, Phi-4-multimodal's) attention-pooling head: a learned query ``probe`` attending over the
 tower's output with torch's ``nn.MultiheadAttention`` (``in_proj_weight`` is ``[q | k | v]``, proven in the tests)."""
 
-PIX2STRUCT_MODEL_TYPES = ("pix2struct_vision_model", "pix2struct_text_model")
-"""Pix2Struct's image encoder and text decoder (each part is read with its own config)."""
+PIX2STRUCT_MODEL_TYPES = ("pix2struct_vision_model", "pix2struct_text_model", "kosmos_2_5_vision_model")
+"""Pix2Struct's image encoder and text decoder, and Kosmos-2.5's image encoder, built as Pix2Struct's (each part is
+read with its own config)."""
 
 JETMOE_EXPERTS = ("JetMoeParallelExperts",)
 """JetMoE's expert stacks: ``weight`` of ``(experts, out, in)``, expert i applied as ``F.linear(x, weight[i])`` to the
@@ -572,9 +573,9 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                r"(pre|post)_tile_positional_embedding\.embedding\.weight)$", ("embedding",),
                model_types=("mllama_vision_model",)),
     PresetRule("vision", r"(^|\.)attention\.projection_layer\.weight$", ("attn_out",)),  # InternVL's tower
-    # Pix2Struct: T5-style attention in both towers (query, key, value and output, heads of d_kv), the image encoder's
-    # gated MLP, its linear patch embedding (small: full momentum) and the row and column tables read by each patch's
-    # row and column index (embeddings).
+    # Pix2Struct (and Kosmos-2.5's image encoder): T5-style attention in both towers (query, key, value and output,
+    # heads of d_kv), the image encoder's gated MLP, its linear patch embedding (small: full momentum) and the row and
+    # column tables read by each patch's row and column index (embeddings).
     PresetRule("pix2struct", r"(^|\.)attention\.query\.weight$", ("query",), model_types=PIX2STRUCT_MODEL_TYPES),
     PresetRule("pix2struct", r"(^|\.)attention\.key\.weight$", ("key",), model_types=PIX2STRUCT_MODEL_TYPES),
     PresetRule("pix2struct", r"(^|\.)attention\.value\.weight$", ("value",), model_types=PIX2STRUCT_MODEL_TYPES),
