@@ -2840,3 +2840,70 @@ def test_kosmos_2_5s_image_encoder_is_read_as_pix2structs() -> None:
     stepped = _five_steps(model, opt, lambda: model(flattened_patches=patches,
                                                     attention_mask=torch.ones(1, 8)).last_hidden_state.square().mean())
     assert stepped == {n for n, _ in model.named_parameters()}
+
+
+def test_kosmos_2_5_is_recognised_whole_and_its_segment_table_is_read_by_segment() -> None:
+    """Kosmos-2.5 (image encoder, projection, language model): nothing unknown. The projection's ``dense`` is an MLP
+    matrix, its learned queries a vector, its attention's ``out_proj`` the attention output; the segment table is an
+    embedding with a row per segment: row 0 changes the text positions alone of what enters the first layer, row 1
+    the image positions. The model trains five steps."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.Kosmos2_5Config(
+        text_config=dict(vocab_size=64, embed_dim=32, layers=1, attention_heads=2, ffn_dim=48),
+        vision_config=dict(hidden_size=32, head_dim=4, num_attention_heads=2, num_hidden_layers=1,
+                           intermediate_size=48, patch_embed_hidden_size=12),
+        latent_query_num=4,
+    )  # fmt: skip
+    model = T.Kosmos2_5ForConditionalGeneration(config)
+    opt = adapm.AdaPMMini(model, lr=1e-3, strict=True)  # nothing unknown
+    rows = _rows(opt)
+    expected = {"image_to_text_projection.dense.weight": ("mlp", "lowrank"),
+                "image_to_text_projection.latent_query": ("vector", "full"),
+                "image_to_text_projection.x_attn.out_proj.weight": ("attn_out", "none"),
+                "text_model.model.segment_emb.weight": ("embedding", "none")}  # fmt: skip
+    assert {name: (rows[name].role, rows[name].momentum) for name in expected} == expected
+    gen = torch.Generator().manual_seed(1)
+    index = torch.stack([torch.arange(8) // 4 + 1, torch.arange(8) % 4 + 1], -1).float()  # 2 rows x 4 columns
+    inputs = dict(flattened_patches=torch.cat([index, torch.randn(8, 12, generator=gen)], -1)[None],
+                  input_ids=torch.randint(3, 64, (1, 8), generator=gen), attention_mask=torch.ones(1, 8),
+                  image_embeds_position_mask=torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0]]))  # 4 image positions
+    model.eval()
+    entered: dict[str, torch.Tensor] = {}
+    model.text_model.model.layers[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: entered.update(x=(args[0] if args else kwargs["hidden_states"]).detach().clone()),
+        with_kwargs=True)  # fmt: skip
+
+    def first_layer_input() -> torch.Tensor:
+        with torch.no_grad():
+            model(**inputs)
+        return entered["x"][0]
+
+    base = first_layer_input()
+    table = model.text_model.model.segment_emb.weight
+    for segment, positions in ((0, [0, 5, 6, 7]), (1, [1, 2, 3, 4])):
+        after = _block_perturbed(table, opt.layout(table).segments[0], segment, 1, first_layer_input)
+        assert [p for p in range(8) if not torch.equal(after[p], base[p])] == positions
+    model.train()
+    stepped = _five_steps(model, opt, lambda: model(**inputs, labels=inputs["input_ids"]).loss)
+    assert stepped == {n for n, _ in model.named_parameters()}
+
+
+def test_kosmos_2s_projection_takes_the_same_roles_and_nothing_is_unknown() -> None:
+    """Kosmos-2's image-to-text projection is built as Kosmos-2.5's: the same roles, and nothing in the model is
+    unknown (``strict=True``)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.Kosmos2Config(
+        text_config=dict(vocab_size=64, embed_dim=32, layers=1, attention_heads=2, ffn_dim=48),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        latent_query_num=4,
+    )  # fmt: skip
+    opt = adapm.AdaPMMini(T.Kosmos2ForConditionalGeneration(config), lr=1e-3, strict=True)
+    rows = _rows(opt)
+    assert {n: rows[f"image_to_text_projection.{n}"].role for n in ("dense.weight", "latent_query",
+                                                                    "x_attn.out_proj.weight")} == {
+        "dense.weight": "mlp", "latent_query": "vector", "x_attn.out_proj.weight": "attn_out"}  # fmt: skip

@@ -585,6 +585,16 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                model_types=PIX2STRUCT_MODEL_TYPES),
     PresetRule("pix2struct", r"(^|\.)embeddings\.(row|column)_embedder\.weight$", ("embedding",),
                model_types=PIX2STRUCT_MODEL_TYPES),
+    # Kosmos-2 and Kosmos-2.5: the image features' projection into the language model (an MLP matrix), the learned
+    # queries that attend over them (a vector) with an attention whose output projection is the attention output;
+    # Kosmos-2.5's table of two segments (text, image) is read by each position's segment (an embedding).
+    PresetRule("kosmos", r"(^|\.)image_to_text_projection\.dense\.weight$", ("mlp",),
+               model_types=("kosmos-2", "kosmos-2.5")),
+    PresetRule("kosmos", r"(^|\.)image_to_text_projection\.latent_query$", ("vector",),
+               model_types=("kosmos-2", "kosmos-2.5")),
+    PresetRule("kosmos", r"(^|\.)image_to_text_projection\.x_attn\.out_proj\.weight$", ("attn_out",),
+               model_types=("kosmos-2", "kosmos-2.5")),
+    PresetRule("kosmos", r"(^|\.)segment_emb\.weight$", ("embedding",), model_types=("kosmos_2_5_text_model",)),
     # Learned tokens prepended to or queried by a tower (a class token, BLIP-2's learned queries): one small tensor
     # each, with one block per tensor as Adam-mini gives such parameters (position tables of shape
     # (1, positions, width) keep AdamW's state).
