@@ -2907,3 +2907,37 @@ def test_kosmos_2s_projection_takes_the_same_roles_and_nothing_is_unknown() -> N
     assert {n: rows[f"image_to_text_projection.{n}"].role for n in ("dense.weight", "latent_query",
                                                                     "x_attn.out_proj.weight")} == {
         "dense.weight": "mlp", "latent_query": "vector", "x_attn.out_proj.weight": "attn_out"}  # fmt: skip
+
+
+def test_gits_projection_and_head_are_recognised_and_its_head_has_a_row_per_token() -> None:
+    """GIT: nothing unknown. The image features' projection is an MLP matrix; ``output`` is the language-model head,
+    whose row v changes the logit of token v alone; the model trains five steps."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.GitConfig(vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=2, image_size=28, patch_size=14),
+                         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=48, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    model = T.GitForCausalLM(config)
+    opt = adapm.AdaPMMini(model, lr=1e-3, strict=True)  # nothing unknown
+    rows = _rows(opt)
+    assert rows["git.visual_projection.visual_projection.0.weight"].role == "mlp"
+    assert rows["output.weight"].role == "output"
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(input_ids=torch.randint(3, 64, (1, 5), generator=gen),
+                  pixel_values=torch.randn(1, 3, 28, 28, generator=gen))  # fmt: skip
+    model.eval()
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return model(**inputs).logits[0]
+
+    base = logits()
+    head = model.output.weight
+    for token in (0, 7, 63):
+        after = _block_perturbed(head, opt.layout(head).segments[0], token, 1, logits)
+        assert [v for v in range(64) if not torch.equal(after[:, v], base[:, v])] == [token]
+    model.train()
+    stepped = _five_steps(model, opt, lambda: model(**inputs, labels=inputs["input_ids"]).loss)
+    assert stepped == {n for n, _ in model.named_parameters()}
