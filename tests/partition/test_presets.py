@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -359,6 +359,20 @@ def _block_perturbed(weight: nn.Parameter, seg: object, block: int, size: int, p
     finally:
         with torch.no_grad():
             weight.copy_(saved)
+
+
+def _assert_head_blocks_change_their_heads(opt: adapm.AdaPM, weights: Sequence[nn.Parameter], size: int, heads: int,
+                                           probe: Callable[[], Sequence[torch.Tensor]]) -> None:  # fmt: skip
+    """Each of ``weights`` is low-rank with per-head blocks of ``size`` rows, and perturbing block h of the i-th changes
+    head h alone (dim 1) of ``probe()[i]`` (e.g. the query, then the key, that an attention computes with)."""
+    base = probe()
+    for which, weight in enumerate(weights):
+        seg = opt.layout(weight).segments[0]
+        assert seg.momentum == "lowrank" and seg.block == (0, size), which
+        for head in range(heads):
+            after = _block_perturbed(weight, seg, head, size, probe)[which]
+            changed = [h for h in range(heads) if (after[:, h] - base[which][:, h]).abs().max() > 1e-5]
+            assert changed == [head], (which, head, changed)
 
 
 def test_hf_gpt2_split_matches_the_real_query_key_value() -> None:
@@ -2707,6 +2721,13 @@ def test_llama_3_2_visions_tables_are_embeddings_read_by_position_and_by_aspect_
     assert adapm.state_bytes(opt) == sum(r.state_bytes for r in opt.partition_report().rows)
 
 
+def _flattened_patches(gen: torch.Generator) -> torch.Tensor:
+    """Pix2Struct-style image input: 8 patches (2 rows x 4 columns), each its row and column index (from 1) then 12
+    random values, for a batch of one."""
+    index = torch.stack([torch.arange(8) // 4 + 1, torch.arange(8) % 4 + 1], -1).float()
+    return torch.cat([index, torch.randn(8, 12, generator=gen)], -1)[None]
+
+
 def test_pix2struct_attention_heads_are_d_kv_rows_and_nothing_is_unknown() -> None:
     """Pix2Struct (image encoder and text decoder): nothing unknown (no warning). Its heads are ``d_kv`` rows, which
     in the image encoder differs from width / heads (its query is heads x d_kv rows, not width; the decoder's is width
@@ -2739,8 +2760,7 @@ def test_pix2struct_attention_heads_are_d_kv_rows_and_nothing_is_unknown() -> No
                 "decoder.layer.0.encoder_decoder_attention.attention.output.weight": ("attn_out", "none")}  # fmt: skip
     assert {name: (rows[name].role, rows[name].momentum) for name in expected} == expected
     gen = torch.Generator().manual_seed(1)
-    index = torch.stack([torch.arange(8) // 4 + 1, torch.arange(8) % 4 + 1], -1).float()  # 2 rows x 4 columns
-    patches = torch.cat([index, torch.randn(8, 12, generator=gen)], -1)[None]
+    patches = _flattened_patches(gen)
     labels = torch.randint(1, 64, (1, 5), generator=gen)
     model.set_attn_implementation("sdpa")
     model.eval()  # no dropout while probing
@@ -2750,21 +2770,13 @@ def test_pix2struct_attention_heads_are_d_kv_rows_and_nothing_is_unknown() -> No
             model(flattened_patches=patches, attention_mask=torch.ones(1, 8), labels=labels)
         return record.calls  # the encoder's self-attention, the decoder's self- and cross-attention
 
-    base = attention_inputs()
     named = dict(model.named_parameters())
     for call, prefix, heads in ((0, "encoder.encoder.layer.0.attention", 2),
                                 (1, "decoder.layer.0.self_attention.attention", 8),
                                 (2, "decoder.layer.0.encoder_decoder_attention.attention", 8)):  # fmt: skip
-        for which, part in enumerate(("query", "key")):
-            if call == 2 and part == "key":
-                continue  # the cross-attention's keys are the encoder's output: its key matrix is checked as a query's
-            weight = named[f"{prefix}.{part}.weight"]
-            seg = opt.layout(weight).segments[0]
-            assert seg.momentum == "lowrank" and seg.block == (0, 4), (prefix, part)
-            for head in range(heads):
-                after = _block_perturbed(weight, seg, head, 4, attention_inputs)[call][which]
-                changed = [h for h in range(heads) if (after[:, h] - base[call][which][:, h]).abs().max() > 1e-5]
-                assert changed == [head], (prefix, part, head, changed)
+        # (the cross-attention's keys are computed from the encoder's output: its queries are checked)
+        weights = [named[f"{prefix}.{part}.weight"] for part in (("query",) if call == 2 else ("query", "key"))]
+        _assert_head_blocks_change_their_heads(opt, weights, 4, heads, lambda call=call: attention_inputs()[call])
     model.train()
     stepped = _five_steps(model, opt, lambda: model(flattened_patches=patches, attention_mask=torch.ones(1, 8),
                                                     labels=labels).loss)  # fmt: skip
@@ -2790,15 +2802,9 @@ def test_t5_heads_are_d_kv_rows_where_that_is_not_width_over_heads() -> None:
             model(input_ids=x, labels=x)
         return record.calls[0]
 
-    base = encoder_attention()
-    for which, part in enumerate(("q", "k")):
-        weight = dict(model.named_parameters())[f"encoder.block.0.layer.0.SelfAttention.{part}.weight"]
-        seg = opt.layout(weight).segments[0]
-        assert seg.momentum == "lowrank" and seg.block == (0, 4), part
-        for head in range(2):
-            after = _block_perturbed(weight, seg, head, 4, encoder_attention)[which]
-            changed = [h for h in range(2) if (after[:, h] - base[which][:, h]).abs().max() > 1e-5]
-            assert changed == [head], (part, head, changed)
+    named = dict(model.named_parameters())
+    weights = [named[f"encoder.block.0.layer.0.SelfAttention.{part}.weight"] for part in ("q", "k")]
+    _assert_head_blocks_change_their_heads(opt, weights, 4, 2, encoder_attention)
 
 
 def test_kosmos_2_5s_image_encoder_is_read_as_pix2structs() -> None:
@@ -2818,8 +2824,7 @@ def test_kosmos_2_5s_image_encoder_is_read_as_pix2structs() -> None:
                 "embeddings.patch_projection.weight": "router", "embeddings.column_embedder.weight": "embedding"}
     assert {name: rows[name].role for name in expected} == expected
     gen = torch.Generator().manual_seed(1)
-    index = torch.stack([torch.arange(8) // 4 + 1, torch.arange(8) % 4 + 1], -1).float()  # 2 rows x 4 columns
-    patches = torch.cat([index, torch.randn(8, 12, generator=gen)], -1)[None]
+    patches = _flattened_patches(gen)
     model.eval()
 
     def attention_inputs() -> tuple[torch.Tensor, ...]:  # its eager attention: the query and the keys transposed
@@ -2827,19 +2832,30 @@ def test_kosmos_2_5s_image_encoder_is_read_as_pix2structs() -> None:
             model(flattened_patches=patches, attention_mask=torch.ones(1, 8))
         return record.calls[0]
 
-    base = attention_inputs()
-    for which, part in enumerate(("query", "key")):
-        weight = dict(model.named_parameters())[f"encoder.layer.0.attention.{part}.weight"]
-        seg = opt.layout(weight).segments[0]
-        assert seg.momentum == "lowrank" and seg.block == (0, 4), part
-        for head in range(2):
-            after = _block_perturbed(weight, seg, head, 4, attention_inputs)[which]
-            changed = [h for h in range(2) if (after[:, h] - base[which][:, h]).abs().max() > 1e-5]
-            assert changed == [head], (part, head, changed)
+    named = dict(model.named_parameters())
+    weights = [named[f"encoder.layer.0.attention.{part}.weight"] for part in ("query", "key")]
+    _assert_head_blocks_change_their_heads(opt, weights, 4, 2, attention_inputs)
     model.train()
     stepped = _five_steps(model, opt, lambda: model(flattened_patches=patches,
                                                     attention_mask=torch.ones(1, 8)).last_hidden_state.square().mean())
     assert stepped == {n for n, _ in model.named_parameters()}
+
+
+def _kosmos(kind: str) -> nn.Module:
+    """A tiny Kosmos-2 (a CLIP-style tower of 2 x 2 patches) or Kosmos-2.5 (a Pix2Struct-style encoder, 2 heads of 4),
+    each with 4 learned queries and a language model of one layer."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, embed_dim=32, layers=1, attention_heads=2, ffn_dim=48)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
+    if kind == "kosmos-2.5":
+        config = T.Kosmos2_5Config(text_config=text, latent_query_num=4,
+                                   vision_config={**vision, "head_dim": 4, "patch_embed_hidden_size": 12})  # fmt: skip
+        return T.Kosmos2_5ForConditionalGeneration(config)
+    config = T.Kosmos2Config(text_config=text, latent_query_num=4,
+                             vision_config={**vision, "image_size": 28, "patch_size": 14})  # fmt: skip
+    return T.Kosmos2ForConditionalGeneration(config)
 
 
 def test_kosmos_2_5_is_recognised_whole_and_its_segment_table_is_read_by_segment() -> None:
@@ -2847,16 +2863,7 @@ def test_kosmos_2_5_is_recognised_whole_and_its_segment_table_is_read_by_segment
     matrix, its learned queries a vector, its attention's ``out_proj`` the attention output; the segment table is an
     embedding with a row per segment: row 0 changes the text positions alone of what enters the first layer, row 1
     the image positions. The model trains five steps."""
-    import transformers as T
-
-    torch.manual_seed(0)
-    config = T.Kosmos2_5Config(
-        text_config=dict(vocab_size=64, embed_dim=32, layers=1, attention_heads=2, ffn_dim=48),
-        vision_config=dict(hidden_size=32, head_dim=4, num_attention_heads=2, num_hidden_layers=1,
-                           intermediate_size=48, patch_embed_hidden_size=12),
-        latent_query_num=4,
-    )  # fmt: skip
-    model = T.Kosmos2_5ForConditionalGeneration(config)
+    model = _kosmos("kosmos-2.5")
     opt = adapm.AdaPMMini(model, lr=1e-3, strict=True)  # nothing unknown
     rows = _rows(opt)
     expected = {"image_to_text_projection.dense.weight": ("mlp", "lowrank"),
@@ -2865,8 +2872,7 @@ def test_kosmos_2_5_is_recognised_whole_and_its_segment_table_is_read_by_segment
                 "text_model.model.segment_emb.weight": ("embedding", "none")}  # fmt: skip
     assert {name: (rows[name].role, rows[name].momentum) for name in expected} == expected
     gen = torch.Generator().manual_seed(1)
-    index = torch.stack([torch.arange(8) // 4 + 1, torch.arange(8) % 4 + 1], -1).float()  # 2 rows x 4 columns
-    inputs = dict(flattened_patches=torch.cat([index, torch.randn(8, 12, generator=gen)], -1)[None],
+    inputs = dict(flattened_patches=_flattened_patches(gen),
                   input_ids=torch.randint(3, 64, (1, 8), generator=gen), attention_mask=torch.ones(1, 8),
                   image_embeds_position_mask=torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0]]))  # 4 image positions
     model.eval()
@@ -2893,16 +2899,7 @@ def test_kosmos_2_5_is_recognised_whole_and_its_segment_table_is_read_by_segment
 def test_kosmos_2s_projection_takes_the_same_roles_and_nothing_is_unknown() -> None:
     """Kosmos-2's image-to-text projection is built as Kosmos-2.5's: the same roles, and nothing in the model is
     unknown (``strict=True``)."""
-    import transformers as T
-
-    torch.manual_seed(0)
-    config = T.Kosmos2Config(
-        text_config=dict(vocab_size=64, embed_dim=32, layers=1, attention_heads=2, ffn_dim=48),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=28, patch_size=14),
-        latent_query_num=4,
-    )  # fmt: skip
-    opt = adapm.AdaPMMini(T.Kosmos2ForConditionalGeneration(config), lr=1e-3, strict=True)
+    opt = adapm.AdaPMMini(_kosmos("kosmos-2"), lr=1e-3, strict=True)
     rows = _rows(opt)
     assert {n: rows[f"image_to_text_projection.{n}"].role for n in ("dense.weight", "latent_query",
                                                                     "x_attn.out_proj.weight")} == {
