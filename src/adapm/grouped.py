@@ -442,17 +442,15 @@ def second_moment_denominators(
     """Update the block second moments of every ``block``-policy segment; return ``id(block) ->
     sqrt(vhat) + eps`` (broadcastable over the segment).
 
-    With the deferred finite check (blocks with :attr:`Block.ok`, which only ``fused`` steps have) and
-    no sharded block, everything is compiled (one call per bucket of same-layout blocks, its scalars from
-    ``scalars``), masked: the block
-    means of ``g^2`` of each block's gradient (the low-rank tracking left them to it), the EMA, and the
-    denominators shaped to broadcast; a block whose flag is False keeps its moments. Otherwise (and if
-    that call cannot be built) the means of ``g^2`` are reduced per stack of same-shape, same-layout
-    blocks, the moments' EMA and the denominators run as ``foreach`` ops over the blocks of every stack
-    at once (the block vectors are small and of any length), and each stack's denominators are shaped
-    with one view. (Not compiled
-    off the deferred path: the call takes a while to compile, minutes on GPT-2 124M on a 2-core CPU, and
-    there is no mask to fold in.)"""
+    With the deferred finite check (blocks with :attr:`Block.ok`, which only ``fused`` steps have) and no
+    sharded block, everything is compiled (one call per bucket of same-layout blocks, its scalars from
+    ``scalars``), masked: the block means of ``g^2`` of each block's gradient (the low-rank tracking left them
+    to it), the EMA, and the denominators shaped to broadcast; a block whose flag is False keeps its moments.
+    Otherwise (and if that call cannot be built) the means of ``g^2`` are reduced per stack of same-shape,
+    same-layout blocks, the moments' EMA and the denominators run as ``foreach`` ops over the blocks of every
+    stack at once (the block vectors are small and of any length), and each stack's denominators are shaped with
+    one view. (Not compiled off the deferred path: the call takes a while to compile, minutes on GPT-2 124M on a
+    2-core CPU, and there is no mask to fold in.)"""
     mine = [b for b in blocks if not b.layout.second_policy.elementwise]
     if not mine:
         return {}

@@ -597,7 +597,7 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("kosmos", r"(^|\.)segment_emb\.weight$", ("embedding",), model_types=("kosmos_2_5_text_model",)),
     # GIT: its image features' projection (a linear layer, then a norm) and its language-model head, named ``output``.
     PresetRule("git", r"(^|\.)visual_projection\.visual_projection\.0\.weight$", ("mlp",), model_types=("git",)),
-    PresetRule("git", r"^output\.weight$", ("output",), model_types=("git",)),
+    PresetRule("git", r"(^|\.)output\.weight$", ("output",), model_types=("git",)),
     # Learned tokens prepended to or queried by a tower (a class token, BLIP-2's learned queries): one small tensor
     # each, with one block per tensor as Adam-mini gives such parameters (position tables of shape
     # (1, positions, width) keep AdamW's state).
