@@ -5,7 +5,7 @@ layout is kept whole.
 
     python benchmarks/coverage.py --json docs/benchmarks/coverage.json   # writes coverage.md beside it
     python benchmarks/coverage.py --task causal-lm --model-types llama,qwen3_next   # a few only
-    python benchmarks/coverage.py --quick                                 # llama, qwen3_next, ctrl; qwen2_5_vl
+    python benchmarks/coverage.py --quick                                 # llama, qwen3_next, xlnet; qwen2_5_vl
 
 A model type whose default config transformers itself cannot build is listed as ``not built`` with the
 error, and counted apart.
@@ -34,7 +34,7 @@ TASKS = {"causal-lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalL
 """The kinds of model surveyed: transformers' model-type table of each, its auto class, and what the summary calls
 one."""
 
-QUICK = {"causal-lm": ("llama", "qwen3_next", "ctrl"), "image-text-to-text": ("qwen2_5_vl",)}
+QUICK = {"causal-lm": ("llama", "qwen3_next", "xlnet"), "image-text-to-text": ("qwen2_5_vl",)}
 """The model types of ``--quick``: one plain, one with fused linear attention and experts, one not recognised; one
 multimodal model with a vision tower."""
 

@@ -301,13 +301,13 @@ def test_families_table_quick(tmp_path: Path) -> None:
 
 def test_coverage_quick(tmp_path: Path) -> None:
     """The coverage survey: Llama and Qwen3-Next (linear attention, experts) complete at real size on the
-    meta device; CTRL's attention and feed-forward (named Wq, Wk, ... and ffn.N) named as left at AdamW's state;
+    meta device; XLNet's attention (3-D weights, heads on their own axis) named as left at AdamW's state;
     Qwen2.5-VL, vision tower and language model, complete."""
     result = _run("coverage.py", tmp_path / "coverage.json")
     rows = {r["model_type"]: r for r in result["rows"]}
     assert rows["llama"]["unrecognised"] == 0 and rows["qwen3_next"]["unrecognised"] == 0
     assert rows["qwen3_next"]["parameters_m"] > 70_000
-    assert "transformer.h.N.multi_head_attention.Wq.weight" in rows["ctrl"]["names"]
+    assert "transformer.layer.N.rel_attn.q" in rows["xlnet"]["names"]
     assert rows["qwen2_5_vl"]["task"] == "image-text-to-text" and rows["qwen2_5_vl"]["unrecognised"] == 0
     assert rows["qwen2_5_vl"]["parameters_m"] > 7_000
     assert result["summary"] == {

@@ -695,7 +695,7 @@ def _model_of(config: object) -> nn.Module:
 def _loss(model: nn.Module, ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
     """The language-model loss on ``ids``; for a decoder without a head (:func:`_model_of`), the mean square of its
     last hidden states (a loss every parameter of the decoder has a gradient from)."""
-    if "For" not in type(model).__name__:  # Mistral4Model, Qwen3VLMoeTextModel, ...: no head
+    if not any(k in type(model).__name__ for k in ("For", "LMHead")):  # Mistral4Model, Qwen3VLMoeTextModel: no head
         return model(input_ids=ids, **kwargs).last_hidden_state.float().pow(2).mean()
     return model(input_ids=ids, labels=ids, **kwargs).loss
 
@@ -808,6 +808,17 @@ MULTIMODAL_ROPE: dict[str, dict[str, object]] = {
 }  # fmt: skip
 """GLM-4.1V's, GLM-OCR's and GLM-4.5V's language models: multimodal rotary sections that fit a head of 8."""
 
+OLDER_TEXT_MODELS: dict[str, dict[str, object]] = {
+    "ctrl": dict(dff=64, n_positions=64), "xlm": dict(max_position_embeddings=64),
+    "cpmant": dict(dim_head=4, dim_ff=64, prompt_length=4, segment_types=4),
+    "rembert": dict(input_embedding_size=16, output_embedding_size=24, is_decoder=True),
+    "roc_bert": dict(pronunciation_vocab_size=20, shape_vocab_size=20, pronunciation_embed_dim=8, shape_embed_dim=8,
+                     is_decoder=True),
+    "electra": dict(embedding_size=16, is_decoder=True), "xmod": dict(is_decoder=True),
+}  # fmt: skip
+"""CTRL, XLM, CPM-Ant (4 heads of ``dim_head`` 4, not width / heads) and BERT's kin as causal language models (RemBERT
+and ELECTRA with embeddings narrower than the width, RoCBert with pronunciation and shape tables)."""
+
 TINY_OVERRIDES: dict[str, dict[str, object]] = {**MAMBA, **SHORT_CONV, "deepseek_v4": DEEPSEEK_V4, "zamba": ZAMBA,
                                                 "rwkv": RWKV, "recurrent_gemma": GRIFFIN, "xlstm": XLSTM,
                                                 "dots1": {"n_shared_experts": 1},
@@ -823,7 +834,8 @@ TINY_OVERRIDES: dict[str, dict[str, object]] = {**MAMBA, **SHORT_CONV, "deepseek
                                                                              "mrope_section": [1, 1, 2]}},
                                                 **MULTIMODAL_ROPE,
                                                 "glm5_next_text": {"num_key_value_heads": 4, "qk_rope_head_dim": 0,
-                                                                   "mlp_layer_types": ["dense", "sparse"]}}  # fmt: skip
+                                                                   "mlp_layer_types": ["dense", "sparse"]},
+                                                **OLDER_TEXT_MODELS}  # fmt: skip
 """The sizes :func:`_tiny` needs beyond its defaults, per model type, wherever the tests build that type."""
 
 
@@ -886,8 +898,8 @@ def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) 
 
 
 @pytest.mark.parametrize("kind", FAMILIES + WHOLE_BY_EXPERTS + GATED_DELTANET + tuple(MAMBA) + tuple(SHORT_CONV)
-                         + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv", "zamba", "moshi", "jetmoe",
-                            "minimax_m3_vl_text", "doge", "zaya", *INKLING_MODEL_TYPES, "gemma3n_text")
+                         + ("deepseek_v4", "recurrent_gemma", "xlstm", "rwkv", "zamba", "moshi", "jetmoe", "ctrl",
+                            "xlm", "cpmant", "minimax_m3_vl_text", "doge", "zaya", *INKLING_MODEL_TYPES, "gemma3n_text")
                          + LANGUAGE_MODELS_OF_MULTIMODAL
                          + MODERNBERT_MODEL_TYPES)
 def test_every_matrix_of_each_family_is_recognised_and_trains(kind: str) -> None:
@@ -2357,15 +2369,20 @@ def test_moshi_wrapped_projections_feed_what_they_are_declared_as() -> None:
 
 
 class _MatmulCalls(TorchFunctionMode):
-    """While active, records both operands of every ``a @ b``."""
+    """While active, records both operands of every ``a @ b`` (with ``einsum=True``, also of every two-operand
+    ``torch.einsum``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, einsum: bool = False) -> None:
         super().__init__()
+        self.einsum = einsum
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func in (torch.Tensor.__matmul__, torch.Tensor.matmul, torch.matmul):
             self.calls.append((args[0].detach().clone(), args[1].detach().clone()))
+        elif func is torch.einsum and self.einsum:
+            operands = args[1] if len(args) == 2 else args[1:]  # einsum(eq, a, b) or einsum(eq, (a, b))
+            self.calls.append(tuple(t.detach().clone() for t in operands))  # type: ignore[arg-type]
         return func(*args, **(kwargs or {}))
 
 
@@ -2937,4 +2954,105 @@ def test_gits_projection_and_head_are_recognised_and_its_head_has_a_row_per_toke
         assert [v for v in range(64) if not torch.equal(after[:, v], base[:, v])] == [token]
     model.train()
     stepped = _five_steps(model, opt, lambda: model(**inputs, labels=inputs["input_ids"]).loss)
+    assert stepped == {n for n, _ in model.named_parameters()}
+
+
+def _older_attention(kind: str) -> nn.Module:
+    """A tiny CTRL, XLM, FlauBERT, DistilBERT, CPM-Ant (:data:`OLDER_TEXT_MODELS`) or ProphetNet (an encoder of 2 heads
+    of 16, a decoder of 4 heads of 8)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    if kind == "flaubert":
+        return T.FlaubertWithLMHeadModel(T.FlaubertConfig(emb_dim=32, n_layers=1, n_heads=4, vocab_size=80,
+                                                          max_position_embeddings=64))  # fmt: skip
+    if kind == "distilbert":
+        return T.DistilBertForMaskedLM(T.DistilBertConfig(dim=32, n_layers=1, n_heads=4, hidden_dim=64, vocab_size=80))
+    if kind == "prophetnet":
+        return T.ProphetNetForConditionalGeneration(T.ProphetNetConfig(
+            vocab_size=80, hidden_size=32, num_encoder_layers=1, num_decoder_layers=1, num_encoder_attention_heads=2,
+            num_decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, ngram=2, max_position_embeddings=64))
+    return _tiny(kind, **OLDER_TEXT_MODELS[kind])
+
+
+OLDER_ATTENTION: dict[str, tuple[tuple[str, tuple[str, str], int, int, int], ...]] = {
+    "ctrl": (("transformer.h.0.multi_head_attention.{}.weight", ("Wq", "Wk"), 0, 8, 4),),
+    "xlm": (("transformer.attentions.0.{}.weight", ("q_lin", "k_lin"), 0, 8, 4),),
+    "flaubert": (("transformer.attentions.0.{}.weight", ("q_lin", "k_lin"), 0, 8, 4),),
+    "distilbert": (("distilbert.transformer.layer.0.attention.{}.weight", ("q_lin", "k_lin"), 0, 8, 4),),
+    "cpmant": (("cpmant.encoder.layers.0.self_att.self_attention.{}.weight", ("project_q", "project_k"), 0, 4, 4),),
+    "prophetnet": (("prophetnet.encoder.layers.0.self_attn.{}.weight", ("query_proj", "key_proj"), 0, 16, 2),
+                   ("prophetnet.decoder.layers.0.self_attn.{}.weight", ("query_proj", "key_proj"), 2, 8, 4),
+                   ("prophetnet.decoder.layers.0.cross_attn.{}.weight", ("query_proj", "key_proj"), 6, 8, 4)),
+}  # fmt: skip
+"""Per model type: the query and key weights of an attention (a name template and its two parts), the call that
+multiplies them (the n-th ``scaled_dot_product_attention`` for CTRL and DistilBERT; the n-th ``q @ kᵀ`` or einsum for
+the others: ProphetNet's encoder self-attention, then its decoder's main-stream self-attention, then its
+cross-attention), and the head size and count."""
+
+
+@pytest.mark.parametrize("kind", sorted(OLDER_ATTENTION))
+def test_older_models_query_and_key_blocks_are_their_real_heads_and_they_train(kind: str) -> None:
+    """CTRL, XLM, FlauBERT, DistilBERT, CPM-Ant and ProphetNet: nothing unknown; each block of query or key rows changes
+    its own head alone of what the attention multiplies (CPM-Ant's heads are ``dim_head`` rows, not width / heads;
+    ProphetNet's encoder and decoder have their own head counts); five steps train every parameter."""
+    model = _older_attention(kind)
+    opt = adapm.AdaPMMini(model, lr=1e-3, strict=True)  # nothing unknown
+    x = torch.randint(2, 50, (1, 6), generator=torch.Generator().manual_seed(1))
+    extra = {"decoder_input_ids": x} if kind == "prophetnet" else {}
+    recorder: Callable[[], TorchFunctionMode] = (_SdpaCalls if kind in ("ctrl", "distilbert")
+                                                 else lambda: _MatmulCalls(einsum=kind == "prophetnet"))  # fmt: skip
+    named = dict(model.named_parameters())
+    model.eval()
+    for template, parts, call, size, heads in OLDER_ATTENTION[kind]:
+
+        def attention_inputs(call: int = call) -> tuple[torch.Tensor, ...]:
+            with torch.no_grad(), recorder() as record:
+                model(input_ids=x, **extra)
+            return record.calls[call][:2]
+
+        weights = [named[template.format(part)] for part in parts]
+        _assert_head_blocks_change_their_heads(opt, weights, size, heads, attention_inputs)
+    model.train()
+    assert _five_steps(model, opt, lambda: model(input_ids=x, labels=x, **extra).loss) == set(named)
+
+
+@pytest.mark.parametrize(("kind", "roles"), [
+    ("rembert", {"rembert.encoder.embedding_hidden_mapping_in.weight": "mlp", "cls.predictions.dense.weight": "mlp",
+                 "cls.predictions.decoder.weight": "output"}),
+    ("roc_bert", {"roc_bert.embeddings.pronunciation_embed.weight": "embedding",
+                  "roc_bert.embeddings.shape_embed.weight": "embedding",
+                  "roc_bert.embeddings.map_inputs_layer.weight": "mlp"}),
+    ("electra", {"electra.embeddings_project.weight": "mlp", "generator_predictions.dense.weight": "mlp"}),
+    ("xmod", {"roberta.encoder.layer.0.output.adapter_modules.en_XX.dense1.weight": "mlp",
+              "roberta.encoder.layer.0.output.adapter_modules.en_XX.dense2.weight": "mlp"}),
+    ("blt", {"model.encoder_hash_tok_embedding.weight": "embedding",
+             "model.local_encoder.patch_embedding_projection.weight": "mlp",
+             "model.local_decoder.patch_embedding_projection.weight": "mlp"}),
+])  # fmt: skip
+def test_bert_kin_and_blt_tables_and_projections_take_their_roles_and_train(kind: str, roles: dict[str, str]) -> None:
+    """RemBERT's, ELECTRA's and RoCBert's projections into the width and heads, RoCBert's pronunciation and shape
+    tables, X-MOD's language adapters, the Byte Latent Transformer's hashed n-gram table and patch projections: each
+    takes its role, nothing is unknown, and five steps as a causal language model train every parameter."""
+    import transformers as T
+
+    if kind == "blt":
+        torch.manual_seed(0)
+        local = dict(hidden_size=16, hidden_size_global=32, num_attention_heads=2, num_key_value_heads=2,
+                     intermediate_size=48, num_hidden_layers=1, vocab_size=96)
+        model: nn.Module = T.BltForCausalLM(T.BltConfig(
+            vocab_size=96, patch_in_forward=False, patching_mode=None, patch_size=4, cross_attn_k=2,
+            encoder_hash_byte_group_size=[3, 4], encoder_hash_byte_group_vocab=50, max_position_embeddings=64,
+            encoder_config=local, decoder_config=local,
+            global_config=dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                               num_hidden_layers=1)))  # fmt: skip
+    else:
+        model = _tiny(kind, **OLDER_TEXT_MODELS[kind])
+    if kind == "xmod":
+        model.set_default_language("en_XX")
+    opt = adapm.AdaPMMini(model, lr=1e-3, strict=True)  # nothing unknown
+    rows = _rows(opt)
+    assert {name: rows[name].role for name in roles} == roles
+    x = torch.randint(4, 80, (2, 8), generator=torch.Generator().manual_seed(1))
+    stepped = _five_steps(model, opt, lambda: model(input_ids=x, labels=x, use_cache=False).loss)
     assert stepped == {n for n, _ in model.named_parameters()}

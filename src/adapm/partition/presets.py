@@ -219,6 +219,12 @@ PIX2STRUCT_MODEL_TYPES = ("pix2struct_vision_model", "pix2struct_text_model", "k
 """Pix2Struct's image encoder and text decoder, and Kosmos-2.5's image encoder, built as Pix2Struct's (each part is
 read with its own config)."""
 
+XLM_MODEL_TYPES = ("xlm", "flaubert", "distilbert")
+"""Models with XLM's attention and MLP names (``q_lin``, ``k_lin``, ``v_lin``, ``out_lin``, ``lin1``, ``lin2``)."""
+
+PROPHETNET_ATTENTION = ("ProphetNetAttention", "ProphetNetNgramSelfAttention")
+"""ProphetNet's attention modules (the encoder's and the cross-attention, and the decoder's n-gram self-attention)."""
+
 JETMOE_EXPERTS = ("JetMoeParallelExperts",)
 """JetMoE's expert stacks: ``weight`` of ``(experts, out, in)``, expert i applied as ``F.linear(x, weight[i])`` to the
 tokens routed to it (proven on the model's own forward in the tests)."""
@@ -669,6 +675,54 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("bert", r"(^|\.)language_projection\.weight$", ("mlp",)),  # BLIP-2's projector into its language model
     PresetRule("bert", r"(^|\.)(predictions\.transform|pooler)\.dense\.weight$", ("mlp",)),
     PresetRule("bert", r"(^|\.)(lm_head\.dense|pooler)\.weight$", ("mlp",)),  # RoBERTa's head; BigBird's pooler
+    # ... and their kin: the projection of small embeddings up to the width (ALBERT, RemBERT, ELECTRA, ConvBERT,
+    # RoFormer), ELECTRA's generator head and RemBERT's head and its own (untied) output layer, RoCBert's pronunciation
+    # and glyph-shape tables and their map into the width, X-MOD's per-language adapters (a bottleneck MLP).
+    PresetRule("bert", r"(^|\.)(embedding_hidden_mapping_in|embeddings_project|embeddings\.map_inputs_layer|"
+               r"generator_predictions\.dense|adapter_modules\.\w+\.dense[12])\.weight$", ("mlp",)),
+    PresetRule("bert", r"(^|\.)predictions\.dense\.weight$", ("mlp",), model_types=("rembert",)),
+    PresetRule("bert", r"(^|\.)predictions\.decoder\.weight$", ("output",), model_types=("rembert",)),
+    PresetRule("bert", r"(^|\.)embeddings\.(pronunciation|shape)_embed\.weight$", ("embedding",),
+               model_types=("roc_bert",)),
+    # CTRL: query, key and value (``Wq``, ``Wk``, ``Wv``), the attention output (``dense``) and a two-layer MLP.
+    PresetRule("ctrl", r"(^|\.)multi_head_attention\.Wq\.weight$", ("query",), model_types=("ctrl",)),
+    PresetRule("ctrl", r"(^|\.)multi_head_attention\.Wk\.weight$", ("key",), model_types=("ctrl",)),
+    PresetRule("ctrl", r"(^|\.)multi_head_attention\.Wv\.weight$", ("value",), model_types=("ctrl",)),
+    PresetRule("ctrl", r"(^|\.)multi_head_attention\.dense\.weight$", ("attn_out",), model_types=("ctrl",)),
+    PresetRule("ctrl", r"(^|\.)h\.\d+\.ffn\.[02]\.weight$", ("mlp",), model_types=("ctrl",)),
+    # XLM, FlauBERT and DistilBERT: ``q_lin``, ``k_lin``, ``v_lin``, ``out_lin``, a two-layer MLP (``lin1``, ``lin2``),
+    # position and language tables read by index; DistilBERT's head transforms before its (tied) output layer.
+    PresetRule("xlm", r"(^|\.)q_lin\.weight$", ("query",), model_types=XLM_MODEL_TYPES),
+    PresetRule("xlm", r"(^|\.)k_lin\.weight$", ("key",), model_types=XLM_MODEL_TYPES),
+    PresetRule("xlm", r"(^|\.)v_lin\.weight$", ("value",), model_types=XLM_MODEL_TYPES),
+    PresetRule("xlm", r"(^|\.)out_lin\.weight$", ("attn_out",), model_types=XLM_MODEL_TYPES),
+    PresetRule("xlm", r"(^|\.)(lin[12]|vocab_transform)\.weight$", ("mlp",), model_types=XLM_MODEL_TYPES),
+    PresetRule("xlm", r"(^|\.)(position|lang)_embeddings\.weight$", ("embedding",), model_types=XLM_MODEL_TYPES),
+    # ProphetNet: query, key and value (heads of the attention module's own size: its encoder and decoder may have
+    # different head counts), the cross-attention's output, the MLP, the position and n-gram stream tables read by
+    # index, and the decoder's relative-position projection (a linear map of each query's hidden state to one logit per
+    # distance bucket and head: an MLP matrix, one block per output).
+    PresetRule("prophetnet", r"(^|\.)query_proj\.weight$", ("query",), within=PROPHETNET_ATTENTION),
+    PresetRule("prophetnet", r"(^|\.)key_proj\.weight$", ("key",), within=PROPHETNET_ATTENTION),
+    PresetRule("prophetnet", r"(^|\.)value_proj\.weight$", ("value",), within=PROPHETNET_ATTENTION),
+    PresetRule("prophetnet", r"(^|\.)cross_attn\.out_proj\.weight$", ("attn_out",), within=PROPHETNET_ATTENTION),
+    PresetRule("prophetnet", r"(^|\.)(feed_forward\.(intermediate|output)|relative_pos_embeddings)\.weight$", ("mlp",),
+               model_types=("prophetnet",)),
+    PresetRule("prophetnet", r"(^|\.)(position|ngram)_embeddings\.weight$", ("embedding",),
+               model_types=("prophetnet",)),
+    # CPM-Ant: query, key and value (heads of dim_head), the attention output, a gated MLP, the token (and prompt) and
+    # segment tables, and the relative-position bias table (one row per bucket, read by index).
+    PresetRule("cpmant", r"(^|\.)self_attention\.project_q\.weight$", ("query",), model_types=("cpmant",)),
+    PresetRule("cpmant", r"(^|\.)self_attention\.project_k\.weight$", ("key",), model_types=("cpmant",)),
+    PresetRule("cpmant", r"(^|\.)self_attention\.project_v\.weight$", ("value",), model_types=("cpmant",)),
+    PresetRule("cpmant", r"(^|\.)self_attention\.attention_out\.weight$", ("attn_out",), model_types=("cpmant",)),
+    PresetRule("cpmant", r"(^|\.)ffn\.(w_in\.w_[01]|w_out)\.weight$", ("mlp",), model_types=("cpmant",)),
+    PresetRule("cpmant", r"(^|\.)((segment|input)_embedding\.weight|position_bias\.relative_attention_bias)$",
+               ("embedding",), model_types=("cpmant",)),
+    # Byte Latent Transformer: the hashed byte n-gram tables (an embedding) and the linear maps between the local
+    # models' width and the global model's patches (MLP matrices).
+    PresetRule("blt", r"(^|\.)encoder_hash_tok_embedding\.weight$", ("embedding",)),
+    PresetRule("blt", r"(^|\.)(patch|token)_embedding_projection\.weight$", ("mlp",)),
     PresetRule("openai-gpt", r"(^|\.)positions_embed\.weight$", ("embedding",)),
     PresetRule("mamba-nemotron", r"(^|\.)embeddings\.weight$", ("embedding",)),  # Mamba-2's, Nemotron-H's
 )

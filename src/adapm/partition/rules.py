@@ -169,7 +169,7 @@ def head_dim_of(model: nn.Module | None) -> int | None:
 def _head_dim(config: Any) -> int | None:
     if config is None:
         return None
-    for key in ("head_dim", "d_kv"):  # d_kv: T5's and its kin's (Pix2Struct, UMT5...) size of a head
+    for key in ("head_dim", "d_kv", "dim_head"):  # T5's and its kin's (Pix2Struct, UMT5...) name, then CPM-Ant's
         head_dim = config_attr(config, key)
         if isinstance(head_dim, int) and head_dim > 0:
             return head_dim
