@@ -433,6 +433,8 @@ def _fused_family(kind: str) -> tuple[nn.Module, nn.Parameter]:
         model = T.CodeGenForCausalLM(T.CodeGenConfig(n_embd=64, n_layer=1, n_head=8, rotary_dim=4, n_positions=16,
                                                      **small))  # fmt: skip
         return model, model.transformer.h[0].attn.qkv_proj.weight
+    if kind == "phi4_multimodal":
+        return (model := _phi4_multimodal()), model.model.layers[0].self_attn.qkv_proj.weight
     model = T.Phi3ForCausalLM(
         T.Phi3Config(
             hidden_size=64,
@@ -447,8 +449,23 @@ def _fused_family(kind: str) -> tuple[nn.Module, nn.Parameter]:
     return model, model.model.layers[0].self_attn.qkv_proj.weight
 
 
+def _phi4_multimodal() -> nn.Module:
+    """A tiny Phi-4-multimodal: a Phi-3-style language model (4 query heads of 16, 2 key-value heads), a one-layer
+    SigLIP-style image tower and a one-block Conformer audio encoder."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.Phi4MultimodalForCausalLM(T.Phi4MultimodalConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=50, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14, crop_size=28),
+        audio_config=dict(hidden_size=32, intermediate_size=48, num_blocks=1, num_attention_heads=2, input_size=16,
+                          nemo_conv_channels=8, depthwise_separable_out_channel=32, ext_pw_out_channel=32)))
+
+
 FUSED_FAMILIES = ("bigcode-mha", "bigcode-mqa", "gpt_neox", "gpt_neox_japanese", "persimmon", "bloom", "falcon-mqa",
-                  "falcon-mha", "falcon-gqa", "phi3", "codegen", "mpt")
+                  "falcon-mha", "falcon-gqa", "phi3", "phi4_multimodal", "codegen", "mpt")
 
 
 @pytest.mark.parametrize("kind", FUSED_FAMILIES)
@@ -468,7 +485,7 @@ def test_declared_fused_layouts_match_the_real_query_key_value(kind: str) -> Non
     assert opt.partition_report().unmatched == []
 
 
-@pytest.mark.parametrize("kind", ["gpt_neox", "bloom", "bigcode-mha", "phi3"])
+@pytest.mark.parametrize("kind", ["gpt_neox", "bloom", "bigcode-mha", "phi3", "phi4_multimodal"])
 def test_per_head_blocks_follow_the_real_heads(kind: str) -> None:
     """AdaPM-mini's per-head second-moment blocks of the query segment: perturbing block j of the segment
     changes head j of the query the attention receives, and no other head."""
@@ -1349,7 +1366,7 @@ def test_construction_warns_once_about_what_the_partition_could_not_reach() -> N
     assert "and 4 more" in str(opt.partition_report())
 
 
-@pytest.mark.parametrize("kind", FUSED_FAMILIES)
+@pytest.mark.parametrize("kind", [k for k in FUSED_FAMILIES if k != "phi4_multimodal"])  # its own test, below
 def test_fused_families_train_with_the_state_the_report_counts(kind: str) -> None:
     model, _ = _fused_family(kind)
     opt = adapm.AdaPMMini(model, lr=1e-3, strict=True)
@@ -1368,10 +1385,10 @@ def test_fused_families_train_with_the_state_the_report_counts(kind: str) -> Non
 
 @pytest.mark.parametrize("kind", ["phi3", "glm", "glm4", "granitemoeshared", "granitemoehybrid", "zamba2",
                                   *MODERNBERT_MODEL_TYPES, "minimax_m3_vl_text", "minimax_m3_vl_text-shared",
-                                  "glm4v_text", "glm_ocr_text"])
+                                  "glm4v_text", "glm_ocr_text", "phi4_multimodal", "phi4_multimodal-audio"])
 def test_gate_up_segments_match_the_real_mlp(kind: str) -> None:
     """Perturbing the gate half of a fused ``[gate | up]`` changes the activation's input and the MLP's output, the up
-    half the output alone."""
+    half the output alone (Phi-4-multimodal's audio encoder holds them the other way round: ``[up | gate]``)."""
     call: dict[str, int] = {}
     activation: nn.Module | None = None
     if kind.startswith("minimax_m3"):  # a clamped SwiGLU, inline: the gate (times alpha) is what torch.sigmoid sees
@@ -1390,16 +1407,21 @@ def test_gate_up_segments_match_the_real_mlp(kind: str) -> None:
         model = _tiny(kind)
         mlp = model.layers[0].mlp
         weight, activation = mlp.gate_up_proj.weight, mlp.activation_fn
+    elif kind == "phi4_multimodal-audio":  # each Conformer block's feed-forward: [up | gate]
+        model = _phi4_multimodal()
+        mlp = model.model.embed_tokens_extend.audio_embed.encoder.encoders[0].feed_forward_in
+        weight, activation = mlp.gate_up_proj.weight, mlp.act_fn
     elif kind == "zamba2":  # the shared transformer block's MLP, called with the hybrid layer's index
         model = _tiny(kind, **MAMBA[kind])
         mlp = model.model.layers[1].shared_transformer.feed_forward
         weight, activation, call = mlp.gate_up_proj.weight, mlp.act_fn, {"layer_idx": 1}
     else:
-        model = _fused_family(kind)[0] if kind == "phi3" else _family(kind)
+        model = _fused_family(kind)[0] if kind.startswith("phi") else _family(kind)
         mlp = model.model.layers[0].mlp
         weight, activation = mlp.gate_up_proj.weight, mlp.activation_fn
     opt = adapm.AdaPMMini(model, lr=1e-3)
-    assert [s.name.rsplit("[", 1)[1] for s in opt.layout(weight).segments] == ["gate]", "up]"]
+    names = [s.name.rsplit("[", 1)[1] for s in opt.layout(weight).segments]
+    assert names == (["up]", "gate]"] if kind == "phi4_multimodal-audio" else ["gate]", "up]"])
     seen: list[torch.Tensor] = []
 
     class SigmoidInputs(TorchFunctionMode):
@@ -1419,7 +1441,7 @@ def test_gate_up_segments_match_the_real_mlp(kind: str) -> None:
         return seen[0], out
 
     act, out = run()
-    for seg, gate in zip(opt.layout(weight).segments, (True, False)):
+    for seg, gate in zip(opt.layout(weight).segments, (name == "gate]" for name in names)):
         saved = weight.detach().clone()
         with torch.no_grad():
             seg.view(weight.data).add_(torch.randn(seg.shape, generator=torch.Generator().manual_seed(1)))
@@ -3056,3 +3078,40 @@ def test_bert_kin_and_blt_tables_and_projections_take_their_roles_and_train(kind
     x = torch.randint(4, 80, (2, 8), generator=torch.Generator().manual_seed(1))
     stepped = _five_steps(model, opt, lambda: model(input_ids=x, labels=x, use_cache=False).loss)
     assert stepped == {n for n, _ in model.named_parameters()}
+
+
+def test_phi4_multimodals_audio_encoder_and_projectors_take_their_roles_and_train() -> None:
+    """Phi-4-multimodal: nothing unknown. The image and audio projections into the language model are MLP matrices, the
+    learned separators between image crops vectors; in the audio encoder the subsampling's output layer is an MLP
+    matrix, the convolution kernels keep full momentum, the GLU's biases are vectors and the relative-position bias
+    table (a row per distance) an embedding. The audio encoder, on audio features, and the language model, on text,
+    each train five steps, every parameter of theirs stepped."""
+    model = _phi4_multimodal()
+    opt = adapm.AdaPMMini(model, lr=1e-3, strict=True)  # nothing unknown
+    rows = _rows(opt)
+    audio = "model.embed_tokens_extend.audio_embed."
+    block = audio + "encoder.encoders.0.conv."
+    expected = {
+        "model.embed_tokens_extend.image_embed.img_projection_up.weight": ("mlp", "lowrank"),
+        "model.embed_tokens_extend.image_embed.sub_img_feature_extensor": ("vector", "full"),
+        "model.embed_tokens_extend.image_embed.global_img_feature_extensor": ("vector", "full"),
+        audio + "up_proj_for_speech.weight": ("mlp", "lowrank"),
+        audio + "down_proj_for_vision_speech.weight": ("mlp", "lowrank"),
+        audio + "encoder.embed.out.weight": ("mlp", "lowrank"),
+        audio + "encoder.embed.conv.3.weight": ("router", "full"),
+        audio + "encoder.relative_attention_bias_layer.bias_values.weight": ("embedding", "none"),
+        block + "dw_sep_conv_1d.dw_conv.weight": ("router", "full"),
+        block + "dw_sep_conv_1d.pw_conv.weight": ("router", "full"),
+        block + "glu.ext_pw_conv_1d.weight": ("router", "full"), block + "ext_pw_conv_1d.weight": ("router", "full"),
+        block + "glu.b1": ("vector", "full"),
+    }  # fmt: skip
+    assert {name: (rows[name].role, rows[name].momentum) for name in expected} == expected
+    encoder = model.model.embed_tokens_extend.audio_embed.encoder
+    features = torch.randn(1, 32, 16, generator=torch.Generator().manual_seed(1))
+    heard = _five_steps(model, opt, lambda: encoder(features, None).square().mean())
+    assert heard == {audio + "encoder." + n for n, _ in encoder.named_parameters()}
+    x = torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(2))
+    read = _five_steps(model, opt, lambda: model(input_ids=x, labels=x).loss)
+    assert read == {n for n, _ in model.named_parameters() if not n.startswith("model.embed_tokens_extend.")}
+    assert adapm.state_bytes(opt) == sum(r.state_bytes for r in opt.partition_report().rows
+                                         if r.name.split("[")[0] in heard | read)  # fmt: skip

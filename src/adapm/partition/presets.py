@@ -509,9 +509,10 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # Phi-3: [q | k | v] with grouped-query attention, and [gate | up] (as the MLPs of GLM, GLM-4, GLM-4.1V's and
     # GLM-OCR's language models).
     PresetRule("phi3", r"(^|\.)self_attn\.qkv_proj\.weight$", ("query", "key", "value"), ("Linear",),
-               layout="qkv_sizes", model_types=("phi3",)),
+               layout="qkv_sizes", model_types=("phi3", "phi4_multimodal")),
     PresetRule("phi3", r"(^|\.)mlp\.gate_up_proj\.weight$", ("mlp", "mlp"), ("Linear",),
-               segment_names=("gate", "up"), model_types=("phi3", "glm", "glm4", "glm4v_text", "glm_ocr_text")),
+               segment_names=("gate", "up"),
+               model_types=("phi3", "phi4_multimodal", "glm", "glm4", "glm4v_text", "glm_ocr_text")),
     # MiniMax-M3's dense MLPs (its dense layers' and its shared experts'): [gate | up], then a clamped SwiGLU.
     PresetRule("minimax-m3", r"(^|\.)mlp\.(shared_experts\.)?gate_up_proj\.weight$", ("mlp", "mlp"), ("Linear",),
                segment_names=("gate", "up"), model_types=("minimax_m3_vl_text",), within=("MiniMaxM3VLDenseMLP",)),
@@ -604,6 +605,24 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # GIT: its image features' projection (a linear layer, then a norm) and its language-model head, named ``output``.
     PresetRule("git", r"(^|\.)visual_projection\.visual_projection\.0\.weight$", ("mlp",), model_types=("git",)),
     PresetRule("git", r"(^|\.)output\.weight$", ("output",), model_types=("git",)),
+    # Phi-4-multimodal (its language model is Phi-3's, above): the image and audio features' projections into the
+    # language model (MLP matrices) and the learned separator tokens between image crops (vectors); its audio encoder, a
+    # Conformer: each feed-forward's gate_up_proj is [up | gate] (the second half activated), the subsampling's output
+    # layer an MLP matrix, the convolution kernels (subsampling, depthwise, pointwise, the GLU's) full momentum as every
+    # convolution kernel here, the GLU's biases vectors, the relative-position bias table (a row per distance) an
+    # embedding.
+    PresetRule("phi4-multimodal", r"(^|\.)(audio_embed\.(up|down)_proj_for_(speech|vision_speech)|"
+               r"image_embed\.img_projection_(up|down))\.weight$", ("mlp",), model_types=("phi4_multimodal",)),
+    PresetRule("phi4-multimodal", r"(^|\.)image_embed\.(global|sub)_img_feature_extensor$", ("vector",),
+               model_types=("phi4_multimodal",)),
+    PresetRule("phi4-multimodal", r"(^|\.)feed_forward_(in|out)\.gate_up_proj\.weight$", ("mlp", "mlp"), ("Linear",),
+               segment_names=("up", "gate"), model_types=("phi4_multimodal_audio",)),
+    PresetRule("phi4-multimodal", r"(^|\.)embed\.out\.weight$", ("mlp",), model_types=("phi4_multimodal_audio",)),
+    PresetRule("phi4-multimodal", r"(^|\.)(embed\.conv\.\d+|conv\.(dw_sep_conv_1d\.(dw_conv|pw_conv)|ext_pw_conv_1d|"
+               r"glu\.ext_pw_conv_1d))\.weight$", ("router",), model_types=("phi4_multimodal_audio",)),
+    PresetRule("phi4-multimodal", r"(^|\.)conv\.glu\.b[12]$", ("vector",), model_types=("phi4_multimodal_audio",)),
+    PresetRule("phi4-multimodal", r"(^|\.)relative_attention_bias_layer\.bias_values\.weight$", ("embedding",),
+               model_types=("phi4_multimodal_audio",)),
     # Learned tokens prepended to or queried by a tower (a class token, BLIP-2's learned queries): one small tensor
     # each, with one block per tensor as Adam-mini gives such parameters (position tables of shape
     # (1, positions, width) keep AdamW's state).
