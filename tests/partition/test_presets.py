@@ -20,6 +20,8 @@ from adapm.partition.presets import (
     MIXTRAL_STYLE_EXPERTS,
     MLA_MODEL_TYPES,
     MODERNBERT_MODEL_TYPES,
+    QWEN_VL_VISION_ATTENTION,
+    WHISPER_STYLE_AUDIO,
 )
 
 from conftest import tiny_gpt2
@@ -880,6 +882,9 @@ def _named_family(kind: str) -> nn.Module:
         "lfm2": lambda: _tiny("lfm2"),
         "afmoe": lambda: _tiny("afmoe"),
         "gemma3n_text": lambda: _tiny("gemma3n_text", **GEMMA3N),
+        "fuyu": lambda: T.FuyuForCausalLM(T.FuyuConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, patch_size=4,
+            num_channels=3, **small)),
     }  # fmt: skip
     return models[kind]()
 
@@ -896,11 +901,12 @@ def _named_family(kind: str) -> nn.Module:
                       "altup.modality_router.weight": "router", "laurel.linear_left.weight": "mlp",
                       "laurel.linear_right.weight": "mlp", "altup_projections.1.weight": "mlp",
                       "altup_unembed_projections.1.weight": "mlp"}),
+    ("fuyu", {"vision_embed_tokens.weight": "router"}),
 ])  # fmt: skip
 def test_more_families_are_recognised_by_name(kind: str, names: dict[str, str]) -> None:
     """Cross-attention and GPT-Neo's attention outputs, RoBERTa's head, BigBird's pooler, GPT-1's positions,
-    LFM2's feed-forward (Meta's w1/w2/w3 naming), AFMoE's router, Gemma 3n's AltUp and LAuReL: nothing left
-    unknown."""
+    LFM2's feed-forward (Meta's w1/w2/w3 naming), AFMoE's router, Gemma 3n's AltUp and LAuReL, Fuyu's linear patch
+    embedding: nothing left unknown."""
     import warnings
 
     model = _named_family(kind)
@@ -1656,12 +1662,11 @@ def test_qwen_vl_vision_attention_parts_feed_what_they_are_declared_as(kind: str
     """A Qwen-VL-style vision tower, proven on its own forward over an image: ``qkv``'s three parts feed exactly the
     query, key and value of its first block's attention, each query and key block of the module's ``head_dim`` rows
     changes its head alone (the vision tower's heads, not the language model's; Qwen2.5-Omni's q, k and v are apart;
-    EXAONE 4.5's key has one head, its ``qkv`` parts of their own sizes); nothing in the model is left unknown but the
-    Omni models' audio towers."""
+    EXAONE 4.5's key has one head, its ``qkv`` parts of their own sizes); nothing in the model is left unknown (the
+    Omni models' audio towers included)."""
 
     model = _qwen_vl(kind)
-    opt = adapm.AdaPMMini(model, lr=1e-3, strict=False)
-    assert all(".audio_tower." in n for n in opt.partition_report().unmatched)  # the Omni models' audio towers
+    opt = adapm.AdaPMMini(model, lr=1e-3, strict=True)  # nothing unknown
     visual = model.model.visual
     pixels = torch.randn(4, 3 * 2 * 2 * 2, generator=torch.Generator().manual_seed(1))  # one image of 2 x 2 patches
     grid = torch.tensor([[1, 2, 2]])
@@ -1673,23 +1678,32 @@ def test_qwen_vl_vision_attention_parts_feed_what_they_are_declared_as(kind: str
             visual(pixels, grid_thw=grid)
         return record.calls[0][:3]  # block 0's query, key and value: (1, heads, tokens, head size)
 
-    attn = visual.blocks[0].attn
-    size = 8 if kind == "qwen2_vl" else 16
+    _assert_vision_attention_parts(model, opt, visual.blocks[0].attn, probe, 8 if kind == "qwen2_vl" else 16,
+                                   (2, 1 if kind == "exaone4_5" else 2))  # fmt: skip
+
+
+def _assert_vision_attention_parts(model: nn.Module, opt: adapm.AdaPM, attn: nn.Module,
+                                   probe: Callable[..., tuple[torch.Tensor, ...]], size: int,
+                                   heads: tuple[int, int]) -> None:  # fmt: skip
+    """``attn``'s query, key and value (one ``qkv``, or ``q``, ``k``, ``v``, or ``q_proj``, ``k_proj``, ``v_proj``) feed
+    exactly the query, key and value that ``probe()`` records, and each query and key block of ``size`` rows changes its
+    own head alone (``heads``: the query's and the key's head counts)."""
     if hasattr(attn, "qkv"):
         weights = [attn.qkv.weight] * 3
         assert [(s.name.rsplit("[", 1)[1], s.momentum, s.block) for s in opt.layout(attn.qkv.weight).segments] == [
             ("Q]", "lowrank", (0, size)), ("K]", "lowrank", (0, size)), ("V]", "full", (0, 1))]  # fmt: skip
         assert _what_each_segment_feeds(model, opt, attn.qkv.weight, probe) == ["q", "k", "v"]
-    else:  # Qwen2.5-Omni's q, k and v apart
-        weights = [attn.q.weight, attn.k.weight, attn.v.weight]
+    else:  # q, k and v apart
+        parts = ("q", "k", "v") if hasattr(attn, "q") else ("q_proj", "k_proj", "v_proj")
+        weights = [getattr(attn, part).weight for part in parts]
         assert [_what_each_segment_feeds(model, opt, w, probe)[0] for w in weights] == ["q", "k", "v"]
-    for which, heads in ((0, 2), (1, 1 if kind == "exaone4_5" else 2)):
+    for which, count in enumerate(heads):
         seg = opt.layout(weights[which]).segments[which if len(opt.layout(weights[which]).segments) > 1 else 0]
-        assert seg.block == (0, size) and seg.shape[0] == heads * size
+        assert seg.block == (0, size) and seg.shape[0] == count * size
         base = probe()[which]
-        for head in range(heads):
+        for head in range(count):
             after = _block_perturbed(weights[which], seg, head, size, probe)[which]
-            assert [h for h in range(heads) if not torch.equal(after[:, h], base[:, h])] == [head]
+            assert [h for h in range(count) if not torch.equal(after[:, h], base[:, h])] == [head]
 
 
 def _multimodal(kind: str) -> nn.Module:
@@ -3115,3 +3129,272 @@ def test_phi4_multimodals_audio_encoder_and_projectors_take_their_roles_and_trai
     assert read == {n for n, _ in model.named_parameters() if not n.startswith("model.embed_tokens_extend.")}
     assert adapm.state_bytes(opt) == sum(r.state_bytes for r in opt.partition_report().rows
                                          if r.name.split("[")[0] in heard | read)  # fmt: skip
+
+
+AUDIO_ENCODERS: dict[str, tuple[str, str]] = {
+    "whisper": ("whisper", "WhisperEncoder"), "qwen2_audio_encoder": ("qwen2_audio", "Qwen2AudioEncoder"),
+    "qwen2_5_omni_audio_encoder": ("qwen2_5_omni", "Qwen2_5OmniAudioEncoder"),
+    "qwen3_omni_moe_audio_encoder": ("qwen3_omni_moe", "Qwen3OmniMoeAudioEncoder"),
+    "voxtral_encoder": ("voxtral", "VoxtralEncoder"), "glmasr_encoder": ("glmasr", "GlmAsrEncoder"),
+    "audioflamingo3_encoder": ("audioflamingo3", "AudioFlamingo3Encoder"),
+    "moss_transcribe_diarize_audio": ("moss_transcribe_diarize", "MossTranscribeDiarizeAudioModel"),
+}  # fmt: skip
+"""Each Whisper-style audio encoder's model type: its transformers module and class."""
+
+
+def test_every_whisper_style_audio_encoder_is_proven_below() -> None:
+    assert sorted(AUDIO_ENCODERS) == sorted(WHISPER_STYLE_AUDIO)
+
+
+@pytest.mark.parametrize("kind", sorted(AUDIO_ENCODERS))
+def test_whisper_style_audio_encoders_are_recognised_whole_and_train(kind: str) -> None:
+    """Whisper's encoder and the audio towers built as it: nothing unknown; the convolutions over the mel spectrogram
+    keep full momentum, the linear layers after them are MLP matrices, Qwen2.5-Omni's begin/end table an embedding;
+    five steps on mel features train every trainable parameter the encoder uses (Whisper's position table is frozen;
+    Qwen2.5-Omni's begin/end rows are placed by its language model's side). In Whisper's encoder each block of query or
+    key rows changes its own head alone of what its attention receives."""
+    import importlib
+
+    module, name = AUDIO_ENCODERS[kind]
+    encoder_class = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+    sizes = dict(d_model=32, hidden_size=32, encoder_layers=1, num_hidden_layers=1, encoder_attention_heads=2,
+                 num_attention_heads=2, encoder_ffn_dim=48, intermediate_size=48, num_mel_bins=8,
+                 max_source_positions=16, output_dim=24, downsample_hidden_size=8)  # fmt: skip
+    fields = set(encoder_class.config_class().to_dict())
+    torch.manual_seed(0)
+    encoder = encoder_class(encoder_class.config_class(**{k: v for k, v in sizes.items() if k in fields}))
+    opt = adapm.AdaPMMini(encoder, lr=1e-3, strict=True)  # nothing unknown
+    rows = _rows(opt)
+    convs = {n for n in rows if n.split(".")[0] in ("conv1", "conv2", "conv2d1", "conv2d2", "conv2d3")} - {
+        n for n in rows if n.endswith(".bias")}  # fmt: skip
+    linear = {n for n in rows if n in ("proj.weight", "proj1.weight", "proj2.weight", "conv_out.weight")}
+    assert len(convs) == (3 if kind.startswith("qwen3") else 2)
+    assert bool(linear) == kind.startswith(("qwen2_5", "qwen3"))
+    assert {(rows[n].role, rows[n].momentum) for n in convs} == {("router", "full")}
+    assert all(rows[n].role == "mlp" for n in linear)
+    gen = torch.Generator().manual_seed(1)
+    if kind.startswith("qwen3"):  # mel bins x frames, chunked in windows of its n_window (50)
+        inputs: dict[str, object] = dict(input_features=torch.randn(8, 100, generator=gen),
+                                         feature_lens=torch.tensor([100]))
+    elif kind.startswith("qwen2_5"):
+        inputs = dict(input_features=torch.randn(8, 32, generator=gen), feature_lens=torch.tensor([32]),
+                      aftercnn_lens=torch.tensor([16]))  # fmt: skip
+    else:
+        inputs = dict(input_features=torch.randn(1, 8, 32, generator=gen))
+        if kind.startswith("audioflamingo3"):
+            inputs["input_features_mask"] = torch.ones(1, 32, dtype=torch.long)
+    stepped = _five_steps(encoder, opt, lambda: encoder(**inputs).last_hidden_state.square().mean())
+    unused = {"audio_bos_eos_token.weight"}  # Qwen2.5-Omni's: the begin and end of the audio, placed by the thinker
+    assert stepped == {n for n, p in encoder.named_parameters() if p.requires_grad} - unused
+    if kind == "whisper":
+        encoder.eval()
+
+        def attention_inputs() -> tuple[torch.Tensor, ...]:
+            with torch.no_grad(), _SdpaCalls() as record:
+                encoder(**inputs)
+            return record.calls[0][:2]
+
+        attn = encoder.layers[0].self_attn
+        _assert_head_blocks_change_their_heads(opt, [attn.q_proj.weight, attn.k_proj.weight], 16, 2, attention_inputs)
+
+
+@pytest.mark.parametrize(("kind", "roles"), [
+    ("idefics2", {"model.connector.perceiver_resampler.latents": "vector"}),
+    ("video_llama_3", {"model.projector.readout.0.weight": "mlp", "model.projector.readout.2.weight": "mlp"}),
+    ("lighton_ocr", {"model.vision_encoder.patch_conv.weight": "router"}),
+    ("hyperclovax_vision_v2", {"model.vision_model.patch_embed.proj.weight": "router",
+                               "model.projector.weight": "mlp"}),
+    ("granite_docling", {"model.vision_model.connector.coarse.projection.weight": "mlp",
+                         "model.vision_model.connector.fine.projection.weight": "mlp",
+                         "model.vision_model.connector.mlp_fc2.weight": "mlp"}),
+    ("minimax_m3_vl", {"model.vision_tower.embeddings.proj.weight": "router",
+                       "model.multi_modal_projector.merge_linear_1.weight": "mlp",
+                       "model.multi_modal_projector.merge_linear_2.weight": "mlp"}),
+    ("ovis2", {"model.vision_tower.head_linear.weight": "output", "model.visual_embeddings_table.weight": "embedding"}),
+    ("aria", {"model.multi_modal_projector.query": "vector",
+              "model.multi_modal_projector.cross_attn.multihead_attn.out_proj.weight": "attn_out",
+              "model.multi_modal_projector.feed_forward.linear_in.weight": "mlp",
+              "model.multi_modal_projector.feed_forward.linear_out.weight": "mlp"}),
+    ("molmo2", {"model.vision_tower.patch_embedding.weight": "router"}),
+    ("nemotron_h_omni", {"vision_model.embeddings.cls_register_token": "vector",
+                         "vision_model.embeddings.patch_projection.weight": "router",
+                         "vision_model.embeddings.video_patch_projection.weight": "router"}),
+    ("step3p7", {"model.vision_model.downsampler1.weight": "router",
+                 "model.vision_model.downsampler2.weight": "router"}),
+    ("janus", {"model.vision_model.encoder.layers.0.self_attn.projection_layer.weight": "attn_out",
+               "model.aligner.hidden_layers.0.weight": "mlp", "model.generation_aligner.hidden_layers.0.weight": "mlp",
+               "model.generation_embeddings.weight": "embedding", "model.generation_head.proj_out.weight": "mlp",
+               "model.generation_head.vision_head.weight": "output",
+               "model.vqmodel.encoder.mid.attn_1.q.weight": "router", "model.vqmodel.decoder.conv_in.weight": "router",
+               "model.vqmodel.quantize.embedding.weight": "embedding"}),
+    ("pi0", {"embed_action_time.action_in_proj.weight": "router", "embed_action_time.state_proj.weight": "router",
+             "action_out_proj.weight": "router", "embed_action_time.action_time_mlp_in.weight": "mlp",
+             "embed_action_time.action_time_mlp_out.weight": "mlp"}),
+    ("inkling_mm_model", {"model.audio_tower.embed_audio_tokens.embed_audio_tokens.weight": "embedding",
+                          "model.vision_tower.encoder_layers.0.projection.weight": "mlp"}),
+    ("florence2", {"model.multi_modal_projector.image_projection.weight": "mlp",
+                   "model.multi_modal_projector.image_position_embed.row_embeddings.weight": "embedding",
+                   "model.multi_modal_projector.image_position_embed.column_embeddings.weight": "embedding"}),
+    ("udop", {"patch_embed.proj.weight": "router", "decoder.embed_patches.proj.weight": "router",
+              "encoder.cell_2d_embedding.x_position_embeddings.weight": "embedding",
+              "encoder.cell_2d_embedding.y_position_embeddings.weight": "embedding"}),
+])  # fmt: skip
+def test_multimodal_models_small_parts_take_their_roles_at_full_size(kind: str, roles: dict[str, str]) -> None:
+    """Parts of multimodal models built at their default (full) size on the meta device: projectors, learned queries
+    and tokens, patch embeddings, layout tables, Inkling's audio codebook table and patch MLP, Janus's image-generation
+    head and VQ-VAE, PI0's action projections. Each takes its role, and nothing else is left unknown but the position
+    tables added whole to every image (Molmo 2's and RADIO's), which keep AdamW's state. Aria's projector attention
+    (torch's nn.MultiheadAttention) is split into query, key and value with blocks of that module's own ``head_dim``
+    (the SigLIP pooling-head test proves such blocks are its heads), not of the language model's."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(kind))
+    opt = adapm.AdaPMMini(model, lr=1e-3, strict=False)
+    rows = _rows(opt)
+    assert {name: rows[name].role for name in roles} == roles
+    left = {"molmo2": ["model.vision_tower.positional_embedding"],
+            "nemotron_h_omni": ["vision_model.embeddings.position_embedding"]}.get(kind, [])  # fmt: skip
+    assert opt.partition_report().unmatched == left
+    if kind == "aria":
+        attention = model.model.multi_modal_projector.cross_attn.multihead_attn
+        assert attention.head_dim != _decoder(model).language_model.config.head_dim
+        assert [(s.role, s.block) for s in opt.layout(attention.in_proj_weight).segments] == [
+            ("query", (0, attention.head_dim)), ("key", (0, attention.head_dim)), ("value", (0, 1))]  # fmt: skip
+
+
+ROTARY_VISION_TOWERS = {"ernie4_5_vl_moe": "Ernie4_5_VLMoeVisionConfig", "kimi_k25": "Kimi_K25VisionConfig",
+                        "muse_glimmer": "MuseGlimmerVisionConfig", "muse_spark": "MuseSparkVisionConfig"}  # fmt: skip
+"""Multimodal models whose vision tower's attention is Qwen2-VL's (ERNIE-4.5-VL's ``qkv``; the others' ``q_proj``,
+``k_proj``, ``v_proj``), and the config class of that tower."""
+
+
+@pytest.mark.parametrize("kind", sorted(ROTARY_VISION_TOWERS))
+def test_qwen_vl_style_attention_of_other_towers_feeds_what_it_is_declared_as(kind: str) -> None:
+    """ERNIE-4.5-VL's, Kimi K2.5's, MuSE Glimmer's and MuSE Spark's vision towers (one block, 2 heads of 16), proven on
+    their first block's attention called as the tower calls it (a sequence of patches, its rotary angles): the query,
+    key and value parts feed exactly those, each query and key block of the module's ``head_dim`` rows changes its head
+    alone, and ``proj`` is the attention output; nothing in the tower is unknown but Kimi K2.5's position grid (a 3-D
+    table interpolated and added whole)."""
+    import importlib
+
+    from transformers import PreTrainedModel
+
+    configs = importlib.import_module(f"transformers.models.{kind}.configuration_{kind}")
+    modeling = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+    config_class = getattr(configs, ROTARY_VISION_TOWERS[kind])
+    sizes = dict(hidden_size=32, embed_dim=32, num_heads=2, num_attention_heads=2, depth=1, num_hidden_layers=1,
+                 intermediate_size=48, mlp_ratio=1.5, patch_size=2, spatial_merge_size=2, temporal_patch_size=1)
+    fields = set(config_class().to_dict())
+    tower_class = next(c for c in vars(modeling).values() if isinstance(c, type) and issubclass(c, PreTrainedModel)
+                       and c.config_class is config_class and not c.__name__.endswith("PreTrainedModel"))  # fmt: skip
+    torch.manual_seed(0)
+    tower = tower_class(config_class(**{k: v for k, v in sizes.items() if k in fields}))
+    opt = adapm.AdaPMMini(tower, lr=1e-3, strict=False)
+    left = ["patch_embed.pos_emb.position_embeddings"] if kind == "kimi_k25" else []
+    assert opt.partition_report().unmatched == left
+    attn = next(m for m in tower.modules() if type(m).__name__ in QWEN_VL_VISION_ATTENTION)
+    assert (attn.head_dim, opt.layout(attn.proj.weight).segments[0].role) == (16, "attn_out")
+    gen = torch.Generator().manual_seed(1)
+    patches = torch.randn(6, 32, generator=gen)
+    angles = torch.randn(6, 16, generator=gen)
+    tower.set_attn_implementation("sdpa")
+    tower.eval()
+
+    def probe(_m: nn.Module = tower, _x: object = None) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad(), _SdpaCalls() as record:
+            attn(patches, cu_seqlens=torch.tensor([0, 6]), position_embeddings=(angles.cos(), angles.sin()))
+        return record.calls[0][:3]  # (1, heads, patches, head size) each
+
+    _assert_vision_attention_parts(tower, opt, attn, probe, 16, (2, 2))
+
+
+def test_florence2s_window_and_channel_attention_heads_are_their_real_heads_and_the_tower_trains() -> None:
+    """Florence-2's DaViT tower (two stages of different widths, heads and channel groups): nothing unknown. In each
+    stage the window attention's ``qkv`` and the channel attention's feed exactly the query, key and value its attention
+    receives; each query and key block of width / heads rows (window attention) or width / groups rows (channel
+    attention: each group of channels attends within itself) changes its own head or group alone. The convolutions
+    keep full momentum, ``proj`` is the attention output, and the tower trains five steps, every parameter stepped."""
+    import transformers as T
+    from transformers.models.florence2 import modeling_florence2
+
+    torch.manual_seed(0)
+    config = T.Florence2VisionConfig(depths=[1, 1], patch_size=[3, 3], patch_stride=[2, 2], patch_padding=[1, 1],
+                                     patch_prenorm=[False, True], embed_dim=[16, 24], num_heads=[2, 3],
+                                     num_groups=[4, 2], window_size=2, drop_path_rate=0.0, mlp_ratio=2.0)  # fmt: skip
+    tower = modeling_florence2.Florence2VisionBackbone(config)
+    opt = adapm.AdaPMMini(tower, lr=1e-3, strict=True)  # nothing unknown
+    rows = _rows(opt)
+    expected = {"convs.0.conv.weight": ("router", "full"), "blocks.1.0.channel_block.conv2.weight": ("router", "full"),
+                "blocks.0.0.spatial_block.window_attn.proj.weight": ("attn_out", "none"),
+                "blocks.1.0.channel_block.channel_attn.proj.weight": ("attn_out", "none")}  # fmt: skip
+    assert {name: (rows[name].role, rows[name].momentum) for name in expected} == expected
+    pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    tower.set_attn_implementation("sdpa")
+    tower.eval()
+    # the attentions in the order the tower calls them, with their head (or group) size and count
+    stages = [tower.blocks[0][0], tower.blocks[1][0]]
+    attentions = [(stages[0].spatial_block.window_attn, 8, 2), (stages[0].channel_block.channel_attn, 4, 4),
+                  (stages[1].spatial_block.window_attn, 8, 3), (stages[1].channel_block.channel_attn, 12, 2)]
+    for call, (attn, size, count) in enumerate(attentions):
+
+        def probe(_m: nn.Module = tower, _x: object = None, call: int = call) -> tuple[torch.Tensor, ...]:
+            with torch.no_grad(), _SdpaCalls() as record:
+                tower(pixels)
+            return record.calls[call][:3]  # (windows or batch, heads or groups, tokens or channels, features)
+
+        _assert_vision_attention_parts(tower, opt, attn, probe, size, (count, count))
+    tower.train()
+    stepped = _five_steps(tower, opt, lambda: tower(pixels).last_hidden_state.square().mean())
+    assert stepped == {n for n, _ in tower.named_parameters()}
+
+
+def test_lfm3_vls_vision_short_convolution_parts_feed_what_they_are_declared_as() -> None:
+    """LFM3-VL's vision tower (a conv layer, then an attention layer): nothing unknown. Its gated short convolution over
+    the patch grid, proven on the tower's own forward over an image: ``in_proj``'s B and x parts feed the 2-D depthwise
+    convolution's input (B * x) and its C part only the gate on its output (what ``out_proj`` reads); row r of any part
+    changes channel r alone. The linear patch embedding keeps full momentum; the tower trains five steps."""
+    import transformers as T
+    from transformers.models.lfm3_vl import modeling_lfm3_vl
+
+    torch.manual_seed(0)
+    config = T.Lfm3VlVisionConfig(hidden_size=16, intermediate_size=32, patch_size=2, temporal_patch_size=1,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                  layer_types=["conv", "full_attention"])  # fmt: skip
+    tower = modeling_lfm3_vl.Lfm3VlVisionModel(config)
+    opt = adapm.AdaPMMini(tower, lr=1e-3, strict=True)  # nothing unknown
+    block = tower.layers[0].conv
+    weight = block.in_proj.weight
+    segments = opt.layout(weight).segments
+    assert [(s.name.rsplit("[", 1)[1], s.role) for s in segments] == [("B]", "mlp"), ("C]", "mlp"), ("x]", "mlp")]
+    rows = _rows(opt)
+    assert {n: rows[n].role for n in ("patch_embed.weight", "layers.0.conv.spatial_conv.weight",
+                                      "layers.0.conv.out_proj.weight")} == {
+        "patch_embed.weight": "router", "layers.0.conv.spatial_conv.weight": "router",
+        "layers.0.conv.out_proj.weight": "attn_out"}  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randn(16, 3 * 2 * 2, generator=gen)  # one image of 4 x 4 patches
+    grid = torch.tensor([[1, 4, 4]])
+    tower.eval()
+
+    def probe() -> tuple[torch.Tensor, torch.Tensor]:
+        """The convolution's input (frames, channels, height, width) and out_proj's (patches, channels)."""
+        seen: list[torch.Tensor] = []
+        hooks = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+                 for m in (block.spatial_conv, block.out_proj)]  # fmt: skip
+        with torch.no_grad():
+            tower(pixels, grid_thw=grid)
+        for hook in hooks:
+            hook.remove()
+        return seen[0], seen[1]
+
+    conv_in, gated = probe()
+    for seg, feeds in zip(segments, ("conv", "gate", "conv")):
+        after_conv_in, after_gated = _block_perturbed(weight, seg, 3, 1, probe)
+        conv_changed = (after_conv_in - conv_in).abs().amax(dim=(0, 2, 3)).nonzero().flatten().tolist()
+        gate_changed = (after_gated - gated).abs().amax(dim=0).nonzero().flatten().tolist()
+        assert gate_changed == [3], (seg.name, gate_changed)
+        assert conv_changed == ([3] if feeds == "conv" else []), (seg.name, conv_changed)
+    tower.train()
+    stepped = _five_steps(tower, opt, lambda: tower(pixels, grid_thw=grid).last_hidden_state.square().mean())
+    assert stepped == {n for n, _ in tower.named_parameters()}

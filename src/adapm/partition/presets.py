@@ -153,10 +153,11 @@ GRIFFIN_BLOCKS = ("RecurrentGemmaRecurrentBlock",)
 which runs ``linear_x`` through a depthwise convolution and the RG-LRU (whose input and recurrence gates are
 block-diagonal per head); ``linear_out`` maps it back. Proven on the model's own forward in the tests."""
 
-SHORT_CONV_MODULES = ("Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv")
-"""LFM2's and LFM3's gated short convolutions, as their modeling code computes them: ``in_proj`` gives ``[B | C | x]``
-of the hidden size each; a depthwise convolution runs over ``B * x``, ``C`` gates its output channel by channel, and
-``out_proj`` maps it back. Proven on each model's own forward in the tests."""
+SHORT_CONV_MODULES = ("Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv", "Lfm3VlVisionShortConv")
+"""LFM2's and LFM3's gated short convolutions (and LFM3-VL's vision tower's, over the patch grid), as their modeling
+code computes them: ``in_proj`` gives ``[B | C | x]`` of the hidden size each; a depthwise convolution (``conv``; the
+tower's 2-D ``spatial_conv``) runs over ``B * x``, ``C`` gates its output channel by channel, and ``out_proj`` maps it
+back. Proven on each model's own forward in the tests."""
 
 MODERNBERT_MODEL_TYPES = ("modernbert", "modernbert-decoder")
 """ModernBERT and its decoder (their matrices are named ``Wqkv``, ``Wo``, ``Wi``)."""
@@ -191,11 +192,12 @@ INKLING_MODEL_TYPES = ("inkling_text", "inkling2_text")
 QWEN_VL_VISION_ATTENTION = ("VisionAttention", "Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention",
                             "Qwen3VLMoeVisionAttention", "Qwen3_5VisionAttention", "Qwen3_5MoeVisionAttention",
                             "Qwen3OmniMoeVisionAttention", "Qwen2_5OmniVisionAttention", "Glm4vVisionAttention",
-                            "Glm4vMoeVisionAttention", "GlmOcrVisionAttention")
+                            "Glm4vMoeVisionAttention", "GlmOcrVisionAttention", "Ernie4_5_VLMoeVisionAttention",
+                            "Kimi_K25VisionAttention", "MuseGlimmerVisionAttention", "MuseSparkVisionAttention")
 """The vision towers' attention of Qwen2-VL (its class is plainly ``VisionAttention``), Qwen2.5-VL, Qwen3-VL(-MoE),
-Qwen3.5(-MoE), Qwen2.5-Omni and Qwen3-Omni, GLM-4.1V, GLM-4.5V and GLM-OCR: ``qkv`` gives ``[q | k | v]``
-(Qwen2.5-Omni's separate ``q``, ``k``, ``v``), each of ``num_heads`` heads of the module's ``head_dim``; proven on
-their own forward in the tests."""
+Qwen3.5(-MoE), Qwen2.5-Omni and Qwen3-Omni, GLM-4.1V, GLM-4.5V, GLM-OCR and ERNIE-4.5-VL: ``qkv`` gives ``[q | k | v]``
+(Qwen2.5-Omni's separate ``q``, ``k``, ``v``; Kimi K2.5's, MuSE Glimmer's and MuSE Spark's ``q_proj``, ``k_proj``,
+``v_proj``), each of ``num_heads`` heads of the module's ``head_dim``; proven on their own forward in the tests."""
 
 SAM_VISION_ATTENTION = ("SamVisionAttention", "SamVisionSdpaAttention", "SamHQVisionAttention",
                         "SamHQVisionSdpaAttention", "GotOcr2VisionAttention", "PPFormulaNetVisionAttention",
@@ -224,6 +226,17 @@ XLM_MODEL_TYPES = ("xlm", "flaubert", "distilbert")
 
 PROPHETNET_ATTENTION = ("ProphetNetAttention", "ProphetNetNgramSelfAttention")
 """ProphetNet's attention modules (the encoder's and the cross-attention, and the decoder's n-gram self-attention)."""
+
+WHISPER_STYLE_AUDIO = ("whisper", "qwen2_audio_encoder", "qwen2_5_omni_audio_encoder", "qwen3_omni_moe_audio_encoder",
+                       "voxtral_encoder", "audioflamingo3_encoder", "glmasr_encoder", "moss_transcribe_diarize_audio")
+"""Whisper-style audio encoders (Whisper's, and the audio towers of Qwen2-Audio, Qwen2.5-Omni, Qwen3-Omni, Voxtral,
+Audio Flamingo 3, GLM-ASR and MOSS): convolutions over the mel spectrogram, transformer layers with Whisper's names,
+and in some a projection out of the encoder."""
+
+FLORENCE2_ATTENTION = ("Florence2VisionWindowAttention", "Florence2VisionChannelAttention")
+"""Florence-2's DaViT vision tower: windowed attention over patches (``num_heads`` heads) and channel attention, where
+each group of channels attends over the others of its group (its ``groups`` are its heads: the query's rows of one
+group are the channels that group's attention reads with). Both compute ``[q | k | v]`` from one ``qkv``."""
 
 JETMOE_EXPERTS = ("JetMoeParallelExperts",)
 """JetMoE's expert stacks: ``weight`` of ``(experts, out, in)``, expert i applied as ``F.linear(x, weight[i])`` to the
@@ -343,7 +356,7 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # heads, no keys or values); the depthwise kernels are tiny; out_proj is the block's output projection.
     PresetRule("short-conv", r"(^|\.)conv\.in_proj\.weight$", ("mlp", "mlp", "mlp"), ("Linear",),
                segment_names=("B", "C", "x"), within=SHORT_CONV_MODULES),
-    PresetRule("short-conv", r"(^|\.)conv\.conv\.weight$", ("router",), within=SHORT_CONV_MODULES),
+    PresetRule("short-conv", r"(^|\.)conv\.(conv|spatial_conv)\.weight$", ("router",), within=SHORT_CONV_MODULES),
     PresetRule("short-conv", r"(^|\.)conv\.out_proj\.weight$", ("attn_out",), within=SHORT_CONV_MODULES),
     # Zamba2's shared transformer block (tied across the hybrid layers): its MLP's [gate | up] and each layer's own
     # low-rank adapters (the first matrix of a query or key adapter a latent without heads, as q_a_proj is); `linear`
@@ -567,7 +580,16 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # is read by index as GPT-2's positions are (an embedding); the patch embedding, a convolution over pixels, is
     # small (full momentum, as other convolution kernels); the projector into the language model is a two-layer MLP.
     PresetRule("vision", r"(^|\.)embeddings\.position_embedding\.weight$", ("embedding",)),
-    PresetRule("vision", r"(^|\.)(embeddings\.patch_embedding|vision_tower\.patch_conv)\.weight$", ("router",)),
+    PresetRule("vision", r"(^|\.)(embeddings\.patch_embedding|(vision_tower|vision_encoder)\.patch_conv)\.weight$",
+               ("router",)),
+    # ... and the patch embeddings of other towers (convolutions, or linear maps of flattened patches, as small: the
+    # timm-style patch_embed.proj, MiniMax-M3's, Molmo 2's, RADIO's and its video patches', UDOP's) and Step3's
+    # downsampling convolutions.
+    PresetRule("vision", r"(^|\.)(patch_embed\.proj|vision_tower\.embeddings\.proj|vision_tower\.patch_embedding|"
+               r"patch_embedder\.patch_embedding|"
+               r"embeddings\.(video_)?patch_projection|embed_patches\.proj|vision_model\.downsampler\d)\.weight$",
+               ("router",)),
+    PresetRule("vision", r"(^|\.)patch_embed\.weight$", ("router",), model_types=("lfm3_vl_vision",)),  # linear
     # ... and those of ViT-style towers (ViT, InternVL: a convolution) and Llama 4's (a linear map of unfolded
     # patches, as small: full momentum too); Llama 4's position table holds a row per patch position.
     PresetRule("vision", r"(^|\.)(embeddings\.patch_embeddings\.projection|patch_embedding\.linear)\.weight$",
@@ -579,7 +601,7 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("vision", r"(^|\.)(gated_positional_embedding\.(embedding|tile_embedding\.weight)|"
                r"(pre|post)_tile_positional_embedding\.embedding\.weight)$", ("embedding",),
                model_types=("mllama_vision_model",)),
-    PresetRule("vision", r"(^|\.)attention\.projection_layer\.weight$", ("attn_out",)),  # InternVL's tower
+    PresetRule("vision", r"(^|\.)(attention|self_attn)\.projection_layer\.weight$", ("attn_out",)),  # InternVL, Janus
     # Pix2Struct (and Kosmos-2.5's image encoder): T5-style attention in both towers (query, key, value and output,
     # heads of d_kv), the image encoder's gated MLP, its linear patch embedding (small: full momentum) and the row and
     # column tables read by each patch's row and column index (embeddings).
@@ -605,6 +627,15 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # GIT: its image features' projection (a linear layer, then a norm) and its language-model head, named ``output``.
     PresetRule("git", r"(^|\.)visual_projection\.visual_projection\.0\.weight$", ("mlp",), model_types=("git",)),
     PresetRule("git", r"(^|\.)output\.weight$", ("output",), model_types=("git",)),
+    # Whisper-style audio encoders: the convolutions over the mel spectrogram are kernels (full momentum, as every
+    # convolution kernel here); the linear layers after them (Qwen3-Omni's ``conv_out`` from the flattened convolution
+    # channels, the projections out of the encoder) are MLP matrices; Qwen2.5-Omni's table of two rows (the audio's
+    # begin and end tokens) is an embedding.
+    PresetRule("audio", r"(^|\.)(conv1|conv2|conv2d[123])\.weight$", ("router",), model_types=WHISPER_STYLE_AUDIO),
+    PresetRule("audio", r"(^|\.)(proj|proj1|proj2|conv_out)\.weight$", ("mlp",), model_types=WHISPER_STYLE_AUDIO),
+    PresetRule("audio", r"(^|\.)audio_bos_eos_token\.weight$", ("embedding",), model_types=WHISPER_STYLE_AUDIO),
+    # Fuyu's image input: one linear map of each flattened patch into the width (small, as Llama 4's patch embedding).
+    PresetRule("vision", r"(^|\.)vision_embed_tokens\.weight$", ("router",), model_types=("fuyu",)),
     # Phi-4-multimodal (its language model is Phi-3's, above): the image and audio features' projections into the
     # language model (MLP matrices) and the learned separator tokens between image crops (vectors); its audio encoder, a
     # Conformer: each feed-forward's gate_up_proj is [up | gate] (the second half activated), the subsampling's output
@@ -626,7 +657,56 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # Learned tokens prepended to or queried by a tower (a class token, BLIP-2's learned queries): one small tensor
     # each, with one block per tensor as Adam-mini gives such parameters (position tables of shape
     # (1, positions, width) keep AdamW's state).
-    PresetRule("vision", r"(^|\.)(embeddings\.(cls_token|class_embedding)|query_tokens)$", ("vector",)),
+    PresetRule("vision", r"(^|\.)(embeddings\.(cls_token|class_embedding|cls_register_token)|query_tokens|"
+               r"perceiver_resampler\.latents)$", ("vector",)),
+    # Aria's projector: learned queries (a vector) attend over the image features with torch's nn.MultiheadAttention
+    # ([q | k | v] in its in_proj_weight, heads of its own head_dim), then an MLP.
+    PresetRule("aria", r"(^|\.)multi_modal_projector\.query$", ("vector",), model_types=("aria",)),
+    PresetRule("aria", r"(^|\.)cross_attn\.multihead_attn\.in_proj_weight$", ("query", "key", "value"),
+               ("MultiheadAttention",), model_types=("aria",)),
+    PresetRule("aria", r"(^|\.)cross_attn\.multihead_attn\.out_proj\.weight$", ("attn_out",), model_types=("aria",)),
+    # Ovis 2: the tower's head gives each patch a distribution over a visual vocabulary (an output layer, a row per
+    # visual word), and the image's embedding is that distribution times the table of visual words (an embedding).
+    PresetRule("ovis2", r"(^|\.)head_linear\.weight$", ("output",), model_types=("ovis2_vision",)),
+    PresetRule("ovis2", r"(^|\.)visual_embeddings_table\.weight$", ("embedding",), model_types=("ovis2",)),
+    # Florence-2's DaViT tower: window and channel attention ([q | k | v], heads of the module's width over its heads or
+    # channel groups), the depthwise convolutions before each (position encodings) and each stage's patch-embedding
+    # convolution (kernels: full momentum); the projector's position tables, read by row and column index (embeddings).
+    PresetRule("florence2", r"(^|\.)(window_attn|channel_attn)\.qkv\.weight$", ("query", "key", "value"), ("Linear",),
+               within=FLORENCE2_ATTENTION),
+    PresetRule("florence2", r"(^|\.)(window_attn|channel_attn)\.proj\.weight$", ("attn_out",),
+               within=FLORENCE2_ATTENTION),
+    PresetRule("florence2", r"(^|\.)((spatial|channel)_block\.conv[12]|convs\.\d+\.conv)\.weight$", ("router",),
+               model_types=("florence_vision",)),
+    PresetRule("florence2", r"(^|\.)image_position_embed\.(row|column)_embeddings\.weight$", ("embedding",),
+               model_types=("florence2",)),
+    # Inkling's multimodal towers: the audio codebook table (each frame reads one row per codebook: an embedding) and
+    # the vision encoder, an MLP over patches folded step by step into depth (its projections are MLP matrices).
+    PresetRule("inkling", r"(^|\.)embed_audio_tokens\.embed_audio_tokens\.weight$", ("embedding",),
+               model_types=("inkling_audio",)),
+    PresetRule("inkling", r"(^|\.)encoder_layers\.\d+\.projection\.weight$", ("mlp",), model_types=("inkling_vision",)),
+    # Janus: its aligners' hidden layers (MLP matrices); for image generation, the table of image tokens (an embedding)
+    # and the head that scores them (an MLP layer, then the output layer, a row per image token); its VQ-VAE image
+    # tokenizer: convolution kernels (its attention's q, k, v and output are 1 x 1 convolutions: full momentum) and the
+    # codebook, read by each patch's nearest code (an embedding).
+    PresetRule("janus", r"(^|\.)(aligner|generation_aligner)\.hidden_layers\.\d+\.weight$", ("mlp",),
+               model_types=("janus",)),
+    PresetRule("janus", r"(^|\.)generation_embeddings\.weight$", ("embedding",), model_types=("janus",)),
+    PresetRule("janus", r"(^|\.)generation_head\.proj_out\.weight$", ("mlp",), model_types=("janus",)),
+    PresetRule("janus", r"(^|\.)generation_head\.vision_head\.weight$", ("output",), model_types=("janus",)),
+    PresetRule("janus", r"(^|\.)(conv_in|conv_out|conv1|conv2|conv|nin_shortcut|q|k|v|proj_out|quant_conv|"
+               r"post_quant_conv)\.weight$", ("router",), model_types=("janus_vqgan",)),
+    PresetRule("janus", r"(^|\.)quantize\.embedding\.weight$", ("embedding",), model_types=("janus_vqgan",)),
+    # PI0 (a vision-language-action model): the maps of the robot's state and its noised actions into the action
+    # expert's width and of the expert's output back to actions (a few dozen wide: full momentum), and the MLP that
+    # mixes the actions with the flow-matching time.
+    PresetRule("pi0", r"(^|\.)(action_in_proj|state_proj|action_out_proj)\.weight$", ("router",), model_types=("pi0",)),
+    PresetRule("pi0", r"(^|\.)action_time_mlp_(in|out)\.weight$", ("mlp",), model_types=("pi0",)),
+    # MuSE's position table: each patch reads (and interpolates between) rows by its position (an embedding).
+    PresetRule("vision", r"(^|\.)patch_embedder\.position_embedding_table\.weight$", ("embedding",)),
+    # UDOP: tables of the layout's x and y coordinates, read by each token's box (embeddings).
+    PresetRule("udop", r"(^|\.)cell_2d_embedding\.[xy]_position_embeddings\.weight$", ("embedding",),
+               model_types=("udop",)),
     # SigLIP's attention-pooling head (which most multimodal models never run): one learned query (``probe``, a vector)
     # attends over the tower's output with torch's nn.MultiheadAttention, whose ``in_proj_weight`` is [q | k | v].
     PresetRule("vision", r"(^|\.)head\.attention\.in_proj_weight$", ("query", "key", "value"), ("MultiheadAttention",),
@@ -635,12 +715,13 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # The projectors between a vision tower and its language model (LLaVA's, PaliGemma's, Idefics3's and SmolVLM's
     # connector, Pixtral's patch merger, DeepSeek-VL's aligner, the mergers of MiniCPM-V and the Qwen-VL family...):
     # their linear layers are MLP matrices.
-    PresetRule("vision", r"(^|\.)(multi_modal_projector|projector|connector|aligner|merger|vit_merger|"
+    PresetRule("vision", r"(^|\.)(multi_modal_projector|projector|mm_projector|connector|aligner|merger|vit_merger|"
                r"vision_projection|(deepstack_)?merger_list\.\d+)\.(\w+\.)*(linear|linear_\d|linear\d|linear_fc\d|"
-               r"proj|merging_layer|mlp\.\d+)\.weight$", ("mlp",)),
+               r"linear_in|linear_out|proj|in_proj|out_proj|projection|image_projection|merging_layer|merge_linear_\d|"
+               r"mlp\.\d+|mlp_fc\d|readout\.\d+)\.weight$", ("mlp",)),
     # ... and those that are one linear layer (Mllama's, Unlimited-OCR's, GOT-OCR 2.0's, DeepSeek-VL's aligner's),
-    PresetRule("vision", r"(^|\.)(multi_modal_projector|multi_modal_projector\.multimodal_projector|"
-               r"aligner\.(high_res_)?vision_proj)\.weight$", ("mlp",)),
+    PresetRule("vision", r"(^|\.)(multi_modal_projector|multi_modal_projector\.multimodal_projector|projector|"
+               r"vision_projection|resampler_model\.mlp|aligner\.(high_res_)?vision_proj)\.weight$", ("mlp",)),
     # or one bare (in, out) matrix used as x @ W (Gemma 3's).
     PresetRule("vision", r"(^|\.)multi_modal_projector\.mm_input_projection_weight$", ("mlp",), in_out=True),
     # Qwen-VL-style vision towers (Qwen2-VL to Qwen3.5, Qwen3-Omni, GLM-4.1V/4.5V): each block's attention computes

@@ -292,11 +292,20 @@ def _inside(model: nn.Module | None, name: str, classes: tuple[str, ...]) -> boo
 
 
 def _module_head_dim(model: nn.Module | None, name: str, classes: tuple[str, ...]) -> int | None:
-    """The ``head_dim`` of the innermost module of one of ``classes`` holding parameter ``name``, where it has one
-    (a vision tower's attention, whose config may name its width and heads in ways of its own)."""
+    """The ``head_dim`` of the innermost module of one of ``classes`` holding parameter ``name``, where it has one (a
+    vision tower's attention, whose config may name its width and heads in ways of its own), else its width ``dim`` over
+    its head count (``num_heads``; ``groups`` in DaViT's channel attention, whose channel groups are its heads)."""
     owner = next((m for m in _ancestors(model, name) if type(m).__name__ in classes), None)
-    value = getattr(owner, "head_dim", None)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    def positive(value: object) -> int | None:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    head_dim = positive(getattr(owner, "head_dim", None))
+    width = positive(getattr(owner, "dim", None))
+    heads = positive(getattr(owner, "num_heads", None)) or positive(getattr(owner, "groups", None))
+    if head_dim is None and width and heads and width % heads == 0:
+        return width // heads
+    return head_dim
 
 
 def _rows_sharded(param: torch.Tensor) -> bool:
@@ -416,6 +425,8 @@ def partition(
         preset = found[1] if found else None
         if preset is not None and preset.within:  # the module the rule names knows its own heads best
             head_dim = _module_head_dim(model, name, preset.within) or head_dim
+        if preset is not None and "MultiheadAttention" in preset.fused_modules:  # as does torch's attention module
+            head_dim = _module_head_dim(model, name, ("MultiheadAttention",)) or head_dim
         out_dim = _out_dim(name, model, conv1d_default, preset is not None and preset.in_out) if param.dim() == 2 else 0
         fused = preset is not None and (len(preset.roles) > 1 or experts)
         geometry = None
