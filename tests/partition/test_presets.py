@@ -648,6 +648,9 @@ def _mla_model(kind: str) -> nn.Module:
                      swa_num_key_value_heads=2, swa_q_lora_rank=16, swa_kv_lora_rank=8, swa_head_dim=20,
                      swa_qk_nope_head_dim=12, swa_v_head_dim=10, mlp_layer_types=["dense", "sparse"],
                      shared_experts_intermediate_size=16)  # fmt: skip
+    if model_type == "glm5_next_text":  # layer 0 latent attention without rotary parts, layer 1 Kimi Delta Attention
+        sizes.update(qk_rope_head_dim=0, layer_types=["full_attention", "linear_attention"],
+                     mlp_layer_types=["dense", "sparse"], linear_num_heads=2, linear_head_dim=8, index_topk=32)
     if model_type == "longcat_flash":  # two attention blocks per layer; experts and identity experts in each layer
         sizes.update(num_layers=2, head_dim=8, qk_head_dim=24, ffn_hidden_size=64, expert_ffn_hidden_size=16,
                      zero_expert_num=2, moe_topk=2)  # fmt: skip
@@ -1916,10 +1919,10 @@ def test_heads_are_read_from_each_layers_own_config_where_layers_differ() -> Non
     _assert_each_head_block_changes_its_head(model, opt, layers[1].self_attn.q_proj.weight, 0, 16, heads=4, call=1)
 
 
-@pytest.mark.parametrize("kind", ["kimi_linear", "bailing_hybrid"])
+@pytest.mark.parametrize("kind", ["kimi_linear", "bailing_hybrid", "glm5_next_text"])
 def test_kimi_delta_attention_parts_feed_what_they_are_declared_as(kind: str) -> None:
-    """Kimi Linear's and Ling's hybrid linear layers (Kimi Delta Attention) share parameter names with their
-    latent-attention layers but not their head sizes: each is matched inside its own module. Proven on the model's
+    """Kimi Linear's, Ling's hybrid's and GLM-5-Next's linear layers (Kimi Delta Attention) share parameter names with
+    their latent-attention layers but not their head sizes: each is matched inside its own module. Proven on the model's
     forward: q, k and v projections feed the query, key and value of its delta rule (per-head blocks of
     ``linear_head_dim`` changing exactly their head), the forget gate feeds the decay (tiny where it is low-rank:
     full momentum; low-rank momentum where it is as large as the query), ``b_proj`` beta, and the output gate the
@@ -1927,13 +1930,13 @@ def test_kimi_delta_attention_parts_feed_what_they_are_declared_as(kind: str) ->
     model = _mla_model("kimi_linear-noqlora" if kind == "kimi_linear" else kind)  # Kimi's query as released: q_proj
     opt = adapm.AdaPMMini(model, lr=1e-3)
     assert opt.partition_report().unmatched == []
-    kda = model.model.layers[1].self_attn
+    kda = _decoder(model).layers[1].self_attn
     assert type(kda).__name__ in KDA_MODULES
 
     def probe(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _probe_delta_rule(m, x, kda, "chunk_kimi_delta_attention")
 
-    low_rank = kind == "kimi_linear"  # Kimi Linear's gates are low-rank pairs, Ling's full-size matrices
+    low_rank = kind != "bailing_hybrid"  # Kimi Linear's and GLM-5-Next's gates are low-rank pairs, Ling's full-size
     gates = ((("f_a", kda.forget_gate.f_a_proj.weight), ("f_b", kda.forget_gate.f_b_proj.weight),
               ("g_a", kda.g_a_proj.weight), ("g_b", kda.g_b_proj.weight)) if low_rank
              else (("f", kda.forget_gate.f_proj.weight), ("g", kda.g_proj.weight)))  # fmt: skip
@@ -1958,25 +1961,27 @@ def test_kimi_delta_attention_parts_feed_what_they_are_declared_as(kind: str) ->
             with torch.no_grad():
                 weight.copy_(saved)
             assert [h for h in range(2) if (after[:, :, h] - base[:, :, h]).abs().max() > 1e-4] == [head]
-    mla_query = model.model.layers[0].self_attn.q_proj.weight  # same name, the latent attention's heads: 16 + 8
-    assert opt.layout(mla_query).segments[0].block == (0, 24)
+    mla = _decoder(model).layers[0].self_attn  # the same names, the latent attention's heads: 16 + its rotary 8 or 0
+    mla_query = (mla.q_proj if hasattr(mla, "q_proj") else mla.q_b_proj).weight
+    assert opt.layout(mla_query).segments[0].block == (0, 16 + mla.qk_rope_head_dim)
 
 
 @pytest.mark.parametrize("kind", [*MLA, "deepseek_v2-noqlora"])
 def test_latent_attention_segments_and_heads_match_the_real_query_key_value(kind: str) -> None:
-    """Multi-head latent attention, proven on each model's own attention: the latent part of
-    ``kv_a_proj_with_mqa`` feeds keys and values, its rotary part keys only; ``kv_b_proj``'s parts feed
-    exactly the key or the value; and the per-head blocks of the query and of ``kv_b_proj``'s key part
-    change exactly their head. DeepSeek-V3.2's indexer: per-head query blocks, one key head. A.X K2's fused
-    query and gate, and Dots3's and HY-V4's output gates: each head's block gates that head's output alone."""
+    """Multi-head latent attention, proven on each model's own attention: the latent part of ``kv_a_proj_with_mqa``
+    feeds keys and values, its rotary part keys only (GLM-5-Next's has none: the latent alone); ``kv_b_proj``'s parts
+    feed exactly the key or the value; and the per-head blocks of the query and of ``kv_b_proj``'s key part change
+    exactly their head. DeepSeek-V3.2's indexer: per-head query blocks, one key head. A.X K2's fused query and gate,
+    and Dots3's and HY-V4's output gates: each head's block gates that head's output alone."""
     model = _mla_model(kind)
     opt = adapm.AdaPMMini(model, lr=1e-3, strict=False)
     attn = _decoder(model).layers[0].self_attn
     attn = attn[0] if isinstance(attn, nn.ModuleList) else attn  # LongCat-Flash: two attention blocks a layer
     kv_a, kv_b = attn.kv_a_proj_with_mqa.weight, attn.kv_b_proj.weight
+    rope = attn.qk_rope_head_dim  # 0 in GLM-5-Next's: no rotary key, the latent alone
     assert [(s.name.rsplit("[", 1)[1], s.momentum) for s in opt.layout(kv_a).segments] == [
-        ("KV]", "full"), ("K]", "lowrank")]
-    assert _what_each_segment_feeds(model, opt, kv_a, _probe_sdpa) == ["kv", "k"]
+        ("KV]", "full"), *([("K]", "lowrank")] if rope else [])]  # fmt: skip
+    assert _what_each_segment_feeds(model, opt, kv_a, _probe_sdpa) == ["kv", "k"][: 2 if rope else 1]
     assert [(s.name.rsplit("[", 1)[1], s.momentum) for s in opt.layout(kv_b).segments] == [
         ("K]", "lowrank"), ("V]", "full")]
     assert _what_each_segment_feeds(model, opt, kv_b, _probe_sdpa) == ["k", "v"]
@@ -1985,7 +1990,7 @@ def test_latent_attention_segments_and_heads_match_the_real_query_key_value(kind
     query = attn.q_proj.weight if plain else attn.q_gate_proj.weight if gated else attn.q_b_proj.weight
     if not plain:
         assert opt.layout(attn.q_a_proj.weight).segments[0].block == (0, 1)  # a latent: no heads
-    for weight, which, size in ((query, 0, 24), (kv_b, 1, 16)):
+    for weight, which, size in ((query, 0, 16 + rope), (kv_b, 1, 16)):
         _assert_each_head_block_changes_its_head(model, opt, weight, which, size, heads=4)
     if gated:
         assert [(s.name.rsplit("[", 1)[1], s.role) for s in opt.layout(query).segments] == [("Q]", "query"),
@@ -2004,6 +2009,11 @@ def test_latent_attention_segments_and_heads_match_the_real_query_key_value(kind
         assert opt.layout(indexer.wk.weight).segments[0].block == (0, size) == (0, indexer.wk.weight.shape[0])
         weights = next(n for n, p in model.named_parameters() if p is indexer.weights_proj.weight)
         assert _rows(opt)[weights].role == "router"
+        pools = {n.rsplit(".", 1)[1]: _rows(opt)[n].role for n, p in model.named_parameters()
+                 if p is getattr(indexer, "index_kpool_compress_gate", None)
+                 or p is getattr(indexer, "index_kpool_compress_ape", None)}  # GLM-5-Next's pooled keys  # fmt: skip
+        assert pools == ({"index_kpool_compress_gate": "mlp", "index_kpool_compress_ape": "vector"}
+                         if kind == "glm5_next_text" else {})  # fmt: skip
 
 
 def _assert_output_gate_blocks_gate_their_head(model: nn.Module, opt: adapm.AdaPM, weight: nn.Parameter,
@@ -3264,18 +3274,19 @@ def test_multimodal_models_small_parts_take_their_roles_at_full_size(kind: str, 
 
 
 ROTARY_VISION_TOWERS = {"ernie4_5_vl_moe": "Ernie4_5_VLMoeVisionConfig", "kimi_k25": "Kimi_K25VisionConfig",
-                        "muse_glimmer": "MuseGlimmerVisionConfig", "muse_spark": "MuseSparkVisionConfig"}  # fmt: skip
-"""Multimodal models whose vision tower's attention is Qwen2-VL's (ERNIE-4.5-VL's ``qkv``; the others' ``q_proj``,
-``k_proj``, ``v_proj``), and the config class of that tower."""
+                        "muse_glimmer": "MuseGlimmerVisionConfig", "muse_spark": "MuseSparkVisionConfig",
+                        "glm5_next": "Glm5NextVisionConfig"}  # fmt: skip
+"""Multimodal models whose vision tower's attention is Qwen2-VL's (ERNIE-4.5-VL's and GLM-5-Next's ``qkv``; the others'
+``q_proj``, ``k_proj``, ``v_proj``), and the config class of that tower."""
 
 
 @pytest.mark.parametrize("kind", sorted(ROTARY_VISION_TOWERS))
 def test_qwen_vl_style_attention_of_other_towers_feeds_what_it_is_declared_as(kind: str) -> None:
-    """ERNIE-4.5-VL's, Kimi K2.5's, MuSE Glimmer's and MuSE Spark's vision towers (one block, 2 heads of 16), proven on
-    their first block's attention called as the tower calls it (a sequence of patches, its rotary angles): the query,
-    key and value parts feed exactly those, each query and key block of the module's ``head_dim`` rows changes its head
-    alone, and ``proj`` is the attention output; nothing in the tower is unknown but Kimi K2.5's position grid (a 3-D
-    table interpolated and added whole)."""
+    """ERNIE-4.5-VL's, Kimi K2.5's, MuSE Glimmer's, MuSE Spark's and GLM-5-Next's vision towers (one block, 2 heads of
+    16), proven on their first block's attention called as the tower calls it (a sequence of patches, its rotary
+    angles): the query, key and value parts feed exactly those, each query and key block of the module's ``head_dim``
+    rows changes its head alone, and ``proj`` is the attention output; nothing in the tower is unknown but Kimi K2.5's
+    position grid (a 3-D table interpolated and added whole)."""
     import importlib
 
     from transformers import PreTrainedModel

@@ -90,7 +90,7 @@ class PresetRule:
 
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu",
                    "axk1", "kimi_linear", "axk2", "dots3_note_text", "hy_v4", "longcat_flash", "bailing_hybrid",
-                   "mistral4", "mistral_large4_text")
+                   "mistral4", "mistral_large4_text", "glm5_next_text")
 """Models with DeepSeek-V2's multi-head latent attention, as their modeling code computes it: ``q_a_proj`` then
 ``q_b_proj`` (or ``q_proj``) give each head's ``[nope | rope]`` query; ``kv_a_proj_with_mqa`` gives the
 key-value latent then the one rotary key shared by all heads; ``kv_b_proj`` maps the latent to each
@@ -99,7 +99,8 @@ head's ``[key nope | value]``. A.X K2 fuses each head's query with a gate of its
 blocks per layer; Dots3's sliding-window layers have sizes of their own; Ling's hybrid gates each head's output
 (``g_proj``). Every model type here is proven on its own forward in the tests."""
 
-DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "dots3_note_text", "hy_v4", "mistral_large4_text")
+DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "dots3_note_text", "hy_v4", "mistral_large4_text",
+                   "glm5_next_text")
 """Of those, the models with DeepSeek-V3.2's sparse-attention indexer (``indexer.wq_b``, ``indexer.wk``,
 ``indexer.weights_proj``; it picks the keys each query attends to, and is trained by its own loss)."""
 
@@ -111,14 +112,14 @@ per-head queries and keys of ``linear_key_head_dim``, values, an output gate (``
 Qwen3-Next fuses them per key head as ``[q | k | v | z]`` (``in_proj_qkvz``) and ``[b | a]``; Qwen3.5 as
 ``[q | k | v]``; OLMo Hybrid keeps them apart. Every model type here is proven on its own forward in the tests."""
 
-KDA_MODULES = ("KimiLinearDeltaAttention", "BailingHybridDeltaAttention")
+KDA_MODULES = ("KimiLinearDeltaAttention", "BailingHybridDeltaAttention", "Glm5NextTextLinearAttention")
 """Kimi Delta Attention (the linear-attention layers of Kimi Linear and of Ling's hybrid, named ``self_attn`` like
 their latent-attention layers): per-head queries and keys of ``linear_head_dim``, values, an output gate and a
 per-channel forget gate (Kimi Linear's low-rank: ``g_a_proj`` and ``g_b_proj``, ``forget_gate.f_a_proj`` and
 ``f_b_proj``; Ling's full-size: ``g_proj``, ``forget_gate.f_proj``), a per-head beta (``b_proj``) and a depthwise
 convolution over q, k and v. Proven on each model's own forward in the tests."""
 
-KDA_MODEL_TYPES = ("kimi_linear", "bailing_hybrid")
+KDA_MODEL_TYPES = ("kimi_linear", "bailing_hybrid", "glm5_next_text")
 """The model types with Kimi Delta Attention layers."""
 
 GATED_ATTENTION_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
@@ -193,7 +194,8 @@ QWEN_VL_VISION_ATTENTION = ("VisionAttention", "Qwen2_5_VLVisionAttention", "Qwe
                             "Qwen3VLMoeVisionAttention", "Qwen3_5VisionAttention", "Qwen3_5MoeVisionAttention",
                             "Qwen3OmniMoeVisionAttention", "Qwen2_5OmniVisionAttention", "Glm4vVisionAttention",
                             "Glm4vMoeVisionAttention", "GlmOcrVisionAttention", "Ernie4_5_VLMoeVisionAttention",
-                            "Kimi_K25VisionAttention", "MuseGlimmerVisionAttention", "MuseSparkVisionAttention")
+                            "Kimi_K25VisionAttention", "MuseGlimmerVisionAttention", "MuseSparkVisionAttention",
+                            "Glm5NextVisionAttention")
 """The vision towers' attention of Qwen2-VL (its class is plainly ``VisionAttention``), Qwen2.5-VL, Qwen3-VL(-MoE),
 Qwen3.5(-MoE), Qwen2.5-Omni and Qwen3-Omni, GLM-4.1V, GLM-4.5V, GLM-OCR and ERNIE-4.5-VL: ``qkv`` gives ``[q | k | v]``
 (Qwen2.5-Omni's separate ``q``, ``k``, ``v``; Kimi K2.5's, MuSE Glimmer's and MuSE Spark's ``q_proj``, ``k_proj``,
@@ -284,6 +286,10 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("dsa", r"(^|\.)indexer\.wk\.weight$", ("key",), head_size=("index_head_dim",),
                model_types=DSA_MODEL_TYPES),
     PresetRule("dsa", r"(^|\.)indexer\.weights_proj\.weight$", ("router",), model_types=DSA_MODEL_TYPES),
+    # GLM-5-Next's indexer scores pools of keys: a softmax gate weighs the keys of a pool (an MLP-like gate, as
+    # DeepSeek-V4's compressors'), plus a learned bias per position in the pool (a vector).
+    PresetRule("dsa", r"(^|\.)indexer\.index_kpool_compress_gate$", ("mlp",), model_types=("glm5_next_text",)),
+    PresetRule("dsa", r"(^|\.)indexer\.index_kpool_compress_ape$", ("vector",), model_types=("glm5_next_text",)),
     # A.X K2: each head's query, then the sigmoid gate of that head's output (an MLP-like gate).
     PresetRule("mla", r"(^|\.)self_attn\.q_gate_proj\.weight$", ("query", "mlp"), ("Linear",), layout="mla_q_gate",
                head_size=("qk_nope_head_dim", "qk_rope_head_dim"), model_types=("axk2",)),
@@ -314,7 +320,7 @@ PRESET_RULES: tuple[PresetRule, ...] = (
                model_types=("deepseek_v4",)),
     # Hyper-connections (DeepSeek-V4, HY-V4): tiny matrices mixing the residual streams, full momentum.
     PresetRule("hyper-connections", r"(^|\.)(attn_hc\.fn|ffn_hc\.fn|hc_head\.hc_fn)$", ("router",),
-               model_types=("deepseek_v4", "hy_v4")),
+               model_types=("deepseek_v4", "hy_v4", "glm5_next_text")),
     # Gated DeltaNet linear attention: queries and keys per head of linear_key_head_dim, values, the output
     # gate (a gate like an MLP's: low-rank momentum), and tiny matrices (the per-head decay and beta inputs,
     # the depthwise convolution kernels): full momentum.
@@ -743,8 +749,8 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("qwen-vl-vision", r"(^|\.)visual\.pos_embed\.weight$", ("embedding",)),
     # GLM-4.1V's and GLM-4.5V's 2 x 2 patch merge, a strided convolution into the merger: as every convolution kernel
     # here, full momentum (low-rank momentum needs a matrix).
-    PresetRule("qwen-vl-vision", r"(^|\.)visual\.downsample\.weight$", ("router",),
-               model_types=("glm4v_vision", "glm4v_moe_vision", "glm_ocr_vision")),
+    PresetRule("qwen-vl-vision", r"(^|\.)(visual\.)?downsample\.weight$", ("router",),
+               model_types=("glm4v_vision", "glm4v_moe_vision", "glm_ocr_vision", "glm5_next_vision")),
     # SAM-style ViT image encoders (SAM, GOT-OCR 2.0, DeepSeek-VL's high-resolution tower, Unlimited-OCR, ...): windowed
     # attention with [q | k | v] from one qkv and relative position tables indexed by the distance between two patches
     # (tiny and read every step: full momentum, one block per distance); their MLP; the patch embedding and the
@@ -853,6 +859,17 @@ def config_attr(config: Any, key: str) -> Any:
         return getattr(config, key, None)
     except RuntimeError:
         return None
+
+
+def _config_size(config: Any, key: str) -> int | None:
+    """``key`` read from ``config`` as an integer >= 0 (a size that may be zero: a part that is absent), or None."""
+    value = config_attr(config, key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _zero(config: Any, keys: str) -> int | None:
+    """0 where one of ``keys`` (``"a|b"``) is set to 0 in ``config`` (a part that is absent), else None."""
+    return 0 if any(_config_size(config, key) == 0 for key in keys.split("|")) else None
 
 
 def _config_int(config: Any, keys: tuple[str, ...]) -> int | None:
@@ -971,15 +988,17 @@ def _mamba2_parts(config: Any, size: int) -> list[Part] | None:
 
 
 def _mla_parts(layout: str, config: Any, heads: int, size: int) -> list[Part] | None:
-    """Multi-head latent attention's fused weights: ``mla_kv_a`` is ``[latent | rotary key]``, ``mla_kv_b``
-    is ``[key nope | value]`` for each head in turn, ``mla_q_gate`` ``[query | output gate]`` for each head in
-    turn, the gate of the value's size (see :data:`MLA_MODEL_TYPES`)."""
-    dims = _config_ints(config, ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"))
-    if dims is None:
+    """Multi-head latent attention's fused weights: ``mla_kv_a`` is ``[latent | rotary key]`` (the latent alone
+    where the attention has no rotary part, as GLM-5-Next's), ``mla_kv_b`` is ``[key nope | value]`` for each head in
+    turn, ``mla_q_gate`` ``[query | output gate]`` for each head in turn, the gate of the value's size (see
+    :data:`MLA_MODEL_TYPES`)."""
+    dims = _config_ints(config, ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"))
+    rope = _config_size(config, "qk_rope_head_dim")
+    if dims is None or rope is None:
         return None
-    latent, rope, nope, v = dims
+    latent, nope, v = dims
     if layout == "mla_kv_a":
-        parts: list[Part] = [("KV", "value", 0, latent, 1, 0), ("K", "key", latent, rope, 1, 0)]
+        parts: list[Part] = [("KV", "value", 0, latent, 1, 0)] + ([("K", "key", latent, rope, 1, 0)] if rope else [])
         return parts if latent + rope == size else None
     if layout == "mla_q_gate":
         q = nope + rope
@@ -995,7 +1014,8 @@ def rule_head_size(rule: PresetRule | None, config: Any, head_dim: int | None) -
         return head_dim
     if rule.per_neuron:
         return 1
-    if rule.head_size:
-        sizes = [_config_int(config, tuple(key.split("|"))) for key in rule.head_size]
-        return sum(int(n) for n in sizes if n is not None) if all(sizes) else 1
+    if rule.head_size:  # a part may be absent (size 0: no rotary part); a size the config lacks: per neuron
+        sizes = [_config_int(config, tuple(key.split("|"))) or _zero(config, key) for key in rule.head_size]
+        total = sum(n for n in sizes if n is not None)
+        return total if None not in sizes and total > 0 else 1
     return head_dim
