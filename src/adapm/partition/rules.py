@@ -169,7 +169,7 @@ def head_dim_of(model: nn.Module | None) -> int | None:
 def _head_dim(config: Any) -> int | None:
     if config is None:
         return None
-    for key in ("head_dim", "d_kv", "dim_head"):  # T5's and its kin's (Pix2Struct, UMT5...) name, then CPM-Ant's
+    for key in ("head_dim", "d_kv", "dim_head"):  # d_kv: T5's and its kin's (Pix2Struct, UMT5...); dim_head: CPM-Ant's
         head_dim = config_attr(config, key)
         if isinstance(head_dim, int) and head_dim > 0:
             return head_dim
@@ -296,16 +296,17 @@ def _module_head_dim(model: nn.Module | None, name: str, classes: tuple[str, ...
     vision tower's attention, whose config may name its width and heads in ways of its own), else its width ``dim`` over
     its head count (``num_heads``; ``groups`` in DaViT's channel attention, whose channel groups are its heads)."""
     owner = next((m for m in _ancestors(model, name) if type(m).__name__ in classes), None)
-
-    def positive(value: object) -> int | None:
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-    head_dim = positive(getattr(owner, "head_dim", None))
-    width = positive(getattr(owner, "dim", None))
-    heads = positive(getattr(owner, "num_heads", None)) or positive(getattr(owner, "groups", None))
+    head_dim = _positive(getattr(owner, "head_dim", None))
+    width = _positive(getattr(owner, "dim", None))
+    heads = _positive(getattr(owner, "num_heads", None)) or _positive(getattr(owner, "groups", None))
     if head_dim is None and width and heads and width % heads == 0:
         return width // heads
     return head_dim
+
+
+def _positive(value: object) -> int | None:
+    """``value`` if it is a positive integer (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _rows_sharded(param: torch.Tensor) -> bool:
