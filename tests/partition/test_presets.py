@@ -632,7 +632,7 @@ def _mla_model(kind: str) -> nn.Module:
     from transformers import AutoConfig
 
     torch.manual_seed(0)
-    model_type = kind.removesuffix("-noqlora")
+    model_type = kind.removesuffix("-noqlora").removesuffix("-nope")
     sizes = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, vocab_size=80, q_lora_rank=None if kind != model_type
                  else 16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=4,
@@ -648,6 +648,8 @@ def _mla_model(kind: str) -> nn.Module:
                      swa_num_key_value_heads=2, swa_q_lora_rank=16, swa_kv_lora_rank=8, swa_head_dim=20,
                      swa_qk_nope_head_dim=12, swa_v_head_dim=10, mlp_layer_types=["dense", "sparse"],
                      shared_experts_intermediate_size=16)  # fmt: skip
+    if kind == "mistral_large4_text-nope":  # layer 0 without rotary parts (its module drops them), layer 1 with
+        sizes.update(no_rope_layers=[0, 1])
     if model_type == "glm5_next_text":  # layer 0 latent attention without rotary parts, layer 1 Kimi Delta Attention
         sizes.update(qk_rope_head_dim=0, layer_types=["full_attention", "linear_attention"],
                      mlp_layer_types=["dense", "sparse"], linear_num_heads=2, linear_head_dim=8, index_topk=32)
@@ -1966,19 +1968,20 @@ def test_kimi_delta_attention_parts_feed_what_they_are_declared_as(kind: str) ->
     assert opt.layout(mla_query).segments[0].block == (0, 16 + mla.qk_rope_head_dim)
 
 
-@pytest.mark.parametrize("kind", [*MLA, "deepseek_v2-noqlora"])
+@pytest.mark.parametrize("kind", [*MLA, "deepseek_v2-noqlora", "mistral_large4_text-nope"])
 def test_latent_attention_segments_and_heads_match_the_real_query_key_value(kind: str) -> None:
     """Multi-head latent attention, proven on each model's own attention: the latent part of ``kv_a_proj_with_mqa``
-    feeds keys and values, its rotary part keys only (GLM-5-Next's has none: the latent alone); ``kv_b_proj``'s parts
-    feed exactly the key or the value; and the per-head blocks of the query and of ``kv_b_proj``'s key part change
-    exactly their head. DeepSeek-V3.2's indexer: per-head query blocks, one key head. A.X K2's fused query and gate,
-    and Dots3's and HY-V4's output gates: each head's block gates that head's output alone."""
+    feeds keys and values, its rotary part keys only (GLM-5-Next's has none: the latent alone; nor have Mistral Large
+    4's NoPE layers, whose keys are all ``qk_nope_head_dim`` + the rotary size); ``kv_b_proj``'s parts feed exactly the
+    key or the value; and the per-head blocks of the query and of ``kv_b_proj``'s key part change exactly their head.
+    DeepSeek-V3.2's indexer: per-head query blocks, one key head. A.X K2's fused query and gate, and Dots3's and
+    HY-V4's output gates: each head's block gates that head's output alone."""
     model = _mla_model(kind)
     opt = adapm.AdaPMMini(model, lr=1e-3, strict=False)
     attn = _decoder(model).layers[0].self_attn
     attn = attn[0] if isinstance(attn, nn.ModuleList) else attn  # LongCat-Flash: two attention blocks a layer
     kv_a, kv_b = attn.kv_a_proj_with_mqa.weight, attn.kv_b_proj.weight
-    rope = attn.qk_rope_head_dim  # 0 in GLM-5-Next's: no rotary key, the latent alone
+    rope, nope = attn.qk_rope_head_dim, attn.qk_nope_head_dim  # rope 0 (GLM-5-Next's, a NoPE layer): the latent alone
     assert [(s.name.rsplit("[", 1)[1], s.momentum) for s in opt.layout(kv_a).segments] == [
         ("KV]", "full"), *([("K]", "lowrank")] if rope else [])]  # fmt: skip
     assert _what_each_segment_feeds(model, opt, kv_a, _probe_sdpa) == ["kv", "k"][: 2 if rope else 1]
@@ -1990,7 +1993,7 @@ def test_latent_attention_segments_and_heads_match_the_real_query_key_value(kind
     query = attn.q_proj.weight if plain else attn.q_gate_proj.weight if gated else attn.q_b_proj.weight
     if not plain:
         assert opt.layout(attn.q_a_proj.weight).segments[0].block == (0, 1)  # a latent: no heads
-    for weight, which, size in ((query, 0, 16 + rope), (kv_b, 1, 16)):
+    for weight, which, size in ((query, 0, nope + rope), (kv_b, 1, nope)):
         _assert_each_head_block_changes_its_head(model, opt, weight, which, size, heads=4)
     if gated:
         assert [(s.name.rsplit("[", 1)[1], s.role) for s in opt.layout(query).segments] == [("Q]", "query"),
@@ -3240,6 +3243,9 @@ def test_whisper_style_audio_encoders_are_recognised_whole_and_train(kind: str) 
     ("pi0", {"embed_action_time.action_in_proj.weight": "router", "embed_action_time.state_proj.weight": "router",
              "action_out_proj.weight": "router", "embed_action_time.action_time_mlp_in.weight": "mlp",
              "embed_action_time.action_time_mlp_out.weight": "mlp"}),
+    ("muse_spark", {"model.audio_tower.layers.0.patch_embedder.proj.weight": "router",
+                    "model.audio_tower.layers.0.conv_blocks.0.conv.weight": "router",
+                    "model.audio_tower.proj.weight": "mlp"}),
     ("inkling_mm_model", {"model.audio_tower.embed_audio_tokens.embed_audio_tokens.weight": "embedding",
                           "model.vision_tower.encoder_layers.0.projection.weight": "mlp"}),
     ("florence2", {"model.multi_modal_projector.image_projection.weight": "mlp",
@@ -3252,10 +3258,11 @@ def test_whisper_style_audio_encoders_are_recognised_whole_and_train(kind: str) 
 def test_multimodal_models_small_parts_take_their_roles_at_full_size(kind: str, roles: dict[str, str]) -> None:
     """Parts of multimodal models built at their default (full) size on the meta device: projectors, learned queries
     and tokens, patch embeddings, layout tables, Inkling's audio codebook table and patch MLP, Janus's image-generation
-    head and VQ-VAE, PI0's action projections. Each takes its role, and nothing else is left unknown but the position
-    tables added whole to every image (Molmo 2's and RADIO's), which keep AdamW's state. Aria's projector attention
-    (torch's nn.MultiheadAttention) is split into query, key and value with blocks of that module's own ``head_dim``
-    (the SigLIP pooling-head test proves such blocks are its heads), not of the language model's."""
+    head and VQ-VAE, PI0's action projections, MuSE Spark's audio tower. Each takes its role, and nothing else is left
+    unknown but the position tables added whole to every image (Molmo 2's and RADIO's), which keep AdamW's state.
+    Aria's projector attention (torch's nn.MultiheadAttention) is split into query, key and value with blocks of that
+    module's own ``head_dim`` (the SigLIP pooling-head test proves such blocks are its heads), not of the language
+    model's."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     with torch.device("meta"):

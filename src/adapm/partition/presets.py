@@ -640,6 +640,11 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     PresetRule("audio", r"(^|\.)(conv1|conv2|conv2d[123])\.weight$", ("router",), model_types=WHISPER_STYLE_AUDIO),
     PresetRule("audio", r"(^|\.)(proj|proj1|proj2|conv_out)\.weight$", ("mlp",), model_types=WHISPER_STYLE_AUDIO),
     PresetRule("audio", r"(^|\.)audio_bos_eos_token\.weight$", ("embedding",), model_types=WHISPER_STYLE_AUDIO),
+    # MuSE Spark's audio tower: stages of a linear patch embedding (small: full momentum) and causal convolutions
+    # (kernels: full momentum), then a projection out of the tower (an MLP matrix).
+    PresetRule("audio", r"(^|\.)layers\.\d+\.(patch_embedder\.proj|conv_blocks\.\d+\.conv)\.weight$", ("router",),
+               model_types=("muse_spark_audio",)),
+    PresetRule("audio", r"(^|\.)proj\.weight$", ("mlp",), model_types=("muse_spark_audio",)),
     # Fuyu's image input: one linear map of each flattened patch into the width (small, as Llama 4's patch embedding).
     PresetRule("vision", r"(^|\.)vision_embed_tokens\.weight$", ("router",), model_types=("fuyu",)),
     # Phi-4-multimodal (its language model is Phi-3's, above): the image and audio features' projections into the

@@ -201,7 +201,8 @@ def _scope(model: nn.Module | None, name: str) -> nn.Module | None:
 def _layer_config(config: Any, name: str) -> Any:
     """The config of the layer parameter ``name`` is in, where ``config`` differs per layer (Gemma 4's
     ``per_layer_config``: sliding and global attention layers have different head sizes; Inkling's sliding-window
-    layers, sized by its ``swa_*`` fields), else ``config``."""
+    layers, sized by its ``swa_*`` fields; latent-attention layers without rotary parts, marked 0 in
+    ``no_rope_layers``), else ``config``."""
     found = re.search(r"(^|\.)layers\.(\d+)\.", name)
     if found is None:
         return config
@@ -219,6 +220,10 @@ def _layer_config(config: Any, name: str) -> Any:
         and "sliding" in str(layer_types[index])
     ):
         return _SlidingLayerConfig(layer)
+    no_rope = config_attr(config, "no_rope_layers")
+    rope = config_attr(layer, "qk_rope_head_dim")
+    if isinstance(no_rope, (list, tuple)) and index < len(no_rope) and no_rope[index] == 0 and rope:
+        return _NoRopeLayerConfig(layer)
     return layer
 
 
@@ -234,6 +239,23 @@ class _SlidingLayerConfig:
             raise AttributeError(key)
         value = config_attr(self._config, f"swa_{key}")
         return value if value is not None else getattr(self._config, key)
+
+
+class _NoRopeLayerConfig:
+    """A latent-attention config as a layer without rotary parts reads it (Mistral Large 4's NoPE layers): no rotary
+    key (``qk_rope_head_dim`` 0), each head's query and key all ``qk_nope_head_dim`` (the rotary size added to it)."""
+
+    def __init__(self, config: Any) -> None:
+        self._config = config
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        if key == "qk_rope_head_dim":
+            return 0
+        if key == "qk_nope_head_dim":
+            return self._config.qk_nope_head_dim + self._config.qk_rope_head_dim
+        return getattr(self._config, key)
 
 
 def _match_preset(names: Sequence[str], model: nn.Module | None) -> tuple[str, PresetRule] | None:
