@@ -227,9 +227,9 @@ def _layer_config(config: Any, name: str) -> Any:
     return layer
 
 
-class _SlidingLayerConfig:
-    """A config as a sliding-window layer reads it: its ``swa_`` sizes (``swa_head_dim``, ``swa_num_attention_heads``,
-    ...) in place of the global ones, everything else as it is."""
+class _LayerConfigView:
+    """A config as one kind of layer reads it: the fields :meth:`_own` gives in place of the config's, everything else
+    as it is."""
 
     def __init__(self, config: Any) -> None:
         self._config = config
@@ -237,25 +237,31 @@ class _SlidingLayerConfig:
     def __getattr__(self, key: str) -> Any:
         if key.startswith("_"):  # private names (and ``_config`` itself, before it is set) are not config fields
             raise AttributeError(key)
-        value = config_attr(self._config, f"swa_{key}")
+        value = self._own(key)
         return value if value is not None else getattr(self._config, key)
 
+    def _own(self, key: str) -> Any:
+        return None
 
-class _NoRopeLayerConfig:
+
+class _SlidingLayerConfig(_LayerConfigView):
+    """A config as a sliding-window layer reads it: its ``swa_`` sizes (``swa_head_dim``, ``swa_num_attention_heads``,
+    ...) in place of the global ones."""
+
+    def _own(self, key: str) -> Any:
+        return config_attr(self._config, f"swa_{key}")
+
+
+class _NoRopeLayerConfig(_LayerConfigView):
     """A latent-attention config as a layer without rotary parts reads it (Mistral Large 4's NoPE layers): no rotary
     key (``qk_rope_head_dim`` 0), each head's query and key all ``qk_nope_head_dim`` (the rotary size added to it)."""
 
-    def __init__(self, config: Any) -> None:
-        self._config = config
-
-    def __getattr__(self, key: str) -> Any:
-        if key.startswith("_"):
-            raise AttributeError(key)
+    def _own(self, key: str) -> Any:
         if key == "qk_rope_head_dim":
             return 0
         if key == "qk_nope_head_dim":
             return self._config.qk_nope_head_dim + self._config.qk_rope_head_dim
-        return getattr(self._config, key)
+        return None
 
 
 def _match_preset(names: Sequence[str], model: nn.Module | None) -> tuple[str, PresetRule] | None:
