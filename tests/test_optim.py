@@ -251,6 +251,29 @@ def test_add_param_group_with_policy_keys() -> None:
     assert opt.layout(more.weight).name == "more.weight" and "more.weight" in str(opt.partition_report())
 
 
+def test_a_rejected_param_group_leaves_the_optimizer_as_it_was() -> None:
+    """A parameter already in a group, or a group that fails part-way (its second parameter is an integer tensor),
+    is refused with torch's message, and nothing of it stays: a later group's parameters take the next indices (the
+    seeds of their random state) and the step runs."""
+    model = tiny_gpt2()
+    opt = adapm.AdaPM(model, lr=1e-3)
+    before = (len(opt.param_groups), dict(opt._index))
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        opt.add_param_group({"params": [model.transformer.h[0].mlp.c_fc.weight]})
+    extra = nn.Linear(6, 5)
+    with pytest.raises(ValueError, match=r"floating-point parameters: 'param_groups\[\d+\]\[1\]'"):
+        opt.add_param_group({"params": [extra.weight, nn.Parameter(torch.ones(3, dtype=torch.long),
+                                                                     requires_grad=False)]})  # fmt: skip
+    assert (len(opt.param_groups), opt._index) == before and extra.weight not in opt._layouts
+    opt.add_param_group({"params": [extra.weight, extra.bias]})
+    n = len(before[1])
+    assert [opt._index[extra.weight], opt._index[extra.bias]] == [n, n + 1]
+    for p in [*model.parameters(), extra.weight, extra.bias]:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[extra.weight]
+
+
 def _state_bytes_io(obj: object) -> io.BytesIO:
     buf = io.BytesIO()
     torch.save(obj, buf)

@@ -445,7 +445,17 @@ class AdaPM(Optimizer):
             # (name, parameter) pairs: the names go to messages and the report, whatever the other groups hold
             param_group = {**param_group, "params": [p for _, p in params]}
             param_group.setdefault("names", [n for n, _ in params])
-        super().add_param_group(param_group)
+        # torch checks the new group against every earlier one, all their parameters each time: quadratic in the
+        # groups, and AdaPM makes one a parameter (a LitGPT mixture's 18,000 took a minute). It checks this group
+        # alone here, against an empty list; the index of the parameters already added finds repeats at once.
+        earlier, self.param_groups = self.param_groups, []
+        try:
+            super().add_param_group(param_group)
+        finally:
+            added, self.param_groups = self.param_groups, earlier
+        if any(p in self._index for p in added[0]["params"]):
+            raise ValueError("some parameters appear in more than one parameter group")
+        self.param_groups.append(added[0])
         group = self.param_groups[-1]
         if isinstance(group["betas"], list):
             group["betas"] = tuple(group["betas"])
@@ -453,7 +463,7 @@ class AdaPM(Optimizer):
         names = group.get("names")
         if names is not None and (not isinstance(names, list) or len(names) != len(group["params"])):
             raise ValueError(f"param group {index}: 'names' must be a list with one name per parameter")
-        start = sum(len(g["params"]) for g in self.param_groups[:-1])
+        start = len(self._index)  # the parameters of the earlier groups
         try:
             for j, p in enumerate(group["params"]):
                 name = names[j] if names else f"param_groups[{index}][{j}]"
@@ -464,6 +474,9 @@ class AdaPM(Optimizer):
                 self._layouts[p] = build_layout(name, tuple(p.shape), group)
                 self._index[p] = start + j
         except Exception:
+            for p in group["params"]:
+                if self._index.get(p, -1) >= start:
+                    del self._index[p], self._layouts[p]
             self.param_groups.pop()
             raise
         self._group_keys.append(copy.deepcopy(_layout_keys(group)))

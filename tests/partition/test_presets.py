@@ -271,7 +271,7 @@ def _calls(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor) -> l
     model.eval()
     try:
         with torch.no_grad():
-            model(input_ids=x)
+            model(x)  # the token ids, first: Hugging Face's input_ids, LitGPT's idx
     finally:
         delattr(module, name)
     return seen
@@ -3416,3 +3416,150 @@ def test_lfm3_vls_vision_short_convolution_parts_feed_what_they_are_declared_as(
     tower.train()
     stepped = _five_steps(tower, opt, lambda: tower(pixels, grid_thw=grid).last_hidden_state.square().mean())
     assert stepped == {n for n, _ in tower.named_parameters()}
+
+
+LITGPT: dict[str, tuple[str, dict[str, Any]]] = {
+    "pythia": ("pythia-14m", {}),  # GPT-NeoX's MLP, biases, parallel residual
+    "llama3": ("Llama-3.2-1B", {"n_query_groups": 2}),
+    "falcon": ("falcon-7b", {"n_query_groups": 1}),  # one key and value head
+    "gemma2": ("Gemma-2-2b", {"n_query_groups": 2, "head_size": 8}),  # softcapped scores; head_size != n_embd / n_head
+    "qwen3": ("Qwen3-0.6B", {"n_query_groups": 2, "head_size": 24}),  # each head's query and key normed
+    "olmo2": ("OLMo-2-1124-7B", {"n_query_groups": 4, "head_size": 8}),  # the query and key normed across heads
+    "qwen3_moe": ("Qwen3-30B-A3B", {"n_query_groups": 2, "head_size": 8, "n_expert": 4, "n_expert_per_token": 2,
+                                    "moe_intermediate_size": 32}),
+    "latent": ("", {"n_query_groups": 4, "head_size": 16, "mlp_class_name": "LLaMAMoE", "norm_class_name": "RMSNorm",
+                    "bias": False, "parallel_residual": False, "n_expert": 4, "n_expert_per_token": 2,
+                    "moe_intermediate_size": 32, "n_shared_expert": 1, "n_expert_groups": 2, "n_topk_groups": 1,
+                    "n_topk_scores_per_group": 2, "first_k_dense_replace": 1,
+                    "latent_attention": {"q_lora_rank": 24, "kv_lora_rank": 16, "qk_rope_head_dim": 4,
+                                         "qk_nope_head_dim": 8, "v_head_dim": 12}}),  # DeepSeek-V3's layout
+}  # fmt: skip
+"""Tiny LitGPT models (``litgpt.GPT``, built from one of LitGPT's own named configs, sizes shrunk), one per kind of
+attention and MLP it has; ``latent``: a DeepSeek-V3-style config (latent attention, grouped routing, shared experts)."""
+
+
+def _litgpt(kind: str) -> nn.Module:
+    litgpt = pytest.importorskip("litgpt")
+    name, overrides = LITGPT[kind]
+    sizes = {"n_layer": 2, "n_embd": 64, "n_head": 4, "padded_vocab_size": 96, "vocab_size": 96, "block_size": 16,
+             "intermediate_size": 96}  # fmt: skip
+    config = (litgpt.Config.from_name(name, **sizes, **overrides) if name
+              else litgpt.Config(name="tiny-latent", **sizes, **overrides))  # fmt: skip
+    torch.manual_seed(0)
+    return litgpt.GPT(config)
+
+
+def _probe_litgpt(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The query, key and value (batch, head, position, size) that layer 0's attention of a LitGPT model computes with:
+    the arguments of its ``scaled_dot_product_attention`` (run unchanged; keys and values repeated for each query head
+    they serve)."""
+    return _probe_method(model, model.transformer.h[0].attn, "scaled_dot_product_attention", x)
+
+
+@pytest.mark.parametrize("kind", sorted(LITGPT))
+def test_every_litgpt_matrix_is_recognised_and_trains(kind: str) -> None:
+    """LitGPT has no ``config.model_type``: its modules say what each matrix is. Nothing is left unknown, each matrix
+    takes its role, and five steps on the next-token loss are finite; the state held is what the report counted."""
+    import warnings
+
+    model = _litgpt(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing kept whole, no rule unused
+        opt = adapm.AdaPMMini(model, lr=1e-3)
+    report = opt.partition_report()
+    assert report.unmatched == [], report.unmatched
+    latent = kind == "latent"
+    expected = {
+        "lm_head.weight": "output", "transformer.wte.weight": "embedding",
+        "transformer.h.1.attn.proj.weight": "attn_out", "transformer.h.1.mlp.gate.weight": "router",
+        "transformer.h.1.mlp.experts.0.fc_1.weight": "mlp", "transformer.h.1.mlp.experts.0.fc_2.weight": "mlp",
+        "transformer.h.1.mlp.experts.0.proj.weight": "mlp", "transformer.h.1.mlp.shared_experts.fc_1.weight": "mlp",
+        "transformer.h.0.mlp.fc.weight": "mlp", "transformer.h.0.mlp.fc_1.weight": "mlp",
+        "transformer.h.0.mlp.fc_2.weight": "mlp", "transformer.h.0.mlp.proj.weight": "mlp",
+        "transformer.h.1.attn.q_a_proj.weight": "query", "transformer.h.1.attn.q_b_proj.weight": "query",
+        "transformer.h.1.attn.kv_a_proj_with_mqa.weight[KV]": "value",
+        "transformer.h.1.attn.kv_a_proj_with_mqa.weight[K]": "key",
+        "transformer.h.1.attn.kv_b_proj.weight[K]": "key", "transformer.h.1.attn.kv_b_proj.weight[V]": "value",
+        "transformer.h.1.attn.qkv.weight[Q]": "query", "transformer.h.1.attn.qkv.weight[K]": "key",
+        "transformer.h.1.attn.qkv.weight[V]": "value",
+    }  # fmt: skip
+    rows = _rows(opt)
+    present = {name: rows[name].role for name in expected if name in rows}
+    assert present == {name: expected[name] for name in present}
+    assert ("transformer.h.1.attn.kv_b_proj.weight[K]" in present) == latent
+    assert ("transformer.h.1.attn.qkv.weight[Q]" in present) == (not latent)
+    assert ("transformer.h.1.mlp.gate.weight" in present) == (kind in ("qwen3_moe", "latent"))
+    assert all(r.role != "other" for r in report.rows)
+    gen = torch.Generator().manual_seed(0)
+
+    def loss() -> torch.Tensor:
+        ids = torch.randint(0, 96, (2, 12), generator=gen)
+        logits = model(ids)
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    model.train()
+    stepped = _five_steps(model, opt, loss)
+    assert {n for n, p in model.named_parameters() if ".experts." not in n} <= stepped  # experts: where routed
+    assert adapm.state_bytes(opt) == sum(r.state_bytes for r in report.rows if r.name.split("[")[0] in stepped)
+
+
+@pytest.mark.parametrize("kind", [k for k in sorted(LITGPT) if k != "latent"])
+def test_litgpt_qkv_parts_and_heads_match_what_its_attention_computes(kind: str) -> None:
+    """LitGPT's ``qkv`` is ``[q | k | v]`` with ``n_head`` query and ``n_query_groups`` key and value heads of
+    ``head_size``: each part feeds exactly the query, key or value that layer 0's attention computes with, and each
+    per-head block of the query (of the key) changes exactly its head (the query heads it serves). OLMo 2 norms the
+    query and key across all heads at once, so a head's rows move every head there: its parts are proven, not its
+    heads."""
+    model = _litgpt(kind)
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    config = model.config
+    qkv = model.transformer.h[0].attn.qkv.weight
+    assert _what_each_segment_feeds(model, opt, qkv, _probe_litgpt) == ["q", "k", "v"]
+    if kind == "olmo2":
+        return
+    x = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(0))
+    base = _probe_litgpt(model, x)
+    size, heads, per_group = config.head_size, config.n_head, config.n_head // config.n_query_groups
+    for which, count, serves in ((0, heads, 1), (1, config.n_query_groups, per_group)):
+        seg = opt.layout(qkv).segments[which]
+        assert seg.momentum == "lowrank" and seg.block == (0, size), (which, seg.block)
+        for block in range(count):
+            after = _block_perturbed(qkv, seg, block, size, lambda: _probe_litgpt(model, x))[which]
+            changed = [h for h in range(heads) if (after[:, h] - base[which][:, h]).abs().max() > 1e-5]
+            assert changed == list(range(block * serves, (block + 1) * serves)), (which, block, changed)
+
+
+def test_litgpt_latent_attention_parts_and_heads_match_what_its_attention_computes() -> None:
+    """LitGPT's latent attention (DeepSeek-V3's): ``kv_a_proj_with_mqa``'s latent feeds keys and values, its rotary
+    part the keys alone; ``kv_b_proj``'s parts feed exactly the key or the value; and the per-head blocks of the query
+    (``q_b_proj``) and of ``kv_b_proj``'s key part change exactly their head; ``q_a_proj`` (a latent) has no heads."""
+    model = _litgpt("latent")
+    opt = adapm.AdaPMMini(model, lr=1e-3)
+    attn, la = model.transformer.h[0].attn, model.config.latent_attention
+    assert _what_each_segment_feeds(model, opt, attn.kv_a_proj_with_mqa.weight, _probe_litgpt) == ["kv", "k"]
+    assert _what_each_segment_feeds(model, opt, attn.kv_b_proj.weight, _probe_litgpt) == ["k", "v"]
+    assert opt.layout(attn.q_a_proj.weight).segments[0].block == (0, 1)
+    nope, rope = la["qk_nope_head_dim"], la["qk_rope_head_dim"]
+    x = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(0))
+    for weight, which, size in ((attn.q_b_proj.weight, 0, nope + rope), (attn.kv_b_proj.weight, 1, nope)):
+        _assert_head_blocks_change_their_heads(opt, [weight], size, heads=4,
+                                               probe=lambda which=which: [_probe_litgpt(model, x)[which]])  # fmt: skip
+
+
+def test_every_model_litgpt_ships_is_recognised() -> None:
+    """Each of LitGPT's named configs (two layers of it, on the meta device): nothing unknown or kept whole
+    (``strict=True``, no warning), and AdaPM-mini holds under 6% of AdamW's state."""
+    import warnings
+
+    litgpt = pytest.importorskip("litgpt")
+    from litgpt.config import configs
+
+    assert len(configs) > 200
+    for entry in configs:
+        config = litgpt.Config.from_name(entry["name"], n_layer=2)
+        with torch.device("meta"):
+            model = litgpt.GPT(config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            opt = adapm.AdaPMMini(model, lr=1e-3, strict=True)
+        assert opt.partition_report().ratio_to_adamw < 0.06, entry["name"]

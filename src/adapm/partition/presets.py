@@ -85,7 +85,9 @@ class PresetRule:
     neuron second-moment blocks instead of per-head ones."""
     within: tuple[str, ...] = ()
     """If given, the rule applies only to parameters inside a module of one of these classes: where a model
-    has two kinds of block whose parameters share names (Kimi Linear's linear and latent attention)."""
+    has two kinds of block whose parameters share names (Kimi Linear's linear and latent attention), or where the
+    model has no ``config.model_type`` to tell its family by (LitGPT's). A class is named alone or with its module
+    (``litgpt.model.CausalSelfAttention``), the latter where other code uses the same class name."""
 
 
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu",
@@ -244,6 +246,13 @@ JETMOE_EXPERTS = ("JetMoeParallelExperts",)
 """JetMoE's expert stacks: ``weight`` of ``(experts, out, in)``, expert i applied as ``F.linear(x, weight[i])`` to the
 tokens routed to it (proven on the model's own forward in the tests)."""
 
+LITGPT_ATTENTION = ("litgpt.model.CausalSelfAttention",)
+LITGPT_LATENT_ATTENTION = ("litgpt.model.MultiheadLatentAttention",)
+LITGPT_MLPS = ("litgpt.model.GptNeoxMLP", "litgpt.model.LLaMAMLP", "litgpt.model.GemmaMLP")
+LITGPT_MOE = ("litgpt.model.LLaMAMoE",)
+"""LitGPT's modules (``litgpt.model``), named with their module: nanoGPT-style code has a ``CausalSelfAttention``
+too, with a layout of its own. Every one is proven on LitGPT's own forward in the tests."""
+
 PRESET_RULES: tuple[PresetRule, ...] = (
     # GPT-BigCode: nn.Linear c_attn, per-head [q, k, v] (multi-head) or [q | k | v] with one K/V head.
     PresetRule("gpt_bigcode", r"(^|\.)attn\.c_attn\.weight$", ("query", "key", "value"), ("Linear",),
@@ -259,6 +268,25 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     ),
     PresetRule("gpt2", r"(^|\.)attn\.c_proj\.weight$", ("attn_out",)),
     PresetRule("gpt2", r"(^|\.)mlp\.c_(fc|proj)\.weight$", ("mlp",)),
+    # LitGPT (``litgpt.GPT``, one class for every family it ships): ``qkv`` is ``[q | k | v]`` with ``n_head`` query
+    # heads and ``n_query_groups`` key and value heads of ``head_size`` each; ``proj`` the attention output; its MLPs'
+    # ``fc`` (GPT-NeoX's), ``fc_1`` (the gate), ``fc_2`` and ``proj``, also as each expert of a mixture; the expert
+    # router ``mlp.gate``; and DeepSeek-V3's latent attention, laid out as Hugging Face's (see MLA_MODEL_TYPES).
+    PresetRule("litgpt", r"(^|\.)attn\.qkv\.weight$", ("query", "key", "value"), ("Linear",), plain_model_only=True,
+               layout="qkv_sizes", head_size=("head_size",), within=LITGPT_ATTENTION),
+    PresetRule("litgpt", r"(^|\.)attn\.proj\.weight$", ("attn_out",),
+               within=LITGPT_ATTENTION + LITGPT_LATENT_ATTENTION),
+    PresetRule("litgpt", r"(^|\.)(fc|fc_1|fc_2|proj)\.weight$", ("mlp",), within=LITGPT_MLPS),
+    PresetRule("litgpt", r"(^|\.)mlp\.gate\.weight$", ("router",), within=LITGPT_MOE),
+    PresetRule("litgpt", r"(^|\.)attn\.q_a_proj\.weight$", ("query",), per_neuron=True,
+               within=LITGPT_LATENT_ATTENTION),
+    PresetRule("litgpt", r"(^|\.)attn\.q_b_proj\.weight$", ("query",),
+               head_size=("qk_nope_head_dim", "qk_rope_head_dim"), within=LITGPT_LATENT_ATTENTION),
+    PresetRule("litgpt", r"(^|\.)attn\.kv_a_proj_with_mqa\.weight$", ("value", "key"), ("Linear",),
+               plain_model_only=True, layout="mla_kv_a", head_size=("qk_rope_head_dim",),
+               within=LITGPT_LATENT_ATTENTION),
+    PresetRule("litgpt", r"(^|\.)attn\.kv_b_proj\.weight$", ("key", "value"), ("Linear",), plain_model_only=True,
+               layout="mla_kv_b", head_size=("qk_nope_head_dim",), within=LITGPT_LATENT_ATTENTION),
     # Kimi Delta Attention, before the latent attention rules its q_proj would otherwise match: roles as Gated
     # DeltaNet's (the output gate an MLP gate; beta, the convolution and a low-rank forget gate tiny: full momentum;
     # a full-size forget gate, as large as the query, is read as a gate is, like the output gate).

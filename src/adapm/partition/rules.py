@@ -182,12 +182,14 @@ def _head_dim(config: Any) -> int | None:
 
 def _ancestors(model: nn.Module | None, name: str) -> Iterator[nn.Module]:
     """The modules holding parameter ``name`` in ``model``, innermost first (the model itself excluded)."""
-    parts = name.split(".")[:-1]
-    for k in range(len(parts), 0, -1):
-        try:
-            yield model.get_submodule(".".join(parts[:k]))  # type: ignore[union-attr]
-        except AttributeError:
-            continue
+    found: list[nn.Module] = []
+    module = model
+    for part in name.split(".")[:-1]:  # one walk down the name (it is looked up for every parameter, for many rules)
+        module = module._modules.get(part) if isinstance(module, nn.Module) else None
+        if module is None:
+            break
+        found.append(module)
+    return reversed(found)
 
 
 def _scope(model: nn.Module | None, name: str) -> nn.Module | None:
@@ -270,10 +272,11 @@ def _match_preset(names: Sequence[str], model: nn.Module | None) -> tuple[str, P
     (so that another family's expert rule further down can match)."""
     for name in names:
         model_type = _model_type(_scope(model, name))
+        holders = _holder_classes(model, name)
         for rule in PRESET_RULES:
             if rule.model_types and model_type not in rule.model_types:
                 continue
-            if rule.within and not _inside(model, name, rule.within):
+            if rule.within and holders.isdisjoint(rule.within):
                 continue
             if rule.layout == "experts" and rule.fused_modules:
                 owner = _owner(model, name)
@@ -314,16 +317,25 @@ def _model_type(model: nn.Module | None) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _inside(model: nn.Module | None, name: str, classes: tuple[str, ...]) -> bool:
-    """Whether parameter ``name`` lies inside a module of one of ``classes``."""
-    return any(type(m).__name__ in classes for m in _ancestors(model, name))
+def _is_one_of(module: nn.Module, classes: tuple[str, ...]) -> bool:
+    """Whether ``module``'s class is one of ``classes``, named alone (``CausalSelfAttention``) or with its module
+    (``litgpt.model.CausalSelfAttention``: a class name that other code may use too)."""
+    cls = type(module)
+    return cls.__name__ in classes or f"{cls.__module__}.{cls.__qualname__}" in classes
+
+
+def _holder_classes(model: nn.Module | None, name: str) -> frozenset[str]:
+    """The classes of the modules holding parameter ``name``, each named alone and with its module (as a rule's
+    ``within`` may name it)."""
+    classes = (type(m) for m in _ancestors(model, name))
+    return frozenset(n for c in classes for n in (c.__name__, f"{c.__module__}.{c.__qualname__}"))
 
 
 def _module_head_dim(model: nn.Module | None, name: str, classes: tuple[str, ...]) -> int | None:
     """The ``head_dim`` of the innermost module of one of ``classes`` holding parameter ``name``, where it has one (a
     vision tower's attention, whose config may name its width and heads in ways of its own), else its width ``dim`` over
     its head count (``num_heads``; ``groups`` in DaViT's channel attention, whose channel groups are its heads)."""
-    owner = next((m for m in _ancestors(model, name) if type(m).__name__ in classes), None)
+    owner = next((m for m in _ancestors(model, name) if _is_one_of(m, classes)), None)
     head_dim = _positive(getattr(owner, "head_dim", None))
     width = _positive(getattr(owner, "dim", None))
     heads = _positive(getattr(owner, "num_heads", None)) or _positive(getattr(owner, "groups", None))
