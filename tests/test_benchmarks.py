@@ -266,6 +266,18 @@ def test_compile_time_quick(tmp_path: Path) -> None:
     assert row["first_step_s"] > row["later_step_s"] > 0  # the first step compiles
 
 
+def test_construction_time_quick(tmp_path: Path) -> None:
+    """Construction times of AdaPM and AdaPM-mini beside AdamW's, on models built on the meta device; the LitGPT
+    mixture keeps each expert's matrices apart (hundreds of tensors in two layers)."""
+    pytest.importorskip("litgpt")
+    result = _run("construction_time.py", tmp_path / "c.json")
+    rows = result["rows"]
+    assert [(r["model"].split()[0], r["optimizer"]) for r in rows] == [
+        (m, o) for m in ("HF", "LitGPT") for o in ("adamw", "adapm", "adapm-mini")]
+    assert all(r["median_s"] > 0 and r["vs_adamw"] > 0 for r in rows)
+    assert rows[3]["tensors"] > 500 and result["threads"] == 1 and (tmp_path / "c.md").exists()
+
+
 def test_gpu_check_script_runs_its_cpu_smoke_mode(tmp_path: Path) -> None:
     """The prepared GPU script is exercised here on CPU so that a GPU window is spent measuring."""
     out = tmp_path / "g.json"
