@@ -446,8 +446,8 @@ class AdaPM(Optimizer):
             param_group = {**param_group, "params": [p for _, p in params]}
             param_group.setdefault("names", [n for n, _ in params])
         # torch checks the new group against every earlier one, all their parameters each time: quadratic in the
-        # groups, and AdaPM makes one a parameter (a LitGPT mixture's 18,000 took a minute). It checks this group
-        # alone here, against an empty list; the index of the parameters already added finds repeats at once.
+        # groups, and AdaPM makes one a parameter (18,771 in LitGPT's Qwen3-30B-A3B; docs/benchmarks.md, section 7).
+        # It checks this group alone here, against an empty list; the index of the parameters added finds repeats.
         earlier, self.param_groups = self.param_groups, []
         try:
             super().add_param_group(param_group)

@@ -3446,7 +3446,9 @@ def _litgpt(kind: str) -> nn.Module:
     config = (litgpt.Config.from_name(name, **sizes, **overrides) if name
               else litgpt.Config(name="tiny-latent", **sizes, **overrides))  # fmt: skip
     torch.manual_seed(0)
-    return litgpt.GPT(config)
+    model = litgpt.GPT(config)
+    model.apply(model._init_weights)  # LitGPT's initializer: its grouped router is torch.empty until then
+    return model
 
 
 def _probe_litgpt(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -317,25 +317,24 @@ def _model_type(model: nn.Module | None) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _is_one_of(module: nn.Module, classes: tuple[str, ...]) -> bool:
-    """Whether ``module``'s class is one of ``classes``, named alone (``CausalSelfAttention``) or with its module
-    (``litgpt.model.CausalSelfAttention``: a class name that other code may use too)."""
+def _class_names(module: nn.Module) -> tuple[str, str]:
+    """``module``'s class named alone (``CausalSelfAttention``) and with its module
+    (``litgpt.model.CausalSelfAttention``: a class name that other code may use too), as a rule's ``within`` may name
+    it."""
     cls = type(module)
-    return cls.__name__ in classes or f"{cls.__module__}.{cls.__qualname__}" in classes
+    return cls.__name__, f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _holder_classes(model: nn.Module | None, name: str) -> frozenset[str]:
-    """The classes of the modules holding parameter ``name``, each named alone and with its module (as a rule's
-    ``within`` may name it)."""
-    classes = (type(m) for m in _ancestors(model, name))
-    return frozenset(n for c in classes for n in (c.__name__, f"{c.__module__}.{c.__qualname__}"))
+    """The classes of the modules holding parameter ``name``, by both their names (:func:`_class_names`)."""
+    return frozenset(n for m in _ancestors(model, name) for n in _class_names(m))
 
 
 def _module_head_dim(model: nn.Module | None, name: str, classes: tuple[str, ...]) -> int | None:
     """The ``head_dim`` of the innermost module of one of ``classes`` holding parameter ``name``, where it has one (a
     vision tower's attention, whose config may name its width and heads in ways of its own), else its width ``dim`` over
     its head count (``num_heads``; ``groups`` in DaViT's channel attention, whose channel groups are its heads)."""
-    owner = next((m for m in _ancestors(model, name) if _is_one_of(m, classes)), None)
+    owner = next((m for m in _ancestors(model, name) if not set(_class_names(m)).isdisjoint(classes)), None)
     head_dim = _positive(getattr(owner, "head_dim", None))
     width = _positive(getattr(owner, "dim", None))
     heads = _positive(getattr(owner, "num_heads", None)) or _positive(getattr(owner, "groups", None))
