@@ -344,6 +344,14 @@ def main() -> None:
     # exception", rarely, 2 processes on 2 cores), as in adapm.train.parallel.teardown.
     dist.barrier()
     dist.destroy_process_group()
+    # The barrier did not end it: a rank still aborted the same way, once in CI (equivalence, 2 ranks).
+    # The same abort at interpreter exit is reported from PyTorch's own FSDP tests (pytorch#90549): C++
+    # threads torn down while Python finalizes. It did not reproduce here in 10 runs under load, so its
+    # exact source is unknown. The results are written and closed by now, so the rank leaves without
+    # finalizing; a failure raised above still ends it with a traceback and a non-zero status.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
