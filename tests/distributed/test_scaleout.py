@@ -20,7 +20,10 @@ def _torchrun(nproc: int, *args: str, script: tuple[str, ...] = (str(WORKER),)) 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script]
     proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The head of stderr holds what the ranks printed (the worker's "leaving" lines say how far each got);
+    # its tail holds torchrun's summary.
+    err = proc.stderr if len(proc.stderr) <= 6000 else proc.stderr[:3000] + "\n[...]\n" + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + err
     return proc.stdout
 
 

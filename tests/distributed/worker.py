@@ -343,7 +343,9 @@ def main() -> None:
     # another's gloo work was pending was seen aborting at exit ("terminate called without an active
     # exception", rarely, 2 processes on 2 cores), as in adapm.train.parallel.teardown.
     dist.barrier()
+    rank = dist.get_rank()
     dist.destroy_process_group()
+    print(f"worker rank {rank}: {command} done, leaving", file=sys.stderr)
     # The barrier did not end it: a rank still aborted the same way, once in CI (equivalence, 2 ranks).
     # The same abort at interpreter exit is reported from PyTorch's own FSDP tests (pytorch#90549): C++
     # threads torn down while Python finalizes. It did not reproduce here in 10 runs under load, so its
