@@ -274,6 +274,47 @@ def test_a_rejected_param_group_leaves_the_optimizer_as_it_was() -> None:
     assert opt.state[extra.weight]
 
 
+@pytest.mark.parametrize("foreach", [None, True])
+def test_parameters_swapped_in_param_groups_before_the_first_step_are_followed(foreach: bool | None) -> None:
+    """Accelerate's FSDP2 prepare puts other tensors where the optimizer's parameters were (the sharded ones;
+    tests/distributed covers that case). Here the tensors are a copy of the model: the optimizer built on
+    the original then trains the copy exactly as one built on the copy does, names and layouts included."""
+    import copy
+
+    model = tiny_llama()
+    twin, ref = copy.deepcopy(model), copy.deepcopy(model)
+    opt = adapm.AdaPMMini(model, lr=3e-3, foreach=foreach)
+    swap = dict(zip(model.parameters(), twin.parameters()))
+    for group in opt.param_groups:
+        group["params"] = [swap[p] for p in group["params"]]
+    data = batches(96, 4)
+    ref_opt = adapm.AdaPMMini(ref, lr=3e-3, foreach=foreach)
+    assert train(twin, opt, data) == train(ref, ref_opt, data)
+    assert max_rel_diff(twin, ref) == 0.0
+    assert opt.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
+    assert str(opt.partition_report()) == str(ref_opt.partition_report())
+    assert not any(p in opt.state or p in opt._layouts for p in model.parameters())
+
+
+def test_parameters_swapped_after_their_state_exists_or_with_another_shape_are_refused_by_name() -> None:
+    model = tiny_gpt2()
+    opt = adapm.AdaPM(model, lr=1e-3)
+    group = next(g for g in opt.param_groups if g["names"][0] == "transformer.h.0.mlp.c_fc.weight")
+    kept = group["params"][0]
+    group["params"] = [nn.Parameter(torch.zeros(3, 3))]
+    with pytest.raises(ValueError, match=r"'transformer.h.0.mlp.c_fc.weight' was replaced by a tensor of shape"):
+        opt.step()
+    group["params"] = [kept]
+    train(model, opt, batches(96, 1))
+    group["params"] = [nn.Parameter(kept.detach().clone())]
+    with pytest.raises(ValueError, match=r"'transformer.h.0.mlp.c_fc.weight' was replaced by another tensor after"):
+        opt.step()
+    group["params"] = [kept]
+    group["params"].append(nn.Parameter(torch.zeros(2, 2)))
+    with pytest.raises(ValueError, match=r"param groups hold \d+ parameters, not the \d+ .*add_param_group"):
+        opt.step()
+
+
 def _state_bytes_io(obj: object) -> io.BytesIO:
     buf = io.BytesIO()
     torch.save(obj, buf)

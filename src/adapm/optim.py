@@ -89,6 +89,20 @@ _LAYOUT_KEYS = ("momentum", "second_moment", "rank_ratio", "block", "split_dim",
 def _layout_keys(group: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(map(group.get, _LAYOUT_KEYS))
 
+
+def _rows_cut(layout: ParamLayout, info: ShardInfo) -> str | None:
+    """What FSDP2's row sharding cuts through in a fused weight: ``"experts"`` (a stack of expert
+    matrices), a description of parts that run along the rows, or None (nothing it cannot follow)."""
+    if not (info.sharded and layout.fused):
+        return None
+    first = layout.segments[0]
+    if first.index is not None:
+        return "experts"
+    if first.dim == 0:
+        unequal = first.groups > 1 or len({seg.shape for seg in layout.segments}) > 1
+        return "interleaved or unequal q/k/v parts" if unequal else "segments"
+    return None
+
 _GOLDEN = 0.6180339887498949
 # sqrt(float32 max) / 2: a gradient of larger norm would overflow g^2 (or its block sums) in float32.
 _MAX_GRAD_NORM = 2.0**63
@@ -308,6 +322,7 @@ class AdaPM(Optimizer):
         self.config = config
         """The validated hyperparameters this optimizer was built with (param groups may override them)."""
         ratios = resolve_lr_ratios(lr_ratios)
+        self._lr_ratios = ratios
         self._layouts: dict[Tensor, ParamLayout] = {}
         self._group_keys: list[tuple[Any, ...]] = []
         """Per param group, the values of its layout keys its parameters' layouts were built from."""
@@ -503,6 +518,10 @@ class AdaPM(Optimizer):
             ValueError: naming the group, the parameter and the changed keys, when the new policy would
                 need other state than the parameter holds (its state cannot be carried over).
         """
+        known = self._layouts.__contains__
+        replaced = [i for i, group in enumerate(self.param_groups) if not all(map(known, group["params"]))]
+        if replaced:
+            self._follow_replaced(replaced)
         for i, group in enumerate(self.param_groups):
             before = self._group_keys[i]
             if _layout_keys(group) == before:
@@ -526,6 +545,74 @@ class AdaPM(Optimizer):
                 layouts[p] = layout
             self._layouts.update(layouts)
             self._group_keys[i] = copy.deepcopy(_layout_keys(group))
+
+    def _follow_replaced(self, indices: list[int]) -> None:
+        """Follow parameters that were swapped for other tensors in ``param_groups`` after construction,
+        as Accelerate's FSDP2 ``prepare`` (and so ``Trainer`` with FSDP2) does: it builds the optimizer on
+        the whole parameters, shards the model, then puts each sharded parameter where the whole one was.
+        A replacement takes its predecessor's name, index and layout. A fused weight whose parts run
+        along the rows FSDP2 now shards (or a stack of experts) is kept whole, with full momentum and a
+        full second moment, as when the optimizer is built after ``fully_shard``, and a warning names it.
+
+        Raises:
+            ValueError: naming the parameter, when the one replaced already had state (it cannot be
+                carried over to another tensor) or the replacement has another shape.
+        """
+        starts, start = [], 0
+        for group in self.param_groups:
+            starts.append(start)
+            start += len(group["params"])
+        if start != len(self._index):  # a tensor put in place of another keeps its group and position
+            raise ValueError(
+                f"the param groups hold {start} parameters, not the {len(self._index)} this optimizer was built "
+                "with: put replacements in place of the parameters they replace, and add new parameters with "
+                "add_param_group"
+            )
+        owner: dict[int, Tensor] = {k: p for p, k in self._index.items()}
+        whole: list[str] = []
+        for i in indices:
+            group = self.param_groups[i]
+            for j, p in enumerate(group["params"]):
+                if p in self._layouts:
+                    continue
+                old = owner[starts[i] + j]
+                layout = self._layouts[old]
+                if self.state.get(old):
+                    raise ValueError(
+                        f"AdaPM: parameter '{layout.name}' was replaced by another tensor after its state was "
+                        "created; its state cannot follow. Replace parameters (e.g. Accelerate's prepare with FSDP2) "
+                        "before the first step, or build a new optimizer and load its state_dict"
+                    )
+                if tuple(p.shape) != layout.shape:
+                    raise ValueError(
+                        f"AdaPM: parameter '{layout.name}' was replaced by a tensor of shape {tuple(p.shape)}, not "
+                        f"{layout.shape}; rebuild the optimizer for the new shapes"
+                    )
+                for table in (self._layouts, self._shards, self._oks, self.state):
+                    table.pop(old, None)
+                self._index[p] = self._index.pop(old)
+                if _rows_cut(layout, shard_info(p, layout.name)):
+                    for key in ("segments", "split_dim", "experts"):
+                        group.pop(key, None)
+                    group.update(role="other", momentum="full", second_moment="full", block="auto", family="",
+                                 matched=False, kept_whole="sharded")  # fmt: skip
+                    ratios = getattr(self, "_lr_ratios", None)  # not pickled
+                    if ratios and "other" in ratios:
+                        group["lr_ratio"] = ratios["other"]
+                    layout = build_layout(layout.name, layout.shape, group)
+                    whole.append(layout.name)
+                self._layouts[p] = layout
+            self._group_keys[i] = copy.deepcopy(_layout_keys(group))
+        # The grouped step's views and buffers were made for the tensors replaced.
+        self._buffers, self._views, self._scalar_rows = {}, Views(), ScalarRows()
+        if whole:
+            what = "weight" if len(whole) == 1 else "weights"
+            warnings.warn(
+                f"AdaPM: {len(whole)} fused {what} kept whole because FSDP2, applied after the optimizer was built, "
+                f"shards the rows their parts run along ({some_names(whole)}): they keep full momentum and a full "
+                "second moment. Keep those modules unsharded to split them.",
+                stacklevel=2,
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults/state/param_groups; keep the step's own settings too.
@@ -631,17 +718,16 @@ class AdaPM(Optimizer):
         if info is None:
             layout = self._layouts[p]
             info = shard_info(p, layout.name)
-            if info.sharded and layout.fused and layout.segments[0].index is not None:
+            cut = _rows_cut(layout, info)
+            if cut == "experts":
                 raise NotImplementedError(
                     f"AdaPM: '{layout.name}' is a stack of expert matrices, which FSDP2 shards across experts; "
                     "a per-expert policy needs each expert whole: build the optimizer after fully_shard (the stack "
                     "is then kept whole, with full state) or keep the experts unsharded"
                 )
-            if info.sharded and layout.fused and layout.segments[0].dim == 0:
-                kind = "interleaved or unequal q/k/v parts" if layout.segments[0].groups > 1 or len(
-                    {s.shape for s in layout.segments}) > 1 else "segments"  # fmt: skip
+            if cut:
                 raise NotImplementedError(
-                    f"AdaPM: fused parameter '{layout.name}' holds {kind} along its rows (dim 0), which FSDP2 "
+                    f"AdaPM: fused parameter '{layout.name}' holds {cut} along its rows (dim 0), which FSDP2 "
                     "shards across ranks: build the optimizer after fully_shard (the weight is then kept whole, "
                     "with full state), keep that module unsharded, or train it with DDP"
                 )

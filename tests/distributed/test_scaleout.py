@@ -104,6 +104,25 @@ def test_dcp_resume_is_exact_and_reshards_to_one_process(optimizer: str, tmp_pat
     assert reshard["world_size"] == 1 and reshard["reshard_param_rel"] < (5e-3 if optimizer == "adapm-int8" else 1e-5)
 
 
+def test_accelerate_fsdp2_prepare_after_the_optimizer_matches_building_it_after_fully_shard(tmp_path: Path) -> None:
+    """Accelerate's FSDP2 prepare (and Trainer with FSDP2) takes an optimizer built on the whole model and
+    swaps its parameters for the sharded ones: AdaPM follows them, and trains exactly as when built after
+    fully_shard, holding the same state, with the same fused weights kept whole (and a warning naming them)."""
+    _torchrun(2, "accelerate", str(tmp_path / "acc.json"))
+    rows = {row["model"]: row for row in json.loads((tmp_path / "acc.json").read_text())}
+    assert set(rows) == {"llama", "gpt2", "neox", "mixtral"}
+    for kind, row in rows.items():
+        assert row["swapped"], row  # Accelerate did shard the model and swap every parameter
+        assert row["loss_rel"] == 0.0 and row["param_rel"] == 0.0, row
+        assert row["state_bytes"] == row["ref_state_bytes"], row
+        assert row["whole"] == row["ref_whole"], row
+        kept = {"neox": 2, "mixtral": 4}.get(kind, 0)
+        assert len(row["whole"]) == kept, row
+        assert len(row["warnings"]) == (1 if kept else 0), row
+        if kept:
+            assert f"{kept} fused weights kept whole" in row["warnings"][0], row
+
+
 def test_zero_redundancy_optimizer_runs_adapm_without_the_partition(tmp_path: Path) -> None:
     """torch's ZeroRedundancyOptimizer(optimizer_class=AdaPM) hands each rank bare parameters: the steps
     match one process on the same bare parameters, the state is split between the ranks, and the warning

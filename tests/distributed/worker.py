@@ -35,6 +35,17 @@ def make_model(kind: str) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if kind == "neox":  # per-head interleaved query_key_value: its parts run along the rows FSDP2 shards
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        return GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                                intermediate_size=32, vocab_size=99))  # fmt: skip
+    if kind == "mixtral":  # expert stacks, which FSDP2 shards across experts
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        return MixtralForCausalLM(MixtralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
+                                                num_experts_per_tok=2, vocab_size=99))  # fmt: skip
     if kind == "gpt2":
         cfg = GPT2Config(
             n_layer=2,
@@ -76,6 +87,8 @@ def batches(n: int) -> list[torch.Tensor]:
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
+    if hasattr(model, "gpt_neox"):
+        return model.gpt_neox.layers
     return model.transformer.h if hasattr(model, "transformer") else model.model.layers
 
 
@@ -256,6 +269,56 @@ def sharded_experts() -> dict:
     return _sharded_fused(MixtralForCausalLM(config))
 
 
+def accelerate_prepare(out_file: str) -> None:
+    """AdaPM built on the whole model, then Accelerate's FSDP2 ``prepare`` (as ``Trainer`` with FSDP2 does
+    too): it shards the model and swaps each parameter of the optimizer for its sharded one. Compared with
+    AdaPM built after ``fully_shard`` on the same model: the losses, the parameters, the state held and the
+    weights kept whole."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    data = batches(6)
+    accelerator = Accelerator(cpu=True)
+    rows = []
+    layers = {"llama": "LlamaDecoderLayer", "gpt2": "GPT2Block", "neox": "GPTNeoXLayer",
+              "mixtral": "MixtralDecoderLayer"}  # fmt: skip
+    for kind, layer in layers.items():
+        # Accelerate runs FSDP only on accelerators; on CPU this sets its distributed type (its prepare resets
+        # it), the one thing changed: the sharding and the swap of the parameters are Accelerate's own prepare.
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[layer]
+        )
+        ref = shard(make_model(kind))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref_opt = adapm.AdaPMMini(ref, lr=3e-3)
+        ref_losses = train(ref, ref_opt, data, rank, world)
+        model = make_model(kind)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = adapm.AdaPMMini(model, lr=3e-3)
+        model, prepared = accelerator.prepare(model, opt)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = train(model, prepared, data, rank, world)
+        rows.append({
+            "model": kind,
+            "swapped": all(type(p).__name__ == "DTensor" for g in opt.param_groups for p in g["params"]),
+            "loss_rel": max(abs(a - b) / abs(a) for a, b in zip(ref_losses, losses)),
+            "param_rel": rel_diff(full_params(ref), full_params(model)),
+            "state_bytes": adapm.state_bytes(opt),
+            "ref_state_bytes": adapm.state_bytes(ref_opt),
+            "whole": [g["names"][0] for g in opt.param_groups if g.get("kept_whole") == "sharded"],
+            "ref_whole": [g["names"][0] for g in ref_opt.param_groups if g.get("kept_whole") == "sharded"],
+            "warnings": [str(w.message) for w in caught if "AdaPM" in str(w.message)],
+        })  # fmt: skip
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
 def _fsdp_run(kind: str, data: list[torch.Tensor], opt_name: str, ckpt: str | None = None, load: str | None = None):
     rank, world = dist.get_rank(), dist.get_world_size()
     model = shard(make_model(kind))
@@ -338,7 +401,9 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     command, out_file, *rest = sys.argv[1:]
-    {"equivalence": equivalence, "checkpoint": checkpoint, "reshard": reshard, "zero": zero}[command](out_file, *rest)
+    commands = {"equivalence": equivalence, "checkpoint": checkpoint, "reshard": reshard, "zero": zero,
+                "accelerate": accelerate_prepare}  # fmt: skip
+    commands[command](out_file, *rest)
     # Every rank waits for the others' collectives before leaving: a rank that destroyed the group while
     # another's gloo work was pending was seen aborting at exit ("terminate called without an active
     # exception", rarely, 2 processes on 2 cores), as in adapm.train.parallel.teardown.
