@@ -301,16 +301,23 @@ def test_parameters_swapped_after_their_state_exists_or_with_another_shape_are_r
     opt = adapm.AdaPM(model, lr=1e-3)
     group = next(g for g in opt.param_groups if g["names"][0] == "transformer.h.0.mlp.c_fc.weight")
     kept = group["params"][0]
-    group["params"] = [nn.Parameter(torch.zeros(3, 3))]
+
+    def other(shape: tuple[int, ...]) -> nn.Parameter:  # the step finds a swapped tensor once it has a gradient
+        p = nn.Parameter(torch.zeros(shape))
+        p.grad = torch.ones(shape)
+        return p
+
+    group["params"] = [other((3, 3))]
     with pytest.raises(ValueError, match=r"'transformer.h.0.mlp.c_fc.weight' was replaced by a tensor of shape"):
         opt.step()
+    with pytest.raises(ValueError, match=r"'transformer.h.0.mlp.c_fc.weight' was replaced by a tensor of shape"):
+        opt.state_dict()  # and whatever reads the layouts, gradient or not
     group["params"] = [kept]
     train(model, opt, batches(96, 1))
-    group["params"] = [nn.Parameter(kept.detach().clone())]
+    group["params"] = [other(tuple(kept.shape))]
     with pytest.raises(ValueError, match=r"'transformer.h.0.mlp.c_fc.weight' was replaced by another tensor after"):
         opt.step()
-    group["params"] = [kept]
-    group["params"].append(nn.Parameter(torch.zeros(2, 2)))
+    group["params"] = [kept, other((2, 2))]
     with pytest.raises(ValueError, match=r"param groups hold \d+ parameters, not the \d+ .*add_param_group"):
         opt.step()
 

@@ -508,7 +508,7 @@ class AdaPM(Optimizer):
                 k += 1
             self._group_keys.append(copy.deepcopy(_layout_keys(group)))
 
-    def _sync_layouts(self) -> None:
+    def _sync_layouts(self, swaps: bool = True) -> None:
         """Follow edits of a param group's policy keys (``momentum``, ``second_moment``, ``rank_ratio``,
         ``block``, ``lr_ratio``, ``state_dtype``...) made after construction, as torch optimizers follow
         edits of ``lr``: a parameter without state yet takes its new layout (validated); one with state
@@ -518,10 +518,11 @@ class AdaPM(Optimizer):
             ValueError: naming the group, the parameter and the changed keys, when the new policy would
                 need other state than the parameter holds (its state cannot be carried over).
         """
-        known = self._layouts.__contains__
-        replaced = [i for i, group in enumerate(self.param_groups) if not all(map(known, group["params"]))]
-        if replaced:
-            self._follow_replaced(replaced)
+        if swaps:  # the step finds swapped parameters in its own loop over them (see _follow_replaced)
+            known = self._layouts.__contains__
+            replaced = [i for i, group in enumerate(self.param_groups) if not all(map(known, group["params"]))]
+            if replaced:
+                self._follow_replaced(replaced)
         for i, group in enumerate(self.param_groups):
             before = self._group_keys[i]
             if _layout_keys(group) == before:
@@ -901,12 +902,14 @@ class AdaPM(Optimizer):
                 loss = closure()
         items: list[tuple[dict[str, Any], Tensor]] = []
         self._drain()
-        self._sync_layouts()
+        self._sync_layouts(swaps=False)
         self._skipped = 0
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if p not in self._layouts:  # swapped in after construction (Accelerate's FSDP2 prepare)
+                    self._sync_layouts()
                 if p.grad.is_sparse:
                     raise TypeError(
                         f"AdaPM does not support sparse gradients (parameter '{self._layouts[p].name}'); "
