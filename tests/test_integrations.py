@@ -1,5 +1,5 @@
-"""Drop-in use with Hugging Face's Trainer and TRL's SFTTrainer: train, checkpoint, resume with the
-optimizer state restored (the resumed run ends where the uninterrupted one does)."""
+"""Drop-in use with Hugging Face's Trainer, TRL's SFTTrainer and Accelerate: train, checkpoint, resume with
+the optimizer state restored (the resumed run ends where the uninterrupted one does)."""
 
 from __future__ import annotations
 
@@ -139,3 +139,42 @@ def test_hf_trainer_builds_adapm_from_optimizer_cls_and_kwargs(tmp_path: Path) -
                    optimizer_cls_and_kwargs=(adapm.AdaPMMini, {"lr": 3e-3}))  # fmt: skip
     with pytest.warns(UserWarning, match="without names, so its partition cannot apply"):
         bare.train()
+
+
+def test_accelerate_prepare_save_state_and_load_state_resume_exactly(tmp_path: Path) -> None:
+    """Accelerate's prepare wraps AdaPM (and its scheduler); save_state after 4 steps and load_state in a new
+    Accelerator continue to the same losses and weights, bit for bit, as 8 steps straight. (FSDP2's prepare,
+    which also swaps the optimizer's parameters, is in tests/distributed/test_scaleout.py.)"""
+    from accelerate import Accelerator
+
+    from conftest import batches
+
+    data = batches(96, 8)
+
+    def run(start: int, stop: int, save: Path | None = None, load: Path | None = None):
+        accelerator = Accelerator(cpu=True)
+        model = tiny_llama()
+        opt = adapm.AdaPMMini(model, lr=3e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        model, opt, sched = accelerator.prepare(model, opt, sched)
+        if load is not None:
+            accelerator.load_state(str(load))
+        losses = []
+        for x in data[start:stop]:
+            loss = model(input_ids=x, labels=x).loss
+            accelerator.backward(loss)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        if save is not None:
+            accelerator.save_state(str(save))
+        return losses, [p.detach().clone() for p in model.parameters()], opt.optimizer
+
+    straight, weights, opt = run(0, 8)
+    first, _, _ = run(0, 4, save=tmp_path / "state")
+    second, resumed, resumed_opt = run(4, 8, load=tmp_path / "state")
+    assert isinstance(opt, adapm.AdaPMMini) and opt.partition_report().ratio_to_adamw < 0.3
+    assert first + second == straight and straight[-1] < straight[0]
+    assert all(torch.equal(a, b) for a, b in zip(weights, resumed))
+    assert all(float(s["step"]) == 8 for s in resumed_opt.state.values())
