@@ -110,9 +110,10 @@ def test_accelerate_fsdp2_prepare_after_the_optimizer_matches_building_it_after_
     fully_shard, holding the same state, with the same fused weights kept whole (and a warning naming them)."""
     _torchrun(2, "accelerate", str(tmp_path / "acc.json"))
     rows = {row["model"]: row for row in json.loads((tmp_path / "acc.json").read_text())}
-    assert set(rows) == {"llama", "gpt2", "neox", "mixtral"}
+    assert set(rows) == {"llama", "gpt2", "neox", "mixtral", "llama-ac"}
     for kind, row in rows.items():
         assert row["swapped"], row  # Accelerate did shard the model and swap every parameter
+        assert row["renamed"] == (kind == "llama-ac"), row  # activation checkpointing wraps each block
         assert row["loss_rel"] == 0.0 and row["param_rel"] == 0.0, row
         assert row["state_bytes"] == row["ref_state_bytes"], row
         assert row["whole"] == row["ref_whole"], row

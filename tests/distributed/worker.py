@@ -120,7 +120,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.Tensor]
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
-        name = name.removeprefix("module.")
+        name = name.removeprefix("module.").replace("_checkpoint_wrapped_module.", "")
         out[name] = p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach()
     return out
 
@@ -283,12 +283,15 @@ def accelerate_prepare(out_file: str) -> None:
     rows = []
     layers = {"llama": "LlamaDecoderLayer", "gpt2": "GPT2Block", "neox": "GPTNeoXLayer",
               "mixtral": "MixtralDecoderLayer"}  # fmt: skip
-    for kind, layer in layers.items():
+    # (row, model, Accelerate's activation checkpointing: it wraps each block, which renames the parameters)
+    cases = [(kind, kind, False) for kind in layers] + [("llama-ac", "llama", True)]
+    for row_name, kind, checkpointing in cases:
         # Accelerate runs FSDP only on accelerators; on CPU this sets its distributed type (its prepare resets
         # it), the one thing changed: the sharding and the swap of the parameters are Accelerate's own prepare.
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[layer]
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[layers[kind]],
+            activation_checkpointing=checkpointing,
         )
         ref = shard(make_model(kind))
         with warnings.catch_warnings():
@@ -304,7 +307,8 @@ def accelerate_prepare(out_file: str) -> None:
             warnings.simplefilter("always")
             losses = train(model, prepared, data, rank, world)
         rows.append({
-            "model": kind,
+            "model": row_name,
+            "renamed": any("_checkpoint_wrapped_module" in name for name, _ in model.named_parameters()),
             "swapped": all(type(p).__name__ == "DTensor" for g in opt.param_groups for p in g["params"]),
             "loss_rel": max(abs(a - b) / abs(a) for a, b in zip(ref_losses, losses)),
             "param_rel": rel_diff(full_params(ref), full_params(model)),
