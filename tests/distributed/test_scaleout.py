@@ -107,7 +107,8 @@ def test_dcp_resume_is_exact_and_reshards_to_one_process(optimizer: str, tmp_pat
 def test_accelerate_fsdp2_prepare_after_the_optimizer_matches_building_it_after_fully_shard(tmp_path: Path) -> None:
     """Accelerate's FSDP2 prepare (and Trainer with FSDP2) takes an optimizer built on the whole model and
     swaps its parameters for the sharded ones: AdaPM follows them, and trains exactly as when built after
-    fully_shard, holding the same state, with the same fused weights kept whole (and a warning naming them)."""
+    fully_shard, holding the same state, with the same fused weights kept whole (and a warning naming them);
+    Accelerate's save_state / load_state resume it exactly."""
     _torchrun(2, "accelerate", str(tmp_path / "acc.json"))
     rows = {row["model"]: row for row in json.loads((tmp_path / "acc.json").read_text())}
     assert set(rows) == {"llama", "gpt2", "neox", "mixtral", "llama-ac"}
@@ -122,6 +123,9 @@ def test_accelerate_fsdp2_prepare_after_the_optimizer_matches_building_it_after_
         assert len(row["warnings"]) == (1 if kept else 0), row
         if kept:
             assert f"{kept} fused weights kept whole" in row["warnings"][0], row
+    for kind in ("llama", "neox"):  # Accelerate's save_state after 3 steps, load_state into a new prepare
+        row = rows[kind]
+        assert row["resume_losses_equal"] and row["resume_param_rel"] == 0.0 and row["resume_steps"] == [6], row
 
 
 def test_zero_redundancy_optimizer_runs_adapm_without_the_partition(tmp_path: Path) -> None:

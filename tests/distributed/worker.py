@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -273,40 +274,49 @@ def accelerate_prepare(out_file: str) -> None:
     """AdaPM built on the whole model, then Accelerate's FSDP2 ``prepare`` (as ``Trainer`` with FSDP2 does
     too): it shards the model and swaps each parameter of the optimizer for its sharded one. Compared with
     AdaPM built after ``fully_shard`` on the same model: the losses, the parameters, the state held and the
-    weights kept whole."""
+    weights kept whole. For two models also Accelerate's ``save_state`` after 3 of the 6 steps and
+    ``load_state`` into a newly prepared model and optimizer: the resumed run against the straight one."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     rank, world = dist.get_rank(), dist.get_world_size()
     data = batches(6)
-    accelerator = Accelerator(cpu=True)
-    rows = []
     layers = {"llama": "LlamaDecoderLayer", "gpt2": "GPT2Block", "neox": "GPTNeoXLayer",
               "mixtral": "MixtralDecoderLayer"}  # fmt: skip
-    # (row, model, Accelerate's activation checkpointing: it wraps each block, which renames the parameters)
-    cases = [(kind, kind, False) for kind in layers] + [("llama-ac", "llama", True)]
-    for row_name, kind, checkpointing in cases:
+
+    def as_fsdp(accelerator: Accelerator) -> Accelerator:
         # Accelerate runs FSDP only on accelerators; on CPU this sets its distributed type (its prepare resets
-        # it), the one thing changed: the sharding and the swap of the parameters are Accelerate's own prepare.
+        # it), the one thing changed: the sharding, the swap of the parameters and the checkpoints are its own.
         accelerator.state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        return accelerator
+
+    def prepared(kind: str, checkpointing: bool) -> tuple[Accelerator, nn.Module, Any, adapm.AdaPMMini]:
+        accelerator = Accelerator(cpu=True)
+        as_fsdp(accelerator).state.fsdp_plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[layers[kind]],
             activation_checkpointing=checkpointing,
         )
+        model = make_model(kind)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = adapm.AdaPMMini(model, lr=3e-3)
+        model, wrapped = accelerator.prepare(model, opt)
+        return accelerator, model, wrapped, opt
+
+    rows = []
+    # (row, model, Accelerate's activation checkpointing: it wraps each block, which renames the parameters)
+    cases = [(kind, kind, False) for kind in layers] + [("llama-ac", "llama", True)]
+    for row_name, kind, checkpointing in cases:
         ref = shard(make_model(kind))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ref_opt = adapm.AdaPMMini(ref, lr=3e-3)
         ref_losses = train(ref, ref_opt, data, rank, world)
-        model = make_model(kind)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = adapm.AdaPMMini(model, lr=3e-3)
-        model, prepared = accelerator.prepare(model, opt)
+        _, model, wrapped, opt = prepared(kind, checkpointing)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            losses = train(model, prepared, data, rank, world)
-        rows.append({
+            losses = train(model, wrapped, data, rank, world)
+        row = {
             "model": row_name,
             "renamed": any("_checkpoint_wrapped_module" in name for name, _ in model.named_parameters()),
             "swapped": all(type(p).__name__ == "DTensor" for g in opt.param_groups for p in g["params"]),
@@ -317,7 +327,19 @@ def accelerate_prepare(out_file: str) -> None:
             "whole": [g["names"][0] for g in opt.param_groups if g.get("kept_whole") == "sharded"],
             "ref_whole": [g["names"][0] for g in ref_opt.param_groups if g.get("kept_whole") == "sharded"],
             "warnings": [str(w.message) for w in caught if "AdaPM" in str(w.message)],
-        })  # fmt: skip
+        }
+        if row_name in ("llama", "neox"):
+            state_dir = os.path.join(os.path.dirname(out_file), f"accelerate_state_{kind}")
+            accelerator, first_model, first_wrapped, _ = prepared(kind, False)
+            first = train(first_model, first_wrapped, data[:3], rank, world)
+            as_fsdp(accelerator).save_state(state_dir)
+            accelerator, resumed, resumed_wrapped, resumed_opt = prepared(kind, False)
+            as_fsdp(accelerator).load_state(state_dir)
+            second = train(resumed, resumed_wrapped, data[3:], rank, world)
+            row["resume_losses_equal"] = first + second == losses
+            row["resume_param_rel"] = rel_diff(full_params(model), full_params(resumed))
+            row["resume_steps"] = sorted({int(s["step"]) for s in resumed_opt.state.values()})
+        rows.append(row)
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump(rows, f, indent=2)
