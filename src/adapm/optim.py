@@ -103,6 +103,7 @@ def _rows_cut(layout: ParamLayout, info: ShardInfo) -> str | None:
         return "interleaved or unequal q/k/v parts" if unequal else "segments"
     return None
 
+
 _GOLDEN = 0.6180339887498949
 # sqrt(float32 max) / 2: a gradient of larger norm would overflow g^2 (or its block sums) in float32.
 _MAX_GRAD_NORM = 2.0**63
@@ -341,6 +342,7 @@ class AdaPM(Optimizer):
 
         if strict is not None and not isinstance(strict, bool):
             raise TypeError(f"Invalid strict: {strict!r}; expected True, False or None")
+        self._strict = strict
         groups, partitioned = self._make_groups(
             params, rules, cast(str, config.second_moment), rank_ratio, weight_decay, ratios
         )
@@ -553,11 +555,13 @@ class AdaPM(Optimizer):
         the whole parameters, shards the model, then puts each sharded parameter where the whole one was.
         A replacement takes its predecessor's name, index and layout. A fused weight whose parts run
         along the rows FSDP2 now shards (or a stack of experts) is kept whole, with full momentum and a
-        full second moment, as when the optimizer is built after ``fully_shard``, and a warning names it.
+        full second moment, as when the optimizer is built after ``fully_shard``, and a warning names it
+        (with ``strict=True``, an error; with ``strict=False``, silence).
 
         Raises:
             ValueError: naming the parameter, when the one replaced already had state (it cannot be
-                carried over to another tensor) or the replacement has another shape.
+                carried over to another tensor) or the replacement has another shape; with ``strict=True``,
+                when a fused weight would be kept whole. Nothing is changed then.
         """
         starts, start = [], 0
         for group in self.param_groups:
@@ -570,10 +574,9 @@ class AdaPM(Optimizer):
                 "add_param_group"
             )
         owner: dict[int, Tensor] = {k: p for p, k in self._index.items()}
-        whole: list[str] = []
+        swaps: list[tuple[int, Tensor, Tensor, bool]] = []  # (group, new, old, kept whole)
         for i in indices:
-            group = self.param_groups[i]
-            for j, p in enumerate(group["params"]):
+            for j, p in enumerate(self.param_groups[i]["params"]):
                 if p in self._layouts:
                     continue
                 old = owner[starts[i] + j]
@@ -589,31 +592,39 @@ class AdaPM(Optimizer):
                         f"AdaPM: parameter '{layout.name}' was replaced by a tensor of shape {tuple(p.shape)}, not "
                         f"{layout.shape}; rebuild the optimizer for the new shapes"
                     )
-                for table in (self._layouts, self._shards, self._oks, self.state):
-                    table.pop(old, None)
-                self._index[p] = self._index.pop(old)
-                if _rows_cut(layout, shard_info(p, layout.name)):
-                    for key in ("segments", "split_dim", "experts"):
-                        group.pop(key, None)
-                    group.update(role="other", momentum="full", second_moment="full", block="auto", family="",
-                                 matched=False, kept_whole="sharded")  # fmt: skip
-                    ratios = getattr(self, "_lr_ratios", None)  # not pickled
-                    if ratios and "other" in ratios:
-                        group["lr_ratio"] = ratios["other"]
-                    layout = build_layout(layout.name, layout.shape, group)
-                    whole.append(layout.name)
-                self._layouts[p] = layout
+                swaps.append((i, p, old, bool(_rows_cut(layout, shard_info(p, layout.name)))))
+        whole = [self._layouts[old].name for _, _, old, cut in swaps if cut]
+        strict = getattr(self, "_strict", None)  # not pickled
+        message = ""
+        if whole:
+            what = "weight" if len(whole) == 1 else "weights"
+            message = (
+                f"AdaPM: {len(whole)} fused {what} kept whole because FSDP2, applied after the optimizer was built, "
+                f"shards the rows their parts run along ({some_names(whole)}): they keep full momentum and a full "
+                "second moment. Keep those modules unsharded to split them."
+            )
+            if strict:
+                raise ValueError(message + " strict=True makes this an error.")
+        ratios = getattr(self, "_lr_ratios", None)  # not pickled
+        for i, p, old, cut in swaps:
+            group, layout = self.param_groups[i], self._layouts[old]
+            for table in (self._layouts, self._shards, self._oks, self.state):
+                table.pop(old, None)
+            self._index[p] = self._index.pop(old)
+            if cut:
+                for key in ("segments", "split_dim", "experts"):
+                    group.pop(key, None)
+                group.update(role="other", momentum="full", second_moment="full", block="auto", family="",
+                             matched=False, kept_whole="sharded")  # fmt: skip
+                if ratios and "other" in ratios:
+                    group["lr_ratio"] = ratios["other"]
+                layout = build_layout(layout.name, layout.shape, group)
+            self._layouts[p] = layout
             self._group_keys[i] = copy.deepcopy(_layout_keys(group))
         # The grouped step's views and buffers were made for the tensors replaced.
         self._buffers, self._views, self._scalar_rows = {}, Views(), ScalarRows()
-        if whole:
-            what = "weight" if len(whole) == 1 else "weights"
-            warnings.warn(
-                f"AdaPM: {len(whole)} fused {what} kept whole because FSDP2, applied after the optimizer was built, "
-                f"shards the rows their parts run along ({some_names(whole)}): they keep full momentum and a full "
-                "second moment. Keep those modules unsharded to split them.",
-                stacklevel=2,
-            )
+        if message and strict is None:
+            warnings.warn(message, stacklevel=2)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults/state/param_groups; keep the step's own settings too.

@@ -123,6 +123,7 @@ def test_accelerate_fsdp2_prepare_after_the_optimizer_matches_building_it_after_
         assert len(row["warnings"]) == (1 if kept else 0), row
         if kept:
             assert f"{kept} fused weights kept whole" in row["warnings"][0], row
+    assert "strict=True makes this an error" in rows["neox"]["strict_error"] and rows["neox"]["strict_unchanged"]
     for kind in ("llama", "neox"):  # Accelerate's save_state after 3 steps, load_state into a new prepare
         row = rows[kind]
         assert row["resume_losses_equal"] and row["resume_param_rel"] == 0.0 and row["resume_steps"] == [6], row

@@ -290,7 +290,9 @@ def accelerate_prepare(out_file: str) -> None:
         accelerator.state.distributed_type = DistributedType.FSDP
         return accelerator
 
-    def prepared(kind: str, checkpointing: bool) -> tuple[Accelerator, nn.Module, Any, adapm.AdaPMMini]:
+    def prepared(
+        kind: str, checkpointing: bool, strict: bool | None = None
+    ) -> tuple[Accelerator, nn.Module, Any, adapm.AdaPMMini]:
         accelerator = Accelerator(cpu=True)
         as_fsdp(accelerator).state.fsdp_plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[layers[kind]],
@@ -299,7 +301,7 @@ def accelerate_prepare(out_file: str) -> None:
         model = make_model(kind)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = adapm.AdaPMMini(model, lr=3e-3)
+            opt = adapm.AdaPMMini(model, lr=3e-3, strict=strict)
         model, wrapped = accelerator.prepare(model, opt)
         return accelerator, model, wrapped, opt
 
@@ -339,6 +341,14 @@ def accelerate_prepare(out_file: str) -> None:
             row["resume_losses_equal"] = first + second == losses
             row["resume_param_rel"] = rel_diff(full_params(model), full_params(resumed))
             row["resume_steps"] = sorted({int(s["step"]) for s in resumed_opt.state.values()})
+        if row_name == "neox":  # strict=True: keeping the fused weights whole is an error, and changes nothing
+            _, strict_model, strict_wrapped, strict_opt = prepared(kind, False, strict=True)
+            try:
+                train(strict_model, strict_wrapped, data[:1], rank, world)
+                row["strict_error"] = ""
+            except ValueError as exc:
+                row["strict_error"] = str(exc)
+            row["strict_unchanged"] = not any(g.get("kept_whole") for g in strict_opt.param_groups)
         rows.append(row)
     if rank == 0:
         with open(out_file, "w") as f:
