@@ -178,3 +178,66 @@ def test_accelerate_prepare_save_state_and_load_state_resume_exactly(tmp_path: P
     assert first + second == straight and straight[-1] < straight[0]
     assert all(torch.equal(a, b) for a, b in zip(weights, resumed))
     assert all(float(s["step"]) == 8 for s in resumed_opt.state.values())
+
+
+def _peft(model: torch.nn.Module, **kw: object) -> torch.nn.Module:
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, **kw))
+
+
+@pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
+def test_peft_lora_adapters_keep_adamws_state_and_train_as_adamw_bit_for_bit(cls: type) -> None:
+    """LoRA's factors are adapters: no warning (even with ``strict=True``), full momentum and a full second moment,
+    so AdaPM and AdaPM-mini on a LoRA model are AdamW, bit for bit (the clip reaches no full block)."""
+    import warnings
+
+    from conftest import batches, train
+
+    targets = ["q_proj", "v_proj", "up_proj", "embed_tokens"]
+    ref, ours = _peft(tiny_llama(), target_modules=targets), _peft(tiny_llama(), target_modules=targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unmatched matrix would warn (strict=True: raise)
+        opt = cls(ours, lr=3e-3, strict=True)
+    trained = [p for p in ref.parameters() if p.requires_grad]
+    assert len(opt.param_groups) == len(trained) == 2 * 3 * 2 + 2  # 2 layers x 3 LoRA layers x A, B; embedding A, B
+    assert {(g["role"], g["momentum"], g["second_moment"]) for g in opt.param_groups} == {("adapter", "full", "full")}
+    assert {g["family"] for g in opt.param_groups} == {"peft"}
+    adamw = torch.optim.AdamW(trained, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    data = batches(96, 12)
+    losses_ref, losses = train(ref, adamw, data), train(ours, opt, data)
+    assert losses[-1] < losses[0]
+    assert losses == losses_ref
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), ours.parameters()))
+
+
+def test_modules_peft_trains_whole_keep_their_roles() -> None:
+    """A module in ``modules_to_save`` (PEFT trains a copy of it, ``lm_head.modules_to_save.default.weight``) is
+    partitioned as the module itself: GPT-2's fused ``c_attn`` split into Q, K, V, its embedding and Llama's head
+    without momentum. The rows of ``trainable_token_indices`` are an embedding's."""
+    from conftest import tiny_gpt2
+
+    def policies(opt: adapm.AdaPM) -> dict[str, tuple]:
+        found = {}
+        for g in opt.param_groups:
+            name = g["names"][0].replace("base_model.model.", "").replace(".modules_to_save.default", "")
+            segments = tuple((s["name"], s["role"], s["momentum"], s["block"]) for s in g.get("segments", ()))
+            found[name] = (g["role"], g["momentum"], g["second_moment"], g["block"], segments, g["family"])
+        return found
+
+    whole = adapm.AdaPMMini(tiny_gpt2(), lr=1e-3, strict=True)
+    wrapped = adapm.AdaPMMini(_peft(tiny_gpt2(), target_modules=["c_fc"], modules_to_save=["c_attn", "wte"],
+                                    fan_in_fan_out=True), lr=1e-3, strict=True)  # fmt: skip
+    ours, theirs = policies(wrapped), policies(whole)
+    for name in ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.bias"):
+        assert ours[name] == theirs[name], name
+    assert [s[:3] for s in ours["transformer.h.0.attn.c_attn.weight"][4]] == [
+        ("Q", "query", "lowrank"), ("K", "key", "lowrank"), ("V", "value", "full")
+    ]  # fmt: skip
+    assert ours["transformer.h.1.mlp.c_fc.lora_B.default.weight"][:3] == ("adapter", "full", "full")
+
+    llama = adapm.AdaPMMini(_peft(tiny_llama(), target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                  trainable_token_indices=[1, 2]), lr=1e-3, strict=True)  # fmt: skip
+    roles = {g["names"][0].split("base_model.model.")[1]: (g["role"], g["momentum"]) for g in llama.param_groups}
+    assert roles["lm_head.modules_to_save.default.weight"] == ("output", "none")
+    assert roles["model.embed_tokens.token_adapter.trainable_tokens_delta.default"] == ("embedding", "none")
+    assert roles["model.layers.0.self_attn.q_proj.lora_A.default.weight"] == ("adapter", "full")

@@ -32,6 +32,7 @@ BLOCKWISE_LR_RATIOS: dict[str, float] = {
     "value": 4.0,
     "attn_out": 4.0,
     "router": 1.0,
+    "adapter": 1.0,
     "vector": 1.0,
     "other": 1.0,
 }

@@ -8,10 +8,11 @@ recognised by shape before any rule is tried.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
-ROLES = ("embedding", "output", "query", "key", "value", "attn_out", "mlp", "router", "vector", "other")
+ROLES = ("embedding", "output", "query", "key", "value", "attn_out", "mlp", "router", "adapter", "vector", "other")
 """Every role a parameter (or a segment of a fused parameter) can have."""
 
 PAPER_MOMENTUM: dict[str, str] = {
@@ -23,11 +24,24 @@ PAPER_MOMENTUM: dict[str, str] = {
     "mlp": "lowrank",
     "value": "full",
     "router": "full",
+    "adapter": "full",
     "vector": "full",
     "other": "full",
 }
 """The paper's momentum policy per role (its Table 1); ``router`` is a mixture-of-experts router or
-another small matrix (full momentum costs little there); ``other`` is an unrecognised matrix."""
+another small matrix (full momentum costs little there); ``adapter`` a low-rank adapter's factor (PEFT's
+LoRA), which keeps AdamW's state whole, its second moment included: the paper's split is for the weights
+themselves, and an adapter's state is small; ``other`` is an unrecognised matrix."""
+
+PEFT_WRAPPER_SEGMENTS = r"\.(base_layer|modules_to_save\.[^.]+)(?=\.)"
+"""What PEFT inserts into a wrapped module's parameter names: ``q_proj.base_layer.weight`` (the weight under a LoRA
+layer), ``lm_head.modules_to_save.default.weight`` (the trained copy of a module in ``modules_to_save``). Preset
+patterns are searched in the name without them, so a module PEFT wraps keeps its role."""
+
+
+def plain_name(name: str) -> str:
+    """``name`` without PEFT's wrapper segments (:data:`PEFT_WRAPPER_SEGMENTS`), as preset patterns read it."""
+    return re.sub(PEFT_WRAPPER_SEGMENTS, "", name) if "." in name else name
 
 
 @dataclass(frozen=True)
@@ -254,6 +268,11 @@ LITGPT_MOE = ("litgpt.model.LLaMAMoE",)
 too, with a layout of its own. Every one is proven on LitGPT's own forward in the tests."""
 
 PRESET_RULES: tuple[PresetRule, ...] = (
+    # PEFT: LoRA's factors (``lora_A``, ``lora_B``; an embedding's ``lora_embedding_A``, ``_B``; AdaLoRA's singular
+    # values ``lora_E``), one per adapter name, are adapters; the rows of the tokens ``trainable_token_indices`` trains
+    # are an embedding's rows. DoRA's magnitudes are vectors (1-D).
+    PresetRule("peft", r"(^|\.)lora_(A|B|E|embedding_A|embedding_B)\.[^.]+(\.weight)?$", ("adapter",)),
+    PresetRule("peft", r"(^|\.)token_adapter\.trainable_tokens_delta\.[^.]+$", ("embedding",)),
     # GPT-BigCode: nn.Linear c_attn, per-head [q, k, v] (multi-head) or [q | k | v] with one K/V head.
     PresetRule("gpt_bigcode", r"(^|\.)attn\.c_attn\.weight$", ("query", "key", "value"), ("Linear",),
                layout="bigcode", model_types=("gpt_bigcode",)),

@@ -29,6 +29,7 @@ from adapm.partition.presets import (
     PresetRule,
     config_attr,
     fused_parts,
+    plain_name,
     rule_head_size,
 )
 from adapm.policies.momentum import MOMENTUM
@@ -273,6 +274,7 @@ def _match_preset(names: Sequence[str], model: nn.Module | None) -> tuple[str, P
     for name in names:
         model_type = _model_type(_scope(model, name))
         holders = _holder_classes(model, name)
+        plain = plain_name(name)
         for rule in PRESET_RULES:
             if rule.model_types and model_type not in rule.model_types:
                 continue
@@ -282,7 +284,7 @@ def _match_preset(names: Sequence[str], model: nn.Module | None) -> tuple[str, P
                 owner = _owner(model, name)
                 if owner is None or type(owner).__name__ not in rule.fused_modules:
                     continue
-            if re.search(rule.pattern, name):
+            if re.search(rule.pattern, plain):
                 return name, rule
     return None
 
@@ -607,7 +609,7 @@ def _resolve(
     role: str, names: Sequence[str], user_rules: Sequence[Rule], second_moment: str, used: set[int]
 ) -> dict[str, Any]:
     momentum = PAPER_MOMENTUM[role]
-    sm = "full" if role == "other" else second_moment
+    sm = "full" if role in ("other", "adapter") else second_moment
     policy: dict[str, Any] = {}
     rule = _match_user(user_rules, names)
     if rule is not None:
