@@ -185,10 +185,15 @@ def _peft(model: torch.nn.Module, **kw: object) -> torch.nn.Module:
     return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, **kw))
 
 
+STEPS = {"per-block": {}, "grouped": {"foreach": True}, "fused": {"foreach": True, "fused": True}}
+
+
+@pytest.mark.parametrize("step", list(STEPS))
 @pytest.mark.parametrize("cls", [adapm.AdaPM, adapm.AdaPMMini])
-def test_peft_lora_adapters_keep_adamws_state_and_train_as_adamw_bit_for_bit(cls: type) -> None:
+def test_peft_lora_adapters_keep_adamws_state_and_train_as_adamw(cls: type, step: str) -> None:
     """LoRA's factors are adapters: no warning (even with ``strict=True``), full momentum and a full second moment,
-    so AdaPM and AdaPM-mini on a LoRA model are AdamW, bit for bit (the clip reaches no full block)."""
+    so AdaPM and AdaPM-mini on a LoRA model are AdamW (the clip reaches no full block): bit for bit on the per-block
+    and grouped steps, to float rounding on the fused one (as fused AdamW against for-loop AdamW)."""
     import warnings
 
     from conftest import batches, train
@@ -197,7 +202,7 @@ def test_peft_lora_adapters_keep_adamws_state_and_train_as_adamw_bit_for_bit(cls
     ref, ours = _peft(tiny_llama(), target_modules=targets), _peft(tiny_llama(), target_modules=targets)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an unmatched matrix would warn (strict=True: raise)
-        opt = cls(ours, lr=3e-3, strict=True)
+        opt = cls(ours, lr=3e-3, strict=True, **STEPS[step])
     trained = [p for p in ref.parameters() if p.requires_grad]
     assert len(opt.param_groups) == len(trained) == 2 * 3 * 2 + 2  # 2 layers x 3 LoRA layers x A, B; embedding A, B
     assert {(g["role"], g["momentum"], g["second_moment"]) for g in opt.param_groups} == {("adapter", "full", "full")}
@@ -206,6 +211,11 @@ def test_peft_lora_adapters_keep_adamws_state_and_train_as_adamw_bit_for_bit(cls
     data = batches(96, 12)
     losses_ref, losses = train(ref, adamw, data), train(ours, opt, data)
     assert losses[-1] < losses[0]
+    if step == "fused":
+        torch.testing.assert_close(losses, losses_ref, rtol=1e-6, atol=0)
+        for a, b in zip(ref.parameters(), ours.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        return
     assert losses == losses_ref
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), ours.parameters()))
 
