@@ -251,3 +251,9 @@ def test_modules_peft_trains_whole_keep_their_roles() -> None:
     assert roles["lm_head.modules_to_save.default.weight"] == ("output", "none")
     assert roles["model.embed_tokens.token_adapter.trainable_tokens_delta.default"] == ("embedding", "none")
     assert roles["model.layers.0.self_attn.q_proj.lora_A.default.weight"] == ("adapter", "full")
+
+    # A rule written for the model takes the module PEFT trains whole (its fused segments too).
+    ruled = adapm.AdaPM(_peft(tiny_gpt2(), target_modules=["c_fc"], modules_to_save=["c_attn"], fan_in_fan_out=True),
+                        lr=1e-3, rules=[(r"h\.0\.attn\.c_attn\.weight\[K\]$", "full")])  # fmt: skip
+    fused = [g for g in ruled.param_groups if "h.0.attn.c_attn.modules_to_save.default.weight" in g["names"][0]]
+    assert [s["momentum"] for s in fused[0]["segments"]] == ["lowrank", "full", "full"]

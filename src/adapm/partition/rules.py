@@ -290,6 +290,9 @@ def _match_preset(names: Sequence[str], model: nn.Module | None) -> tuple[str, P
 
 
 def _match_user(rules: Sequence[Rule], names: Sequence[str]) -> Rule | None:
+    """The first user rule matching one of ``names``, as they are or as preset patterns read them (so a rule written
+    for a model still takes its modules once PEFT wraps them, e.g. ``lm_head\\.weight$``)."""
+    names = [*names, *(plain for plain in map(plain_name, names) if plain not in names)]
     for rule in rules:
         if any(re.search(rule.pattern, name) for name in names):
             return rule
