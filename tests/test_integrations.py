@@ -220,6 +220,51 @@ def test_peft_lora_adapters_keep_adamws_state_and_train_as_adamw(cls: type, step
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), ours.parameters()))
 
 
+def _tuners() -> dict[str, object]:
+    peft = pytest.importorskip("peft")
+    qv = ["q_proj", "v_proj"]
+    return {
+        "dora": lambda: peft.LoraConfig(r=4, use_dora=True, target_modules=qv),  # 1-D magnitudes beside the factors
+        "loha": lambda: peft.LoHaConfig(r=4, target_modules=qv),
+        "lokr": lambda: peft.LoKrConfig(r=4, target_modules=qv),
+        "ia3": lambda: peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "oft": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=qv),
+        "boft": lambda: peft.BOFTConfig(boft_block_size=4, target_modules=qv),  # 4-D rotations
+        "vera": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "o_proj"]),  # 1-D scalings only
+        "vblora": lambda: peft.VBLoRAConfig(r=4, num_vectors=16, vector_length=4, target_modules=qv),  # 3-D logits
+    }
+
+
+@pytest.mark.parametrize("tuner", ["dora", "loha", "lokr", "ia3", "oft", "boft", "vera", "vblora"])
+def test_every_peft_tuners_tensors_are_adapters_and_train_as_adamw(tuner: str) -> None:
+    """Whatever the tuner, each tensor its layers declare (``adapter_layer_names``) is an adapter, of any shape: no
+    warning, AdamW's state, and AdaPM-mini trains as AdamW bit for bit (decay on matrices, none on 1-D tensors, as on
+    every 1-D parameter)."""
+    import warnings
+
+    from peft import get_peft_model
+
+    from conftest import batches, train
+
+    config = _tuners()[tuner]
+    ref, ours = get_peft_model(tiny_llama(), config()), get_peft_model(tiny_llama(), config())  # type: ignore[operator]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = adapm.AdaPMMini(ours, lr=3e-3, strict=True)
+    assert {(g["role"], g["momentum"], g["second_moment"], g["family"]) for g in opt.param_groups} == {
+        ("adapter", "full", "full", "peft")
+    }
+    trained = [p for p in ref.parameters() if p.requires_grad]
+    assert len(trained) == len(opt.param_groups) > 0
+    adamw = torch.optim.AdamW(
+        [{"params": [p for p in trained if p.dim() >= 2]}, {"params": [p for p in trained if p.dim() < 2],
+         "weight_decay": 0.0}], lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1
+    )  # fmt: skip
+    data = batches(96, 6)
+    assert train(ours, opt, data) == train(ref, adamw, data)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), ours.parameters()))
+
+
 def test_modules_peft_trains_whole_keep_their_roles() -> None:
     """A module in ``modules_to_save`` (PEFT trains a copy of it, ``lm_head.modules_to_save.default.weight``) is
     partitioned as the module itself: GPT-2's fused ``c_attn`` split into Q, K, V, its embedding and Llama's head
@@ -251,6 +296,15 @@ def test_modules_peft_trains_whole_keep_their_roles() -> None:
     assert roles["lm_head.modules_to_save.default.weight"] == ("output", "none")
     assert roles["model.embed_tokens.token_adapter.trainable_tokens_delta.default"] == ("embedding", "none")
     assert roles["model.layers.0.self_attn.q_proj.lora_A.default.weight"] == ("adapter", "full")
+
+    # LN tuning trains copies of norms: vectors, as the norms themselves.
+    from peft import LNTuningConfig, get_peft_model
+
+    norms = adapm.AdaPMMini(get_peft_model(tiny_llama(), LNTuningConfig(target_modules=["input_layernorm"])), lr=1e-3)
+    assert {(g["role"], g["second_moment"], g["block"], g["weight_decay"]) for g in norms.param_groups} == {
+        ("vector", "block", "tensor", 0.0)
+    }
+    assert len(norms.param_groups) == 2
 
     # A rule written for the model takes the module PEFT trains whole (its fused segments too).
     ruled = adapm.AdaPM(_peft(tiny_gpt2(), target_modules=["c_fc"], modules_to_save=["c_attn"], fan_in_fan_out=True),

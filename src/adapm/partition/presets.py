@@ -29,14 +29,24 @@ PAPER_MOMENTUM: dict[str, str] = {
     "other": "full",
 }
 """The paper's momentum policy per role (its Table 1); ``router`` is a mixture-of-experts router or
-another small matrix (full momentum costs little there); ``adapter`` a low-rank adapter's factor (PEFT's
-LoRA), which keeps AdamW's state whole, its second moment included: the paper's split is for the weights
-themselves, and an adapter's state is small; ``other`` is an unrecognised matrix."""
+another small matrix (full momentum costs little there); ``adapter`` a PEFT adapter's tensor (LoRA's factors, and
+those of PEFT's other tuners: :data:`PEFT_ADAPTER_CONTAINERS`), which keeps AdamW's state whole, its second moment
+included: the paper's split is for the weights themselves, and an adapter's state is small; ``other`` is an
+unrecognised matrix."""
 
-PEFT_WRAPPER_SEGMENTS = r"\.(base_layer|modules_to_save\.[^.]+)(?=\.)"
+PEFT_WHOLE_MODULES = ("modules_to_save", "ln_tuning_layers")
+"""Where PEFT keeps the trained copy of a module it trains whole (``lm_head.modules_to_save.default.weight``; LN
+tuning's ``input_layernorm.ln_tuning_layers.default.weight``): a module, partitioned as the module itself."""
+
+PEFT_WRAPPER_SEGMENTS = r"\.(base_layer|(" + "|".join(PEFT_WHOLE_MODULES) + r")\.[^.]+)(?=\.)"
 """What PEFT inserts into a wrapped module's parameter names: ``q_proj.base_layer.weight`` (the weight under a LoRA
-layer), ``lm_head.modules_to_save.default.weight`` (the trained copy of a module in ``modules_to_save``). Preset
-patterns are searched in the name without them, so a module PEFT wraps keeps its role."""
+layer) and the copies of :data:`PEFT_WHOLE_MODULES`. Preset patterns are searched in the name without them, so a
+module PEFT wraps keeps its role."""
+
+PEFT_ADAPTER_CONTAINERS = "adapter_layer_names"
+"""The attribute by which each PEFT tuner layer names the containers of its own trained tensors (LoRA's ``lora_A``,
+``lora_B``...; LoHa's ``hada_w1_a``...; IA3's ``ia3_l``; DoRA adds ``lora_magnitude_vector``): a parameter in one of
+them is an adapter, of any shape, in any of PEFT's tuners (except :data:`PEFT_WHOLE_MODULES`)."""
 
 
 def plain_name(name: str) -> str:
@@ -268,11 +278,11 @@ LITGPT_MOE = ("litgpt.model.LLaMAMoE",)
 too, with a layout of its own. Every one is proven on LitGPT's own forward in the tests."""
 
 PRESET_RULES: tuple[PresetRule, ...] = (
-    # PEFT: LoRA's factors (``lora_A``, ``lora_B``; an embedding's ``lora_embedding_A``, ``_B``; AdaLoRA's singular
-    # values ``lora_E``), one per adapter name, are adapters; the rows of the tokens ``trainable_token_indices`` trains
-    # are an embedding's rows. DoRA's magnitudes are vectors (1-D).
-    PresetRule("peft", r"(^|\.)lora_(A|B|E|embedding_A|embedding_B)\.[^.]+(\.weight)?$", ("adapter",)),
+    # PEFT: the rows of the tokens ``trainable_token_indices`` trains are an embedding's rows; LoRA's factors
+    # (``lora_A``, ``lora_B``; an embedding's ``lora_embedding_A``, ``_B``; AdaLoRA's ``lora_E``), one per adapter name,
+    # are adapters, by name where only names are known (the model's tuner layers say it of every tuner's tensors).
     PresetRule("peft", r"(^|\.)token_adapter\.trainable_tokens_delta\.[^.]+$", ("embedding",)),
+    PresetRule("peft", r"(^|\.)lora_(A|B|E|embedding_A|embedding_B)\.[^.]+(\.weight)?$", ("adapter",)),
     # GPT-BigCode: nn.Linear c_attn, per-head [q, k, v] (multi-head) or [q | k | v] with one K/V head.
     PresetRule("gpt_bigcode", r"(^|\.)attn\.c_attn\.weight$", ("query", "key", "value"), ("Linear",),
                layout="bigcode", model_types=("gpt_bigcode",)),

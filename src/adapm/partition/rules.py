@@ -24,6 +24,8 @@ from adapm.partition.presets import (
     HIDDEN_SIZE_KEYS,
     KV_HEAD_COUNT_KEYS,
     PAPER_MOMENTUM,
+    PEFT_ADAPTER_CONTAINERS,
+    PEFT_WHOLE_MODULES,
     PRESET_RULES,
     SEGMENT_NAMES,
     PresetRule,
@@ -289,6 +291,21 @@ def _match_preset(names: Sequence[str], model: nn.Module | None) -> tuple[str, P
     return None
 
 
+def _peft_adapter(model: nn.Module | None, names: Sequence[str]) -> bool:
+    """Whether a parameter is a PEFT adapter's own: held in a container that its tuner layer declares
+    (:data:`PEFT_ADAPTER_CONTAINERS`), other than the copy of a module PEFT trains whole."""
+    for name in names:
+        module = model
+        for part in name.split(".")[:-1]:
+            declared = getattr(module, PEFT_ADAPTER_CONTAINERS, None)
+            if isinstance(declared, (tuple, list)) and part in declared and part not in PEFT_WHOLE_MODULES:
+                return True
+            module = module._modules.get(part) if isinstance(module, nn.Module) else None
+            if module is None:
+                break
+    return False
+
+
 def _match_user(rules: Sequence[Rule], names: Sequence[str]) -> Rule | None:
     """The first user rule matching one of ``names``, as they are or as preset patterns read them (so a rule written
     for a model still takes its modules once PEFT wraps them, e.g. ``lm_head\\.weight$``)."""
@@ -461,6 +478,7 @@ def partition(
             PAPER_MOMENTUM[role] == "lowrank" for role in found[1].roles
         ):  # a name that looks like a matrix's on a convolution kernel: low-rank momentum needs a matrix
             found = None
+        adapter = found is None and _peft_adapter(model, names)  # any shape: a DoRA magnitude as a LoRA factor
         experts = found is not None and found[1].layout == "experts"
         # A tied parameter is reported under the name its preset recognised (e.g. BLOOM's lm_head).
         name = found[0] if found else names[0]
@@ -488,14 +506,15 @@ def partition(
             sharded_whole.add(name)
             preset, fused, experts = None, False, False
         roles = ("vector",) if param.dim() < 2 else (preset.roles if preset else ("other",))
+        roles = ("adapter",) if adapter else roles
         group: dict[str, Any] = {
             "params": [param],
             "names": [name],
             "tied": aliases,
-            "weight_decay": weight_decay if roles != ("vector",) else 0.0,
+            "weight_decay": weight_decay if roles != ("vector",) and param.dim() >= 2 else 0.0,
             "rank_ratio": rank_ratio,
-            "family": preset.family if preset else "",
-            "matched": param.dim() < 2 or preset is not None,
+            "family": "peft" if adapter else preset.family if preset else "",
+            "matched": param.dim() < 2 or preset is not None or adapter,
         }
         if name in kept_whole:
             group["kept_whole"] = "sharded" if name in sharded_whole else True
