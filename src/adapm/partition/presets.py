@@ -51,7 +51,9 @@ them is an adapter, of any shape, in any of PEFT's tuners (except :data:`PEFT_WH
 
 def plain_name(name: str) -> str:
     """``name`` without PEFT's wrapper segments (:data:`PEFT_WRAPPER_SEGMENTS`), as preset patterns read it."""
-    return re.sub(PEFT_WRAPPER_SEGMENTS, "", name) if "." in name else name
+    if "base_layer" not in name and not any(whole in name for whole in PEFT_WHOLE_MODULES):
+        return name  # the usual case, without the regular expression
+    return re.sub(PEFT_WRAPPER_SEGMENTS, "", name)
 
 
 @dataclass(frozen=True)

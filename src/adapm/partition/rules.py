@@ -294,10 +294,13 @@ def _match_preset(names: Sequence[str], model: nn.Module | None) -> tuple[str, P
 def _peft_adapter(model: nn.Module | None, names: Sequence[str]) -> bool:
     """Whether a parameter is a PEFT adapter's own: held in a container that its tuner layer declares
     (:data:`PEFT_ADAPTER_CONTAINERS`), other than the copy of a module PEFT trains whole."""
+    if model is None:
+        return False
     for name in names:
         module = model
         for part in name.split(".")[:-1]:
-            declared = getattr(module, PEFT_ADAPTER_CONTAINERS, None)
+            # an instance's own (DoRA adds its magnitudes to a LoRA layer's), else its class's; no nn.Module lookup
+            declared = vars(module).get(PEFT_ADAPTER_CONTAINERS) or getattr(type(module), PEFT_ADAPTER_CONTAINERS, None)
             if isinstance(declared, (tuple, list)) and part in declared and part not in PEFT_WHOLE_MODULES:
                 return True
             module = module._modules.get(part) if isinstance(module, nn.Module) else None
@@ -309,6 +312,8 @@ def _peft_adapter(model: nn.Module | None, names: Sequence[str]) -> bool:
 def _match_user(rules: Sequence[Rule], names: Sequence[str]) -> Rule | None:
     """The first user rule matching one of ``names``, as they are or as preset patterns read them (so a rule written
     for a model still takes its modules once PEFT wraps them, e.g. ``lm_head\\.weight$``)."""
+    if not rules:
+        return None
     names = [*names, *(plain for plain in map(plain_name, names) if plain not in names)]
     for rule in rules:
         if any(re.search(rule.pattern, name) for name in names):
