@@ -232,10 +232,16 @@ def _tuners() -> dict[str, object]:
         "boft": lambda: peft.BOFTConfig(boft_block_size=4, target_modules=qv),  # 4-D rotations
         "vera": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "o_proj"]),  # 1-D scalings only
         "vblora": lambda: peft.VBLoRAConfig(r=4, num_vectors=16, vector_length=4, target_modules=qv),  # 3-D logits
+        # prompt learning: the virtual tokens (a PEFT module's, not a tuner layer's), LLaMA-Adapter's prompts (3-D)
+        "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "adaption": lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2),
     }
 
 
-@pytest.mark.parametrize("tuner", ["dora", "loha", "lokr", "ia3", "oft", "boft", "vera", "vblora"])
+@pytest.mark.parametrize(
+    "tuner", ["dora", "loha", "lokr", "ia3", "oft", "boft", "vera", "vblora", "prompt", "prefix", "adaption"]
+)
 def test_every_peft_tuners_tensors_are_adapters_and_train_as_adamw(tuner: str) -> None:
     """Whatever the tuner, each tensor its layers declare (``adapter_layer_names``) is an adapter, of any shape: no
     warning, AdamW's state, and AdaPM-mini trains as AdamW bit for bit (decay on matrices, none on 1-D tensors, as on
@@ -251,9 +257,10 @@ def test_every_peft_tuners_tensors_are_adapters_and_train_as_adamw(tuner: str) -
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt = adapm.AdaPMMini(ours, lr=3e-3, strict=True)
-    assert {(g["role"], g["momentum"], g["second_moment"], g["family"]) for g in opt.param_groups} == {
-        ("adapter", "full", "full", "peft")
-    }
+    assert {(g["role"], g["momentum"], g["second_moment"], g["family"]) for g in opt.param_groups if
+            g["params"][0].dim() >= 2 or tuner != "adaption"} == {("adapter", "full", "full", "peft")}  # fmt: skip
+    gates = [g for g in opt.param_groups if g["params"][0].dim() < 2 and tuner == "adaption"]  # a gate per layer: (1,)
+    assert [g["role"] for g in gates] == ["vector"] * len(gates)
     trained = [p for p in ref.parameters() if p.requires_grad]
     assert len(trained) == len(opt.param_groups) > 0
     adamw = torch.optim.AdamW(
@@ -305,6 +312,14 @@ def test_modules_peft_trains_whole_keep_their_roles() -> None:
         ("vector", "block", "tensor", 0.0)
     }
     assert len(norms.param_groups) == 2
+
+    # Prompt learning's rule names PEFT's modules: SAM's own ``prompt_encoder`` is not an adapter.
+    from transformers import SamConfig, SamModel
+
+    with torch.device("meta"):
+        sam = adapm.AdaPMMini(SamModel(SamConfig()), lr=1e-3, strict=False)
+    prompt = [g["role"] for g in sam.param_groups if g["names"][0].startswith("prompt_encoder.")]
+    assert len(prompt) > 5 and "adapter" not in prompt
 
     # A rule written for the model takes the module PEFT trains whole (its fused segments too).
     ruled = adapm.AdaPM(_peft(tiny_gpt2(), target_modules=["c_fc"], modules_to_save=["c_attn"], fan_in_fan_out=True),

@@ -49,6 +49,18 @@ PEFT_ADAPTER_CONTAINERS = "adapter_layer_names"
 them is an adapter, of any shape, in any of PEFT's tuners (except :data:`PEFT_WHOLE_MODULES`)."""
 
 
+PEFT_PROMPT_MODULES = (
+    "peft.tuners.prompt_tuning.model.PromptEmbedding",
+    "peft.tuners.multitask_prompt_tuning.model.MultitaskPromptEmbedding",
+    "peft.tuners.p_tuning.model.PromptEncoder",
+    "peft.tuners.prefix_tuning.model.PrefixEncoder",
+    "peft.tuners.cpt.model.CPTEmbedding",
+    "peft.tuners.adaption_prompt.layer.AdaptedAttention",
+    "peft.tuners.adaption_prompt.layer.AdaptedAttentionGPT",
+)
+"""PEFT's prompt learning (prompt, prefix and P-tuning, CPT, LLaMA-Adapter's adaption prompts): modules of its own,
+not tuner layers, whose matrices are adapters (named with their module: SAM has a ``prompt_encoder`` too)."""
+
 def plain_name(name: str) -> str:
     """``name`` without PEFT's wrapper segments (:data:`PEFT_WRAPPER_SEGMENTS`), as preset patterns read it."""
     if "base_layer" not in name and not any(whole in name for whole in PEFT_WHOLE_MODULES):
@@ -285,6 +297,7 @@ PRESET_RULES: tuple[PresetRule, ...] = (
     # are adapters, by name where only names are known (the model's tuner layers say it of every tuner's tensors).
     PresetRule("peft", r"(^|\.)token_adapter\.trainable_tokens_delta\.[^.]+$", ("embedding",)),
     PresetRule("peft", r"(^|\.)lora_(A|B|E|embedding_A|embedding_B)\.[^.]+(\.weight)?$", ("adapter",)),
+    PresetRule("peft", r"(^|\.)(prompt_encoder\.[^.]+\..*|adaption_prompt)$", ("adapter",), within=PEFT_PROMPT_MODULES),
     # GPT-BigCode: nn.Linear c_attn, per-head [q, k, v] (multi-head) or [q | k | v] with one K/V head.
     PresetRule("gpt_bigcode", r"(^|\.)attn\.c_attn\.weight$", ("query", "key", "value"), ("Linear",),
                layout="bigcode", model_types=("gpt_bigcode",)),
