@@ -72,6 +72,37 @@ def test_hf_trainer_trains_saves_and_resumes(tmp_path: Path) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_hf_trainer_with_a_peft_model_saves_and_resumes(tmp_path: Path) -> None:
+    """LoRA with a head trained whole (``modules_to_save``): Trainer saves the adapter and AdaPM-mini's state, and a
+    run resumed from the checkpoint into a differently initialised adapter ends where the straight one does."""
+    peft = pytest.importorskip("peft")
+    from transformers import Trainer
+
+    def model(seed: int) -> torch.nn.Module:
+        base = tiny_llama()
+        torch.manual_seed(seed)  # the adapter's initialisation
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+        return peft.get_peft_model(base, config)
+
+    straight = model(0)
+    opt = adapm.AdaPMMini(straight, lr=3e-3, strict=True)
+    assert {g["role"] for g in opt.param_groups} == {"adapter", "output"}
+    trainer = Trainer(model=straight, args=_args(tmp_path / "a"), train_dataset=_Counting(), optimizers=(opt, None))
+    assert trainer.train().training_loss < 4.5
+    checkpoint = tmp_path / "a" / "checkpoint-4"
+    assert (checkpoint / "adapter_model.safetensors").exists()
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert len(saved["state"]) == len(opt.param_groups)
+
+    resumed = model(7)
+    assert not all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+    trainer2 = Trainer(model=resumed, args=_args(tmp_path / "b"), train_dataset=_Counting(),
+                       optimizers=(adapm.AdaPMMini(resumed, lr=3e-3), None))  # fmt: skip
+    trainer2.train(resume_from_checkpoint=str(checkpoint))
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_trl_sft_trainer(tmp_path: Path, play_text: Path, cache_dir: Path) -> None:
     pytest.importorskip("trl")
     import datasets
