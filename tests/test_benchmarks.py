@@ -340,3 +340,13 @@ def test_collectives_quick(tmp_path: Path) -> None:
         # Sharded parameters take the grouped step: one all-reduce per stack, not per block.
         assert 0 < grouped["all_reduces_per_step"] < per_block["all_reduces_per_step"], (per_block, grouped)
         assert grouped["ops_per_step"] < per_block["ops_per_step"]
+
+
+def test_peft_state_quick(tmp_path: Path) -> None:
+    """PEFT's state at real size: LoRA alone is AdamW's state for both optimizers; with the embeddings and the head
+    trained whole, AdaPM-mini keeps what LoRA alone keeps, a small share of AdamW's."""
+    rows = {r["setup"]: r for r in _run("peft_state.py", tmp_path / "peft.json")["rows"]}
+    lora, whole = rows["LoRA r=16, all linear layers"], rows["LoRA r=16 + embeddings and head trained"]
+    assert lora["adapm_pct"] == lora["adapm_mini_pct"] == 100.0
+    assert whole["trained_m"] > 7 * lora["trained_m"] and whole["adapm_mini_pct"] < 15.0
+    assert abs(whole["adapm_mini_gib"] - lora["adamw_gib"]) < 0.01
