@@ -274,9 +274,10 @@ def _tuners() -> dict[str, object]:
     "tuner", ["dora", "loha", "lokr", "ia3", "oft", "boft", "vera", "vblora", "prompt", "prefix", "adaption"]
 )
 def test_every_peft_tuners_tensors_are_adapters_and_train_as_adamw(tuner: str) -> None:
-    """Whatever the tuner, each tensor its layers declare (``adapter_layer_names``) is an adapter, of any shape: no
-    warning, AdamW's state, and AdaPM-mini trains as AdamW bit for bit (decay on matrices, none on 1-D tensors, as on
-    every 1-D parameter)."""
+    """Whatever the tuner, each tensor its layers declare (``adapter_layer_names``), and each matrix of prompt
+    learning's modules, is an adapter, of any shape: no warning, AdamW's state, and AdaPM-mini trains as AdamW bit for
+    bit (decay on matrices, none on 1-D tensors, as on every 1-D parameter; LLaMA-Adapter's gates are vectors of one
+    entry, where a block second moment is the full one)."""
     import warnings
 
     from peft import get_peft_model

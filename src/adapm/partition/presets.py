@@ -48,7 +48,6 @@ PEFT_ADAPTER_CONTAINERS = "adapter_layer_names"
 ``lora_B``...; LoHa's ``hada_w1_a``...; IA3's ``ia3_l``; DoRA adds ``lora_magnitude_vector``): a parameter in one of
 them is an adapter, of any shape, in any of PEFT's tuners (except :data:`PEFT_WHOLE_MODULES`)."""
 
-
 PEFT_PROMPT_MODULES = (
     "peft.tuners.prompt_tuning.model.PromptEmbedding",
     "peft.tuners.multitask_prompt_tuning.model.MultitaskPromptEmbedding",
@@ -60,6 +59,7 @@ PEFT_PROMPT_MODULES = (
 )
 """PEFT's prompt learning (prompt, prefix and P-tuning, CPT, LLaMA-Adapter's adaption prompts): modules of its own,
 not tuner layers, whose matrices are adapters (named with their module: SAM has a ``prompt_encoder`` too)."""
+
 
 def plain_name(name: str) -> str:
     """``name`` without PEFT's wrapper segments (:data:`PEFT_WRAPPER_SEGMENTS`), as preset patterns read it."""
