@@ -297,15 +297,12 @@ def _peft_adapter(model: nn.Module | None, names: Sequence[str]) -> bool:
     if model is None:
         return False
     for name in names:
-        module = model
-        for part in name.split(".")[:-1]:
+        holders = [model, *reversed(list(_ancestors(model, name)))]  # outermost first: each holds the next part
+        for module, part in zip(holders, name.split(".")[:-1]):
             # an instance's own (DoRA adds its magnitudes to a LoRA layer's), else its class's; no nn.Module lookup
             declared = vars(module).get(PEFT_ADAPTER_CONTAINERS) or getattr(type(module), PEFT_ADAPTER_CONTAINERS, None)
             if isinstance(declared, (tuple, list)) and part in declared and part not in PEFT_WHOLE_MODULES:
                 return True
-            module = module._modules.get(part) if isinstance(module, nn.Module) else None
-            if module is None:
-                break
     return False
 
 
